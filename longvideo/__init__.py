@@ -1,0 +1,31 @@
+"""longvideo: fused kernels and diffusers integration for training-free long-video diffusion.
+
+Ops (``torch.ops.longvideo.*`` and ``longvideo.ops.*``): ``lowfreq_mix``,
+``consistent_attention``, ``tiered_sparse_attention``. Methods (imported lazily):
+``FreeLOC``, ``FIFODiffusion``, ``OuroborosDiffusion``, ``StoryDiffusion``,
+``RandomizedBlending``.
+"""
+from importlib import import_module
+
+from . import ops  # noqa: F401  (registers the torch.ops.longvideo namespace)
+from .ops import set_backend, use_backend  # noqa: F401
+
+__version__ = "0.1.0"
+
+# method name -> module that defines it; imported on first access so that `import longvideo`
+# stays light (no diffusers import for kernel users).
+_LAZY = {
+    "FreeLOC": "longvideo.methods.freeloc",
+    "apply_freeloc": "longvideo.methods.freeloc",
+    "FIFODiffusion": "longvideo.methods.fifo",
+    "OuroborosDiffusion": "longvideo.methods.fifo",
+    "StoryDiffusion": "longvideo.methods.storydiffusion",
+    "RandomizedBlending": "longvideo.methods.blending",
+    "enable_fast_free_init": "longvideo.methods.free_init",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'longvideo' has no attribute {name!r}")

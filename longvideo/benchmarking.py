@@ -1,0 +1,235 @@
+"""Benchmark harness (DESIGN.md section 4).
+
+A suite is a module ``longvideo.benchmarks.bench_<name>`` (folder ``benchmarks/`` of the
+checkout) with a function ``cases(device: torch.device, quick: bool) -> list[Case]``. The
+harness times every case (CUDA events after warm-up on GPUs, perf_counter on CPU; the median
+of several repeats), records peak memory, derives TFLOP/s and GB/s from the case's declared
+work, and writes one JSON record per run under ``benchmarks/results/``. ``render_table`` turns
+the records into the markdown table ``benchmarks/results/README.md``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib
+import json
+import platform
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+# Peak figures used for "fraction of the device's peak" (METHODS.md section 7: measured copy
+# bandwidth and bf16 dense matmul on these devices). Unknown devices get no fraction.
+DEVICE_PEAKS = {
+    "H100": {"copy_GBps": 3000.0, "bf16_TFLOPs": 800.0},
+    "H200": {"copy_GBps": 4300.0, "bf16_TFLOPs": 790.0},
+}
+
+
+@dataclass
+class Case:
+    """One timed call.
+
+    suite/name  identify the case; `impl` names what is timed ("longvideo[triton]",
+                "sdpa_flash", "flex_attention", "diffusers_freeinit", ...); `params` the shape.
+    fn          zero-argument callable doing the work once (inputs prepared by the case).
+    flops       floating-point work actually computed (for TFLOP/s), or None.
+    bytes       minimum bytes moved (for GB/s and the roofline fraction), or None.
+    setup_ms    one-off cost reported separately (e.g. FlexAttention block-mask build).
+    extra       anything else worth recording (density, ...).
+    """
+
+    suite: str
+    name: str
+    impl: str
+    fn: Callable[[], object]
+    params: dict = field(default_factory=dict)
+    flops: Optional[float] = None
+    bytes: Optional[float] = None
+    setup_ms: Optional[float] = None
+    extra: dict = field(default_factory=dict)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 10,
+            min_time_s: float = 0.2) -> dict:
+    """Median wall time (ms) of `fn` and the peak memory it allocates beyond what was live."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        t_end = time.perf_counter() + min_time_s
+        while len(times) < repeats or (time.perf_counter() < t_end and len(times) < 200):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        t_end = time.perf_counter() + min_time_s
+        while len(times) < repeats or (time.perf_counter() < t_end and len(times) < 50):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        peak = None
+    times.sort()
+    return {
+        "median_ms": statistics.median(times),
+        "p20_ms": times[int(0.2 * (len(times) - 1))],
+        "p80_ms": times[int(0.8 * (len(times) - 1))],
+        "repeats": len(times),
+        "peak_mem_bytes": peak,
+    }
+
+
+def _device_peaks(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in DEVICE_PEAKS.items():
+        if key in name:
+            return peaks
+    return {}
+
+
+def run_case(case: Case, device: torch.device, **timing) -> dict:
+    row = {k: v for k, v in dataclasses.asdict(case).items() if k != "fn"}
+    try:
+        row.update(time_fn(case.fn, device, **timing))
+    except Exception as exc:  # recorded, not fatal: one failing peer must not lose the run
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return row
+    sec = row["median_ms"] / 1e3
+    peaks = _device_peaks(device)
+    if case.flops:
+        row["tflops"] = case.flops / sec / 1e12
+        if "bf16_TFLOPs" in peaks:
+            row["frac_peak_flops"] = row["tflops"] / peaks["bf16_TFLOPs"]
+    if case.bytes:
+        row["GBps"] = case.bytes / sec / 1e9
+        if "copy_GBps" in peaks:
+            row["frac_peak_bw"] = row["GBps"] / peaks["copy_GBps"]
+    return row
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "host_cpu": platform.processor() or platform.machine(),
+        "device_type": device.type,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        env["triton"] = None
+    try:
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                           cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
+    except Exception:
+        env["git_commit"] = None
+    from .ops import _registry
+
+    env["backends"] = {op: {b: v["available"] for b, v in t.items()} for op, t in _registry.report().items()}
+    return env
+
+
+def load_suite(name: str):
+    return importlib.import_module(f"longvideo.benchmarks.bench_{name}")
+
+
+def available_suites() -> list[str]:
+    try:
+        import longvideo.benchmarks as pkg
+    except ImportError:
+        return []
+    return sorted(p.stem[len("bench_"):] for p in Path(list(pkg.__path__)[0]).glob("bench_*.py"))
+
+
+def run_suite(name: str, device: torch.device, quick: bool = False, progress: Callable[[str], None] = print,
+              **timing) -> dict:
+    cases = load_suite(name).cases(device, quick)
+    rows = []
+    for i, case in enumerate(cases):
+        row = run_case(case, device, **timing)
+        rows.append(row)
+        if progress:
+            msg = row.get("error") or f"{row['median_ms']:.3f} ms"
+            progress(f"[{name} {i + 1}/{len(cases)}] {case.name} {case.impl}: {msg}")
+        del case
+    return {"suite": name, "quick": quick, "environment": environment(device), "cases": rows}
+
+
+def write_record(record: dict, out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = record["environment"]
+    dev = "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
+    stamp = env["date"].replace(":", "").replace("-", "")[:15]
+    path = out_dir / f"{record['suite']}_{dev}_{stamp}.json"
+    path.write_text(json.dumps(record, indent=1, default=str))
+    return path
+
+
+def _fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def render_table(results_dir: Path) -> str:
+    """Markdown table of every committed record (newest first per suite)."""
+    results_dir = Path(results_dir)
+    lines = ["# Recorded benchmark results", "",
+             "Generated by `longvideo bench --table` from the JSON records in this folder; do not edit.", ""]
+    records = []
+    for p in sorted(results_dir.glob("*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except ValueError:
+            continue
+        if "suite" in rec and "cases" in rec:
+            records.append((p.name, rec))
+    for fname, rec in sorted(records, key=lambda r: (r[1]["suite"], r[1]["environment"]["date"]), reverse=False):
+        env = rec["environment"]
+        lines += [f"## {rec['suite']} — {env['device']} ({fname})", "",
+                  f"torch {env['torch']}, triton {env.get('triton')}, CUDA {env.get('cuda')}, commit "
+                  f"{(env.get('git_commit') or '?')[:10]}, {env['date']}" + (" (quick)" if rec.get("quick") else ""), "",
+                  "| case | impl | params | median ms | peak MiB | TFLOP/s | GB/s | % peak | extra |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in rec["cases"]:
+            params = ", ".join(f"{k}={v}" for k, v in r.get("params", {}).items())
+            if "error" in r:
+                lines.append(f"| {r['name']} | {r['impl']} | {params} | error: {r['error'][:80]} | | | | | |")
+                continue
+            frac = r.get("frac_peak_bw", r.get("frac_peak_flops"))
+            mem = r.get("peak_mem_bytes")
+            extra = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.get("extra", {}).items())
+            if r.get("setup_ms") is not None:
+                extra = (extra + ", " if extra else "") + f"setup_ms={r['setup_ms']:.2f}"
+            lines.append(f"| {r['name']} | {r['impl']} | {params} | {r['median_ms']:.4g} | "
+                         f"{_fmt(mem / 2**20 if mem is not None else None, '.1f')} | {_fmt(r.get('tflops'), '.1f')} | "
+                         f"{_fmt(r.get('GBps'), '.0f')} | {_fmt(frac * 100 if frac is not None else None, '.0f')} | {extra} |")
+        lines.append("")
+    if not records:
+        lines.append("No records yet: run `longvideo bench` on a GPU.")
+    return "\n".join(lines) + "\n"

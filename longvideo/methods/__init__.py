@@ -1,0 +1,1 @@
+"""Long-video methods on diffusers pipelines (each module imports diffusers lazily)."""

@@ -1,0 +1,1 @@
+"""Pure-PyTorch ground truth for every op: the semantics, readable and slow."""
