@@ -5,7 +5,7 @@ Kept free of imports so setup.py can load it without importing the package.
 
 
 def cxx_flags():
-    return ["-O3", "-std=c++17"]
+    return ["-O3"]  # the C++ standard is the one torch.utils.cpp_extension picks for this torch
 
 
 def nvcc_flags():
@@ -13,8 +13,6 @@ def nvcc_flags():
     # tensor-core instructions used by the attention kernels need sm_80+.
     return [
         "-O3",
-        "-std=c++17",
-        "--use_fast_math",
         "-lineinfo",
         "-gencode=arch=compute_80,code=sm_80",
         "-gencode=arch=compute_90,code=sm_90",

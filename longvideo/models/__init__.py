@@ -1,1 +1,32 @@
-"""Pipelines: built-in tiny random-weight models (offline) and loading of local checkpoints."""
+"""Pipelines: built-in tiny random-weight models (offline) and loading of local checkpoints.
+
+``load_pipeline(family, kind, model=None)``: with ``model=None`` the built-in tiny model of the
+family (random weights built from config: for tests, demos and CI, where no weights can be
+downloaded); otherwise a local diffusers checkpoint directory. Families: ``wan`` (t2v, v2v),
+``animatediff`` (t2v, v2v), ``sd`` (sd15, sdxl).
+"""
+from __future__ import annotations
+
+from importlib import import_module
+
+FAMILIES = ("wan", "animatediff", "sd")
+
+
+def load_pipeline(family: str, kind: str = "t2v", model=None, device=None, dtype=None, seed: int = 0):
+    import torch
+
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    mod = import_module(f"longvideo.models.{family}")
+    if dtype is None:
+        dtype = torch.float32
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+    if model is None:
+        pipe = mod.tiny_pipeline(kind=kind, seed=seed, dtype=dtype)
+    else:
+        pipe = mod.from_pretrained(model, kind=kind, dtype=dtype)
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe

@@ -1,0 +1,1 @@
+"""diffusers attention processors that route attention through ``torch.ops.longvideo``."""
