@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole GPU job, in one command on the device machine (see README "GPU runs"):
+# install the carried wheels, build the CUDA extension, run the GPU test tier and every
+# benchmark suite, and leave the JSON records and logs in $OUT.
+#   device run: carry [".whl"], command: bash tools/gpu_run.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/longvideo-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+else
+  export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
+export LONGVIDEO_BUILD_DIR=/tmp/longvideo-build LONGVIDEO_TEST_GPU=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+{ time python3 -c "import longvideo._extension as e; print(e.load_extension(), e.extension_status())"; } 2>&1 | tee "$OUT/build.log"
+python3 -m longvideo info --json > "$OUT/info.json" 2>&1
+[ -n "${SKIP_TESTS:-}" ] || timeout ${GPU_TEST_TIMEOUT:-420} python3 -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -60 > "$OUT/gpu_tests.log"
+RES=/tmp/longvideo-results; mkdir -p "$RES"
+for suite in ${SUITES:-lowfreq_mix consistent_attention tiered_sparse_attention freeloc fifo storydiffusion blending}; do
+  timeout ${BENCH_TIMEOUT:-300} python3 -m longvideo bench --suite "$suite" --out "$RES" 2>&1 | tail -40 >> "$OUT/bench.log"
+done
+# at most 8 files come back from $OUT: the records travel as one archive
+tar -czf "$OUT/results.tar.gz" -C "$RES" .
+ls -la "$OUT" "$RES"
