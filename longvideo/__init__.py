@@ -5,7 +5,15 @@ Ops (``torch.ops.longvideo.*`` and ``longvideo.ops.*``): ``lowfreq_mix``,
 ``FreeLOC``, ``FIFODiffusion``, ``OuroborosDiffusion``, ``StoryDiffusion``,
 ``RandomizedBlending``.
 """
+import os as _os
 from importlib import import_module
+
+# In a source checkout that was not pip-installed, let `longvideo.triton_kernels`,
+# `longvideo.benchmarks` and `longvideo.csrc` (package_dir mappings of pyproject.toml) resolve to
+# the top-level folders: a subpackage is searched for in every entry of the package's __path__.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_checkout, "triton_kernels", "__init__.py")) and _checkout not in __path__:
+    __path__.append(_checkout)
 
 from . import ops  # noqa: F401  (registers the torch.ops.longvideo namespace)
 from .ops import set_backend, use_backend  # noqa: F401

@@ -1,5 +1,147 @@
-"""Placeholder: being implemented."""
+"""``torch.ops.longvideo.lowfreq_mix``: FreeInit's spatio-temporal low-frequency mixing.
+
+Schema (DESIGN.md section 2)::
+
+    lowfreq_mix(Tensor x, Tensor noise, str filter="gaussian", float d_s=0.25, float d_t=0.25,
+                float order=4) -> Tensor
+
+x and noise: one shape (..., T, H, W) (T may be 1), one floating dtype, one device. The result
+keeps the low frequencies of x and the high frequencies of noise (FreeInit, Wu et al. 2023, eq. 5-6):
+
+    out = Re(ifftn(ifftshift(fftshift(fftn(x)) * LPF + fftshift(fftn(noise)) * (1 - LPF))))
+
+over the last three dims, LPF one of "gaussian", "butterworth", "ideal" (diffusers'
+``_get_free_init_freq_filter``) or "box" (the original FreeInit repository); see
+``longvideo.reference.lowfreq_mix`` for the exact filter definitions. Returned in x's dtype.
+
+Backends: ``reference`` (torch.fft, the CPU kernel), ``triton`` (single pass for T == 1 slices up
+to 128x128, else rfftn + in-kernel analytic filter + irfftn), ``cuda`` (the same algorithm in
+csrc/lowfreq_mix*.{cu,cpp}, private op ``longvideo::_lowfreq_mix_cuda``). Not differentiable
+(FreeInit applies it to latents outside the graph).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from . import _registry as R
+from ..reference.lowfreq_mix import FILTERS, lowfreq_mix_reference, unshifted_axis_table
+
+OP = "lowfreq_mix"
+FILTER_CODES = {"gaussian": 0, "butterworth": 1, "ideal": 2, "box": 3}
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def lowfreq_mix(*args, **kwargs):
-    raise NotImplementedError("lowfreq_mix is not implemented yet")
+def _check(x, noise, filter, d_s, d_t, order):
+    """Argument checks shared by the op and its fake kernel (metadata only)."""
+    for name, t in (("x", x), ("noise", noise)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"lowfreq_mix: {name} must be a tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise ValueError(f"lowfreq_mix: {name} must have a floating dtype, got {t.dtype}")
+        if t.dim() < 3:
+            raise ValueError(f"lowfreq_mix: {name} must be (..., T, H, W) with ndim >= 3, got shape {tuple(t.shape)}")
+    if noise.shape != x.shape:
+        raise ValueError(f"lowfreq_mix: noise shape {tuple(noise.shape)} must equal x's {tuple(x.shape)}")
+    if noise.device != x.device:
+        raise ValueError(f"lowfreq_mix: noise is on {noise.device}, x on {x.device}")
+    if noise.dtype != x.dtype:
+        raise ValueError(f"lowfreq_mix: noise dtype {noise.dtype} must equal x's {x.dtype}")
+    if filter not in FILTERS:
+        raise ValueError(f"lowfreq_mix: filter must be one of {FILTERS}, got {filter!r}")
+    for name, val in (("d_s", d_s), ("d_t", d_t)):
+        if not (isinstance(val, (int, float)) and math.isfinite(val) and val > 0):
+            raise ValueError(f"lowfreq_mix: {name} must be a finite number > 0, got {val!r}")
+        if filter == "box" and val > 1:
+            raise ValueError(f"lowfreq_mix: {name} must be <= 1 for the box filter, got {val!r}")
+    if filter == "butterworth" and not (isinstance(order, (int, float)) and math.isfinite(order) and order >= 1):
+        raise ValueError(f"lowfreq_mix: order must be >= 1 for the butterworth filter, got {order!r}")
+
+
+@torch.library.custom_op("longvideo::lowfreq_mix", mutates_args=())
+def lowfreq_mix(x: torch.Tensor, noise: torch.Tensor, filter: str = "gaussian", d_s: float = 0.25,
+                d_t: float = 0.25, order: float = 4.0) -> torch.Tensor:
+    """Low frequencies of x, high frequencies of noise (FreeInit freq_mix_3d), in x's dtype.
+
+    out = Re(ifftn(ifftshift(X_s * LPF + N_s * (1 - LPF)))), X_s = fftshift(fftn(x)) over (T, H, W).
+    The result is contiguous.
+    """
+    _check(x, noise, filter, d_s, d_t, order)
+    return R.dispatch(OP, x.device, x, noise, filter, d_s, d_t, order)
+
+
+@lowfreq_mix.register_fake
+def _(x, noise, filter="gaussian", d_s=0.25, d_t=0.25, order=4.0):
+    _check(x, noise, filter, d_s, d_t, order)
+    return x.new_empty(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# backends
+def _reference_impl(x, noise, filter, d_s, d_t, order):
+    return lowfreq_mix_reference(x, noise, filter, d_s, d_t, order).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_table(shape_THW, filter, d_s, d_t, device):
+    """The kernels' per-axis filter table on `device` (T + H + W + 1 float64), cached."""
+    return unshifted_axis_table(shape_THW, filter, d_s, d_t).to(device)
+
+
+def _table_for(x, filter, d_s, d_t):
+    return _axis_table(tuple(int(n) for n in x.shape[-3:]), filter, float(d_s), float(d_t), x.device)
+
+
+def _kernel_supports(x, noise, filter, d_s, d_t, order):
+    if x.dtype not in _KERNEL_DTYPES:
+        return f"dtype {x.dtype} (kernels take float16/bfloat16/float32; float64 runs on the reference)"
+    return None
+
+
+def _triton_module():
+    """``longvideo.triton_kernels.lowfreq_mix`` (installed), or the checkout's
+    ``triton_kernels/lowfreq_mix.py`` when running from a source tree."""
+    name = "longvideo.triton_kernels.lowfreq_mix"
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        pass
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(__file__).resolve().parents[2] / "triton_kernels" / "lowfreq_mix.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or not path.is_file():
+        raise ImportError(f"cannot find the Triton kernels of {OP} (looked for {path})")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _triton_impl(x, noise, filter, d_s, d_t, order):
+    return _triton_module().lowfreq_mix(x, noise, _table_for(x, filter, d_s, d_t), filter, float(d_s), float(order))
+
+
+def _cuda_impl(x, noise, filter, d_s, d_t, order):
+    coef = 1.0 / (2.0 * d_s * d_s) if filter == "gaussian" else 1.0 / (d_s * d_s)
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    return torch.ops.longvideo._lowfreq_mix_cuda(x.contiguous(), noise.contiguous(), _table_for(x, filter, d_s, d_t),
+                                                 FILTER_CODES[filter], coef, float(order), stream)
+
+
+# Tolerances vs the reference (which computes in float32 and rounds once): fp32 covers the
+# DFT-by-matmul / fp32 FFT rounding (|out| ~ a few units, sums of up to 16k terms); fp16/bf16 allow
+# the two independent roundings of the output to differ by one unit in the last place.
+_TOLS = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+R.register_backend(OP, "reference", _reference_impl, rank=100, devices=("cpu", "cuda"))
+R.register_backend(OP, "triton", _triton_impl, available=R.triton_available, rank=10, tolerances=_TOLS,
+                   supports=_kernel_supports, devices=("cuda",))
+R.register_backend(OP, "cuda", _cuda_impl, available=R.cuda_extension_available("_lowfreq_mix_cuda"), rank=20,
+                   tolerances=_TOLS, supports=_kernel_supports, devices=("cuda",))

@@ -1,0 +1,92 @@
+"""Benchmark suite ``lowfreq_mix`` (issue 2).
+
+Cases (GPU; float32 and bfloat16, butterworth order 4, d_s = d_t = 0.25, diffusers' defaults):
+  ouroboros_tail_4x40x64      (1, 4, 1, 40, 64)      Ouroboros' per-step tail mixing (T = 1)
+  ouroboros_tail_16x60x104    (1, 16, 1, 60, 104)    the same at Wan-like latent sizes
+  freeinit_4x16x64x64         (1, 4, 16, 64, 64)     FreeInit on AnimateDiff (16 frames, 512x512)
+  freeinit_2x16x21x60x104     (2, 16, 21, 60, 104)   FreeInit on a Wan-sized latent, CFG batch 2
+
+Implementations:
+  longvideo[triton], longvideo[cuda]   torch.ops.longvideo.lowfreq_mix on that backend (the public
+                                       op: argument checks and dispatch included)
+  torch_fft_reference                  longvideo.reference.lowfreq_mix (fftn, shifts, filter cached)
+  diffusers_freeinit                   diffusers' FreeInit path per call, as `_apply_free_init` does
+                                       it: `_get_free_init_freq_filter` (Python loop over T*H*W) +
+                                       `_apply_freq_filter` on float32 inputs
+  device_copy                          roofline: one copy of the same number of bytes
+                                       (1.5 x numel elements read and written = x + noise + out)
+  torch_add                            x + noise -> out: the op's exact traffic in one torch kernel
+
+`bytes` = x + noise read + out written (3 x numel x element size) for every implementation, so GB/s
+and the fraction of the copy bandwidth compare directly. `extra["speedup_vs_diffusers"]` is not
+computed here (the harness times cases independently); the table shows the times side by side.
+"""
+from __future__ import annotations
+
+import torch
+
+from longvideo.benchmarking import Case
+from longvideo.ops import get_backend, use_backend
+from longvideo.ops.lowfreq_mix import lowfreq_mix
+from longvideo.reference.lowfreq_mix import lowfreq_mix_reference
+
+SUITE = "lowfreq_mix"
+FILTER, D_S, D_T, ORDER = "butterworth", 0.25, 0.25, 4.0
+
+
+def _shapes(quick: bool):
+    if quick:
+        return [("ouroboros_tail_tiny", (1, 2, 1, 12, 20)), ("freeinit_tiny", (1, 2, 4, 8, 12))]
+    return [("ouroboros_tail_4x40x64", (1, 4, 1, 40, 64)), ("ouroboros_tail_16x60x104", (1, 16, 1, 60, 104)),
+            ("freeinit_4x16x64x64", (1, 4, 16, 64, 64)), ("freeinit_2x16x21x60x104", (2, 16, 21, 60, 104))]
+
+
+def _diffusers_path(x, noise):
+    from diffusers.pipelines.free_init_utils import FreeInitMixin
+
+    def fn():
+        lpf = FreeInitMixin._get_free_init_freq_filter(None, (1, *x.shape[1:]), x.device, FILTER, ORDER, D_S, D_T)
+        return FreeInitMixin._apply_freq_filter(None, x.float(), noise.float(), lpf).to(x.dtype)
+
+    return fn
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    device = torch.device(device)
+    dtypes = [torch.float32] if quick or device.type != "cuda" else [torch.float32, torch.bfloat16]
+    out = []
+    for label, shape in _shapes(quick):
+        for dtype in dtypes:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+            noise = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+            numel = x.numel()
+            nbytes = 3 * numel * x.element_size()
+            params = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "filter": FILTER,
+                      "d_s": D_S, "d_t": D_T}
+            name = f"{label}_{params['dtype']}"
+
+            def add(impl, fn, **extra):
+                out.append(Case(suite=SUITE, name=name, impl=impl, fn=fn, params=params, bytes=nbytes, extra=extra))
+
+            for be in ("triton", "cuda"):
+                backend = get_backend("lowfreq_mix", be)
+                ok, _ = backend.is_available()
+                runs_here = device.type in backend.devices or (be == "triton" and device.type == "cpu")
+                if not (ok and runs_here):
+                    continue
+
+                def fn(be=be, x=x, noise=noise):
+                    with use_backend(be, op="lowfreq_mix"):
+                        return lowfreq_mix(x, noise, FILTER, D_S, D_T, ORDER)
+
+                add(f"longvideo[{be}]", fn)
+            add("torch_fft_reference", lambda x=x, noise=noise: lowfreq_mix_reference(x, noise, FILTER, D_S, D_T, ORDER))
+            if dtype == torch.float32 or not quick:
+                add("diffusers_freeinit", _diffusers_path(x, noise))
+            src = torch.empty((3 * numel + 1) // 2, dtype=dtype, device=device)
+            dst = torch.empty_like(src)
+            add("device_copy", lambda src=src, dst=dst: dst.copy_(src), roofline=True)
+            res = torch.empty_like(x)
+            add("torch_add", lambda x=x, noise=noise, res=res: torch.add(x, noise, out=res))
+    return out

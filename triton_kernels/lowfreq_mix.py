@@ -1,0 +1,249 @@
+"""Triton backend of ``lowfreq_mix`` (FreeInit's low-frequency mixing).
+
+Algebra used by both paths. With D = fftn(x - noise) and the filter moved to unshifted frequency
+indices, M'(k) = LPF[(k + n//2) % n] per axis,
+
+    out = Re(ifftn(X M' + N (1 - M'))) = noise + Re(ifftn(M' D))
+
+and, x and noise being real (D Hermitian), Re(ifftn(M' D)) = ifftn(Ms D) with the real, even
+symmetrised filter Ms(k) = (M'(k) + M'(-k)) / 2 (for even sizes the shifted grid is symmetric and
+Ms = M'; for odd sizes it is not). Ms D is Hermitian, so the half spectrum (rfftn / irfftn)
+suffices. The filter is evaluated in-kernel from a tiny per-axis table (T + H + W + 1 float64
+values built once per shape and parameters by ``longvideo.reference.lowfreq_mix.unshifted_axis_table``):
+no (T, H, W) filter tensor exists.
+
+Two paths:
+
+* ``single pass`` (T == 1, H and W up to 128 -- the Ouroboros tail, run every denoising step):
+  one program per (..., H, W) slice loads x and noise once, computes the 2-D DFT of x - noise as
+  real matmuls with DFT cos/sin matrices (``tl.dot`` in fp32, input_precision="ieee": tf32 would
+  cost ~1e-3 relative error), multiplies by Ms, inverts, adds noise and stores in x's dtype.
+  Work per slice ~ 4 HP WP WHP + 16 HP^2 WHP flops (HP, WP: H, W rounded up to a power of two
+  >= 16, WHP: W//2+1 likewise); reads 2 and writes 1 element per element: one launch, no
+  intermediate in global memory. The DFT matrices (<= 4 x 64 KiB) are cached per (H, W, device)
+  and read through L2 by every program.
+* ``spectral`` (everything else): fp32 difference kernel, torch.fft.rfftn, an in-place kernel
+  multiplying the half spectrum by Ms (the filter of a block of frequencies is evaluated once
+  and applied to a chunk of the leading (batch x channel) index), torch.fft.irfftn, and a fused
+  add-noise-and-cast kernel.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+FILTER_CODES = {"gaussian": 0, "butterworth": 1, "ideal": 2, "box": 3}
+SINGLE_PASS_MAX_SIDE = 128
+SINGLE_PASS_MAX_TILE = 128 * 64  # HP * WP; larger tiles spill registers (8 warps, fp32 tiles)
+# Precision of the single pass's DFT matmuls: "ieee" (fp32 FMAs; the default) or, as a tuning knob
+# for GPUs, "tf32x3" (three tf32 tensor-core products, ~fp32 accuracy, several times faster).
+# Plain "tf32" (~1e-3 relative error) would break the float32 tolerance.
+DOT_PRECISION = os.environ.get("LONGVIDEO_LOWFREQ_DOT_PRECISION", "ieee")
+
+
+@triton.jit
+def _lpf_at(tab_ptr, kt, kh, kw, T, H, W, FILTER: tl.constexpr, coef, order):
+    """Filter value (fp32) at unshifted frequency (kt, kh, kw), from the per-axis float64 table."""
+    a = tl.load(tab_ptr + kt)
+    b = tl.load(tab_ptr + T + kh)
+    c = tl.load(tab_ptr + T + H + kw)
+    if FILTER == 3:  # box: product of the three axis indicators
+        val = (a * b * c).to(tl.float32)
+    else:
+        d2 = (a + b) + c  # float64, same summation order as diffusers' loop
+        if FILTER == 2:  # ideal: d^2 <= 2 d_s, the threshold stored (float64) after the W terms
+            thr = tl.load(tab_ptr + T + H + W)
+            val = tl.where(d2 <= thr, 1.0, 0.0)
+        elif FILTER == 0:  # gaussian: exp(-d^2 / (2 d_s^2)), coef = 1 / (2 d_s^2)
+            val = tl.exp(-coef * d2.to(tl.float32))
+        else:  # butterworth: 1 / (1 + (d^2 / d_s^2)^order), coef = 1 / d_s^2
+            # q = 0 (the centre) is clamped to 1e-30 instead of taking log2(0): q^order underflows
+            # to 0 all the same (order >= 1) and no -inf is formed.
+            q = tl.maximum(d2.to(tl.float32) * coef, 1e-30)
+            val = 1.0 / (1.0 + tl.exp2(order * tl.log2(q)))
+    return val
+
+
+@triton.jit
+def _lpf_sym(tab_ptr, kt, kh, kw, T, H, W, FILTER: tl.constexpr, coef, order):
+    """Symmetrised filter (M'(k) + M'(-k)) / 2 on unshifted indices."""
+    rt = (T - kt) % T
+    rh = (H - kh) % H
+    rw = (W - kw) % W
+    return 0.5 * (_lpf_at(tab_ptr, kt, kh, kw, T, H, W, FILTER, coef, order)
+                  + _lpf_at(tab_ptr, rt, rh, rw, T, H, W, FILTER, coef, order))
+
+
+@triton.jit
+def _single_pass_kernel(x_ptr, n_ptr, out_ptr, tab_ptr, cw_ptr, sw_ptr, ch_ptr, sh_ptr, icw_ptr, isw_ptr,
+                        H, W, coef, order, FILTER: tl.constexpr,
+                        HP: tl.constexpr, WP: tl.constexpr, WHP: tl.constexpr, PREC: tl.constexpr):
+    # One program = one (H, W) slice (T == 1). Shapes: d (HP, WP); spectra (HP, WHP).
+    pid = tl.program_id(0).to(tl.int64)
+    base = pid * H * W
+    rh = tl.arange(0, HP)
+    rw = tl.arange(0, WP)
+    rk = tl.arange(0, WHP)
+    m = (rh[:, None] < H) & (rw[None, :] < W)
+    offs = base + rh[:, None] * W + rw[None, :]
+    xv = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    nv = tl.load(n_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    d = xv - nv
+    # Forward DFT along W (half spectrum): A = d (cos - i sin).
+    cw = tl.load(cw_ptr + rw[:, None] * WHP + rk[None, :])
+    sw = tl.load(sw_ptr + rw[:, None] * WHP + rk[None, :])
+    ar = tl.dot(d, cw, input_precision=PREC)
+    ai = -tl.dot(d, sw, input_precision=PREC)
+    # Forward DFT along H: B = (Ch - i Sh) A.
+    rkh = tl.arange(0, HP)
+    ch = tl.load(ch_ptr + rkh[:, None] * HP + rh[None, :])
+    sh = tl.load(sh_ptr + rkh[:, None] * HP + rh[None, :])
+    br = tl.dot(ch, ar, input_precision=PREC) + tl.dot(sh, ai, input_precision=PREC)
+    bi = tl.dot(ch, ai, input_precision=PREC) - tl.dot(sh, ar, input_precision=PREC)
+    # Symmetrised filter at (kt = 0, kh, kw); padded rows/columns get index 0 (their DFT rows are 0).
+    kh = tl.where(rkh < H, rkh, 0)[:, None]
+    kw = tl.where(rk < W // 2 + 1, rk, 0)[None, :]
+    lpf = _lpf_sym(tab_ptr, kh * 0, kh, kw, 1, H, W, FILTER, coef, order)
+    br = br * lpf
+    bi = bi * lpf
+    # Inverse DFT along H: E = (Ch + i Sh) B (the 1/(H W) is folded into the W inverse matrices).
+    er = tl.dot(ch, br, input_precision=PREC) - tl.dot(sh, bi, input_precision=PREC)
+    ei = tl.dot(ch, bi, input_precision=PREC) + tl.dot(sh, br, input_precision=PREC)
+    # Inverse real DFT along W (Hermitian half spectrum, weights 1/2/1 folded into icw/isw).
+    icw = tl.load(icw_ptr + rk[:, None] * WP + rw[None, :])
+    isw = tl.load(isw_ptr + rk[:, None] * WP + rw[None, :])
+    y = tl.dot(er, icw, input_precision=PREC) - tl.dot(ei, isw, input_precision=PREC)
+    tl.store(out_ptr + offs, (nv + y).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _diff_kernel(x_ptr, n_ptr, d_ptr, numel, BLOCK: tl.constexpr):
+    # d = float32(x) - float32(noise): the input of the spectral path's rfftn.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < numel
+    xv = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    nv = tl.load(n_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(d_ptr + offs, xv - nv, mask=m)
+
+
+@triton.jit
+def _add_cast_kernel(n_ptr, y_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+    # out = noise + y, rounded once to the output dtype.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < numel
+    nv = tl.load(n_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    yv = tl.load(y_ptr + offs, mask=m, other=0.0)
+    tl.store(out_ptr + offs, (nv + yv).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _spectrum_filter_kernel(spec_ptr, tab_ptr, L, T, H, W, WH, coef, order, FILTER: tl.constexpr,
+                            BLOCK: tl.constexpr, L_CHUNK: tl.constexpr):
+    # spec: float32 view (L, T, H, WH, 2) of the complex half spectrum, multiplied in place by Ms.
+    # Program (i, j): BLOCK consecutive floats of one (T, H, WH, 2) volume (both halves of a
+    # complex number share the filter value), applied to leading indices j*L_CHUNK .. +L_CHUNK.
+    per_l = T * H * WH * 2
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < per_l
+    f = offs // 2
+    kw = f % WH
+    kh = (f // WH) % H
+    kt = f // (WH * H)
+    kw = tl.where(m, kw, 0)
+    kh = tl.where(m, kh, 0)
+    kt = tl.where(m, kt, 0)
+    lpf = _lpf_sym(tab_ptr, kt, kh, kw, T, H, W, FILTER, coef, order)
+    l0 = tl.program_id(1) * L_CHUNK
+    for i in range(L_CHUNK):
+        l = l0 + i
+        ptrs = spec_ptr + l.to(tl.int64) * per_l + offs
+        ml = m & ((tl.zeros_like(offs) + l) < L)  # a block mask (a scalar & block mask trips the interpreter)
+        v = tl.load(ptrs, mask=ml, other=0.0)
+        tl.store(ptrs, v * lpf, mask=ml)
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+@functools.lru_cache(maxsize=32)
+def _dft_mats(H: int, W: int, device: torch.device):
+    """Zero-padded DFT matrices for the single-pass kernel (fp32, computed in float64)."""
+    HP, WP, WH = _pow2(H), _pow2(W), W // 2 + 1
+    WHP = _pow2(WH)
+    f64 = torch.float64
+
+    def cos_sin(n_rows, n_cols, n, rows_valid, cols_valid):
+        r = torch.arange(n_rows, dtype=torch.int64)[:, None]
+        c = torch.arange(n_cols, dtype=torch.int64)[None, :]
+        ang = 2 * math.pi * ((r * c) % n).to(f64) / n  # exact argument reduction in integers
+        valid = (r < rows_valid) & (c < cols_valid)
+        return torch.where(valid, torch.cos(ang), 0.0), torch.where(valid, torch.sin(ang), 0.0)
+
+    cw, sw = cos_sin(WP, WHP, W, W, WH)          # (w, kw)
+    ch, sh = cos_sin(HP, HP, H, H, H)            # (kh, h), symmetric
+    icw, isw = cos_sin(WHP, WP, W, WH, W)        # (kw, w)
+    # Hermitian weights: bins 0 and (W even) W/2 once, the others twice; and the 1/(H W).
+    alpha = torch.full((WHP, 1), 2.0, dtype=f64)
+    alpha[0] = 1.0
+    if W % 2 == 0:
+        alpha[W // 2] = 1.0
+    alpha /= H * W
+    mats = (cw, sw, ch, sh, icw * alpha, isw * alpha)
+    return tuple(m.to(torch.float32).contiguous().to(device) for m in mats)
+
+
+def single_pass_ok(shape) -> bool:
+    T, H, W = shape[-3:]
+    return (T == 1 and H <= SINGLE_PASS_MAX_SIDE and W <= SINGLE_PASS_MAX_SIDE
+            and _pow2(H) * _pow2(W) <= SINGLE_PASS_MAX_TILE)
+
+
+def lowfreq_mix(x: torch.Tensor, noise: torch.Tensor, table: torch.Tensor, filter: str, d_s: float,
+                order: float, force_spectral: bool = False) -> torch.Tensor:
+    """out = noise + irfftn(Ms rfftn(x - noise)); `table` from ``unshifted_axis_table`` on x's device.
+
+    x, noise: same shape (..., T, H, W), dtype float16/bfloat16/float32, same device.
+    """
+    T, H, W = x.shape[-3:]
+    x = x.contiguous()
+    noise = noise.contiguous()
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    code = FILTER_CODES[filter]
+    coef = 1.0 / (2.0 * d_s * d_s) if filter == "gaussian" else 1.0 / (d_s * d_s)
+    order = float(order)
+    if single_pass_ok(x.shape) and not force_spectral:
+        HP, WP, WHP = _pow2(H), _pow2(W), _pow2(W // 2 + 1)
+        mats = _dft_mats(H, W, x.device)
+        n_slices = x.numel() // (H * W)
+        # 4 warps hold a 64x64 fp32 tile in 32 registers per thread; bigger tiles get 8 warps.
+        warps = 4 if HP * WP <= 4096 else 8
+        _single_pass_kernel[(n_slices,)](x, noise, out, table, *mats, H, W, coef, order, FILTER=code,
+                                         HP=HP, WP=WP, WHP=WHP, PREC=DOT_PRECISION, num_warps=warps)
+        return out
+    numel = x.numel()
+    BLOCK = 1024  # elementwise: 1024 elements = 8 per thread with 4 warps (two 16-byte fp32 vectors)
+    grid = (triton.cdiv(numel, BLOCK),)
+    d = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    _diff_kernel[grid](x, noise, d, numel, BLOCK=BLOCK)
+    spec = torch.fft.rfftn(d, dim=(-3, -2, -1))
+    WH = W // 2 + 1
+    L = numel // (T * H * W)
+    spec_f = torch.view_as_real(spec)
+    # One filter evaluation per frequency is applied to L_CHUNK leading slices; the grid's second
+    # axis keeps enough programs in flight when T*H*WH is small.
+    L_CHUNK = 4
+    per_l = T * H * WH * 2
+    fgrid = (triton.cdiv(per_l, BLOCK), triton.cdiv(L, L_CHUNK))
+    _spectrum_filter_kernel[fgrid](spec_f, table, L, T, H, W, WH, coef, order, FILTER=code,
+                                   BLOCK=BLOCK, L_CHUNK=L_CHUNK)
+    y = torch.fft.irfftn(spec, s=(T, H, W), dim=(-3, -2, -1))
+    _add_cast_kernel[grid](noise, y, out, numel, BLOCK=BLOCK)
+    return out
