@@ -1,0 +1,158 @@
+"""Benchmark suite ``tiered_sparse_attention``: FreeLOC's tiered sparse attention (+ VRPR) at
+Wan2.1-1.3B shapes (B=1, 12 heads, D=128, bf16; 832x480 -> 1560 tokens per latent frame, 720p ->
+3600), against SDPA flash (dense problem), FlexAttention compiled with the same mask (block mask
+built once; its build time is ``setup_ms``) and FreeLOC's official scheme for VRPR layers (one
+compiled FlexAttention call per band with that band's RoPE copies, merged by log-sum-exp).
+
+``flops`` counts the attended pairs only (4 * D per pair: QK^T and PV), so TFLOP/s compares
+useful work; ``extra`` records the token- and block-level density of the tiers.
+"""
+from __future__ import annotations
+
+import importlib
+import time
+
+import torch
+
+from longvideo.benchmarking import Case
+
+SUITE = "tiered_sparse_attention"
+FREELOC_TIERS = dict(local_frames=8, stripe_frames=24, stripe_width=195, sink_frames=1)
+VRPR = {41: [12.0, 20.0, 2.0, 8.0, 20.0], 81: [10.0, 14.0, 2.0, 8.0, 20.0]}
+
+
+def wan_temporal_freqs(head_dim: int = 128, theta: float = 10000.0) -> torch.Tensor:
+    """Wan's temporal RoPE frequencies: the first d - 4 (d // 6) channels (44 of 128 = 22 pairs)."""
+    dt = head_dim - 4 * (head_dim // 6)
+    return 1.0 / theta ** (torch.arange(0, dt, 2, dtype=torch.float64) / dt)
+
+
+def _flex_mask_mod(T, L, SF, SW, SK, band=None):
+    def mask_mod(b, h, qi, kj):
+        fi, fj = qi // T, kj // T
+        dist = (fi - fj).abs()
+        keep = (dist < L) | ((dist < SF) & ((qi % T - kj % T).abs() < SW)) | (fj < SK)
+        if band is not None:
+            keep = keep & (dist >= band[0]) & (dist < band[1])
+        return keep
+    return mask_mod
+
+
+def _rotate(x, pos, freqs):
+    """Temporal RoPE copy of x with per-token positions (the official scheme's per-band copies)."""
+    r = freqs.numel()
+    ang = pos.to(torch.float32)[:, None] * freqs.to(x.device, torch.float32)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x0, x1 = x[..., 0:2 * r:2], x[..., 1:2 * r:2]
+    rot = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), -1).flatten(-2)
+    return torch.cat((rot, x[..., 2 * r:]), -1)
+
+
+def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):
+    ops_mod = importlib.import_module("longvideo.ops.tiered_sparse_attention")
+    from longvideo import ops
+
+    S = F * T
+    L, SF, SW, SK = tiers["local_frames"], tiers["stripe_frames"], tiers["stripe_width"], tiers["sink_frames"]
+    dens = ops_mod.schedule_density(F, T, L, SF, SW, SK)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype, generator=gen) for _ in range(3))
+    freqs = wan_temporal_freqs(D).to(device=device, dtype=torch.float32) if vrpr is not None else None
+    params = dict(B=B, H=H, S=S, D=D, frame_tokens=T, F=F, dtype=str(dtype).replace("torch.", ""), vrpr=vrpr, **tiers)
+    pair_flops = 4.0 * D * dens["pair_density"] * S * S * B * H
+    extra = {k_: dens[k_] for k_ in ("pair_density", "computed_pair_density", "block_density")}
+    cases = []
+    op = torch.ops.longvideo.tiered_sparse_attention
+
+    for backend in ("triton", "cuda", "reference"):
+        if backend not in impls:
+            continue
+        be = ops.get_backend("tiered_sparse_attention", backend)
+        if device.type == "cuda" and not be.is_available()[0]:
+            continue
+        if be.supports is not None and be.supports(q, k, v, T, L, SF, SW, SK, None, freqs, vrpr):
+            continue
+
+        def fn(backend=backend):
+            with ops.use_backend(backend, op="tiered_sparse_attention"):
+                return op(q, k, v, T, L, SF, SW, SK, None, freqs, vrpr)
+
+        t0 = time.perf_counter()
+        fn()  # builds and caches the block schedule (and compiles the kernel)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        cases.append(Case(SUITE, label, f"longvideo[{backend}]", fn, params, flops=pair_flops,
+                          setup_ms=(time.perf_counter() - t0) * 1e3, extra=dict(extra)))
+
+    if "sdpa" in impls:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def sdpa():
+            backends = [SDPBackend.FLASH_ATTENTION] if device.type == "cuda" else [SDPBackend.MATH]
+            with sdpa_kernel(backends):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+        cases.append(Case(SUITE, label, "sdpa_flash(dense)", sdpa, params, flops=4.0 * D * S * S * B * H,
+                          extra={"pair_density": 1.0, "note": "dense problem, no tiers"}))
+
+    if "flex" in impls and device.type == "cuda":
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex = torch.compile(flex_attention, dynamic=False)
+        t0 = time.perf_counter()
+        bm = create_block_mask(_flex_mask_mod(T, L, SF, SW, SK), None, None, S, S, device=device, _compile=True)
+        torch.cuda.synchronize(device)
+        setup = (time.perf_counter() - t0) * 1e3
+        if vrpr is None:
+            cases.append(Case(SUITE, label, "flex_attention", lambda: flex(q, k, v, block_mask=bm), params,
+                              flops=pair_flops, setup_ms=setup, extra=dict(extra)))
+        else:
+            # FreeLOC's official VRPR layer: per band a RoPE copy of q and k and one FlexAttention
+            # call restricted to the band, merged by LSE (cost model: the later side's shifted
+            # positions are used for both signs, as one copy per band allows).
+            w1, w2, g1, g2, clip = (int(x) for x in vrpr)
+            f = torch.arange(S, device=device) // T
+            c1, c2 = w1 - w1 // g1, w2 - w2 // g2 - (w2 - w1) // g1
+            bands = [((0, w1), f, f), ((w1, w2), f // g1 + c1, f // g1),
+                     ((w2, 1 << 30), torch.clamp(f // g2 + c2, max=clip), f // g2)]
+            t0 = time.perf_counter()
+            masks = [create_block_mask(_flex_mask_mod(T, L, SF, SW, SK, band), None, None, S, S, device=device,
+                                       _compile=True) for band, _, _ in bands]
+            torch.cuda.synchronize(device)
+            setup3 = (time.perf_counter() - t0) * 1e3
+
+            def three_call():
+                outs, lses = [], []
+                for (band, pq, pk), m in zip(bands, masks):
+                    o, lse = flex(_rotate(q, pq, freqs), _rotate(k, pk, freqs), v, block_mask=m, return_lse=True)
+                    outs.append(o)
+                    lses.append(lse)
+                lse = torch.stack(lses)
+                w = torch.softmax(lse, dim=0)
+                return sum(o * w_[..., None].to(o.dtype) for o, w_ in zip(outs, w))
+
+            cases.append(Case(SUITE, label, "official_3call_flex_lse", three_call, params, flops=pair_flops,
+                              setup_ms=setup3, extra=dict(extra)))
+    return cases
+
+
+def cases(device: torch.device, quick: bool) -> list[Case]:
+    if quick:  # tiny CPU sizes: the reference and, under TRITON_INTERPRET=1, the Triton kernel
+        from longvideo.ops import _registry
+
+        impls = {"reference", "sdpa"} | ({"triton"} if _registry.triton_interpreting() else set())
+        tiers = dict(local_frames=2, stripe_frames=4, stripe_width=3, sink_frames=1)
+        out = _cases_for(device, torch.float32, 1, 2, 32, 13, 6, tiers, None, impls, "quick_F6_T13")
+        out += _cases_for(device, torch.float32, 1, 2, 32, 13, 6, tiers, [1.0, 3.0, 1.0, 2.0, 3.0], impls - {"sdpa"},
+                          "quick_F6_T13_vrpr")
+        return out
+    impls = {"triton", "cuda", "sdpa", "flex"}
+    dt, B, H, D = torch.bfloat16, 1, 12, 128
+    out = []
+    out += _cases_for(device, dt, B, H, D, 1560, 21, dict(FREELOC_TIERS, local_frames=21), None, impls, "480p_F21_dense")
+    for F in (41, 81):
+        out += _cases_for(device, dt, B, H, D, 1560, F, FREELOC_TIERS, None, impls, f"480p_F{F}_tsa")
+        out += _cases_for(device, dt, B, H, D, 1560, F, FREELOC_TIERS, VRPR[F], impls - {"sdpa"}, f"480p_F{F}_tsa_vrpr")
+    out += _cases_for(device, dt, B, H, D, 3600, 21, dict(FREELOC_TIERS, local_frames=21), None, impls, "720p_F21_dense")
+    out += _cases_for(device, dt, B, H, D, 3600, 41, FREELOC_TIERS, None, impls, "720p_F41_tsa")
+    return out

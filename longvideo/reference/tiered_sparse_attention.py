@@ -1,0 +1,145 @@
+"""Reference for ``tiered_sparse_attention``: FreeLOC's tiered sparse attention (TSA) with its
+video relative position re-encoding (VRPR), as dense attention with an explicit mask and explicit
+per-pair rotary rotations (DESIGN.md section 2, METHODS.md section 5).
+
+Token s of a (B, H, S, D) sequence lies in frame f(s) = s // frame_tokens at spatial index
+p(s) = s % frame_tokens. With d = f(i) - f(j), query i attends key j iff
+
+    |d| < local_frames  or  (|d| < stripe_frames and |p(i) - p(j)| < stripe_width)  or  f(j) < sink_frames.
+
+With ``rope_t_freqs`` (R,), channels [0, 2R) of q and k are Wan's temporal RoPE pairs (2i, 2i+1),
+not yet rotated: pair i of a token at position P is rotated by the angle P * rope_t_freqs[i],
+    (x0, x1) -> (x0 cos a - x1 sin a, x0 sin a + x1 cos a).
+Positions are frame indices, or with ``vrpr = [W1, W2, G1, G2, clip]`` FreeLOC's re-encoded
+positions, chosen per (query, key) pair by the band of |d| (:func:`vrpr_positions`).
+
+Slow and readable: logits in float32, softmax in float32, chunked over queries so S ~ 2000
+fits in CPU memory.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+
+def frame_and_spatial_index(n: int, frame_tokens: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(f(s), p(s)) for s in [0, n): frame index and spatial index in Wan's frame-major order."""
+    s = torch.arange(n, device=device)
+    return s // frame_tokens, s % frame_tokens
+
+
+def tier_mask(seq_len: int, frame_tokens: int, local_frames: int, stripe_frames: int = 0,
+              stripe_width: int = 0, sink_frames: int = 1, query_index: Optional[torch.Tensor] = None,
+              key_index: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+    """Boolean mask (Sq, Sk), True where query i attends key j (the TSA tiers).
+
+    ``query_index`` / ``key_index`` select token indices (default: all of [0, seq_len)), so a
+    caller can build the mask one query chunk at a time.
+    """
+    if query_index is None:
+        query_index = torch.arange(seq_len, device=device)
+    if key_index is None:
+        key_index = torch.arange(seq_len, device=query_index.device)
+    fi, pi = (query_index // frame_tokens)[:, None], (query_index % frame_tokens)[:, None]
+    fj, pj = (key_index // frame_tokens)[None, :], (key_index % frame_tokens)[None, :]
+    dist = (fi - fj).abs()
+    local = dist < local_frames
+    stripe = (dist < stripe_frames) & ((pi - pj).abs() < stripe_width)
+    sink = fj < sink_frames
+    return local | stripe | sink
+
+
+def vrpr_positions(frame_q: torch.Tensor, frame_k: torch.Tensor,
+                   vrpr: Optional[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """FreeLOC's re-encoded temporal positions (pos_q, pos_k) per (query, key) pair.
+
+    ``frame_q`` and ``frame_k`` are integer frame indices that broadcast against each other
+    (e.g. (Sq, 1) and (1, Sk)). With d = f_q - f_k and vrpr = [W1, W2, G1, G2, clip]:
+
+        |d| < W1:           pos_q = f_q,                                       pos_k = f_k
+        W1 <= |d| < W2, d>0: pos_q = f_q//G1 + W1 - W1//G1,                     pos_k = f_k//G1
+        |d| >= W2, d>0:      pos_q = min(f_q//G2 + W2 - W2//G2 - (W2-W1)//G1, clip), pos_k = f_k//G2
+        (d < 0: the same with the roles of query and key swapped).
+
+    vrpr None: the plain frame indices. Returns int64 tensors of the broadcast shape.
+    """
+    frame_q, frame_k = torch.broadcast_tensors(frame_q.long(), frame_k.long())
+    if vrpr is None:
+        return frame_q.clone(), frame_k.clone()
+    w1, w2, g1, g2, clip = (int(v) for v in vrpr)
+    d = frame_q - frame_k
+    dist = d.abs()
+    later_q = d > 0
+    # The later side of the pair gets the shifted position, the earlier side the plain grouped one.
+    mid_shift = w1 - w1 // g1
+    far_shift = w2 - w2 // g2 - (w2 - w1) // g1
+    mid_q = torch.where(later_q, frame_q // g1 + mid_shift, frame_q // g1)
+    mid_k = torch.where(later_q, frame_k // g1, frame_k // g1 + mid_shift)
+    far_q = torch.where(later_q, (frame_q // g2 + far_shift).clamp(max=clip), frame_q // g2)
+    far_k = torch.where(later_q, frame_k // g2, (frame_k // g2 + far_shift).clamp(max=clip))
+    pos_q = torch.where(dist < w1, frame_q, torch.where(dist < w2, mid_q, far_q))
+    pos_k = torch.where(dist < w1, frame_k, torch.where(dist < w2, mid_k, far_k))
+    return pos_q, pos_k
+
+
+def rotate_temporal(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate the temporal RoPE pairs (channels [0, 2R)) of x by angle pos * freqs[i].
+
+    x (..., D) float32, pos broadcastable to x.shape[:-1], freqs (R,). Pair i = channels (2i, 2i+1):
+    (x0, x1) -> (x0 cos a - x1 sin a, x0 sin a + x1 cos a). Channels >= 2R are unchanged.
+    """
+    r = freqs.numel()
+    angle = pos.to(torch.float64)[..., None] * freqs.to(torch.float64)  # (..., R), float64 angles
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    x0, x1 = x[..., 0:2 * r:2], x[..., 1:2 * r:2]
+    rot = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return torch.cat((rot, x[..., 2 * r:]), dim=-1)
+
+
+def tiered_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_tokens: int,
+                                      local_frames: int, stripe_frames: int = 0, stripe_width: int = 0,
+                                      sink_frames: int = 1, scale: Optional[float] = None,
+                                      rope_t_freqs: Optional[torch.Tensor] = None,
+                                      vrpr: Optional[Sequence[float]] = None,
+                                      query_chunk: Optional[int] = None) -> torch.Tensor:
+    """Dense masked attention with explicit per-pair temporal rotations; returns q's dtype.
+
+    out_i = sum_j softmax_j(scale * <rot(q_i, pos_q(i,j)), rot(k_j, pos_k(i,j))> + mask_ij) v_j
+    with mask_ij = 0 where :func:`tier_mask` is True, else -inf.
+    """
+    B, H, S, D = q.shape
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    qf, kf, vf = q.float(), k.float(), v.float()
+    frame = torch.arange(S, device=q.device) // frame_tokens
+    if rope_t_freqs is not None and vrpr is None:
+        # Positions are the frame indices: one rotation per token suffices.
+        qf = rotate_temporal(qf, frame, rope_t_freqs)
+        kf = rotate_temporal(kf, frame, rope_t_freqs)
+    per_pair = rope_t_freqs is not None and vrpr is not None
+    r2 = 2 * rope_t_freqs.numel() if per_pair else 0
+    if query_chunk is None:
+        # Per-pair rotation materialises (B, H, chunk, S, 2R) floats: keep that near 64 MiB on
+        # CPU (1 GiB on a GPU, where the reference checks the kernels at real shapes).
+        per_row = B * H * S * max(r2, 1) * 4 * (3 if per_pair else 1)
+        budget = (1 << 30) if q.device.type == "cuda" else (64 << 20)
+        query_chunk = max(1, min(S, budget // max(per_row, 1)))
+    out = torch.empty(B, H, S, vf.shape[-1], dtype=torch.float32, device=q.device)
+    key_index = torch.arange(S, device=q.device)
+    for start in range(0, S, query_chunk):
+        rows = torch.arange(start, min(S, start + query_chunk), device=q.device)
+        mask = tier_mask(S, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
+                         query_index=rows, key_index=key_index)
+        qc = qf[:, :, rows]
+        if per_pair:
+            pos_q, pos_k = vrpr_positions(frame[rows][:, None], frame[None, :], vrpr)  # (C, S) each
+            # Explicit per-pair rotations of the temporal channels: (B, H, C, S, 2R).
+            q_t = rotate_temporal(qc[:, :, :, None, :r2].expand(B, H, rows.numel(), S, r2), pos_q, rope_t_freqs)
+            k_t = rotate_temporal(kf[:, :, None, :, :r2].expand(B, H, rows.numel(), S, r2), pos_k, rope_t_freqs)
+            logits = (q_t * k_t).sum(-1) + qc[..., r2:] @ kf[..., r2:].transpose(-1, -2)
+        else:
+            logits = qc @ kf.transpose(-1, -2)
+        logits = (logits * scale).masked_fill(~mask, float("-inf"))
+        out[:, :, rows] = torch.softmax(logits, dim=-1) @ vf
+    return out.to(q.dtype)

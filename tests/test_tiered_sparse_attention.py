@@ -1,0 +1,325 @@
+"""tiered_sparse_attention: reference vs external oracles, Triton (interpreter on CPU) and CUDA
+vs reference, schedule density vs brute force, op registration (opcheck, torch.compile), errors.
+
+Oracles nobody here wrote: FlexAttention with an equivalent mask_mod (no RoPE), SDPA (dense).
+VRPR is checked against an explicit per-band computation written here: one dense masked
+attention per (band, sign) with that band's RoPE copies (complex multiplication, independent of
+the reference's rotation code), merged exactly by log-sum-exp: the official scheme, no gap.
+"""
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as Fn
+
+import longvideo.ops as ops
+from longvideo.reference.tiered_sparse_attention import (
+    tier_mask,
+    tiered_sparse_attention_reference as reference,
+)
+
+OP = "tiered_sparse_attention"
+# the op module (longvideo.ops re-exports the op under the same name)
+tsa_mod = importlib.import_module("longvideo.ops.tiered_sparse_attention")
+tsa = torch.ops.longvideo.tiered_sparse_attention
+
+
+def _tol(backend, dtype):
+    return ops.get_backend(OP, backend).tolerance(dtype)
+
+
+def _qkv(B, H, F, T, D, dtype=torch.float32, device="cpu"):
+    return [torch.randn(B, H, F * T, D, dtype=dtype, device=device) for _ in range(3)]
+
+
+def _freqs(R, device="cpu"):
+    # Wan-like temporal frequencies: theta^(-2i/d) over the temporal sub-dimension
+    return 1.0 / (10000.0 ** (torch.arange(R, dtype=torch.float64, device=device) * 2 / (2 * R))).float()
+
+
+# --------------------------------------------------------------------------------------------
+# external oracles
+def _flex(q, k, v, T, L, SF, SW, SK):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, qi, kj):
+        fi, fj = qi // T, kj // T
+        dist = (fi - fj).abs()
+        return (dist < L) | ((dist < SF) & ((qi % T - kj % T).abs() < SW)) | (fj < SK)
+
+    S = q.shape[2]
+    bm = create_block_mask(mask_mod, None, None, S, S, device=q.device.type, BLOCK_SIZE=16)
+    return flex_attention(q, k, v, block_mask=bm)
+
+
+def _rope_complex(x, pos, freqs):
+    """Rotate pairs (2i, 2i+1) of x[..., :2R] as complex numbers by pos * freqs (test's own RoPE)."""
+    r = freqs.numel()
+    xc = torch.view_as_complex(x[..., :2 * r].double().reshape(*x.shape[:-1], r, 2).contiguous())
+    rot = xc * torch.polar(torch.ones_like(freqs, dtype=torch.float64), pos.double()[..., None] * freqs.double())
+    return torch.cat((torch.view_as_real(rot).flatten(-2), x[..., 2 * r:].double()), dim=-1)
+
+
+def _band_lse_oracle(q, k, v, T, L, SF, SW, SK, freqs, vrpr, scale):
+    """FreeLOC's official scheme without its gap: per (band, sign) a dense masked attention with
+    that band's RoPE copies of q and k, merged by log-sum-exp."""
+    w1, w2, g1, g2, clip = (int(x) for x in vrpr)
+    S = q.shape[2]
+    f = torch.arange(S) // T
+    d = f[:, None] - f[None, :]
+    ad = d.abs()
+    tiers = tier_mask(S, T, L, SF, SW, SK)
+    c1, c2 = w1 - w1 // g1, w2 - w2 // g2 - (w2 - w1) // g1
+    bands = [  # (pair selector, q positions, k positions)
+        (ad < w1, f, f),
+        ((ad >= w1) & (ad < w2) & (d > 0), f // g1 + c1, f // g1),
+        ((ad >= w1) & (ad < w2) & (d < 0), f // g1, f // g1 + c1),
+        ((ad >= w2) & (d > 0), torch.clamp(f // g2 + c2, max=clip), f // g2),
+        ((ad >= w2) & (d < 0), f // g2, torch.clamp(f // g2 + c2, max=clip)),
+    ]
+    outs, lses = [], []
+    for sel, pq, pk in bands:
+        m = sel & tiers
+        logits = scale * _rope_complex(q, pq, freqs) @ _rope_complex(k, pk, freqs).transpose(-1, -2)
+        logits = logits.masked_fill(~m, float("-inf"))
+        lse = torch.logsumexp(logits, -1, keepdim=True)
+        p = torch.exp(logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)))
+        outs.append(p @ v.double())
+        lses.append(lse)
+    lse_all = torch.logsumexp(torch.cat(lses, -1), -1, keepdim=True)
+    return sum(o * torch.exp(l - lse_all) for o, l in zip(outs, lses))
+
+
+# --------------------------------------------------------------------------------------------
+# reference vs oracles
+@pytest.mark.parametrize("T,F,L,SF,SW,SK", [(6, 4, 1, 3, 2, 1), (13, 9, 2, 5, 4, 2), (13, 9, 3, 0, 0, 0)])
+def test_reference_matches_flex_attention(T, F, L, SF, SW, SK):
+    q, k, v = _qkv(1, 2, F, T, 32)
+    out = tsa(q, k, v, T, L, SF, SW, SK)
+    ref = _flex(q, k, v, T, L, SF, SW, SK)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_dense_matches_sdpa():
+    q, k, v = _qkv(2, 2, 5, 7, 16)
+    out = tsa(q, k, v, 7, 5, 0, 0, 0, 0.3)
+    torch.testing.assert_close(out, Fn.scaled_dot_product_attention(q, k, v, scale=0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_reference_rope_without_vrpr_matches_rotated_sdpa():
+    T, F, D, R = 5, 6, 32, 6
+    q, k, v = _qkv(1, 2, F, T, D)
+    freqs = _freqs(R)
+    f = torch.arange(F * T) // T
+    out = tsa(q, k, v, T, F, rope_t_freqs=freqs)  # dense, positions = frame indices
+    qr, kr = _rope_complex(q, f, freqs).float(), _rope_complex(k, f, freqs).float()
+    torch.testing.assert_close(out, Fn.scaled_dot_product_attention(qr, kr, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T,F,L,SF,SW,SK,vrpr", [
+    (4, 12, 2, 8, 2, 1, [3, 6, 2, 3, 5]),     # all three bands, clip active
+    (6, 9, 9, 0, 0, 1, [2, 4, 2, 2, 8]),      # dense tiers, VRPR only
+    (5, 10, 1, 6, 3, 2, [1, 1, 1, 4, 2]),     # W1 == W2: no mid band
+])
+def test_reference_vrpr_matches_band_lse(T, F, L, SF, SW, SK, vrpr):
+    q, k, v = _qkv(1, 2, F, T, 32)
+    freqs = _freqs(6)
+    out = tsa(q, k, v, T, L, SF, SW, SK, None, freqs, vrpr)
+    ref = _band_lse_oracle(q, k, v, T, L, SF, SW, SK, freqs, vrpr, 1 / math.sqrt(32))
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton (CPU interpreter) vs reference
+TRITON_CASES = [
+    # T, F, D, L, SF, SW, SK, R, vrpr, dtype, (block_m, block_n)
+    (6, 4, 32, 1, 3, 2, 1, 0, None, torch.float32, None),
+    (13, 9, 64, 2, 5, 4, 2, 0, None, torch.float32, None),
+    (13, 4, 32, 4, 0, 0, 0, 0, None, torch.float16, None),            # dense, no sink
+    (6, 9, 32, 2, 6, 3, 3, 8, None, torch.float32, (32, 16)),         # rope, several sink frames
+    (13, 9, 64, 2, 9, 4, 1, 11, [2, 4, 2, 3, 3], torch.float32, None),  # VRPR, R not a power of 2
+    (6, 9, 32, 3, 6, 3, 0, 4, [1, 3, 1, 2, 4], torch.float16, (16, 32)),
+    (6, 4, 32, 1, 3, 2, 1, 16, [1, 2, 1, 2, 2], torch.float32, None),  # 2R == D: no rest tile
+]
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=lambda c: f"T{c[0]}F{c[1]}D{c[2]}R{c[7]}{'v' if c[8] else ''}-{str(c[9])[-7:]}")
+def test_triton_matches_reference(case):
+    T, F, D, L, SF, SW, SK, R, vrpr, dtype, blocks = case
+    q, k, v = _qkv(1, 2, F, T, D, dtype)
+    freqs = _freqs(R) if R else None
+    bm, bn = blocks or (None, None)
+    out = tsa_mod.triton_module().tiered_sparse_attention_fwd(
+        q, k, v, T, L, SF, SW, SK, None, freqs, vrpr, build_schedule=tsa_mod.build_schedule, block_m=bm, block_n=bn)
+    ref = reference(q, k, v, T, L, SF, SW, SK, None, freqs, vrpr)
+    atol, rtol = _tol("triton", dtype)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+def test_triton_strided_and_dispatch():
+    """Non-contiguous q/k/v (a (B, S, H, D) buffer viewed as (B, H, S, D), v with a padded head dim)
+    through the public op with the triton backend selected; also vs FlexAttention."""
+    T, F, H, D = 6, 5, 2, 32
+    S = F * T
+    buf = torch.randn(3, 1, S, H, D)
+    q, k = buf[0].transpose(1, 2), buf[1].transpose(1, 2)
+    v = torch.randn(1, H, S, D + 8)[..., 4:4 + D]
+    assert not q.is_contiguous() and not v.is_contiguous()
+    with ops.use_backend("triton"):
+        out = tsa(q, k, v, T, 2, 4, 2, 1, 0.2)
+    ref = reference(q, k, v, T, 2, 4, 2, 1, 0.2)
+    atol, rtol = _tol("triton", torch.float32)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    flex = _flex(q.contiguous() * (0.2 * math.sqrt(D)), k.contiguous(), v.contiguous(), T, 2, 4, 2, 1)
+    torch.testing.assert_close(out, flex, atol=atol, rtol=rtol)
+
+
+# --------------------------------------------------------------------------------------------
+# schedule
+def _brute_blocks(S, T, L, SF, SW, SK, bm, bn):
+    mask = tier_mask(S, T, L, SF, SW, SK)
+    nq, nk = -(-S // bm), -(-S // bn)
+    padded = torch.zeros(nq * bm, nk * bn, dtype=torch.bool)
+    valid = torch.zeros_like(padded)
+    padded[:S, :S] = mask
+    valid[:S, :S] = True
+    blocks = padded.reshape(nq, bm, nk, bn).permute(0, 2, 1, 3).flatten(2)
+    vblocks = valid.reshape(nq, bm, nk, bn).permute(0, 2, 1, 3).flatten(2)
+    nonempty = blocks.any(-1)
+    # "full" needs every valid element attended and (kernel rule) the key block inside S
+    full = (blocks | ~vblocks).all(-1) & nonempty
+    full &= ((torch.arange(nk) + 1) * bn <= S)[None, :]
+    return mask, nonempty, full
+
+
+@pytest.mark.parametrize("F,T,L,SF,SW,SK,bm,bn", [
+    (9, 13, 2, 5, 4, 2, 16, 16), (6, 30, 1, 4, 7, 1, 16, 32), (11, 5, 3, 7, 2, 0, 32, 16), (4, 40, 4, 0, 0, 1, 16, 16),
+])
+def test_schedule_and_density_vs_brute_force(F, T, L, SF, SW, SK, bm, bn):
+    S = F * T
+    mask, nonempty, full = _brute_blocks(S, T, L, SF, SW, SK, bm, bn)
+    dens = ops.schedule_density(F, T, L, SF, SW, SK, block_m=bm, block_n=bn)
+    assert dens["pair_density"] == pytest.approx(mask.sum().item() / S ** 2)
+    assert dens["block_density"] == pytest.approx(nonempty.float().mean().item())
+    assert dens["full_blocks"] == int(full.sum()) and dens["partial_blocks"] == int((nonempty & ~full).sum())
+    sched = tsa_mod.build_schedule(S, T, L, SF, SW, SK, bm, bn, "cpu")
+    for qb in range(nonempty.shape[0]):
+        got_full = set(sched.full_idx[qb, :sched.full_cnt[qb]].tolist())
+        got_part = set(sched.part_idx[qb, :sched.part_cnt[qb]].tolist())
+        assert got_full == set(torch.nonzero(full[qb]).flatten().tolist())
+        assert got_part == set(torch.nonzero(nonempty[qb] & ~full[qb]).flatten().tolist())
+
+
+def test_schedule_vrpr_combos_cover_every_pair():
+    F, T, bm, bn, vrpr = 12, 5, 16, 16, [3, 6, 2, 3, 5]
+    S = F * T
+    sched = tsa_mod.build_schedule(S, T, 12, 0, 0, 0, bm, bn, "cpu", vrpr)
+    f = torch.arange(S) // T
+    d = f[:, None] - f[None, :]
+    ad = d.abs()
+    cid = torch.where(ad < 3, 0, torch.where(ad < 6, torch.where(d > 0, 1, 2), torch.where(d > 0, 3, 4)))
+    for qb in range(sched.num_q_blocks):
+        for idx, cnt, combo in ((sched.full_idx, sched.full_cnt, sched.full_combo),
+                                (sched.part_idx, sched.part_cnt, sched.part_combo)):
+            for e in range(int(cnt[qb])):
+                kb, bits = int(idx[qb, e]), int(combo[qb, e])
+                present = cid[qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn].unique().tolist()
+                assert all((bits >> c) & 1 for c in present)
+
+
+# --------------------------------------------------------------------------------------------
+# registration, compile, errors
+def test_opcheck():
+    q, k, v = _qkv(1, 2, 4, 6, 16)
+    torch.library.opcheck(tsa.default, (q, k, v, 6, 1, 3, 2, 1), {})
+    torch.library.opcheck(tsa.default, (q, k, v, 6, 2, 4, 3, 1),
+                          {"scale": 0.2, "rope_t_freqs": _freqs(4), "vrpr": [1.0, 3.0, 1.0, 2.0, 3.0]})
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = _qkv(1, 2, 4, 6, 16)
+    freqs = _freqs(4)
+
+    def f(q, k, v):
+        return tsa(q * 2, k, v, 6, 2, 4, 3, 1, None, freqs, [1.0, 3.0, 1.0, 2.0, 3.0]) + 1
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(frame_tokens=7), "frame_tokens"),
+    (dict(local_frames=0), "local_frames"),
+    (dict(stripe_frames=-1), "stripe_frames"),
+    (dict(sink_frames=-2), "sink_frames"),
+    (dict(rope_t_freqs=torch.ones(9), vrpr=[2.0, 1.0, 1.0, 1.0, 4.0]), "rope_t_freqs"),
+    (dict(rope_t_freqs=torch.ones(4), vrpr=[3.0, 2.0, 1.0, 1.0, 4.0]), "W1"),
+    (dict(rope_t_freqs=torch.ones(4), vrpr=[1.0, 2.0, 0.0, 1.0, 4.0]), "G1"),
+    (dict(rope_t_freqs=torch.ones(4), vrpr=[1.0, 2.5, 1.0, 1.0, 4.0]), "integers"),
+    (dict(vrpr=[1.0, 2.0, 1.0, 1.0, 4.0]), "requires rope_t_freqs"),
+])
+def test_bad_inputs_raise(kwargs, match):
+    q, k, v = _qkv(1, 2, 4, 6, 16)
+    args = dict(frame_tokens=6, local_frames=1)
+    args.update(kwargs)
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        tsa(q, k, v, **args)
+
+
+def test_bad_tensors_raise():
+    q, k, v = _qkv(1, 2, 4, 6, 16)
+    with pytest.raises(ValueError, match="k dtype"):
+        tsa(q, k.half(), v, 6, 1)
+    with pytest.raises(ValueError, match="k shape"):
+        tsa(q, k[:, :1], v, 6, 1)
+    with pytest.raises(ValueError, match="q must be a 4-D"):
+        tsa(q[0], k, v, 6, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU tier: real shapes (LONGVIDEO_TEST_GPU=1 on a CUDA machine)
+GPU_CASES = [
+    # F, L, SF, SW, SK, vrpr, dtype
+    (21, 21, 0, 0, 1, None, torch.bfloat16),                 # dense: the trained length
+    (41, 8, 24, 195, 1, None, torch.bfloat16),
+    (41, 8, 24, 195, 1, "rope", torch.float16),
+    (9, 3, 6, 195, 2, [2, 4, 2, 2, 5], torch.bfloat16),      # VRPR, every band present
+    (21, 8, 24, 195, 1, [12, 20, 2, 8, 20], torch.float16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"F{c[0]}-{c[5] if isinstance(c[5], str) else ('vrpr' if c[5] else 'plain')}-{str(c[6])[-4:]}")
+def test_gpu_backends_match_reference(backend, case):
+    F, L, SF, SW, SK, vrpr, dtype = case
+    T, D, dev = 1560, 128, torch.device("cuda")
+    ok, why = ops.get_backend(OP, backend).is_available()
+    if not ok:
+        pytest.skip(f"{backend} unavailable: {why}")
+    q, k, v = _qkv(1, 2, F, T, D, dtype, dev)
+    freqs = _freqs(22, dev) if vrpr is not None else None
+    vr = vrpr if isinstance(vrpr, list) else None
+    with ops.use_backend(backend, op=OP):
+        out = tsa(q, k, v, T, L, SF, SW, SK, None, freqs, vr)
+    ref = reference(q, k, v, T, L, SF, SW, SK, None, freqs, vr)
+    atol, rtol = _tol(backend, dtype)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_strided_d64(backend):
+    ok, why = ops.get_backend(OP, backend).is_available()
+    if not ok:
+        pytest.skip(f"{backend} unavailable: {why}")
+    T, F, H, D = 1560, 12, 3, 64
+    buf = torch.randn(3, 1, F * T, H, D, device="cuda", dtype=torch.float16)
+    q, k, v = (buf[i].transpose(1, 2) for i in range(3))
+    freqs = _freqs(10, "cuda")
+    with ops.use_backend(backend, op=OP):
+        out = tsa(q, k, v, T, 3, 8, 195, 1, None, freqs, [4.0, 6.0, 2.0, 4.0, 7.0])
+    ref = reference(q, k, v, T, 3, 8, 195, 1, None, freqs, [4.0, 6.0, 2.0, 4.0, 7.0])
+    atol, rtol = _tol(backend, torch.float16)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)

@@ -1,0 +1,297 @@
+"""Triton forward of ``tiered_sparse_attention``: block-sparse flash attention over a block
+schedule, FreeLOC's temporal RoPE re-encoding (VRPR) rotated in-kernel.
+
+One program per (query block, batch*head). It visits only the key blocks of its schedule row:
+first the *full* ones (every element attended: no element mask), then the *partial* ones (a
+tier edge, a sink edge or the sequence end falls inside: the element mask is applied). Softmax
+is online (flash attention) in float32 with exp2.
+
+Temporal RoPE: channels [0, 2R) of q and k are the unrotated temporal pairs. A rotation is
+x * COS + x_swapped * SIN, where x_swapped loads channel c ^ 1 (the pair partner) and SIN carries
+the sign (-sin on the even channel, +sin on the odd one); COS/SIN come from small per-frame
+tables, one per position "variant". Since <rot(q, a), rot(k, b)> depends on a - b only, the
+band of a (query, key) pair just picks which variants rotate q and k. A block pair whose frame
+distances fall in one band (one bit in its combo mask) rotates each tile once; a block pair
+that spans a band edge computes one temporal logit per band present and selects per element.
+The non-temporal channels [RP, D) are a separate tile and a separate dot, so the rotation never
+costs more tensor-core work than the dense dot.
+
+No torch.library code here (the op module registers this as a backend).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+NUM_VARIANTS = 5
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def variant_positions(num_frames: int, vrpr: Optional[Sequence[float]], device) -> torch.Tensor:
+    """int64 (5, F): the temporal position of a token of frame f under each rotation variant.
+
+    0: f   1: f//G1 + W1 - W1//G1   2: f//G1   3: min(f//G2 + W2 - W2//G2 - (W2-W1)//G1, clip)   4: f//G2
+    (without VRPR every variant is f). Combo c of a pair rotates q with variant COMBO_Q[c] and
+    k with COMBO_K[c] (see longvideo.ops.tiered_sparse_attention).
+    """
+    f = torch.arange(num_frames, device=device, dtype=torch.int64)
+    if vrpr is None:
+        return f[None, :].expand(NUM_VARIANTS, num_frames).contiguous()
+    w1, w2, g1, g2, clip = (int(x) for x in vrpr)
+    return torch.stack([
+        f,
+        f // g1 + w1 - w1 // g1,
+        f // g1,
+        torch.clamp(f // g2 + w2 - w2 // g2 - (w2 - w1) // g1, max=clip),
+        f // g2,
+    ])
+
+
+def rope_tables(num_frames: int, rope_t_freqs: torch.Tensor, vrpr: Optional[Sequence[float]], device,
+                width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (5, F, width) tables COS and signed SIN for the in-kernel rotation.
+
+    Channel c < 2R: COS = cos(P w_{c//2}), SIN = -sin(P w_{c//2}) for even c, +sin for odd c, so that
+    rot(x)_c = x_c COS_c + x_{c^1} SIN_c. Channels 2R <= c < width: COS = 1, SIN = 0 (identity).
+    """
+    r = rope_t_freqs.numel()
+    width = 2 * r if width is None else width
+    pos = variant_positions(num_frames, vrpr, device).to(torch.float64)  # (5, F)
+    ang = pos[..., None] * rope_t_freqs.to(device=device, dtype=torch.float64)  # (5, F, R)
+    cos = ang.cos().repeat_interleave(2, dim=-1)
+    sin = torch.stack((-ang.sin(), ang.sin()), dim=-1).flatten(-2)
+    cos_t = torch.ones(NUM_VARIANTS, num_frames, width, dtype=torch.float64, device=device)
+    sin_t = torch.zeros_like(cos_t)
+    cos_t[..., :2 * r] = cos
+    sin_t[..., :2 * r] = sin
+    return cos_t.float().contiguous(), sin_t.float().contiguous()
+
+
+@triton.jit
+def _rotate(x, x_sw, cos_ptr, sin_ptr, variant, frame, offs_t, F, RP: tl.constexpr):
+    """x * COS[variant, frame] + x_swapped * SIN[variant, frame] (rows of x belong to `frame`)."""
+    base = (variant * F + frame)[:, None] * RP + offs_t[None, :]
+    c = tl.load(cos_ptr + base)
+    s = tl.load(sin_ptr + base)
+    return x * c + x_sw * s
+
+
+@triton.jit
+def _visit(acc, m_i, l_i, q_r, q_t, q_t_sw, q_t_rot0, idx_ptr, combo_ptr, e,
+           k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, cos_ptr, sin_ptr,
+           offs_m, f_q, p_q, S, F, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
+           w1, w2, D, DV, qk_scale, R2,
+           BLOCK_N: tl.constexpr, RP: tl.constexpr, SPLIT: tl.constexpr, DR: tl.constexpr, DVP: tl.constexpr,
+           HAS_ROPE: tl.constexpr, HAS_REST: tl.constexpr, VRPR: tl.constexpr, PARTIAL: tl.constexpr,
+           DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    """Fold one key block into the running (acc, m_i, l_i) of a query block."""
+    kb = tl.load(idx_ptr + e)
+    offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < S
+    f_k = offs_n // frame_tokens
+    s = tl.zeros([q_r.shape[0], BLOCK_N], dtype=tl.float32)
+    if HAS_REST:
+        offs_r = SPLIT + tl.arange(0, DR)
+        k_r = tl.load(k_base + offs_n[:, None] * stride_kn + offs_r[None, :] * stride_kd,
+                      mask=n_ok[:, None] & (offs_r[None, :] < D), other=0.0)
+        if IEEE:
+            s += tl.dot(q_r, tl.trans(k_r), input_precision="ieee")
+        else:
+            s += tl.dot(q_r, tl.trans(k_r))
+    if HAS_ROPE:
+        offs_t = tl.arange(0, RP)
+        k_t = tl.load(k_base + offs_n[:, None] * stride_kn + offs_t[None, :] * stride_kd,
+                      mask=n_ok[:, None] & (offs_t[None, :] < D), other=0.0).to(tl.float32)
+        k_t_sw = tl.load(k_base + offs_n[:, None] * stride_kn + (offs_t ^ 1)[None, :] * stride_kd,
+                         mask=n_ok[:, None] & (offs_t[None, :] < R2), other=0.0).to(tl.float32)
+        f_k_safe = tl.minimum(f_k, F - 1)
+        if VRPR:
+            combo = tl.load(combo_ptr + e)
+            d = f_q[:, None] - f_k[None, :]
+            ad = tl.abs(d)
+            cid = tl.where(ad < w1, 0, tl.where(ad < w2, tl.where(d > 0, 1, 2), tl.where(d > 0, 3, 4)))
+            for c in tl.static_range(5):
+                if ((combo >> c) & 1) != 0:
+                    # combo c rotates q with variant c and k with variant (0, 2, 1, 4, 3)[c]
+                    kv = c
+                    if c == 1:
+                        kv = 2
+                    if c == 2:
+                        kv = 1
+                    if c == 3:
+                        kv = 4
+                    if c == 4:
+                        kv = 3
+                    q_rot = _rotate(q_t, q_t_sw, cos_ptr, sin_ptr, c, f_q, offs_t, F, RP).to(DOT_DTYPE)
+                    k_rot = _rotate(k_t, k_t_sw, cos_ptr, sin_ptr, kv, f_k_safe, offs_t, F, RP).to(DOT_DTYPE)
+                    if IEEE:
+                        s_c = tl.dot(q_rot, tl.trans(k_rot), input_precision="ieee")
+                    else:
+                        s_c = tl.dot(q_rot, tl.trans(k_rot))
+                    s = tl.where(cid == c, s + s_c, s)
+        else:
+            k_rot = _rotate(k_t, k_t_sw, cos_ptr, sin_ptr, 0, f_k_safe, offs_t, F, RP).to(DOT_DTYPE)
+            if IEEE:
+                s += tl.dot(q_t_rot0, tl.trans(k_rot), input_precision="ieee")
+            else:
+                s += tl.dot(q_t_rot0, tl.trans(k_rot))
+    s = s * qk_scale
+    if PARTIAL:
+        p_k = offs_n % frame_tokens
+        dist = tl.abs(f_q[:, None] - f_k[None, :])
+        keep = (dist < local_frames) | (f_k[None, :] < sink_frames)
+        keep = keep | ((dist < stripe_frames) & (tl.abs(p_q[:, None] - p_k[None, :]) < stripe_width))
+        keep = keep & n_ok[None, :]
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    offs_v = tl.arange(0, DVP)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
+                mask=n_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _tsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
+                    full_idx, full_cnt, full_combo, part_idx, part_cnt, part_combo, full_w, part_w,
+                    cos_ptr, sin_ptr,
+                    stride_qb, stride_qh, stride_qn, stride_qd,
+                    stride_kb, stride_kh, stride_kn, stride_kd,
+                    stride_vb, stride_vh, stride_vn, stride_vd,
+                    stride_ob, stride_oh, stride_on, stride_od,
+                    H, S, F, D, DV, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
+                    w1, w2, R2, qk_scale,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, SPLIT: tl.constexpr,
+                    DR: tl.constexpr,
+                    DVP: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_REST: tl.constexpr, VRPR: tl.constexpr,
+                    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = q_ptr + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < S
+    f_q = tl.minimum(offs_m // frame_tokens, F - 1)  # rows past S are never stored
+    p_q = offs_m % frame_tokens
+
+    # Query tiles stay in registers for the whole row of key blocks.
+    if HAS_REST:
+        offs_r = SPLIT + tl.arange(0, DR)
+        q_r = tl.load(q_base + offs_m[:, None] * stride_qn + offs_r[None, :] * stride_qd,
+                      mask=m_ok[:, None] & (offs_r[None, :] < D), other=0.0).to(DOT_DTYPE)
+    else:
+        q_r = tl.zeros([BLOCK_M, 16], dtype=DOT_DTYPE)
+    if HAS_ROPE:
+        offs_t = tl.arange(0, RP)
+        q_t = tl.load(q_base + offs_m[:, None] * stride_qn + offs_t[None, :] * stride_qd,
+                      mask=m_ok[:, None] & (offs_t[None, :] < D), other=0.0).to(tl.float32)
+        q_t_sw = tl.load(q_base + offs_m[:, None] * stride_qn + (offs_t ^ 1)[None, :] * stride_qd,
+                         mask=m_ok[:, None] & (offs_t[None, :] < R2), other=0.0).to(tl.float32)
+        # without VRPR every pair uses the frame positions: rotate q once per query block
+        q_t_rot0 = _rotate(q_t, q_t_sw, cos_ptr, sin_ptr, 0, f_q, offs_t, F, RP).to(DOT_DTYPE)
+    else:
+        q_t = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
+        q_t_sw = q_t
+        q_t_rot0 = q_t.to(DOT_DTYPE)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DVP], dtype=tl.float32)
+
+    n_full = tl.load(full_cnt + pid_m)
+    for e in range(0, n_full):
+        acc, m_i, l_i = _visit(acc, m_i, l_i, q_r, q_t, q_t_sw, q_t_rot0, full_idx + pid_m * full_w,
+                               full_combo + pid_m * full_w, e, k_base, v_base, stride_kn, stride_kd,
+                               stride_vn, stride_vd, cos_ptr, sin_ptr, offs_m, f_q, p_q, S, F, frame_tokens,
+                               local_frames, stripe_frames, stripe_width, sink_frames, w1, w2, D, DV,
+                               qk_scale, R2, BLOCK_N, RP, SPLIT, DR, DVP, HAS_ROPE, HAS_REST, VRPR, False,
+                               DOT_DTYPE, IEEE)
+    n_part = tl.load(part_cnt + pid_m)
+    for e in range(0, n_part):
+        acc, m_i, l_i = _visit(acc, m_i, l_i, q_r, q_t, q_t_sw, q_t_rot0, part_idx + pid_m * part_w,
+                               part_combo + pid_m * part_w, e, k_base, v_base, stride_kn, stride_kd,
+                               stride_vn, stride_vd, cos_ptr, sin_ptr, offs_m, f_q, p_q, S, F, frame_tokens,
+                               local_frames, stripe_frames, stripe_width, sink_frames, w1, w2, D, DV,
+                               qk_scale, R2, BLOCK_N, RP, SPLIT, DR, DVP, HAS_ROPE, HAS_REST, VRPR, True,
+                               DOT_DTYPE, IEEE)
+
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_i[:, None]
+    offs_v = tl.arange(0, DVP)
+    tl.store(o_base + offs_m[:, None] * stride_on + offs_v[None, :] * stride_od,
+             out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & (offs_v[None, :] < DV))
+
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def default_blocks(q: torch.Tensor) -> tuple[int, int, int, int]:
+    """(block_m, block_n, num_warps, num_stages) for this input."""
+    if q.device.type != "cuda":
+        return 16, 16, 4, 1  # interpreter: small blocks exercise many full/partial/edge cases
+    D = q.shape[-1]
+    if q.dtype == torch.float32:
+        return 64, 32, 4, 2
+    if D <= 64:
+        return 128, 64, 4, 3
+    if D <= 128:
+        return 128, 64, 8, 2
+    return 64, 32, 4, 2
+
+
+def tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0,
+                                sink_frames=1, scale=None, rope_t_freqs=None, vrpr=None, *, build_schedule,
+                                block_m: Optional[int] = None, block_n: Optional[int] = None):
+    """Launch the kernel. `build_schedule` is the op module's cached schedule builder."""
+    B, H, S, D = q.shape
+    DV = v.shape[3]
+    F = S // frame_tokens
+    bm, bn, num_warps, num_stages = default_blocks(q)
+    block_m, block_n = block_m or bm, block_n or bn
+    sched = build_schedule(S, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
+                           block_m, block_n, q.device, vrpr)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    has_rope = rope_t_freqs is not None
+    r2 = 2 * rope_t_freqs.numel() if has_rope else 0
+    if has_rope and r2 > 0:
+        rp = max(16, _next_pow2(r2))
+        cos_t, sin_t = rope_tables(F, rope_t_freqs, vrpr, q.device, width=rp)
+    else:
+        has_rope, rp = False, 0
+        cos_t = sin_t = torch.zeros(1, device=q.device, dtype=torch.float32)
+    has_rest = D > rp
+    dr = max(16, _next_pow2(D - rp)) if has_rest else 16
+    dvp = max(16, _next_pow2(DV))
+    w1, w2 = (int(vrpr[0]), int(vrpr[1])) if (vrpr is not None and has_rope) else (1 << 30, 1 << 30)
+    out = torch.empty(B, H, S, DV, device=q.device, dtype=q.dtype)
+    grid = (sched.num_q_blocks, B * H)
+    _tsa_fwd_kernel[grid](
+        q, k, v, out,
+        sched.full_idx, sched.full_cnt, sched.full_combo, sched.part_idx, sched.part_cnt, sched.part_combo,
+        sched.full_idx.shape[1], sched.part_idx.shape[1], cos_t, sin_t,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, S, F, D, DV, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
+        w1, w2, r2, scale * 1.4426950408889634,
+        BLOCK_M=block_m, BLOCK_N=block_n, RP=max(rp, 16), SPLIT=rp, DR=dr, DVP=dvp, HAS_ROPE=has_rope,
+        HAS_REST=has_rest, VRPR=(vrpr is not None and has_rope), DOT_DTYPE=_TL_DTYPE[q.dtype],
+        IEEE=(q.dtype == torch.float32), num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
