@@ -28,6 +28,7 @@ _LAZY = {
     "FIFODiffusion": "longvideo.methods.fifo",
     "OuroborosDiffusion": "longvideo.methods.fifo",
     "StoryDiffusion": "longvideo.methods.storydiffusion",
+    "VideoSubjectConsistency": "longvideo.methods.storydiffusion",
     "RandomizedBlending": "longvideo.methods.blending",
     "enable_fast_free_init": "longvideo.methods.free_init",
 }

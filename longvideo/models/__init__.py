@@ -17,6 +17,8 @@ def load_pipeline(family: str, kind: str = "t2v", model=None, device=None, dtype
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family == "sd" and kind in ("t2v", "t2i"):
+        kind = "sd15"
     mod = import_module(f"longvideo.models.{family}")
     if dtype is None:
         dtype = torch.float32

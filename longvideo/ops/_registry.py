@@ -175,6 +175,15 @@ def triton_available() -> tuple[bool, str]:
     return True, f"triton {triton.__version__}"
 
 
+def triton_module(op: str):
+    """The Triton kernel module of `op` (``longvideo.triton_kernels.<op>``), imported on first use so
+    that importing longvideo never imports triton. In a source checkout the package's __path__
+    includes the checkout (see longvideo/__init__.py), so this resolves there too."""
+    import importlib
+
+    return importlib.import_module(f"longvideo.triton_kernels.{op}")
+
+
 def cuda_extension_available(private_op: str) -> Callable[[], tuple[bool, str]]:
     """Capability gate for a CUDA-extension backend whose kernel is `torch.ops.longvideo.<private_op>`."""
 

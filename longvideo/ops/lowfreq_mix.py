@@ -22,11 +22,7 @@ csrc/lowfreq_mix*.{cu,cpp}, private op ``longvideo::_lowfreq_mix_cuda``). Not di
 from __future__ import annotations
 
 import functools
-import importlib
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import torch
 
@@ -105,23 +101,7 @@ def _kernel_supports(x, noise, filter, d_s, d_t, order):
 
 
 def _triton_module():
-    """``longvideo.triton_kernels.lowfreq_mix`` (installed), or the checkout's
-    ``triton_kernels/lowfreq_mix.py`` when running from a source tree."""
-    name = "longvideo.triton_kernels.lowfreq_mix"
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        pass
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parents[2] / "triton_kernels" / "lowfreq_mix.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or not path.is_file():
-        raise ImportError(f"cannot find the Triton kernels of {OP} (looked for {path})")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return R.triton_module(OP)
 
 
 def _triton_impl(x, noise, filter, d_s, d_t, order):

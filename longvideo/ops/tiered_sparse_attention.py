@@ -9,13 +9,9 @@ reports how much of the dense problem it computes.
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import math
-import sys
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -350,23 +346,7 @@ def _triton_supports(q, k, v, *args, **kwargs):
 
 
 def triton_module():
-    """``longvideo.triton_kernels.tiered_sparse_attention`` when installed, else the checkout's
-    ``triton_kernels/tiered_sparse_attention.py`` (running from a source tree)."""
-    name = "longvideo.triton_kernels.tiered_sparse_attention"
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        pass
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parents[2] / "triton_kernels" / "tiered_sparse_attention.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or not path.is_file():
-        raise ImportError(f"cannot find the Triton kernels of {OP} (looked for {path})")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return R.triton_module(OP)
 
 
 def _triton_impl(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0, sink_frames=1,

@@ -1,0 +1,606 @@
+"""StoryDiffusion (Zhou et al. 2024): consistent characters across a story, on diffusers SD1.5 / SDXL.
+
+Consistent self-attention (METHODS.md section 3): in the self-attention layers of the UNet's up
+blocks, each image attends, with one softmax, to its own tokens plus a random subset (sampling
+rate 0.5) of the tokens of the other images generated with it; the subset is redrawn every step.
+A story of any length is made in two phases:
+
+* write: the first ``id_length`` prompts of each character (the prompts naming only that
+  character) are generated together; their sampled self-attention inputs are cached per step and
+  layer in the character's id bank;
+* read: every other prompt is generated alone (batch 1 per CFG half) and attends to its own
+  tokens plus the id banks of the characters it names (none for ``[NC]`` prompts).
+
+The official schedule applies per attention call: plain attention for step < ``start_step`` (5),
+then consistent attention with probability 0.7 while step < 20 and 0.9 afterwards. Everything
+random (latents, token subsets, per-call draws) is a function of ``seed`` and of the prompt, so a
+story is reproducible and can be continued in a later run from a saved bank.
+
+Quick start::
+
+    from longvideo.models.sd import tiny_pipeline           # or any local SD1.5/SDXL pipeline
+    from longvideo import StoryDiffusion
+    story = StoryDiffusion(tiny_pipeline("sdxl"), bank_location="cpu")
+    result = story.generate_story(parse_story(open("story.txt").read()), id_length=4, seed=0)
+    story.save_bank("bob.safetensors")                       # continue later: story.load_bank(...)
+
+Story file format (``longvideo story FILE``)::
+
+    # lines starting with '#' are comments; blank lines are ignored
+    [Bob] = a man with short black hair, wearing a black suit      <- optional definition
+    [Bob] at home, reading the newspaper # Bob reads the news      <- prompt # caption
+    [Bob] on the road, near the forest
+    [Bob] and [Alice] having dinner                                <- reads both id banks
+    [NC] a quiet street at night                                   <- no character
+
+One prompt per line. ``[Name]`` marks a character (letters, digits, space, ``_``, ``-``); in the
+text sent to the model it is replaced by the character's definition (``[Name] = ...`` line), or by
+``Name``. ``[NC]`` marks a prompt with no character (removed from the text). Text after a ``#``
+inside a line is the panel's caption (the official format); without one the caption is the
+prompt. The first ``id_length`` prompts that name exactly one character are that character's id
+prompts; a character with fewer raises a ValueError (unless its bank is already loaded).
+
+Video mode: :class:`VideoSubjectConsistency` lets the frames of a long video (FIFO windows,
+chunks) attend to a shared subject bank with the same processor and op.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from ..processors.consistent import (
+    ConsistentAttentionController,
+    IdBank,
+    _derive_seed,
+)
+
+NC_TAG = "NC"
+_TAG = re.compile(r"\[([^\[\]]*)\]")
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_ \-]*$")
+_DEFINITION = re.compile(r"^\[([^\[\]]+)\]\s*=\s*(.*)$")
+
+
+# ----------------------------------------------------------------------------------------------
+# story parsing
+@dataclass
+class StoryPrompt:
+    """One panel: `text` goes to the model, `characters` are the id banks it reads."""
+
+    raw: str
+    text: str
+    characters: tuple
+    caption: str
+    line: Optional[int] = None
+
+
+@dataclass
+class Story:
+    prompts: list
+    definitions: dict = field(default_factory=dict)
+
+    @property
+    def characters(self) -> list:
+        seen = []
+        for p in self.prompts:
+            for c in p.characters:
+                if c not in seen:
+                    seen.append(c)
+        return seen
+
+
+def _where(source, line):
+    return f"{source}, line {line}" if line is not None else source
+
+
+def parse_prompt(raw: str, definitions: Optional[dict] = None, line: Optional[int] = None,
+                 source: str = "prompt") -> StoryPrompt:
+    """Parse one story line (see the module docstring) into a StoryPrompt."""
+    definitions = definitions or {}
+    body, caption = raw, None
+    if "#" in raw:
+        body, caption = raw.split("#", 1)
+        caption = caption.strip() or None
+    if body.count("[") != body.count("]"):
+        raise ValueError(f"{_where(source, line)}: unbalanced brackets in {raw!r}")
+    names = []
+    for m in _TAG.finditer(body):
+        name = m.group(1).strip()
+        if not name or not _NAME.match(name):
+            raise ValueError(f"{_where(source, line)}: bad character tag [{m.group(1)}] in {raw!r} "
+                             f"(names use letters, digits, space, '_' and '-')")
+        if name not in names:
+            names.append(name)
+    if NC_TAG in names and len(names) > 1:
+        raise ValueError(f"{_where(source, line)}: [NC] (no character) combined with characters in {raw!r}")
+
+    def substitute(m):
+        name = m.group(1).strip()
+        return "" if name == NC_TAG else definitions.get(name, name)
+
+    text = re.sub(r"\s+", " ", _TAG.sub(substitute, body)).strip(" ,")
+    if not text:
+        raise ValueError(f"{_where(source, line)}: empty prompt in {raw!r}")
+    characters = tuple(n for n in names if n != NC_TAG)
+    if caption is None:
+        caption = re.sub(r"\s+", " ", _TAG.sub(lambda m: "" if m.group(1).strip() == NC_TAG else m.group(1).strip(),
+                                               body)).strip(" ,")
+    return StoryPrompt(raw=raw, text=text, characters=characters, caption=caption, line=line)
+
+
+def parse_story(text: str, source: str = "story") -> Story:
+    """Parse a story file's text. Raises ValueError naming the line for malformed input and for a
+    story with no prompts."""
+    definitions, lines = {}, []
+    for i, raw in enumerate(text.splitlines(), start=1):
+        s = raw.strip()
+        if not s or s.startswith("#"):
+            continue
+        m = _DEFINITION.match(s)
+        if m:
+            name, desc = m.group(1).strip(), m.group(2).strip()
+            if not _NAME.match(name) or name == NC_TAG:
+                raise ValueError(f"{source}, line {i}: bad character name [{name}] in definition")
+            if not desc:
+                raise ValueError(f"{source}, line {i}: empty definition of [{name}]")
+            if name in definitions:
+                raise ValueError(f"{source}, line {i}: character [{name}] defined twice")
+            definitions[name] = desc
+            continue
+        lines.append((i, s))
+    if not lines:
+        raise ValueError(f"{source} has no prompts (one prompt per line; '#' starts a comment)")
+    prompts = [parse_prompt(s, definitions, i, source) for i, s in lines]
+    return Story(prompts=prompts, definitions=definitions)
+
+
+def read_story_file(path: Union[str, os.PathLike]) -> Story:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"story file {str(path)!r} does not exist")
+    return parse_story(path.read_text(encoding="utf-8"), source=str(path))
+
+
+def _as_story(prompts, characters: Optional[dict]) -> Story:
+    if isinstance(prompts, Story):
+        story = prompts
+        if characters:
+            story = Story([parse_prompt(p.raw, {**story.definitions, **characters}, p.line) for p in story.prompts],
+                          {**story.definitions, **characters})
+        return story
+    if isinstance(prompts, str):
+        return parse_story(prompts) if not characters else parse_story(
+            "\n".join([f"[{k}] = {v}" for k, v in characters.items()] + [prompts]))
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("prompts is empty")
+    defs = dict(characters or {})
+    return Story([parse_prompt(p, defs, source=f"prompt {i}") for i, p in enumerate(prompts)], defs)
+
+
+# ----------------------------------------------------------------------------------------------
+# the method
+@dataclass
+class StoryResult:
+    """images: one per prompt, in story order (PIL images, arrays or latents per output_type).
+    roles: "id" (written), "read" (attended to banks) or "nc" (no character) per prompt."""
+
+    images: list
+    prompts: list
+    roles: list
+    seeds: list
+
+
+class StoryDiffusion:
+    """Consistent self-attention on a diffusers StableDiffusion(XL)Pipeline (see module docstring).
+
+    pipe            a StableDiffusionPipeline / StableDiffusionXLPipeline (or fine-tune).
+    sampling_rate   fraction of tokens each id image shares (official 0.5); float or
+                    {tokens_per_image: rate}.
+    start_step, prob_early, prob_late, late_step
+                    the official per-call schedule (5, 0.7, 0.9, 20); prob 1.0 = always on.
+    layers          which self-attention layers: "up" (official), "up+mid", "all", names, predicate.
+    bank_location   where id banks live: None (the pipeline's device), "cpu" (pinned host memory,
+                    copied asynchronously: keeps GPU memory flat in the story length), a device,
+                    or a ".safetensors" path (written after each character, read lazily).
+    """
+
+    def __init__(self, pipe, sampling_rate: Union[float, dict] = 0.5, start_step: int = 5, prob_early: float = 0.7,
+                 prob_late: float = 0.9, late_step: int = 20, probability: Optional[Callable[[int], float]] = None,
+                 layers="up", bank_location=None):
+        if not hasattr(pipe, "unet"):
+            raise ValueError("pipe must be a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline (no .unet)")
+        self.pipe = pipe
+        self.bank = IdBank(bank_location)
+        self.controller = ConsistentAttentionController(
+            sampling_rate=sampling_rate, start_step=start_step, prob_early=prob_early, prob_late=prob_late,
+            late_step=late_step, probability=probability, bank=self.bank)
+        self.layers = self.controller.install(pipe.unet, layers)
+
+    # -- bank ----------------------------------------------------------------------------------------
+    def save_bank(self, path) -> str:
+        """Save every character's id bank (and the settings it was recorded with) to `path`."""
+        return self.bank.save(path)
+
+    def load_bank(self, path, characters: Optional[Sequence[str]] = None) -> list:
+        """Load id banks saved by :meth:`save_bank`; returns the characters now available."""
+        self.bank.load(path, characters, device=self.pipe._execution_device)
+        return self.bank.keys()
+
+    @property
+    def characters(self) -> list:
+        return self.bank.keys()
+
+    def remove(self) -> None:
+        """Restore the pipeline's original attention processors."""
+        self.controller.uninstall()
+
+    # -- generation ------------------------------------------------------------------------------------
+    def _latents(self, n: int, seed: int, height: int, width: int) -> torch.Tensor:
+        pipe = self.pipe
+        f = pipe.vae_scale_factor
+        shape = (n, pipe.unet.config.in_channels, height // f, width // f)
+        gen = torch.Generator().manual_seed(seed)
+        lat = torch.randn(shape, generator=gen, dtype=torch.float32)
+        return lat.to(device=pipe._execution_device, dtype=pipe.unet.dtype)
+
+    def _call(self, texts, seed, mode, call_key, write_key=None, read_keys=(), negative_prompt=None,
+              progress=None, **kw):
+        pipe = self.pipe
+        steps = kw["num_inference_steps"]
+        cb = None
+        if progress is not None:
+            def cb(_pipe, _i, _t, cb_kwargs):
+                progress.update(1)
+                return {}
+        self.controller.seed = kw.pop("story_seed")
+        self.controller.begin_call(mode, call_key=call_key, group_size=len(texts), write_key=write_key,
+                                   read_keys=read_keys)
+        try:
+            out = pipe(prompt=list(texts), negative_prompt=None if negative_prompt is None else [negative_prompt] * len(texts),
+                       latents=self._latents(len(texts), seed, kw.pop("height"), kw.pop("width")),
+                       callback_on_step_end=cb, **kw)
+        finally:
+            self.controller.end_call()
+        if self.controller.step + 1 != steps:
+            raise RuntimeError(f"the UNet ran {self.controller.step + 1} times for {steps} steps: StoryDiffusion "
+                               f"needs one batched (CFG) UNet call per step")
+        return list(out.images)
+
+    def generate_story(self, prompts, characters: Optional[dict] = None, id_length: int = 4,
+                       num_inference_steps: int = 50, guidance_scale: float = 5.0, height: Optional[int] = None,
+                       width: Optional[int] = None, seed: int = 0, negative_prompt: Optional[str] = None,
+                       style: str = "{prompt}", output_type: str = "pil", progress: bool = True,
+                       rewrite: bool = False, **pipe_kwargs) -> StoryResult:
+        """Generate a story: each character's id images together (write), the rest alone (read).
+
+        prompts: story lines (``[Name]`` tags, ``[NC]``; see the module docstring), a story text,
+        or a parsed :class:`Story`. characters: optional {name: description} replacing ``[Name]``.
+        A character whose bank is already present (loaded, or written by an earlier call) is not
+        written again unless `rewrite`; all its prompts are then read prompts. style: template
+        with ``{prompt}`` applied to every prompt. Returns a :class:`StoryResult` in story order.
+        """
+        story = _as_story(prompts, characters)
+        if not isinstance(id_length, int) or id_length < 1:
+            raise ValueError(f"id_length must be a positive int, got {id_length!r}")
+        if "{prompt}" not in style:
+            raise ValueError(f"style must contain '{{prompt}}', got {style!r}")
+        pipe = self.pipe
+        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        height, width = height or default, width or default
+        if height % pipe.vae_scale_factor or width % pipe.vae_scale_factor:
+            raise ValueError(f"height/width must be multiples of {pipe.vae_scale_factor}, got {height}x{width}")
+
+        # which prompts write which character's bank
+        id_prompts: dict = {}
+        for i, p in enumerate(story.prompts):
+            if len(p.characters) == 1:
+                id_prompts.setdefault(p.characters[0], []).append(i)
+        to_write = [c for c in story.characters if rewrite or c not in self.bank]
+        for c in to_write:
+            have = len(id_prompts.get(c, []))
+            if have < id_length:
+                raise ValueError(f"character [{c}] has {have} id prompt(s) (prompts naming only [{c}]) but "
+                                 f"id_length={id_length} needs {id_length}")
+        roles = ["read"] * len(story.prompts)
+        for i, p in enumerate(story.prompts):
+            if not p.characters:
+                roles[i] = "nc"
+        writes = {c: id_prompts[c][:id_length] for c in to_write}
+        for idx in writes.values():
+            for i in idx:
+                roles[i] = "id"
+        self._check_bank_meta(num_inference_steps, guidance_scale, to_write, story.characters)
+
+        common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
+                      width=width, output_type=output_type, story_seed=seed, **pipe_kwargs)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            n_calls = len(writes) + sum(r != "id" for r in roles)
+            bar = tqdm(total=n_calls * num_inference_steps, desc="story", unit="step")
+        saved_cfg = dict(getattr(pipe, "_progress_bar_config", {}))
+        pipe.set_progress_bar_config(disable=True)
+        images: list = [None] * len(story.prompts)
+        seeds: list = [None] * len(story.prompts)
+        occurrences: dict = {}
+        try:
+            for c, idx in writes.items():
+                self.bank.clear(c)
+                s = _derive_seed(seed, "latents", "write", c)
+                texts = [style.format(prompt=story.prompts[i].text) for i in idx]
+                outs = self._call(texts, s, "write", ("write", c), write_key=c, negative_prompt=negative_prompt,
+                                  progress=bar, **common)
+                self.bank.flush()
+                for i, img in zip(idx, outs):
+                    images[i], seeds[i] = img, s
+            self.bank.meta = self._bank_meta(num_inference_steps, guidance_scale, story, writes)
+            for i, p in enumerate(story.prompts):
+                if roles[i] == "id":
+                    continue
+                # the call key (latents, draws) depends on the prompt and its occurrence only, so a
+                # story continued later from a saved bank reproduces the same images
+                n = occurrences[p.text] = occurrences.get(p.text, -1) + 1
+                key = ("read", p.text, tuple(p.characters), n)
+                s = _derive_seed(seed, "latents", *key)
+                out = self._call([style.format(prompt=p.text)], s, "read", key, read_keys=p.characters,
+                                 negative_prompt=negative_prompt, progress=bar, **common)
+                images[i], seeds[i] = out[0], s
+        finally:
+            pipe._progress_bar_config = saved_cfg
+            if bar is not None:
+                bar.close()
+        return StoryResult(images=images, prompts=story.prompts, roles=roles, seeds=seeds)
+
+    def _bank_meta(self, steps, guidance_scale, story, writes) -> dict:
+        meta = dict(self.bank.meta)
+        meta.update(steps=steps, cfg=bool(guidance_scale > 1.0), layers=self.layers,
+                    sampling_rate=self.controller.sampling_rate if not isinstance(self.controller.sampling_rate, dict)
+                    else {str(k): v for k, v in self.controller.sampling_rate.items()},
+                    unet=type(self.pipe.unet).__name__, block_out_channels=list(self.pipe.unet.config.block_out_channels))
+        ids = dict(meta.get("id_prompts", {}))
+        for c, idx in writes.items():
+            ids[c] = [story.prompts[i].text for i in idx]
+        meta["id_prompts"] = ids
+        return meta
+
+    def _check_bank_meta(self, steps, guidance_scale, to_write, characters) -> None:
+        reading_old = [c for c in characters if c not in to_write and c in self.bank]
+        meta = self.bank.meta
+        if not reading_old or not meta:
+            return
+        if meta.get("steps") not in (None, steps):
+            raise ValueError(f"the loaded id bank of {reading_old} was recorded with {meta['steps']} steps; "
+                             f"num_inference_steps={steps} must match")
+        if meta.get("cfg") is not None and meta["cfg"] != (guidance_scale > 1.0):
+            raise ValueError("the loaded id bank was recorded with%s classifier-free guidance; use a guidance_scale "
+                             "%s 1" % (("", ">") if meta["cfg"] else (" no", "<=")))
+        if meta.get("layers") not in (None, self.layers):
+            raise ValueError("the loaded id bank was recorded on other layers "
+                             f"({len(meta['layers'])} layers); use the same `layers` and model")
+
+
+# ----------------------------------------------------------------------------------------------
+# video mode
+class VideoSubjectConsistency:
+    """Frames of a long video attend to a shared subject bank with the consistent-attention op.
+
+    Where it applies: video models whose spatial self-attention runs frames as the batch axis,
+    hidden states (batch * frames, tokens, C) in a diffusers ``Attention``: AnimateDiff
+    (UNetMotionModel: ``down/up_blocks.*.attentions.*.attn1``), Stable Video Diffusion, the
+    ``UNet3DConditionModel`` family. Each frame attends to its own tokens, to a random subset
+    (`sampling_rate`) of the tokens of the other frames of its window (``|f - f'| <= window``,
+    within one CFG half), and to the subject bank. Full 3D-attention transformers (Wan,
+    CogVideoX) already attend across all frames and use their own processors; this helper does
+    not patch them. ``layers="spatial"`` (default) selects every ``attn1`` outside temporal /
+    motion modules (whose batch axis is tokens, not frames).
+
+    Two ways to drive it:
+
+    * chunked generation (each chunk a full pipeline call with the same schedule): ``capture`` the
+      first chunk (bank entries per step), then ``attend`` while generating the others;
+      ``bank_step_key=True`` (default);
+    * FIFO-Diffusion / Ouroboros queues (one model call per shifted window, frames at different
+      noise levels): ``bank_step_key=False`` keeps one entry per layer, captured from one window
+      (e.g. the first full queue) and attended to by every later window.
+
+    Example (AnimateDiff, 16-frame chunks, CFG)::
+
+        vc = VideoSubjectConsistency(pipe.unet, frames_per_group=16, sampling_rate=0.25, window=4)
+        with vc.capture("hero"):
+            first = pipe(prompt, num_frames=16, ...)
+        with vc.attend(["hero"]):
+            nxt = pipe(prompt, num_frames=16, latents=..., ...)
+    """
+
+    def __init__(self, model: torch.nn.Module, frames_per_group: Optional[int] = None, sampling_rate: float = 0.0,
+                 window: int = -1, layers="spatial", bank_location=None, bank_step_key: bool = True, seed: int = 0,
+                 start_step: int = 0, probability: Optional[Callable[[int], float]] = None, cfg: bool = True):
+        self.bank = IdBank(bank_location)
+        self.controller = ConsistentAttentionController(
+            sampling_rate=sampling_rate, start_step=start_step, prob_early=1.0, prob_late=1.0,
+            probability=probability, window=window, bank=self.bank, seed=seed, bank_step_key=bank_step_key)
+        self.controller.num_groups = 2 if cfg else 1
+        self.frames_per_group = frames_per_group
+        self.layers = self.controller.install(model, layers)
+        self._calls = 0
+
+    @contextlib.contextmanager
+    def capture(self, subject: str = "subject", attend_to: Sequence[str] = ()):
+        """Inside: model calls write `subject`'s bank (entries replaced)."""
+        self.bank.clear(subject)
+        self._calls += 1
+        self.controller.begin_call("write", call_key=("video", self._calls), group_size=self.frames_per_group,
+                                   write_key=subject)
+        try:
+            yield self
+        finally:
+            self.controller.end_call()
+            self.bank.flush()
+
+    @contextlib.contextmanager
+    def attend(self, subjects: Sequence[str] = ("subject",)):
+        """Inside: model calls attend to the banks of `subjects` (and to sampled tokens of the
+        other frames of their window)."""
+        self._calls += 1
+        self.controller.begin_call("read", call_key=("video", self._calls), group_size=self.frames_per_group,
+                                   read_keys=list(subjects))
+        try:
+            yield self
+        finally:
+            self.controller.end_call()
+
+    def reset_step(self, step: int = -1) -> None:
+        """Set the step counter (bank_step_key=True: entry `step + 1` is used by the next model call)."""
+        self.controller.step = step
+
+    def remove(self) -> None:
+        self.controller.uninstall()
+
+
+# ----------------------------------------------------------------------------------------------
+# comic grid
+def comic_grid(images, captions: Sequence[str], columns: int = 3, panel_pad: int = 8, caption_lines: int = 3):
+    """A comic-style page: panels with a border in a grid, each with its caption underneath."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    panels = [img if isinstance(img, Image.Image) else Image.fromarray(_to_uint8(img)) for img in images]
+    if not panels:
+        raise ValueError("comic_grid needs at least one image")
+    w = max(p.width for p in panels)
+    h = max(p.height for p in panels)
+    font = ImageFont.load_default()
+    char_w = max(6, int(font.getlength("M"))) if hasattr(font, "getlength") else 6
+    line_h = 12
+    per_line = max(8, w // char_w)
+    cap_h = caption_lines * line_h + 6
+    columns = max(1, min(columns, len(panels)))
+    rows = (len(panels) + columns - 1) // columns
+    cell_w, cell_h = w + 2 * panel_pad, h + cap_h + 2 * panel_pad
+    page = Image.new("RGB", (columns * cell_w + panel_pad, rows * cell_h + panel_pad), "white")
+    draw = ImageDraw.Draw(page)
+    for i, (panel, cap) in enumerate(zip(panels, captions)):
+        r, c = divmod(i, columns)
+        x, y = panel_pad + c * cell_w, panel_pad + r * cell_h
+        page.paste(panel.convert("RGB"), (x, y))
+        draw.rectangle([x - 2, y - 2, x + panel.width + 1, y + panel.height + 1], outline="black", width=2)
+        words, lines, cur = str(cap).split(), [], ""
+        for word in words:
+            if len(cur) + len(word) + 1 > per_line and cur:
+                lines.append(cur)
+                cur = word
+            else:
+                cur = f"{cur} {word}".strip()
+        if cur:
+            lines.append(cur)
+        if len(lines) > caption_lines:
+            lines = lines[:caption_lines]
+            lines[-1] = lines[-1][: max(0, per_line - 3)] + "..."
+        for j, text in enumerate(lines):
+            draw.text((x, y + panel.height + 4 + j * line_h), text, fill="black", font=font)
+    return page
+
+
+def _to_uint8(img):
+    import numpy as np
+
+    arr = img.detach().float().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
+    if arr.shape[-1] == 1:
+        arr = arr.repeat(3, axis=-1)
+    return arr
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: longvideo story PROMPTS.txt
+def add_story_arguments(parser) -> None:
+    """Options of `longvideo story` (the common --model/--steps/--seed/... exist already)."""
+    parser.add_argument("story_file", help="story text file: one prompt per line, [Name] characters, [NC] none, "
+                                           "'#' comments (see `longvideo.methods.storydiffusion`)")
+    parser.add_argument("--story-kind", default="sd15", choices=["sd15", "sdxl"],
+                        help="pipeline family for the built-in tiny model or a single-file checkpoint")
+    parser.add_argument("--story-id-length", type=int, default=4, help="id images per character (written together)")
+    parser.add_argument("--story-sampling-rate", type=float, default=0.5)
+    parser.add_argument("--story-start-step", type=int, default=5, help="plain attention before this step")
+    parser.add_argument("--story-prob-early", type=float, default=0.7)
+    parser.add_argument("--story-prob-late", type=float, default=0.9)
+    parser.add_argument("--story-late-step", type=int, default=20)
+    parser.add_argument("--story-layers", default="up", choices=["up", "up+mid", "all"])
+    parser.add_argument("--story-bank", default=None,
+                        help="where id banks live: cuda, cpu, or a .safetensors file (default: the device)")
+    parser.add_argument("--story-save-bank", default=None, help="save the id banks here (.safetensors)")
+    parser.add_argument("--story-load-bank", default=None, help="continue a story: load id banks from this file")
+    parser.add_argument("--story-negative-prompt", default=None)
+    parser.add_argument("--story-style", default="{prompt}", help="prompt template, e.g. 'comic book, {prompt}'")
+    parser.add_argument("--story-columns", type=int, default=3, help="panels per row of the comic grid")
+
+
+def _slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:n] or "panel"
+
+
+def run_story(args) -> int:
+    """`longvideo story`: generate the story, write the panels, comic.png and story.json."""
+    import sys
+
+    from ..models import load_pipeline
+    from ..models.sd import tiny_pipeline
+
+    try:
+        story = read_story_file(args.story_file)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    dtype = {None: None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.model is None:
+        pipe = tiny_pipeline(args.story_kind, seed=args.seed, dtype=dtype or torch.float32).to(device)
+        steps = args.steps or 10
+    else:
+        dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
+        pipe = load_pipeline("sd", kind=args.story_kind, model=args.model, device=device, dtype=dtype)
+        steps = args.steps or 50
+    method = StoryDiffusion(pipe, sampling_rate=args.story_sampling_rate, start_step=args.story_start_step,
+                            prob_early=args.story_prob_early, prob_late=args.story_prob_late,
+                            late_step=args.story_late_step, layers=args.story_layers,
+                            bank_location=args.story_bank)
+    if args.story_load_bank:
+        loaded = method.load_bank(args.story_load_bank)
+        print(f"loaded id banks of {loaded} from {args.story_load_bank}")
+    try:
+        result = method.generate_story(story, id_length=args.story_id_length, num_inference_steps=steps,
+                                       guidance_scale=5.0 if args.guidance_scale is None else args.guidance_scale,
+                                       height=args.height, width=args.width, seed=args.seed,
+                                       negative_prompt=args.story_negative_prompt, style=args.story_style,
+                                       output_type="pil", progress=True)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out or "story_out")
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, (img, p) in enumerate(zip(result.images, result.prompts)):
+        f = out / f"{i:03d}_{_slug(p.caption)}.png"
+        img.save(f)
+        files.append(f.name)
+    comic_grid(result.images, [p.caption for p in result.prompts], columns=args.story_columns).save(out / "comic.png")
+    (out / "story.json").write_text(json.dumps({
+        "story_file": str(args.story_file), "model": args.model or f"tiny-{args.story_kind}", "steps": steps,
+        "seed": args.seed, "panels": [{"file": f, "prompt": p.text, "caption": p.caption,
+                                       "characters": list(p.characters), "role": r, "seed": s}
+                                      for f, p, r, s in zip(files, result.prompts, result.roles, result.seeds)],
+    }, indent=1))
+    if args.story_save_bank:
+        print(f"saved id banks to {method.save_bank(args.story_save_bank)}")
+    print(f"wrote {len(files)} panels and {out / 'comic.png'}")
+    return 0
