@@ -41,6 +41,7 @@ class Case:
     flops       floating-point work actually computed (for TFLOP/s), or None.
     bytes       minimum bytes moved (for GB/s and the roofline fraction), or None.
     setup_ms    one-off cost reported separately (e.g. FlexAttention block-mask build).
+    timing      per-case overrides of the timing loop (warmup, repeats, min_time_s).
     extra       anything else worth recording (density, ...).
     """
 
@@ -53,6 +54,7 @@ class Case:
     bytes: Optional[float] = None
     setup_ms: Optional[float] = None
     extra: dict = field(default_factory=dict)
+    timing: Optional[dict] = None  # overrides of time_fn's warmup/repeats/min_time_s (e.g. whole-video runs)
 
 
 def _sync(device: torch.device):
@@ -107,9 +109,9 @@ def _device_peaks(device: torch.device) -> dict:
 
 
 def run_case(case: Case, device: torch.device, **timing) -> dict:
-    row = {k: v for k, v in dataclasses.asdict(case).items() if k != "fn"}
+    row = {k: v for k, v in dataclasses.asdict(case).items() if k not in ("fn", "timing")}
     try:
-        row.update(time_fn(case.fn, device, **timing))
+        row.update(time_fn(case.fn, device, **{**timing, **(case.timing or {})}))
     except Exception as exc:  # recorded, not fatal: one failing peer must not lose the run
         row["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
         if device.type == "cuda":

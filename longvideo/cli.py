@@ -98,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
         if mod is None or not hasattr(mod, "add_generate_arguments"):
             p.get_default("_hook_errors")[modname] = err or "no add_generate_arguments"
             continue
-        mod.add_generate_arguments(p)
+        try:
+            mod.add_generate_arguments(p)
+        except Exception as exc:
+            p.get_default("_hook_errors")[modname] = f"{type(exc).__name__}: {exc}"
 
     for cmd, (modname, hook) in COMMANDS.items():
         p = sub.add_parser(cmd, help=f"see `longvideo {cmd} --help`")
@@ -107,7 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.set_defaults(_broken=err or f"{modname} has no add_{hook}_arguments")
             continue
         _add_common_generation(p)
-        getattr(mod, f"add_{hook}_arguments")(p)
+        try:
+            getattr(mod, f"add_{hook}_arguments")(p)
+        except Exception as exc:  # a broken hook must not break the other commands
+            p.set_defaults(_broken=f"{type(exc).__name__}: {exc}")
     return parser
 
 

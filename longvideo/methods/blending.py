@@ -1,0 +1,931 @@
+"""StreamingT2V's randomized blending: seamless chunked video-to-video refinement of a long video.
+
+StreamingT2V (Henschel et al. 2024, METHODS.md section 4) enhances a long video with a short-clip
+video-to-video model by cutting the video into overlapping chunks (24 frames, overlap 8) and
+denoising all chunks at every solver step, SDEdit-style from strength 0.6 (t = 600 of 1000):
+
+    x_T = add_noise(E(video), eps, T_strength)      eps drawn ONCE for the whole video, so the
+                                                     frames two chunks share start from one noise
+    for every solver step t:
+        for every chunk k:  y_k = model(x_t[chunk k], t)          (batched over chunks)
+        for every boundary k (chunk k-1 | chunk k), overlap o_k latent frames:
+            f_thr ~ Uniform{0, ..., o_k - 1}                       (new draw per boundary per step)
+            the overlap takes chunk k-1's value for its first f_thr frames, chunk k's for the rest
+        x_{t-1} = the stitched result
+
+Two variants of what is blended (both in the paper's code base):
+
+* ``blend="x0"`` (ModelScope branch) blends the x0 predictions and takes ONE solver step on the
+  whole video. Implementation: for every scheduler family the x0 prediction is an affine function
+  of the model output with coefficients that depend on t only, x0 = a(t) x_t + b(t) y (epsilon:
+  a = 1/sqrt(abar), b = -sqrt(1-abar)/sqrt(abar); v: a = sqrt(abar), b = -sqrt(1-abar); flow
+  matching: a = 1, b = -sigma). Because x_t is one tensor for the whole video, every chunk sees the
+  same x_t on an overlap frame, so blending the x0 predictions by frame selection is exactly
+  blending the model outputs y_k by the same selection; the blended y then goes through the
+  pipeline's own scheduler once, on the whole latent video. This works unchanged for single- and
+  multistep schedulers (DDIM, Euler, flow-matching Euler, UniPC, DPM-Solver): the multistep history
+  is that of the blended, globally consistent outputs.
+* ``blend="xt"`` (StreamingSVD branch) steps every chunk with its OWN copy of the scheduler
+  (per-chunk solver state: step index, multistep history, CogVideoX-DPM's previous x0) and blends
+  the resulting x_{t-1}. For a first-order deterministic step (DDIM eta=0, flow-matching Euler)
+  x_{t-1} is affine in y with chunk-independent coefficients, so both variants coincide; they
+  differ for multistep solvers (each chunk's history is its own) and stochastic steps.
+
+Baselines in the same object (``mode``):
+
+* ``"independent"``: every chunk is its own SDEdit run with its own noise (the noise of an overlap
+  is redrawn for the later chunk) and its own trajectory; chunks are stitched at the middle of each
+  overlap at the end.
+* ``"shared_noise"``: as independent, but the noise is the one whole-video draw (overlap frames
+  start identical, then evolve separately); stitched the same way.
+  The noise of ``"independent"`` equals that of ``"shared_noise"`` outside overlaps, so with
+  overlap 0 all three modes compute the same thing.
+
+Chunking happens in latent frames. Chunk and overlap sizes are given in video frames and
+converted by the VAE's temporal compression t (Wan, CogVideoX: t = 4 and causal, i.e. latent frame
+0 holds one video frame and every later one t frames, so a chunk of 1 + t*k frames is k + 1 latent
+frames; AnimateDiff: t = 1): ``chunk_latent = (chunk_frames - 1) // t + 1``,
+``overlap_latent = ceil(overlap_frames / t)``. The whole video is encoded once (a causal VAE needs
+1 + t*k frames: the last frame is repeated to get there and the extra frames are cut off the
+output) and decoded once. Chunks start every ``chunk - overlap`` latent frames; the last chunk is
+aligned to the end of the video (it overlaps its predecessor by more than ``overlap``), so every
+chunk has the same length (one batch) and no frame is dropped. With a causal VAE a chunk that
+starts inside the video begins with a t-frame latent where the model was trained on a one-frame
+latent: the model sees it as an ordinary frame (its temporal positions are relative).
+
+Supported pipelines: diffusers' ``WanVideoToVideoPipeline`` (and ``WanPipeline``, same
+components), ``AnimateDiffVideoToVideoPipeline`` (and ``AnimateDiffPipeline``),
+``CogVideoXVideoToVideoPipeline``. The pipeline's own ``encode_prompt``, VAE, video processor,
+scheduler class and classifier-free guidance are used; only the denoising loop is ours.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+VARIANTS = ("x0", "xt")
+MODES = ("blend", "independent", "shared_noise")
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
+# --------------------------------------------------------------------------------------------
+# Chunk layout (pure functions of the sizes; no model involved)
+# --------------------------------------------------------------------------------------------
+
+
+def latent_sizes(chunk_frames: int, overlap_frames: int, temporal_factor: int, causal: bool) -> tuple[int, int]:
+    """Chunk and overlap in latent frames for a VAE with temporal compression `temporal_factor`."""
+    if causal:
+        chunk = (chunk_frames - 1) // temporal_factor + 1
+    else:
+        chunk = max(1, chunk_frames // temporal_factor)
+    overlap = math.ceil(overlap_frames / temporal_factor)
+    return chunk, overlap
+
+
+def chunk_starts(latent_frames: int, chunk: int, overlap: int) -> list[int]:
+    """First latent frame of every chunk: stride ``chunk - overlap``, last chunk aligned to the end."""
+    if latent_frames <= chunk:
+        return [0]
+    stride = chunk - overlap
+    starts = [0]
+    while starts[-1] + chunk < latent_frames:
+        starts.append(min(starts[-1] + stride, latent_frames - chunk))
+    return starts
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """Where the chunks lie, in latent and in video frames.
+
+    num_frames      frames of the input video (= frames of the output)
+    padded_frames   frames given to the VAE (a causal VAE needs 1 + t*k)
+    latent_frames   L, frames of the latent video
+    chunk, overlap  chunk length and nominal overlap in latent frames (chunk = min(chunk, L))
+    starts          first latent frame of every chunk; chunk k covers [starts[k], starts[k] + chunk)
+    """
+
+    num_frames: int
+    padded_frames: int
+    latent_frames: int
+    temporal_factor: int
+    causal: bool
+    chunk: int
+    overlap: int
+    starts: tuple
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.starts)
+
+    def boundary_overlaps(self) -> list[int]:
+        """Actual overlap (latent frames) of chunk k-1 and chunk k, for k = 1..n-1."""
+        return [self.starts[k - 1] + self.chunk - self.starts[k] for k in range(1, self.num_chunks)]
+
+    def video_frame(self, latent_index: int) -> int:
+        """First video frame held by a latent frame."""
+        if latent_index <= 0:
+            return 0
+        return 1 + self.temporal_factor * (latent_index - 1) if self.causal else self.temporal_factor * latent_index
+
+    def seam_regions(self) -> list[tuple[int, int]]:
+        """Per boundary, the video frames [a, z) of the overlap (z = a + 1 for a zero overlap)."""
+        regions = []
+        for k, o in zip(range(1, self.num_chunks), self.boundary_overlaps()):
+            a = min(self.video_frame(self.starts[k]), self.num_frames - 1)
+            z = min(self.video_frame(self.starts[k] + o), self.num_frames)
+            regions.append((a, max(z, a + 1)))
+        return regions
+
+    def seam_transitions(self) -> list[int]:
+        """Frame transitions i (frame i-1 -> frame i) where a chunk seam can lie: every transition
+        into and inside an overlap region. Independent chunks cut in the middle of this range,
+        randomized blending anywhere inside it, so it is the fair place to measure seams."""
+        out = []
+        for a, z in self.seam_regions():
+            out.extend(i for i in range(a, z) if 1 <= i < self.num_frames)
+        return sorted(set(out))
+
+    def to_dict(self) -> dict:
+        return {"num_frames": self.num_frames, "padded_frames": self.padded_frames,
+                "latent_frames": self.latent_frames, "temporal_factor": self.temporal_factor,
+                "chunk_latent": self.chunk, "overlap_latent": self.overlap, "starts": list(self.starts),
+                "seam_regions": self.seam_regions()}
+
+
+def draw_cuts(starts: Sequence[int], chunk: int, mode: str, generator: Optional[torch.Generator]) -> list[int]:
+    """Latent frame from which chunk k supplies the video, for every chunk (cut[0] = 0).
+
+    Randomized blending: cut_k = start_k + f_thr, f_thr ~ Uniform{0..o_k-1} (o_k the actual
+    overlap), drawn from `generator`. Baselines: a fixed hard cut in the middle of the overlap.
+    """
+    cuts = [0]
+    for k in range(1, len(starts)):
+        o = starts[k - 1] + chunk - starts[k]
+        if mode == "blend":
+            f_thr = int(torch.randint(0, o, (1,), generator=generator)) if o > 0 else 0
+        else:
+            f_thr = o // 2
+        cuts.append(starts[k] + f_thr)
+    return cuts
+
+
+def stitch(chunks: torch.Tensor, starts: Sequence[int], cuts: Sequence[int], latent_frames: int) -> torch.Tensor:
+    """Compose per-chunk tensors (n, C, chunk, h, w) into one video tensor (1, C, L, h, w).
+
+    Latent frame j comes from the last chunk k with cut_k <= j (that chunk covers j: its successor
+    starts taking over at cut_{k+1} <= end of chunk k).
+    """
+    owner = torch.zeros(latent_frames, dtype=torch.long)
+    for k, c in enumerate(cuts):
+        owner[c:] = k
+    starts_t = torch.as_tensor(list(starts), dtype=torch.long)
+    local = torch.arange(latent_frames) - starts_t[owner]
+    if (local < 0).any() or (local >= chunks.shape[2]).any():  # pragma: no cover - guarded by draw_cuts
+        raise RuntimeError("internal error: a latent frame is not covered by its chunk")
+    owner, local = owner.to(chunks.device), local.to(chunks.device)
+    picked = chunks[owner, :, local]  # (L, C, h, w)
+    return picked.permute(1, 0, 2, 3).unsqueeze(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Pipeline-family adapters: everything model-specific (layouts, VAE normalisation, CFG style)
+# --------------------------------------------------------------------------------------------
+
+
+def _retrieve_latents(encoder_output, generator=None, sample_mode="sample"):
+    if hasattr(encoder_output, "latent_dist"):
+        dist = encoder_output.latent_dist
+        return dist.sample(generator) if sample_mode == "sample" else dist.mode()
+    if hasattr(encoder_output, "latents"):
+        return encoder_output.latents
+    raise AttributeError("could not access latents of the VAE encoder output")
+
+
+def _step_kwargs(scheduler, generator, eta):
+    params = set(inspect.signature(scheduler.step).parameters)
+    kw = {}
+    if "eta" in params:
+        kw["eta"] = eta
+    if "generator" in params:
+        kw["generator"] = generator
+    return kw
+
+
+class _Adapter:
+    """Model-specific pieces. Canonical latent layout inside this module: (B, C, F, h, w), float32."""
+
+    family = "?"
+    temporal_factor = 1
+    causal = False
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @property
+    def device(self):
+        return self.pipe._execution_device
+
+    # sizes ---------------------------------------------------------------------------------
+    def size_multiple(self) -> int:
+        raise NotImplementedError
+
+    def check_chunk(self, chunk_latent: int, latent_frames: int) -> None:
+        pass
+
+    # prompt / latents ------------------------------------------------------------------------
+    def encode_prompt(self, prompt, negative_prompt, cfg: bool, max_sequence_length: Optional[int]):
+        raise NotImplementedError
+
+    def preprocess(self, frames: np.ndarray, height: int, width: int) -> torch.Tensor:
+        """Video (1, 3, F, H, W) in [-1, 1] via the pipeline's video processor."""
+        return self.pipe.video_processor.preprocess_video(frames[None], height=height, width=width)
+
+    def encode(self, video: torch.Tensor, generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def draw_noise(self, shape, generator) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return randn_tensor(tuple(shape), generator=generator, device=self.device, dtype=torch.float32)
+
+    def add_noise(self, scheduler, x0, noise, t):
+        return scheduler.add_noise(x0, noise, t)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    # denoising ----------------------------------------------------------------------------------
+    def predict(self, scheduler, x: torch.Tensor, t, cond, guidance_scale: float) -> torch.Tensor:
+        """Guided model output for a batch of chunks x (n, C, l, h, w), float32."""
+        raise NotImplementedError
+
+    def new_state(self) -> dict:
+        return {}
+
+    def step(self, scheduler, y, t, x, state: dict, i: int, timesteps, extra: dict) -> torch.Tensor:
+        return scheduler.step(y, t, x, **extra, return_dict=False)[0].float()
+
+    def step_kwargs(self, scheduler, generator, eta):
+        return _step_kwargs(scheduler, generator, eta)
+
+
+def _ftfy_fallback(pipe) -> None:
+    """diffusers' Wan pipelines clean prompts with ``ftfy.fix_text`` but import ftfy only if it is
+    installed, so without it ``encode_prompt`` fails with a NameError. ftfy only repairs mis-decoded
+    unicode; where it is missing, the pipeline module gets a pass-through in its place."""
+    module = sys.modules.get(type(pipe).__module__)
+    if module is None or not hasattr(module, "prompt_clean") or hasattr(module, "ftfy"):
+        return
+    try:
+        import ftfy
+    except ImportError:
+        import types
+
+        ftfy = types.SimpleNamespace(fix_text=lambda text: text)
+    module.ftfy = ftfy
+
+
+class _WanAdapter(_Adapter):
+    """Wan 2.1 (``WanVideoToVideoPipeline``): flow matching, causal VAE (t = 4), CFG as two calls."""
+
+    family = "wan"
+    causal = True
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self.temporal_factor = int(getattr(pipe, "vae_scale_factor_temporal", 4))
+        self.spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8))
+
+    def size_multiple(self):
+        # latent patches, and the Wan pipelines' own check (multiples of 16)
+        return math.lcm(16, self.spatial * int(self.pipe.transformer.config.patch_size[1]))
+
+    def encode_prompt(self, prompt, negative_prompt, cfg, max_sequence_length):
+        _ftfy_fallback(self.pipe)
+        pos, neg = self.pipe.encode_prompt(prompt=prompt, negative_prompt=negative_prompt,
+                                           do_classifier_free_guidance=cfg, num_videos_per_prompt=1,
+                                           max_sequence_length=max_sequence_length or 512, device=self.device)
+        dtype = self.pipe.transformer.dtype
+        return pos.to(dtype), (neg.to(dtype) if neg is not None else None)
+
+    def _stats(self, dtype):
+        cfg = self.pipe.vae.config
+        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(self.device, dtype)
+        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(self.device, dtype)
+        return mean, inv_std
+
+    def encode(self, video, generator):
+        # As WanVideoToVideoPipeline.prepare_latents: the mode of the posterior, then normalised.
+        video = video.to(device=self.device, dtype=self.pipe.vae.dtype)
+        lat = _retrieve_latents(self.pipe.vae.encode(video), sample_mode="argmax").to(torch.float32)
+        mean, inv_std = self._stats(torch.float32)
+        return (lat - mean) * inv_std
+
+    def add_noise(self, scheduler, x0, noise, t):
+        if hasattr(scheduler, "add_noise"):
+            return scheduler.add_noise(x0, noise, t)
+        return scheduler.scale_noise(x0, t, noise)  # flow matching: (1 - sigma) x0 + sigma noise
+
+    def decode(self, latents):
+        vae = self.pipe.vae
+        latents = latents.to(vae.dtype)
+        mean, inv_std = self._stats(latents.dtype)
+        return vae.decode(latents / inv_std + mean, return_dict=False)[0]
+
+    def predict(self, scheduler, x, t, cond, guidance_scale):
+        pos, neg = cond
+        tr = self.pipe.transformer
+        n = x.shape[0]
+        inp = x.to(tr.dtype)
+        timestep = t.expand(n)
+        y = tr(hidden_states=inp, timestep=timestep, encoder_hidden_states=pos.expand(n, -1, -1),
+               return_dict=False)[0].float()
+        if guidance_scale > 1.0:
+            y_u = tr(hidden_states=inp, timestep=timestep, encoder_hidden_states=neg.expand(n, -1, -1),
+                     return_dict=False)[0].float()
+            y = y_u + guidance_scale * (y - y_u)
+        return y
+
+    def step_kwargs(self, scheduler, generator, eta):
+        return {}  # as the Wan pipelines: the scheduler steps without extra arguments
+
+
+class _AnimateDiffAdapter(_Adapter):
+    """AnimateDiff (``AnimateDiffVideoToVideoPipeline``): per-frame SD VAE (t = 1), UNetMotionModel,
+    DDIM-family schedulers, CFG batched as [uncond, cond] with text embeddings repeated per frame."""
+
+    family = "animatediff"
+
+    def __init__(self, pipe, decode_chunk_size: int = 16):
+        super().__init__(pipe)
+        self.decode_chunk_size = decode_chunk_size
+
+    def size_multiple(self):
+        return int(self.pipe.vae_scale_factor) * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+
+    def encode_prompt(self, prompt, negative_prompt, cfg, max_sequence_length):
+        pos, neg = self.pipe.encode_prompt(prompt, self.device, 1, cfg, negative_prompt)
+        return pos, neg
+
+    def preprocess(self, frames, height, width):
+        return super().preprocess(frames, height, width)
+
+    def encode(self, video, generator):
+        # As AnimateDiffVideoToVideoPipeline.prepare_latents: frames through the pipeline's
+        # encode_video (posterior samples, drawn from `generator`), times the scaling factor.
+        pipe = self.pipe
+        frames = video[0].permute(1, 0, 2, 3).to(device=self.device, dtype=pipe.vae.dtype)  # (F, 3, H, W)
+        upcast = bool(pipe.vae.config.force_upcast) and pipe.vae.dtype != torch.float32
+        if upcast:
+            frames = frames.float()
+            pipe.vae.to(dtype=torch.float32)
+        try:
+            if hasattr(pipe, "encode_video"):
+                lat = pipe.encode_video(frames, generator, self.decode_chunk_size)  # (F, C, h, w)
+            else:  # AnimateDiffPipeline (t2v): the same loop as the v2v pipeline's encode_video
+                lat = torch.cat([_retrieve_latents(pipe.vae.encode(frames[i:i + self.decode_chunk_size]), generator)
+                                 for i in range(0, len(frames), self.decode_chunk_size)])
+        finally:
+            if upcast:
+                pipe.vae.to(dtype=pipe.unet.dtype)
+        lat = pipe.vae.config.scaling_factor * lat.to(torch.float32)
+        return lat.permute(1, 0, 2, 3).unsqueeze(0)
+
+    def draw_noise(self, shape, generator):
+        # The pipeline draws the noise frame-major, (B, F, C, h, w): same layout here so that a
+        # single chunk reproduces the pipeline's noise exactly.
+        b, c, f, h, w = shape
+        return super().draw_noise((b, f, c, h, w), generator).permute(0, 2, 1, 3, 4)
+
+    def decode(self, latents):
+        pipe = self.pipe
+        return pipe.decode_latents(latents.to(pipe.vae.dtype), self.decode_chunk_size)
+
+    def predict(self, scheduler, x, t, cond, guidance_scale):
+        pos, neg = cond
+        unet = self.pipe.unet
+        n, _, l = x.shape[:3]
+        cfg = guidance_scale > 1.0
+        inp = torch.cat([x, x]) if cfg else x
+        inp = scheduler.scale_model_input(inp, t).to(unet.dtype)
+        emb = torch.cat([neg.expand(n, -1, -1), pos.expand(n, -1, -1)]) if cfg else pos.expand(n, -1, -1)
+        emb = emb.repeat_interleave(l, dim=0)
+        y = unet(inp, t, encoder_hidden_states=emb).sample.float()
+        if cfg:
+            y_u, y_c = y.chunk(2)
+            y = y_u + guidance_scale * (y_c - y_u)
+        return y
+
+
+class _CogVideoXAdapter(_Adapter):
+    """CogVideoX (``CogVideoXVideoToVideoPipeline``): latents (B, F, C, h, w) in the model, causal VAE
+    (t = 4), CFG batched, rotary embeddings for the chunk length, CogVideoX-DDIM or -DPM scheduler
+    (the DPM one keeps the previous x0 prediction: per-trajectory state)."""
+
+    family = "cogvideox"
+    causal = True
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        self.temporal_factor = int(pipe.vae_scale_factor_temporal)
+        self._rotary = {}
+
+    def size_multiple(self):
+        return int(self.pipe.vae_scale_factor_spatial) * int(self.pipe.transformer.config.patch_size)
+
+    def check_chunk(self, chunk_latent, latent_frames):
+        p_t = self.pipe.transformer.config.patch_size_t
+        if p_t is not None and min(chunk_latent, latent_frames) % p_t != 0:
+            raise ValueError(f"chunk_frames gives {min(chunk_latent, latent_frames)} latent frames per chunk; "
+                             f"this CogVideoX model needs a multiple of patch_size_t={p_t}")
+
+    def encode_prompt(self, prompt, negative_prompt, cfg, max_sequence_length):
+        pos, neg = self.pipe.encode_prompt(prompt, negative_prompt, cfg, num_videos_per_prompt=1,
+                                           max_sequence_length=max_sequence_length or 226, device=self.device)
+        return pos, neg
+
+    def encode(self, video, generator):
+        pipe = self.pipe
+        video = video.to(device=self.device, dtype=pipe.transformer.dtype)
+        lat = _retrieve_latents(pipe.vae.encode(video), generator).to(torch.float32)  # (1, C, F, h, w)
+        return pipe.vae_scaling_factor_image * lat
+
+    def draw_noise(self, shape, generator):
+        b, c, f, h, w = shape  # the pipeline draws (B, F, C, h, w)
+        return super().draw_noise((b, f, c, h, w), generator).permute(0, 2, 1, 3, 4)
+
+    def add_noise(self, scheduler, x0, noise, t):
+        return scheduler.add_noise(x0, noise, t) * scheduler.init_noise_sigma
+
+    def decode(self, latents):
+        return self.pipe.decode_latents(latents.permute(0, 2, 1, 3, 4).to(self.pipe.vae.dtype))
+
+    def _rotary_emb(self, height, width, frames):
+        if not self.pipe.transformer.config.use_rotary_positional_embeddings:
+            return None
+        key = (height, width, frames)
+        if key not in self._rotary:
+            self._rotary[key] = self.pipe._prepare_rotary_positional_embeddings(height, width, frames, self.device)
+        return self._rotary[key]
+
+    def predict(self, scheduler, x, t, cond, guidance_scale):
+        pos, neg = cond
+        tr = self.pipe.transformer
+        n, _, l, h, w = x.shape
+        cfg = guidance_scale > 1.0
+        xf = x.permute(0, 2, 1, 3, 4)
+        inp = torch.cat([xf, xf]) if cfg else xf
+        inp = scheduler.scale_model_input(inp, t).to(tr.dtype)
+        emb = torch.cat([neg.expand(n, -1, -1), pos.expand(n, -1, -1)]) if cfg else pos.expand(n, -1, -1)
+        s = int(self.pipe.vae_scale_factor_spatial)
+        y = tr(hidden_states=inp, encoder_hidden_states=emb.to(tr.dtype), timestep=t.expand(inp.shape[0]),
+               image_rotary_emb=self._rotary_emb(h * s, w * s, l), return_dict=False)[0].float()
+        if cfg:
+            y_u, y_c = y.chunk(2)
+            y = y_u + guidance_scale * (y_c - y_u)
+        return y.permute(0, 2, 1, 3, 4)
+
+    def step(self, scheduler, y, t, x, state, i, timesteps, extra):
+        from diffusers import CogVideoXDPMScheduler
+
+        y_f, x_f = y.permute(0, 2, 1, 3, 4), x.permute(0, 2, 1, 3, 4)
+        if isinstance(scheduler, CogVideoXDPMScheduler):
+            out, state["old_x0"] = scheduler.step(y_f, state.get("old_x0"), t, timesteps[i - 1] if i > 0 else None,
+                                                  x_f, **extra, return_dict=False)
+        else:
+            out = scheduler.step(y_f, t, x_f, **extra, return_dict=False)[0]
+        return out.float().permute(0, 2, 1, 3, 4)
+
+
+def make_adapter(pipe) -> _Adapter:
+    """The adapter for a diffusers pipeline, by its components (so t2v classes work too)."""
+    name = type(pipe).__name__
+    tr = getattr(pipe, "transformer", None)
+    if getattr(pipe, "unet", None) is not None and getattr(pipe, "motion_adapter", None) is not None \
+            or name.startswith("AnimateDiff"):
+        return _AnimateDiffAdapter(pipe)
+    if tr is not None and type(tr).__name__.startswith("Wan"):
+        return _WanAdapter(pipe)
+    if tr is not None and type(tr).__name__.startswith("CogVideoX"):
+        return _CogVideoXAdapter(pipe)
+    raise ValueError(f"pipe: unsupported pipeline {name}; supported: Wan, AnimateDiff and CogVideoX "
+                     "(video-to-video) pipelines")
+
+
+# --------------------------------------------------------------------------------------------
+# Input video
+# --------------------------------------------------------------------------------------------
+
+
+def load_frames(video) -> np.ndarray:
+    """Frames as float32 (F, H, W, 3) in [0, 1] from a path, uint8/float arrays, tensors or PIL lists."""
+    if isinstance(video, (str, os.PathLike)):
+        if not Path(video).exists():
+            raise ValueError(f"video: file not found: {video}")
+        from ..video import read_video
+
+        video = read_video(video)
+    if isinstance(video, (list, tuple)) and len(video) == 0:
+        raise ValueError("video: empty video (no frames)")
+    if isinstance(video, (list, tuple)) and hasattr(video[0], "convert"):
+        arr = np.stack([np.asarray(im.convert("RGB")) for im in video])
+    elif isinstance(video, torch.Tensor):
+        from ..video import to_uint8_frames
+
+        t = video.detach().cpu()
+        t = t if t.dtype == torch.uint8 else t.float()
+        if t.ndim == 5 and t.shape[0] == 1:
+            t = t[0]
+        if t.ndim == 4 and t.shape[0] == 0:
+            raise ValueError("video: empty video (no frames)")
+        if t.ndim != 4:
+            raise ValueError(f"video: expected a tensor (F, 3, H, W) or (F, H, W, 3), got shape {tuple(video.shape)}")
+        if t.shape[-1] == 3:
+            arr = t.numpy()
+        elif t.shape[1] == 3:
+            arr = t.permute(0, 2, 3, 1).numpy()
+        else:
+            arr = to_uint8_frames(video)
+        if arr.dtype != np.uint8 and arr.size and arr.min() < 0:  # [-1, 1] tensors
+            arr = (arr + 1) / 2
+    else:
+        arr = np.asarray(video)
+    if arr.ndim == 5 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        raise ValueError(f"video: expected frames (F, H, W, 3), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError("video: empty video (no frames)")
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    return np.clip(arr.astype(np.float32), 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# The method
+# --------------------------------------------------------------------------------------------
+
+
+def _progress(total, enabled, pipe):
+    if enabled is None:
+        return pipe.progress_bar(total=total)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="enhance")
+
+
+class RandomizedBlending:
+    """StreamingT2V's randomized blending around a diffusers video-to-video pipeline.
+
+    Args:
+        pipe: a Wan / AnimateDiff / CogVideoX (video-to-video) diffusers pipeline.
+        chunk_frames: chunk length in video frames (converted to latent frames, module docstring).
+        overlap_frames: overlap of consecutive chunks in video frames; 0 <= overlap < chunk.
+        strength: SDEdit strength in (0, 1]: the fraction of the schedule that is run (0.6 in the paper).
+        blend: "x0" (blend x0 predictions, one global solver step) or "xt" (blend x_{t-1} of per-chunk steps).
+        mode: "blend" (shared noise + randomized blending), "independent" or "shared_noise" (baselines).
+        chunk_batch: chunks per model call (None: all at once); with CFG the model batch is up to twice that.
+
+    Calling it returns the refined frames: float32 numpy (F, H, W, 3) in [0, 1] (``output_type="np"``).
+    """
+
+    def __init__(self, pipe, chunk_frames: int = 24, overlap_frames: int = 8, strength: float = 0.6,
+                 blend: str = "x0", mode: str = "blend", chunk_batch: Optional[int] = None):
+        if not isinstance(chunk_frames, int) or chunk_frames < 1:
+            raise ValueError(f"chunk_frames must be a positive int, got {chunk_frames!r}")
+        if not isinstance(overlap_frames, int) or overlap_frames < 0:
+            raise ValueError(f"overlap_frames must be a non-negative int, got {overlap_frames!r}")
+        if overlap_frames >= chunk_frames:
+            raise ValueError(f"overlap_frames ({overlap_frames}) must be smaller than chunk_frames ({chunk_frames})")
+        if not (0.0 < float(strength) <= 1.0):
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        if blend not in VARIANTS:
+            raise ValueError(f"blend must be one of {VARIANTS}, got {blend!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if chunk_batch is not None and (not isinstance(chunk_batch, int) or chunk_batch < 1):
+            raise ValueError(f"chunk_batch must be a positive int or None, got {chunk_batch!r}")
+        self.pipe = pipe
+        self.adapter = make_adapter(pipe)
+        self.chunk_frames, self.overlap_frames = chunk_frames, overlap_frames
+        self.strength, self.blend, self.mode, self.chunk_batch = float(strength), blend, mode, chunk_batch
+        self.chunk_latent, self.overlap_latent = latent_sizes(chunk_frames, overlap_frames,
+                                                              self.adapter.temporal_factor, self.adapter.causal)
+        if self.overlap_latent >= self.chunk_latent:
+            raise ValueError(f"overlap_frames={overlap_frames} is {self.overlap_latent} latent frames, not less than "
+                             f"the {self.chunk_latent} latent frames of chunk_frames={chunk_frames} "
+                             f"(temporal compression {self.adapter.temporal_factor}); use a longer chunk")
+
+    # layout ------------------------------------------------------------------------------------
+    def layout(self, num_frames: int) -> ChunkLayout:
+        """Chunk layout for a video of `num_frames` frames."""
+        if num_frames < 1:
+            raise ValueError("video: empty video (no frames)")
+        t, causal = self.adapter.temporal_factor, self.adapter.causal
+        if causal:
+            latent = (num_frames - 1 + t - 1) // t + 1
+            padded = 1 + t * (latent - 1)
+        else:
+            latent = num_frames // t if num_frames % t == 0 else num_frames // t + 1
+            padded = latent * t
+        chunk = min(self.chunk_latent, latent)
+        self.adapter.check_chunk(chunk, latent)
+        return ChunkLayout(num_frames=num_frames, padded_frames=padded, latent_frames=latent, temporal_factor=t,
+                           causal=causal, chunk=chunk, overlap=self.overlap_latent,
+                           starts=tuple(chunk_starts(latent, chunk, self.overlap_latent)))
+
+    def _size(self, frames, height, width):
+        m = self.adapter.size_multiple()
+        h = height if height is not None else frames.shape[1]
+        w = width if width is not None else frames.shape[2]
+        if height is not None and height % m or width is not None and width % m:
+            raise ValueError(f"height/width must be multiples of {m} for this pipeline, got {height}x{width}")
+        h, w = max(m, h // m * m), max(m, w // m * m)  # the input's own size, rounded down to a valid one
+        return h, w
+
+    # denoising ---------------------------------------------------------------------------------
+    def _predict_chunks(self, run: "_Run", xs: torch.Tensor, t) -> torch.Tensor:
+        """Model outputs for chunk inputs xs (n, C, l, h, w), `chunk_batch` chunks per call."""
+        n = xs.shape[0]
+        bs = self.chunk_batch or n
+        outs = []
+        for b0 in range(0, n, bs):
+            outs.append(self.adapter.predict(run.schedulers[b0], xs[b0:b0 + bs], t, run.cond, run.guidance_scale))
+            if run.bar is not None:
+                run.bar.update(1)
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def prepare(self, video, prompt: str = "", negative_prompt: Optional[str] = None, height: Optional[int] = None,
+                width: Optional[int] = None, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+                generator: Optional[torch.Generator] = None, seed: Optional[int] = None, eta: float = 0.0,
+                max_sequence_length: Optional[int] = None) -> "_Run":
+        """Everything before the first solver step: frames, prompt embeddings, timesteps, the encoded
+        video, the noise and the noisy start latents (arguments as in ``__call__``)."""
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        frames = load_frames(video)
+        lay = self.layout(frames.shape[0])
+        h, w = self._size(frames, height, width)
+        if lay.padded_frames > lay.num_frames:  # causal VAE: repeat the last frame up to 1 + t*k
+            frames = np.concatenate([frames, np.repeat(frames[-1:], lay.padded_frames - lay.num_frames, 0)])
+        ad = self.adapter
+        device = ad.device
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(0 if seed is None else int(seed))
+        cond = ad.encode_prompt(prompt, negative_prompt, guidance_scale > 1.0, max_sequence_length)
+
+        # Timesteps: the pipeline's scheduler class and config, on a private copy; the SDEdit start
+        # as in the pipelines' get_timesteps (skip the first (1 - strength) of the schedule).
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        init = min(int(num_inference_steps * self.strength), num_inference_steps)
+        t_start = max(num_inference_steps - init, 0)
+        timesteps = scheduler.timesteps[t_start * scheduler.order:]
+        if len(timesteps) == 0:
+            raise ValueError(f"strength={self.strength} with num_inference_steps={num_inference_steps} runs no step")
+        t0 = timesteps[:1]
+
+        # Encode the whole video once; one noise draw for the whole latent video.
+        x0 = ad.encode(ad.preprocess(frames, h, w), generator)
+        if x0.shape[2] != lay.latent_frames:
+            raise RuntimeError(f"VAE gave {x0.shape[2]} latent frames, expected {lay.latent_frames}")
+        noise = ad.draw_noise(x0.shape, generator)
+        # The thresholds get their own CPU generator, seeded from the seed of `generator` without
+        # consuming its stream (stochastic schedulers draw from it later, as in the pipeline).
+        blend_gen = torch.Generator(device="cpu").manual_seed((generator.initial_seed() + 0x5EA4) % 2**63)
+        n = lay.num_chunks
+        per_chunk = self.mode != "blend" or self.blend == "xt"
+        run = _Run(layout=lay, cond=cond, guidance_scale=float(guidance_scale), timesteps=timesteps,
+                   scheduler=scheduler, extra=ad.step_kwargs(scheduler, generator, eta), blend_generator=blend_gen,
+                   schedulers=[copy.deepcopy(scheduler) for _ in range(n)] if per_chunk else [scheduler] * n,
+                   states=[ad.new_state() for _ in range(n)] if per_chunk else [ad.new_state()] * n)
+        if self.mode == "blend":
+            run.x = ad.add_noise(scheduler, x0, noise, t0)
+        else:
+            noises = run.chunks_of(noise)
+            if self.mode == "independent":
+                # Redraw the noise of every overlap for the later chunk: no frame shares noise.
+                for k, o in enumerate(lay.boundary_overlaps(), start=1):
+                    if o > 0:
+                        noises[k:k + 1, :, :o] = ad.draw_noise((1, x0.shape[1], o) + tuple(x0.shape[3:]), generator)
+            run.xs = ad.add_noise(scheduler, run.chunks_of(x0), noises, t0)
+        return run
+
+    @torch.no_grad()
+    def step(self, run: "_Run", i: int) -> None:
+        """Solver step i (of ``run.timesteps``): every chunk denoised, overlaps blended (module docstring)."""
+        ad, t = self.adapter, run.timesteps[i]
+        starts, c, L, n = list(run.layout.starts), run.layout.chunk, run.layout.latent_frames, run.layout.num_chunks
+        if self.mode == "blend":
+            xs = run.chunks_of(run.x)
+            ys = self._predict_chunks(run, xs, t)
+            cuts = draw_cuts(starts, c, "blend", run.blend_generator)
+            if self.blend == "x0":
+                # blend(x0_k) = a(t) x_t + b(t) blend(y_k) for a shared x_t: blend the outputs, step once.
+                y = stitch(ys, starts, cuts, L)
+                run.x = ad.step(run.scheduler, y, t, run.x, run.states[0], i, run.timesteps, run.extra)
+            else:
+                x_prev = torch.cat([ad.step(run.schedulers[k], ys[k:k + 1], t, xs[k:k + 1], run.states[k], i,
+                                            run.timesteps, run.extra) for k in range(n)])
+                run.x = stitch(x_prev, starts, cuts, L)
+        else:
+            ys = self._predict_chunks(run, run.xs, t)
+            run.xs = torch.cat([ad.step(run.schedulers[k], ys[k:k + 1], t, run.xs[k:k + 1], run.states[k], i,
+                                        run.timesteps, run.extra) for k in range(n)])
+
+    @torch.no_grad()
+    def finish(self, run: "_Run", output_type: str = "np"):
+        """Stitch (baselines), decode once, cut the padding frames off."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        lay = run.layout
+        x = run.x if self.mode == "blend" else stitch(run.xs, lay.starts, draw_cuts(lay.starts, lay.chunk, self.mode,
+                                                                                    None), lay.latent_frames)
+        if output_type == "latent":
+            return x
+        decoded = self.adapter.decode(x)
+        vp = self.pipe.video_processor
+        if output_type == "pt":
+            return vp.postprocess_video(decoded, output_type="pt")[0][:lay.num_frames]
+        out = vp.postprocess_video(decoded, output_type="np")[0][:lay.num_frames]
+        if output_type == "pil":
+            from PIL import Image
+
+            return [Image.fromarray((np.clip(f, 0, 1) * 255).round().astype(np.uint8)) for f in out]
+        return out.astype(np.float32)
+
+    @torch.no_grad()
+    def __call__(self, video, prompt: str = "", negative_prompt: Optional[str] = None, height: Optional[int] = None,
+                 width: Optional[int] = None, num_inference_steps: int = 50, guidance_scale: float = 5.0,
+                 generator: Optional[torch.Generator] = None, seed: Optional[int] = None, eta: float = 0.0,
+                 max_sequence_length: Optional[int] = None, output_type: str = "np", progress: Optional[bool] = None):
+        """Refine `video` (path, frames (F, H, W, 3) uint8/float, tensor or PIL list).
+
+        height/width: output size (the video is resized first: the "upscale" of the enhancer);
+        default: the input's size rounded down to what the model accepts. Randomness: `generator`
+        (or `seed`) draws the VAE posterior samples (AnimateDiff, CogVideoX) and the noise, exactly
+        like the pipeline; the blend thresholds come from a CPU generator seeded from its seed, so a
+        seed reproduces the run on any device. `progress`: None follows the pipeline's progress-bar
+        setting, True/False force it. Returns the frames ((F, H, W, 3) float32 in [0, 1] for
+        output_type "np"; "pt": tensor (F, 3, H, W); "pil": list of images; "latent": (1, C, L, h, w)).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        run = self.prepare(video, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                           num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                           generator=generator, seed=seed, eta=eta, max_sequence_length=max_sequence_length)
+        n = run.layout.num_chunks
+        calls = math.ceil(n / (self.chunk_batch or n))
+        with _progress(len(run.timesteps) * calls, progress, self.pipe) as bar:
+            run.bar = bar
+            for i in range(len(run.timesteps)):
+                self.step(run, i)
+            run.bar = None
+        return self.finish(run, output_type)
+
+
+@dataclass
+class _Run:
+    """State of one enhancement between ``prepare`` and ``finish``."""
+
+    layout: ChunkLayout
+    cond: tuple
+    guidance_scale: float
+    timesteps: torch.Tensor
+    scheduler: object          # the global scheduler ("blend" + "x0")
+    extra: dict                # extra scheduler.step kwargs (eta, generator) where the pipeline passes them
+    blend_generator: torch.Generator
+    schedulers: list           # per chunk (copies), or the global one n times
+    states: list               # per-trajectory solver state the scheduler object does not keep
+    x: Optional[torch.Tensor] = None    # (1, C, L, h, w): mode "blend"
+    xs: Optional[torch.Tensor] = None   # (n, C, chunk, h, w): baselines, one trajectory per chunk
+    bar: object = None
+
+    def chunks_of(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.layout.chunk
+        return torch.cat([x[:, :, s:s + c] for s in self.layout.starts])
+
+
+# --------------------------------------------------------------------------------------------
+# CLI: longvideo enhance INPUT.mp4 --out OUT.mp4
+# --------------------------------------------------------------------------------------------
+
+FAMILIES = ("wan", "animatediff", "cogvideox")
+
+
+def add_enhance_arguments(parser) -> None:
+    """Options of `longvideo enhance` (the common ones -- --model --prompt --steps ... -- exist already)."""
+    parser.add_argument("input", help="input video file (mp4, gif, ...)")
+    parser.add_argument("--blend-family", default=None, choices=FAMILIES,
+                        help="pipeline family (default: from the checkpoint's model_index.json, else wan)")
+    parser.add_argument("--blend-chunk-frames", type=int, default=None,
+                        help="chunk length in video frames (default 24; tiny model: 9)")
+    parser.add_argument("--blend-overlap-frames", type=int, default=None,
+                        help="overlap in video frames (default 8; tiny model: 4)")
+    parser.add_argument("--blend-strength", type=float, default=0.6, help="SDEdit strength (paper: 0.6)")
+    parser.add_argument("--blend-variant", default="x0", choices=VARIANTS,
+                        help="x0: blend x0 predictions; xt: blend x_{t-1}")
+    parser.add_argument("--blend-mode", default="blend", choices=MODES,
+                        help="blend (StreamingT2V) or a baseline: independent chunks, shared noise without blending")
+    parser.add_argument("--blend-chunk-batch", type=int, default=None, help="chunks per model call (default: all)")
+    parser.add_argument("--blend-compare", action="store_true",
+                        help="also run the two baselines and report their seam metrics (videos OUT.<mode>.mp4)")
+
+
+def _family_of(model) -> str:
+    if model is None:
+        return "wan"
+    index = Path(model) / "model_index.json"
+    if index.is_file():
+        name = json.loads(index.read_text()).get("_class_name", "")
+        for fam, key in (("wan", "Wan"), ("animatediff", "AnimateDiff"), ("cogvideox", "CogVideoX")):
+            if key in name:
+                return fam
+    return "wan"
+
+
+def _load_pipe(family, model, device, dtype):
+    if family == "cogvideox":
+        if model is None:
+            raise ValueError("--model: CogVideoX has no built-in tiny model; pass a local checkpoint")
+        from diffusers import CogVideoXVideoToVideoPipeline
+
+        dt = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(dtype or "", torch.float32)
+        return CogVideoXVideoToVideoPipeline.from_pretrained(model, torch_dtype=dt, local_files_only=True).to(device)
+    from ..models import load_pipeline
+
+    return load_pipeline(family, kind="v2v", model=model, device=device, dtype=dtype)
+
+
+def run_enhance(args) -> int:
+    """`longvideo enhance INPUT --out OUT.mp4`: refine a video, write it and its seam metric JSON."""
+    if not Path(args.input).exists():
+        print(f"input video not found: {args.input}", file=sys.stderr)
+        return 2
+    try:
+        return _enhance(args)
+    except ValueError as exc:  # bad options or input: a message, not a traceback
+        print(f"longvideo enhance: {exc}", file=sys.stderr)
+        return 2
+
+
+def _enhance(args) -> int:
+    from ..video import VideoWriter
+    from .seam_metric import seam_metric
+
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    family = args.blend_family or _family_of(args.model)
+    tiny = args.model is None
+    chunk = args.blend_chunk_frames or (9 if tiny else 24)
+    overlap = args.blend_overlap_frames if args.blend_overlap_frames is not None else (4 if tiny else 8)
+    default_name = Path(args.input).stem + "_enhanced.mp4"
+    out = Path(args.out) if args.out else Path(args.input).with_name(default_name)
+    if out.is_dir() or not out.suffix:  # --out names a folder
+        out = out / default_name
+    frames = load_frames(args.input)
+    if args.num_frames:
+        frames = frames[:args.num_frames]
+    pipe = _load_pipe(family, args.model, device, args.dtype)
+    pipe.set_progress_bar_config(disable=False)
+    steps = args.steps or (10 if tiny else 50)
+    guidance = args.guidance_scale if args.guidance_scale is not None else (5.0 if family != "animatediff" else 7.5)
+    modes = [args.blend_mode] + ([m for m in MODES if m != args.blend_mode] if args.blend_compare else [])
+    report = {"input": str(args.input), "output": str(out), "family": family, "model": args.model or "tiny",
+              "chunk_frames": chunk, "overlap_frames": overlap, "strength": args.blend_strength,
+              "variant": args.blend_variant, "steps": steps, "guidance_scale": guidance, "seed": args.seed}
+    results = {}
+    for mode in modes:
+        method = RandomizedBlending(pipe, chunk_frames=chunk, overlap_frames=overlap, strength=args.blend_strength,
+                                    blend=args.blend_variant, mode=mode, chunk_batch=args.blend_chunk_batch)
+        lay = method.layout(len(frames))
+        result = method(frames, prompt=args.prompt, height=args.height, width=args.width, num_inference_steps=steps,
+                        guidance_scale=guidance, seed=args.seed, progress=True)
+        path = out if mode == args.blend_mode else out.with_suffix(f".{mode}.mp4")
+        with VideoWriter(path, fps=args.fps) as writer:
+            writer.write(result)
+        results[mode] = seam_metric(result, lay.seam_transitions()) if len(result) > 1 else None
+        print(f"[{mode}] wrote {path}")
+    report["layout"] = lay.to_dict()
+    if len(frames) > 1:  # the same seam positions, measured on the input
+        report["input_seam_metric"] = seam_metric(frames, lay.seam_transitions())
+    report["seam_metric"] = results[args.blend_mode]
+    if args.blend_compare:
+        report["seam_metric_by_mode"] = results
+    metric_path = out.with_suffix(".seams.json")
+    metric_path.write_text(json.dumps(report, indent=2))
+    print(json.dumps({m: r and {k: r[k] for k in ("boundary", "interior", "ratio", "peak_ratio", "flow_ratio")}
+                      for m, r in results.items()}, indent=2))
+    print(f"seam metric: {metric_path}")
+    return 0
