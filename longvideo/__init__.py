@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "FreeLOC": "longvideo.methods.freeloc",
     "apply_freeloc": "longvideo.methods.freeloc",
+    "probe_layers": "longvideo.methods.probe",
     "FIFODiffusion": "longvideo.methods.fifo",
     "OuroborosDiffusion": "longvideo.methods.fifo",
     "StoryDiffusion": "longvideo.methods.storydiffusion",

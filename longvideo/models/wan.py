@@ -19,7 +19,8 @@ real pipelines runs.
 The tiny pipeline records the latent length it is treated as "trained" on,
 ``pipe.longvideo_trained_latent_frames`` (= 3, i.e. 9 video frames): FreeLOC derives its
 parameters from the trained length (21 latent frames = 81 video frames for the real Wan 2.1),
-so on the tiny model it becomes active from 13 video frames on.
+so on the tiny model it becomes active from 13 video frames on. ``pipe.longvideo_freeloc_layers``
+is FreeLOC's default layer configuration for it (TSA on layers 0 and 2, VRPR on 1 and 3).
 
 ``from_pretrained(path, kind)`` loads a local diffusers Wan checkpoint folder.
 """
@@ -39,6 +40,9 @@ _LAYERS = 4
 _Z_DIM = 4
 _TEXT_MAX_LENGTH = 512    # the Wan pipelines pad prompts to max_sequence_length (default 512)
 TINY_TRAINED_LATENT_FRAMES = 3
+# FreeLOC's default layer configuration for the tiny model (a demo, not a probing result): both
+# kinds of layer, so `longvideo generate --method freeloc` exercises TSA and VRPR.
+TINY_FREELOC_LAYERS = ("tsa", "vrpr", "tsa", "vrpr")
 # Wan 2.1 / 2.2 were trained on 81-frame videos = 21 latent frames.
 WAN_TRAINED_LATENT_FRAMES = 21
 
@@ -138,6 +142,7 @@ def tiny_pipeline(kind: str = "t2v", seed: int = 0, dtype: torch.dtype = torch.f
         _cast_transformer(pipe.transformer, dtype)
         pipe.text_encoder.to(dtype=dtype)
     pipe.longvideo_trained_latent_frames = TINY_TRAINED_LATENT_FRAMES
+    pipe.longvideo_freeloc_layers = list(TINY_FREELOC_LAYERS)
     return pipe
 
 

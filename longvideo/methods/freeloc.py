@@ -1,0 +1,584 @@
+"""FreeLOC on diffusers Wan pipelines: any length, any resolution (METHODS.md section 5).
+
+FreeLOC (Westlake AGI Lab, CVPR 2026, arXiv 2603.25209) extends a video DiT beyond the length it
+was trained on, without training, with two changes to self-attention, chosen per layer:
+
+- VRPR (video relative position re-encoding) on the temporal RoPE axis: frame distances |d| < W1
+  keep their positions, W1 <= |d| < W2 are grouped by G1 and |d| >= W2 by G2 (coarser), so every
+  relative distance the model sees stays within the trained range (the far band is clipped at
+  `clip`, the largest trained position);
+- TSA (tiered sparse attention): frames closer than `local_frames` attend densely, frames closer
+  than `stripe_frames` only through a spatial stripe |p - p'| < `stripe_width`, and every query
+  attends the first frame (attention sink).
+
+"vrpr" layers get dense attention with VRPR, "tsa" layers the tiers + VRPR, "dense" layers are
+left alone. Both run in one ``torch.ops.longvideo.tiered_sparse_attention`` call per layer
+(the official code needs three FlexAttention calls merged by log-sum-exp).
+
+Usage::
+
+    pipe = longvideo.models.load_pipeline("wan", model="path/to/Wan2.1-T2V-1.3B-Diffusers")
+    with longvideo.FreeLOC(pipe) as freeloc:         # or apply_freeloc(pipe); .remove() undoes it
+        video = pipe(prompt="...", num_frames=321).frames[0]
+
+Parameters (:func:`derive_params`): the official values where they exist and one rule for every
+other length, from the model's trained length L (21 latent frames for Wan 2.1/2.2, i.e. 81 video
+frames) and the video's latent length F:
+
+- F <= L: FreeLOC is a no-op (every layer runs the original processor, original positions).
+- W1, W2: the official table, normalised by L and read as a function of r = F / L, is
+  interpolated linearly: r = 1 -> (W1, W2) = (L, L) (nothing re-encoded), r = 41/21 -> (12, 20)
+  * L/21, r = 81/21 -> (10, 14) * L/21, and held constant beyond r = 81/21. Rounded, W1 >= 1,
+  W2 >= W1.
+- G1 = 2 (official). clip = L - 1 (the largest trained position; 20 for Wan).
+- G2 = max(round(8 L / 21), G1, round((F - 1 - W2) / (clip - W2 + (W2 - W1) // G1))): the
+  official 8, grown for longer videos so that the largest far-band distance, about
+  (F-1)/G2 + W2 - W2/G2 - (W2-W1)/G1, stays near `clip` instead of being clipped wholesale.
+  At L = 21 this reproduces the official table exactly: F = 41 -> (12, 20, 2, 8), F = 81 ->
+  (10, 14, 2, 8); F = 121 (481 frames) -> (10, 14, 2, 13).
+- Tiers (frames of context, properties of the trained model, not of F): local = round(8 L / 21),
+  stripe = round(24 L / 21) (official 8 / 24 at L = 21), stripe width = 1/8 of a frame's tokens
+  (official 195 of 1560 at 832x480), sink = the first latent frame.
+
+Any explicit value (``w1=``, ``g2=``, ``local_frames=``, ``stripe_width=`` ...) overrides the
+rule. Layer configuration: :func:`load_layer_config` (JSON, see there); the default for a
+Wan2.1-1.3B-shaped transformer is the published list (TSA on 17 layers, VRPR on the others);
+other models default to VRPR on every layer until probed (``longvideo probe``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..processors.wan import MODES, TieredAttentionSettings, install, self_attention_modules
+
+# ---------------------------------------------------------------------------------------------
+# official values (METHODS.md section 5)
+WAN_TRAINED_LATENT_FRAMES = 21
+OFFICIAL_VRPR = {41: (12, 20, 2, 8), 81: (10, 14, 2, 8)}  # latent frames -> (W1, W2, G1, G2)
+OFFICIAL_CLIP = 20
+OFFICIAL_LOCAL_FRAMES = 8
+OFFICIAL_STRIPE_FRAMES = 24
+OFFICIAL_STRIPE_FRACTION = 1.0 / 8.0
+OFFICIAL_SINK_FRAMES = 1
+OFFICIAL_G1 = 2
+OFFICIAL_G2 = 8
+# Released layer configuration for Wan2.1-T2V-1.3B (30 layers): TSA (+VRPR) on these, VRPR on the rest.
+WAN21_1_3B_TSA_LAYERS = (0, 1, 4, 6, 7, 9, 10, 11, 13, 14, 15, 16, 18, 22, 23, 24, 25)
+WAN21_1_3B_SHAPE = dict(num_layers=30, num_attention_heads=12, attention_head_dim=128)
+
+# (r = F / L, W1 / L, W2 / L) anchors of the interpolation rule
+_ANCHORS = ((1.0, 1.0, 1.0), (41 / 21, 12 / 21, 20 / 21), (81 / 21, 10 / 21, 14 / 21))
+
+LAYER_CONFIG_FORMAT = "longvideo.freeloc.layers/1"
+_CONFIG_KEYS = {"format", "model", "num_layers", "layers", "default", "tsa_layers", "vrpr_layers", "dense_layers",
+                "probe", "note"}
+
+
+@dataclass(frozen=True)
+class FreeLOCParams:
+    """FreeLOC's parameters for one video length (latent frames)."""
+
+    num_frames: int          # latent frames F
+    trained_frames: int      # latent frames L the model was trained on
+    w1: int
+    w2: int
+    g1: int
+    g2: int
+    clip: int
+    local_frames: int
+    stripe_frames: int
+    stripe_fraction: float   # stripe width as a fraction of a frame's tokens
+    stripe_width: Optional[int]  # explicit width in tokens (overrides the fraction)
+    sink_frames: int
+
+    @property
+    def vrpr(self) -> tuple:
+        return (self.w1, self.w2, self.g1, self.g2, self.clip)
+
+    def stripe_tokens(self, frame_tokens: int) -> int:
+        if self.stripe_width is not None:
+            return int(self.stripe_width)
+        return max(1, int(round(frame_tokens * self.stripe_fraction)))
+
+    def settings(self, mode: str, frame_tokens: int) -> Optional[TieredAttentionSettings]:
+        """The op arguments of a layer in `mode` ("dense": None, i.e. the original processor)."""
+        if mode == "vrpr":
+            return TieredAttentionSettings(local_frames=self.num_frames, vrpr=self.vrpr)
+        if mode == "tsa":
+            return TieredAttentionSettings(local_frames=self.local_frames, stripe_frames=self.stripe_frames,
+                                           stripe_width=self.stripe_tokens(frame_tokens),
+                                           sink_frames=self.sink_frames, vrpr=self.vrpr)
+        return None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+_OVERRIDES = ("w1", "w2", "g1", "g2", "clip", "local_frames", "stripe_frames", "stripe_width", "stripe_fraction",
+              "sink_frames")
+
+
+def _check_int(name, value, minimum):
+    integral = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not integral:
+        raise ValueError(f"FreeLOC: {name} must be an integer, got {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"FreeLOC: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _interp(r: float) -> tuple[float, float]:
+    if r >= _ANCHORS[-1][0]:
+        return _ANCHORS[-1][1], _ANCHORS[-1][2]
+    for (r0, a0, b0), (r1, a1, b1) in zip(_ANCHORS, _ANCHORS[1:]):
+        if r <= r1:
+            t = (r - r0) / (r1 - r0)
+            return a0 + t * (a1 - a0), b0 + t * (b1 - b0)
+    raise AssertionError("unreachable")
+
+
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))  # half up (Python's round() is half-to-even)
+
+
+def derive_params(num_frames: int, trained_frames: int = WAN_TRAINED_LATENT_FRAMES,
+                  **overrides) -> Optional[FreeLOCParams]:
+    """FreeLOC's parameters for `num_frames` latent frames (None: no-op, F <= trained length).
+
+    The rule is the module docstring's; keyword overrides (``w1 w2 g1 g2 clip local_frames
+    stripe_frames stripe_width stripe_fraction sink_frames``) replace derived values. Raises
+    ValueError for an unknown override or an invalid value.
+    """
+    unknown = set(overrides) - set(_OVERRIDES)
+    if unknown:
+        raise ValueError(f"FreeLOC: unknown parameter(s) {sorted(unknown)}; known: {list(_OVERRIDES)}")
+    F = _check_int("num_frames", num_frames, 1)
+    L = _check_int("trained_frames", trained_frames, 1)
+    ov = {k: v for k, v in overrides.items() if v is not None}
+    if F <= L:
+        return None
+    a, b = _interp(F / L)
+    w1 = _check_int("w1", ov["w1"], 1) if "w1" in ov else max(1, _round(a * L))
+    w2 = _check_int("w2", ov["w2"], 1) if "w2" in ov else max(w1, _round(b * L))
+    if w2 < w1:
+        raise ValueError(f"FreeLOC: W1={w1} must be <= W2={w2}")
+    g1 = _check_int("g1", ov["g1"], 1) if "g1" in ov else OFFICIAL_G1
+    clip = _check_int("clip", ov["clip"], 0) if "clip" in ov else L - 1
+    if "g2" in ov:
+        g2 = _check_int("g2", ov["g2"], 1)
+    else:
+        g2 = max(_round(OFFICIAL_G2 * L / WAN_TRAINED_LATENT_FRAMES), g1)
+        room = clip - w2 + (w2 - w1) // g1
+        if room > 0:
+            g2 = max(g2, _round((F - 1 - w2) / room))
+    local = (_check_int("local_frames", ov["local_frames"], 1) if "local_frames" in ov
+             else max(1, _round(OFFICIAL_LOCAL_FRAMES * L / WAN_TRAINED_LATENT_FRAMES)))
+    stripe = (_check_int("stripe_frames", ov["stripe_frames"], 0) if "stripe_frames" in ov
+              else max(local, _round(OFFICIAL_STRIPE_FRAMES * L / WAN_TRAINED_LATENT_FRAMES)))
+    width = _check_int("stripe_width", ov["stripe_width"], 0) if "stripe_width" in ov else None
+    fraction = float(ov.get("stripe_fraction", OFFICIAL_STRIPE_FRACTION))
+    if not (0.0 < fraction <= 1.0):
+        raise ValueError(f"FreeLOC: stripe_fraction must be in (0, 1], got {fraction}")
+    sink = _check_int("sink_frames", ov["sink_frames"], 0) if "sink_frames" in ov else OFFICIAL_SINK_FRAMES
+    return FreeLOCParams(F, L, w1, w2, g1, g2, clip, local, stripe, fraction, width, sink)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer configuration
+def _transformers(pipe) -> list:
+    """The pipeline's Wan transformers (Wan 2.2 A14B has a second, low-noise expert)."""
+    found = [getattr(pipe, name, None) for name in ("transformer", "transformer_2")]
+    found = [t for t in found if t is not None]
+    if not found:
+        raise ValueError(f"{type(pipe).__name__} has no `transformer`: FreeLOC needs a Wan-family pipeline")
+    return found
+
+
+def is_wan21_1_3b(transformer) -> bool:
+    cfg = getattr(transformer, "config", None)
+    return cfg is not None and all(cfg.get(k) == v for k, v in WAN21_1_3B_SHAPE.items())
+
+
+def published_layer_config(num_layers: int = 30) -> list[str]:
+    """The released Wan2.1-1.3B configuration: TSA on WAN21_1_3B_TSA_LAYERS, VRPR elsewhere."""
+    return ["tsa" if i in WAN21_1_3B_TSA_LAYERS else "vrpr" for i in range(num_layers)]
+
+
+def _mode(value, where) -> str:
+    if not isinstance(value, str) or value.lower() not in MODES:
+        raise ValueError(f"FreeLOC layer config: {where} must be one of {MODES}, got {value!r}")
+    return value.lower()
+
+
+def _index(value, num_layers, where) -> int:
+    try:
+        i = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"FreeLOC layer config: {where} has a non-integer layer index {value!r}") from None
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"FreeLOC layer config: {where} has a non-integer layer index {value!r}")
+    if not 0 <= i < num_layers:
+        raise ValueError(f"FreeLOC layer config: layer index {i} in {where} is out of range for a model with "
+                         f"{num_layers} layers (0..{num_layers - 1})")
+    return i
+
+
+def load_layer_config(config, num_layers: int) -> list[str]:
+    """Per-layer modes ("dense" | "vrpr" | "tsa") from a configuration, validated.
+
+    `config` is one of: a path to a JSON file; the string "wan2.1-1.3b" (the published list);
+    a list of modes, one per layer; or a dict (the JSON format)::
+
+        {"format": "longvideo.freeloc.layers/1",      # optional
+         "num_layers": 30,                           # optional, checked against the model
+         "layers": ["tsa", "tsa", "vrpr", ...]        # one mode per layer, or
+         "layers": {"0": "tsa", "7": "dense"},        #   a map index -> mode (others: "default")
+         "tsa_layers": [0, 1, 4], "vrpr_layers": [...], "dense_layers": [...],  # or index lists
+         "default": "vrpr",                          # mode of unlisted layers (default "vrpr")
+         "model": "...", "probe": {...}, "note": "..."}  # informative (written by the probe)
+
+    Unknown keys, unknown modes, out-of-range or repeated layer indices and a wrong layer count
+    raise ValueError naming the offending entry.
+    """
+    if num_layers < 1:
+        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+    source = "layer config"
+    if isinstance(config, (str, os.PathLike)) and str(config).lower() in ("wan2.1-1.3b", "published"):
+        if num_layers != 30:
+            raise ValueError(f"FreeLOC layer config: the published Wan2.1-1.3B list is for 30 layers, the model has "
+                             f"{num_layers}")
+        return published_layer_config(num_layers)
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        if not path.is_file():
+            raise ValueError(f"FreeLOC layer config file not found: {path}")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"FreeLOC layer config {path} is not valid JSON: {exc}") from exc
+        source = str(path)
+    if isinstance(config, (list, tuple)):
+        config = {"layers": list(config)}
+    if not isinstance(config, dict):
+        raise ValueError(f"FreeLOC layer config must be a path, a list of modes or a dict, got {type(config).__name__}")
+    unknown = set(config) - _CONFIG_KEYS
+    if unknown:
+        raise ValueError(f"FreeLOC layer config ({source}): unknown key(s) {sorted(unknown)}; "
+                         f"known keys: {sorted(_CONFIG_KEYS)}")
+    fmt = config.get("format", LAYER_CONFIG_FORMAT)
+    if fmt != LAYER_CONFIG_FORMAT:
+        raise ValueError(f"FreeLOC layer config ({source}): format {fmt!r} is not {LAYER_CONFIG_FORMAT!r}")
+    if "num_layers" in config and config["num_layers"] != num_layers:
+        raise ValueError(f"FreeLOC layer config ({source}) is for {config['num_layers']} layers, the model has "
+                         f"{num_layers}")
+    default = _mode(config.get("default", "vrpr"), "default")
+    modes: list[Optional[str]] = [None] * num_layers
+    layers = config.get("layers")
+    lists = [k for k in ("tsa_layers", "vrpr_layers", "dense_layers") if k in config]
+    if layers is not None and lists:
+        raise ValueError(f"FreeLOC layer config ({source}): give either 'layers' or {lists}, not both")
+    if isinstance(layers, list):
+        if len(layers) != num_layers:
+            raise ValueError(f"FreeLOC layer config ({source}): 'layers' lists {len(layers)} modes, the model has "
+                             f"{num_layers} layers")
+        modes = [_mode(m, f"layers[{i}]") for i, m in enumerate(layers)]
+    elif isinstance(layers, dict):
+        for key, m in layers.items():
+            i = _index(key, num_layers, "'layers'")
+            if modes[i] is not None:
+                raise ValueError(f"FreeLOC layer config ({source}): layer {i} is given twice")
+            modes[i] = _mode(m, f"layers[{key!r}]")
+    elif layers is not None:
+        raise ValueError(f"FreeLOC layer config ({source}): 'layers' must be a list or a dict, got "
+                         f"{type(layers).__name__}")
+    for key in lists:
+        if not isinstance(config[key], (list, tuple)):
+            raise ValueError(f"FreeLOC layer config ({source}): {key!r} must be a list of layer indices")
+        for value in config[key]:
+            i = _index(value, num_layers, repr(key))
+            if modes[i] is not None:
+                raise ValueError(f"FreeLOC layer config ({source}): layer {i} is given twice")
+            modes[i] = key.split("_")[0]
+    return [m if m is not None else default for m in modes]
+
+
+def default_layer_config(transformer) -> list[str]:
+    n = len(self_attention_modules(transformer))
+    if is_wan21_1_3b(transformer):
+        return published_layer_config(n)
+    warnings.warn("FreeLOC: no published layer configuration for this model; using VRPR on every layer. "
+                  "Run `longvideo probe` (or longvideo.methods.probe.probe_layers) to choose TSA layers.",
+                  stacklevel=3)
+    return ["vrpr"] * n
+
+
+# ---------------------------------------------------------------------------------------------
+# the method
+class FreeLOC:
+    """FreeLOC installed on a Wan-family pipeline's self-attention layers.
+
+    ``FreeLOC(pipe, layer_config=None, trained_frames=None, **overrides)``: installs processors at
+    once; call the pipeline as usual (``pipe(prompt=..., num_frames=321)``); ``remove()`` (or
+    leaving a ``with`` block) restores the original processors. The parameters follow the video
+    length of each call (:func:`derive_params`); at or below the trained length nothing changes.
+
+    trained_frames: the model's trained length in latent frames (default: the pipeline's
+    ``longvideo_trained_latent_frames`` if set -- the built-in tiny model says 3 -- else 21, Wan's).
+    layer_config: see :func:`load_layer_config`; None = the pipeline's ``longvideo_freeloc_layers``
+    if set (the tiny model's), else the published list for Wan2.1-1.3B, else VRPR everywhere. overrides: ``w1 w2 g1 g2 clip local_frames stripe_frames stripe_width
+    stripe_fraction sink_frames``.
+    """
+
+    def __init__(self, pipe, layer_config=None, trained_frames: Optional[int] = None, **overrides):
+        self.pipe = pipe
+        self.transformers = _transformers(pipe)
+        if trained_frames is None:
+            trained_frames = getattr(pipe, "longvideo_trained_latent_frames", WAN_TRAINED_LATENT_FRAMES)
+        self.trained_frames = _check_int("trained_frames", trained_frames, 1)
+        # validates the override names and values once, on a length where they all apply
+        derive_params(self.trained_frames + 1, self.trained_frames, **overrides)
+        self.overrides = dict(overrides)
+        first = self.transformers[0]
+        num_layers = len(self_attention_modules(first))
+        if layer_config is None:
+            # a pipeline may name its own default (the built-in tiny model does)
+            layer_config = getattr(pipe, "longvideo_freeloc_layers", None)
+        self.layer_modes = (default_layer_config(first) if layer_config is None
+                            else load_layer_config(layer_config, num_layers))
+        self._params_cache: dict = {}
+        self._restores = []
+        self.last_params: Optional[FreeLOCParams] = None
+        try:
+            for tr in self.transformers:
+                modes = self.layer_modes
+                if len(self_attention_modules(tr)) != num_layers:
+                    raise ValueError("FreeLOC: the pipeline's transformers have different layer counts")
+                _, restore = install(tr, [None if m == "dense" else m for m in modes], self._settings)
+                self._restores.append(restore)
+        except Exception:
+            self.remove()
+            raise
+
+    # parameters -----------------------------------------------------------------------------
+    def params(self, num_latent_frames: int) -> Optional[FreeLOCParams]:
+        """The parameters used for a video of `num_latent_frames` latent frames (None: no-op)."""
+        if num_latent_frames not in self._params_cache:
+            self._params_cache[num_latent_frames] = derive_params(num_latent_frames, self.trained_frames,
+                                                                  **self.overrides)
+        return self._params_cache[num_latent_frames]
+
+    def params_for_video(self, num_video_frames: int) -> Optional[FreeLOCParams]:
+        """Same, from the number of video frames (Wan: 4k+1 frames -> k+1 latent frames)."""
+        factor = getattr(self.pipe, "vae_scale_factor_temporal", 4)
+        return self.params((int(num_video_frames) - 1) // factor + 1)
+
+    def _settings(self, mode: str, num_frames: int, frame_tokens: int):
+        p = self.params(num_frames)
+        self.last_params = p
+        return None if p is None else p.settings(mode, frame_tokens)
+
+    # lifetime -------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return bool(self._restores)
+
+    def remove(self) -> None:
+        """Restore the original attention processors (idempotent)."""
+        while self._restores:
+            self._restores.pop()()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def __call__(self, *args, **kwargs):
+        """Run the pipeline (a convenience: FreeLOC acts through the installed processors)."""
+        return self.pipe(*args, **kwargs)
+
+    def describe(self, num_video_frames: int) -> str:
+        p = self.params_for_video(num_video_frames)
+        counts = {m: self.layer_modes.count(m) for m in MODES}
+        layers = ", ".join(f"{m} x{c}" for m, c in counts.items() if c)
+        if p is None:
+            return f"FreeLOC: {num_video_frames} frames <= trained length ({self.trained_frames} latent): no-op [{layers}]"
+        return (f"FreeLOC: {p.num_frames} latent frames (trained {p.trained_frames}): VRPR W1={p.w1} W2={p.w2} "
+                f"G1={p.g1} G2={p.g2} clip={p.clip}; TSA local={p.local_frames} stripe={p.stripe_frames} "
+                f"width={'%d tokens' % p.stripe_width if p.stripe_width is not None else '1/%g frame' % (1 / p.stripe_fraction)} "
+                f"sink={p.sink_frames} [{layers}]")
+
+
+def apply_freeloc(pipe, layer_config=None, trained_frames: Optional[int] = None, **overrides) -> FreeLOC:
+    """Install FreeLOC on `pipe` and return the method object (``.remove()`` undoes it)."""
+    return FreeLOC(pipe, layer_config=layer_config, trained_frames=trained_frames, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: longvideo generate --method freeloc|direct, longvideo probe
+def add_generate_arguments(parser) -> None:
+    """FreeLOC's options of `longvideo generate` (--method freeloc; --method direct ignores them)."""
+    g = parser.add_argument_group("freeloc (--method freeloc | direct)")
+    g.add_argument("--freeloc-layers", default=None,
+                   help="layer configuration JSON (from `longvideo probe`) or 'wan2.1-1.3b'; default: the published "
+                        "list for Wan2.1-1.3B, else VRPR on every layer")
+    g.add_argument("--freeloc-trained-frames", type=int, default=None,
+                   help="the model's trained length in latent frames (default 21; tiny model 3)")
+    g.add_argument("--freeloc-vrpr", default=None, metavar="W1,W2,G1,G2,CLIP",
+                   help="explicit VRPR parameters (default: derived from the length); '-' keeps a derived value")
+    g.add_argument("--freeloc-tiers", default=None, metavar="LOCAL,STRIPE",
+                   help="TSA tiers in latent frames (default 8,24 scaled to the trained length)")
+    g.add_argument("--freeloc-stripe-width", type=int, default=None, help="stripe width in tokens (default 1/8 frame)")
+    g.add_argument("--freeloc-sink-frames", type=int, default=None, help="attention-sink frames (default 1)")
+    g.add_argument("--freeloc-negative-prompt", default=None, help="negative prompt")
+
+
+def _parse_csv(text, names, option):
+    if text is None:
+        return {}
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != len(names):
+        raise ValueError(f"{option} expects {len(names)} comma-separated values {','.join(names)}, got {text!r}")
+    out = {}
+    for name, p in zip(names, parts):
+        if p in ("", "-"):
+            continue
+        try:
+            out[name] = int(p)
+        except ValueError:
+            raise ValueError(f"{option}: {name} must be an integer, got {p!r}") from None
+    return out
+
+
+def _overrides_from_args(args) -> dict:
+    ov = _parse_csv(getattr(args, "freeloc_vrpr", None), ("w1", "w2", "g1", "g2", "clip"), "--freeloc-vrpr")
+    ov.update(_parse_csv(getattr(args, "freeloc_tiers", None), ("local_frames", "stripe_frames"), "--freeloc-tiers"))
+    if getattr(args, "freeloc_stripe_width", None) is not None:
+        ov["stripe_width"] = args.freeloc_stripe_width
+    if getattr(args, "freeloc_sink_frames", None) is not None:
+        ov["sink_frames"] = args.freeloc_sink_frames
+    return ov
+
+
+def _generation_defaults(args, tiny: bool) -> dict:
+    return dict(
+        num_frames=args.num_frames or (33 if tiny else 161),
+        height=args.height or (32 if tiny else 480),
+        width=args.width or (32 if tiny else 832),
+        steps=args.steps or (4 if tiny else 50),
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None else 5.0,
+    )
+
+
+def _load(args):
+    from ..models import load_pipeline
+
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if str(device).startswith("cuda") else "float32")
+    return load_pipeline("wan", kind="t2v", model=args.model, device=device, dtype=dtype, seed=args.seed), device
+
+
+def _output_path(out, default_name: str) -> Path:
+    path = Path(out) if out else Path(default_name)
+    if path.is_dir() or not path.suffix:
+        path = path / default_name
+    return path
+
+
+class _StepTimer:
+    """callback_on_step_end that records the wall time of every denoising step (the first step is
+    timed from the first transformer call, so text encoding is not counted)."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.times: list[float] = []
+        self._last = None
+
+    def first_call(self, module, args):
+        if self._last is None:
+            self._last = time.perf_counter()
+
+    def __call__(self, pipe, step, timestep, callback_kwargs):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times.append(now - self._last)
+        self._last = now
+        return callback_kwargs
+
+
+def run_generate(args) -> int:
+    """`longvideo generate --method freeloc|direct`: one video, written as mp4; prints time per step."""
+    try:
+        overrides = _overrides_from_args(args)
+    except ValueError as exc:
+        print(f"longvideo generate: {exc}", file=sys.stderr)
+        return 2
+    tiny = args.model is None
+    d = _generation_defaults(args, tiny)
+    pipe, device = _load(args)
+    pipe.set_progress_bar_config(disable=False)
+    method = None
+    try:
+        if args.method == "freeloc":
+            method = FreeLOC(pipe, layer_config=args.freeloc_layers, trained_frames=args.freeloc_trained_frames,
+                             **overrides)
+            print(method.describe(d["num_frames"]))
+        elif args.method != "direct":
+            print(f"longvideo generate: method {args.method!r} is not FreeLOC's", file=sys.stderr)
+            return 2
+        timer = _StepTimer(device)
+        hook = pipe.transformer.register_forward_pre_hook(timer.first_call)
+        generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        t0 = time.perf_counter()
+        try:
+            result = pipe(prompt=args.prompt, negative_prompt=getattr(args, "freeloc_negative_prompt", None),
+                          num_frames=d["num_frames"], height=d["height"], width=d["width"],
+                          num_inference_steps=d["steps"], guidance_scale=d["guidance_scale"], generator=generator,
+                          output_type="np", callback_on_step_end=timer)
+        finally:
+            hook.remove()
+        total = time.perf_counter() - t0
+    except ValueError as exc:
+        print(f"longvideo generate: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if method is not None:
+            method.remove()
+    from ..video import VideoWriter
+
+    frames = result.frames[0]
+    path = _output_path(args.out, f"{args.method}.mp4")
+    with VideoWriter(path, fps=args.fps) as writer:
+        writer.write(frames)
+    steps = timer.times
+    if steps:
+        per = ", ".join(f"{t:.3f}" for t in steps)
+        print(f"time per step (s): {per}")
+        print(f"mean {sum(steps) / len(steps):.3f} s/step over {len(steps)} steps; total {total:.2f} s "
+              f"(incl. text encoding and VAE decoding)")
+    print(f"wrote {path} ({len(frames)} frames, {frames.shape[2]}x{frames.shape[1]})")
+    return 0
+
+
+def add_probe_arguments(parser) -> None:
+    from .probe import add_probe_arguments as add
+
+    add(parser)
+
+
+def run_probe(args) -> int:
+    from .probe import run_probe as run
+
+    return run(args)

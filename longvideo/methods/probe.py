@@ -1,0 +1,227 @@
+"""FreeLOC's layer-adaptive probing (METHODS.md section 5): which layers get TSA, which VRPR.
+
+For every self-attention layer, during an ordinary run of the pipeline (a few denoising steps on
+a prompt), :func:`probe_layers` measures on the layer's attention output H (heads concatenated,
+before the output projection; dense attention at the original positions):
+
+- position sensitivity: the mean of ||H_s - H|| / ||H|| over key-position shifts s (default
+  +-20 and +-40 frames, FreeLOC's choice): H_s has every key's temporal RoPE position moved
+  by s. A layer whose output follows the temporal positions closely is hurt by positions beyond
+  the trained range and needs VRPR.
+- context sensitivity: ||H_w - H|| / ||H||, H_w with a local window of `window` frames (default:
+  FreeLOC's local tier, 8 frames scaled to the trained length). A large change means the layer
+  mixes information from far frames, i.e. its behaviour depends on how much context it sees:
+  at a longer length its attention is diluted over more frames.
+
+Both are averaged over every transformer call of the run (each step, each CFG branch). The
+layer configuration (:meth:`ProbeResult.layer_config`), following METHODS.md ("position-
+sensitive layers get VRPR, context-sensitive layers VRPR+TSA"):
+
+- "tsa" for the `tsa_fraction` of layers with the highest context sensitivity (default 17/30, the
+  share of the released Wan2.1-1.3B list), or, with `context_threshold`, for every layer at or
+  above it; ``tsa_rule="least_sensitive"`` selects the lowest instead (layers that already
+  attend locally, where the tiers change least);
+- "vrpr" for the other layers whose position sensitivity is >= `position_threshold` (default
+  0: all of them, as in the released list);
+- "dense" for the rest.
+
+The JSON written by :func:`write_layer_config` is the format ``FreeLOC(layer_config=path)``
+loads (``longvideo.methods.freeloc.load_layer_config``), with the measurements under "probe".
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..processors.wan import install_probe
+from .freeloc import (LAYER_CONFIG_FORMAT, OFFICIAL_LOCAL_FRAMES, WAN21_1_3B_TSA_LAYERS, WAN_TRAINED_LATENT_FRAMES,
+                      _check_int, _round, _transformers)
+
+DEFAULT_SHIFTS = (20.0, -20.0, 40.0, -40.0)
+DEFAULT_TSA_FRACTION = len(WAN21_1_3B_TSA_LAYERS) / 30.0
+TSA_RULES = ("most_sensitive", "least_sensitive")
+
+
+@dataclass
+class ProbeResult:
+    """Per-layer sensitivities of one probing run."""
+
+    position: list[float]
+    context: list[float]
+    shifts: list[float]
+    window: int
+    num_frames: int            # latent frames of the probing run
+    calls: int                 # transformer calls averaged over
+    model: str = ""
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.context)
+
+    def layer_config(self, tsa_fraction: Optional[float] = DEFAULT_TSA_FRACTION,
+                     context_threshold: Optional[float] = None, position_threshold: float = 0.0,
+                     tsa_rule: str = "most_sensitive") -> dict:
+        """The layer configuration dict (FreeLOC's JSON format) chosen by the module's rule."""
+        n = self.num_layers
+        if tsa_rule not in TSA_RULES:
+            raise ValueError(f"tsa_rule must be one of {TSA_RULES}, got {tsa_rule!r}")
+        sign = 1.0 if tsa_rule == "most_sensitive" else -1.0
+        if context_threshold is not None:
+            tsa = {i for i, c in enumerate(self.context) if sign * (c - float(context_threshold)) >= 0}
+            rule = f"tsa: context sensitivity {'>=' if sign > 0 else '<='} {context_threshold}"
+        else:
+            if tsa_fraction is None or not 0.0 <= float(tsa_fraction) <= 1.0:
+                raise ValueError(f"tsa_fraction must be in [0, 1], got {tsa_fraction!r}")
+            k = _round(float(tsa_fraction) * n)
+            order = sorted(range(n), key=lambda i: (-sign * self.context[i], i))
+            tsa = set(order[:k])
+            rule = f"tsa: the {k} of {n} layers with the {'highest' if sign > 0 else 'lowest'} context sensitivity"
+        layers = []
+        for i in range(n):
+            if i in tsa:
+                layers.append("tsa")
+            elif self.position[i] >= position_threshold:
+                layers.append("vrpr")
+            else:
+                layers.append("dense")
+        rule += f"; vrpr: other layers with position sensitivity >= {position_threshold}; dense: the rest"
+        return {
+            "format": LAYER_CONFIG_FORMAT,
+            "model": self.model,
+            "num_layers": n,
+            "layers": layers,
+            "probe": {
+                "position_sensitivity": self.position,
+                "context_sensitivity": self.context,
+                "shifts": self.shifts,
+                "window": self.window,
+                "num_frames": self.num_frames,
+                "calls": self.calls,
+                "rule": rule,
+                "settings": self.settings,
+            },
+        }
+
+
+def probe_layers(pipe, prompt: str = "a red panda walking through a bamboo forest, cinematic",
+                 num_frames: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None,
+                 num_inference_steps: int = 4, guidance_scale: float = 5.0, seed: int = 0,
+                 shifts: Sequence[float] = DEFAULT_SHIFTS, window: Optional[int] = None,
+                 trained_frames: Optional[int] = None, progress: bool = False) -> ProbeResult:
+    """Probe every self-attention layer of the pipeline's (first) transformer during one run.
+
+    num_frames: video frames of the probing run (default: the trained length, 81 for Wan); window:
+    local window in latent frames (default FreeLOC's local tier scaled to the trained length).
+    """
+    transformer = _transformers(pipe)[0]
+    if trained_frames is None:
+        trained_frames = getattr(pipe, "longvideo_trained_latent_frames", WAN_TRAINED_LATENT_FRAMES)
+    trained_frames = _check_int("trained_frames", trained_frames, 1)
+    factor = getattr(pipe, "vae_scale_factor_temporal", 4)
+    if num_frames is None:
+        num_frames = (trained_frames - 1) * factor + 1
+    num_frames = _check_int("num_frames", num_frames, 1)
+    if window is None:
+        window = max(1, _round(OFFICIAL_LOCAL_FRAMES * trained_frames / WAN_TRAINED_LATENT_FRAMES))
+    window = _check_int("window", window, 1)
+    kwargs = {}
+    if height is not None:
+        kwargs["height"] = height
+    if width is not None:
+        kwargs["width"] = width
+    probes, restore = install_probe(transformer, shifts, window)
+    saved = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=not progress)
+    try:
+        with torch.no_grad():
+            pipe(prompt=prompt, num_frames=num_frames, num_inference_steps=num_inference_steps,
+                 guidance_scale=guidance_scale, generator=torch.Generator("cpu").manual_seed(seed),
+                 output_type="latent", **kwargs)
+    finally:
+        restore()
+        pipe._progress_bar_config = saved
+    calls = len(probes[0].context)
+    if calls == 0:
+        raise RuntimeError("probe: the transformer was never called")
+    latent = (num_frames - 1) // factor + 1
+    name = getattr(getattr(transformer, "config", None), "_name_or_path", "") or type(transformer).__name__
+    return ProbeResult(
+        position=[sum(p.position) / max(len(p.position), 1) for p in probes],
+        context=[sum(p.context) / len(p.context) for p in probes],
+        shifts=[float(s) for s in shifts], window=window, num_frames=latent, calls=calls, model=str(name),
+        settings=dict(prompt=prompt, video_frames=num_frames, steps=num_inference_steps,
+                      guidance_scale=guidance_scale, seed=seed, trained_frames=trained_frames, **kwargs))
+
+
+def write_layer_config(path, result: ProbeResult, **rule) -> Path:
+    """Write ``result.layer_config(**rule)`` as JSON; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result.layer_config(**rule), indent=2) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: longvideo probe
+def add_probe_arguments(parser) -> None:
+    """Options of `longvideo probe` (the common --model --prompt --num-frames --steps ... exist)."""
+    g = parser.add_argument_group("probe")
+    g.add_argument("--probe-shifts", default="20,-20,40,-40",
+                   help="temporal key-position shifts for position sensitivity (frames)")
+    g.add_argument("--probe-window", type=int, default=None,
+                   help="local window (latent frames) for context sensitivity (default: local tier, 8 at L=21)")
+    g.add_argument("--probe-tsa-fraction", type=float, default=DEFAULT_TSA_FRACTION,
+                   help="share of layers that get TSA (default 17/30, as published for Wan2.1-1.3B)")
+    g.add_argument("--probe-context-threshold", type=float, default=None,
+                   help="instead of a share: TSA for layers with context sensitivity >= this")
+    g.add_argument("--probe-position-threshold", type=float, default=0.0,
+                   help="non-TSA layers with position sensitivity below this stay dense (default 0: all VRPR)")
+    g.add_argument("--probe-tsa-rule", default="most_sensitive", choices=TSA_RULES,
+                   help="TSA for the most (METHODS.md) or the least context-sensitive layers")
+    g.add_argument("--probe-trained-frames", type=int, default=None,
+                   help="the model's trained length in latent frames (default 21; tiny model 3)")
+
+
+def run_probe(args) -> int:
+    """`longvideo probe`: measure the layers, print a table, write the layer configuration JSON."""
+    from .freeloc import _load
+
+    try:
+        shifts = [float(s) for s in str(args.probe_shifts).split(",") if s.strip()]
+    except ValueError:
+        print(f"longvideo probe: --probe-shifts must be comma-separated numbers, got {args.probe_shifts!r}",
+              file=sys.stderr)
+        return 2
+    tiny = args.model is None
+    pipe, _ = _load(args)
+    try:
+        result = probe_layers(
+            pipe, prompt=args.prompt, num_frames=args.num_frames, height=args.height or (32 if tiny else None),
+            width=args.width or (32 if tiny else None), num_inference_steps=args.steps or (2 if tiny else 4),
+            guidance_scale=args.guidance_scale if args.guidance_scale is not None else 5.0, seed=args.seed,
+            shifts=shifts, window=args.probe_window, trained_frames=args.probe_trained_frames, progress=True)
+        path = Path(args.out) if args.out else Path("freeloc_layers.json")
+        if path.is_dir() or not path.suffix:
+            path = path / "freeloc_layers.json"
+        write_layer_config(path, result, tsa_fraction=args.probe_tsa_fraction,
+                           context_threshold=args.probe_context_threshold,
+                           position_threshold=args.probe_position_threshold, tsa_rule=args.probe_tsa_rule)
+    except ValueError as exc:
+        print(f"longvideo probe: {exc}", file=sys.stderr)
+        return 2
+    config = json.loads(path.read_text())
+    print(f"{'layer':>5} {'position':>10} {'context':>10}  mode")
+    for i, mode in enumerate(config["layers"]):
+        print(f"{i:>5} {result.position[i]:>10.4f} {result.context[i]:>10.4f}  {mode}")
+    print(config["probe"]["rule"])
+    print(f"wrote {path}  (use: longvideo generate --method freeloc --freeloc-layers {path})")
+    return 0
+
+
+__all__ = ["ProbeResult", "probe_layers", "write_layer_config", "add_probe_arguments", "run_probe"]
