@@ -2,7 +2,7 @@
 
 Ops (``torch.ops.longvideo.*`` and ``longvideo.ops.*``): ``lowfreq_mix``,
 ``consistent_attention``, ``tiered_sparse_attention``. Methods (imported lazily):
-``FreeLOC``, ``FIFODiffusion``, ``OuroborosDiffusion``, ``StoryDiffusion``,
+``FreeLOC``, ``FIFODiffusion``, ``StoryDiffusion``,
 ``RandomizedBlending``.
 """
 import os as _os
@@ -27,7 +27,6 @@ _LAZY = {
     "apply_freeloc": "longvideo.methods.freeloc",
     "probe_layers": "longvideo.methods.probe",
     "FIFODiffusion": "longvideo.methods.fifo",
-    "OuroborosDiffusion": "longvideo.methods.fifo",
     "StoryDiffusion": "longvideo.methods.storydiffusion",
     "VideoSubjectConsistency": "longvideo.methods.storydiffusion",
     "RandomizedBlending": "longvideo.methods.blending",

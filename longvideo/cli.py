@@ -3,7 +3,7 @@
     longvideo info                      versions, devices, which backends are available and why not
     longvideo bench [--suite S] [--quick] [--table]
                                         run benchmark suites, record JSON under benchmarks/results/
-    longvideo generate --method M ...   long video: direct | freeloc | fifo | ouroboros
+    longvideo generate --method M ...   long video: direct | freeloc | fifo
     longvideo probe ...                 FreeLOC layer probing -> layer configuration JSON
     longvideo story PROMPTS.txt ...     StoryDiffusion comic from a story file
     longvideo enhance IN.mp4 --out OUT.mp4
@@ -26,7 +26,6 @@ GENERATE_METHODS = {
     "direct": "longvideo.methods.freeloc",
     "freeloc": "longvideo.methods.freeloc",
     "fifo": "longvideo.methods.fifo",
-    "ouroboros": "longvideo.methods.fifo",
 }
 # command -> (module, hook name)
 COMMANDS = {
@@ -86,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list suites")
 
     p = sub.add_parser("generate", help="generate a long video")
-    p.add_argument("--method", default="ouroboros", choices=sorted(GENERATE_METHODS))
+    p.add_argument("--method", default="fifo", choices=sorted(GENERATE_METHODS))
     _add_common_generation(p)
     p.set_defaults(_hook_errors={})
     seen = set()

@@ -60,15 +60,19 @@ class FIFODiffusion:
         pipe: the pipeline (text encoder, transformer, VAE, scheduler are used; the scheduler only
             for its sigma schedule).
         num_partitions: n; the queue holds n * f latent frames and there are n * f noise levels.
-        frames_per_window: f, latent frames per model call (default: the trained clip length of
-            the tiny model / 21 for real Wan, i.e. 81 video frames). Must be even with lookahead.
+        frames_per_window: f, latent frames per model call (default: the model's trained clip
+            length, 21 latent frames = 81 video frames for Wan, rounded up to even with
+            lookahead). Must be even with lookahead.
         lookahead: lookahead denoising (windows every f/2, second halves written back).
     """
 
     def __init__(self, pipe, num_partitions: int = 4, frames_per_window: Optional[int] = None, lookahead: bool = True):
         if not hasattr(pipe, "transformer") or not hasattr(pipe.transformer.config, "patch_size"):
             raise ValueError("pipe: FIFODiffusion supports Wan-family pipelines (WanTransformer3DModel)")
-        f = frames_per_window or int(getattr(pipe, "longvideo_trained_latent_frames", 0) or 21)
+        f = frames_per_window
+        if f is None:  # the model's clip length, made even for lookahead's half windows
+            f = int(getattr(pipe, "longvideo_trained_latent_frames", 0) or 21)
+            f = max(2, f + (f % 2 if lookahead else 0))
         if num_partitions < 1:
             raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
         if f < 2 or (lookahead and f % 2):
@@ -224,9 +228,6 @@ def run_generate(args) -> int:
     from ..models import load_pipeline
     from ..video import VideoWriter
 
-    if args.method == "ouroboros":
-        print("ouroboros: not implemented yet (issue 6); use --method fifo")
-        return 2
     pipe = load_pipeline("wan", "t2v", model=args.model, device=args.device, dtype=args.dtype)
     fifo = FIFODiffusion(pipe, num_partitions=args.fifo_partitions, frames_per_window=args.fifo_window,
                          lookahead=not args.fifo_no_lookahead)
