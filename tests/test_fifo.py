@@ -99,3 +99,22 @@ def test_cli_writes_video(tmp_path):
     assert main(["generate", "--method", "fifo", "--num-frames", "6", "--fifo-partitions", "1", "--fifo-window", "4",
                  "--out", str(out), "--device", "cpu"]) == 0
     assert read_video(out).shape[0] == 6
+
+
+def test_coherent_tail_is_lowfreq_mix_of_second_to_last(pipe):
+    """Ouroboros part (a): the new tail is lowfreq_mix(second-to-last latent after the shift, fresh
+    noise); everything else equals FIFO, whose tail is that fresh noise itself."""
+    from longvideo.reference.lowfreq_mix import lowfreq_mix_reference
+
+    states = {}
+    for on in (False, True):
+        fifo = FIFODiffusion(pipe, num_partitions=1, frames_per_window=4, coherent_tail=on)
+        gen = fifo.generate("a cat", 8, guidance_scale=3.0, seed=5)
+        next(gen)  # first frame out: one iteration done
+        states[on] = gen.gi_frame.f_locals["state"]
+    off, on = states[False].queue, states[True].queue
+    torch.testing.assert_close(on[:, :, :-1], off[:, :, :-1], atol=0, rtol=0)
+    eta = off[:, :, -1:]
+    expected = lowfreq_mix_reference(on[:, :, -2:-1], eta, "gaussian", 0.25, 1.0, 4)
+    torch.testing.assert_close(on[:, :, -1:], expected, atol=1e-5, rtol=1e-5)
+    assert (on[:, :, -1:] - eta).abs().max() > 1e-3

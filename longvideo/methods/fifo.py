@@ -27,8 +27,8 @@ Decoding: Wan's VAE is causal with temporal compression 4. Each popped latent fr
 together with the previous one and the last 4 decoded frames are emitted (the very first popped
 latent frame gives 1 frame, as the VAE's first frame), so the output has the model's frame rate.
 
-Not yet implemented (issue 6): AnimateDiff/DDIM family, Ouroboros' tail sampling, SACFA and
-self-recurrent guidance, multi-prompt and torch.distributed windows.
+Ouroboros' coherent tail sampling is the ``coherent_tail`` option (see the class). Not yet
+implemented (issue 6): AnimateDiff/DDIM family, Ouroboros' SACFA and self-recurrent guidance, multi-prompt and torch.distributed windows.
 """
 from __future__ import annotations
 
@@ -64,9 +64,18 @@ class FIFODiffusion:
             length, 21 latent frames = 81 video frames for Wan, rounded up to even with
             lookahead). Must be even with lookahead.
         lookahead: lookahead denoising (windows every f/2, second halves written back).
+        coherent_tail: Ouroboros' coherent tail latent sampling (its part (a)): the new tail frame
+            is ``lowfreq_mix(z, eta, "gaussian", tail_d_s, tail_d_t)`` -- the low frequencies of
+            ``z`` and the high frequencies of fresh noise ``eta`` -- where ``z`` is the latent that
+            is second-to-last after the shift. Choice for flow matching: Wan's schedule ends at
+            sigma_L = 1, where re-noising by the forward relation ``(1 - s) x0 + s eps`` would give
+            pure, unrelated noise; ``z`` is taken as it is, at sigma_{L-1} (within one level of the
+            tail and of unit variance like the tail), so the tail inherits its low-frequency
+            structure (noise included), which is what makes consecutive tails coherent.
     """
 
-    def __init__(self, pipe, num_partitions: int = 4, frames_per_window: Optional[int] = None, lookahead: bool = True):
+    def __init__(self, pipe, num_partitions: int = 4, frames_per_window: Optional[int] = None, lookahead: bool = True,
+                 coherent_tail: bool = False, tail_d_s: float = 0.25, tail_d_t: float = 1.0):
         if not hasattr(pipe, "transformer") or not hasattr(pipe.transformer.config, "patch_size"):
             raise ValueError("pipe: FIFODiffusion supports Wan-family pipelines (WanTransformer3DModel)")
         f = frames_per_window
@@ -79,6 +88,9 @@ class FIFODiffusion:
             raise ValueError(f"frames_per_window must be >= 2 and even with lookahead, got {f}")
         self.pipe, self.n, self.f, self.lookahead = pipe, num_partitions, f, lookahead
         self.L = num_partitions * f
+        if coherent_tail and (tail_d_s <= 0 or tail_d_t <= 0):
+            raise ValueError("tail_d_s and tail_d_t must be > 0")
+        self.coherent_tail, self.tail_d_s, self.tail_d_t = coherent_tail, tail_d_s, tail_d_t
 
     # ------------------------------------------------------------------------------------------
     def sigmas(self, device) -> torch.Tensor:
@@ -195,6 +207,9 @@ class FIFODiffusion:
                 new = self.step(state, sig, prompt_embeds, negative_embeds, guidance_scale)
                 head = new[:, :, :1]
                 tail = torch.randn(head.shape, generator=generator).to(new)  # sigma_L = 1: pure noise
+                if self.coherent_tail:
+                    tail = torch.ops.longvideo.lowfreq_mix(new[:, :, -1:].contiguous(), tail, "gaussian",
+                                                           self.tail_d_s, self.tail_d_t, 4)
                 frames = self._decode(head, state.prev_latent)
                 context = torch.cat([state.context[:, :, 1:], head], dim=2) if self.lookahead else state.context
                 state = QueueState(queue=torch.cat([new[:, :, 1:], tail], dim=2), context=context, prev_latent=head,
@@ -219,6 +234,8 @@ def add_generate_arguments(parser) -> None:
     g.add_argument("--fifo-window", type=int, default=None, help="f: latent frames per model call")
     g.add_argument("--fifo-no-lookahead", action="store_true")
     g.add_argument("--fifo-checkpoint-every", type=int, default=0, help="save the queue state every K iterations")
+    g.add_argument("--fifo-coherent-tail", action="store_true",
+                   help="Ouroboros' coherent tail latent sampling (lowfreq_mix, gaussian d_s 0.25, d_t 1.0)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted fifo run from its checkpoint")
 
 
@@ -230,7 +247,7 @@ def run_generate(args) -> int:
 
     pipe = load_pipeline("wan", "t2v", model=args.model, device=args.device, dtype=args.dtype)
     fifo = FIFODiffusion(pipe, num_partitions=args.fifo_partitions, frames_per_window=args.fifo_window,
-                         lookahead=not args.fifo_no_lookahead)
+                         lookahead=not args.fifo_no_lookahead, coherent_tail=args.fifo_coherent_tail)
     out = Path(args.out or "out/fifo.mp4")
     num_frames = args.num_frames or 48
     ckpt_dir = out.with_suffix(".fifo_state")
