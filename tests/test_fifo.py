@@ -118,3 +118,13 @@ def test_coherent_tail_is_lowfreq_mix_of_second_to_last(pipe):
     expected = lowfreq_mix_reference(on[:, :, -2:-1], eta, "gaussian", 0.25, 1.0, 4)
     torch.testing.assert_close(on[:, :, -1:], expected, atol=1e-5, rtol=1e-5)
     assert (on[:, :, -1:] - eta).abs().max() > 1e-3
+
+
+def test_bench_quick_cases_run():
+    import torch
+
+    from longvideo.benchmarking import load_suite
+
+    for case in load_suite("fifo").cases(torch.device("cpu"), quick=True):
+        out = case.fn()
+        assert out.shape[2] == case.params["f"] * case.params["n"] and torch.isfinite(out).all()
