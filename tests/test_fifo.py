@@ -128,3 +128,32 @@ def test_bench_quick_cases_run():
     for case in load_suite("fifo").cases(torch.device("cpu"), quick=True):
         out = case.fn()
         assert out.shape[2] == case.params["f"] * case.params["n"] and torch.isfinite(out).all()
+
+
+def _rank_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        fifo = FIFODiffusion(tiny_pipeline(), num_partitions=2, frames_per_window=4)
+        assert fifo._rank_world() == (rank, world)  # the windows really are split
+        frames = list(fifo.generate("a dog", 6, guidance_scale=3.0, seed=7))
+        np.save(f"{out_dir}/rank{rank}.npy", np.stack(frames))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_equal_one_process(pipe, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:  # a free loopback port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    single = np.stack(list(FIFODiffusion(pipe, num_partitions=2, frames_per_window=4)
+                           .generate("a dog", 6, guidance_scale=3.0, seed=7)))
+    for rank in (0, 1):
+        np.testing.assert_array_equal(np.load(tmp_path / f"rank{rank}.npy"), single)

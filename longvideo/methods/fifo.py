@@ -28,7 +28,7 @@ together with the previous one and the last 4 decoded frames are emitted (the ve
 latent frame gives 1 frame, as the VAE's first frame), so the output has the model's frame rate.
 
 Ouroboros' coherent tail sampling is the ``coherent_tail`` option (see the class). Not yet
-implemented (issue 6): AnimateDiff/DDIM family, Ouroboros' SACFA and self-recurrent guidance, multi-prompt and torch.distributed windows.
+implemented (issue 6): AnimateDiff/DDIM family, Ouroboros' SACFA and self-recurrent guidance, multi-prompt.
 """
 from __future__ import annotations
 
@@ -72,10 +72,15 @@ class FIFODiffusion:
             pure, unrelated noise; ``z`` is taken as it is, at sigma_{L-1} (within one level of the
             tail and of unit variance like the tail), so the tail inherits its low-frequency
             structure (noise included), which is what makes consecutive tails coherent.
+        distributed: when torch.distributed is initialised (NCCL on GPUs, gloo on CPU), the
+            windows of an iteration are split over the ranks (window i on rank i % world) and the
+            queue is assembled with one all_reduce of the per-slot updates: every slot is written
+            by exactly one window, so the sum adds zeros to one value and every rank ends with
+            bit-identical queues, equal to a single process's. All ranks must use the same seed.
     """
 
     def __init__(self, pipe, num_partitions: int = 4, frames_per_window: Optional[int] = None, lookahead: bool = True,
-                 coherent_tail: bool = False, tail_d_s: float = 0.25, tail_d_t: float = 1.0):
+                 coherent_tail: bool = False, tail_d_s: float = 0.25, tail_d_t: float = 1.0, distributed: bool = True):
         if not hasattr(pipe, "transformer") or not hasattr(pipe.transformer.config, "patch_size"):
             raise ValueError("pipe: FIFODiffusion supports Wan-family pipelines (WanTransformer3DModel)")
         f = frames_per_window
@@ -91,6 +96,7 @@ class FIFODiffusion:
         if coherent_tail and (tail_d_s <= 0 or tail_d_t <= 0):
             raise ValueError("tail_d_s and tail_d_t must be > 0")
         self.coherent_tail, self.tail_d_s, self.tail_d_t = coherent_tail, tail_d_s, tail_d_t
+        self.distributed = distributed
 
     # ------------------------------------------------------------------------------------------
     def sigmas(self, device) -> torch.Tensor:
@@ -123,23 +129,39 @@ class FIFODiffusion:
         q, f = state.queue, self.f
         levels_in = sig[1: self.L + 1]           # slot k at sigma_{k+1}
         levels_out = sig[: self.L]               # ... moves to sigma_k
-        new = q.clone()
+        rank, world = self._rank_world()
+        delta = torch.zeros_like(q)
         if self.lookahead:
             half = f // 2
             full = torch.cat([state.context, q], dim=2)
             lv_full = torch.cat([levels_out.new_zeros(half), levels_in])
-            for s in range(0, self.L, half):    # window [s, s+f) of `full`; writes noisy slots [s, s+half)
-                win = full[:, :, s: s + f]
-                v = self._velocity(win, lv_full[s: s + f], prompt_embeds, negative_embeds, guidance_scale)
+            for i, s in enumerate(range(0, self.L, half)):  # window [s, s+f) of `full` writes slots [s, s+half)
+                if i % world != rank:
+                    continue
+                v = self._velocity(full[:, :, s: s + f], lv_full[s: s + f], prompt_embeds, negative_embeds,
+                                   guidance_scale)
                 ds = (levels_out[s: s + half] - levels_in[s: s + half]).view(1, 1, -1, 1, 1)
-                new[:, :, s: s + half] = q[:, :, s: s + half] + ds * v[:, :, half:]
+                delta[:, :, s: s + half] = ds * v[:, :, half:]
         else:
-            for s in range(0, self.L, f):
+            for i, s in enumerate(range(0, self.L, f)):
+                if i % world != rank:
+                    continue
                 v = self._velocity(q[:, :, s: s + f], levels_in[s: s + f], prompt_embeds, negative_embeds,
                                    guidance_scale)
                 ds = (levels_out[s: s + f] - levels_in[s: s + f]).view(1, 1, -1, 1, 1)
-                new[:, :, s: s + f] = q[:, :, s: s + f] + ds * v
-        return new
+                delta[:, :, s: s + f] = ds * v
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(delta)
+        return q + delta
+
+    def _rank_world(self):
+        import torch.distributed as dist
+
+        if self.distributed and dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
 
     # ------------------------------------------------------------------------------------------
     def _decode(self, latent, prev):
