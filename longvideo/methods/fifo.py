@@ -267,6 +267,15 @@ def run_generate(args) -> int:
     from ..models import load_pipeline
     from ..video import VideoWriter
 
+    rank = 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one rank per GPU (or CPU process)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank = dist.get_rank()
+        if torch.cuda.is_available():
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
     pipe = load_pipeline("wan", "t2v", model=args.model, device=args.device, dtype=args.dtype)
     fifo = FIFODiffusion(pipe, num_partitions=args.fifo_partitions, frames_per_window=args.fifo_window,
                          lookahead=not args.fifo_no_lookahead, coherent_tail=args.fifo_coherent_tail)
@@ -279,6 +288,12 @@ def run_generate(args) -> int:
     t0 = time.perf_counter()
     # On resume the frames written before the checkpoint stay in the old file; new ones go to a part file.
     target = out if start_frame == 0 else out.with_name(f"{out.stem}.from{start_frame}{out.suffix}")
+    if rank != 0:  # every rank runs the queue; rank 0 writes the video and the checkpoints
+        for _ in fifo.generate(args.prompt, num_frames, height=args.height or 32, width=args.width or 32,
+                               guidance_scale=args.guidance_scale if args.guidance_scale is not None else 5.0,
+                               seed=args.seed, checkpoint_dir=ckpt_dir, checkpoint_every=0, resume=args.resume):
+            pass
+        return 0
     with VideoWriter(target, fps=args.fps) as writer, tqdm(total=num_frames, initial=start_frame, unit="frame") as bar:
         for frame in fifo.generate(args.prompt, num_frames, height=args.height or 32, width=args.width or 32,
                                    guidance_scale=args.guidance_scale if args.guidance_scale is not None else 5.0,
