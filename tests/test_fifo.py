@@ -157,3 +157,22 @@ def test_two_gloo_ranks_equal_one_process(pipe, tmp_path):
                            .generate("a dog", 6, guidance_scale=3.0, seed=7)))
     for rank in (0, 1):
         np.testing.assert_array_equal(np.load(tmp_path / f"rank{rank}.npy"), single)
+
+
+def test_multi_prompt_switches_at_the_start_frame(pipe):
+    from longvideo.methods.fifo import PromptSchedule
+
+    sched = PromptSchedule.parse([("a cat", 0), ("a dog", 9), ("a bird", 12)], 4)
+    assert sched.latent_starts == [0, 3, 3]  # video frames 9 and 12 both fall in latent frame 3
+    sched.embeds = ["cat", "dog", "bird"]
+    assert [sched.at(i) for i in (0, 2, 3, 10)] == ["cat", "cat", "bird", "bird"]
+    with pytest.raises(ValueError, match="start frames"):
+        PromptSchedule.parse([("a", 1)])
+    with pytest.raises(ValueError, match="pairs"):
+        PromptSchedule.parse([])
+    fifo = FIFODiffusion(pipe, num_partitions=2, frames_per_window=4)
+    single = list(fifo.generate("a cat", 8, guidance_scale=3.0, seed=2))
+    same = list(fifo.generate([("a cat", 0), ("a cat", 20)], 8, guidance_scale=3.0, seed=2))
+    other = list(fifo.generate([("a cat", 0), ("a dog", 4)], 8, guidance_scale=3.0, seed=2))
+    assert all(np.array_equal(a, b) for a, b in zip(single, same))
+    assert any(not np.array_equal(a, b) for a, b in zip(single, other))

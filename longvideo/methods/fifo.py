@@ -28,7 +28,7 @@ together with the previous one and the last 4 decoded frames are emitted (the ve
 latent frame gives 1 frame, as the VAE's first frame), so the output has the model's frame rate.
 
 Ouroboros' coherent tail sampling is the ``coherent_tail`` option (see the class). Not yet
-implemented (issue 6): AnimateDiff/DDIM family, Ouroboros' SACFA and self-recurrent guidance, multi-prompt.
+implemented (issue 6): AnimateDiff/DDIM family, Ouroboros' SACFA and self-recurrent guidance.
 """
 from __future__ import annotations
 
@@ -109,7 +109,10 @@ class FIFODiffusion:
         return s.flip(0)
 
     def _velocity(self, x, sig, prompt_embeds, negative_embeds, guidance_scale):
-        """Model velocity for a window x (1, C, F, h, w) at per-frame sigmas sig (F,)."""
+        """Model velocity for a window x (1, C, F, h, w) at per-frame sigmas sig (F,).
+
+        prompt_embeds: one tensor, or a PromptSchedule already resolved by `step` for the window.
+        """
         tr = self.pipe.transformer
         pt, ph, pw = tr.config.patch_size
         F, h, w = x.shape[2], x.shape[3] // ph, x.shape[4] // pw
@@ -138,15 +141,17 @@ class FIFODiffusion:
             for i, s in enumerate(range(0, self.L, half)):  # window [s, s+f) of `full` writes slots [s, s+half)
                 if i % world != rank:
                     continue
-                v = self._velocity(full[:, :, s: s + f], lv_full[s: s + f], prompt_embeds, negative_embeds,
-                                   guidance_scale)
+                # the window's centre is noisy slot s, i.e. latent frame iteration + s of the video
+                v = self._velocity(full[:, :, s: s + f], lv_full[s: s + f],
+                                   _embeds_at(prompt_embeds, state.iteration + s), negative_embeds, guidance_scale)
                 ds = (levels_out[s: s + half] - levels_in[s: s + half]).view(1, 1, -1, 1, 1)
                 delta[:, :, s: s + half] = ds * v[:, :, half:]
         else:
             for i, s in enumerate(range(0, self.L, f)):
                 if i % world != rank:
                     continue
-                v = self._velocity(q[:, :, s: s + f], levels_in[s: s + f], prompt_embeds, negative_embeds,
+                v = self._velocity(q[:, :, s: s + f], levels_in[s: s + f],
+                                   _embeds_at(prompt_embeds, state.iteration + s + f // 2), negative_embeds,
                                    guidance_scale)
                 ds = (levels_out[s: s + f] - levels_in[s: s + f]).view(1, 1, -1, 1, 1)
                 delta[:, :, s: s + f] = ds * v
@@ -190,11 +195,14 @@ class FIFODiffusion:
         return QueueState(queue=queue, context=clip[:, :, : f // 2].clone(), prev_latent=None, iteration=0,
                           frames_out=0, rng_state=generator.get_state())
 
-    def generate(self, prompt: str, num_frames: int, height: int = 32, width: int = 32, guidance_scale: float = 5.0,
+    def generate(self, prompt, num_frames: int, height: int = 32, width: int = 32, guidance_scale: float = 5.0,
                  negative_prompt: str = "", seed: int = 0, init_steps: Optional[int] = None,
                  checkpoint_dir=None, checkpoint_every: int = 0, resume: bool = False,
                  stop_after_iterations: Optional[int] = None) -> Iterator:
         """Yield output video frames (uint8 (H, W, 3)) as they leave the queue, `num_frames` in all.
+
+        prompt: a string, or a list of (prompt, start_video_frame) pairs (multi-prompt: a window
+        uses the prompt in force at its centre frame; the first start must be 0).
 
         checkpoint_dir/checkpoint_every: save the queue state every K iterations (atomically);
         resume: continue from the saved state (the frames already written are not produced again)
@@ -209,9 +217,15 @@ class FIFODiffusion:
         device = pipe.transformer.device
         generator = torch.Generator("cpu").manual_seed(seed)
         with torch.no_grad():
-            prompt_embeds, negative_embeds = pipe.encode_prompt(
-                prompt=prompt, negative_prompt=negative_prompt, do_classifier_free_guidance=guidance_scale > 1.0,
-                device=device)
+            schedule = PromptSchedule.parse(prompt, getattr(pipe, "vae_scale_factor_temporal", 4))
+            embeds, negative_embeds = [], None
+            for text in schedule.prompts:
+                pe, negative_embeds = pipe.encode_prompt(
+                    prompt=text, negative_prompt=negative_prompt, do_classifier_free_guidance=guidance_scale > 1.0,
+                    device=device)
+                embeds.append(pe)
+            schedule.embeds = embeds
+            prompt_embeds = embeds[0] if len(embeds) == 1 else schedule
             sig = self.sigmas(device)
             ckpt = Path(checkpoint_dir) / "fifo_state.pt" if checkpoint_dir else None
             if resume:
@@ -220,7 +234,7 @@ class FIFODiffusion:
                 state = QueueState(**torch.load(ckpt, map_location=device, weights_only=True))
                 generator.set_state(state.rng_state)
             else:
-                state = self._initial_state(prompt_embeds, negative_embeds, height, width, guidance_scale, generator,
+                state = self._initial_state(embeds[0], negative_embeds, height, width, guidance_scale, generator,
                                             sig, init_steps or max(self.f, 4))
             done = 0
             while state.frames_out < num_frames:
@@ -248,6 +262,34 @@ class FIFODiffusion:
                     os.replace(tmp, ckpt)
 
 
+class PromptSchedule:
+    """Multi-prompt: prompts with the video frame at which each starts, mapped to latent frames."""
+
+    def __init__(self, prompts, latent_starts):
+        self.prompts, self.latent_starts, self.embeds = list(prompts), list(latent_starts), None
+
+    @classmethod
+    def parse(cls, prompt, temporal_compression: int = 4) -> "PromptSchedule":
+        if isinstance(prompt, str):
+            return cls([prompt], [0])
+        pairs = list(prompt)
+        if not pairs or any(not isinstance(p, (tuple, list)) or len(p) != 2 for p in pairs):
+            raise ValueError("prompt must be a string or a non-empty list of (prompt, start_frame) pairs")
+        starts = [int(s) for _, s in pairs]
+        if starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"prompt start frames must begin at 0 and increase, got {starts}")
+        # video frame v lies in latent frame ceil(v / c) (latent 0 is video frame 0 in Wan's causal VAE)
+        return cls([t for t, _ in pairs], [-(-s // temporal_compression) for s in starts])
+
+    def at(self, latent_index: int):
+        i = max(j for j, s in enumerate(self.latent_starts) if s <= max(latent_index, 0))
+        return self.embeds[i]
+
+
+def _embeds_at(prompt_embeds, latent_index):
+    return prompt_embeds.at(latent_index) if isinstance(prompt_embeds, PromptSchedule) else prompt_embeds
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI: longvideo generate --method fifo
 def add_generate_arguments(parser) -> None:
@@ -256,6 +298,8 @@ def add_generate_arguments(parser) -> None:
     g.add_argument("--fifo-window", type=int, default=None, help="f: latent frames per model call")
     g.add_argument("--fifo-no-lookahead", action="store_true")
     g.add_argument("--fifo-checkpoint-every", type=int, default=0, help="save the queue state every K iterations")
+    g.add_argument("--fifo-prompt-schedule", default=None,
+                   help='multi-prompt: "0=a cat walking;120=a cat sleeping" (video frame = prompt; overrides --prompt)')
     g.add_argument("--fifo-coherent-tail", action="store_true",
                    help="Ouroboros' coherent tail latent sampling (lowfreq_mix, gaussian d_s 0.25, d_t 1.0)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted fifo run from its checkpoint")
@@ -281,6 +325,13 @@ def run_generate(args) -> int:
                          lookahead=not args.fifo_no_lookahead, coherent_tail=args.fifo_coherent_tail)
     out = Path(args.out or "out/fifo.mp4")
     num_frames = args.num_frames or 48
+    prompt = args.prompt
+    if args.fifo_prompt_schedule:
+        try:
+            prompt = [(text.strip(), int(start)) for start, text in
+                      (item.split("=", 1) for item in args.fifo_prompt_schedule.split(";") if item.strip())]
+        except ValueError:
+            raise SystemExit(f"--fifo-prompt-schedule: expected 'FRAME=prompt;FRAME=prompt', got {args.fifo_prompt_schedule!r}")
     ckpt_dir = out.with_suffix(".fifo_state")
     start_frame = 0
     if args.resume and (ckpt_dir / "fifo_state.pt").exists():
@@ -289,13 +340,13 @@ def run_generate(args) -> int:
     # On resume the frames written before the checkpoint stay in the old file; new ones go to a part file.
     target = out if start_frame == 0 else out.with_name(f"{out.stem}.from{start_frame}{out.suffix}")
     if rank != 0:  # every rank runs the queue; rank 0 writes the video and the checkpoints
-        for _ in fifo.generate(args.prompt, num_frames, height=args.height or 32, width=args.width or 32,
+        for _ in fifo.generate(prompt, num_frames, height=args.height or 32, width=args.width or 32,
                                guidance_scale=args.guidance_scale if args.guidance_scale is not None else 5.0,
                                seed=args.seed, checkpoint_dir=ckpt_dir, checkpoint_every=0, resume=args.resume):
             pass
         return 0
     with VideoWriter(target, fps=args.fps) as writer, tqdm(total=num_frames, initial=start_frame, unit="frame") as bar:
-        for frame in fifo.generate(args.prompt, num_frames, height=args.height or 32, width=args.width or 32,
+        for frame in fifo.generate(prompt, num_frames, height=args.height or 32, width=args.width or 32,
                                    guidance_scale=args.guidance_scale if args.guidance_scale is not None else 5.0,
                                    seed=args.seed, checkpoint_dir=ckpt_dir,
                                    checkpoint_every=args.fifo_checkpoint_every, resume=args.resume):
