@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 mkdir -p .whl
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
-for spec in diffusers==0.42.1 imageio imageio-ffmpeg pytest pytest-benchmark py-cpuinfo ninja; do
+for spec in diffusers==0.42.1 imageio imageio-ffmpeg ftfy wcwidth pytest pytest-benchmark py-cpuinfo ninja; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat -d .whl "$spec"
 done
 ls -la .whl
