@@ -1,18 +1,28 @@
-"""Benchmark suite ``fifo`` (issue 6): seconds per output frame and peak memory of FIFO-Diffusion.
+"""Benchmark suite ``fifo`` (issue 6): seconds per output frame and peak memory of FIFO / Ouroboros.
 
-One FIFO iteration (every window of the queue denoised once, the head popped, a tail pushed)
-produces one latent frame = 4 video frames on Wan. Cases, on a Wan2.1-1.3B-shaped transformer
-with random weights (bf16) at 832x480 (30x52 tokens per latent frame), f = 21 latent frames per
-window, n = 4 partitions, lookahead on, classifier-free guidance batched (text embeddings random,
-512 tokens):
-  fifo                 the plain iteration
-  fifo+coherent_tail   with Ouroboros' coherent tail sampling (lowfreq_mix on the tail)
-Seconds per video frame = iteration time / `extra["video_frames_per_iteration"]` (4). The
-queue's size does not depend on the video length (only the iteration counter grows), so one
-iteration's peak memory is the peak for 128, 256 or 512 frames alike; the issue's three lengths are
-not run separately here (to do with a full generate() once a Wan VAE of real size is built).
-The VAE decode of the popped frame is not included (no Wan VAE weights shape is built here).
-quick=True: the tiny config on CPU.
+Model: a Wan2.1-1.3B-shaped WanTransformer3DModel with random weights (bf16) at 832x480 (latent
+60x104, 30x52 = 1560 tokens per latent frame), f = 21 latent frames per window, n = 4 partitions,
+lookahead on (L = 2 n floor(f/2) = 80 levels, 8 windows per iteration), classifier-free guidance
+batched, random text embeddings of 512 tokens. One case = one FIFO iteration (every window
+denoised once, the head popped, a tail pushed), which yields one latent frame = 4 video frames on
+Wan: seconds per video frame = the case's time / ``extra["video_frames_per_iteration"]``.
+
+impl:
+  fifo                plain FIFO
+  ouroboros:tail      + coherent tail sampling (lowfreq_mix of the re-noised second-to-last latent)
+  ouroboros:sacfa     + subject maps from every cross-attention layer (on Wan, SACFA's cross-frame
+                      extension is the identity: its self-attention already spans the window)
+  ouroboros:guidance  + self-recurrent guidance (bank from window 0, window 1 guided through the
+                      model: one forward with autograd + backward)
+  ouroboros:all       all three
+Issue targets: tail + SACFA <= 1.10x fifo per output frame; guidance <= 1.6x fifo.
+
+Memory flat in video length: ``memory_{128,256,512}frames`` run the whole iteration loop for
+128, 256, 512 video frames (32, 64, 128 iterations; the VAE decode of the popped frame is not
+included: no Wan VAE of real size is built) and record the peak; it must not grow with the length.
+These cases are long on a GPU (hundreds of model calls): one repeat, no warm-up.
+
+quick=True: the tiny config on CPU (f = 4, n = 2, 32x32 latents), 8 / 16 / 32 frames for memory.
 """
 from __future__ import annotations
 
@@ -24,49 +34,108 @@ from longvideo.benchmarking import Case
 
 from .bench_freeloc import TINY, WAN_1_3B, _transformer
 
+PARTS = {
+    "fifo": None,
+    "ouroboros:tail": dict(tail_sampling=True, sacfa=False, self_recurrent_guidance=False),
+    "ouroboros:sacfa": dict(tail_sampling=False, sacfa=True, self_recurrent_guidance=False),
+    "ouroboros:guidance": dict(tail_sampling=False, sacfa=False, self_recurrent_guidance=True),
+    "ouroboros:all": dict(tail_sampling=True, sacfa=True, self_recurrent_guidance=True),
+}
 
-def _fifo(transformer, f, n, coherent_tail):
+
+def _method(transformer, f, n, parts):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from longvideo.methods.fifo import FIFODiffusion
+    from longvideo.methods.fifo import FIFODiffusion, OuroborosDiffusion
 
     pipe = types.SimpleNamespace(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
-    return FIFODiffusion(pipe, num_partitions=n, frames_per_window=f, coherent_tail=coherent_tail)
+    if parts is None:
+        return FIFODiffusion(pipe, num_partitions=n, frames_per_window=f)
+    return OuroborosDiffusion(pipe, num_partitions=n, frames_per_window=f, **parts)
 
 
-def _iteration_case(device, transformer, config, f, n, h, w, text_len, label, coherent_tail):
-    from longvideo.methods.fifo import QueueState
+def _setup(device, transformer, config, f, n, h, w, text_len, parts):
+    """The method with its processors installed, a queue state with subject maps (and a valid
+    bank, so guidance runs), the prompt schedule and a closure doing one iteration."""
+    from longvideo.methods.fifo import PromptSchedule, QueueState
 
-    fifo = _fifo(transformer, f, n, coherent_tail)
+    fifo = _method(transformer, f, n, parts)
+    fifo._install((h, w))()  # sizes the bank; every iteration installs (and removes) its own processors
     gen = torch.Generator("cpu").manual_seed(0)
     C = config["in_channels"]
+    maps = None
+    if fifo.ouro is not None and fifo.ouro.needs_processors:
+        # a subject blob in the middle of every frame: masks are non-empty, as after the first iteration
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+        maps = (1 - (yy ** 2 + xx ** 2)).clamp_min(0).expand(fifo.context_len + fifo.L, h, w).contiguous().to(device)
+    bank = None
+    if fifo.ouro is not None and fifo.ouro.self_recurrent_guidance:
+        bank = torch.randn(fifo._bank.numel, generator=gen).to(device)
+        bank[-1] = 1.0
     state = QueueState(queue=torch.randn(1, C, fifo.L, h, w, generator=gen).to(device),
-                       context=torch.randn(1, C, f // 2, h, w, generator=gen).to(device), prev_latent=None,
-                       iteration=0, frames_out=0, rng_state=gen.get_state())
-    emb = torch.randn(1, text_len, config["text_dim"], generator=gen).to(device, transformer.dtype)
+                       context=torch.randn(1, C, fifo.context_len, h, w, generator=gen).to(device),
+                       prev_latent=None, iteration=0, frames_out=0, rng_state=gen.get_state(), maps=maps, bank=bank)
+    schedule = PromptSchedule(["p"], [0])
+    schedule.embeds = [torch.randn(1, text_len, config["text_dim"], generator=gen).to(device, transformer.dtype)]
+    schedule.subject_ids = [list(range(1, 4))]
     neg = torch.randn(1, text_len, config["text_dim"], generator=gen).to(device, transformer.dtype)
-    sig = fifo.sigmas(device)
+    lv = fifo.levels(device)
+
+    def iteration(st):
+        restore = fifo._install((h, w))  # cases share one transformer: each installs its processors
+        try:
+            return _iteration(st)
+        finally:
+            restore()
+
+    def _iteration(st):
+        with torch.no_grad():
+            out = fifo.step(st, lv, schedule, neg, 5.0)
+            tail = fifo._new_tail(lv, out.queue, gen)
+            queue = torch.cat([out.queue[:, :, 1:], tail], dim=2)
+            ctx = torch.cat([st.context[:, :, 1:], out.queue[:, :, :1]], dim=2)
+            bank = st.bank
+            if out.bank_features is not None:
+                bank = fifo._bank.ema(st.bank, out.bank_features, fifo.ouro.momentum)
+        return QueueState(queue=queue, context=ctx, prev_latent=None, iteration=st.iteration + 1, frames_out=0,
+                          rng_state=st.rng_state, maps=st.maps, bank=bank)  # maps kept: masks stay non-empty
+
+    return fifo, state, iteration
+
+
+def _iteration_case(device, transformer, config, f, n, h, w, text_len, impl):
+    fifo, state, iteration = _setup(device, transformer, config, f, n, h, w, text_len, PARTS[impl])
+    tokens = f * (h // 2) * (w // 2)
+    return Case(suite="fifo", name=f"iteration_f{f}_n{n}_{w * 8}x{h * 8}", impl=impl,
+                fn=lambda: iteration(state).queue,
+                params={"f": f, "n": n, "L": fifo.L, "latent_hw": (h, w), "tokens_per_window": tokens},
+                extra={"model_calls": fifo.num_windows, "video_frames_per_iteration": 4, "cfg": True},
+                timing={"warmup": 1, "repeats": 3, "min_time_s": 0.0})
+
+
+def _memory_case(device, transformer, config, f, n, h, w, text_len, frames):
+    fifo, state, iteration = _setup(device, transformer, config, f, n, h, w, text_len, None)
+    iterations = frames // 4
 
     def run():
-        with torch.no_grad():
-            new = fifo.step(state, sig, emb, neg, 5.0)
-            tail = torch.randn_like(new[:, :, :1])
-            if coherent_tail:
-                tail = torch.ops.longvideo.lowfreq_mix(new[:, :, -1:].contiguous(), tail, "gaussian", 0.25, 1.0, 4)
-            return torch.cat([new[:, :, 1:], tail], dim=2)
+        st = state
+        for _ in range(iterations):
+            st = iteration(st)
+        return st.queue
 
-    tokens = f * h * w // 4
-    return Case(suite="fifo", name=f"iteration_f{f}_n{n}_{h * 8}x{w * 8}", impl=label, fn=run,
-                params={"f": f, "n": n, "latent_hw": (h, w), "tokens_per_window": tokens},
-                extra={"model_calls": 2 * n, "video_frames_per_iteration": 4, "video_length_independent": True},
-                timing={"warmup": 1, "repeats": 3, "min_time_s": 0.0})
+    return Case(suite="fifo", name=f"memory_{frames}frames_f{f}_n{n}_{w * 8}x{h * 8}", impl="fifo", fn=run,
+                params={"f": f, "n": n, "video_frames": frames, "iterations": iterations},
+                extra={"video_length_independent_memory_expected": True},
+                timing={"warmup": 0, "repeats": 1, "min_time_s": 0.0})
 
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     if quick:
         tr = _transformer(TINY, device, torch.float32)
-        return [_iteration_case(device, tr, TINY, 4, 2, 8, 8, 8, impl, ct)
-                for impl, ct in (("fifo", False), ("fifo+coherent_tail", True))]
+        out = [_iteration_case(device, tr, TINY, 4, 2, 8, 8, 8, impl) for impl in PARTS]
+        out += [_memory_case(device, tr, TINY, 4, 2, 8, 8, 8, frames) for frames in (8, 16, 32)]
+        return out
     tr = _transformer(WAN_1_3B, device, torch.bfloat16)
-    return [_iteration_case(device, tr, WAN_1_3B, 21, 4, 60, 104, 512, impl, ct)
-            for impl, ct in (("fifo", False), ("fifo+coherent_tail", True))]
+    out = [_iteration_case(device, tr, WAN_1_3B, 21, 4, 60, 104, 512, impl) for impl in PARTS]
+    out += [_memory_case(device, tr, WAN_1_3B, 21, 4, 60, 104, 512, frames) for frames in (128, 256, 512)]
+    return out

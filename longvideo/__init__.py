@@ -2,7 +2,7 @@
 
 Ops (``torch.ops.longvideo.*`` and ``longvideo.ops.*``): ``lowfreq_mix``,
 ``consistent_attention``, ``tiered_sparse_attention``. Methods (imported lazily):
-``FreeLOC``, ``FIFODiffusion``, ``StoryDiffusion``,
+``FreeLOC``, ``FIFODiffusion``, ``OuroborosDiffusion``, ``StoryDiffusion``,
 ``RandomizedBlending``.
 """
 import os as _os
@@ -27,6 +27,8 @@ _LAZY = {
     "apply_freeloc": "longvideo.methods.freeloc",
     "probe_layers": "longvideo.methods.probe",
     "FIFODiffusion": "longvideo.methods.fifo",
+    "OuroborosDiffusion": "longvideo.methods.fifo",
+    "OuroborosConfig": "longvideo.methods.fifo_ouroboros",
     "StoryDiffusion": "longvideo.methods.storydiffusion",
     "VideoSubjectConsistency": "longvideo.methods.storydiffusion",
     "RandomizedBlending": "longvideo.methods.blending",

@@ -3,7 +3,7 @@
     longvideo info                      versions, devices, which backends are available and why not
     longvideo bench [--suite S] [--quick] [--table]
                                         run benchmark suites, record JSON under benchmarks/results/
-    longvideo generate --method M ...   long video: direct | freeloc | fifo
+    longvideo generate --method M ...   long video: direct | freeloc | fifo | ouroboros
     longvideo probe ...                 FreeLOC layer probing -> layer configuration JSON
     longvideo story PROMPTS.txt ...     StoryDiffusion comic from a story file
     longvideo enhance IN.mp4 --out OUT.mp4
@@ -26,6 +26,7 @@ GENERATE_METHODS = {
     "direct": "longvideo.methods.freeloc",
     "freeloc": "longvideo.methods.freeloc",
     "fifo": "longvideo.methods.fifo",
+    "ouroboros": "longvideo.methods.fifo",
 }
 # command -> (module, hook name)
 COMMANDS = {

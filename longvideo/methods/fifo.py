@@ -1,37 +1,51 @@
-"""FIFO-Diffusion (Kim et al. 2024): diagonal denoising of an endless queue of latent frames.
+"""FIFO-Diffusion (Kim et al. 2024) and Ouroboros-Diffusion (Chen et al. 2025) on diffusers video pipelines.
 
-Implemented here for Wan-family pipelines (flow matching, 2-D per-token timesteps). The queue
-holds ``L = n * f`` latent frames at increasing noise levels (slot 0 cleanest). Noise levels
-are the pipeline scheduler's own flow-matching sigmas for ``L`` steps (shift included):
-``sigma_0 = 0 < sigma_1 < ... < sigma_L``, and slot ``k`` holds a latent at ``sigma_{k+1}``.
-One iteration moves every slot one level down with a flow-matching Euler step per frame,
+Diagonal denoising (METHODS.md section 1). The queue holds ``L`` latent frames at increasing noise
+levels: slot ``k`` at level ``k + 1`` (levels 0 = clean .. L = tail; the family's schedule for L
+steps, see ``fifo_models``). One iteration denoises every window of the queue once, so every slot
+moves exactly one level down, then the head (now clean) leaves the queue -- decoded and written at
+once -- and a new tail frame enters at level L. Each frame gets the model's per-frame update:
 
-    x_{sigma_k} = x_{sigma_{k+1}} + (sigma_k - sigma_{k+1}) * v(x, sigma_{k+1}),
+    flow matching (Wan):   x_{k} = x_{k+1} + (sigma_k - sigma_{k+1}) v(x, sigma_{k+1})
+    DDIM (AnimateDiff):    x_{k} = sqrt(abar_k) x0_hat + sqrt(1 - abar_k) eps(x, t_{k+1})
 
-which is exactly the scheduler-free Euler update plain sampling makes for every frame at once
-(``tests/test_fifo.py`` checks it against FlowMatchEulerDiscreteScheduler.step). The model sees
-a window of ``f`` consecutive slots with one timestep per frame (repeated over the frame's tokens:
-Wan's transformer takes a ``(B, tokens)`` timestep). After the step slot 0 is clean: it leaves
-the queue (decoded and written at once) and a pure-noise frame enters at the tail.
+with the model called on a window of f frames with one noise level per frame (Wan: per-token 2-D
+timestep; AnimateDiff: per-frame time embeddings). Classifier-free guidance runs both halves in one
+model call.
 
-Lookahead denoising (default): windows of ``f`` frames start every ``f/2`` slots over
-``[f/2 clean context frames | L noisy slots]``, and only the second half of each window is written
-back, so every frame is denoised with ``f/2`` cleaner frames before it (2n model calls per
-iteration instead of n). Classifier-free guidance runs both halves in one model call.
+Without lookahead: ``L = n f`` and n windows of f slots. Lookahead denoising (default): windows of
+f frames start every ``w = floor(f/2)`` positions over ``[c clean context frames | L slots]`` with
+``c = f - w`` and ``L = 2 n w``; each window writes back only its last w frames, so every frame is
+denoised with c cleaner frames before it (2n model calls per iteration). Even f: c = w = f/2 and
+L = n f, as in the paper; odd f (Wan's 21 latent frames) is supported the same way.
 
-Initial queue: a normally sampled clip of ``f`` latent frames (the plain pipeline), frame
-``floor(i * f / L)`` re-noised to slot ``i``'s level with fresh noise (``x = (1-s) x0 + s eps``);
-the clip's first ``f/2`` frames are the initial clean context (not emitted).
+Initial queue: a normally sampled clip of f latent frames (the plain pipeline with ``init_steps``
+steps); slot i gets clip frame ``floor(i f / L)`` re-noised to level i + 1 with fresh noise; the
+clip's first c frames are the initial clean context (not emitted).
 
-Decoding: Wan's VAE is causal with temporal compression 4. Each popped latent frame is decoded
-together with the previous one and the last 4 decoded frames are emitted (the very first popped
-latent frame gives 1 frame, as the VAE's first frame), so the output has the model's frame rate.
+Multi-prompt: ``prompt`` may be a list of ``(prompt, start_video_frame)``; a window uses the prompt in
+force at the latent frame it is centred on (video frame v lies in latent frame ceil(v / 4) on Wan,
+frame v on AnimateDiff).
 
-Ouroboros' coherent tail sampling is the ``coherent_tail`` option (see the class). Not yet
-implemented (issue 6): AnimateDiff/DDIM family, Ouroboros' SACFA and self-recurrent guidance.
+Streaming and no lost work: ``generate`` yields uint8 frames as they leave the queue (and writes them
+to ``writer`` if given); every ``checkpoint_every`` iterations the queue state (latents, context,
+iteration, frames emitted, the CPU generator's state, Ouroboros' maps and bank) is saved atomically
+with torch.save; ``resume=True`` continues from it and yields exactly the frames an uninterrupted run
+with the same seed yields after that point.
+
+Several processes: when torch.distributed is initialised (NCCL on GPUs, gloo on CPU), window i of
+an iteration runs on rank ``i % world``; the new slot values (and Ouroboros' maps and bank features)
+are assembled with ONE all_reduce of a buffer that is zero except where the rank wrote: every slot is
+written by exactly one window, so each sum adds zeros to one value and every rank ends with the same
+queue, bit for bit equal to a single process's. All ranks must use the same seed.
+
+Ouroboros-Diffusion: ``OuroborosDiffusion`` (or ``FIFODiffusion(..., ouroboros=OuroborosConfig())``)
+adds coherent tail sampling, SACFA and self-recurrent guidance (``fifo_ouroboros``; processors in
+``longvideo.processors.ouroboros``); every part off is exactly FIFO.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -40,126 +54,93 @@ from typing import Iterator, Optional
 
 import torch
 
+from .fifo_models import make_family
+from .fifo_ouroboros import (
+    OuroborosConfig,
+    SubjectBank,
+    default_feature_layers,
+    frame_features,
+    subject_token_positions,
+    subject_words_from_prompt,
+)
+
+__all__ = ["FIFODiffusion", "OuroborosDiffusion", "OuroborosConfig", "QueueState", "PromptSchedule",
+           "add_generate_arguments", "run_generate"]
+
 
 @dataclass
 class QueueState:
     """Everything needed to continue a run: saved every K iterations, loaded by resume."""
 
-    queue: torch.Tensor          # (1, C, L, h, w) noisy slots, slot k at sigma_{k+1}
-    context: torch.Tensor        # (1, C, f/2, h, w) clean frames before the head (lookahead)
-    prev_latent: Optional[torch.Tensor]  # last popped latent frame (for causal decoding)
+    queue: torch.Tensor          # (1, C, L, h, w) noisy slots, slot k at level k + 1
+    context: torch.Tensor        # (1, C, c, h, w) clean frames before the head (lookahead; c = 0 without)
+    prev_latent: Optional[torch.Tensor]  # last popped latent frame (Wan's causal decoding)
     iteration: int
     frames_out: int
     rng_state: torch.Tensor      # state of the CPU generator that draws tail noise
+    maps: Optional[torch.Tensor] = None  # Ouroboros: (c + L, h, w) subject maps of context + slots
+    bank: Optional[torch.Tensor] = None  # Ouroboros: flat subject bank (see SubjectBank)
+
+
+@dataclass
+class StepOutput:
+    queue: torch.Tensor                  # after the iteration's denoising, before the pop
+    maps: Optional[torch.Tensor] = None  # (L, h, w) new subject maps of the slots
+    bank_features: Optional[torch.Tensor] = None
 
 
 class FIFODiffusion:
-    """FIFO-Diffusion on a diffusers Wan pipeline (WanPipeline or a pipeline with its components).
+    """FIFO-Diffusion on a diffusers Wan or AnimateDiff pipeline (see the module docstring).
 
     Args:
-        pipe: the pipeline (text encoder, transformer, VAE, scheduler are used; the scheduler only
-            for its sigma schedule).
-        num_partitions: n; the queue holds n * f latent frames and there are n * f noise levels.
-        frames_per_window: f, latent frames per model call (default: the model's trained clip
-            length, 21 latent frames = 81 video frames for Wan, rounded up to even with
-            lookahead). Must be even with lookahead.
-        lookahead: lookahead denoising (windows every f/2, second halves written back).
-        coherent_tail: Ouroboros' coherent tail latent sampling (its part (a)): the new tail frame
-            is ``lowfreq_mix(z, eta, "gaussian", tail_d_s, tail_d_t)`` -- the low frequencies of
-            ``z`` and the high frequencies of fresh noise ``eta`` -- where ``z`` is the latent that
-            is second-to-last after the shift. Choice for flow matching: Wan's schedule ends at
-            sigma_L = 1, where re-noising by the forward relation ``(1 - s) x0 + s eps`` would give
-            pure, unrelated noise; ``z`` is taken as it is, at sigma_{L-1} (within one level of the
-            tail and of unit variance like the tail), so the tail inherits its low-frequency
-            structure (noise included), which is what makes consecutive tails coherent.
-        distributed: when torch.distributed is initialised (NCCL on GPUs, gloo on CPU), the
-            windows of an iteration are split over the ranks (window i on rank i % world) and the
-            queue is assembled with one all_reduce of the per-slot updates: every slot is written
-            by exactly one window, so the sum adds zeros to one value and every rank ends with
-            bit-identical queues, equal to a single process's. All ranks must use the same seed.
+        pipe: WanPipeline-like (transformer, vae, scheduler, encode_prompt) or AnimateDiffPipeline.
+        num_partitions: n.
+        frames_per_window: f, latent frames per model call (default: the model's clip length: 21 on
+            Wan 2.1, the tiny Wan's 3, 16 on AnimateDiff).
+        lookahead: lookahead denoising.
+        coherent_tail, tail_d_s, tail_d_t: shorthand for ``ouroboros=OuroborosConfig(tail_sampling=True,
+            sacfa=False, self_recurrent_guidance=False, ...)``.
+        distributed: split the windows over torch.distributed ranks when a process group exists.
+        ouroboros: OuroborosConfig, or None for plain FIFO.
     """
 
     def __init__(self, pipe, num_partitions: int = 4, frames_per_window: Optional[int] = None, lookahead: bool = True,
-                 coherent_tail: bool = False, tail_d_s: float = 0.25, tail_d_t: float = 1.0, distributed: bool = True):
-        if not hasattr(pipe, "transformer") or not hasattr(pipe.transformer.config, "patch_size"):
-            raise ValueError("pipe: FIFODiffusion supports Wan-family pipelines (WanTransformer3DModel)")
-        f = frames_per_window
-        if f is None:  # the model's clip length, made even for lookahead's half windows
-            f = int(getattr(pipe, "longvideo_trained_latent_frames", 0) or 21)
-            f = max(2, f + (f % 2 if lookahead else 0))
+                 coherent_tail: bool = False, tail_d_s: float = 0.25, tail_d_t: float = 1.0, distributed: bool = True,
+                 ouroboros: Optional[OuroborosConfig] = None):
+        self.family = make_family(pipe)
+        if frames_per_window is None:  # the model's clip length (at least 2 for lookahead's half windows)
+            f = max(self.family.default_window(), 2 if lookahead else 1)
+        else:
+            f = int(frames_per_window)
         if num_partitions < 1:
             raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
-        if f < 2 or (lookahead and f % 2):
-            raise ValueError(f"frames_per_window must be >= 2 and even with lookahead, got {f}")
+        if f < (2 if lookahead else 1):
+            raise ValueError(f"frames_per_window must be >= 2 with lookahead (>= 1 without), got {f}")
         self.pipe, self.n, self.f, self.lookahead = pipe, num_partitions, f, lookahead
-        self.L = num_partitions * f
-        if coherent_tail and (tail_d_s <= 0 or tail_d_t <= 0):
-            raise ValueError("tail_d_s and tail_d_t must be > 0")
-        self.coherent_tail, self.tail_d_s, self.tail_d_t = coherent_tail, tail_d_s, tail_d_t
+        self.stride = f // 2 if lookahead else f          # w: slots written per window
+        self.context_len = f - self.stride if lookahead else 0  # c
+        self.L = 2 * num_partitions * self.stride if lookahead else num_partitions * f
+        if coherent_tail and ouroboros is None:
+            ouroboros = OuroborosConfig(tail_sampling=True, sacfa=False, self_recurrent_guidance=False,
+                                        tail_d_s=tail_d_s, tail_d_t=tail_d_t)
+        self.ouro = ouroboros.validate() if ouroboros is not None else None
         self.distributed = distributed
+        self._ctx = None
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def num_windows(self) -> int:
+        return self.L // self.stride
+
+    def levels(self, device):
+        return self.family.levels(self.L, device)
+
     def sigmas(self, device) -> torch.Tensor:
-        """sigma_0 = 0 < ... < sigma_L: the scheduler's own schedule for L steps, ascending."""
-        sched = self.pipe.scheduler
-        sched.set_timesteps(self.L, device=device)
-        s = sched.sigmas.to(device=device, dtype=torch.float32)
-        if s.numel() != self.L + 1:
-            s = torch.cat([s[: self.L], s.new_zeros(1)])
-        return s.flip(0)
+        """Flow-matching families: sigma_0 = 0 < ... < sigma_L."""
+        return self.levels(device).sigma
 
-    def _velocity(self, x, sig, prompt_embeds, negative_embeds, guidance_scale):
-        """Model velocity for a window x (1, C, F, h, w) at per-frame sigmas sig (F,).
-
-        prompt_embeds: one tensor, or a PromptSchedule already resolved by `step` for the window.
-        """
-        tr = self.pipe.transformer
-        pt, ph, pw = tr.config.patch_size
-        F, h, w = x.shape[2], x.shape[3] // ph, x.shape[4] // pw
-        t = (sig * self.pipe.scheduler.config.num_train_timesteps).repeat_interleave(h * w)[None]
-        cfg = negative_embeds is not None and guidance_scale > 1.0
-        xin = torch.cat([x, x]) if cfg else x
-        emb = torch.cat([negative_embeds, prompt_embeds]) if cfg else prompt_embeds
-        v = tr(hidden_states=xin.to(tr.dtype), timestep=t.expand(xin.shape[0], -1), encoder_hidden_states=emb,
-               return_dict=False)[0].float()
-        if cfg:
-            v_u, v_c = v.chunk(2)
-            v = v_u + guidance_scale * (v_c - v_u)
-        return v
-
-    def step(self, state: QueueState, sig, prompt_embeds, negative_embeds, guidance_scale) -> torch.Tensor:
-        """One FIFO iteration on state.queue; returns the new queue (slot 0 clean)."""
-        q, f = state.queue, self.f
-        levels_in = sig[1: self.L + 1]           # slot k at sigma_{k+1}
-        levels_out = sig[: self.L]               # ... moves to sigma_k
-        rank, world = self._rank_world()
-        delta = torch.zeros_like(q)
-        if self.lookahead:
-            half = f // 2
-            full = torch.cat([state.context, q], dim=2)
-            lv_full = torch.cat([levels_out.new_zeros(half), levels_in])
-            for i, s in enumerate(range(0, self.L, half)):  # window [s, s+f) of `full` writes slots [s, s+half)
-                if i % world != rank:
-                    continue
-                # the window's centre is noisy slot s, i.e. latent frame iteration + s of the video
-                v = self._velocity(full[:, :, s: s + f], lv_full[s: s + f],
-                                   _embeds_at(prompt_embeds, state.iteration + s), negative_embeds, guidance_scale)
-                ds = (levels_out[s: s + half] - levels_in[s: s + half]).view(1, 1, -1, 1, 1)
-                delta[:, :, s: s + half] = ds * v[:, :, half:]
-        else:
-            for i, s in enumerate(range(0, self.L, f)):
-                if i % world != rank:
-                    continue
-                v = self._velocity(q[:, :, s: s + f], levels_in[s: s + f],
-                                   _embeds_at(prompt_embeds, state.iteration + s + f // 2), negative_embeds,
-                                   guidance_scale)
-                ds = (levels_out[s: s + f] - levels_in[s: s + f]).view(1, 1, -1, 1, 1)
-                delta[:, :, s: s + f] = ds * v
-        if world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(delta)
-        return q + delta
+    def _model(self, x, t_frames, prompt_embeds, negative_embeds, guidance_scale):
+        return self.family.model_output(x, t_frames, prompt_embeds, negative_embeds, guidance_scale)
 
     def _rank_world(self):
         import torch.distributed as dist
@@ -169,104 +150,298 @@ class FIFODiffusion:
         return 0, 1
 
     # ------------------------------------------------------------------------------------------
-    def _decode(self, latent, prev):
-        """Video frames (uint8 (F, H, W, 3)) for one popped latent frame (see module docstring)."""
-        from ..video import to_uint8_frames
+    def step(self, state: QueueState, lv, prompts, negative_embeds, guidance_scale) -> StepOutput:
+        """One iteration's denoising of every window (all read the same snapshot)."""
+        q, f, w, c, L = state.queue, self.f, self.stride, self.context_len, self.L
+        if not isinstance(prompts, PromptSchedule):  # one embedding tensor for every window
+            single = PromptSchedule([""], [0])
+            single.embeds = [prompts]
+            prompts = single
+        full = torch.cat([state.context, q], dim=2) if c else q
+        k_full = torch.cat([torch.zeros(c, dtype=torch.long), torch.arange(1, L + 1)]).to(q.device)
+        rank, world = self._rank_world()
+        ouro, ctx = self.ouro, self._ctx
+        new_q = torch.zeros_like(q)
+        new_maps = q.new_zeros(L, *q.shape[3:]) if ctx is not None else None
+        bank_feat = None
+        if ctx is not None and ouro.self_recurrent_guidance:
+            bank_feat = q.new_zeros(self._bank.numel)
+        for i in range(self.num_windows):
+            if i % world != rank:
+                continue
+            s = i * w                                # window = full[s : s + f], writes its last w frames
+            xw, kw = full[:, :, s: s + f], k_full[s: s + f]
+            pidx = _prompt_index(prompts, state.iteration + s + (f // 2 if not c else 0))
+            emb = prompts.embeds[pidx]
+            if ctx is None:
+                out, grad, maps, feats = self._model(xw, lv.t_model[kw], emb, negative_embeds, guidance_scale), None, None, None
+            else:
+                out, grad, maps, feats = self._ouroboros_window(i, s, xw, kw, lv, emb, negative_embeds,
+                                                                guidance_scale, state, prompts.subject_ids[pidx])
+            a = f - w
+            k_in = kw[a:]
+            upd = self.family.update(lv, xw[:, :, a:], out[:, :, a:], k_in, k_in - 1)
+            if grad is not None:
+                upd = upd - ouro.guidance_scale * self.family.guidance_coefficient(lv, k_in, k_in - 1) * grad[:, :, a:]
+            new_q[:, :, s: s + w] = upd
+            if maps is not None:
+                new_maps[s: s + w] = maps[a:]
+            if feats is not None:
+                bank_feat = feats
+        if world > 1:
+            import torch.distributed as dist
 
-        vae = self.pipe.vae
-        z = latent if prev is None else torch.cat([prev, latent], dim=2)
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z)
-        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z)
-        video = vae.decode((z * std + mean).to(vae.dtype), return_dict=False)[0]  # (1, 3, F, H, W) in [-1, 1]
-        if prev is not None:
-            video = video[:, :, 1:]
-        return to_uint8_frames(((video[0].float() + 1) / 2).clamp(0, 1).permute(1, 0, 2, 3))
+            parts = [new_q] + [t for t in (new_maps, bank_feat) if t is not None]
+            flat = torch.cat([t.reshape(-1) for t in parts])
+            dist.all_reduce(flat)
+            chunks = flat.split([t.numel() for t in parts])
+            new_q = chunks[0].view_as(new_q)
+            if new_maps is not None:
+                new_maps = chunks[1].view_as(new_maps)
+            if bank_feat is not None:
+                bank_feat = chunks[-1].view_as(bank_feat)
+        return StepOutput(queue=new_q, maps=new_maps, bank_features=bank_feat)
 
-    def _initial_state(self, prompt_embeds, negative_embeds, height, width, guidance_scale, generator, sig,
+    # ------------------------------------------------------------------------------------------
+    # Ouroboros: one window with SACFA masks, map recording, bank features and guidance
+    def _ouroboros_window(self, i, s, xw, kw, lv, emb, neg, guidance_scale, state, subject_ids):
+        ouro, ctx, f, w = self.ouro, self._ctx, self.f, self.stride
+        a = f - w
+        masks = None
+        if state.maps is not None:
+            m = state.maps[s: s + f] > ouro.mask_threshold
+            masks = m if bool(m.any()) else None
+        srg = ouro.self_recurrent_guidance
+        bank_window = srg and i == 0
+        guided = (srg and masks is not None and SubjectBank.valid(state.bank)
+                  and i in (ouro.guided_windows if ouro.guided_windows is not None else (1,)))
+        layers = self._feature_layers if (guided or bank_window) else ()
+        ctx.begin(frames=f, masks=masks, sacfa=ouro.sacfa, use_op=guided, record_maps=True, feature_layers=layers)
+        ctx.subject_ids = subject_ids
+        grad = feats = None
+        try:
+            if guided:
+                bank = self._bank.unpack(state.bank)
+                with torch.enable_grad():
+                    xg = xw.detach().requires_grad_(True)
+                    out = self._model(xg, lv.t_model[kw], emb, neg, guidance_scale)
+                    loss = None
+                    for name in self._feature_layers:
+                        keys = ctx.features[name][a:]                      # the frames this window writes
+                        tm = ctx.layer_masks(keys.shape[2])[a:]
+                        ok = tm.any(1)
+                        if bool(ok.any()):
+                            d = ((frame_features(keys, tm)[ok] - bank[name]) ** 2).mean()
+                            loss = d if loss is None else loss + d
+                    if loss is not None:
+                        grad = torch.autograd.grad(loss, xg)[0].detach()
+                out = out.detach()
+            else:
+                out = self._model(xw, lv.t_model[kw], emb, neg, guidance_scale)
+            maps = ctx.maps()
+            if bank_window and masks is not None:
+                nb = min(ouro.bank_frames, w)
+                sel = {}
+                for name in self._feature_layers:
+                    keys = ctx.features[name][a: a + nb].detach()
+                    tm = ctx.layer_masks(keys.shape[2])[a: a + nb]
+                    ok = tm.any(1)
+                    if not bool(ok.any()):
+                        sel = None
+                        break
+                    sel[name] = frame_features(keys, tm)[ok].mean(0)
+                if sel:
+                    feats = self._bank.pack(sel)
+        finally:
+            ctx.end()
+        return out, grad, maps, feats
+
+    def _install(self, latent_hw):
+        """Install Ouroboros' processors (when SACFA or guidance is on); returns a restore function."""
+        if self.ouro is None or not self.ouro.needs_processors:
+            self._ctx = None
+            return lambda: None
+        from ..processors.ouroboros import OuroborosContext, install_unet, install_wan
+
+        model = self.family.denoiser
+        saved = dict(model.attn_processors)
+        self._ctx = OuroborosContext(latent_hw)
+        self_layers = (install_wan if self.family.name == "wan" else install_unet)(model, self._ctx)
+        layers = list(self.ouro.feature_layers) if self.ouro.feature_layers else default_feature_layers(
+            self.family.name, self_layers)
+        unknown = [n for n in layers if n not in self_layers]
+        if unknown:
+            raise ValueError(f"feature_layers: {unknown} are not self-attention layers of the model")
+        shapes = []
+        for n in layers:
+            attn = model.get_submodule(n[: -len(".processor")])
+            shapes.append((attn.heads, attn.to_k.out_features // attn.heads))
+        self._feature_layers, self._bank = layers, SubjectBank(layers, shapes)
+
+        def restore():
+            model.set_attn_processor(saved)
+            self._ctx = None
+
+        return restore
+
+    # ------------------------------------------------------------------------------------------
+    def _initial_state(self, lv, prompt_embeds, negative_embeds, height, width, guidance_scale, generator,
                        init_steps):
-        pipe, f = self.pipe, self.f
-        clip = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, height=height, width=width,
-                    num_frames=(f - 1) * pipe.vae_scale_factor_temporal + 1, num_inference_steps=init_steps,
-                    guidance_scale=guidance_scale, generator=generator, output_type="latent").frames.float()
-        idx = (torch.arange(self.L) * f) // self.L
-        eps = torch.randn(clip[:, :, idx].shape, generator=generator, device=generator.device).to(clip)
-        s = sig[1:].view(1, 1, -1, 1, 1)
-        queue = (1 - s) * clip[:, :, idx] + s * eps
-        return QueueState(queue=queue, context=clip[:, :, : f // 2].clone(), prev_latent=None, iteration=0,
-                          frames_out=0, rng_state=generator.get_state())
+        f, L = self.f, self.L
+        clip = self.family.sample_clip(prompt_embeds, negative_embeds, height, width, f, init_steps,
+                                       guidance_scale, generator)
+        idx = (torch.arange(L) * f) // L
+        eps = torch.randn(clip[:, :, idx].shape, generator=generator).to(clip)
+        queue = self.family.noise_clean(lv, clip[:, :, idx], torch.arange(1, L + 1, device=clip.device), eps)
+        maps = None
+        if self._ctx is not None:
+            maps = clip.new_zeros(self.context_len + L, *clip.shape[3:])
+        return QueueState(queue=queue, context=clip[:, :, : self.context_len].clone(), prev_latent=None,
+                          iteration=0, frames_out=0, rng_state=generator.get_state(), maps=maps, bank=None)
 
-    def generate(self, prompt, num_frames: int, height: int = 32, width: int = 32, guidance_scale: float = 5.0,
-                 negative_prompt: str = "", seed: int = 0, init_steps: Optional[int] = None,
+    def _default_size(self):
+        pipe = self.pipe
+        if self.family.name == "wan":
+            tiny = getattr(pipe, "longvideo_trained_latent_frames", None) == 3
+            return (32, 32) if tiny else (480, 832)
+        s = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        return s, s
+
+    def _new_tail(self, lv, new, generator):
+        eta = torch.randn(new[:, :, :1].shape, generator=generator).to(new)  # FIFO's tail: fresh noise
+        if self.ouro is None or not self.ouro.tail_sampling:
+            return eta
+        z = new[:, :, -1:]                    # second-to-last after the shift, at level L - 1
+        k_from = torch.tensor([self.L - 1], device=new.device)
+        noise = torch.randn(z.shape, generator=generator).to(new) if self.family.name != "wan" else None
+        z = self.family.renoise(lv, z, k_from, k_from + 1, noise)
+        o = self.ouro
+        return torch.ops.longvideo.lowfreq_mix(z.contiguous(), eta, o.tail_filter, o.tail_d_s, o.tail_d_t, o.tail_order)
+
+    def generate(self, prompt, num_frames: int, height: Optional[int] = None, width: Optional[int] = None,
+                 guidance_scale: Optional[float] = None, negative_prompt: str = "", seed: int = 0,
+                 num_inference_steps: Optional[int] = None, init_steps: Optional[int] = None, writer=None,
                  checkpoint_dir=None, checkpoint_every: int = 0, resume: bool = False,
                  stop_after_iterations: Optional[int] = None) -> Iterator:
         """Yield output video frames (uint8 (H, W, 3)) as they leave the queue, `num_frames` in all.
 
-        prompt: a string, or a list of (prompt, start_video_frame) pairs (multi-prompt: a window
-        uses the prompt in force at its centre frame; the first start must be 0).
-
+        prompt: a string, or a list of (prompt, start_video_frame) pairs (the first start must be 0).
+        num_inference_steps: FIFO's step count is the number of levels L (n f, or 2 n floor(f/2) with
+            lookahead); None, or L itself. init_steps: steps of the initial clip (default max(f, 4)).
+        writer: optional object with ``write(frame)`` (e.g. longvideo.video.VideoWriter), called for
+            each frame before it is yielded.
         checkpoint_dir/checkpoint_every: save the queue state every K iterations (atomically);
-        resume: continue from the saved state (the frames already written are not produced again)
-        and produce exactly the frames an uninterrupted run with the same seed produces.
+        resume: continue from the saved state (frames already emitted are not produced again).
         stop_after_iterations: stop early (for tests of interruption).
         """
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
         if checkpoint_every < 0 or (checkpoint_every and not checkpoint_dir):
             raise ValueError("checkpoint_every needs a checkpoint_dir and must be >= 0")
-        pipe = self.pipe
-        device = pipe.transformer.device
+        if num_inference_steps is not None and num_inference_steps != self.L:
+            raise ValueError(f"num_inference_steps: FIFO denoises with one level per queue slot, L = {self.L} "
+                             f"(n = {self.n}, f = {self.f}); got {num_inference_steps}")
+        dh, dw = self._default_size()
+        height, width = height or dh, width or dw
+        if guidance_scale is None:
+            guidance_scale = 5.0 if self.family.name == "wan" else 7.5
+        device = self.family.device
         generator = torch.Generator("cpu").manual_seed(seed)
+        ckpt = Path(checkpoint_dir) / "fifo_state.pt" if checkpoint_dir else None
+        if resume and (ckpt is None or not ckpt.exists()):
+            raise FileNotFoundError(f"resume: no checkpoint at {ckpt}")
+        cfg = guidance_scale > 1.0
         with torch.no_grad():
-            schedule = PromptSchedule.parse(prompt, getattr(pipe, "vae_scale_factor_temporal", 4))
-            embeds, negative_embeds = [], None
+            schedule = PromptSchedule.parse(prompt, self.family.temporal_compression)
+            negative_embeds = None
+            schedule.embeds = []
             for text in schedule.prompts:
-                pe, negative_embeds = pipe.encode_prompt(
-                    prompt=text, negative_prompt=negative_prompt, do_classifier_free_guidance=guidance_scale > 1.0,
-                    device=device)
-                embeds.append(pe)
-            schedule.embeds = embeds
-            prompt_embeds = embeds[0] if len(embeds) == 1 else schedule
-            sig = self.sigmas(device)
-            ckpt = Path(checkpoint_dir) / "fifo_state.pt" if checkpoint_dir else None
-            if resume:
-                if ckpt is None or not ckpt.exists():
-                    raise FileNotFoundError(f"resume: no checkpoint at {ckpt}")
-                state = QueueState(**torch.load(ckpt, map_location=device, weights_only=True))
-                generator.set_state(state.rng_state)
-            else:
-                state = self._initial_state(embeds[0], negative_embeds, height, width, guidance_scale, generator,
-                                            sig, init_steps or max(self.f, 4))
+                pe, negative_embeds = self.family.encode_prompt(text, negative_prompt, cfg, device)
+                schedule.embeds.append(pe)
+            if self.ouro is not None and self.ouro.needs_processors:
+                schedule.subject_ids = [
+                    subject_token_positions(self.pipe.tokenizer, text,
+                                            self.ouro.subject_words or subject_words_from_prompt(text))
+                    for text in schedule.prompts]
+            lv = self.levels(device)
+        vs = getattr(self.pipe, "vae_scale_factor_spatial", None) or self.pipe.vae_scale_factor
+        restore = self._install((height // vs, width // vs))
+        try:
+            with torch.no_grad():
+                if resume:
+                    state = QueueState(**torch.load(ckpt, map_location=device, weights_only=True))
+                    generator.set_state(state.rng_state)
+                else:
+                    state = self._initial_state(lv, schedule.embeds[0], negative_embeds, height, width,
+                                                guidance_scale, generator, init_steps or max(self.f, 4))
             done = 0
             while state.frames_out < num_frames:
                 if stop_after_iterations is not None and done >= stop_after_iterations:
                     return
-                new = self.step(state, sig, prompt_embeds, negative_embeds, guidance_scale)
-                head = new[:, :, :1]
-                tail = torch.randn(head.shape, generator=generator).to(new)  # sigma_L = 1: pure noise
-                if self.coherent_tail:
-                    tail = torch.ops.longvideo.lowfreq_mix(new[:, :, -1:].contiguous(), tail, "gaussian",
-                                                           self.tail_d_s, self.tail_d_t, 4)
-                frames = self._decode(head, state.prev_latent)
-                context = torch.cat([state.context[:, :, 1:], head], dim=2) if self.lookahead else state.context
-                state = QueueState(queue=torch.cat([new[:, :, 1:], tail], dim=2), context=context, prev_latent=head,
-                                   iteration=state.iteration + 1, frames_out=state.frames_out,
-                                   rng_state=generator.get_state())
+                with torch.no_grad():
+                    out = self.step(state, lv, schedule, negative_embeds, guidance_scale)
+                    new = out.queue
+                    head = new[:, :, :1]
+                    tail = self._new_tail(lv, new, generator)
+                    frames = self.family.decode(head, state.prev_latent)
+                    context = torch.cat([state.context[:, :, 1:], head], dim=2) if self.context_len else state.context
+                    maps, bank = state.maps, state.bank
+                    if out.maps is not None:  # maps move with their frames; the new tail has none yet
+                        moved = torch.cat([state.maps[: self.context_len], out.maps])[1:]
+                        maps = torch.cat([moved, moved.new_zeros(1, *moved.shape[1:])])
+                    if out.bank_features is not None:
+                        bank = self._bank.ema(state.bank, out.bank_features, self.ouro.momentum)
+                    state = QueueState(queue=torch.cat([new[:, :, 1:], tail], dim=2), context=context,
+                                       prev_latent=head, iteration=state.iteration + 1, frames_out=state.frames_out,
+                                       rng_state=generator.get_state(), maps=maps, bank=bank)
                 for frame in frames[: num_frames - state.frames_out]:
                     state.frames_out += 1
+                    if writer is not None:
+                        writer.write(frame)
                     yield frame
                 done += 1
-                if checkpoint_every and state.iteration % checkpoint_every == 0:
+                if checkpoint_every and state.iteration % checkpoint_every == 0 and self._rank_world()[0] == 0:
                     ckpt.parent.mkdir(parents=True, exist_ok=True)
                     tmp = ckpt.with_suffix(".tmp")
-                    torch.save({k: getattr(state, k) for k in QueueState.__dataclass_fields__}, tmp)
+                    torch.save({k.name: getattr(state, k.name) for k in dataclasses.fields(QueueState)}, tmp)
                     os.replace(tmp, ckpt)
+        finally:
+            restore()
+
+    def __call__(self, prompt, num_frames: int, **kwargs):
+        """All frames at once: np.uint8 (F, H, W, 3)."""
+        import numpy as np
+
+        return np.stack(list(self.generate(prompt, num_frames, **kwargs)))
+
+
+class OuroborosDiffusion(FIFODiffusion):
+    """Ouroboros-Diffusion: FIFO plus coherent tail sampling, SACFA and self-recurrent guidance
+    (each switchable; see ``fifo_ouroboros`` for the definitions and defaults). Extra keyword
+    arguments are fields of :class:`OuroborosConfig` (subject_words, mask_threshold,
+    guidance_scale (of the self-recurrent guidance), momentum, guided_windows, bank_frames,
+    feature_layers, tail_filter, tail_d_s, tail_d_t, tail_order)."""
+
+    def __init__(self, pipe, num_partitions: int = 4, frames_per_window: Optional[int] = None, lookahead: bool = True,
+                 tail_sampling: bool = True, sacfa: bool = True, self_recurrent_guidance: bool = True,
+                 distributed: bool = True, **options):
+        names = {f.name for f in dataclasses.fields(OuroborosConfig)}
+        bad = sorted(set(options) - names)
+        if bad:
+            raise ValueError(f"unknown Ouroboros options {bad}; known: {sorted(names)}")
+        config = OuroborosConfig(tail_sampling=tail_sampling, sacfa=sacfa,
+                                 self_recurrent_guidance=self_recurrent_guidance, **options)
+        super().__init__(pipe, num_partitions=num_partitions, frames_per_window=frames_per_window,
+                         lookahead=lookahead, distributed=distributed, ouroboros=config)
 
 
 class PromptSchedule:
     """Multi-prompt: prompts with the video frame at which each starts, mapped to latent frames."""
 
     def __init__(self, prompts, latent_starts):
-        self.prompts, self.latent_starts, self.embeds = list(prompts), list(latent_starts), None
+        self.prompts, self.latent_starts = list(prompts), list(latent_starts)
+        self.embeds = None
+        self.subject_ids = [()] * len(self.prompts)
 
     @classmethod
     def parse(cls, prompt, temporal_compression: int = 4) -> "PromptSchedule":
@@ -281,28 +456,73 @@ class PromptSchedule:
         # video frame v lies in latent frame ceil(v / c) (latent 0 is video frame 0 in Wan's causal VAE)
         return cls([t for t, _ in pairs], [-(-s // temporal_compression) for s in starts])
 
+    def index(self, latent_index: int) -> int:
+        return max(j for j, s in enumerate(self.latent_starts) if s <= max(latent_index, 0))
+
     def at(self, latent_index: int):
-        i = max(j for j, s in enumerate(self.latent_starts) if s <= max(latent_index, 0))
-        return self.embeds[i]
+        return self.embeds[self.index(latent_index)]
 
 
-def _embeds_at(prompt_embeds, latent_index):
-    return prompt_embeds.at(latent_index) if isinstance(prompt_embeds, PromptSchedule) else prompt_embeds
+def _prompt_index(schedule: PromptSchedule, latent_index: int) -> int:
+    return schedule.index(latent_index)
 
 
 # ----------------------------------------------------------------------------------------------
-# CLI: longvideo generate --method fifo
+# CLI: longvideo generate --method fifo | ouroboros
 def add_generate_arguments(parser) -> None:
-    g = parser.add_argument_group("fifo")
+    g = parser.add_argument_group("fifo / ouroboros")
+    g.add_argument("--fifo-family", choices=("wan", "animatediff"), default=None,
+                   help="model family (default: wan for the tiny model, else read from the checkpoint)")
     g.add_argument("--fifo-partitions", type=int, default=4, help="n: queue of n*f latent frames")
     g.add_argument("--fifo-window", type=int, default=None, help="f: latent frames per model call")
     g.add_argument("--fifo-no-lookahead", action="store_true")
+    g.add_argument("--fifo-init-steps", type=int, default=None, help="steps of the initial clip")
     g.add_argument("--fifo-checkpoint-every", type=int, default=0, help="save the queue state every K iterations")
+    g.add_argument("--fifo-png-dir", default=None, help="also write every frame as a PNG here")
     g.add_argument("--fifo-prompt-schedule", default=None,
                    help='multi-prompt: "0=a cat walking;120=a cat sleeping" (video frame = prompt; overrides --prompt)')
     g.add_argument("--fifo-coherent-tail", action="store_true",
-                   help="Ouroboros' coherent tail latent sampling (lowfreq_mix, gaussian d_s 0.25, d_t 1.0)")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted fifo run from its checkpoint")
+                   help="(fifo) Ouroboros' coherent tail latent sampling only")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted fifo/ouroboros run from its checkpoint")
+    g.add_argument("--ouroboros-no-tail", action="store_true", help="ouroboros: plain Gaussian tail")
+    g.add_argument("--ouroboros-no-sacfa", action="store_true", help="ouroboros: no subject-aware cross-frame attention")
+    g.add_argument("--ouroboros-no-guidance", action="store_true", help="ouroboros: no self-recurrent guidance")
+    g.add_argument("--ouroboros-subject", default=None, help="subject words, comma separated (default: from the prompt)")
+    g.add_argument("--ouroboros-guidance-scale", type=float, default=0.1)
+    g.add_argument("--ouroboros-momentum", type=float, default=0.9)
+    g.add_argument("--ouroboros-guided-windows", default="1", help="comma-separated window indices to guide")
+    g.add_argument("--ouroboros-tail-ds", type=float, default=0.25)
+    g.add_argument("--ouroboros-tail-dt", type=float, default=1.0)
+
+
+def _family_from_checkpoint(path) -> str:
+    import json
+
+    try:
+        with open(Path(path) / "model_index.json") as fh:
+            cls = json.load(fh).get("_class_name", "")
+    except OSError as exc:
+        raise SystemExit(f"--model {path}: no model_index.json ({exc})")
+    if cls.startswith("Wan"):
+        return "wan"
+    if cls.startswith("AnimateDiff"):
+        return "animatediff"
+    raise SystemExit(f"--model {path}: pipeline {cls!r} is not a supported FIFO family (Wan, AnimateDiff)")
+
+
+def build_from_args(args, pipe):
+    method = getattr(args, "method", "fifo")
+    common = dict(num_partitions=args.fifo_partitions, frames_per_window=args.fifo_window,
+                  lookahead=not args.fifo_no_lookahead)
+    if method == "ouroboros":
+        subjects = [s.strip() for s in args.ouroboros_subject.split(",")] if args.ouroboros_subject else None
+        windows = tuple(int(x) for x in args.ouroboros_guided_windows.split(",") if x.strip())
+        return OuroborosDiffusion(pipe, tail_sampling=not args.ouroboros_no_tail, sacfa=not args.ouroboros_no_sacfa,
+                                  self_recurrent_guidance=not args.ouroboros_no_guidance, subject_words=subjects,
+                                  guidance_scale=args.ouroboros_guidance_scale, momentum=args.ouroboros_momentum,
+                                  guided_windows=windows, tail_d_s=args.ouroboros_tail_ds,
+                                  tail_d_t=args.ouroboros_tail_dt, **common)
+    return FIFODiffusion(pipe, coherent_tail=args.fifo_coherent_tail, **common)
 
 
 def run_generate(args) -> int:
@@ -320,12 +540,13 @@ def run_generate(args) -> int:
         rank = dist.get_rank()
         if torch.cuda.is_available():
             args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    pipe = load_pipeline("wan", "t2v", model=args.model, device=args.device, dtype=args.dtype)
-    fifo = FIFODiffusion(pipe, num_partitions=args.fifo_partitions, frames_per_window=args.fifo_window,
-                         lookahead=not args.fifo_no_lookahead, coherent_tail=args.fifo_coherent_tail)
-    out = Path(args.out or "out/fifo.mp4")
+    family = args.fifo_family or (_family_from_checkpoint(args.model) if args.model else "wan")
+    pipe = load_pipeline(family, "t2v", model=args.model, device=args.device, dtype=args.dtype)
+    fifo = build_from_args(args, pipe)
+    method = getattr(args, "method", "fifo")
+    out = Path(args.out or f"out/{method}.mp4")
     num_frames = args.num_frames or 48
-    prompt = args.prompt
+    prompt = args.prompt or "a red cat walking in a garden"
     if args.fifo_prompt_schedule:
         try:
             prompt = [(text.strip(), int(start)) for start, text in
@@ -334,25 +555,31 @@ def run_generate(args) -> int:
             raise SystemExit(f"--fifo-prompt-schedule: expected 'FRAME=prompt;FRAME=prompt', got {args.fifo_prompt_schedule!r}")
     ckpt_dir = out.with_suffix(".fifo_state")
     start_frame = 0
-    if args.resume and (ckpt_dir / "fifo_state.pt").exists():
+    if args.resume:
+        if not (ckpt_dir / "fifo_state.pt").exists():
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_dir / 'fifo_state.pt'} (run with --fifo-checkpoint-every K first)")
         start_frame = int(torch.load(ckpt_dir / "fifo_state.pt", weights_only=True)["frames_out"])
+    kwargs = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale, seed=args.seed or 0,
+                  num_inference_steps=None, init_steps=args.fifo_init_steps, checkpoint_dir=ckpt_dir,
+                  resume=args.resume)
+    if args.steps is not None and args.steps != fifo.L:
+        print(f"note: --steps ignored: {method} denoises with one level per queue slot ({fifo.L} levels)")
     t0 = time.perf_counter()
-    # On resume the frames written before the checkpoint stay in the old file; new ones go to a part file.
-    target = out if start_frame == 0 else out.with_name(f"{out.stem}.from{start_frame}{out.suffix}")
     if rank != 0:  # every rank runs the queue; rank 0 writes the video and the checkpoints
-        for _ in fifo.generate(prompt, num_frames, height=args.height or 32, width=args.width or 32,
-                               guidance_scale=args.guidance_scale if args.guidance_scale is not None else 5.0,
-                               seed=args.seed, checkpoint_dir=ckpt_dir, checkpoint_every=0, resume=args.resume):
+        for _ in fifo.generate(prompt, num_frames, checkpoint_every=args.fifo_checkpoint_every, **kwargs):
             pass
         return 0
-    with VideoWriter(target, fps=args.fps) as writer, tqdm(total=num_frames, initial=start_frame, unit="frame") as bar:
-        for frame in fifo.generate(prompt, num_frames, height=args.height or 32, width=args.width or 32,
-                                   guidance_scale=args.guidance_scale if args.guidance_scale is not None else 5.0,
-                                   seed=args.seed, checkpoint_dir=ckpt_dir,
-                                   checkpoint_every=args.fifo_checkpoint_every, resume=args.resume):
-            writer.write(frame)
+    # On resume the frames written before the checkpoint stay in the old file; new ones go to a part file.
+    target = out if start_frame == 0 else out.with_name(f"{out.stem}.from{start_frame}{out.suffix}")
+    with VideoWriter(target, fps=args.fps, png_dir=args.fifo_png_dir) as writer, \
+            tqdm(total=num_frames, initial=start_frame, unit="frame") as bar:
+        writer.frames_written = start_frame  # PNG numbering continues after a resume
+        for frame in fifo.generate(prompt, num_frames, writer=writer, checkpoint_every=args.fifo_checkpoint_every,
+                                   **kwargs):
             bar.update(1)
     dt = time.perf_counter() - t0
     made = num_frames - start_frame
     print(f"wrote {target} ({made} frames, {made / dt:.2f} frames/s)")
+    if start_frame:
+        print(f"frames 0..{start_frame - 1} are in {out} (written before the interruption)")
     return 0

@@ -1,0 +1,171 @@
+"""Ouroboros-Diffusion's three additions to FIFO (METHODS.md section 2), used by ``fifo.FIFODiffusion``.
+
+(a) Coherent tail latent sampling. The new tail is
+    ``lowfreq_mix(z, eta, filter, d_s, d_t)``: the low frequencies of ``z`` and the high frequencies
+    of fresh Gaussian noise ``eta`` (FreeInit's freq_mix_3d over (T, H, W) with T = 1; Gaussian,
+    d_s = 0.25, d_t = 1.0 by default), where ``z`` is the latent that is second-to-last after the
+    shift (the previous tail after one denoising step, at level L-1) re-noised to the tail level:
+    DDIM (AnimateDiff): the DDPM forward relation in one step,
+    ``z <- sqrt(abar_L / abar_{L-1}) z + sqrt(1 - abar_L / abar_{L-1}) eps``.
+    Flow matching (Wan): the schedule ends at sigma_L = 1, where the forward relation
+    ``(1 - sigma) x0 + sigma eps`` (and the exact level-to-level one) returns pure noise unrelated to
+    ``z``; ``z`` is used as it is, at sigma_{L-1} (within one level of the tail and of unit variance
+    like it), so the tail inherits its low-frequency structure, which is what keeps consecutive tails
+    coherent. Noise draws: ``eta`` first (the same draw FIFO uses as its tail), then the DDIM ``eps``.
+
+(b) SACFA: see ``longvideo.processors.ouroboros``. Subject masks come from the cross-attention maps
+    of the subject words: per frame, the attention mass on the subject's text tokens, averaged over
+    heads, subject tokens and every cross-attention layer (resized to the latent size), min-max
+    normalised per frame; mask = normalised map > ``mask_threshold`` (default 0.5). A frame's map is
+    recorded when its window is denoised and is used in the NEXT iteration (the frame moved one slot
+    toward the head); maps move with the queue and are part of the checkpoint. Frames without a map
+    yet (the first iteration, a new tail) share no tokens.
+    Subject words: ``subject_words`` (user-named), else read from the prompt: the words of the
+    prompt's leading phrase (after a leading article, up to the first function word such as a
+    preposition, conjunction, auxiliary or an "-ing" verb). They are located in the tokenized prompt
+    through the tokenizer's offsets mapping (every token overlapping a subject word's characters).
+
+(c) Self-recurrent guidance. Subject features = per frame, per chosen self-attention layer, the mean
+    of the layer's keys over the frame's subject tokens, (H, D). The bank holds, per layer, a moving
+    average of the features of the ``bank_frames`` queue slots nearest the head (written by the first
+    window of the iteration, computed at their nearly clean level):
+    ``bank <- momentum * bank + (1 - momentum) * features`` (the first update sets it). Frames of
+    the windows listed in ``guided_windows`` are guided by the gradient of
+    ``loss = sum_layers mean_frames mean((features - bank)^2)`` through the model (the model call of
+    that window runs with autograd; self-attention goes through consistent_attention, so the gradient
+    is its backward):  ``x_prev -= guidance_scale * c * grad``  with c = sqrt(1 - abar_prev) *
+    sqrt(1 - abar_t) (DDIM with eta = 0) or sigma_prev * sigma_t (flow matching). Every window reads
+    the bank of the previous iteration, so the windows of one iteration stay independent (several
+    processes) and the bank is updated once per iteration.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+_FUNCTION_WORDS = {
+    "in", "on", "at", "with", "and", "or", "but", "of", "for", "from", "to", "into", "onto", "over", "under",
+    "by", "near", "through", "across", "along", "while", "is", "are", "was", "were", "be", "has", "have",
+    "that", "which", "who", "as", "under", "behind", "beside", "between", "during", ",", ".",
+}
+_ARTICLES = {"a", "an", "the", "one", "two", "some"}
+
+
+@dataclass
+class OuroborosConfig:
+    """Options of Ouroboros-Diffusion; every part off is exactly FIFO."""
+
+    tail_sampling: bool = True
+    tail_filter: str = "gaussian"
+    tail_d_s: float = 0.25
+    tail_d_t: float = 1.0
+    tail_order: int = 4
+    sacfa: bool = True
+    self_recurrent_guidance: bool = True
+    subject_words: Optional[Sequence[str]] = None
+    mask_threshold: float = 0.5
+    guidance_scale: float = 0.1
+    momentum: float = 0.9
+    guided_windows: Optional[Sequence[int]] = None   # default: (1,), the window after the head window
+    bank_frames: int = 1
+    feature_layers: Optional[Sequence[str]] = None   # default: see default_feature_layers
+
+    def validate(self):
+        if self.tail_d_s <= 0 or self.tail_d_t <= 0:
+            raise ValueError(f"tail_d_s and tail_d_t must be > 0, got {self.tail_d_s}, {self.tail_d_t}")
+        if self.tail_filter not in ("gaussian", "butterworth", "ideal", "box"):
+            raise ValueError(f"tail_filter must be gaussian/butterworth/ideal/box, got {self.tail_filter!r}")
+        if not 0.0 <= self.mask_threshold < 1.0:
+            raise ValueError(f"mask_threshold must be in [0, 1), got {self.mask_threshold}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.bank_frames < 1:
+            raise ValueError(f"bank_frames must be >= 1, got {self.bank_frames}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        return self
+
+    @property
+    def needs_processors(self) -> bool:
+        return self.sacfa or self.self_recurrent_guidance
+
+
+def subject_words_from_prompt(prompt: str) -> List[str]:
+    """The words of the prompt's leading phrase (see the module docstring)."""
+    words = re.findall(r"[A-Za-z0-9'-]+|[,.]", prompt.lower())
+    while words and words[0] in _ARTICLES:
+        words = words[1:]
+    out = []
+    for w in words:
+        if w in _FUNCTION_WORDS or (w.endswith("ing") and out):
+            break
+        out.append(w)
+    return out or words[:1]
+
+
+def subject_token_positions(tokenizer, prompt: str, words: Sequence[str]) -> List[int]:
+    """Positions in the tokenized prompt (as the pipeline tokenizes it, special tokens included) of
+    every token overlapping an occurrence of one of `words` (whole words, case-insensitive)."""
+    enc = tokenizer(prompt, return_offsets_mapping=True, truncation=True,
+                    max_length=getattr(tokenizer, "model_max_length", 512))
+    spans = []
+    for w in words:
+        for m in re.finditer(r"(?<![A-Za-z0-9])" + re.escape(w.lower()) + r"(?![A-Za-z0-9])", prompt.lower()):
+            spans.append(m.span())
+    pos = [i for i, (a, b) in enumerate(enc["offset_mapping"])
+           if b > a and any(a < e and s < b for s, e in spans)]
+    if not pos:
+        raise ValueError(f"subject words {list(words)} do not occur in the prompt {prompt!r}")
+    return pos
+
+
+def default_feature_layers(family: str, self_layers: Sequence[str]) -> List[str]:
+    """AnimateDiff: the spatial self-attention layers of the down path (the gradient then goes
+    through the down path only); Wan: the first quarter of the blocks (at least one)."""
+    if family == "animatediff":
+        down = [n for n in self_layers if n.startswith("down_blocks")]
+        return down or list(self_layers[:1])
+    return list(self_layers[: max(1, len(self_layers) // 4)])
+
+
+def frame_features(keys: torch.Tensor, token_masks: torch.Tensor) -> torch.Tensor:
+    """Mean subject key per frame: keys (F, H, N, D), token_masks (F, N) bool -> (F, H, D)
+    (zero for a frame without subject tokens)."""
+    w = token_masks.to(keys.dtype)
+    return torch.einsum("fhnd,fn->fhd", keys.float(), w.float()) / w.float().sum(1).clamp_min(1).view(-1, 1, 1)
+
+
+class SubjectBank:
+    """Layout of the bank: one flat float32 vector, the (H, D) features of each layer in order,
+    plus a validity flag (so it is one tensor for all_reduce and the checkpoint)."""
+
+    def __init__(self, layers: Sequence[str], shapes: Sequence[tuple]):
+        self.layers, self.shapes = list(layers), list(shapes)
+        self.sizes = [h * d for h, d in self.shapes]
+
+    @property
+    def numel(self) -> int:
+        return sum(self.sizes) + 1
+
+    def pack(self, feats: dict) -> torch.Tensor:
+        return torch.cat([feats[n].reshape(-1).float() for n in self.layers] + [feats[self.layers[0]].new_ones(1)])
+
+    def unpack(self, flat: torch.Tensor) -> dict:
+        parts = flat[:-1].split(self.sizes)
+        return {n: p.view(*s) for n, p, s in zip(self.layers, parts, self.shapes)}
+
+    @staticmethod
+    def valid(flat: Optional[torch.Tensor]) -> bool:
+        return flat is not None and float(flat[-1]) > 0.5
+
+    def ema(self, bank: Optional[torch.Tensor], new: torch.Tensor, momentum: float) -> torch.Tensor:
+        if not self.valid(new):
+            return bank
+        if not self.valid(bank):
+            return new.clone()
+        out = momentum * bank + (1 - momentum) * new
+        out[-1] = 1.0
+        return out

@@ -1,0 +1,234 @@
+"""Ouroboros-Diffusion on the tiny AnimateDiff and Wan pipelines: every part off equals FIFO, the
+coherent tail, SACFA against explicit concatenation, subject maps against an explicit softmax,
+self-recurrent guidance, resume, kernels vs reference."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longvideo.methods.fifo import FIFODiffusion, OuroborosDiffusion
+from longvideo.methods.fifo_ouroboros import subject_token_positions, subject_words_from_prompt
+from longvideo.models import animatediff, wan
+
+PROMPT = "a red cat runs in a garden"
+
+
+@pytest.fixture(scope="module")
+def ad_pipe():
+    return animatediff.tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def wan_pipe():
+    return wan.tiny_pipeline()
+
+
+def _run(pipe, iterations, method, prompt=PROMPT, **gen_kwargs):
+    """Queue state after `iterations` iterations."""
+    g = method.generate(prompt, 10 ** 6, guidance_scale=3.0, seed=11, **gen_kwargs)
+    frames = [next(g) for _ in range(iterations * method.family.temporal_compression - 3 * (method.family.name == "wan"))]
+    st = g.gi_frame.f_locals["state"]
+    g.close()
+    return st, frames
+
+
+@pytest.mark.parametrize("family", ["animatediff", "wan"])
+def test_every_part_off_equals_fifo(family, ad_pipe, wan_pipe):
+    pipe = ad_pipe if family == "animatediff" else wan_pipe
+    fifo = FIFODiffusion(pipe, num_partitions=1, frames_per_window=4)
+    off = OuroborosDiffusion(pipe, num_partitions=1, frames_per_window=4, tail_sampling=False, sacfa=False,
+                             self_recurrent_guidance=False)
+    a, b = fifo("a cat", 5, guidance_scale=3.0, seed=1), off("a cat", 5, guidance_scale=3.0, seed=1)
+    np.testing.assert_array_equal(a, b)
+    on = OuroborosDiffusion(pipe, num_partitions=1, frames_per_window=4)
+    st_on, _ = _run(pipe, 5, on)
+    st_off, _ = _run(pipe, 5, off)
+    assert (st_on.queue - st_off.queue).abs().max() > 1e-4  # and the parts do change the queue
+
+
+def test_subject_words_and_tokens(ad_pipe):
+    assert subject_words_from_prompt("A red cat runs in a garden") == ["red", "cat", "runs"]
+    assert subject_words_from_prompt("the dog walking on the beach") == ["dog"]
+    pos = subject_token_positions(ad_pipe.tokenizer, PROMPT, ["cat"])
+    ids = ad_pipe.tokenizer(PROMPT)["input_ids"]
+    assert ad_pipe.tokenizer.decode([ids[p] for p in pos]).replace(" ", "") == "cat"
+    with pytest.raises(ValueError, match="subject words"):
+        subject_token_positions(ad_pipe.tokenizer, PROMPT, ["dog"])
+
+
+def test_ddim_tail_is_lowfreq_mix_of_renoised_second_to_last(ad_pipe):
+    """Tail = lowfreq_mix(sqrt(abar_L/abar_{L-1}) z + sqrt(1 - abar_L/abar_{L-1}) eps, eta) with
+    eta drawn first (FIFO's own tail draw), then eps."""
+    from longvideo.reference.lowfreq_mix import lowfreq_mix_reference
+
+    o = OuroborosDiffusion(ad_pipe, num_partitions=1, frames_per_window=4, sacfa=False,
+                           self_recurrent_guidance=False, tail_d_t=0.5)
+    lv = o.levels("cpu")
+    new = torch.randn(1, 4, o.L, 8, 8, generator=torch.Generator().manual_seed(0))
+    tail = o._new_tail(lv, new, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    eta = torch.randn(1, 4, 1, 8, 8, generator=g)
+    eps = torch.randn(1, 4, 1, 8, 8, generator=g)
+    r = lv.abar[o.L] / lv.abar[o.L - 1]
+    z = r.sqrt() * new[:, :, -1:] + (1 - r).sqrt() * eps
+    torch.testing.assert_close(tail, lowfreq_mix_reference(z, eta, "gaussian", 0.25, 0.5, 4), atol=1e-5, rtol=1e-5)
+
+
+def _attn1(pipe):
+    name = next(n for n in pipe.unet.attn_processors if "motion" not in n and n.endswith("attn1.processor"))
+    return name, pipe.unet.get_submodule(name[: -len(".processor")])
+
+
+def test_sacfa_processor_equals_explicit_concatenation(ad_pipe):
+    """Frame b of a window attends to its own tokens plus the subject tokens of the other frames of
+    its CFG half: SDPA over the explicitly concatenated keys; with no mask it is diffusers' own."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from longvideo.processors.ouroboros import OuroborosContext, OuroborosSelfAttnProcessor
+
+    name, attn = _attn1(ad_pipe)
+    Fr, h, w = 3, 4, 4
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2 * Fr, h * w, attn.to_q.in_features, generator=gen)
+    masks = torch.rand(Fr, h, w, generator=gen) > 0.6
+    ctx = OuroborosContext((h, w))
+    proc = OuroborosSelfAttnProcessor(ctx, name)
+    with torch.no_grad():
+        ctx.begin(frames=Fr, masks=None, sacfa=True, use_op=False, record_maps=False)
+        torch.testing.assert_close(proc(attn, x), AttnProcessor2_0()(attn, x), atol=1e-6, rtol=1e-6)
+        ctx.begin(frames=Fr, masks=masks, sacfa=True, use_op=False, record_maps=False)
+        got = proc(attn, x)
+        H = attn.heads
+        q, k, v = (m(x).view(2 * Fr, h * w, H, -1).transpose(1, 2) for m in (attn.to_q, attn.to_k, attn.to_v))
+        flat = masks.view(Fr, -1)
+        rows = []
+        for b in range(2 * Fr):
+            half, fb = divmod(b, Fr)
+            ks, vs = [k[b]], [v[b]]
+            for o in range(Fr):
+                if o != fb:
+                    ks.append(k[half * Fr + o][:, flat[o]])
+                    vs.append(v[half * Fr + o][:, flat[o]])
+            rows.append(F.scaled_dot_product_attention(q[b], torch.cat(ks, 1), torch.cat(vs, 1)))
+        ref = attn.to_out[0](torch.stack(rows).transpose(1, 2).reshape(2 * Fr, h * w, -1))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_subject_map_is_cross_attention_mass_on_subject_tokens(ad_pipe):
+    from longvideo.processors.ouroboros import OuroborosContext, OuroborosCrossAttnProcessor
+
+    name = next(n for n in ad_pipe.unet.attn_processors if "motion" not in n and n.endswith("attn2.processor"))
+    attn = ad_pipe.unet.get_submodule(name[: -len(".processor")])
+    Fr, h, w = 2, 4, 4
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2 * Fr, h * w, attn.to_q.in_features, generator=gen)
+    text = torch.randn(2 * Fr, 77, 32, generator=gen)
+    ctx = OuroborosContext((h, w))
+    ctx.begin(frames=Fr, masks=None, sacfa=True, use_op=False, record_maps=True)
+    ctx.subject_ids = [5, 6]
+    with torch.no_grad():
+        proc = OuroborosCrossAttnProcessor(ctx, name)
+        proc(attn, x, text)
+        H = attn.heads
+        q = attn.to_q(x[Fr:]).view(Fr, h * w, H, -1).transpose(1, 2)
+        k = attn.to_k(text[Fr:]).view(Fr, 77, H, -1).transpose(1, 2)
+        p = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1)[..., [5, 6]].mean((1, 3))
+        p = p.view(Fr, h, w)
+        lo, hi = p.flatten(1).min(1)[0].view(-1, 1, 1), p.flatten(1).max(1)[0].view(-1, 1, 1)
+    torch.testing.assert_close(ctx.maps(), (p - lo) / (hi - lo), atol=1e-5, rtol=1e-5)
+
+
+def test_self_recurrent_guidance_moves_only_guided_windows(ad_pipe):
+    """Guidance changes only the slots of the guided window, linearly in its scale; the bank is a
+    moving average that becomes valid once masks exist."""
+    base = dict(num_partitions=2, frames_per_window=4, tail_sampling=False, sacfa=False, guided_windows=(2,))
+    outs = {}
+    st, _ = _run(ad_pipe, 3, OuroborosDiffusion(ad_pipe, guidance_scale=1.0, **base))
+    assert st.bank is not None and float(st.bank[-1]) == 1.0
+    for s in (0.0, 1.0, 2.0):
+        o = OuroborosDiffusion(ad_pipe, guidance_scale=s, **base)
+        # one more iteration's denoising, from the same state
+        lv = o.levels("cpu")
+        restore = o._install((16, 16))
+        sched = _schedule(o, ad_pipe)
+        try:
+            with torch.no_grad():
+                outs[s] = o.step(st, lv, sched, _neg(ad_pipe), 3.0).queue
+        finally:
+            restore()
+    d1, d2 = outs[1.0] - outs[0.0], outs[2.0] - outs[0.0]
+    w = 2  # stride: window 2 writes slots [4, 6)
+    assert d1[:, :, 2 * w: 3 * w].abs().max() > 0
+    d1_rest = torch.cat([d1[:, :, : 2 * w], d1[:, :, 3 * w:]], dim=2)
+    assert d1_rest.abs().max() == 0
+    torch.testing.assert_close(d2, 2 * d1, atol=1e-5, rtol=1e-3)
+
+
+def _schedule(o, pipe):
+    from longvideo.methods.fifo import PromptSchedule
+
+    sched = PromptSchedule([PROMPT], [0])
+    pe, _ = o.family.encode_prompt(PROMPT, "", True, "cpu")
+    sched.embeds = [pe]
+    sched.subject_ids = [subject_token_positions(pipe.tokenizer, PROMPT, subject_words_from_prompt(PROMPT))]
+    return sched
+
+
+def _neg(pipe):
+    return pipe.encode_prompt(PROMPT, "cpu", 1, True, negative_prompt="")[1]
+
+
+@pytest.mark.parametrize("family", ["animatediff", "wan"])
+def test_resume_equals_uninterrupted(family, ad_pipe, wan_pipe, tmp_path):
+    """Every part on: masks and the bank travel in the checkpoint."""
+    pipe = ad_pipe if family == "animatediff" else wan_pipe
+    o = OuroborosDiffusion(pipe, num_partitions=1, frames_per_window=4, guided_windows=(0, 1), guidance_scale=2.0)
+    n = 7 if family == "animatediff" else 13
+    full = o(PROMPT, n, guidance_scale=3.0, seed=3)
+    first = list(o.generate(PROMPT, n, guidance_scale=3.0, seed=3, checkpoint_dir=tmp_path, checkpoint_every=2,
+                            stop_after_iterations=3))
+    saved = torch.load(tmp_path / "fifo_state.pt", weights_only=True)
+    assert saved["maps"] is not None and saved["bank"] is not None
+    rest = list(o.generate(PROMPT, n, guidance_scale=3.0, seed=3, checkpoint_dir=tmp_path, resume=True))
+    np.testing.assert_array_equal(np.stack(first[: saved["frames_out"]] + rest), full)
+
+
+def test_triton_kernels_agree_with_reference(ad_pipe):
+    """The ops Ouroboros calls, through its own code paths, with the Triton kernels (interpreter on
+    CPU) vs the reference: a SACFA self-attention layer forward and its gradient (self-recurrent
+    guidance's backward), and the coherent tail's lowfreq_mix."""
+    import longvideo.ops as ops
+    from longvideo.ops import _registry as R
+    from longvideo.processors.ouroboros import OuroborosContext, OuroborosSelfAttnProcessor
+
+    if not R.triton_available()[0]:
+        pytest.skip("triton unavailable")
+    name, attn = _attn1(ad_pipe)
+    Fr, h, w = 2, 4, 4
+    gen = torch.Generator().manual_seed(2)
+    x0 = torch.randn(2 * Fr, h * w, attn.to_q.in_features, generator=gen)
+    masks = torch.rand(Fr, h, w, generator=gen) > 0.5
+    ctx = OuroborosContext((h, w))
+    proc = OuroborosSelfAttnProcessor(ctx, name)
+    results = {}
+    for backend in ("reference", "triton"):
+        with ops.use_backend(backend, "consistent_attention"):
+            x = x0.clone().requires_grad_(True)
+            ctx.begin(frames=Fr, masks=masks, sacfa=True, use_op=True, record_maps=False)
+            out = proc(attn, x)
+            (grad,) = torch.autograd.grad(out.square().sum(), x)
+            ctx.end()
+            results[backend] = (out.detach(), grad)
+    atol, rtol = R.get_backend("consistent_attention", "triton").tolerance(torch.float32)
+    for a, b in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+    o = OuroborosDiffusion(ad_pipe, num_partitions=1, frames_per_window=4, sacfa=False, self_recurrent_guidance=False)
+    lv = o.levels("cpu")
+    new = torch.randn(1, 4, o.L, 8, 8, generator=gen)
+    tails = {}
+    for backend in ("reference", "triton"):
+        with ops.use_backend(backend, "lowfreq_mix"):
+            tails[backend] = o._new_tail(lv, new, torch.Generator().manual_seed(9))
+    atol, rtol = R.get_backend("lowfreq_mix", "triton").tolerance(torch.float32)
+    torch.testing.assert_close(tails["triton"], tails["reference"], atol=atol, rtol=rtol)
