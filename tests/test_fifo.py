@@ -185,19 +185,88 @@ def test_bad_arguments(wan_pipe, tmp_path):
         next(fifo.generate("x", 4, checkpoint_dir=tmp_path, resume=True))
 
 
-def test_cli_writes_video_and_resumes(tmp_path, capsys):
+def _png_frames(folder):
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("frame_*.png"))])
+
+
+def test_cli_interrupt_then_resume_equals_uninterrupted(tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the middle of a run (simulated in the video writer): the CLI saves the state of the
+    last fully emitted iteration, --resume continues, and the PNGs (lossless) equal an
+    uninterrupted run's; the mp4 is one complete video again (old frames re-encoded once)."""
     from longvideo.cli import main
+    from longvideo.video import VideoWriter, read_video
+
+    common = ["generate", "--method", "fifo", "--fifo-family", "animatediff", "--num-frames", "9",
+              "--fifo-partitions", "1", "--fifo-window", "4", "--device", "cpu", "--seed", "5"]
+    ref_dir = tmp_path / "ref"
+    assert main(common + ["--out", str(ref_dir / "v.mp4"), "--fifo-png-dir", str(ref_dir / "png")]) == 0
+    assert "frames/s" in capsys.readouterr().out
+    reference = _png_frames(ref_dir / "png")
+    assert reference.shape[0] == 9 and read_video(ref_dir / "v.mp4").shape[0] == 9
+
+    run = tmp_path / "run"
+    args = common + ["--out", str(run / "v.mp4"), "--fifo-png-dir", str(run / "png"), "--fifo-checkpoint-every", "3"]
+    write = VideoWriter.write
+
+    def interrupting_write(self, frames):
+        if self.frames_written == 5:
+            raise KeyboardInterrupt
+        write(self, frames)
+
+    monkeypatch.setattr(VideoWriter, "write", interrupting_write)
+    assert main(args) == 130
+    assert "--resume" in capsys.readouterr().out
+    saved = torch.load(run / "v.fifo_state" / "fifo_state.pt", weights_only=True)
+    # saved at the interruption: the last iteration whose frames were all written, not the periodic one
+    assert saved["frames_out"] == 5 and saved["iteration"] == 5
+    monkeypatch.setattr(VideoWriter, "write", write)
+
+    assert main(args + ["--resume"]) == 0
+    np.testing.assert_array_equal(_png_frames(run / "png"), reference)
+    video, ref_video = read_video(run / "v.mp4"), read_video(ref_dir / "v.mp4")
+    assert video.shape == ref_video.shape
+    # the frames before the checkpoint went through the codec twice: close, not equal
+    assert np.abs(video.astype(int) - ref_video.astype(int)).mean() < 8
+    assert not list(run.glob("*.resuming.mp4")) and not list(run.glob("*.from*.mp4"))
+
+    # extending the finished run: the end state was saved, more frames continue the same video
+    assert main([a if a != "9" else "12" for a in args] + ["--resume"]) == 0
+    longer_ref = tmp_path / "ref12"
+    assert main([a if a != "9" else "12" for a in common] + ["--out", str(longer_ref / "v.mp4"),
+                                                           "--fifo-png-dir", str(longer_ref / "png")]) == 0
+    np.testing.assert_array_equal(_png_frames(run / "png"), _png_frames(longer_ref / "png"))
+
+    with pytest.raises(SystemExit, match="other settings"):  # resuming with another seed is refused
+        main([a if a != "5" else "6" for a in args] + ["--num-frames", "20", "--resume"])
+
+
+def test_cli_sigterm_saves_the_queue_state(tmp_path):
+    """A real signal: SIGTERM (a scheduler, `timeout`) closes the video and saves the state."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "v.mp4"
+    cmd = [sys.executable, "-m", "longvideo", "generate", "--method", "fifo", "--fifo-family", "animatediff",
+           "--num-frames", "400", "--fifo-partitions", "1", "--fifo-window", "4", "--device", "cpu",
+           "--fifo-checkpoint-every", "1000", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and out.stat().st_size > 0:
+            break
+        time.sleep(0.5)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    text = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, text
+    saved = torch.load(tmp_path / "v.fifo_state" / "fifo_state.pt", weights_only=True)
     from longvideo.video import read_video
 
-    out = tmp_path / "fifo.mp4"
-    args = ["generate", "--method", "fifo", "--fifo-family", "animatediff", "--num-frames", "7",
-            "--fifo-partitions", "1", "--fifo-window", "4", "--fifo-checkpoint-every", "2", "--out", str(out),
-            "--device", "cpu"]
-    assert main(args) == 0
-    assert read_video(out).shape[0] == 7 and "frames/s" in capsys.readouterr().out
-    assert main(args + ["--resume"]) == 0  # continues after the last checkpoint into a part file
-    parts = list(tmp_path.glob("fifo.from*.mp4"))
-    assert len(parts) == 1 and read_video(parts[0]).shape[0] == 7 - int(parts[0].stem.split("from")[1])
+    assert read_video(out).shape[0] >= saved["frames_out"] > 0
 
 
 def test_coherent_tail_is_lowfreq_mix_of_second_to_last(wan_pipe):

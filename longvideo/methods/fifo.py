@@ -6,11 +6,12 @@ steps, see ``fifo_models``). One iteration denoises every window of the queue on
 moves exactly one level down, then the head (now clean) leaves the queue -- decoded and written at
 once -- and a new tail frame enters at level L. Each frame gets the model's per-frame update:
 
-    flow matching (Wan):   x_{k} = x_{k+1} + (sigma_k - sigma_{k+1}) v(x, sigma_{k+1})
+    flow matching (Wan, SkyReels-V2):  x_{k} = x_{k+1} + (sigma_k - sigma_{k+1}) v(x, sigma_{k+1})
     DDIM (AnimateDiff):    x_{k} = sqrt(abar_k) x0_hat + sqrt(1 - abar_k) eps(x, t_{k+1})
 
 with the model called on a window of f frames with one noise level per frame (Wan: per-token 2-D
-timestep; AnimateDiff: per-frame time embeddings). Classifier-free guidance runs both halves in one
+timestep; SkyReels-V2: per-frame (B, F) timestep with diffusion forcing; AnimateDiff: per-frame
+time embeddings). Classifier-free guidance runs both halves in one
 model call.
 
 Without lookahead: ``L = n f`` and n windows of f slots. Lookahead denoising (default): windows of
@@ -96,7 +97,7 @@ class FIFODiffusion:
         pipe: WanPipeline-like (transformer, vae, scheduler, encode_prompt) or AnimateDiffPipeline.
         num_partitions: n.
         frames_per_window: f, latent frames per model call (default: the model's clip length: 21 on
-            Wan 2.1, the tiny Wan's 3, 16 on AnimateDiff).
+            Wan 2.1, 25 on SkyReels-V2 540P, the tiny models' 3, 16 on AnimateDiff).
         lookahead: lookahead denoising.
         coherent_tail, tail_d_s, tail_d_t: shorthand for ``ouroboros=OuroborosConfig(tail_sampling=True,
             sacfa=False, self_recurrent_guidance=False, ...)``.
@@ -112,6 +113,8 @@ class FIFODiffusion:
             f = max(self.family.default_window(), 2 if lookahead else 1)
         else:
             f = int(frames_per_window)
+        if hasattr(self.family, "check_window"):  # SkyReels-V2 causal blocks: whole blocks per window
+            self.family.check_window(f)
         if num_partitions < 1:
             raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
         if f < (2 if lookahead else 1):
@@ -266,7 +269,7 @@ class FIFODiffusion:
         model = self.family.denoiser
         saved = dict(model.attn_processors)
         self._ctx = OuroborosContext(latent_hw)
-        self_layers = (install_wan if self.family.name == "wan" else install_unet)(model, self._ctx)
+        self_layers = (install_wan if self.family.name in ("wan", "skyreels") else install_unet)(model, self._ctx)
         layers = list(self.ouro.feature_layers) if self.ouro.feature_layers else default_feature_layers(
             self.family.name, self_layers)
         unknown = [n for n in layers if n not in self_layers]
@@ -300,12 +303,7 @@ class FIFODiffusion:
                           iteration=0, frames_out=0, rng_state=generator.get_state(), maps=maps, bank=None)
 
     def _default_size(self):
-        pipe = self.pipe
-        if self.family.name == "wan":
-            tiny = getattr(pipe, "longvideo_trained_latent_frames", None) == 3
-            return (32, 32) if tiny else (480, 832)
-        s = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        return s, s
+        return self.family.default_size()
 
     def _new_tail(self, lv, new, generator):
         eta = torch.randn(new[:, :, :1].shape, generator=generator).to(new)  # FIFO's tail: fresh noise
@@ -313,7 +311,7 @@ class FIFODiffusion:
             return eta
         z = new[:, :, -1:]                    # second-to-last after the shift, at level L - 1
         k_from = torch.tensor([self.L - 1], device=new.device)
-        noise = torch.randn(z.shape, generator=generator).to(new) if self.family.name != "wan" else None
+        noise = torch.randn(z.shape, generator=generator).to(new) if not self.family.flow_matching else None
         z = self.family.renoise(lv, z, k_from, k_from + 1, noise)
         o = self.ouro
         return torch.ops.longvideo.lowfreq_mix(z.contiguous(), eta, o.tail_filter, o.tail_d_s, o.tail_d_t, o.tail_order)
@@ -330,8 +328,12 @@ class FIFODiffusion:
             lookahead); None, or L itself. init_steps: steps of the initial clip (default max(f, 4)).
         writer: optional object with ``write(frame)`` (e.g. longvideo.video.VideoWriter), called for
             each frame before it is yielded.
-        checkpoint_dir/checkpoint_every: save the queue state every K iterations (atomically);
-        resume: continue from the saved state (frames already emitted are not produced again).
+        checkpoint_dir/checkpoint_every: save the queue state every K iterations (atomically), at the
+            end, and when the run is interrupted (KeyboardInterrupt, an error, the generator closed):
+            then the state after the last iteration whose frames were all emitted.
+        resume: continue from the saved state (frames already emitted are not produced again); the
+            run's settings must equal the checkpoint's (ValueError listing the differences), except
+            num_frames, so a finished run can also be extended.
         stop_after_iterations: stop early (for tests of interruption).
         """
         if num_frames < 1:
@@ -344,7 +346,7 @@ class FIFODiffusion:
         dh, dw = self._default_size()
         height, width = height or dh, width or dw
         if guidance_scale is None:
-            guidance_scale = 5.0 if self.family.name == "wan" else 7.5
+            guidance_scale = self.family.default_guidance_scale
         device = self.family.device
         generator = torch.Generator("cpu").manual_seed(seed)
         ckpt = Path(checkpoint_dir) / "fifo_state.pt" if checkpoint_dir else None
@@ -365,16 +367,21 @@ class FIFODiffusion:
                     for text in schedule.prompts]
             lv = self.levels(device)
         vs = getattr(self.pipe, "vae_scale_factor_spatial", None) or self.pipe.vae_scale_factor
+        settings = self._run_settings(schedule, height, width, guidance_scale, negative_prompt, seed, init_steps)
         restore = self._install((height // vs, width // vs))
+        complete = saved_iteration = None
         try:
             with torch.no_grad():
                 if resume:
-                    state = QueueState(**torch.load(ckpt, map_location=device, weights_only=True))
+                    saved = torch.load(ckpt, map_location=device, weights_only=True)
+                    _check_run_settings(saved.pop("settings", None), settings, ckpt)
+                    state = QueueState(**saved)
                     generator.set_state(state.rng_state)
                 else:
                     state = self._initial_state(lv, schedule.embeds[0], negative_embeds, height, width,
                                                 guidance_scale, generator, init_steps or max(self.f, 4))
             done = 0
+            complete, saved_iteration = state, state.iteration  # last state whose frames were all emitted
             while state.frames_out < num_frames:
                 if stop_after_iterations is not None and done >= stop_after_iterations:
                     return
@@ -400,13 +407,43 @@ class FIFODiffusion:
                         writer.write(frame)
                     yield frame
                 done += 1
-                if checkpoint_every and state.iteration % checkpoint_every == 0 and self._rank_world()[0] == 0:
-                    ckpt.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = ckpt.with_suffix(".tmp")
-                    torch.save({k.name: getattr(state, k.name) for k in dataclasses.fields(QueueState)}, tmp)
-                    os.replace(tmp, ckpt)
+                complete = state
+                if checkpoint_every and state.iteration % checkpoint_every == 0:
+                    self._save_checkpoint(ckpt, state, settings)
+                    saved_iteration = state.iteration
+            if checkpoint_every and complete.iteration != saved_iteration:
+                self._save_checkpoint(ckpt, complete, settings)  # the end: a later run can extend the video
+        except BaseException:
+            # Interrupted (Ctrl-C, SIGTERM turned into KeyboardInterrupt, the consumer closing the
+            # generator, an error): keep the work of every fully emitted iteration.
+            if checkpoint_every and complete is not None and complete.iteration != saved_iteration:
+                self._save_checkpoint(ckpt, complete, settings)
+            raise
         finally:
             restore()
+
+    def _run_settings(self, schedule, height, width, guidance_scale, negative_prompt, seed, init_steps) -> dict:
+        """What a checkpoint's queue depends on: resuming with other settings would continue a
+        different video, so resume compares them (num_frames may differ: a run can be extended)."""
+        ouro = dataclasses.asdict(self.ouro) if self.ouro is not None else None
+        if ouro is not None:
+            ouro = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in ouro.items()}
+        return {"family": self.family.name, "n": self.n, "f": self.f, "lookahead": self.lookahead,
+                "height": int(height), "width": int(width), "guidance_scale": float(guidance_scale),
+                "negative_prompt": negative_prompt, "seed": int(seed), "init_steps": init_steps,
+                "prompts": list(schedule.prompts), "prompt_starts": list(schedule.latent_starts),
+                "ouroboros": repr(ouro)}
+
+    def _save_checkpoint(self, ckpt: Path, state: QueueState, settings: dict) -> None:
+        """Atomic write (a crash while saving leaves the previous checkpoint); rank 0 only."""
+        if self._rank_world()[0] != 0:
+            return
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt.with_suffix(".tmp")
+        data = {k.name: getattr(state, k.name) for k in dataclasses.fields(QueueState)}
+        data["settings"] = settings
+        torch.save(data, tmp)
+        os.replace(tmp, ckpt)
 
     def __call__(self, prompt, num_frames: int, **kwargs):
         """All frames at once: np.uint8 (F, H, W, 3)."""
@@ -463,6 +500,17 @@ class PromptSchedule:
         return self.embeds[self.index(latent_index)]
 
 
+def _check_run_settings(saved: Optional[dict], now: dict, ckpt) -> None:
+    if saved is None:
+        return
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+            if saved.get(k) != now.get(k)]
+    if diff:
+        raise ValueError(f"resume: {ckpt} was written by a run with other settings; resume with the same "
+                         "prompt, model, size, seed and method options (only the number of frames may change):\n  "
+                         + "\n  ".join(diff))
+
+
 def _prompt_index(schedule: PromptSchedule, latent_index: int) -> int:
     return schedule.index(latent_index)
 
@@ -471,13 +519,15 @@ def _prompt_index(schedule: PromptSchedule, latent_index: int) -> int:
 # CLI: longvideo generate --method fifo | ouroboros
 def add_generate_arguments(parser) -> None:
     g = parser.add_argument_group("fifo / ouroboros")
-    g.add_argument("--fifo-family", choices=("wan", "animatediff"), default=None,
+    g.add_argument("--fifo-family", choices=("wan", "skyreels", "animatediff"), default=None,
                    help="model family (default: wan for the tiny model, else read from the checkpoint)")
     g.add_argument("--fifo-partitions", type=int, default=4, help="n: queue of n*f latent frames")
     g.add_argument("--fifo-window", type=int, default=None, help="f: latent frames per model call")
     g.add_argument("--fifo-no-lookahead", action="store_true")
     g.add_argument("--fifo-init-steps", type=int, default=None, help="steps of the initial clip")
-    g.add_argument("--fifo-checkpoint-every", type=int, default=0, help="save the queue state every K iterations")
+    g.add_argument("--fifo-checkpoint-every", type=int, default=10,
+                   help="save the queue state every K iterations (and when interrupted) next to --out, in "
+                        "OUT.fifo_state/; 0: never")
     g.add_argument("--fifo-png-dir", default=None, help="also write every frame as a PNG here")
     g.add_argument("--fifo-prompt-schedule", default=None,
                    help='multi-prompt: "0=a cat walking;120=a cat sleeping" (video frame = prompt; overrides --prompt)')
@@ -507,7 +557,9 @@ def _family_from_checkpoint(path) -> str:
         return "wan"
     if cls.startswith("AnimateDiff"):
         return "animatediff"
-    raise SystemExit(f"--model {path}: pipeline {cls!r} is not a supported FIFO family (Wan, AnimateDiff)")
+    if cls.startswith("SkyReelsV2"):
+        return "skyreels"
+    raise SystemExit(f"--model {path}: pipeline {cls!r} is not a supported FIFO family (Wan, SkyReels-V2, AnimateDiff)")
 
 
 def build_from_args(args, pipe):
@@ -554,32 +606,106 @@ def run_generate(args) -> int:
         except ValueError:
             raise SystemExit(f"--fifo-prompt-schedule: expected 'FRAME=prompt;FRAME=prompt', got {args.fifo_prompt_schedule!r}")
     ckpt_dir = out.with_suffix(".fifo_state")
+    every = args.fifo_checkpoint_every
     start_frame = 0
     if args.resume:
         if not (ckpt_dir / "fifo_state.pt").exists():
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_dir / 'fifo_state.pt'} (run with --fifo-checkpoint-every K first)")
+            raise SystemExit(f"--resume: no checkpoint at {ckpt_dir / 'fifo_state.pt'} (checkpoints are written "
+                             "every --fifo-checkpoint-every iterations and when a run is interrupted)")
         start_frame = int(torch.load(ckpt_dir / "fifo_state.pt", weights_only=True)["frames_out"])
+        every = every or 10
+        if start_frame >= num_frames:
+            print(f"the checkpoint in {ckpt_dir} has emitted {start_frame} frames already; nothing to do "
+                  "(ask for more with --num-frames to extend the video)")
+            return 0
     kwargs = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale, seed=args.seed or 0,
                   num_inference_steps=None, init_steps=args.fifo_init_steps, checkpoint_dir=ckpt_dir,
-                  resume=args.resume)
+                  resume=args.resume, checkpoint_every=every)
     if args.steps is not None and args.steps != fifo.L:
         print(f"note: --steps ignored: {method} denoises with one level per queue slot ({fifo.L} levels)")
     t0 = time.perf_counter()
-    if rank != 0:  # every rank runs the queue; rank 0 writes the video and the checkpoints
-        for _ in fifo.generate(prompt, num_frames, checkpoint_every=args.fifo_checkpoint_every, **kwargs):
-            pass
-        return 0
-    # On resume the frames written before the checkpoint stay in the old file; new ones go to a part file.
-    target = out if start_frame == 0 else out.with_name(f"{out.stem}.from{start_frame}{out.suffix}")
-    with VideoWriter(target, fps=args.fps, png_dir=args.fifo_png_dir) as writer, \
-            tqdm(total=num_frames, initial=start_frame, unit="frame") as bar:
-        writer.frames_written = start_frame  # PNG numbering continues after a resume
-        for frame in fifo.generate(prompt, num_frames, writer=writer, checkpoint_every=args.fifo_checkpoint_every,
-                                   **kwargs):
-            bar.update(1)
+    with _sigterm_as_interrupt():
+        if rank != 0:  # every rank runs the queue; rank 0 writes the video and the checkpoints
+            for _ in fifo.generate(prompt, num_frames, **kwargs):
+                pass
+            return 0
+        try:
+            target, kept = _open_output(out, start_frame)
+            with VideoWriter(target, fps=args.fps, png_dir=args.fifo_png_dir) as writer, \
+                    tqdm(total=num_frames, initial=start_frame, unit="frame") as bar:
+                png_dir, writer.png_dir = writer.png_dir, None  # their PNGs were written by the first run
+                for frame in kept:                  # the frames before the checkpoint, from the old file
+                    writer.write(frame)
+                writer.png_dir, writer.frames_written = png_dir, start_frame
+                for frame in fifo.generate(prompt, num_frames, writer=writer, **kwargs):
+                    bar.update(1)
+        except ValueError as exc:
+            if not str(exc).startswith("resume:"):
+                raise
+            if target != out:
+                target.unlink(missing_ok=True)
+            raise SystemExit(str(exc)) from None
+        except KeyboardInterrupt:
+            if target != out and target.name.endswith(".resuming" + out.suffix):
+                os.replace(target, out)  # closed by the with block: every frame emitted so far
+            print(f"\ninterrupted; the queue state is saved in {ckpt_dir}: run the same command with --resume "
+                  "to continue" if every else "\ninterrupted (no checkpoint: --fifo-checkpoint-every 0)")
+            return 130
+    if target != out and target.name.endswith(".resuming" + out.suffix):
+        os.replace(target, out)  # the old frames + the new ones: one complete video again
+        target = out
     dt = time.perf_counter() - t0
     made = num_frames - start_frame
-    print(f"wrote {target} ({made} frames, {made / dt:.2f} frames/s)")
-    if start_frame:
+    print(f"wrote {target} ({made} new frames, {num_frames} in all, {made / dt:.2f} frames/s)")
+    if target != out:
         print(f"frames 0..{start_frame - 1} are in {out} (written before the interruption)")
     return 0
+
+
+def _open_output(out: Path, start_frame: int):
+    """Where a (resumed) run writes, and the frames it must copy first.
+
+    A fresh run writes `out`. A resumed run re-writes the first `start_frame` frames of the
+    interrupted `out` (decoded and encoded again once) into OUT.resuming.mp4, followed by the new
+    frames, and replaces `out` with it at the end, so `out` is one complete video. When the old file
+    cannot be read or holds fewer frames (killed before the encoder flushed), the new frames go to
+    OUT.from<N>.mp4 instead and the old file is left as it is."""
+    if start_frame == 0:
+        return out, []
+    try:
+        from ..video import read_video
+
+        old = read_video(out)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file means: keep it, write a part file
+        print(f"note: {out} is not readable ({exc}); writing the frames from {start_frame} on to a part file")
+        old = None
+    if old is not None and old.shape[0] >= start_frame:
+        return out.with_name(f"{out.stem}.resuming{out.suffix}"), list(old[:start_frame])
+    if old is not None:
+        print(f"note: {out} holds {old.shape[0]} frames, fewer than the {start_frame} the checkpoint emitted; "
+              "writing the new frames to a part file")
+    return out.with_name(f"{out.stem}.from{start_frame}{out.suffix}"), []
+
+
+class _sigterm_as_interrupt:
+    """SIGTERM (a job scheduler, `timeout`, `kill`) raises KeyboardInterrupt in the main thread, so the
+    video file is closed and the queue state saved as on Ctrl-C."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                raise KeyboardInterrupt(f"signal {signum}")
+
+            self._old = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False

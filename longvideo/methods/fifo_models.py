@@ -32,6 +32,34 @@ iteration moves it to level ``k``.
     down/mid/up block in place of the repeated one (forward pre-hooks; nothing is patched in
     diffusers' code). With equal timesteps it is exactly the model's own call.
     Frames are latent frames 1:1 with video frames (AnimateDiff's VAE is per image).
+
+``SkyReelsFamily`` (flow matching; SkyReelsV2Transformer3DModel, a Wan-architecture transformer)
+    Everything but the model call is Wan's: the same flow-matching levels (the pipeline scheduler's
+    sigmas; SkyReels-V2 ships UniPC with flow shift 8), the same Euler update, the same Wan VAE and
+    causal decoding. Per-frame timesteps: SkyReelsV2Transformer3DModel does NOT take Wan's per-token
+    2-D timestep (its blocks would read a ``(B, seq, 6, D)`` modulation as ``(B, 6, seq, D)``); it
+    takes one timestep per latent frame, ``timestep`` of shape ``(B, F)`` with
+    ``enable_diffusion_forcing=True`` (the diffusion-forcing path its DF checkpoints were trained
+    with), and repeats each frame's modulation over that frame's patch tokens itself. With equal
+    timesteps this is exactly its ordinary ``(B,)`` call, and with distinct ones exactly Wan's
+    per-token call with the same weights (tests/test_fifo_skyreels.py checks both).
+    ``inject_sample_info`` checkpoints (SkyReels-V2-DF-1.3B) add an fps embedding (index 0 for
+    16 fps, 1 otherwise, as the pipelines map it; ``SkyReelsFamily.fps``, default 24) to the
+    modulation. It is passed as a one-element list: the transformer repeats the fps term over frames
+    as ``(F, 6, D)``, which broadcasts over a CFG batch of 2 only when it was computed for one row
+    (a per-row list would not broadcast), and every row shares the same fps anyway.
+    ``num_frame_per_block = b > 1`` makes the transformer attend block-causally (each block of b
+    frames sees itself and the blocks before it). FIFO's windows are ordered cleanest first, the
+    direction diffusion forcing denoises in, so this is supported when the window f is a multiple of
+    b (the mask is built for whole blocks); otherwise ``ValueError`` (``frames_per_window``).
+    Image-conditioned transformers (``image_dim`` / ``added_kv_proj_dim``) are rejected (FIFO here
+    is text-to-video). Initial clip: the pipeline itself with ``output_type="latent"`` when its
+    ``__call__`` can sample from text embeddings alone (SkyReelsV2DiffusionForcingPipeline, run
+    synchronously: every frame at the same timestep, ``base_num_frames`` = the clip so no long-video
+    chunking); otherwise (the DF video-/image-to-video pipelines need a video/image, the plain
+    SkyReelsV2Pipeline passes no fps to an inject_sample_info transformer) a flow-matching Euler loop
+    over the family's own levels and model call, all frames at one level, from Gaussian noise drawn
+    exactly as the DF pipeline draws it.
 """
 from __future__ import annotations
 
@@ -51,18 +79,30 @@ class Levels:
     abar: Optional[torch.Tensor] = None    # DDIM: (L+1,) descending alphas_cumprod
 
 
+def _is_skyreels_v2(model) -> bool:
+    try:
+        from diffusers import SkyReelsV2Transformer3DModel
+    except ImportError:  # a diffusers without SkyReels-V2
+        return False
+    return isinstance(model, SkyReelsV2Transformer3DModel)
+
+
 def family_of(pipe) -> str:
-    """'wan' or 'animatediff' from the pipeline's denoiser."""
+    """'skyreels', 'wan' or 'animatediff' from the pipeline's denoiser. SkyReels-V2 is checked first:
+    its transformer has Wan's config (patch_size) but takes per-frame, not per-token, timesteps."""
+    if _is_skyreels_v2(getattr(pipe, "transformer", None)):
+        return "skyreels"
     if hasattr(pipe, "transformer") and hasattr(getattr(pipe.transformer, "config", None), "patch_size"):
         return "wan"
     if hasattr(pipe, "unet") and hasattr(pipe.unet, "down_blocks"):
         return "animatediff"
-    raise ValueError("pipe: FIFO supports Wan-family pipelines (WanTransformer3DModel) and AnimateDiff pipelines "
-                     f"(UNetMotionModel); got {type(pipe).__name__}")
+    raise ValueError("pipe: FIFO supports Wan-family pipelines (WanTransformer3DModel), SkyReels-V2 pipelines "
+                     "(SkyReelsV2Transformer3DModel) and AnimateDiff pipelines (UNetMotionModel); "
+                     f"got {type(pipe).__name__}")
 
 
 def make_family(pipe):
-    return {"wan": WanFamily, "animatediff": AnimateDiffFamily}[family_of(pipe)](pipe)
+    return {"wan": WanFamily, "skyreels": SkyReelsFamily, "animatediff": AnimateDiffFamily}[family_of(pipe)](pipe)
 
 
 def _to_uint8(video):
@@ -74,6 +114,9 @@ def _to_uint8(video):
 class WanFamily:
     name = "wan"
     temporal_compression = 4
+    flow_matching = True           # levels are flow sigmas (Ouroboros' tail keeps z; see renoise)
+    default_guidance_scale = 5.0   # the Wan pipelines' default
+    full_size = (480, 832)         # Wan 2.1 480p
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -85,6 +128,11 @@ class WanFamily:
 
     def default_window(self) -> int:
         return int(getattr(self.pipe, "longvideo_trained_latent_frames", 0) or 21)
+
+    def default_size(self):
+        """(height, width): 32x32 on the built-in tiny model (trained length 3), else full_size."""
+        tiny = getattr(self.pipe, "longvideo_trained_latent_frames", None) == 3
+        return (32, 32) if tiny else self.full_size
 
     def levels(self, L: int, device) -> Levels:
         sched = self.pipe.scheduler
@@ -158,6 +206,119 @@ class WanFamily:
         return _to_uint8(video[0].permute(1, 0, 2, 3))
 
 
+class SkyReelsFamily(WanFamily):
+    """SkyReels-V2 (see the module docstring): Wan's levels, Euler update, re-noising and causal VAE
+    decoding; the model is told one timestep per latent frame (diffusion forcing)."""
+
+    name = "skyreels"
+    default_guidance_scale = 6.0   # the SkyReels-V2 text-to-video pipelines' default
+    full_size = (544, 960)         # SkyReels-V2 540P
+    trained_latent_frames = 25     # the DF pipelines' base_num_frames = 97 video frames
+    fps = 24                       # fps conditioning of inject_sample_info checkpoints (16 or 24)
+
+    def __init__(self, pipe):
+        super().__init__(pipe)
+        cfg = self.denoiser.config
+        if getattr(cfg, "image_dim", None) is not None or getattr(cfg, "added_kv_proj_dim", None) is not None:
+            raise ValueError("pipe: FIFO runs SkyReels-V2 text-to-video transformers; this one is image-conditioned "
+                             f"(image_dim={cfg.image_dim}, added_kv_proj_dim={cfg.added_kv_proj_dim})")
+
+    @property
+    def block_size(self) -> int:
+        """num_frame_per_block: latent frames per causal attention block (1: full attention)."""
+        return int(getattr(self.denoiser.config, "num_frame_per_block", 1) or 1)
+
+    def default_window(self) -> int:
+        f = int(getattr(self.pipe, "longvideo_trained_latent_frames", 0) or self.trained_latent_frames)
+        b = self.block_size
+        return max(b, f // b * b)
+
+    def check_window(self, f: int) -> int:
+        """Raise ValueError unless a window of f latent frames is whole causal blocks."""
+        b = self.block_size
+        if b > 1 and f % b:
+            raise ValueError(f"frames_per_window: the SkyReels-V2 transformer attends block-causally in blocks of "
+                             f"num_frame_per_block = {b} latent frames, so FIFO's window must be a multiple of {b}; "
+                             f"got f = {f}")
+        return f
+
+    def _fps_kwargs(self) -> dict:
+        if not getattr(self.denoiser.config, "inject_sample_info", False):
+            return {}
+        # One entry, broadcast over the batch by the transformer (see the module docstring); the
+        # pipelines' mapping: 16 fps -> embedding 0, anything else -> 1.
+        return {"fps": [0 if int(self.fps) == 16 else 1]}
+
+    def model_output(self, x, t_frames, prompt_embeds, negative_embeds, guidance_scale):
+        """Velocity for window x (1, C, F, h, w) at per-frame model timesteps t_frames (F,):
+        ``timestep`` (B, F) with ``enable_diffusion_forcing=True``; CFG halves in one call."""
+        tr = self.denoiser
+        self.check_window(x.shape[2])
+        cfg = negative_embeds is not None and guidance_scale > 1.0
+        xin = torch.cat([x, x]) if cfg else x
+        emb = torch.cat([negative_embeds, prompt_embeds]) if cfg else prompt_embeds
+        t = t_frames.to(device=x.device, dtype=torch.float32)[None].repeat(xin.shape[0], 1)  # (B, F)
+        v = tr(hidden_states=xin.to(tr.dtype), timestep=t, encoder_hidden_states=emb, enable_diffusion_forcing=True,
+               return_dict=False, **self._fps_kwargs())[0].float()
+        if cfg:
+            v_u, v_c = v.chunk(2)
+            v = v_u + guidance_scale * (v_c - v_u)
+        return v
+
+    def pipeline_can_sample(self) -> bool:
+        """Whether the pipeline's own __call__ can sample the initial clip from text embeddings alone
+        (latent output, no image/video input, and fps conditioning where the transformer needs it)."""
+        import inspect
+
+        try:
+            params = inspect.signature(type(self.pipe).__call__).parameters
+        except (TypeError, ValueError):
+            return False
+        needed = {"prompt_embeds", "negative_prompt_embeds", "output_type", "num_frames", "height", "width",
+                  "num_inference_steps", "guidance_scale", "generator"}
+        if not needed <= set(params):
+            return False
+        required = [n for n, p in params.items() if n not in ("self", "prompt") and p.default is p.empty
+                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if required:
+            return False
+        return "fps" in params or not self._fps_kwargs()
+
+    def sample_clip(self, prompt_embeds, negative_embeds, height, width, f, steps, guidance_scale, generator):
+        """Initial clip of f latent frames (1, C, f, h, w), float32 (see the module docstring)."""
+        self.check_window(f)
+        if not self.pipeline_can_sample():
+            return self.sample_clip_euler(prompt_embeds, negative_embeds, height, width, f, steps, guidance_scale,
+                                          generator)
+        import inspect
+
+        pipe = self.pipe
+        num_frames = (f - 1) * self.temporal_compression + 1
+        params = inspect.signature(type(pipe).__call__).parameters
+        extra = {}
+        if "fps" in params:
+            extra["fps"] = self.fps
+        if "base_num_frames" in params:  # one chunk: no long-video overlap logic
+            extra["base_num_frames"] = num_frames
+        return pipe(prompt=None, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, height=height,
+                    width=width, num_frames=num_frames, num_inference_steps=steps, guidance_scale=guidance_scale,
+                    generator=generator, output_type="latent", **extra).frames.float()
+
+    def sample_clip_euler(self, prompt_embeds, negative_embeds, height, width, f, steps, guidance_scale, generator):
+        """Plain flow-matching Euler sampling of f latent frames over the family's own levels for
+        `steps` steps (every frame at the same level), starting from noise drawn as the SkyReels-V2
+        DF pipelines draw it (float32 on the CPU generator, shape (1, C, f, H / s, W / s))."""
+        self.check_window(f)
+        s = getattr(self.pipe, "vae_scale_factor_spatial", None) or 8
+        shape = (1, self.denoiser.config.in_channels, f, height // s, width // s)
+        x = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
+        lv = self.levels(steps, self.device)
+        for k in range(steps, 0, -1):
+            v = self.model_output(x, lv.t_model[k].repeat(f), prompt_embeds, negative_embeds, guidance_scale)
+            x = x + (lv.sigma[k - 1] - lv.sigma[k]) * v
+        return x
+
+
 @contextlib.contextmanager
 def per_frame_time_embedding(unet, timesteps: torch.Tensor):
     """Inside the block, every block of a UNetMotionModel gets the time embedding of ``timesteps``
@@ -184,6 +345,8 @@ def per_frame_time_embedding(unet, timesteps: torch.Tensor):
 class AnimateDiffFamily:
     name = "animatediff"
     temporal_compression = 1
+    flow_matching = False
+    default_guidance_scale = 7.5
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -198,6 +361,10 @@ class AnimateDiffFamily:
 
     def default_window(self) -> int:
         return 16  # AnimateDiff's motion modules were trained on 16-frame clips
+
+    def default_size(self):
+        s = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        return s, s
 
     def levels(self, L: int, device) -> Levels:
         sched = self.pipe.scheduler
