@@ -170,17 +170,25 @@ def available_suites() -> list[str]:
 
 
 def run_suite(name: str, device: torch.device, quick: bool = False, progress: Callable[[str], None] = print,
-              **timing) -> dict:
+              out_dir: Optional[Path] = None, **timing) -> dict:
+    """Run every case of a suite. With `out_dir`, the record is (re)written after each case with
+    ``"complete": False`` until the last one, so a run stopped by a time limit keeps what it measured."""
     cases = load_suite(name).cases(device, quick)
-    rows = []
+    record = {"suite": name, "quick": quick, "environment": environment(device), "cases": [], "complete": False}
     for i, case in enumerate(cases):
         row = run_case(case, device, **timing)
-        rows.append(row)
+        record["cases"].append(row)
         if progress:
             msg = row.get("error") or f"{row['median_ms']:.3f} ms"
             progress(f"[{name} {i + 1}/{len(cases)}] {case.name} {case.impl}: {msg}")
+        cases[i] = None  # free the case's inputs before the next one allocates its own
         del case
-    return {"suite": name, "quick": quick, "environment": environment(device), "cases": rows}
+        if out_dir is not None and i + 1 < len(cases):
+            write_record(record, out_dir)
+    record["complete"] = True
+    if out_dir is not None:
+        write_record(record, out_dir)
+    return record
 
 
 def write_record(record: dict, out_dir: Path) -> Path:
@@ -215,7 +223,8 @@ def render_table(results_dir: Path) -> str:
         env = rec["environment"]
         lines += [f"## {rec['suite']} — {env['device']} ({fname})", "",
                   f"torch {env['torch']}, triton {env.get('triton')}, CUDA {env.get('cuda')}, commit "
-                  f"{(env.get('git_commit') or '?')[:10]}, {env['date']}" + (" (quick)" if rec.get("quick") else ""), "",
+                  f"{(env.get('git_commit') or '?')[:10]}, {env['date']}" + (" (quick)" if rec.get("quick") else "")
+                  + (" (incomplete: the run stopped before its last case)" if rec.get("complete") is False else ""), "",
                   "| case | impl | params | median ms | peak MiB | TFLOP/s | GB/s | % peak | extra |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for r in rec["cases"]:

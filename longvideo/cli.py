@@ -200,9 +200,8 @@ def cmd_bench(args) -> int:
         if device.type == "cpu" and not args.quick:
             print("note: full-size suites are meant for a GPU; on CPU use --quick", file=sys.stderr)
         for suite in chosen:
-            rec = benchmarking.run_suite(suite, device, quick=args.quick)
-            path = benchmarking.write_record(rec, out)
-            print(f"recorded {path}")
+            rec = benchmarking.run_suite(suite, device, quick=args.quick, out_dir=out)
+            print(f"recorded {benchmarking.write_record(rec, out)}")
     table = out / "README.md"
     out.mkdir(parents=True, exist_ok=True)
     table.write_text(benchmarking.render_table(out))

@@ -47,3 +47,34 @@ def test_console_entry_point_runs():
 def test_bench_table_only(tmp_path):
     assert main(["bench", "--table", "--out", str(tmp_path)]) == 0
     assert "No records yet" in (tmp_path / "README.md").read_text()
+
+
+def test_suite_record_is_written_after_every_case(tmp_path, monkeypatch):
+    """A suite stopped by a time limit keeps the cases it measured (record marked incomplete)."""
+    import types
+
+    seen = []
+
+    def stop_after_two():
+        if len(seen) == 2:
+            raise KeyboardInterrupt  # what `timeout` does to a long suite, as far as the record goes
+        seen.append(1)
+
+    suite = types.SimpleNamespace(cases=lambda device, quick: [
+        benchmarking.Case("toy", f"c{i}", "impl", stop_after_two, timing={"warmup": 0, "repeats": 1, "min_time_s": 0.0})
+        for i in range(3)])
+    monkeypatch.setattr(benchmarking, "load_suite", lambda name: suite)
+    try:
+        benchmarking.run_suite("toy", torch.device("cpu"), progress=None, out_dir=tmp_path)
+    except KeyboardInterrupt:
+        pass
+    (path,) = tmp_path.glob("toy_*.json")
+    rec = json.loads(path.read_text())
+    assert [c["name"] for c in rec["cases"]] == ["c0", "c1"] and rec["complete"] is False
+    assert "incomplete" in benchmarking.render_table(tmp_path)
+
+    seen.clear()
+    suite.cases = lambda device, quick: [benchmarking.Case("toy", "only", "impl", lambda: None)]
+    rec = benchmarking.run_suite("toy", torch.device("cpu"), progress=None, out_dir=tmp_path / "done")
+    assert rec["complete"] is True
+    assert json.loads(next((tmp_path / "done").glob("toy_*.json")).read_text())["complete"] is True
