@@ -8,9 +8,12 @@ step 1 on every call (probability 1: both paths do identical work), sampling rat
 text encoders and the VAE are tiny stand-ins with SDXL's widths (only the UNet matters here),
 and the story stops at the latents (no VAE decode).
 
-Implementations:
-* ``longvideo[auto]``           this package, id bank on the GPU;
-* ``longvideo[auto]+cpu_bank``  this package, id bank in pinned host memory (the <= 12 GB setting);
+Implementations (``[auto]``: the auto-selected attention kernel):
+* ``longvideo[auto]``           this package, id bank all on the GPU (``bank_location=None``);
+* ``longvideo[auto]+auto_bank`` this package, ``bank_location="auto"`` with the budget a 16 GiB card
+                                gets by default (10% of 16 GiB): the first steps' entries on the GPU,
+                                the rest spilled to pinned host memory and prefetched;
+* ``longvideo[auto]+cpu_bank``  this package, id bank all in pinned host memory;
 * ``official_lowvram``          the official low-VRAM path re-implemented here: per image, concatenate
                                 the other images' sampled tokens (write) or the id bank (read) with
                                 its own tokens, project k/v of the concatenation, SDPA per image;
@@ -18,7 +21,10 @@ Implementations:
 * ``plain_sdxl``                the same six images without consistency (context).
 
 Timing covers the whole story (all UNet calls, text encoding, bank traffic). Peak memory is what
-the story allocates beyond the resident weights (``extra.weights_bytes``): total = both.
+the story allocates beyond the resident weights (``extra.weights_bytes``): total = both. The id
+bank's size is projected from the UNet's structure (``project_bank_bytes``, exact for seed 0):
+``extra.bank_bytes`` for this case, ``extra.bank_bytes_official_50_steps`` for the same story at
+the official settings (50 steps, consistency from step 5, 4 id images, this resolution).
 ``quick=True``: the tiny SDXL pipeline at 64x64, 3 steps (CPU smoke run).
 """
 from __future__ import annotations
@@ -32,6 +38,7 @@ SUITE = "storydiffusion"
 STORY = ["[Hero] reading a book at home", "[Hero] walking in a park", "[Hero] cooking dinner",
          "[Hero] riding a bicycle", "[Hero] on a boat at sunset", "[Hero] sleeping under a tree"]
 ID_LENGTH = 4
+AUTO_BANK_BUDGET = int(0.10 * 16 * 2**30)  # the auto bank's default budget on a 16 GiB card
 
 
 def sdxl_unet_config() -> dict:
@@ -140,9 +147,9 @@ def _story_runner(pipe, impl: str, steps: int, size: int):
               output_type="latent", progress=False, seed=0)
     sched = dict(sampling_rate=0.5, start_step=1, prob_early=1.0, prob_late=1.0)
 
-    def ours(bank_location=None):
+    def ours(bank_location=None, budget=None):
         def fn():
-            method = StoryDiffusion(pipe, bank_location=bank_location, **sched)
+            method = StoryDiffusion(pipe, bank_location=bank_location, bank_gpu_budget=budget, **sched)
             try:
                 return method.generate_story(STORY, **kw)
             finally:
@@ -170,12 +177,14 @@ def _story_runner(pipe, impl: str, steps: int, size: int):
         for t in texts[ID_LENGTH:]:
             pipe([t], **common)
 
-    return {"longvideo[auto]": ours(None), "longvideo[auto]+cpu_bank": ours("cpu"), "official_lowvram": official,
-            "plain_sdxl": plain}[impl]
+    return {"longvideo[auto]": ours(None), "longvideo[auto]+auto_bank": ours("auto", AUTO_BANK_BUDGET),
+            "longvideo[auto]+cpu_bank": ours("cpu"), "official_lowvram": official, "plain_sdxl": plain}[impl]
 
 
 def cases(device: torch.device, quick: bool) -> list:
     from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from longvideo.methods.storydiffusion import parse_story, project_bank_bytes
 
     if quick:
         from longvideo.models.sd import tiny_pipeline
@@ -188,9 +197,17 @@ def cases(device: torch.device, quick: bool) -> list:
         steps, size, shape = 8, 1024, "sdxl-shaped"
     pipe.unet.set_attn_processor(AttnProcessor2_0())
     weights = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
-    impls = ["longvideo[auto]", "longvideo[auto]+cpu_bank", "official_lowvram", "plain_sdxl"]
-    if device.type != "cuda":
-        impls.remove("longvideo[auto]+cpu_bank")  # same as the first on a CPU
+    names = parse_story("\n".join(STORY)).characters
+    bank = project_bank_bytes(pipe, num_inference_steps=steps, id_length=ID_LENGTH, height=size, width=size,
+                              sampling_rate=0.5, start_step=1, prob_early=1.0, prob_late=1.0, characters=names,
+                              seed=0)
+    bank_official = project_bank_bytes(pipe, num_inference_steps=50, id_length=ID_LENGTH, height=size, width=size,
+                                       sampling_rate=0.5, start_step=5, characters=names, seed=0)
+    impls = ["longvideo[auto]", "longvideo[auto]+auto_bank", "longvideo[auto]+cpu_bank", "official_lowvram",
+             "plain_sdxl"]
+    if device.type != "cuda":  # the same as the first on a CPU
+        impls.remove("longvideo[auto]+auto_bank")
+        impls.remove("longvideo[auto]+cpu_bank")
     out = []
     for impl in impls:
         out.append(Case(
@@ -198,5 +215,7 @@ def cases(device: torch.device, quick: bool) -> list:
             params={"images": len(STORY), "id_images": ID_LENGTH, "read_images": len(STORY) - ID_LENGTH,
                     "height": size, "width": size, "steps": steps, "start_step": 1, "probability": 1.0,
                     "sampling_rate": 0.5, "unet": shape, "dtype": str(next(pipe.unet.parameters()).dtype)},
-            extra={"weights_bytes": weights, "note": "peak_mem_bytes excludes the resident weights; latents only"}))
+            extra={"weights_bytes": weights, "bank_bytes": bank, "bank_bytes_official_50_steps": bank_official,
+                   **({"bank_gpu_budget": AUTO_BANK_BUDGET} if impl.endswith("auto_bank") else {}),
+                   "note": "peak_mem_bytes excludes the resident weights; latents only"}))
     return out

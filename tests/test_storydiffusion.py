@@ -427,3 +427,152 @@ def test_gpu_kernels_and_host_bank_match_reference(kind, dtype):
     atol, _ = get_backend(OP, "triton").tolerance(dtype)
     for a, b in zip(results["auto"], results["ref"]):
         _close(a, b, 20 * atol)  # low precision through 4 steps of a random UNet
+
+
+# ----------------------------------------------------------------------------------------------
+# the "auto" id bank (device within a budget, the rest in host memory) and its projected size
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_auto_bank_on_cpu_equals_old_default_and_projection_is_exact(pipes, kind, tmp_path):
+    from longvideo.methods.storydiffusion import project_bank_bytes
+
+    pipe = _fresh(pipes, kind)
+    # sd15: a write and a read, compared with the old default bank; sdxl: the write only (projection)
+    story = ["[Bob] at home", "[Bob] in a park"] + (["[Bob] with a dog"] if kind == "sd15" else [])
+    steps = 3
+    kw = dict(id_length=2, num_inference_steps=steps, output_type="latent", progress=False, seed=2)
+    method = StoryDiffusion(pipe, start_step=1)
+    auto = method.generate_story(story, **kw)
+    method.remove()
+    bank = method.bank
+    assert bank.auto  # "auto" is the default
+    if kind == "sd15":
+        old_m = StoryDiffusion(pipe, start_step=1, bank_location=None)
+        old = old_m.generate_story(story, **kw)
+        old_m.remove()
+        assert auto.roles == ["id", "id", "read"]
+        for a, b in zip(auto.images, old.images):  # bit for bit
+            assert torch.equal(a, b)
+        assert bank._mem.keys() == old_m.bank._mem.keys()
+        for entry, t in bank._mem.items():
+            assert torch.equal(t, old_m.bank._mem[entry])
+    # the write records only the steps the read can use: none before start_step
+    assert {step for _, step, _ in bank._mem} == set(range(1, steps))
+    # on a CPU-only run everything stays where it was made: host memory
+    summary = bank.memory_summary()
+    assert summary["device"] == summary["file"] == 0 and summary["device_budget"] is None
+    assert summary["host"] == bank.nbytes() > 0 and summary["entries"] == (steps - 1) * len(method.layers)
+    # the projection from the UNet's structure replays the method's draws: exact
+    projected = method.project_bank_bytes(num_inference_steps=steps, id_length=2, characters=["Bob"], seed=2)
+    assert projected == bank.nbytes()
+    # ... and the same from the bare config (UNet built on the meta device)
+    from_config = project_bank_bytes(dict(pipe.unet.config), num_inference_steps=steps, id_length=2, start_step=1,
+                                     characters=["Bob"], seed=2, dtype=torch.float32,
+                                     vae_scale_factor=pipe.vae_scale_factor)
+    assert from_config == projected
+    # without a seed: the expectation, i.e. the mean of the exact size over seeds
+    expected = method.project_bank_bytes(num_inference_steps=steps, id_length=2, characters=1)
+    mean = sum(method.project_bank_bytes(num_inference_steps=steps, id_length=2, characters=["Bob"], seed=s)
+               for s in range(200)) / 200
+    assert abs(mean - expected) <= 0.02 * expected
+    with pytest.raises(ValueError, match="names"):
+        method.project_bank_bytes(num_inference_steps=steps, characters=2, seed=0)
+    # a bank without the early steps cannot be read with an earlier start: a clear error up front
+    path = method.save_bank(tmp_path / "bob.safetensors")
+    reader = StoryDiffusion(pipe, start_step=0)
+    try:
+        reader.load_bank(path)
+        with pytest.raises(ValueError, match=r"no entries for steps \[0\]"):
+            reader.generate_story(["[Bob] on a boat"], **kw)
+    finally:
+        reader.remove()
+
+
+def test_auto_bank_placement_budget_and_mixed_get(monkeypatch, tmp_path):
+    from longvideo.processors.consistent import IdBank, keeps_on_device
+
+    # the rule: stay on the device iff the device bytes with this entry stay within the budget
+    assert keeps_on_device(0, 10, 10) and keeps_on_device(5, 5, 10)
+    assert not keeps_on_device(1, 10, 10) and not keeps_on_device(0, 1, 0)
+    # CPU tensors stand in for device tensors: the bank treats the CPU as the accelerator
+    monkeypatch.setattr(IdBank, "_is_accelerator", staticmethod(lambda device: True))
+    gen = torch.Generator().manual_seed(0)
+    entries = {(k, s): torch.randn(2, 5, 4, generator=gen) for k in ("Bob", "Alice") for s in (0, 1)}
+    eb = entries[("Bob", 0)].numel() * 4
+    bank = IdBank("auto", gpu_budget=int(2.5 * eb))
+    for (k, s), t in entries.items():  # write order: Bob 0, Bob 1, Alice 0, Alice 1
+        bank.put(k, s, "layer", t)
+    assert [bank._where[(k, s, "layer")] for k, s in entries] == ["device", "device", "host", "host"]
+    summary = bank.memory_summary()
+    assert (summary["device"], summary["host"], summary["file"]) == (2 * eb, 2 * eb, 0)
+    assert summary["device_budget"] == int(2.5 * eb) and summary["entries"] == 4
+    # get() over characters living in different places, in another dtype
+    for s in (0, 1):
+        got = bank.get(["Bob", "Alice"], s, "layer", torch.device("cpu"), torch.float64)
+        assert got.dtype == torch.float64
+        assert torch.equal(got, torch.cat([entries[("Bob", s)], entries[("Alice", s)]], 1).double())
+    bank.put("Bob", 1, "layer", entries[("Bob", 1)])  # replacing an entry keeps the ledger right
+    assert bank.memory_summary()["device"] == 2 * eb
+    bank.clear("Bob")  # forgetting a character frees its device share for later entries
+    assert bank.memory_summary()["device"] == 0
+    bank.put("Eve", 0, "layer", entries[("Bob", 0)])
+    assert bank._where[("Eve", 0, "layer")] == "device"
+    # a file-backed bank counts its bytes as "file"
+    path = bank.save(tmp_path / "b.safetensors")
+    lazy = IdBank(tmp_path / "lazy.safetensors").load(path)
+    assert lazy.memory_summary()["file"] == bank.nbytes() and lazy.memory_summary()["host"] == 0
+
+
+def test_bad_bank_budget_is_a_clear_error(pipes, tmp_path, capsys):
+    from longvideo.cli import main
+    from longvideo.processors.consistent import IdBank, parse_gpu_budget
+
+    assert parse_gpu_budget("2GiB") == ("bytes", 2 * 2**30) and parse_gpu_budget("10%") == ("fraction", 0.1)
+    assert parse_gpu_budget(None)[0] == "fraction" and parse_gpu_budget(1e9) == ("bytes", 10**9)
+    pipe = _fresh(pipes, "sd15")
+    for bad in (-1, "-2GiB", "150%", "lots", float("nan")):
+        with pytest.raises(ValueError, match="bank_gpu_budget"):
+            StoryDiffusion(pipe, bank_gpu_budget=bad)
+    with pytest.raises(ValueError, match="gpu_budget"):
+        IdBank("auto", gpu_budget=-5)
+    with pytest.raises(ValueError, match="bank_gpu_budget.*'auto'"):
+        StoryDiffusion(pipe, bank_location="cpu", bank_gpu_budget="1GiB")
+    # the CLI: a bad budget is exit code 2; a story prints the bank's memory in one line
+    f = tmp_path / "story.txt"
+    f.write_text("[Bob] at home\n[Bob] in a park\n[Bob] with a dog\n")
+    common = ["--steps", "2", "--story-id-length", "2", "--story-start-step", "0", "--device", "cpu"]
+    assert main(["story", str(f), "--out", str(tmp_path / "bad"), "--story-bank-budget=-1", *common]) == 2
+    assert "bank_gpu_budget" in capsys.readouterr().err
+    assert main(["story", str(f), "--out", str(tmp_path / "ok"), "--story-bank-budget", "1MiB", *common]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("id bank:")]
+    assert len(lines) == 1 and "on the device" in lines[0] and "in host memory" in lines[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_gpu_auto_bank_spills_and_matches_device_bank(kind):
+    """On CUDA: an "auto" bank with a budget of ~1/3 of the bank keeps the first entries on the
+    GPU and spills the rest to pinned host memory (prefetched on a side stream); the story is
+    identical to the one with the whole bank on the GPU, and the projection is exact."""
+    pipe = tiny_pipeline(kind, seed=0, dtype=torch.float16).to("cuda")
+    story = ["[Bob] at home", "[Alice] at work", "[Bob] in a park", "[Alice] on a boat", "[Bob] and [Alice] at dinner",
+             "[Alice] sleeping"]
+    kw = dict(id_length=2, num_inference_steps=6, output_type="latent", progress=False, seed=1)
+    ref_m = StoryDiffusion(pipe, start_step=1, bank_location=None)
+    ref = ref_m.generate_story(story, **kw).images
+    total = ref_m.bank.nbytes()
+    ref_m.remove()
+    assert ref_m.bank.memory_summary()["device"] == total
+    method = StoryDiffusion(pipe, start_step=1, bank_gpu_budget=total // 3)
+    out = method.generate_story(story, **kw).images
+    method.remove()
+    summary = method.bank.memory_summary()
+    assert 0 < summary["device"] <= total // 3 and summary["host"] > 0
+    assert summary["device"] + summary["host"] == total
+    assert method.project_bank_bytes(num_inference_steps=6, id_length=2, characters=["Bob", "Alice"], seed=1) == total
+    for a, b in zip(out, ref):
+        assert torch.equal(a, b)
+    # the default budget (10% of the GPU) holds this tiny bank entirely
+    default = StoryDiffusion(pipe, start_step=1)
+    assert all(torch.equal(a, b) for a, b in zip(default.generate_story(story, **kw).images, ref))
+    default.remove()
+    assert default.bank.memory_summary()["device"] == total and default.bank.memory_summary()["device_budget"] > 0

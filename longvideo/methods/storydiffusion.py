@@ -20,9 +20,17 @@ Quick start::
 
     from longvideo.models.sd import tiny_pipeline           # or any local SD1.5/SDXL pipeline
     from longvideo import StoryDiffusion
-    story = StoryDiffusion(tiny_pipeline("sdxl"), bank_location="cpu")
+    story = StoryDiffusion(tiny_pipeline("sdxl"))            # id bank: bank_location="auto"
     result = story.generate_story(parse_story(open("story.txt").read()), id_length=4, seed=0)
+    story.bank.memory_summary()                              # {"device": ..., "host": ..., "file": ...}
     story.save_bank("bob.safetensors")                       # continue later: story.load_bank(...)
+
+Memory: the id bank holds, per character, step and patched layer, the sampled self-attention
+inputs of the id images: for SDXL at 1024x1024 with 4 id images, 50 steps and the official
+schedule, about 20 GB in float16 (:func:`project_bank_bytes` computes it from the UNet's
+structure). The default ``bank_location="auto"`` keeps the bank on the GPU up to a budget
+(``bank_gpu_budget``, default 10% of the GPU's memory) and spills the rest to pinned host memory,
+copied back on a side stream one step ahead of its use.
 
 Story file format (``longvideo story FILE``)::
 
@@ -59,6 +67,10 @@ from ..processors.consistent import (
     ConsistentAttentionController,
     IdBank,
     _derive_seed,
+    bernoulli_token_subset,
+    official_probability,
+    parse_gpu_budget,
+    self_attention_layers,
 )
 
 NC_TAG = "NC"
@@ -197,6 +209,140 @@ class StoryResult:
     seeds: list
 
 
+# ----------------------------------------------------------------------------------------------
+# id bank size, projected from the UNet's structure
+_BLOCK = re.compile(r"^(?:(down_blocks|up_blocks)\.(\d+)|mid_block)\.")
+
+
+def _layer_level(name: str, levels: int) -> int:
+    """Resolution level of a UNet2DConditionModel layer (0 = the latent resolution): down block i
+    runs at level i (each down block but the last halves the side), the mid block at the deepest
+    level, up block i at level levels - 1 - i (each up block but the last doubles the side)."""
+    m = _BLOCK.match(name)
+    if m is None:
+        raise ValueError(f"cannot tell the resolution of layer {name!r}: expected a layer of down_blocks.i, "
+                         f"mid_block or up_blocks.i of a UNet2DConditionModel-style UNet")
+    if m.group(1) is None:
+        return levels - 1
+    i = int(m.group(2))
+    return i if m.group(1) == "down_blocks" else levels - 1 - i
+
+
+def _as_unet(model):
+    """(UNet module, the pipeline's vae_scale_factor or None, whether it was built from a config)."""
+    if hasattr(model, "unet"):
+        return model.unet, getattr(model, "vae_scale_factor", None), False
+    if isinstance(model, torch.nn.Module):
+        return model, None, False
+    if isinstance(model, dict):
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):  # structure only: no memory, no initialisation work
+            return UNet2DConditionModel.from_config(dict(model)), None, True
+    raise ValueError(f"model must be a diffusers SD/SDXL pipeline, a UNet2DConditionModel or its config dict, "
+                     f"got {type(model).__name__}")
+
+
+def project_bank_bytes(model, num_inference_steps: int = 50, id_length: int = 4, height: Optional[int] = None,
+                       width: Optional[int] = None, sampling_rate: Union[float, dict] = 0.5, layers="up",
+                       start_step: int = 5, prob_early: float = 0.7, prob_late: float = 0.9, late_step: int = 20,
+                       probability: Optional[Callable[[int], float]] = None, guidance_scale: float = 5.0,
+                       characters=1, seed: Optional[int] = None, dtype: Optional[torch.dtype] = None,
+                       vae_scale_factor: Optional[int] = None) -> int:
+    """Bytes of the id banks :meth:`StoryDiffusion.generate_story` writes, from the UNet's
+    structure alone (no forward pass; a config dict is built on the meta device).
+
+    model: a pipeline, a UNet2DConditionModel, or a UNet config dict. The other arguments are the
+    story's settings (as in StoryDiffusion / generate_story); `characters` is the number of
+    characters written, or their names; `dtype` defaults to the UNet's (float16 for a config);
+    `vae_scale_factor` to the pipeline's (8 otherwise).
+
+    Derivation. The write call of a character generates its `id_length` id images as one batch
+    (2 groups with classifier-free guidance: guidance_scale > 1, else 1). On each step s whose
+    scheduled probability is > 0 (steps < start_step are never written, nor read) and at each
+    selected self-attention layer l, the bank stores a (groups, E, C_l) tensor:
+
+        C_l = the layer's input width (to_q.in_features),
+        N_l = tokens per image at the layer's resolution: the latent side (height // f) halved
+              (rounding up, as the stride-2 convolutions do) once per level below the top,
+        E   = #{t < id_length * N_l : u_t < rate(N_l)}, u = the write call's uniform draws for
+              (seed, ("write", character), s, N_l)  (shared by the layers of one resolution).
+
+    bytes = sum over characters, steps, layers of groups * E * C_l * itemsize. With `seed` (the
+    generate_story seed) and the character names, E is replayed from the same generator as the
+    method's, so the result equals the bank's size exactly; without `seed`, E is its expectation
+    rate * id_length * N_l and the result is rounded to whole bytes.
+    """
+    unet, f, from_config = _as_unet(model)
+    f = vae_scale_factor or f or 8
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+    if not isinstance(id_length, int) or id_length < 1:
+        raise ValueError(f"id_length must be a positive int, got {id_length!r}")
+    if isinstance(characters, int):
+        if characters < 0:
+            raise ValueError(f"characters must be a count >= 0 or a list of names, got {characters!r}")
+        names = None
+        count = characters
+    else:
+        names = [str(c) for c in characters]
+        count = len(names)
+    if seed is not None and names is None:
+        raise ValueError("an exact projection (seed given) needs the character names: characters=['Bob', ...]")
+    if dtype is None:
+        dtype = torch.float16 if from_config else next(unet.parameters()).dtype
+    sample = unet.config.sample_size
+    sample_h, sample_w = (sample, sample) if isinstance(sample, int) else tuple(sample)
+    height, width = height or sample_h * f, width or sample_w * f
+    if height % f or width % f:
+        raise ValueError(f"height/width must be multiples of {f}, got {height}x{width}")
+    levels = len(unet.config.block_out_channels)
+    groups = 2 if guidance_scale > 1.0 and unet.config.get("time_cond_proj_dim") is None else 1
+    prob = probability or (lambda s: official_probability(s, start_step, prob_early, prob_late, late_step))
+    steps = [s for s in range(num_inference_steps) if prob(s) > 0]
+    width_sum: dict = {}  # tokens per image -> sum of C_l over the layers at that resolution
+    for name, attn in self_attention_layers(unet, layers):
+        h, w = height // f, width // f
+        for _ in range(_layer_level(name, levels)):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        width_sum[h * w] = width_sum.get(h * w, 0) + attn.to_q.in_features
+
+    def rate(tokens):
+        return float(sampling_rate.get(tokens, 0.0)) if isinstance(sampling_rate, dict) else float(sampling_rate)
+
+    item = torch.empty((), dtype=dtype).element_size()
+    if seed is None:
+        per_step = sum(rate(n) * id_length * n * c for n, c in width_sum.items())
+        return int(round(count * len(steps) * groups * item * per_step))
+    total = 0
+    for name in names:
+        for s in steps:
+            for n, c in width_sum.items():
+                if rate(n) > 0.0:
+                    e = bernoulli_token_subset(seed, ("write", name), s, n, id_length * n, rate(n)).numel()
+                    total += groups * e * c * item
+    return total
+
+
+def format_bytes(n: Optional[float]) -> str:
+    """1536 -> '1.5 KiB' (binary units)."""
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024.0
+    return f"{n:.2f} GiB"
+
+
+def bank_memory_line(summary: dict) -> str:
+    """One line describing IdBank.memory_summary() (printed by `longvideo story`)."""
+    budget = summary.get("device_budget")
+    return (f"id bank: {format_bytes(summary['device'])} on the device, {format_bytes(summary['host'])} in host "
+            f"memory, {format_bytes(summary['file'])} in file ({summary['entries']} entries"
+            + (f"; device budget {format_bytes(budget)})" if budget is not None else ")"))
+
+
 class StoryDiffusion:
     """Consistent self-attention on a diffusers StableDiffusion(XL)Pipeline (see module docstring).
 
@@ -206,18 +352,31 @@ class StoryDiffusion:
     start_step, prob_early, prob_late, late_step
                     the official per-call schedule (5, 0.7, 0.9, 20); prob 1.0 = always on.
     layers          which self-attention layers: "up" (official), "up+mid", "all", names, predicate.
-    bank_location   where id banks live: None (the pipeline's device), "cpu" (pinned host memory,
-                    copied asynchronously: keeps GPU memory flat in the story length), a device,
-                    or a ".safetensors" path (written after each character, read lazily).
+    bank_location   where id banks live: "auto" (default: on the pipeline's device while the bank's
+                    bytes there stay within `bank_gpu_budget`, the rest in pinned host memory,
+                    prefetched on a side stream; on a CPU-only run simply where they are made),
+                    None (the pipeline's device, no budget), "cpu" (pinned host memory, copied
+                    asynchronously: keeps GPU memory flat in the story length), a device, or a
+                    ".safetensors" path (written after each character, read lazily).
+    bank_gpu_budget the "auto" bank's device budget: bytes, "2GiB"-style sizes or "10%" of the
+                    GPU's total memory; default (None) 10% of it, at most half of the free memory
+                    (see ``longvideo.processors.consistent.parse_gpu_budget``).
+
+    After a story, ``self.bank.memory_summary()`` gives the bank's bytes per location, and
+    :meth:`project_bank_bytes` predicts them before running anything.
     """
 
     def __init__(self, pipe, sampling_rate: Union[float, dict] = 0.5, start_step: int = 5, prob_early: float = 0.7,
                  prob_late: float = 0.9, late_step: int = 20, probability: Optional[Callable[[int], float]] = None,
-                 layers="up", bank_location=None):
+                 layers="up", bank_location="auto", bank_gpu_budget=None):
         if not hasattr(pipe, "unet"):
             raise ValueError("pipe must be a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline (no .unet)")
+        if bank_gpu_budget is not None:
+            parse_gpu_budget(bank_gpu_budget, "bank_gpu_budget")  # the error names this argument
+            if bank_location != "auto":
+                raise ValueError(f"bank_gpu_budget applies only to bank_location='auto', got {bank_location!r}")
         self.pipe = pipe
-        self.bank = IdBank(bank_location)
+        self.bank = IdBank(bank_location, gpu_budget=bank_gpu_budget)
         self.controller = ConsistentAttentionController(
             sampling_rate=sampling_rate, start_step=start_step, prob_early=prob_early, prob_late=prob_late,
             late_step=late_step, probability=probability, bank=self.bank)
@@ -236,6 +395,16 @@ class StoryDiffusion:
     @property
     def characters(self) -> list:
         return self.bank.keys()
+
+    def project_bank_bytes(self, num_inference_steps: int = 50, id_length: int = 4, height: Optional[int] = None,
+                           width: Optional[int] = None, guidance_scale: float = 5.0, characters=1,
+                           seed: Optional[int] = None) -> int:
+        """Bytes of the id banks a :meth:`generate_story` call with these settings writes, with
+        this method's layers, sampling rate and schedule (see :func:`project_bank_bytes`)."""
+        return project_bank_bytes(self.pipe, num_inference_steps=num_inference_steps, id_length=id_length,
+                                  height=height, width=width, sampling_rate=self.controller.sampling_rate,
+                                  layers=self.layers, probability=self.controller.probability_at,
+                                  guidance_scale=guidance_scale, characters=characters, seed=seed)
 
     def remove(self) -> None:
         """Restore the pipeline's original attention processors."""
@@ -364,7 +533,9 @@ class StoryDiffusion:
         meta.update(steps=steps, cfg=bool(guidance_scale > 1.0), layers=self.layers,
                     sampling_rate=self.controller.sampling_rate if not isinstance(self.controller.sampling_rate, dict)
                     else {str(k): v for k, v in self.controller.sampling_rate.items()},
-                    unet=type(self.pipe.unet).__name__, block_out_channels=list(self.pipe.unet.config.block_out_channels))
+                    unet=type(self.pipe.unet).__name__, block_out_channels=list(self.pipe.unet.config.block_out_channels),
+                    # the steps with entries: those whose scheduled probability is > 0
+                    bank_steps=[s for s in range(steps) if self.controller.probability_at(s) > 0])
         ids = dict(meta.get("id_prompts", {}))
         for c, idx in writes.items():
             ids[c] = [story.prompts[i].text for i in idx]
@@ -385,6 +556,15 @@ class StoryDiffusion:
         if meta.get("layers") not in (None, self.layers):
             raise ValueError("the loaded id bank was recorded on other layers "
                              f"({len(meta['layers'])} layers); use the same `layers` and model")
+        if meta.get("bank_steps") is not None:
+            # steps before the schedule's start are not recorded: a read with an earlier start
+            # (or another probability schedule) would ask for entries the bank does not hold
+            missing = sorted({s for s in range(steps) if self.controller.probability_at(s) > 0}
+                             - set(meta["bank_steps"]))
+            if missing:
+                raise ValueError(f"the loaded id bank has no entries for steps {missing} (it was recorded with "
+                                 f"consistent attention on {len(meta['bank_steps'])} of {steps} steps); use the "
+                                 f"same start_step / probability schedule as the write")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,7 +580,8 @@ class VideoSubjectConsistency:
     within one CFG half), and to the subject bank. Full 3D-attention transformers (Wan,
     CogVideoX) already attend across all frames and use their own processors; this helper does
     not patch them. ``layers="spatial"`` (default) selects every ``attn1`` outside temporal /
-    motion modules (whose batch axis is tokens, not frames).
+    motion modules (whose batch axis is tokens, not frames). ``bank_location`` /
+    ``bank_gpu_budget`` as in :class:`StoryDiffusion` (default None: the model's device).
 
     Two ways to drive it:
 
@@ -422,8 +603,11 @@ class VideoSubjectConsistency:
 
     def __init__(self, model: torch.nn.Module, frames_per_group: Optional[int] = None, sampling_rate: float = 0.0,
                  window: int = -1, layers="spatial", bank_location=None, bank_step_key: bool = True, seed: int = 0,
-                 start_step: int = 0, probability: Optional[Callable[[int], float]] = None, cfg: bool = True):
-        self.bank = IdBank(bank_location)
+                 start_step: int = 0, probability: Optional[Callable[[int], float]] = None, cfg: bool = True,
+                 bank_gpu_budget=None):
+        if bank_gpu_budget is not None:
+            parse_gpu_budget(bank_gpu_budget, "bank_gpu_budget")
+        self.bank = IdBank(bank_location, gpu_budget=bank_gpu_budget)
         self.controller = ConsistentAttentionController(
             sampling_rate=sampling_rate, start_step=start_step, prob_early=1.0, prob_late=1.0,
             probability=probability, window=window, bank=self.bank, seed=seed, bank_step_key=bank_step_key)
@@ -536,8 +720,12 @@ def add_story_arguments(parser) -> None:
     parser.add_argument("--story-prob-late", type=float, default=0.9)
     parser.add_argument("--story-late-step", type=int, default=20)
     parser.add_argument("--story-layers", default="up", choices=["up", "up+mid", "all"])
-    parser.add_argument("--story-bank", default=None,
-                        help="where id banks live: cuda, cpu, or a .safetensors file (default: the device)")
+    parser.add_argument("--story-bank", default="auto",
+                        help="where id banks live: auto (default: on the GPU up to --story-bank-budget, the rest "
+                             "in pinned host memory), cuda, cpu, or a .safetensors file")
+    parser.add_argument("--story-bank-budget", default=None,
+                        help="GPU budget of the auto id bank: bytes, e.g. 2GiB / 512MiB, or a percentage of the "
+                             "GPU's memory, e.g. 10%% (default 10%%)")
     parser.add_argument("--story-save-bank", default=None, help="save the id banks here (.safetensors)")
     parser.add_argument("--story-load-bank", default=None, help="continue a story: load id banks from this file")
     parser.add_argument("--story-negative-prompt", default=None)
@@ -570,10 +758,15 @@ def run_story(args) -> int:
         dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
         pipe = load_pipeline("sd", kind=args.story_kind, model=args.model, device=device, dtype=dtype)
         steps = args.steps or 50
-    method = StoryDiffusion(pipe, sampling_rate=args.story_sampling_rate, start_step=args.story_start_step,
-                            prob_early=args.story_prob_early, prob_late=args.story_prob_late,
-                            late_step=args.story_late_step, layers=args.story_layers,
-                            bank_location=args.story_bank)
+    bank_location = None if args.story_bank in (None, "", "none") else args.story_bank
+    try:
+        method = StoryDiffusion(pipe, sampling_rate=args.story_sampling_rate, start_step=args.story_start_step,
+                                prob_early=args.story_prob_early, prob_late=args.story_prob_late,
+                                late_step=args.story_late_step, layers=args.story_layers,
+                                bank_location=bank_location, bank_gpu_budget=args.story_bank_budget)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.story_load_bank:
         loaded = method.load_bank(args.story_load_bank)
         print(f"loaded id banks of {loaded} from {args.story_load_bank}")
@@ -600,6 +793,7 @@ def run_story(args) -> int:
                                        "characters": list(p.characters), "role": r, "seed": s}
                                       for f, p, r, s in zip(files, result.prompts, result.roles, result.seeds)],
     }, indent=1))
+    print(bank_memory_line(method.bank.memory_summary()))
     if args.story_save_bank:
         print(f"saved id banks to {method.save_bank(args.story_save_bank)}")
     print(f"wrote {len(files)} panels and {out / 'comic.png'}")
