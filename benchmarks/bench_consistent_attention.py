@@ -21,7 +21,6 @@ backward); the consistent impls compute exactly the useful pairs, the dense-mask
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

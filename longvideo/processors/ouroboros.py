@@ -284,7 +284,7 @@ class OuroborosWanProcessor:
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         k = attn.norm_k(attn.to_k(ctx_states)).unflatten(2, (attn.heads, -1))
         v = attn.to_v(ctx_states).unflatten(2, (attn.heads, -1))
-        B, S = q.shape[0], q.shape[1]
+        S = q.shape[1]
         if not self.cross and ctx.active and self.name in ctx.feature_layers:
             # pre-RoPE keys of the conditional row, per frame: (F, H, tokens, D)
             kc = k[-1:].reshape(ctx.frames, S // ctx.frames, attn.heads, -1).permute(0, 2, 1, 3)

@@ -26,7 +26,6 @@ Python floats and stores float32), and cached per arguments.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
