@@ -76,7 +76,7 @@ def _setup(device, transformer, config, f, n, h, w, text_len, parts):
         bank[-1] = 1.0
     state = QueueState(queue=torch.randn(1, C, fifo.L, h, w, generator=gen).to(device),
                        context=torch.randn(1, C, fifo.context_len, h, w, generator=gen).to(device),
-                       prev_latent=None, iteration=0, frames_out=0, rng_state=gen.get_state(), maps=maps, bank=bank)
+                       decoder_state=None, iteration=0, frames_out=0, rng_state=gen.get_state(), maps=maps, bank=bank)
     schedule = PromptSchedule(["p"], [0])
     schedule.embeds = [torch.randn(1, text_len, config["text_dim"], generator=gen).to(device, transformer.dtype)]
     schedule.subject_ids = [list(range(1, 4))]
@@ -99,7 +99,7 @@ def _setup(device, transformer, config, f, n, h, w, text_len, parts):
             bank = st.bank
             if out.bank_features is not None:
                 bank = fifo._bank.ema(st.bank, out.bank_features, fifo.ouro.momentum)
-        return QueueState(queue=queue, context=ctx, prev_latent=None, iteration=st.iteration + 1, frames_out=0,
+        return QueueState(queue=queue, context=ctx, decoder_state=None, iteration=st.iteration + 1, frames_out=0,
                           rng_state=st.rng_state, maps=st.maps, bank=bank)  # maps kept: masks stay non-empty
 
     return fifo, state, iteration

@@ -26,7 +26,7 @@ def pipe(request, wan_pipe, ad_pipe):
 def _state(fifo, gen, hw=(4, 4)):
     C = 4
     return QueueState(queue=torch.randn(1, C, fifo.L, *hw, generator=gen),
-                      context=torch.randn(1, C, fifo.context_len, *hw, generator=gen), prev_latent=None,
+                      context=torch.randn(1, C, fifo.context_len, *hw, generator=gen), decoder_state=None,
                       iteration=0, frames_out=0, rng_state=gen.get_state())
 
 
@@ -156,17 +156,69 @@ def test_generate_streams_requested_frames(pipe):
 
 
 def test_resume_equals_uninterrupted(wan_pipe, tmp_path):
+    """n = 2, f = 4 (L = 8): 4 warm-up iterations emit nothing, then 1, 4, 4, ... video frames."""
     fifo = FIFODiffusion(wan_pipe, num_partitions=2, frames_per_window=4)
-    full = list(fifo.generate("a dog", 14, guidance_scale=3.0, seed=3))
+    assert fifo.warmup == 4
+    full = list(fifo.generate("a dog", 20, guidance_scale=3.0, seed=3))
     first = list(fifo.generate("a dog", 14, guidance_scale=3.0, seed=3, checkpoint_dir=tmp_path,
-                               checkpoint_every=2, stop_after_iterations=3))
+                               checkpoint_every=3, stop_after_iterations=7))
     saved = torch.load(tmp_path / "fifo_state.pt", weights_only=True)
-    assert saved["iteration"] == 2 and 0 < saved["frames_out"] < len(first)
-    rest = list(fifo.generate("a dog", 14, guidance_scale=3.0, seed=3, checkpoint_dir=tmp_path, resume=True))
+    assert saved["iteration"] == 6 and saved["frames_out"] == 5 and len(first) == 9
+    rest = list(fifo.generate("a dog", 14, guidance_scale=3.0, seed=3, checkpoint_dir=tmp_path, resume=True,
+                              checkpoint_every=3))
     resumed = first[: saved["frames_out"]] + rest
-    assert len(resumed) == len(full)
+    assert len(resumed) == 14
     for a, b in zip(resumed, full):
         np.testing.assert_array_equal(a, b)
+    # The 14-frame run ended inside an iteration (13 + 1 of its 4 frames): its final checkpoint is
+    # the state before that iteration, so extending to 20 frames continues the same video.
+    assert torch.load(tmp_path / "fifo_state.pt", weights_only=True)["frames_out"] == 13
+    more = list(fifo.generate("a dog", 20, guidance_scale=3.0, seed=3, checkpoint_dir=tmp_path, resume=True))
+    assert len(more) == 7
+    for a, b in zip(more, full[13:]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_wan_streamed_decode_equals_whole_video_decode(wan_pipe):
+    """Popped latents decoded one by one (the causal VAE's cache carried in the queue state) give
+    exactly the VAE's decode of all of them at once: no seams every 4 frames."""
+    from longvideo.methods.fifo_models import make_family
+
+    fam = make_family(wan_pipe)
+    latents = torch.randn(1, 4, 5, 4, 4, generator=torch.Generator().manual_seed(0))
+    frames, cache = [], None
+    for i in range(latents.shape[2]):
+        out, cache = fam.decode(latents[:, :, i: i + 1], cache)
+        frames.extend(out)
+    vae = wan_pipe.vae
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        whole = vae.decode(latents * std + mean, return_dict=False)[0]
+    from longvideo.methods.fifo_models import _to_uint8
+
+    expected = _to_uint8(whole[0].permute(1, 0, 2, 3))
+    assert len(frames) == 1 + 4 * 4 == expected.shape[0]
+    np.testing.assert_array_equal(np.stack(frames), expected)
+
+
+def test_initial_queue_is_the_official_construction(ad_pipe):
+    """Last f slots: the clip in order at their levels; the slots before: its first frame; the
+    lookahead context: its first frame, clean."""
+    fifo = FIFODiffusion(ad_pipe, num_partitions=2, frames_per_window=4)  # L = 8, c = 2
+    clip = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    fifo.family.sample_clip = lambda *a, **k: clip
+    lv = fifo.levels("cpu")
+    gen = torch.Generator().manual_seed(2)
+    st = fifo._initial_state(lv, None, None, 64, 64, 1.0, gen, 4)
+    eps = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(2))
+    idx = [0, 0, 0, 0, 0, 1, 2, 3]
+    for i, j in enumerate(idx):
+        a = lv.abar[i + 1]
+        torch.testing.assert_close(st.queue[:, :, i], a.sqrt() * clip[:, :, j] + (1 - a).sqrt() * eps[:, :, i])
+    torch.testing.assert_close(st.context, clip[:, :, :1].repeat(1, 1, 2, 1, 1))
+    assert fifo.warmup == 4 and FIFODiffusion(ad_pipe, num_partitions=2, frames_per_window=4,
+                                               skip_warmup=False).warmup == 0
 
 
 def test_bad_arguments(wan_pipe, tmp_path):

@@ -113,7 +113,7 @@ def test_per_frame_update_matches_plain_sampling(sky_pipe):
     fifo = FIFODiffusion(sky_pipe, num_partitions=1, frames_per_window=4, lookahead=False)
     gen = torch.Generator().manual_seed(2)
     st = QueueState(queue=torch.randn(1, 4, fifo.L, 4, 4, generator=gen), context=torch.zeros(1, 4, 0, 4, 4),
-                    prev_latent=None, iteration=0, frames_out=0, rng_state=gen.get_state())
+                    decoder_state=None, iteration=0, frames_out=0, rng_state=gen.get_state())
     emb = torch.randn(1, 16, 32, generator=gen)
     lv = fifo.levels("cpu")
     sig = lv.sigma

@@ -232,3 +232,17 @@ def test_triton_kernels_agree_with_reference(ad_pipe):
             tails[backend] = o._new_tail(lv, new, torch.Generator().manual_seed(9))
     atol, rtol = R.get_backend("lowfreq_mix", "triton").tolerance(torch.float32)
     torch.testing.assert_close(tails["triton"], tails["reference"], atol=atol, rtol=rtol)
+
+
+def test_guided_windows_must_exist(ad_pipe):
+    """A guided window index the queue does not have would switch guidance off silently: refused."""
+    one = OuroborosDiffusion(ad_pipe, num_partitions=1, frames_per_window=4, lookahead=False)
+    assert one.num_windows == 1 and one.guided_windows == (0,)  # the default adapts: window 0
+    two = OuroborosDiffusion(ad_pipe, num_partitions=2, frames_per_window=4, lookahead=False)
+    assert two.guided_windows == (1,)
+    for bad in ((2,), (-1,), ()):
+        with pytest.raises(ValueError, match="guided_windows"):
+            OuroborosDiffusion(ad_pipe, num_partitions=2, frames_per_window=4, lookahead=False, guided_windows=bad)
+    # without guidance the option is not used, so it is not checked
+    OuroborosDiffusion(ad_pipe, num_partitions=1, frames_per_window=4, self_recurrent_guidance=False,
+                       guided_windows=(5,))

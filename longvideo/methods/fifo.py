@@ -20,9 +20,13 @@ f frames start every ``w = floor(f/2)`` positions over ``[c clean context frames
 denoised with c cleaner frames before it (2n model calls per iteration). Even f: c = w = f/2 and
 L = n f, as in the paper; odd f (Wan's 21 latent frames) is supported the same way.
 
-Initial queue: a normally sampled clip of f latent frames (the plain pipeline with ``init_steps``
-steps); slot i gets clip frame ``floor(i f / L)`` re-noised to level i + 1 with fresh noise; the
-clip's first c frames are the initial clean context (not emitted).
+Initial queue (as the official code builds it): a normally sampled clip of f latent frames (the
+plain pipeline with ``init_steps`` steps, L by default); slot i gets clip frame
+``max(0, i - (L - f))`` re-noised to level i + 1 with fresh noise, i.e. the last f slots hold the
+clip in order and the slots before them copies of its first frame; the lookahead context is the
+clip's first frame, clean, repeated c times. The first ``L - f`` frames that leave the queue are
+those copies: with ``skip_warmup=True`` (default, as the official code) they are not emitted,
+so the video starts with the clip's first frame re-denoised by the queue.
 
 Multi-prompt: ``prompt`` may be a list of ``(prompt, start_video_frame)``; a window uses the prompt in
 force at the latent frame it is centred on (video frame v lies in latent frame ceil(v / 4) on Wan,
@@ -75,7 +79,7 @@ class QueueState:
 
     queue: torch.Tensor          # (1, C, L, h, w) noisy slots, slot k at level k + 1
     context: torch.Tensor        # (1, C, c, h, w) clean frames before the head (lookahead; c = 0 without)
-    prev_latent: Optional[torch.Tensor]  # last popped latent frame (Wan's causal decoding)
+    decoder_state: Optional[list]  # the family's decoder state (Wan: the causal VAE's cache), None at the start
     iteration: int
     frames_out: int
     rng_state: torch.Tensor      # state of the CPU generator that draws tail noise
@@ -103,11 +107,13 @@ class FIFODiffusion:
             sacfa=False, self_recurrent_guidance=False, ...)``.
         distributed: split the windows over torch.distributed ranks when a process group exists.
         ouroboros: OuroborosConfig, or None for plain FIFO.
+        skip_warmup: do not emit the first L - f frames that leave the queue (copies of the initial
+            clip's first frame; see the module docstring), as the official code.
     """
 
     def __init__(self, pipe, num_partitions: int = 4, frames_per_window: Optional[int] = None, lookahead: bool = True,
                  coherent_tail: bool = False, tail_d_s: float = 0.25, tail_d_t: float = 1.0, distributed: bool = True,
-                 ouroboros: Optional[OuroborosConfig] = None):
+                 ouroboros: Optional[OuroborosConfig] = None, skip_warmup: bool = True):
         self.family = make_family(pipe)
         if frames_per_window is None:  # the model's clip length (at least 2 for lookahead's half windows)
             f = max(self.family.default_window(), 2 if lookahead else 1)
@@ -127,13 +133,28 @@ class FIFODiffusion:
             ouroboros = OuroborosConfig(tail_sampling=True, sacfa=False, self_recurrent_guidance=False,
                                         tail_d_s=tail_d_s, tail_d_t=tail_d_t)
         self.ouro = ouroboros.validate() if ouroboros is not None else None
+        if self.ouro is not None and self.ouro.self_recurrent_guidance:
+            windows = self.guided_windows
+            bad = [i for i in windows if not 0 <= i < self.num_windows]
+            if bad or not windows:
+                raise ValueError(f"guided_windows: {list(windows)} must be non-empty window indices in "
+                                 f"[0, {self.num_windows}) (n = {self.n}, f = {self.f}, lookahead = {lookahead})")
         self.distributed = distributed
+        self.warmup = self.L - f if skip_warmup else 0  # frames that leave the queue before the video starts
         self._ctx = None
 
     # ------------------------------------------------------------------------------------------
     @property
     def num_windows(self) -> int:
         return self.L // self.stride
+
+    @property
+    def guided_windows(self) -> tuple:
+        """Windows guided by self-recurrent guidance: the option, else window 1 (the frames right
+        after the head window, which writes the bank), or window 0 when it is the only one."""
+        if self.ouro.guided_windows is not None:
+            return tuple(int(i) for i in self.ouro.guided_windows)
+        return (min(1, self.num_windows - 1),)
 
     def levels(self, device):
         return self.family.levels(self.L, device)
@@ -174,7 +195,8 @@ class FIFODiffusion:
                 continue
             s = i * w                                # window = full[s : s + f], writes its last w frames
             xw, kw = full[:, :, s: s + f], k_full[s: s + f]
-            pidx = _prompt_index(prompts, state.iteration + s + (f // 2 if not c else 0))
+            # latent frame of the output video at the window's centre (negative during the warm-up)
+            pidx = _prompt_index(prompts, state.iteration - self.warmup + s + (f // 2 if not c else 0))
             emb = prompts.embeds[pidx]
             if ctx is None:
                 out, grad, maps, feats = self._model(xw, lv.t_model[kw], emb, negative_embeds, guidance_scale), None, None, None
@@ -217,7 +239,7 @@ class FIFODiffusion:
         srg = ouro.self_recurrent_guidance
         bank_window = srg and i == 0
         guided = (srg and masks is not None and SubjectBank.valid(state.bank)
-                  and i in (ouro.guided_windows if ouro.guided_windows is not None else (1,)))
+                  and i in self.guided_windows)
         layers = self._feature_layers if (guided or bank_window) else ()
         ctx.begin(frames=f, masks=masks, sacfa=ouro.sacfa, use_op=guided, record_maps=True, feature_layers=layers)
         ctx.subject_ids = subject_ids
@@ -293,13 +315,14 @@ class FIFODiffusion:
         f, L = self.f, self.L
         clip = self.family.sample_clip(prompt_embeds, negative_embeds, height, width, f, init_steps,
                                        guidance_scale, generator)
-        idx = (torch.arange(L) * f) // L
+        idx = (torch.arange(L) - (L - f)).clamp_min(0)
         eps = torch.randn(clip[:, :, idx].shape, generator=generator).to(clip)
         queue = self.family.noise_clean(lv, clip[:, :, idx], torch.arange(1, L + 1, device=clip.device), eps)
         maps = None
         if self._ctx is not None:
             maps = clip.new_zeros(self.context_len + L, *clip.shape[3:])
-        return QueueState(queue=queue, context=clip[:, :, : self.context_len].clone(), prev_latent=None,
+        context = clip[:, :, :1].repeat(1, 1, self.context_len, 1, 1)
+        return QueueState(queue=queue, context=context, decoder_state=None,
                           iteration=0, frames_out=0, rng_state=generator.get_state(), maps=maps, bank=None)
 
     def _default_size(self):
@@ -325,7 +348,8 @@ class FIFODiffusion:
 
         prompt: a string, or a list of (prompt, start_video_frame) pairs (the first start must be 0).
         num_inference_steps: FIFO's step count is the number of levels L (n f, or 2 n floor(f/2) with
-            lookahead); None, or L itself. init_steps: steps of the initial clip (default max(f, 4)).
+            lookahead); None, or L itself. init_steps: steps of the initial clip (default L, as the
+            official code).
         writer: optional object with ``write(frame)`` (e.g. longvideo.video.VideoWriter), called for
             each frame before it is yielded.
         checkpoint_dir/checkpoint_every: save the queue state every K iterations (atomically), at the
@@ -379,7 +403,7 @@ class FIFODiffusion:
                     generator.set_state(state.rng_state)
                 else:
                     state = self._initial_state(lv, schedule.embeds[0], negative_embeds, height, width,
-                                                guidance_scale, generator, init_steps or max(self.f, 4))
+                                                guidance_scale, generator, init_steps or self.L)
             done = 0
             complete, saved_iteration = state, state.iteration  # last state whose frames were all emitted
             while state.frames_out < num_frames:
@@ -390,7 +414,8 @@ class FIFODiffusion:
                     new = out.queue
                     head = new[:, :, :1]
                     tail = self._new_tail(lv, new, generator)
-                    frames = self.family.decode(head, state.prev_latent)
+                    warming_up = state.iteration < self.warmup  # the head is a copy of the clip's first frame
+                    frames, decoder_state = ([], None) if warming_up else self.family.decode(head, state.decoder_state)
                     context = torch.cat([state.context[:, :, 1:], head], dim=2) if self.context_len else state.context
                     maps, bank = state.maps, state.bank
                     if out.maps is not None:  # maps move with their frames; the new tail has none yet
@@ -399,14 +424,18 @@ class FIFODiffusion:
                     if out.bank_features is not None:
                         bank = self._bank.ema(state.bank, out.bank_features, self.ouro.momentum)
                     state = QueueState(queue=torch.cat([new[:, :, 1:], tail], dim=2), context=context,
-                                       prev_latent=head, iteration=state.iteration + 1, frames_out=state.frames_out,
+                                       decoder_state=decoder_state, iteration=state.iteration + 1,
+                                       frames_out=state.frames_out,
                                        rng_state=generator.get_state(), maps=maps, bank=bank)
-                for frame in frames[: num_frames - state.frames_out]:
+                emit = frames[: num_frames - state.frames_out]
+                for frame in emit:
                     state.frames_out += 1
                     if writer is not None:
                         writer.write(frame)
                     yield frame
                 done += 1
+                if len(emit) < len(frames):
+                    break  # the last iteration, cut short: its state must not be saved (extending re-runs it)
                 complete = state
                 if checkpoint_every and state.iteration % checkpoint_every == 0:
                     self._save_checkpoint(ckpt, state, settings)
@@ -428,7 +457,14 @@ class FIFODiffusion:
         ouro = dataclasses.asdict(self.ouro) if self.ouro is not None else None
         if ouro is not None:
             ouro = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in ouro.items()}
-        return {"family": self.family.name, "n": self.n, "f": self.f, "lookahead": self.lookahead,
+        import hashlib
+        import json
+
+        config = dict(getattr(self.family.denoiser, "config", {}) or {})
+        model = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return {"family": self.family.name, "model": f"{type(self.family.denoiser).__name__}:{model}",
+                "fps": getattr(self.family, "fps", None), "n": self.n, "f": self.f, "lookahead": self.lookahead,
+                "warmup": self.warmup,
                 "height": int(height), "width": int(width), "guidance_scale": float(guidance_scale),
                 "negative_prompt": negative_prompt, "seed": int(seed), "init_steps": init_steps,
                 "prompts": list(schedule.prompts), "prompt_starts": list(schedule.latent_starts),
@@ -461,7 +497,7 @@ class OuroborosDiffusion(FIFODiffusion):
 
     def __init__(self, pipe, num_partitions: int = 4, frames_per_window: Optional[int] = None, lookahead: bool = True,
                  tail_sampling: bool = True, sacfa: bool = True, self_recurrent_guidance: bool = True,
-                 distributed: bool = True, **options):
+                 distributed: bool = True, skip_warmup: bool = True, **options):
         names = {f.name for f in dataclasses.fields(OuroborosConfig)}
         bad = sorted(set(options) - names)
         if bad:
@@ -469,7 +505,7 @@ class OuroborosDiffusion(FIFODiffusion):
         config = OuroborosConfig(tail_sampling=tail_sampling, sacfa=sacfa,
                                  self_recurrent_guidance=self_recurrent_guidance, **options)
         super().__init__(pipe, num_partitions=num_partitions, frames_per_window=frames_per_window,
-                         lookahead=lookahead, distributed=distributed, ouroboros=config)
+                         lookahead=lookahead, distributed=distributed, ouroboros=config, skip_warmup=skip_warmup)
 
 
 class PromptSchedule:
@@ -524,6 +560,8 @@ def add_generate_arguments(parser) -> None:
     g.add_argument("--fifo-partitions", type=int, default=4, help="n: queue of n*f latent frames")
     g.add_argument("--fifo-window", type=int, default=None, help="f: latent frames per model call")
     g.add_argument("--fifo-no-lookahead", action="store_true")
+    g.add_argument("--fifo-emit-warmup", action="store_true",
+                   help="also write the first L - f frames out of the queue (copies of the initial clip's first frame)")
     g.add_argument("--fifo-init-steps", type=int, default=None, help="steps of the initial clip")
     g.add_argument("--fifo-checkpoint-every", type=int, default=10,
                    help="save the queue state every K iterations (and when interrupted) next to --out, in "
@@ -540,7 +578,8 @@ def add_generate_arguments(parser) -> None:
     g.add_argument("--ouroboros-subject", default=None, help="subject words, comma separated (default: from the prompt)")
     g.add_argument("--ouroboros-guidance-scale", type=float, default=0.1)
     g.add_argument("--ouroboros-momentum", type=float, default=0.9)
-    g.add_argument("--ouroboros-guided-windows", default="1", help="comma-separated window indices to guide")
+    g.add_argument("--ouroboros-guided-windows", default=None,
+                   help="comma-separated window indices to guide (default: 1, the window after the head's)")
     g.add_argument("--ouroboros-tail-ds", type=float, default=0.25)
     g.add_argument("--ouroboros-tail-dt", type=float, default=1.0)
 
@@ -565,10 +604,16 @@ def _family_from_checkpoint(path) -> str:
 def build_from_args(args, pipe):
     method = getattr(args, "method", "fifo")
     common = dict(num_partitions=args.fifo_partitions, frames_per_window=args.fifo_window,
-                  lookahead=not args.fifo_no_lookahead)
+                  lookahead=not args.fifo_no_lookahead, skip_warmup=not args.fifo_emit_warmup)
     if method == "ouroboros":
         subjects = [s.strip() for s in args.ouroboros_subject.split(",")] if args.ouroboros_subject else None
-        windows = tuple(int(x) for x in args.ouroboros_guided_windows.split(",") if x.strip())
+        windows = None
+        if args.ouroboros_guided_windows is not None:
+            try:
+                windows = tuple(int(x) for x in args.ouroboros_guided_windows.split(",") if x.strip())
+            except ValueError:
+                raise SystemExit(f"--ouroboros-guided-windows: expected comma-separated integers, "
+                                 f"got {args.ouroboros_guided_windows!r}") from None
         return OuroborosDiffusion(pipe, tail_sampling=not args.ouroboros_no_tail, sacfa=not args.ouroboros_no_sacfa,
                                   self_recurrent_guidance=not args.ouroboros_no_guidance, subject_words=subjects,
                                   guidance_scale=args.ouroboros_guidance_scale, momentum=args.ouroboros_momentum,

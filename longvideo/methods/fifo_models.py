@@ -13,10 +13,12 @@ iteration moves it to level ``k``.
     (one per token, flattened through the time embedding and unflattened to per-token modulation),
     so a frame's timestep ``1000 * sigma`` is repeated over its ``(h/2) * (w/2)`` patch tokens.
     Frames are *latent* frames: Wan's causal VAE compresses time by 4, latent frame 0 decodes to 1
-    video frame, every later latent frame to 4. Each popped latent frame is decoded together with
-    the previous popped one (the causal VAE needs the frame before it for context) and the last 4
-    decoded frames are emitted; the very first popped frame is decoded alone as the VAE's special
-    first frame (1 video frame). So N iterations give ``1 + 4 (N - 1)`` video frames.
+    video frame, every later latent frame to 4. Popped latent frames are decoded as a stream the
+    way the VAE decodes a whole video (``AutoencoderKLWan._decode``: one latent frame per decoder
+    call, the causal convolutions' cache carried from call to call, the first call marked
+    ``first_chunk``), so the streamed frames equal the VAE's decode of all popped latents at once.
+    The cache is part of the queue state (and of the checkpoint). N emitted latent frames give
+    ``1 + 4 (N - 1)`` video frames.
 
 ``AnimateDiffFamily`` (DDIM, epsilon prediction; UNetMotionModel)
     Levels are the scheduler's timesteps for L steps, ascending, with level 0 the scheduler's
@@ -25,7 +27,10 @@ iteration moves it to level ``k``.
     ``a = abar(t_k)``, ``a' = abar(t_{k-1})``: consecutive timesteps of the schedule, as FIFO's
     official DDIM sampler does. (diffusers' DDIMScheduler.step steps to ``t - 1000 // L``, which is
     the next schedule timestep for "leading"/"trailing" spacing but not always for "linspace";
-    the tests compare with DDIMScheduler.step on a "leading" schedule.)
+    the tests compare with DDIMScheduler.step on a "leading" schedule.) The official FIFO code
+    defaults to eta = 1 (fresh noise added to every frame at every step); eta = 0 is used here, the
+    diffusers DDIM default, so that no per-slot noise has to be drawn in a rank- and resume-stable
+    order.
     Per-frame timesteps: UNetMotionModel computes ONE time embedding per video and repeats it over
     the frames folded into the batch; :func:`per_frame_time_embedding` computes the embedding of a
     ``(B * F,)`` timestep vector (same frame-major order as that repeat) and hands it to every
@@ -193,17 +198,26 @@ class WanFamily:
                     num_frames=(f - 1) * pipe.vae_scale_factor_temporal + 1, num_inference_steps=steps,
                     guidance_scale=guidance_scale, generator=generator, output_type="latent").frames.float()
 
-    def decode(self, latent, prev):
-        """uint8 (F, H, W, 3) video frames of one popped latent frame (see the module docstring)."""
+    def decode(self, latent, cache):
+        """Video frames of one popped latent frame, as uint8 (F, H, W, 3), and the decoder cache to
+        pass with the next one (``cache=None`` for the first frame of the video; see the module
+        docstring). The VAE's own cache is not touched: a list of ours is handed to its decoder."""
         vae = self.pipe.vae
-        z = latent if prev is None else torch.cat([prev, latent], dim=2)
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(z)
-        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(z)
-        video = vae.decode((z * std + mean).to(vae.dtype), return_dict=False)[0]  # (1, 3, F, H, W) in [-1, 1]
-        if prev is not None:
-            video = video[:, :, 1:]  # the previous frame's 1 or 4 frames were emitted already
-            video = video[:, :, -self.temporal_compression:]
-        return _to_uint8(video[0].permute(1, 0, 2, 3))
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1).to(latent)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1).to(latent)
+        x = vae.post_quant_conv((latent * std + mean).to(vae.dtype))
+        first = cache is None
+        if first:
+            vae.clear_cache()  # sizes the cache: one slot per causal convolution of the decoder
+            cache = [None] * len(vae._feat_map)
+        cache = list(cache)    # the decoder replaces entries: the state passed in stays as it was
+        video = vae.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first)
+        if getattr(vae.config, "patch_size", None) is not None:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+            video = unpatchify(video, patch_size=vae.config.patch_size)
+        video = video.clamp(-1.0, 1.0)                      # (1, 3, 1 or 4, H, W) in [-1, 1]
+        return _to_uint8(video[0].permute(1, 0, 2, 3)), cache
 
 
 class SkyReelsFamily(WanFamily):
@@ -369,6 +383,9 @@ class AnimateDiffFamily:
     def levels(self, L: int, device) -> Levels:
         sched = self.pipe.scheduler
         sched.set_timesteps(L, device="cpu")
+        if sched.timesteps.numel() != L:
+            raise ValueError(f"pipe.scheduler: FIFO needs one timestep per level, but {type(sched).__name__} gives "
+                             f"{sched.timesteps.numel()} timesteps for {L} steps (use DDIMScheduler)")
         ts = sched.timesteps.flip(0).to(torch.float32)                    # ascending (L,)
         ac = sched.alphas_cumprod.to(torch.float32)
         final = getattr(sched, "final_alpha_cumprod", ac[0])
@@ -423,7 +440,8 @@ class AnimateDiffFamily:
                          width=width, num_frames=f, num_inference_steps=steps, guidance_scale=guidance_scale,
                          generator=generator, output_type="latent").frames.float()
 
-    def decode(self, latent, prev):
+    def decode(self, latent, cache):
+        """One image per latent frame (AnimateDiff's VAE is per image): no state between frames."""
         vae = self.pipe.vae
         img = vae.decode((latent[:, :, 0] / vae.config.scaling_factor).to(vae.dtype)).sample  # (1, 3, H, W)
-        return _to_uint8(img)
+        return _to_uint8(img), None

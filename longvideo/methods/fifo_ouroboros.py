@@ -15,14 +15,18 @@
 
 (b) SACFA: see ``longvideo.processors.ouroboros``. Subject masks come from the cross-attention maps
     of the subject words: per frame, the attention mass on the subject's text tokens, averaged over
-    heads, subject tokens and every cross-attention layer (resized to the latent size), min-max
+    heads, subject tokens and every cross-attention layer (the authors' demo uses only the layers at
+    down-sampling factors 2 and 4; all layers is a superset that also works on Wan, whose blocks all
+    run at one resolution) (resized to the latent size), min-max
     normalised per frame; mask = normalised map > ``mask_threshold`` (default 0.5). A frame's map is
     recorded when its window is denoised and is used in the NEXT iteration (the frame moved one slot
     toward the head); maps move with the queue and are part of the checkpoint. Frames without a map
     yet (the first iteration, a new tail) share no tokens.
     Subject words: ``subject_words`` (user-named), else read from the prompt: the words of the
     prompt's leading phrase (after a leading article, up to the first function word such as a
-    preposition, conjunction, auxiliary or an "-ing" verb). They are located in the tokenized prompt
+    preposition, conjunction, auxiliary or an "-ing" verb; a finite verb is not recognised: "a red
+    cat runs ..." gives red, cat, runs -- name the subject with ``subject_words`` to be exact).
+    They are located in the tokenized prompt
     through the tokenizer's offsets mapping (every token overlapping a subject word's characters).
 
 (c) Self-recurrent guidance. Subject features = per frame, per chosen self-attention layer, the mean
@@ -36,7 +40,10 @@
     is its backward):  ``x_prev -= guidance_scale * c * grad``  with c = sqrt(1 - abar_prev) *
     sqrt(1 - abar_t) (DDIM with eta = 0) or sigma_prev * sigma_t (flow matching). Every window reads
     the bank of the previous iteration, so the windows of one iteration stay independent (several
-    processes) and the bank is updated once per iteration.
+    processes) and the bank is updated once per iteration. Default guided window: 1, the frames just
+    behind the head window (the paper guides "noisier frames" towards the cleaner history; window 1
+    is the nearest such group, and every guided window costs one forward with autograd + backward,
+    so the default guides one); window 0 when the queue has a single window.
 """
 from __future__ import annotations
 

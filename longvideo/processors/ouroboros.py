@@ -18,7 +18,8 @@ Self-attention (``attn1``)
     Wan's RoPE, so they do not depend on the frame's position) of the conditional half, recorded
     with their autograd graph. In a guided call the attention itself always goes through
     ``consistent_attention`` (with no sampled tokens it equals SDPA), so the guidance gradient is
-    the op's backward.
+    the op's backward (except in a layer called with an attention mask, e.g. SkyReels-V2's
+    block-causal windows, which stays on SDPA: the op has no mask argument).
 
 Cross-attention (``attn2``)
     Output unchanged (SDPA, as diffusers' processors); when asked, also the attention map of the
