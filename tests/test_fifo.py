@@ -136,6 +136,18 @@ def test_per_frame_update_matches_plain_sampling_ddim(ad_pipe):
         for k in range(fifo.L):
             ref = sched.step(eps[:, :, k], asc[k], st.queue[:, :, k], eta=0.0, return_dict=False)[0]
             torch.testing.assert_close(new[:, :, k], ref, atol=1e-5, rtol=1e-5)
+        # eta = 1 (the official FIFO setting): the same with DDIM's sigma_t z, z given per slot
+        stochastic = FIFODiffusion(ad_pipe, num_partitions=1, frames_per_window=4, lookahead=False, eta=1.0)
+        z = torch.randn(st.queue.shape, generator=gen)
+        with torch.no_grad():
+            new = stochastic.step(st, lv, emb, None, 1.0, noise=z).queue
+        for k in range(fifo.L):
+            ref = sched.step(eps[:, :, k], asc[k], st.queue[:, :, k], eta=1.0, variance_noise=z[:, :, k],
+                             return_dict=False)[0]
+            torch.testing.assert_close(new[:, :, k], ref, atol=1e-5, rtol=1e-5)
+        assert (new - fifo.step(st, lv, emb, None, 1.0).queue).abs().max() > 1e-3  # the noise matters
+        with pytest.raises(ValueError, match="eta"):
+            FIFODiffusion(ad_pipe, eta=1.5)
     finally:
         ad_pipe.scheduler = old
 
@@ -177,6 +189,20 @@ def test_resume_equals_uninterrupted(wan_pipe, tmp_path):
     assert len(more) == 7
     for a, b in zip(more, full[13:]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_resume_with_ddim_eta_equals_uninterrupted(ad_pipe, tmp_path):
+    """eta = 1 draws noise for every slot every iteration: the generator state in the checkpoint
+    keeps the draws of a resumed run equal to an uninterrupted run's."""
+    fifo = FIFODiffusion(ad_pipe, num_partitions=1, frames_per_window=4, eta=1.0)
+    full = list(fifo.generate("a dog", 7, guidance_scale=3.0, seed=2))
+    first = list(fifo.generate("a dog", 7, guidance_scale=3.0, seed=2, checkpoint_dir=tmp_path, checkpoint_every=2,
+                               stop_after_iterations=3))
+    rest = list(fifo.generate("a dog", 7, guidance_scale=3.0, seed=2, checkpoint_dir=tmp_path, resume=True))
+    assert len(first) == 3 and len(rest) == 5
+    np.testing.assert_array_equal(np.stack(first[:2] + rest), np.stack(full))
+    deterministic = FIFODiffusion(ad_pipe, num_partitions=1, frames_per_window=4)("a dog", 7, guidance_scale=3.0, seed=2)
+    assert np.abs(deterministic.astype(int) - np.stack(full).astype(int)).max() > 0
 
 
 def test_wan_streamed_decode_equals_whole_video_decode(wan_pipe):
@@ -228,6 +254,8 @@ def test_bad_arguments(wan_pipe, tmp_path):
         FIFODiffusion(wan_pipe, num_partitions=0)
     with pytest.raises(ValueError, match="pipe"):
         FIFODiffusion(object())
+    with pytest.raises(ValueError, match="eta"):  # DDIM's eta has no meaning for flow matching
+        FIFODiffusion(wan_pipe, eta=1.0)
     fifo = FIFODiffusion(wan_pipe, num_partitions=1, frames_per_window=4)
     with pytest.raises(ValueError, match="num_frames"):
         next(fifo.generate("x", 0))
@@ -363,15 +391,16 @@ def _rank_worker(rank, world, port, out_dir):
         assert fifo._rank_world() == (rank, world)  # the windows really are split
         np.save(f"{out_dir}/wan{rank}.npy", fifo("a dog", 6, guidance_scale=3.0, seed=7))
         ouro = OuroborosDiffusion(animatediff.tiny_pipeline(), num_partitions=1, frames_per_window=4,
-                                  guided_windows=(1,), guidance_scale=5.0)
+                                  guided_windows=(1,), guidance_scale=5.0, eta=1.0)
         np.save(f"{out_dir}/ouro{rank}.npy", ouro("a red cat runs", 5, guidance_scale=3.0, seed=7))
     finally:
         dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_equal_one_process(wan_pipe, ad_pipe, tmp_path):
-    """FIFO (Wan) and Ouroboros with every part on (AnimateDiff: guidance window on rank 1, bank
-    window on rank 0): 2 gloo ranks give the very frames of one process."""
+    """FIFO (Wan) and Ouroboros with every part on and DDIM eta = 1 (AnimateDiff: guidance window on
+    rank 1, bank window on rank 0, per-slot noise drawn on both): 2 gloo ranks give the very frames
+    of one process."""
     import socket
 
     import torch.multiprocessing as mp
@@ -387,7 +416,7 @@ def test_two_gloo_ranks_equal_one_process(wan_pipe, ad_pipe, tmp_path):
     try:
         single = FIFODiffusion(wan_pipe, num_partitions=2, frames_per_window=4)("a dog", 6, guidance_scale=3.0, seed=7)
         ouro = OuroborosDiffusion(ad_pipe, num_partitions=1, frames_per_window=4, guided_windows=(1,),
-                                  guidance_scale=5.0)("a red cat runs", 5, guidance_scale=3.0, seed=7)
+                                  guidance_scale=5.0, eta=1.0)("a red cat runs", 5, guidance_scale=3.0, seed=7)
     finally:
         torch.set_num_threads(threads)
     for rank in (0, 1):

@@ -42,7 +42,9 @@ Several processes: when torch.distributed is initialised (NCCL on GPUs, gloo on 
 an iteration runs on rank ``i % world``; the new slot values (and Ouroboros' maps and bank features)
 are assembled with ONE all_reduce of a buffer that is zero except where the rank wrote: every slot is
 written by exactly one window, so each sum adds zeros to one value and every rank ends with the same
-queue, bit for bit equal to a single process's. All ranks must use the same seed.
+queue, bit for bit equal to a single process's. All ranks must use the same seed; the initial
+queue is broadcast from rank 0; rank 0 writes the video and the checkpoints, and ``resume`` needs
+the checkpoint directory on a filesystem every rank can read.
 
 Ouroboros-Diffusion: ``OuroborosDiffusion`` (or ``FIFODiffusion(..., ouroboros=OuroborosConfig())``)
 adds coherent tail sampling, SACFA and self-recurrent guidance (``fifo_ouroboros``; processors in
@@ -109,11 +111,13 @@ class FIFODiffusion:
         ouroboros: OuroborosConfig, or None for plain FIFO.
         skip_warmup: do not emit the first L - f frames that leave the queue (copies of the initial
             clip's first frame; see the module docstring), as the official code.
+        eta: DDIM's eta for the AnimateDiff family (0: deterministic, the default; the official
+            FIFO code uses 1.0; see ``fifo_models``).
     """
 
     def __init__(self, pipe, num_partitions: int = 4, frames_per_window: Optional[int] = None, lookahead: bool = True,
                  coherent_tail: bool = False, tail_d_s: float = 0.25, tail_d_t: float = 1.0, distributed: bool = True,
-                 ouroboros: Optional[OuroborosConfig] = None, skip_warmup: bool = True):
+                 ouroboros: Optional[OuroborosConfig] = None, skip_warmup: bool = True, eta: float = 0.0):
         self.family = make_family(pipe)
         if frames_per_window is None:  # the model's clip length (at least 2 for lookahead's half windows)
             f = max(self.family.default_window(), 2 if lookahead else 1)
@@ -141,6 +145,12 @@ class FIFODiffusion:
                                  f"[0, {self.num_windows}) (n = {self.n}, f = {self.f}, lookahead = {lookahead})")
         self.distributed = distributed
         self.warmup = self.L - f if skip_warmup else 0  # frames that leave the queue before the video starts
+        if eta and self.family.name != "animatediff":
+            raise ValueError(f"eta: DDIM's eta applies to the DDIM family (AnimateDiff), not to {self.family.name}'s "
+                             "flow matching")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        self.eta = float(eta)
         self._ctx = None
 
     # ------------------------------------------------------------------------------------------
@@ -174,8 +184,9 @@ class FIFODiffusion:
         return 0, 1
 
     # ------------------------------------------------------------------------------------------
-    def step(self, state: QueueState, lv, prompts, negative_embeds, guidance_scale) -> StepOutput:
-        """One iteration's denoising of every window (all read the same snapshot)."""
+    def step(self, state: QueueState, lv, prompts, negative_embeds, guidance_scale, noise=None) -> StepOutput:
+        """One iteration's denoising of every window (all read the same snapshot). `noise`: DDIM's z
+        for every slot (eta > 0), drawn by the caller for the whole queue."""
         q, f, w, c, L = state.queue, self.f, self.stride, self.context_len, self.L
         if not isinstance(prompts, PromptSchedule):  # one embedding tensor for every window
             single = PromptSchedule([""], [0])
@@ -205,9 +216,15 @@ class FIFODiffusion:
                                                                 guidance_scale, state, prompts.subject_ids[pidx])
             a = f - w
             k_in = kw[a:]
-            upd = self.family.update(lv, xw[:, :, a:], out[:, :, a:], k_in, k_in - 1)
+            if self.eta:
+                upd = self.family.update(lv, xw[:, :, a:], out[:, :, a:], k_in, k_in - 1, eta=self.eta,
+                                         noise=noise[:, :, s: s + w])
+                coef = self.family.guidance_coefficient(lv, k_in, k_in - 1, eta=self.eta) if grad is not None else 0
+            else:
+                upd = self.family.update(lv, xw[:, :, a:], out[:, :, a:], k_in, k_in - 1)
+                coef = self.family.guidance_coefficient(lv, k_in, k_in - 1) if grad is not None else 0
             if grad is not None:
-                upd = upd - ouro.guidance_scale * self.family.guidance_coefficient(lv, k_in, k_in - 1) * grad[:, :, a:]
+                upd = upd - ouro.guidance_scale * coef * grad[:, :, a:]
             new_q[:, :, s: s + w] = upd
             if maps is not None:
                 new_maps[s: s + w] = maps[a:]
@@ -404,13 +421,23 @@ class FIFODiffusion:
                 else:
                     state = self._initial_state(lv, schedule.embeds[0], negative_embeds, height, width,
                                                 guidance_scale, generator, init_steps or self.L)
+                    if self._rank_world()[1] > 1:
+                        # every rank sampled the same clip from the same seed; rank 0's copy is made
+                        # the one truth, so nondeterministic kernels cannot make the ranks' queues differ
+                        import torch.distributed as dist
+
+                        for t in (state.queue, state.context):
+                            if t.numel():
+                                dist.broadcast(t, src=0)
             done = 0
             complete, saved_iteration = state, state.iteration  # last state whose frames were all emitted
             while state.frames_out < num_frames:
                 if stop_after_iterations is not None and done >= stop_after_iterations:
                     return
                 with torch.no_grad():
-                    out = self.step(state, lv, schedule, negative_embeds, guidance_scale)
+                    z = (torch.randn(state.queue.shape, generator=generator).to(state.queue)
+                         if self.eta else None)  # DDIM eta: one draw for the whole queue, the same on every rank
+                    out = self.step(state, lv, schedule, negative_embeds, guidance_scale, noise=z)
                     new = out.queue
                     head = new[:, :, :1]
                     tail = self._new_tail(lv, new, generator)
@@ -464,7 +491,7 @@ class FIFODiffusion:
         model = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return {"family": self.family.name, "model": f"{type(self.family.denoiser).__name__}:{model}",
                 "fps": getattr(self.family, "fps", None), "n": self.n, "f": self.f, "lookahead": self.lookahead,
-                "warmup": self.warmup,
+                "warmup": self.warmup, "eta": self.eta,
                 "height": int(height), "width": int(width), "guidance_scale": float(guidance_scale),
                 "negative_prompt": negative_prompt, "seed": int(seed), "init_steps": init_steps,
                 "prompts": list(schedule.prompts), "prompt_starts": list(schedule.latent_starts),
@@ -497,7 +524,7 @@ class OuroborosDiffusion(FIFODiffusion):
 
     def __init__(self, pipe, num_partitions: int = 4, frames_per_window: Optional[int] = None, lookahead: bool = True,
                  tail_sampling: bool = True, sacfa: bool = True, self_recurrent_guidance: bool = True,
-                 distributed: bool = True, skip_warmup: bool = True, **options):
+                 distributed: bool = True, skip_warmup: bool = True, eta: float = 0.0, **options):
         names = {f.name for f in dataclasses.fields(OuroborosConfig)}
         bad = sorted(set(options) - names)
         if bad:
@@ -505,7 +532,8 @@ class OuroborosDiffusion(FIFODiffusion):
         config = OuroborosConfig(tail_sampling=tail_sampling, sacfa=sacfa,
                                  self_recurrent_guidance=self_recurrent_guidance, **options)
         super().__init__(pipe, num_partitions=num_partitions, frames_per_window=frames_per_window,
-                         lookahead=lookahead, distributed=distributed, ouroboros=config, skip_warmup=skip_warmup)
+                         lookahead=lookahead, distributed=distributed, ouroboros=config, skip_warmup=skip_warmup,
+                         eta=eta)
 
 
 class PromptSchedule:
@@ -560,6 +588,8 @@ def add_generate_arguments(parser) -> None:
     g.add_argument("--fifo-partitions", type=int, default=4, help="n: queue of n*f latent frames")
     g.add_argument("--fifo-window", type=int, default=None, help="f: latent frames per model call")
     g.add_argument("--fifo-no-lookahead", action="store_true")
+    g.add_argument("--fifo-eta", type=float, default=0.0,
+                   help="DDIM eta (AnimateDiff family; the official FIFO code uses 1.0)")
     g.add_argument("--fifo-emit-warmup", action="store_true",
                    help="also write the first L - f frames out of the queue (copies of the initial clip's first frame)")
     g.add_argument("--fifo-init-steps", type=int, default=None, help="steps of the initial clip")
@@ -604,7 +634,7 @@ def _family_from_checkpoint(path) -> str:
 def build_from_args(args, pipe):
     method = getattr(args, "method", "fifo")
     common = dict(num_partitions=args.fifo_partitions, frames_per_window=args.fifo_window,
-                  lookahead=not args.fifo_no_lookahead, skip_warmup=not args.fifo_emit_warmup)
+                  lookahead=not args.fifo_no_lookahead, skip_warmup=not args.fifo_emit_warmup, eta=args.fifo_eta)
     if method == "ouroboros":
         subjects = [s.strip() for s in args.ouroboros_subject.split(",")] if args.ouroboros_subject else None
         windows = None

@@ -22,15 +22,16 @@ iteration moves it to level ``k``.
 
 ``AnimateDiffFamily`` (DDIM, epsilon prediction; UNetMotionModel)
     Levels are the scheduler's timesteps for L steps, ascending, with level 0 the scheduler's
-    final alpha (``final_alpha_cumprod``). Per-frame update (deterministic DDIM, eta = 0):
+    final alpha (``final_alpha_cumprod``). Per-frame update (DDIM; shown for eta = 0):
     ``x0 = (x - sqrt(1 - a) eps) / sqrt(a)``, ``x' = sqrt(a') x0 + sqrt(1 - a') eps`` with
     ``a = abar(t_k)``, ``a' = abar(t_{k-1})``: consecutive timesteps of the schedule, as FIFO's
     official DDIM sampler does. (diffusers' DDIMScheduler.step steps to ``t - 1000 // L``, which is
     the next schedule timestep for "leading"/"trailing" spacing but not always for "linspace";
-    the tests compare with DDIMScheduler.step on a "leading" schedule.) The official FIFO code
-    defaults to eta = 1 (fresh noise added to every frame at every step); eta = 0 is used here, the
-    diffusers DDIM default, so that no per-slot noise has to be drawn in a rank- and resume-stable
-    order.
+    the tests compare with DDIMScheduler.step on a "leading" schedule.) ``eta`` (FIFODiffusion's
+    option): 0 (default, diffusers' DDIM default) is deterministic; the official FIFO code runs
+    eta = 1, which adds ``sigma z`` to every frame at every step (DDIM Eq. 12), with z drawn for the
+    whole queue once per iteration from the run's CPU generator (the same on every rank and after
+    a resume).
     Per-frame timesteps: UNetMotionModel computes ONE time embedding per video and repeats it over
     the frames folded into the batch; :func:`per_frame_time_embedding` computes the embedding of a
     ``(B * F,)`` timestep vector (same frame-major order as that repeat) and hands it to every
@@ -415,11 +416,20 @@ class AnimateDiffFamily:
     def _b(t):
         return t.view(1, 1, -1, 1, 1)
 
-    def update(self, lv: Levels, x, eps, k_in, k_out):
-        """Deterministic DDIM step of every frame from level k_in to level k_out."""
+    def _sigma(self, lv: Levels, k_in, k_out, eta: float):
+        """DDIM's sigma_t (Song et al. Eq. 16): eta sqrt((1 - a') / (1 - a)) sqrt(1 - a / a')."""
+        a, a_prev = self._b(lv.abar[k_in]), self._b(lv.abar[k_out])
+        return eta * ((1 - a_prev) / (1 - a)).sqrt() * (1 - a / a_prev).sqrt()
+
+    def update(self, lv: Levels, x, eps, k_in, k_out, eta: float = 0.0, noise=None):
+        """DDIM step of every frame from level k_in to level k_out:
+        x' = sqrt(a') x0 + sqrt(1 - a' - sigma^2) eps + sigma z (sigma = 0 for eta = 0)."""
         a, a_prev = self._b(lv.abar[k_in]), self._b(lv.abar[k_out])
         x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
-        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        if not eta:
+            return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
+        sigma = self._sigma(lv, k_in, k_out, eta)
+        return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp_min(0).sqrt() * eps + sigma * noise
 
     def noise_clean(self, lv: Levels, x0, k, noise):
         a = self._b(lv.abar[k])
@@ -431,9 +441,11 @@ class AnimateDiffFamily:
         r = self._b(lv.abar[k_to] / lv.abar[k_from])
         return r.sqrt() * z + (1 - r).sqrt() * noise
 
-    def guidance_coefficient(self, lv: Levels, k_in, k_out):
-        """sqrt(1 - abar_prev - sigma^2) sqrt(1 - abar_t) with DDIM's sigma = 0 (eta = 0)."""
-        return self._b((1 - lv.abar[k_out]).sqrt() * (1 - lv.abar[k_in]).sqrt())
+    def guidance_coefficient(self, lv: Levels, k_in, k_out, eta: float = 0.0):
+        """sqrt(1 - abar_prev - sigma^2) sqrt(1 - abar_t) (the eps term's coefficient times the
+        eps <- eps + sqrt(1 - abar_t) grad of classifier guidance)."""
+        s2 = self._sigma(lv, k_in, k_out, eta) ** 2 if eta else 0.0
+        return (self._b(1 - lv.abar[k_out]) - s2).clamp_min(0).sqrt() * self._b((1 - lv.abar[k_in]).sqrt())
 
     def sample_clip(self, prompt_embeds, negative_embeds, height, width, f, steps, guidance_scale, generator):
         return self.pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds, height=height,
