@@ -375,7 +375,8 @@ class AnimateDiffFamily:
         return self.denoiser.device
 
     def default_window(self) -> int:
-        return 16  # AnimateDiff's motion modules were trained on 16-frame clips
+        # AnimateDiff's motion modules were trained on 16-frame clips (the tiny model says 4)
+        return int(getattr(self.pipe, "longvideo_trained_latent_frames", 0) or 16)
 
     def default_size(self):
         s = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor

@@ -18,6 +18,7 @@ import os
 import torch
 
 KINDS = ("t2v", "v2v")
+TINY_TRAINED_FRAMES = 4
 
 # Tiny sizes. Text width 32 = cross_attention_dim. UNet channels (32, 64) with 2 / 4 heads of 16
 # channels (diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads; the
@@ -114,6 +115,9 @@ def tiny_pipeline(kind: str = "t2v", seed: int = 0, dtype: torch.dtype = torch.f
         pipe = pipe.to(dtype=dtype)
     finally:
         diffusers_logging.set_verbosity(level)
+    # The clip length the methods treat as "trained" (FIFO's default window): 4 frames, so that the
+    # tiny demo's queue is small; real AnimateDiff checkpoints use 16.
+    pipe.longvideo_trained_latent_frames = TINY_TRAINED_FRAMES
     return pipe
 
 
