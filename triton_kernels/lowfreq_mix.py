@@ -40,10 +40,13 @@ import triton.language as tl
 FILTER_CODES = {"gaussian": 0, "butterworth": 1, "ideal": 2, "box": 3}
 SINGLE_PASS_MAX_SIDE = 128
 SINGLE_PASS_MAX_TILE = 128 * 64  # HP * WP; larger tiles spill registers (8 warps, fp32 tiles)
-# Precision of the single pass's DFT matmuls: "ieee" (fp32 FMAs; the default) or, as a tuning knob
-# for GPUs, "tf32x3" (three tf32 tensor-core products, ~fp32 accuracy, several times faster).
-# Plain "tf32" (~1e-3 relative error) would break the float32 tolerance.
-DOT_PRECISION = os.environ.get("LONGVIDEO_LOWFREQ_DOT_PRECISION", "ieee")
+# Precision of the single pass's DFT matmuls. On GPUs "tf32x3" (three tf32 tensor-core products,
+# ~fp32 accuracy): with "ieee" the 16 dots unroll into ~25k scalar FMAs per program, which takes
+# minutes to compile per variant and spills a 25 KB stack (measured with Triton 3.6 for sm_90).
+# Under the CPU interpreter (no tensor cores to emulate) "ieee". Plain "tf32" (~1e-3 relative
+# error) would break the float32 tolerance.
+DOT_PRECISION = os.environ.get("LONGVIDEO_LOWFREQ_DOT_PRECISION") or (
+    "ieee" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "tf32x3")
 
 
 @triton.jit
@@ -80,9 +83,21 @@ def _lpf_sym(tab_ptr, kt, kh, kw, T, H, W, FILTER: tl.constexpr, coef, order):
 
 
 @triton.jit
-def _single_pass_kernel(x_ptr, n_ptr, out_ptr, tab_ptr, cw_ptr, sw_ptr, ch_ptr, sh_ptr, icw_ptr, isw_ptr,
-                        H, W, coef, order, FILTER: tl.constexpr,
-                        HP: tl.constexpr, WP: tl.constexpr, WHP: tl.constexpr, PREC: tl.constexpr):
+def _half_spectrum_filter_kernel(tab_ptr, lpf_ptr, H, W, WHP: tl.constexpr, coef, order, FILTER: tl.constexpr):
+    # One program = one row kh of the symmetrised T = 1 filter on the half spectrum, (HP, WHP) fp32,
+    # zero where kh >= H or kw > W // 2 (the padded DFT rows/columns).
+    kh = tl.program_id(0)
+    rk = tl.arange(0, WHP)
+    valid = (kh < H) & (rk < W // 2 + 1)
+    khc = tl.where(kh < H, kh, 0)
+    kw = tl.where(rk < W // 2 + 1, rk, 0)
+    val = _lpf_sym(tab_ptr, kw * 0, kw * 0 + khc, kw, 1, H, W, FILTER, coef, order)
+    tl.store(lpf_ptr + kh * WHP + rk, tl.where(valid, val, 0.0))
+
+
+@triton.jit
+def _single_pass_kernel(x_ptr, n_ptr, out_ptr, lpf_ptr, cw_ptr, sw_ptr, ch_ptr, sh_ptr, icw_ptr, isw_ptr,
+                        H, W, HP: tl.constexpr, WP: tl.constexpr, WHP: tl.constexpr, PREC: tl.constexpr):
     # One program = one (H, W) slice (T == 1). Shapes: d (HP, WP); spectra (HP, WHP).
     pid = tl.program_id(0).to(tl.int64)
     base = pid * H * W
@@ -105,10 +120,10 @@ def _single_pass_kernel(x_ptr, n_ptr, out_ptr, tab_ptr, cw_ptr, sw_ptr, ch_ptr, 
     sh = tl.load(sh_ptr + rkh[:, None] * HP + rh[None, :])
     br = tl.dot(ch, ar, input_precision=PREC) + tl.dot(sh, ai, input_precision=PREC)
     bi = tl.dot(ch, ai, input_precision=PREC) - tl.dot(sh, ar, input_precision=PREC)
-    # Symmetrised filter at (kt = 0, kh, kw); padded rows/columns get index 0 (their DFT rows are 0).
-    kh = tl.where(rkh < H, rkh, 0)[:, None]
-    kw = tl.where(rk < W // 2 + 1, rk, 0)[None, :]
-    lpf = _lpf_sym(tab_ptr, kh * 0, kh, kw, 1, H, W, FILTER, coef, order)
+    # Symmetrised filter at (kt = 0, kh, kw), precomputed per (shape, filter) by
+    # _half_spectrum_filter_kernel: the filter is not a constexpr here, so one compiled variant
+    # serves all four filters.
+    lpf = tl.load(lpf_ptr + rkh[:, None] * WHP + rk[None, :])
     br = br * lpf
     bi = bi * lpf
     # Inverse DFT along H: E = (Ch + i Sh) B (the 1/(H W) is folded into the W inverse matrices).
@@ -198,6 +213,26 @@ def _dft_mats(H: int, W: int, device: torch.device):
     return tuple(m.to(torch.float32).contiguous().to(device) for m in mats)
 
 
+_FILTER_CACHE: dict = {}
+
+
+def _half_spectrum_filter(table: torch.Tensor, H: int, W: int, code: int, coef: float, order: float) -> torch.Tensor:
+    """(HP, WHP) fp32 filter of the single pass, cached. The key holds the table tensor itself
+    (tables are cached by the op per shape and parameters), so an address cannot be reused by
+    another table while its entry lives."""
+    key = (table.data_ptr(), table.device, H, W, code, coef, order)
+    hit = _FILTER_CACHE.get(key)
+    if hit is not None and hit[0] is table:
+        return hit[1]
+    HP, WHP = _pow2(H), _pow2(W // 2 + 1)
+    lpf = torch.empty(HP, WHP, dtype=torch.float32, device=table.device)
+    _half_spectrum_filter_kernel[(HP,)](table, lpf, H, W, WHP=WHP, coef=coef, order=order, FILTER=code)
+    if len(_FILTER_CACHE) >= 64:
+        _FILTER_CACHE.clear()
+    _FILTER_CACHE[key] = (table, lpf)
+    return lpf
+
+
 def single_pass_ok(shape) -> bool:
     T, H, W = shape[-3:]
     return (T == 1 and H <= SINGLE_PASS_MAX_SIDE and W <= SINGLE_PASS_MAX_SIDE
@@ -225,7 +260,8 @@ def lowfreq_mix(x: torch.Tensor, noise: torch.Tensor, table: torch.Tensor, filte
         n_slices = x.numel() // (H * W)
         # 4 warps hold a 64x64 fp32 tile in 32 registers per thread; bigger tiles get 8 warps.
         warps = 4 if HP * WP <= 4096 else 8
-        _single_pass_kernel[(n_slices,)](x, noise, out, table, *mats, H, W, coef, order, FILTER=code,
+        lpf = _half_spectrum_filter(table, H, W, code, coef, order)
+        _single_pass_kernel[(n_slices,)](x, noise, out, lpf, *mats, H, W,
                                          HP=HP, WP=WP, WHP=WHP, PREC=DOT_PRECISION, num_warps=warps)
         return out
     numel = x.numel()
