@@ -51,6 +51,14 @@ def _derive_seed(*parts) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def _resolved(device) -> torch.device:
+    """`cuda` -> `cuda:N` (the current device), so that comparisons with tensors' devices hold."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 # ----------------------------------------------------------------------------------------------
 # the id bank
 DEFAULT_GPU_BUDGET_FRACTION = 0.10
@@ -316,6 +324,7 @@ class IdBank:
         """
         if not keys:
             return None
+        device = _resolved(device)
         parts, waited, synced = [], False, False
         for key in keys:
             if key not in self.keys_order:
@@ -372,6 +381,7 @@ class IdBank:
         if not todo:
             return
         self.synchronize()
+        device = _resolved(device)
         if self._stream is None or self._stream.device != device:
             self._stream = torch.cuda.Stream(device)
         self._stream.wait_stream(torch.cuda.current_stream(device))
