@@ -6,10 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .whl
 plat="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any"
-# Not imageio-ffmpeg (68 MB, over the device's 64 MiB carry limit with the tree): the GPU tier and
-# the benchmarks write no video.
-rm -f .whl/imageio_ffmpeg-*.whl
-for spec in diffusers==0.42.1 imageio ftfy wcwidth pytest pytest-benchmark py-cpuinfo ninja; do
+# Only what the GPU image lacks (pytest, pytest-benchmark, ninja, imageio are there; copies in
+# /tmp/site would shadow them). Not imageio-ffmpeg (68 MB, over the device's 64 MiB carry limit
+# with the tree): the GPU tier and the benchmarks write no video.
+rm -f .whl/*.whl
+for spec in diffusers==0.42.1 ftfy wcwidth importlib_metadata zipp; do
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $plat -d .whl "$spec"
 done
 ls -la .whl
