@@ -136,7 +136,8 @@ def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):
     return cases
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
+def cases(device: torch.device, quick: bool):
+    """A list (quick) or a generator of cases (full sizes; see _full_cases)."""
     if quick:  # tiny CPU sizes: the reference and, under TRITON_INTERPRET=1, the Triton kernel
         from longvideo.ops import _registry
 
@@ -146,13 +147,21 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
         out += _cases_for(device, torch.float32, 1, 2, 32, 13, 6, tiers, [1.0, 3.0, 1.0, 2.0, 3.0], impls - {"sdpa"},
                           "quick_F6_T13_vrpr")
         return out
+    return _full_cases(device)
+
+
+def _full_cases(device):
+    """Lazily, one configuration at a time (its setup -- first kernel calls, block masks, the
+    compiled FlexAttention -- happens when the harness reaches it; a run stopped by a time limit
+    keeps the configurations before)."""
     impls = {"triton", "cuda", "sdpa", "flex"}
     dt, B, H, D = torch.bfloat16, 1, 12, 128
-    out = []
-    out += _cases_for(device, dt, B, H, D, 1560, 21, dict(FREELOC_TIERS, local_frames=21), None, impls, "480p_F21_dense")
+    yield from _cases_for(device, dt, B, H, D, 1560, 21, dict(FREELOC_TIERS, local_frames=21), None, impls,
+                          "480p_F21_dense")
     for F in (41, 81):
-        out += _cases_for(device, dt, B, H, D, 1560, F, FREELOC_TIERS, None, impls, f"480p_F{F}_tsa")
-        out += _cases_for(device, dt, B, H, D, 1560, F, FREELOC_TIERS, VRPR[F], impls - {"sdpa"}, f"480p_F{F}_tsa_vrpr")
-    out += _cases_for(device, dt, B, H, D, 3600, 21, dict(FREELOC_TIERS, local_frames=21), None, impls, "720p_F21_dense")
-    out += _cases_for(device, dt, B, H, D, 3600, 41, FREELOC_TIERS, None, impls, "720p_F41_tsa")
-    return out
+        yield from _cases_for(device, dt, B, H, D, 1560, F, FREELOC_TIERS, None, impls, f"480p_F{F}_tsa")
+        yield from _cases_for(device, dt, B, H, D, 1560, F, FREELOC_TIERS, VRPR[F], impls - {"sdpa"},
+                              f"480p_F{F}_tsa_vrpr")
+    yield from _cases_for(device, dt, B, H, D, 3600, 21, dict(FREELOC_TIERS, local_frames=21), None, impls,
+                          "720p_F21_dense")
+    yield from _cases_for(device, dt, B, H, D, 3600, 41, FREELOC_TIERS, None, impls, "720p_F41_tsa")

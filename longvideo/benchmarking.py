@@ -9,6 +9,7 @@ the records into the markdown table ``benchmarks/results/README.md``.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as _dt
 import importlib
@@ -173,19 +174,38 @@ def run_suite(name: str, device: torch.device, quick: bool = False, progress: Ca
               out_dir: Optional[Path] = None, **timing) -> dict:
     """Run every case of a suite. With `out_dir`, the record is (re)written after each case with
     ``"complete": False`` until the last one, so a run stopped by a time limit keeps what it measured."""
-    cases = load_suite(name).cases(device, quick)
+    produced = load_suite(name).cases(device, quick)
+    # A suite returns a list, or a generator that sets up each group of cases when it is reached
+    # (so a long setup cannot keep the run from recording the groups before it).
+    if isinstance(produced, (list, tuple)):
+        total, queue = len(produced), collections.deque(produced)
+        if isinstance(produced, list):
+            produced.clear()  # the deque holds the only reference: each case is freed after its run
+        pending = (queue.popleft() for _ in range(total))
+    else:
+        total, pending = "?", iter(produced)
     record = {"suite": name, "quick": quick, "environment": environment(device), "cases": [], "complete": False}
-    for i, case in enumerate(cases):
+    i, setup_failed = 0, False
+    while True:
+        try:
+            case = next(pending)
+        except StopIteration:
+            break
+        except Exception as exc:  # noqa: BLE001 - a failing setup ends the suite, recorded
+            record["cases"].append({"suite": name, "name": "<setup>", "impl": "",
+                                    "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
+            setup_failed = True
+            break
         row = run_case(case, device, **timing)
         record["cases"].append(row)
+        i += 1
         if progress:
             msg = row.get("error") or f"{row['median_ms']:.3f} ms"
-            progress(f"[{name} {i + 1}/{len(cases)}] {case.name} {case.impl}: {msg}")
-        cases[i] = None  # free the case's inputs before the next one allocates its own
+            progress(f"[{name} {i}/{total}] {case.name} {case.impl}: {msg}")
         del case
-        if out_dir is not None and i + 1 < len(cases):
+        if out_dir is not None:
             write_record(record, out_dir)
-    record["complete"] = True
+    record["complete"] = not setup_failed
     if out_dir is not None:
         write_record(record, out_dir)
     return record

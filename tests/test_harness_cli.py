@@ -78,3 +78,18 @@ def test_suite_record_is_written_after_every_case(tmp_path, monkeypatch):
     rec = benchmarking.run_suite("toy", torch.device("cpu"), progress=None, out_dir=tmp_path / "done")
     assert rec["complete"] is True
     assert json.loads(next((tmp_path / "done").glob("toy_*.json")).read_text())["complete"] is True
+
+
+def test_lazy_suite_records_cases_before_a_failing_setup(tmp_path, monkeypatch):
+    """A suite may yield its cases (setting each group up when reached): a setup that fails ends
+    the suite with an error row, after the cases before it were recorded."""
+    import types
+
+    def lazy(device, quick):
+        yield benchmarking.Case("toy", "first", "impl", lambda: None, timing={"warmup": 0, "repeats": 1})
+        raise RuntimeError("CUDA out of memory in setup")
+
+    monkeypatch.setattr(benchmarking, "load_suite", lambda name: types.SimpleNamespace(cases=lazy))
+    rec = benchmarking.run_suite("toy", torch.device("cpu"), progress=None, out_dir=tmp_path)
+    assert [c["name"] for c in rec["cases"]] == ["first", "<setup>"] and "out of memory" in rec["cases"][1]["error"]
+    assert rec["complete"] is False and "median_ms" in rec["cases"][0]
