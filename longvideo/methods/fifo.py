@@ -207,7 +207,7 @@ class FIFODiffusion:
             s = i * w                                # window = full[s : s + f], writes its last w frames
             xw, kw = full[:, :, s: s + f], k_full[s: s + f]
             # latent frame of the output video at the window's centre (negative during the warm-up)
-            pidx = _prompt_index(prompts, state.iteration - self.warmup + s + (f // 2 if not c else 0))
+            pidx = prompts.index(state.iteration - self.warmup + s + (f // 2 if not c else 0))
             emb = prompts.embeds[pidx]
             if ctx is None:
                 out, grad, maps, feats = self._model(xw, lv.t_model[kw], emb, negative_embeds, guidance_scale), None, None, None
@@ -216,14 +216,10 @@ class FIFODiffusion:
                                                                 guidance_scale, state, prompts.subject_ids[pidx])
             a = f - w
             k_in = kw[a:]
-            if self.eta:
-                upd = self.family.update(lv, xw[:, :, a:], out[:, :, a:], k_in, k_in - 1, eta=self.eta,
-                                         noise=noise[:, :, s: s + w])
-                coef = self.family.guidance_coefficient(lv, k_in, k_in - 1, eta=self.eta) if grad is not None else 0
-            else:
-                upd = self.family.update(lv, xw[:, :, a:], out[:, :, a:], k_in, k_in - 1)
-                coef = self.family.guidance_coefficient(lv, k_in, k_in - 1) if grad is not None else 0
+            z = noise[:, :, s: s + w] if noise is not None else None
+            upd = self.family.update(lv, xw[:, :, a:], out[:, :, a:], k_in, k_in - 1, eta=self.eta, noise=z)
             if grad is not None:
+                coef = self.family.guidance_coefficient(lv, k_in, k_in - 1, eta=self.eta)
                 upd = upd - ouro.guidance_scale * coef * grad[:, :, a:]
             new_q[:, :, s: s + w] = upd
             if maps is not None:
@@ -573,10 +569,6 @@ def _check_run_settings(saved: Optional[dict], now: dict, ckpt) -> None:
         raise ValueError(f"resume: {ckpt} was written by a run with other settings; resume with the same "
                          "prompt, model, size, seed and method options (only the number of frames may change):\n  "
                          + "\n  ".join(diff))
-
-
-def _prompt_index(schedule: PromptSchedule, latent_index: int) -> int:
-    return schedule.index(latent_index)
 
 
 # ----------------------------------------------------------------------------------------------

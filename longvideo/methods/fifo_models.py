@@ -173,8 +173,9 @@ class WanFamily:
     def _b(t):
         return t.view(1, 1, -1, 1, 1)
 
-    def update(self, lv: Levels, x, out, k_in, k_out):
-        """Euler step of every frame from level k_in to level k_out (index tensors (F,))."""
+    def update(self, lv: Levels, x, out, k_in, k_out, eta: float = 0.0, noise=None):
+        """Euler step of every frame from level k_in to level k_out (index tensors (F,)). `eta` and
+        `noise` are DDIM's (FIFODiffusion rejects eta > 0 for flow matching): unused here."""
         return x + self._b(lv.sigma[k_out] - lv.sigma[k_in]) * out
 
     def noise_clean(self, lv: Levels, x0, k, noise):
@@ -188,7 +189,7 @@ class WanFamily:
         (one level below the tail, unit variance like the tail); noise is not used."""
         return z
 
-    def guidance_coefficient(self, lv: Levels, k_in, k_out):
+    def guidance_coefficient(self, lv: Levels, k_in, k_out, eta: float = 0.0):
         """Self-recurrent guidance step size per frame: sigma_out * sigma_in (the flow-matching
         analogue of DDIM's sqrt(1 - abar_prev) sqrt(1 - abar_t))."""
         return self._b(lv.sigma[k_out] * lv.sigma[k_in])

@@ -110,12 +110,8 @@ def from_pretrained(path, kind: str = "t2v", dtype: torch.dtype = torch.bfloat16
     pipeline; ``"v2v"`` uses `SkyReelsV2DiffusionForcingVideoToVideoPipeline`. The VAE is loaded in
     float32 (as for Wan), the rest in `dtype`. Nothing is downloaded (``local_files_only=True``).
     """
-    from diffusers import AutoencoderKLWan
-
     kind = _check_kind(kind)
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise ValueError(f"model path {path!r} is not a local diffusers checkpoint folder")
+    path = wan._checkpoint_dir(path)
     try:
         with open(os.path.join(path, "model_index.json")) as fh:
             name = json.load(fh).get("_class_name", "")
@@ -123,14 +119,7 @@ def from_pretrained(path, kind: str = "t2v", dtype: torch.dtype = torch.bfloat16
         raise ValueError(f"model path {path!r}: no readable model_index.json ({exc})") from exc
     if not name.startswith("SkyReelsV2"):
         raise ValueError(f"model path {path!r} holds a {name!r} pipeline, not a SkyReels-V2 one")
-    cls = _pipeline_class(kind, name)
-    try:
-        kwargs = {}
-        if os.path.isdir(os.path.join(path, "vae")):
-            kwargs["vae"] = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32,
-                                                             local_files_only=True)
-        pipe = cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **kwargs)
-    except Exception as exc:
-        raise RuntimeError(f"could not load SkyReels-V2 checkpoint {path!r} as {kind}: {exc}") from exc
+    pipe = wan._load_with_float32_vae(_pipeline_class(kind, name), path, dtype,
+                                      f"SkyReels-V2 checkpoint {path!r} as {kind}")
     pipe.longvideo_trained_latent_frames = SKYREELS_TRAINED_LATENT_FRAMES
     return pipe

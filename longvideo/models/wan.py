@@ -153,20 +153,30 @@ def from_pretrained(path, kind: str = "t2v", dtype: torch.dtype = torch.bfloat16
     same folder. The VAE is loaded in float32 (as diffusers' Wan examples do), the rest in
     `dtype`. Nothing is downloaded (``local_files_only=True``).
     """
-    from diffusers import AutoencoderKLWan
-
     kind = _check_kind(kind)
+    path = _checkpoint_dir(path)
+    pipe = _load_with_float32_vae(_pipeline_class(kind), path, dtype, f"Wan checkpoint {path!r} as {kind}")
+    pipe.longvideo_trained_latent_frames = WAN_TRAINED_LATENT_FRAMES
+    return pipe
+
+
+def _checkpoint_dir(path) -> str:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ValueError(f"model path {path!r} is not a local diffusers checkpoint folder")
-    cls = _pipeline_class(kind)
+    return path
+
+
+def _load_with_float32_vae(cls, path: str, dtype: torch.dtype, what: str):
+    """`cls.from_pretrained(path)` offline in `dtype`, with the Wan VAE (when the folder has one) in
+    float32; any failure is a RuntimeError naming `what`. Shared by the Wan-VAE families."""
+    from diffusers import AutoencoderKLWan
+
     try:
         kwargs = {}
         if os.path.isdir(os.path.join(path, "vae")):
             kwargs["vae"] = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32,
                                                              local_files_only=True)
-        pipe = cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **kwargs)
+        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **kwargs)
     except Exception as exc:
-        raise RuntimeError(f"could not load Wan checkpoint {path!r} as {kind}: {exc}") from exc
-    pipe.longvideo_trained_latent_frames = WAN_TRAINED_LATENT_FRAMES
-    return pipe
+        raise RuntimeError(f"could not load {what}: {exc}") from exc

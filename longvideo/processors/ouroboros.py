@@ -179,6 +179,19 @@ class _DiffusersAttnBase:
     def _heads(attn, x, B):
         return x.view(B, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
 
+    @classmethod
+    def _qkv(cls, attn, hidden_states, context):
+        """(B, H, N, D) queries of `hidden_states`, keys/values of `context`, after the q/k norms."""
+        B = hidden_states.shape[0]
+        q = cls._heads(attn, attn.to_q(hidden_states), B)
+        k = cls._heads(attn, attn.to_k(context), B)
+        v = cls._heads(attn, attn.to_v(context), B)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        return q, k, v
+
 
 class OuroborosSelfAttnProcessor(_DiffusersAttnBase):
     """attn1 of a spatial transformer block: SACFA through consistent_attention + subject keys."""
@@ -189,13 +202,7 @@ class OuroborosSelfAttnProcessor(_DiffusersAttnBase):
         residual = hidden_states
         hidden_states, shape4 = self._pre(attn, hidden_states, temb)
         B = hidden_states.shape[0]
-        q = self._heads(attn, attn.to_q(hidden_states), B)
-        k = self._heads(attn, attn.to_k(hidden_states), B)
-        v = self._heads(attn, attn.to_v(hidden_states), B)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = self._qkv(attn, hidden_states, hidden_states)
         if attention_mask is not None:
             if ctx.active:
                 raise RuntimeError("Ouroboros: self-attention with an attention mask is not supported")
@@ -224,13 +231,7 @@ class OuroborosCrossAttnProcessor(_DiffusersAttnBase):
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, encoder_hidden_states.shape[1], B)
             attention_mask = attention_mask.view(B, attn.heads, -1, attention_mask.shape[-1])
-        q = self._heads(attn, attn.to_q(hidden_states), B)
-        k = self._heads(attn, attn.to_k(encoder_hidden_states), B)
-        v = self._heads(attn, attn.to_v(encoder_hidden_states), B)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = self._qkv(attn, hidden_states, encoder_hidden_states)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         if ctx.active and ctx.record_maps and ctx.subject_ids:
             with torch.no_grad():
