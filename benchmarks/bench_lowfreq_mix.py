@@ -17,6 +17,12 @@ Implementations:
                                        (1.5 x numel elements read and written = x + noise + out)
   torch_add                            x + noise -> out: the op's exact traffic in one torch kernel
 
+On CUDA every case but diffusers' is also timed as 20 calls replayed from a CUDA graph
+(``graph_ms``: the device time per call, without the host's launch path, which is what a call
+costs inside a pipeline whose GPU is busy). The Ouroboros tail shapes move 0.1-1.2 MB: a kernel
+launch takes longer than the bandwidth roofline of such a call, so the table also gives each
+implementation's speed relative to ``device_copy`` of the same bytes (``%copy``, ``graph_%copy``).
+
 `bytes` = x + noise read + out written (3 x numel x element size) for every implementation, so GB/s
 and the fraction of the copy bandwidth compare directly. `extra["speedup_vs_diffusers"]` is not
 computed here (the harness times cases independently); the table shows the times side by side.
@@ -31,6 +37,7 @@ from longvideo.ops.lowfreq_mix import lowfreq_mix
 from longvideo.reference.lowfreq_mix import lowfreq_mix_reference
 
 SUITE = "lowfreq_mix"
+GRAPH_CALLS = 20  # device time per call from a CUDA graph of 20 calls (see Case.graph_calls)
 FILTER, D_S, D_T, ORDER = "butterworth", 0.25, 0.25, 4.0
 
 
@@ -66,9 +73,9 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                       "d_s": D_S, "d_t": D_T}
             name = f"{label}_{params['dtype']}"
 
-            def add(impl, fn, timing=None, **extra):
+            def add(impl, fn, timing=None, graph_calls=GRAPH_CALLS, **extra):
                 out.append(Case(suite=SUITE, name=name, impl=impl, fn=fn, params=params, bytes=nbytes, extra=extra,
-                                timing=timing))
+                                timing=timing, graph_calls=graph_calls))
 
             for be in ("triton", "cuda"):
                 backend = get_backend("lowfreq_mix", be)
@@ -85,7 +92,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
             add("torch_fft_reference", lambda x=x, noise=noise: lowfreq_mix_reference(x, noise, FILTER, D_S, D_T, ORDER))
             if dtype == torch.float32 or not quick:
                 # its Python loop takes ~1-2 s per call at the FreeInit sizes: a few calls suffice
-                add("diffusers_freeinit", _diffusers_path(x, noise), timing={"warmup": 0, "repeats": 3, "min_time_s": 0.0})
+                add("diffusers_freeinit", _diffusers_path(x, noise), timing={"warmup": 0, "repeats": 3, "min_time_s": 0.0},
+                    graph_calls=0)  # builds its filter on the host: not capturable
             src = torch.empty((3 * numel + 1) // 2, dtype=dtype, device=device)
             dst = torch.empty_like(src)
             add("device_copy", lambda src=src, dst=dst: dst.copy_(src), roofline=True)

@@ -44,6 +44,11 @@ class Case:
     setup_ms    one-off cost reported separately (e.g. FlexAttention block-mask build).
     timing      per-case overrides of the timing loop (warmup, repeats, min_time_s).
     extra       anything else worth recording (density, ...).
+    graph_calls on CUDA, also time `graph_calls` back-to-back calls captured in one CUDA graph and
+                record the device time per call (``graph_ms``): for kernels that run for a few
+                microseconds, the event timing of a single call measures the host's launch path
+                (Python dispatch, argument checks) rather than the GPU; in a pipeline that
+                path overlaps with the model's kernels. 0 (default): events only.
     """
 
     suite: str
@@ -56,6 +61,7 @@ class Case:
     setup_ms: Optional[float] = None
     extra: dict = field(default_factory=dict)
     timing: Optional[dict] = None  # overrides of time_fn's warmup/repeats/min_time_s (e.g. whole-video runs)
+    graph_calls: int = 0
 
 
 def _sync(device: torch.device):
@@ -99,6 +105,37 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
     }
 
 
+def time_graph(fn: Callable[[], object], device: torch.device, calls: int, repeats: int = 10) -> float:
+    """Median device time (ms) per call of `fn`, from replays of a CUDA graph of `calls` calls.
+
+    Warm-up runs on a side stream first (as graph capture requires: caches filled, kernels
+    compiled). Raises whatever capture raises (e.g. a host-to-device copy inside `fn`)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) / calls)
+    del graph
+    torch.cuda.empty_cache()
+    return statistics.median(times)
+
+
 def _device_peaks(device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
@@ -110,7 +147,7 @@ def _device_peaks(device: torch.device) -> dict:
 
 
 def run_case(case: Case, device: torch.device, **timing) -> dict:
-    row = {k: v for k, v in dataclasses.asdict(case).items() if k not in ("fn", "timing")}
+    row = {k: v for k, v in dataclasses.asdict(case).items() if k not in ("fn", "timing", "graph_calls")}
     try:
         row.update(time_fn(case.fn, device, **{**timing, **(case.timing or {})}))
     except Exception as exc:  # recorded, not fatal: one failing peer must not lose the run
@@ -128,6 +165,16 @@ def run_case(case: Case, device: torch.device, **timing) -> dict:
         row["GBps"] = case.bytes / sec / 1e9
         if "copy_GBps" in peaks:
             row["frac_peak_bw"] = row["GBps"] / peaks["copy_GBps"]
+    if case.graph_calls and device.type == "cuda":
+        try:
+            row["graph_ms"] = time_graph(case.fn, device, case.graph_calls)
+        except Exception as exc:  # e.g. not capturable (host work inside): recorded, events still stand
+            row["graph_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        else:
+            if case.bytes:
+                row["graph_GBps"] = case.bytes / (row["graph_ms"] / 1e3) / 1e9
+                if "copy_GBps" in peaks:
+                    row["graph_frac_peak_bw"] = row["graph_GBps"] / peaks["copy_GBps"]
     return row
 
 
@@ -247,6 +294,10 @@ def render_table(results_dir: Path) -> str:
                   + (" (incomplete: the run stopped before its last case)" if rec.get("complete") is False else ""), "",
                   "| case | impl | params | median ms | peak MiB | TFLOP/s | GB/s | % peak | extra |",
                   "|---|---|---|---|---|---|---|---|---|"]
+        # rows flagged extra.roofline (a device copy of the case's bytes): every other row of the
+        # same case also gets its speed relative to that copy, which is the attainable roofline
+        # where a call is too short for the device's full bandwidth.
+        copies = {r["name"]: r for r in rec["cases"] if r.get("extra", {}).get("roofline") and "error" not in r}
         for r in rec["cases"]:
             params = ", ".join(f"{k}={v}" for k, v in r.get("params", {}).items())
             if "error" in r:
@@ -257,6 +308,20 @@ def render_table(results_dir: Path) -> str:
             extra = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.get("extra", {}).items())
             if r.get("setup_ms") is not None:
                 extra = (extra + ", " if extra else "") + f"setup_ms={r['setup_ms']:.2f}"
+            notes = []
+            if r.get("graph_ms") is not None:
+                notes.append(f"graph_ms={r['graph_ms']:.4g}")
+                if r.get("graph_frac_peak_bw") is not None:
+                    notes.append(f"graph_%peak={100 * r['graph_frac_peak_bw']:.0f}")
+            elif r.get("graph_error"):
+                notes.append(f"graph: {r['graph_error'][:60]}")
+            copy = copies.get(r["name"])
+            if copy is not None and copy is not r:
+                notes.append(f"%copy={100 * copy['median_ms'] / r['median_ms']:.0f}")
+                if r.get("graph_ms") and copy.get("graph_ms"):
+                    notes.append(f"graph_%copy={100 * copy['graph_ms'] / r['graph_ms']:.0f}")
+            if notes:
+                extra = (extra + ", " if extra else "") + ", ".join(notes)
             lines.append(f"| {r['name']} | {r['impl']} | {params} | {r['median_ms']:.4g} | "
                          f"{_fmt(mem / 2**20 if mem is not None else None, '.1f')} | {_fmt(r.get('tflops'), '.1f')} | "
                          f"{_fmt(r.get('GBps'), '.0f')} | {_fmt(frac * 100 if frac is not None else None, '.0f')} | {extra} |")

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from longvideo import benchmarking
@@ -93,3 +94,50 @@ def test_lazy_suite_records_cases_before_a_failing_setup(tmp_path, monkeypatch):
     rec = benchmarking.run_suite("toy", torch.device("cpu"), progress=None, out_dir=tmp_path)
     assert [c["name"] for c in rec["cases"]] == ["first", "<setup>"] and "out of memory" in rec["cases"][1]["error"]
     assert rec["complete"] is False and "median_ms" in rec["cases"][0]
+
+
+def test_table_relates_rows_to_the_same_size_copy_and_graph_time(tmp_path):
+    """Rows of a case with a roofline copy get %copy (copy time / row time, events and graph)."""
+    x = torch.randn(8)
+    cpu = torch.device("cpu")
+    copy = benchmarking.run_case(benchmarking.Case("toy", "mix", "device_copy", lambda: x.clone(), bytes=96,
+                                                   extra={"roofline": True}, graph_calls=5), cpu, repeats=3)
+    op = benchmarking.run_case(benchmarking.Case("toy", "mix", "op", lambda: x * 2, bytes=96, graph_calls=5), cpu,
+                               repeats=3)
+    assert "graph_ms" not in op and "graph_error" not in op  # CUDA only; a CPU run has no graph timing
+    copy.update(median_ms=2.0, graph_ms=1.0)
+    op.update(median_ms=8.0, graph_ms=1.25, graph_frac_peak_bw=0.5)
+    failed = dict(op, impl="host_built", graph_error="RuntimeError: capture failed")
+    del failed["graph_ms"], failed["graph_frac_peak_bw"]
+    rec = {"suite": "toy", "quick": False, "environment": benchmarking.environment(cpu), "cases": [copy, op, failed]}
+    benchmarking.write_record(rec, tmp_path)
+    table = benchmarking.render_table(tmp_path)
+    op_line = next(line for line in table.splitlines() if line.startswith("| mix | op |"))
+    assert "graph_ms=1.25" in op_line and "graph_%peak=50" in op_line
+    assert "%copy=25" in op_line and "graph_%copy=80" in op_line
+    failed_line = next(line for line in table.splitlines() if line.startswith("| mix | host_built |"))
+    assert "graph: RuntimeError: capture failed" in failed_line and "graph_%copy" not in failed_line
+    copy_line = next(line for line in table.splitlines() if line.startswith("| mix | device_copy |"))
+    assert "%copy" not in copy_line
+
+
+@pytest.mark.gpu
+def test_graph_timing_on_gpu():
+    """time_graph captures the ops' launch paths (Triton, CUDA extension, cuFFT) and gives a per-call
+    device time of the same order as the event time of one call, and leaves the results unchanged."""
+    from longvideo.ops import use_backend
+    from longvideo.ops.lowfreq_mix import lowfreq_mix
+
+    dev = torch.device("cuda")
+    x, noise = torch.randn(2, 1, 3, 40, 64, device=dev), torch.randn(2, 1, 3, 40, 64, device=dev)
+    for be in ("triton", "cuda"):
+        for shape_x, shape_n in ((x[:, :, :1], noise[:, :, :1]), (x, noise)):  # single pass, spectral path
+            with use_backend(be, op="lowfreq_mix"):
+                expected = lowfreq_mix(shape_x, shape_n)
+                case = benchmarking.Case("toy", "mix", be, lambda a=shape_x, b=shape_n: lowfreq_mix(a, b),
+                                         bytes=1, graph_calls=4)
+                row = benchmarking.run_case(case, dev, repeats=3, min_time_s=0.0)
+            assert "graph_error" not in row, row.get("graph_error")
+            assert 0 < row["graph_ms"] < row["median_ms"] * 4
+            with use_backend(be, op="lowfreq_mix"):
+                torch.testing.assert_close(lowfreq_mix(shape_x, shape_n), expected, atol=0, rtol=0)

@@ -199,6 +199,31 @@ def test_bad_inputs_raise(idx):
         OP(*args, **kwargs)
 
 
+def test_not_differentiable_raises_clearly():
+    """No autograd formula: inputs that require grad are refused (not a silently wrong backward),
+    and the same call under no_grad or on detached inputs works and returns a plain tensor."""
+    x, noise = _inputs((1, 2, 3, 4, 4))
+    xg = x.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        OP(xg, noise)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        OP(x, noise.clone().requires_grad_(True))
+    with torch.no_grad():
+        out = OP(xg, noise)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, OP(x, noise), atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="not differentiable"):  # the fake kernel agrees
+        torch.compile(lambda a, b: OP(a, b), fullgraph=True, backend="aot_eager")(xg, noise)
+
+
+def test_registered_without_custom_op_wrapper():
+    """The op has plain CPU/CUDA kernels and a fake (Meta) kernel (no custom_op autograd layer, whose
+    per-call cost would dominate at the Ouroboros tail sizes)."""
+    for key in ("CPU", "CUDA", "Meta"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key("longvideo::lowfreq_mix", key), key
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("longvideo::lowfreq_mix", "Autograd")
+
+
 def test_bench_quick_cases_run():
     """The benchmark suite's quick cases build and every implementation computes the same mix."""
     import importlib.util

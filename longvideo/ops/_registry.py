@@ -1,6 +1,6 @@
 """Backend registry shared by the ``torch.ops.longvideo.*`` ops.
 
-Each op module (``longvideo/ops/<op>.py``) defines its schema with ``torch.library.custom_op``,
+Each op module (``longvideo/ops/<op>.py``) defines its schema with ``torch.library``,
 validates its arguments, and then calls :func:`dispatch`, which picks one of the backends
 registered here for that op:
 
@@ -87,6 +87,9 @@ _DEFAULT_TOL = {
 }
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
+# (op, device type, device index, preferences version) -> backends in `auto` order: computed once,
+# since querying the device name and sorting on every call is a measurable part of a small op.
+_ORDER_CACHE: dict = {}
 _global_setting: dict[Optional[str], str] = {None: os.environ.get("LONGVIDEO_BACKEND", "auto")}
 _ctx_setting: contextvars.ContextVar = contextvars.ContextVar("longvideo_backend", default=None)
 
@@ -110,6 +113,7 @@ def register_backend(op: str, name: str, fn: Callable, *, available=None, rank: 
     be = Backend(op=op, name=name, fn=fn, available=available or (lambda: (True, "")), rank=rank,
                  tolerances=dict(tolerances or {}), supports=supports, devices=tuple(devices))
     _REGISTRY.setdefault(op, {})[name] = be
+    _ORDER_CACHE.clear()
     return be
 
 
@@ -205,6 +209,15 @@ def cuda_extension_available(private_op: str) -> Callable[[], tuple[bool, str]]:
 # auto: preferences from the recorded benchmarks
 _PREF_FILE = Path(__file__).with_name("backend_preferences.json")
 _prefs_cache: Optional[dict] = None
+_prefs_version = 0  # bumped by `reload_preferences`, part of the order cache's key
+
+
+def reload_preferences() -> None:
+    """Forget the loaded preferences (after ``backend_preferences.json`` was rewritten)."""
+    global _prefs_cache, _prefs_version
+    _prefs_cache = None
+    _prefs_version += 1
+    _ORDER_CACHE.clear()
 
 
 def _preferences() -> dict:
@@ -218,6 +231,10 @@ def _preferences() -> dict:
 
 
 def _preferred_order(op: str, device: torch.device) -> list[Backend]:
+    key = (op, device.type, device.index, _prefs_version)
+    cands = _ORDER_CACHE.get(key)
+    if cands is not None:
+        return cands
     cands = sorted(_REGISTRY[op].values(), key=lambda b: b.rank)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -225,6 +242,7 @@ def _preferred_order(op: str, device: torch.device) -> list[Backend]:
         winner = pref.get("by_device", {}).get(name) or pref.get("default")
         if winner:
             cands.sort(key=lambda b: (b.name != winner, b.rank))
+    _ORDER_CACHE[key] = cands
     return cands
 
 

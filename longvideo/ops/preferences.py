@@ -54,5 +54,5 @@ def update_from_records(results_dir: Path) -> Path:
     prefs = compute_preferences(results_dir)
     path = _registry._PREF_FILE
     path.write_text(json.dumps(prefs, indent=1, sort_keys=True) + "\n")
-    _registry._prefs_cache = None
+    _registry.reload_preferences()
     return path
