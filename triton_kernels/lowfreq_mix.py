@@ -16,8 +16,8 @@ Two paths:
 
 * ``single pass`` (T == 1, H and W up to 128 -- the Ouroboros tail, run every denoising step):
   one program per (..., H, W) slice loads x and noise once, computes the 2-D DFT of x - noise as
-  real matmuls with DFT cos/sin matrices (``tl.dot`` in fp32, input_precision="ieee": tf32 would
-  cost ~1e-3 relative error), multiplies by Ms, inverts, adds noise and stores in x's dtype.
+  real matmuls with DFT cos/sin matrices (``tl.dot``, tf32x3 or for bfloat16 tf32: see
+  ``_dot_precision``), multiplies by Ms, inverts, adds noise and stores in x's dtype.
   Work per slice ~ 4 HP WP WHP + 16 HP^2 WHP flops (HP, WP: H, W rounded up to a power of two
   >= 16, WHP: W//2+1 likewise); reads 2 and writes 1 element per element: one launch, no
   intermediate in global memory. The DFT matrices (<= 4 x 64 KiB) are cached per (H, W, device)
@@ -40,14 +40,26 @@ import triton.language as tl
 FILTER_CODES = {"gaussian": 0, "butterworth": 1, "ideal": 2, "box": 3}
 SINGLE_PASS_MAX_SIDE = 128
 SINGLE_PASS_MAX_TILE = 128 * 64  # HP * WP; larger tiles spill registers (8 warps, fp32 tiles)
-# Precision of the single pass's DFT matmuls. On GPUs "tf32x3" (three tf32 tensor-core products,
-# ~fp32 accuracy): with "ieee" the 16 dots unroll into ~25k scalar FMAs per program, which takes
-# minutes to compile per variant and spills a 25 KB stack (measured with Triton 3.6 for sm_90).
-# Under the CPU interpreter (no tensor cores to emulate) "ieee". Plain "tf32" (~1e-3 relative
-# error) would break the float32 tolerance.
-DOT_PRECISION = os.environ.get("LONGVIDEO_LOWFREQ_DOT_PRECISION") or (
-    "ieee" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "tf32x3")
+# Precision of the single pass's DFT matmuls (``_dot_precision``). On GPUs "tf32x3" (three tf32
+# tensor-core products, ~fp32 accuracy) for float32/float16 inputs: with "ieee" the 16 dots unroll
+# into ~25k scalar FMAs per program, which takes minutes to compile per variant and spills a 25 KB
+# stack (measured with Triton 3.6 for sm_90). For bfloat16 inputs a single "tf32" product (a third
+# of the tensor-core work): emulating tf32's operand truncation through the four DFT stages
+# (tools/lowfreq_dft_precision.py; filters gaussian/butterworth/ideal, d_s 0.25-0.5, d_t 1, the
+# tail shapes) keeps every bf16 output within its tolerance (worst |err| - (atol + rtol |ref|) =
+# -8e-3), while float16 would exceed its 2e-3 tolerance and float32 needs tf32x3 (emulated max
+# error 5.3e-6, tolerance 1e-4).
+# Under the CPU interpreter (no tensor cores to emulate) "ieee".
+# LONGVIDEO_LOWFREQ_DOT_PRECISION overrides the choice for every dtype.
+DOT_PRECISION = os.environ.get("LONGVIDEO_LOWFREQ_DOT_PRECISION") or None
 
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if DOT_PRECISION:
+        return DOT_PRECISION
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "ieee"
+    return "tf32" if dtype == torch.bfloat16 else "tf32x3"
 
 @triton.jit
 def _lpf_at(tab_ptr, kt, kh, kw, T, H, W, FILTER: tl.constexpr, coef, order):
@@ -262,7 +274,7 @@ def lowfreq_mix(x: torch.Tensor, noise: torch.Tensor, table: torch.Tensor, filte
         warps = 4 if HP * WP <= 4096 else 8
         lpf = _half_spectrum_filter(table, H, W, code, coef, order)
         _single_pass_kernel[(n_slices,)](x, noise, out, lpf, *mats, H, W,
-                                         HP=HP, WP=WP, WHP=WHP, PREC=DOT_PRECISION, num_warps=warps)
+                                         HP=HP, WP=WP, WHP=WHP, PREC=_dot_precision(x.dtype), num_warps=warps)
         return out
     numel = x.numel()
     BLOCK = 1024  # elementwise: 1024 elements = 8 per thread with 4 warps (two 16-byte fp32 vectors)

@@ -1,0 +1,82 @@
+"""Error of lowfreq_mix's single pass (T = 1) under each tensor-core matmul precision, emulated.
+
+The Triton single pass computes the 2-D DFT, filter and inverse as eight real matmul stages
+(triton_kernels/lowfreq_mix.py). This script replays those stages in float32 on the CPU with the
+operands of every matmul rounded as the GPU would ("tf32": mantissa truncated to 10 bits;
+"tf32x3": the hi/lo split of Triton's 3xTF32; "ieee": plain float32) and reports, per filter and
+shape, the max error vs a float64 reference and, for float16/bfloat16 inputs, the worst margin
+|err| - (atol + rtol |ref|) against the backend's tolerance (negative = within). It informs the
+choice in ``_dot_precision``; the GPU tests check the real kernels.
+
+    python tools/lowfreq_dft_precision.py
+"""
+import math
+
+import torch
+
+from longvideo.ops.lowfreq_mix import _TOLS
+from longvideo.reference.lowfreq_mix import lowfreq_mix_reference
+
+
+def tf32(t):
+    return (t.contiguous().view(torch.int32) & ~((1 << 13) - 1)).view(torch.float32)
+
+
+MATMULS = {
+    "ieee": lambda a, b: a @ b,
+    "tf32": lambda a, b: tf32(a) @ tf32(b),
+    "tf32x3": lambda a, b: tf32(a) @ tf32(b) + (tf32(a) @ tf32(b - tf32(b)) + tf32(a - tf32(a)) @ tf32(b)),
+}
+
+
+def half_spectrum_filter(H, W, filt, d_s, d_t):
+    """The filter on the half spectrum, from the reference's response to an impulse."""
+    x = torch.zeros(1, 1, 1, H, W, dtype=torch.float64)
+    x[..., 0, 0, 0] = 1
+    return torch.fft.rfft2(lowfreq_mix_reference(x, torch.zeros_like(x), filt, d_s, d_t)[0, 0, 0]).real.float()
+
+
+def single_pass(x, noise, lpf, mm):
+    H, W = x.shape[-2:]
+    WH = W // 2 + 1
+    f64 = torch.float64
+    ang_w = 2 * math.pi * torch.outer(torch.arange(W, dtype=f64), torch.arange(WH, dtype=f64)) / W
+    ang_h = 2 * math.pi * torch.outer(torch.arange(H, dtype=f64), torch.arange(H, dtype=f64)) / H
+    alpha = torch.full((WH, 1), 2.0, dtype=f64)
+    alpha[0] = 1
+    if W % 2 == 0:
+        alpha[W // 2] = 1
+    alpha /= H * W
+    cw, sw, ch, sh = (m.float() for m in (torch.cos(ang_w), torch.sin(ang_w), torch.cos(ang_h), torch.sin(ang_h)))
+    icw, isw = (torch.cos(ang_w).T * alpha).float(), (torch.sin(ang_w).T * alpha).float()
+    d = x.float() - noise.float()
+    ar, ai = mm(d, cw), -mm(d, sw)
+    br, bi = mm(ch, ar) + mm(sh, ai), mm(ch, ai) - mm(sh, ar)
+    br, bi = br * lpf, bi * lpf
+    er, ei = mm(ch, br) - mm(sh, bi), mm(ch, bi) + mm(sh, br)
+    return noise.float() + mm(er, icw) - mm(ei, isw)
+
+
+def main():
+    torch.manual_seed(0)
+    for d_s, d_t in ((0.25, 1.0), (0.5, 1.0)):
+        for shape in ((1, 4, 1, 40, 64), (1, 16, 1, 60, 104), (2, 3, 1, 33, 47)):
+            x, noise = torch.randn(shape), torch.randn(shape)
+            for filt in ("gaussian", "butterworth", "ideal"):
+                lpf = half_spectrum_filter(*shape[-2:], filt, d_s, d_t)
+                ref64 = lowfreq_mix_reference(x.double(), noise.double(), filt, d_s, d_t)[..., 0, :, :]
+                for prec, mm in MATMULS.items():
+                    err = (single_pass(x[..., 0, :, :], noise[..., 0, :, :], lpf, mm).double() - ref64).abs().max()
+                    line = f"d_s={d_s} d_t={d_t} {shape} {filt:11s} {prec:6s} float32 max err {err:.2e}"
+                    for dt in (torch.float16, torch.bfloat16):
+                        atol, rtol = _TOLS[dt]
+                        xd, nd = x.to(dt), noise.to(dt)
+                        ref = lowfreq_mix_reference(xd.float(), nd.float(), filt, d_s, d_t).to(dt)[..., 0, :, :].float()
+                        got = single_pass(xd[..., 0, :, :], nd[..., 0, :, :], lpf, mm).to(dt).float()
+                        margin = ((got - ref).abs() - (atol + rtol * ref.abs())).max()
+                        line += f"  {str(dt)[6:]} margin {margin:+.1e}"
+                    print(line)
+
+
+if __name__ == "__main__":
+    main()
