@@ -4,7 +4,7 @@ Full size (GPU): an SDXL-shaped UNet with random weights (block_out_channels (32
 transformer_layers_per_block (1, 2, 10), 2048-wide cross-attention, text_time embedding) in
 float16 at 1024x1024 (128x128 latents), consistent attention on the up-block self-attention
 (30 layers at 1024 tokens, 6 at 4096), classifier-free guidance, 8 steps with consistency from
-step 1 on every call (probability 1: both paths do identical work), sampling rate 0.5. The
+step 1 on every call (probability 1: both paths attend to the same tokens), sampling rate 0.5. The
 text encoders and the VAE are tiny stand-ins with SDXL's widths (only the UNet matters here),
 and the story stops at the latents (no VAE decode).
 
@@ -19,6 +19,12 @@ Implementations (``[auto]``: the auto-selected attention kernel):
                                 its own tokens, project k/v of the concatenation, SDPA per image;
                                 bank of hidden states on the GPU, written every step;
 * ``plain_sdxl``                the same six images without consistency (context).
+
+``flops`` (hence TFLOP/s in the table) is each implementation's work from ``story_flop_budget``:
+the UNet counted by torch's flop counter, the consistent layers' extra keys and projections
+counted per layer; ``extra.work_official_over_ours`` is the official path's work over ours (its
+per-image re-projection of the other images' sampled tokens). At these settings it is ~1.03:
+the official path does the same attention, so the story's time is mostly the UNet's in both.
 
 Timing covers the whole story (all UNet calls, text encoding, bank traffic). Peak memory is what
 the story allocates beyond the resident weights (``extra.weights_bytes``): total = both. The id
@@ -97,7 +103,7 @@ class OfficialLowVramProcessor:
     image i, keys/values are projected from concat(sampled tokens of the other images, own
     tokens) and SDPA runs per image (both CFG halves together). Read (one image): keys/values
     from concat(cached tokens of the id images, own tokens). Plain SDPA when the schedule says so.
-    The token subsets and the schedule come from the same controller as ours (same work).
+    The token subsets and the schedule come from the same controller as ours (same tokens attended).
     """
 
     def __init__(self, ctrl, name, bank):
@@ -138,6 +144,66 @@ class OfficialLowVramProcessor:
         else:
             out = sdpa(hidden_states, hidden_states)
         return attn.to_out[1](attn.to_out[0](out))
+
+
+def story_flop_budget(unet_config: dict, latent_side: int, steps: int, start_step: int, id_length: int, n_read: int,
+                      sampling_rate: float, layer=lambda name: name.startswith("up_blocks") and name.endswith("attn1")
+                      ) -> dict:
+    """Floating-point work of the story, per implementation (expected values over the token draw).
+
+    The UNet's own work comes from ``torch.utils.flop_counter`` on a meta-device copy (batch
+    2 x id_length for the write, 2 for each read image: classifier-free guidance); the consistent
+    layers' additions are counted per layer from its token count N and width C:
+      write (both): 2 G rows attend to (G - 1) r N extra keys: 4 N C (G - 1) r N per row;
+      read (both): 2 rows attend to E = G r N bank keys, and the bank's k and v are projected
+                   from its cached inputs: 2 halves x 2 x E C^2 x 2;
+      official write only: per image, k and v of the other images' sampled tokens are projected
+                   again inside its concatenation: G x 2 halves x 2 x (G - 1) r N C^2 x 2.
+    Consistency runs from `start_step` on every call (probability 1, as in the cases below)."""
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(dict(unet_config))
+    unet_config, text_dim = unet.config, unet.config.cross_attention_dim
+    widths = {}  # consistent layer -> (N, C) of its input
+
+    def record(name):
+        def hook(mod, args, kwargs):
+            widths.setdefault(name, tuple((args or (kwargs["hidden_states"],))[0].shape[1:]))
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(name), with_kwargs=True)
+             for name, m in unet.named_modules() if layer(name)]
+    lat = latent_side
+
+    def unet_flops(batch):
+        inputs = dict(sample=torch.empty(batch, unet_config["in_channels"], lat, lat, device="meta"),
+                      timestep=torch.zeros(batch, device="meta"),
+                      encoder_hidden_states=torch.empty(batch, 77, text_dim, device="meta"))
+        if unet_config.get("addition_embed_type") == "text_time":
+            emb = unet_config["projection_class_embeddings_input_dim"] - 6 * unet_config["addition_time_embed_dim"]
+            inputs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, emb, device="meta"),
+                                           "time_ids": torch.empty(batch, 6, device="meta")}
+        with FlopCounterMode(display=False) as counter:
+            unet(**inputs)
+        return counter.get_total_flops()
+
+    try:
+        plain_write, plain_read = unet_flops(2 * id_length), unet_flops(2)
+    finally:
+        for h in hooks:
+            h.remove()
+    G, r, on = id_length, sampling_rate, steps - start_step
+    write_attn = read_extra = official_proj = 0.0
+    for N, C in widths.values():
+        write_attn += 2 * G * 4 * N * C * (G - 1) * r * N
+        E = G * r * N
+        read_extra += 2 * 4 * N * C * E + 2 * 2 * E * C * C * 2
+        official_proj += G * 2 * 2 * (G - 1) * r * N * C * C * 2
+    plain = steps * (plain_write + n_read * plain_read)
+    ours = plain + on * (write_attn + n_read * read_extra)
+    return {"plain": plain, "ours": ours, "official": ours + on * official_proj, "layers": len(widths)}
 
 
 def _story_runner(pipe, impl: str, steps: int, size: int):
@@ -196,6 +262,7 @@ def cases(device: torch.device, quick: bool) -> list:
         pipe = _sdxl_shaped_pipeline(device, dtype)
         steps, size, shape = 8, 1024, "sdxl-shaped"
     pipe.unet.set_attn_processor(AttnProcessor2_0())
+    work = story_flop_budget(pipe.unet.config, size // pipe.vae_scale_factor, steps, 1, ID_LENGTH, len(STORY) - ID_LENGTH, 0.5)
     weights = sum(p.numel() * p.element_size() for p in pipe.unet.parameters())
     names = parse_story("\n".join(STORY)).characters
     bank = project_bank_bytes(pipe, num_inference_steps=steps, id_length=ID_LENGTH, height=size, width=size,
@@ -212,10 +279,12 @@ def cases(device: torch.device, quick: bool) -> list:
     for impl in impls:
         out.append(Case(
             suite=SUITE, name=f"story6_{shape}_{size}px", impl=impl, fn=_story_runner(pipe, impl, steps, size),
+            flops=work["plain" if impl == "plain_sdxl" else "official" if impl == "official_lowvram" else "ours"],
             params={"images": len(STORY), "id_images": ID_LENGTH, "read_images": len(STORY) - ID_LENGTH,
                     "height": size, "width": size, "steps": steps, "start_step": 1, "probability": 1.0,
                     "sampling_rate": 0.5, "unet": shape, "dtype": str(next(pipe.unet.parameters()).dtype)},
-            extra={"weights_bytes": weights, "bank_bytes": bank, "bank_bytes_official_50_steps": bank_official,
+            extra={"work_official_over_ours": work["official"] / work["ours"], "weights_bytes": weights,
+                   "bank_bytes": bank, "bank_bytes_official_50_steps": bank_official,
                    **({"bank_gpu_budget": AUTO_BANK_BUDGET} if impl.endswith("auto_bank") else {}),
                    "note": "peak_mem_bytes excludes the resident weights; latents only"}))
     return out

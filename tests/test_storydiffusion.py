@@ -403,6 +403,54 @@ def test_bench_quick_cases_agree():
         _close(a, b, STATE_TOL)
     cases["plain_sdxl"].fn()
 
+
+def test_bench_flop_budget_equals_counted_work():
+    """The benchmark's work model (story_flop_budget) against torch's flop counter on real runs of the
+    plain pipeline and of the re-implemented official path: equal at sampling rate 1 (every token
+    sampled, so the expected and the drawn token counts coincide; math SDPA so attention is counted)."""
+    import importlib.util
+    from pathlib import Path
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from longvideo.methods.storydiffusion import parse_story
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_storydiffusion.py"
+    spec = importlib.util.spec_from_file_location("bench_storydiffusion_budget", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pipe = tiny_pipeline("sdxl", seed=0)
+    steps, size, n_read = 3, 64, len(bench.STORY) - bench.ID_LENGTH
+    budget = bench.story_flop_budget(pipe.unet.config, size // pipe.vae_scale_factor, steps, 1, bench.ID_LENGTH,
+                                     n_read, 1.0)
+    common = dict(num_inference_steps=steps, guidance_scale=5.0, height=size, width=size, output_type="latent")
+
+    def plain():
+        texts = [p.text for p in parse_story("\n".join(bench.STORY)).prompts]
+        pipe(texts[:bench.ID_LENGTH], **common)
+        for t in texts[bench.ID_LENGTH:]:
+            pipe([t], **common)
+
+    def official():
+        method = StoryDiffusion(pipe, sampling_rate=1.0, start_step=1, prob_early=1.0, prob_late=1.0)
+        bank: dict = {}
+        mods = dict(pipe.unet.named_modules())
+        for name in method.layers:
+            mods[name].set_processor(bench.OfficialLowVramProcessor(method.controller, name, bank))
+        try:
+            method.generate_story(bench.STORY, id_length=bench.ID_LENGTH, progress=False, seed=0, **common)
+        finally:
+            method.remove()
+
+    for run, key in ((plain, "plain"), (official, "official")):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False, depth=1) as counter:
+            run()
+        assert sum(counter.get_flop_counts()["UNet2DConditionModel"].values()) == budget[key], key
+    assert budget["plain"] < budget["ours"] < budget["official"] and budget["layers"] == len(
+        [n for n, _ in pipe.unet.named_modules() if n.startswith("up_blocks") and n.endswith("attn1")])
+
+
 # ----------------------------------------------------------------------------------------------
 # GPU tier (LONGVIDEO_TEST_GPU=1 on a CUDA machine)
 @pytest.mark.gpu
