@@ -1,6 +1,7 @@
 """Benchmark suite ``lowfreq_mix`` (issue 2).
 
-Cases (GPU; float32 and bfloat16, butterworth order 4, d_s = d_t = 0.25, diffusers' defaults):
+Cases (GPU; float32 and bfloat16; FreeInit: butterworth order 4, d_s = d_t = 0.25, diffusers'
+defaults; Ouroboros tail: gaussian, d_s 0.25, d_t 1.0, the method's setting):
   ouroboros_tail_4x40x64      (1, 4, 1, 40, 64)      Ouroboros' per-step tail mixing (T = 1)
   ouroboros_tail_16x60x104    (1, 16, 1, 60, 104)    the same at Wan-like latent sizes
   freeinit_4x16x64x64         (1, 4, 16, 64, 64)     FreeInit on AnimateDiff (16 frames, 512x512)
@@ -38,21 +39,27 @@ from longvideo.reference.lowfreq_mix import lowfreq_mix_reference
 
 SUITE = "lowfreq_mix"
 GRAPH_CALLS = 20  # device time per call from a CUDA graph of 20 calls (see Case.graph_calls)
-FILTER, D_S, D_T, ORDER = "butterworth", 0.25, 0.25, 4.0
+# (filter, d_s, d_t, order): FreeInit cases at diffusers' defaults; the Ouroboros tail at the
+# method's own setting (METHODS.md: Gaussian, d_s 0.25, d_t 1.0; with d_t = d_s and T = 1 the
+# temporal term alone puts every frequency far outside the pass band and the mix returns ~noise).
+FREEINIT = ("butterworth", 0.25, 0.25, 4.0)
+OUROBOROS_TAIL = ("gaussian", 0.25, 1.0, 4.0)
 
 
 def _shapes(quick: bool):
     if quick:
-        return [("ouroboros_tail_tiny", (1, 2, 1, 12, 20)), ("freeinit_tiny", (1, 2, 4, 8, 12))]
-    return [("ouroboros_tail_4x40x64", (1, 4, 1, 40, 64)), ("ouroboros_tail_16x60x104", (1, 16, 1, 60, 104)),
-            ("freeinit_4x16x64x64", (1, 4, 16, 64, 64)), ("freeinit_2x16x21x60x104", (2, 16, 21, 60, 104))]
+        return [("ouroboros_tail_tiny", (1, 2, 1, 12, 20), OUROBOROS_TAIL), ("freeinit_tiny", (1, 2, 4, 8, 12), FREEINIT)]
+    return [("ouroboros_tail_4x40x64", (1, 4, 1, 40, 64), OUROBOROS_TAIL),
+            ("ouroboros_tail_16x60x104", (1, 16, 1, 60, 104), OUROBOROS_TAIL),
+            ("freeinit_4x16x64x64", (1, 4, 16, 64, 64), FREEINIT),
+            ("freeinit_2x16x21x60x104", (2, 16, 21, 60, 104), FREEINIT)]
 
 
-def _diffusers_path(x, noise):
+def _diffusers_path(x, noise, filt, d_s, d_t, order):
     from diffusers.pipelines.free_init_utils import FreeInitMixin
 
     def fn():
-        lpf = FreeInitMixin._get_free_init_freq_filter(None, (1, *x.shape[1:]), x.device, FILTER, ORDER, D_S, D_T)
+        lpf = FreeInitMixin._get_free_init_freq_filter(None, (1, *x.shape[1:]), x.device, filt, order, d_s, d_t)
         return FreeInitMixin._apply_freq_filter(None, x.float(), noise.float(), lpf).to(x.dtype)
 
     return fn
@@ -62,15 +69,15 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     device = torch.device(device)
     dtypes = [torch.float32] if quick or device.type != "cuda" else [torch.float32, torch.bfloat16]
     out = []
-    for label, shape in _shapes(quick):
+    for label, shape, (filt, d_s, d_t, order) in _shapes(quick):
         for dtype in dtypes:
             gen = torch.Generator(device="cpu").manual_seed(0)
             x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
             noise = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
             numel = x.numel()
             nbytes = 3 * numel * x.element_size()
-            params = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "filter": FILTER,
-                      "d_s": D_S, "d_t": D_T}
+            params = {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "filter": filt,
+                      "d_s": d_s, "d_t": d_t}
             name = f"{label}_{params['dtype']}"
 
             def add(impl, fn, timing=None, graph_calls=GRAPH_CALLS, **extra):
@@ -84,15 +91,16 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                 if not (ok and runs_here):
                     continue
 
-                def fn(be=be, x=x, noise=noise):
+                def fn(be=be, x=x, noise=noise, f=(filt, d_s, d_t, order)):
                     with use_backend(be, op="lowfreq_mix"):
-                        return lowfreq_mix(x, noise, FILTER, D_S, D_T, ORDER)
+                        return lowfreq_mix(x, noise, *f)
 
                 add(f"longvideo[{be}]", fn)
-            add("torch_fft_reference", lambda x=x, noise=noise: lowfreq_mix_reference(x, noise, FILTER, D_S, D_T, ORDER))
+            add("torch_fft_reference",
+                lambda x=x, noise=noise, f=(filt, d_s, d_t, order): lowfreq_mix_reference(x, noise, *f))
             if dtype == torch.float32 or not quick:
                 # its Python loop takes ~1-2 s per call at the FreeInit sizes: a few calls suffice
-                add("diffusers_freeinit", _diffusers_path(x, noise), timing={"warmup": 0, "repeats": 3, "min_time_s": 0.0},
+                add("diffusers_freeinit", _diffusers_path(x, noise, filt, d_s, d_t, order), timing={"warmup": 0, "repeats": 3, "min_time_s": 0.0},
                     graph_calls=0)  # builds its filter on the host: not capturable
             src = torch.empty((3 * numel + 1) // 2, dtype=dtype, device=device)
             dst = torch.empty_like(src)
