@@ -22,3 +22,25 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def assert_fifo_euler_update():
+    """Check shared by the flow-matching FIFO families: with one partition and no lookahead, the
+    queue's update of every level k is the Euler step that plain sampling
+    (FlowMatchEulerDiscreteScheduler) makes from sigma_{k+1} to sigma_k with the model's velocity."""
+
+    def check(fifo, st, lv, emb):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sig = lv.sigma
+        with torch.no_grad():
+            new = fifo.step(st, lv, emb, None, 1.0).queue
+            v = fifo._model(st.queue, lv.t_model[1:], emb, None, 1.0)
+        for k in range(fifo.L):
+            sched = FlowMatchEulerDiscreteScheduler(shift=1.0)
+            sched.set_timesteps(sigmas=[float(sig[k + 1]), float(sig[k])] if k > 0 else [float(sig[1])])
+            ref = sched.step(v[:, :, k], sched.timesteps[0], st.queue[:, :, k], return_dict=False)[0]
+            torch.testing.assert_close(new[:, :, k], ref, atol=1e-5, rtol=1e-5)
+
+    return check

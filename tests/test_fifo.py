@@ -50,25 +50,15 @@ def test_every_slot_moves_exactly_one_level(wan_pipe, lookahead, n, f):
         assert torch.all(t[1:] >= t[:-1])  # head cleanest within a window
 
 
-def test_per_frame_update_matches_plain_sampling_wan(wan_pipe):
+def test_per_frame_update_matches_plain_sampling_wan(wan_pipe, assert_fifo_euler_update):
     """n = 1, no lookahead, a clip of exactly f frames: each frame's update is the Euler step that
     plain flow-matching sampling (FlowMatchEulerDiscreteScheduler) makes from its level to the
     next, with the velocity of the per-token-timestep model call."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     fifo = FIFODiffusion(wan_pipe, num_partitions=1, frames_per_window=4, lookahead=False)
     gen = torch.Generator().manual_seed(1)
     st = _state(fifo, gen)
     emb = torch.randn(1, 16, wan_pipe.transformer.config.text_dim, generator=gen)
-    lv = fifo.levels("cpu")
-    sig = lv.sigma
-    new = fifo.step(st, lv, emb, None, 1.0).queue
-    v = fifo._model(st.queue, lv.t_model[1:], emb, None, 1.0)
-    for k in range(fifo.L):
-        sched = FlowMatchEulerDiscreteScheduler(shift=1.0)
-        sched.set_timesteps(sigmas=[float(sig[k + 1]), float(sig[k])] if k > 0 else [float(sig[1])])
-        ref = sched.step(v[:, :, k], sched.timesteps[0], st.queue[:, :, k], return_dict=False)[0]
-        torch.testing.assert_close(new[:, :, k], ref, atol=1e-5, rtol=1e-5)
+    assert_fifo_euler_update(fifo, st, fifo.levels("cpu"), emb)
 
 
 def test_wan_per_token_timestep_equals_scalar_timestep(wan_pipe):

@@ -104,12 +104,10 @@ def test_per_frame_timesteps_equal_wan_per_token_call(sky_pipe):
     assert (mine - same).abs().amax(dim=(0, 1, 3, 4)).min() > 0  # every frame's output moved
 
 
-def test_per_frame_update_matches_plain_sampling(sky_pipe):
+def test_per_frame_update_matches_plain_sampling(sky_pipe, assert_fifo_euler_update):
     """n = 1, no lookahead, a clip of exactly f frames: each frame's update is the Euler step that
     plain flow-matching sampling (FlowMatchEulerDiscreteScheduler) makes from its level to the
     next, with the velocity of the per-frame-timestep model call."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     fifo = FIFODiffusion(sky_pipe, num_partitions=1, frames_per_window=4, lookahead=False)
     gen = torch.Generator().manual_seed(2)
     st = QueueState(queue=torch.randn(1, 4, fifo.L, 4, 4, generator=gen), context=torch.zeros(1, 4, 0, 4, 4),
@@ -118,14 +116,7 @@ def test_per_frame_update_matches_plain_sampling(sky_pipe):
     lv = fifo.levels("cpu")
     sig = lv.sigma
     assert sig[0] == 0 and torch.all(sig[1:] > sig[:-1]) and sig.numel() == fifo.L + 1
-    with torch.no_grad():
-        new = fifo.step(st, lv, emb, None, 1.0).queue
-        v = fifo._model(st.queue, lv.t_model[1:], emb, None, 1.0)
-    for k in range(fifo.L):
-        sched = FlowMatchEulerDiscreteScheduler(shift=1.0)
-        sched.set_timesteps(sigmas=[float(sig[k + 1]), float(sig[k])] if k > 0 else [float(sig[1])])
-        ref = sched.step(v[:, :, k], sched.timesteps[0], st.queue[:, :, k], return_dict=False)[0]
-        torch.testing.assert_close(new[:, :, k], ref, atol=1e-5, rtol=1e-5)
+    assert_fifo_euler_update(fifo, st, lv, emb)
 
 
 def test_initial_clip_euler_loop_equals_scheduler_sampling(sky_pipe):

@@ -1,7 +1,8 @@
 """Error of lowfreq_mix's single pass (T = 1) under each tensor-core matmul precision, emulated.
 
 The Triton single pass computes the 2-D DFT, filter and inverse as eight real matmul stages
-(triton_kernels/lowfreq_mix.py). This script replays those stages in float32 on the CPU with the
+(triton_kernels/lowfreq_mix.py). This script replays those stages, on the kernel's own DFT
+matrices, in float32 on the CPU with the
 operands of every matmul rounded as the GPU would ("tf32": mantissa truncated to 10 bits;
 "tf32x3": the hi/lo split of Triton's 3xTF32; "ieee": plain float32) and reports, per filter and
 shape, the max error vs a float64 reference and, for float16/bfloat16 inputs, the worst margin
@@ -10,11 +11,10 @@ choice in ``_dot_precision``; the GPU tests check the real kernels.
 
     python tools/lowfreq_dft_precision.py
 """
-import math
-
 import torch
 
 from longvideo.ops.lowfreq_mix import _TOLS
+from longvideo.triton_kernels.lowfreq_mix import _dft_mats
 from longvideo.reference.lowfreq_mix import lowfreq_mix_reference
 
 
@@ -37,24 +37,17 @@ def half_spectrum_filter(H, W, filt, d_s, d_t):
 
 
 def single_pass(x, noise, lpf, mm):
+    """The kernel's eight matmul stages on its own zero-padded DFT matrices (``_dft_mats``)."""
     H, W = x.shape[-2:]
-    WH = W // 2 + 1
-    f64 = torch.float64
-    ang_w = 2 * math.pi * torch.outer(torch.arange(W, dtype=f64), torch.arange(WH, dtype=f64)) / W
-    ang_h = 2 * math.pi * torch.outer(torch.arange(H, dtype=f64), torch.arange(H, dtype=f64)) / H
-    alpha = torch.full((WH, 1), 2.0, dtype=f64)
-    alpha[0] = 1
-    if W % 2 == 0:
-        alpha[W // 2] = 1
-    alpha /= H * W
-    cw, sw, ch, sh = (m.float() for m in (torch.cos(ang_w), torch.sin(ang_w), torch.cos(ang_h), torch.sin(ang_h)))
-    icw, isw = (torch.cos(ang_w).T * alpha).float(), (torch.sin(ang_w).T * alpha).float()
-    d = x.float() - noise.float()
+    cw, sw, ch, sh, icw, isw = _dft_mats(H, W, torch.device("cpu"))
+    HP, WP = ch.shape[0], cw.shape[0]
+    d = torch.nn.functional.pad(x.float() - noise.float(), (0, WP - W, 0, HP - H))
+    lpf = torch.nn.functional.pad(lpf, (0, cw.shape[1] - lpf.shape[1], 0, HP - H))
     ar, ai = mm(d, cw), -mm(d, sw)
     br, bi = mm(ch, ar) + mm(sh, ai), mm(ch, ai) - mm(sh, ar)
     br, bi = br * lpf, bi * lpf
     er, ei = mm(ch, br) - mm(sh, bi), mm(ch, bi) + mm(sh, br)
-    return noise.float() + mm(er, icw) - mm(ei, isw)
+    return noise.float() + (mm(er, icw) - mm(ei, isw))[..., :H, :W]
 
 
 def main():

@@ -48,7 +48,7 @@ SINGLE_PASS_MAX_TILE = 128 * 64  # HP * WP; larger tiles spill registers (8 warp
 # (tools/lowfreq_dft_precision.py; filters gaussian/butterworth/ideal, d_s 0.25-0.5, d_t 1, the
 # tail shapes) keeps every bf16 output within its tolerance (worst |err| - (atol + rtol |ref|) =
 # -8e-3), while float16 would exceed its 2e-3 tolerance and float32 needs tf32x3 (emulated max
-# error 5.3e-6, tolerance 1e-4).
+# error 5.5e-6, tolerance 1e-4).
 # Under the CPU interpreter (no tensor cores to emulate) "ieee".
 # LONGVIDEO_LOWFREQ_DOT_PRECISION overrides the choice for every dtype.
 DOT_PRECISION = os.environ.get("LONGVIDEO_LOWFREQ_DOT_PRECISION") or None

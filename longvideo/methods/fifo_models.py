@@ -117,23 +117,35 @@ def _to_uint8(video):
     return to_uint8_frames(((video.float() + 1) / 2).clamp(0, 1))
 
 
-class WanFamily:
-    name = "wan"
-    temporal_compression = 4
-    flow_matching = True           # levels are flow sigmas (Ouroboros' tail keeps z; see renoise)
-    default_guidance_scale = 5.0   # the Wan pipelines' default
-    full_size = (480, 832)         # Wan 2.1 480p
+class _Family:
+    """What the families share: the denoiser's device and the window of the trained clip length
+    (a pipeline's ``longvideo_trained_latent_frames`` overrides the class default, as the tiny
+    models do)."""
 
-    def __init__(self, pipe):
-        self.pipe = pipe
-        self.denoiser = pipe.transformer
+    trained_latent_frames: int  # latent frames of the clips the checkpoints were trained on
 
     @property
     def device(self):
         return self.denoiser.device
 
+    def trained_window(self) -> int:
+        return int(getattr(self.pipe, "longvideo_trained_latent_frames", 0) or self.trained_latent_frames)
+
     def default_window(self) -> int:
-        return int(getattr(self.pipe, "longvideo_trained_latent_frames", 0) or 21)
+        return self.trained_window()
+
+
+class WanFamily(_Family):
+    name = "wan"
+    temporal_compression = 4
+    flow_matching = True           # levels are flow sigmas (Ouroboros' tail keeps z; see renoise)
+    default_guidance_scale = 5.0   # the Wan pipelines' default
+    full_size = (480, 832)         # Wan 2.1 480p
+    trained_latent_frames = 21     # 81 video frames
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.denoiser = pipe.transformer
 
     def default_size(self):
         """(height, width): 32x32 on the built-in tiny model (trained length 3), else full_size."""
@@ -245,7 +257,7 @@ class SkyReelsFamily(WanFamily):
         return int(getattr(self.denoiser.config, "num_frame_per_block", 1) or 1)
 
     def default_window(self) -> int:
-        f = int(getattr(self.pipe, "longvideo_trained_latent_frames", 0) or self.trained_latent_frames)
+        f = self.trained_window()
         b = self.block_size
         return max(b, f // b * b)
 
@@ -358,11 +370,12 @@ def per_frame_time_embedding(unet, timesteps: torch.Tensor):
             h.remove()
 
 
-class AnimateDiffFamily:
+class AnimateDiffFamily(_Family):
     name = "animatediff"
     temporal_compression = 1
     flow_matching = False
     default_guidance_scale = 7.5
+    trained_latent_frames = 16     # the motion modules' training clips (the tiny model says 4)
 
     def __init__(self, pipe):
         self.pipe = pipe
@@ -371,13 +384,6 @@ class AnimateDiffFamily:
             raise ValueError("pipe: FIFO's DDIM update needs an epsilon-prediction scheduler, got "
                              f"{pipe.scheduler.config.prediction_type!r}")
 
-    @property
-    def device(self):
-        return self.denoiser.device
-
-    def default_window(self) -> int:
-        # AnimateDiff's motion modules were trained on 16-frame clips (the tiny model says 4)
-        return int(getattr(self.pipe, "longvideo_trained_latent_frames", 0) or 16)
 
     def default_size(self):
         s = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor

@@ -33,7 +33,6 @@ from . import wan
 
 KINDS = ("t2v", "v2v")
 
-TINY_TRAINED_LATENT_FRAMES = wan.TINY_TRAINED_LATENT_FRAMES
 # SkyReels-V2 540P DF checkpoints generate 97-frame base clips = 25 latent frames.
 SKYREELS_TRAINED_LATENT_FRAMES = 25
 # The flow shift of SkyReels-V2's text-to-video examples (5.0 for image-to-video).
@@ -80,25 +79,7 @@ def tiny_pipeline(kind: str = "t2v", seed: int = 0, dtype: torch.dtype = torch.f
     The weights are a deterministic function of `seed` (the same for both kinds); the global RNG
     state is restored afterwards. Heights and widths must be multiples of 16; frame counts 4k+1.
     """
-    from .tokenizers import char_tokenizer
-
-    kind = _check_kind(kind)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = _tiny_transformer()
-        vae = wan._tiny_vae()
-        text_encoder = wan._text_encoder()
-    pipe = _pipeline_class(kind)(tokenizer=char_tokenizer(wan._TEXT_MAX_LENGTH), text_encoder=text_encoder, vae=vae,
-                                 transformer=transformer, scheduler=_scheduler())
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        # As for Wan: the VAE stays float32; the transformer keeps its fp32 modules.
-        wan._cast_transformer(pipe.transformer, dtype)
-        pipe.text_encoder.to(dtype=dtype)
-    pipe.longvideo_trained_latent_frames = TINY_TRAINED_LATENT_FRAMES
-    return pipe
+    return wan.build_tiny_pipeline(_pipeline_class(_check_kind(kind)), _tiny_transformer, _scheduler, seed, dtype)
 
 
 def from_pretrained(path, kind: str = "t2v", dtype: torch.dtype = torch.bfloat16):

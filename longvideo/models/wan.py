@@ -116,6 +116,31 @@ def _cast_transformer(transformer, dtype: torch.dtype) -> None:
         setattr(transformer.rope, name, buf)
 
 
+def build_tiny_pipeline(pipeline_cls, make_transformer, make_scheduler, seed: int, dtype: torch.dtype):
+    """A random-weight pipeline of the Wan family (Wan, SkyReels-V2): `make_transformer()`, the
+    tiny Wan VAE and text encoder, built with weights that are a deterministic function of `seed`
+    (the global RNG state is restored afterwards). With a `dtype` other than float32 the
+    transformer (its fp32 modules kept) and text encoder are cast; the VAE stays float32, as Wan
+    keeps it in practice."""
+    from .tokenizers import char_tokenizer
+
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = make_transformer()
+        vae = _tiny_vae()
+        text_encoder = _text_encoder()
+    pipe = pipeline_cls(tokenizer=char_tokenizer(_TEXT_MAX_LENGTH), text_encoder=text_encoder, vae=vae,
+                        transformer=transformer, scheduler=make_scheduler())
+    pipe.set_progress_bar_config(disable=True)
+    if dtype != torch.float32:
+        _cast_transformer(pipe.transformer, dtype)
+        pipe.text_encoder.to(dtype=dtype)
+    pipe.longvideo_trained_latent_frames = TINY_TRAINED_LATENT_FRAMES
+    return pipe
+
+
 def tiny_pipeline(kind: str = "t2v", seed: int = 0, dtype: torch.dtype = torch.float32):
     """A random-weight Wan pipeline, text-to-video (``"t2v"``) or video-to-video (``"v2v"``).
 
@@ -123,25 +148,7 @@ def tiny_pipeline(kind: str = "t2v", seed: int = 0, dtype: torch.dtype = torch.f
     state is restored afterwards. Heights and widths must be multiples of 16 (the pipelines'
     check); frame counts 4k+1.
     """
-    from .tokenizers import char_tokenizer
-
-    kind = _check_kind(kind)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        transformer = _tiny_transformer()
-        vae = _tiny_vae()
-        text_encoder = _text_encoder()
-    cls = _pipeline_class(kind)
-    pipe = cls(tokenizer=char_tokenizer(_TEXT_MAX_LENGTH), text_encoder=text_encoder, vae=vae,
-               transformer=transformer, scheduler=_scheduler())
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        # Wan keeps the VAE in float32 in practice; cast the rest.
-        _cast_transformer(pipe.transformer, dtype)
-        pipe.text_encoder.to(dtype=dtype)
-    pipe.longvideo_trained_latent_frames = TINY_TRAINED_LATENT_FRAMES
+    pipe = build_tiny_pipeline(_pipeline_class(_check_kind(kind)), _tiny_transformer, _scheduler, seed, dtype)
     pipe.longvideo_freeloc_layers = list(TINY_FREELOC_LAYERS)
     return pipe
 

@@ -87,8 +87,9 @@ _DEFAULT_TOL = {
 }
 
 _REGISTRY: dict[str, dict[str, Backend]] = {}
-# (op, device type, device index, preferences version) -> backends in `auto` order: computed once,
-# since querying the device name and sorting on every call is a measurable part of a small op.
+# (op, device type, device index) -> backends in `auto` order: computed once (cleared when backends
+# or preferences change), since querying the device name and sorting on every call is a measurable
+# part of a small op.
 _ORDER_CACHE: dict = {}
 _global_setting: dict[Optional[str], str] = {None: os.environ.get("LONGVIDEO_BACKEND", "auto")}
 _ctx_setting: contextvars.ContextVar = contextvars.ContextVar("longvideo_backend", default=None)
@@ -209,14 +210,12 @@ def cuda_extension_available(private_op: str) -> Callable[[], tuple[bool, str]]:
 # auto: preferences from the recorded benchmarks
 _PREF_FILE = Path(__file__).with_name("backend_preferences.json")
 _prefs_cache: Optional[dict] = None
-_prefs_version = 0  # bumped by `reload_preferences`, part of the order cache's key
 
 
 def reload_preferences() -> None:
     """Forget the loaded preferences (after ``backend_preferences.json`` was rewritten)."""
-    global _prefs_cache, _prefs_version
+    global _prefs_cache
     _prefs_cache = None
-    _prefs_version += 1
     _ORDER_CACHE.clear()
 
 
@@ -231,7 +230,7 @@ def _preferences() -> dict:
 
 
 def _preferred_order(op: str, device: torch.device) -> list[Backend]:
-    key = (op, device.type, device.index, _prefs_version)
+    key = (op, device.type, device.index)
     cands = _ORDER_CACHE.get(key)
     if cands is not None:
         return cands
