@@ -18,6 +18,9 @@ Cases:
   full_run_s, s_per_frame, peak_mem_GiB (torch.cuda.max_memory_allocated over that run),
   and the sizes. The harness' own repeats make a complete run per case too slow at this size.
 
+Profile ``budget`` (one GPU slot): one short video, 80 frames (21 latent frames: 4 chunks), 4
+inference steps (2 denoising steps at strength 0.6), the same model, VAE and chunking.
+
 quick=True: the built-in tiny Wan pipeline (same scheduler class), 17 frames at 32x32.
 """
 from __future__ import annotations
@@ -93,7 +96,7 @@ def _fresh(run, pristine):
                                states=[{} for _ in run.states])
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
+def cases(device: torch.device, quick: bool, profile: str = "full") -> list[Case]:
     from longvideo.methods.blending import RandomizedBlending
 
     if quick:
@@ -105,6 +108,8 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     else:
         pipe = _wan_1_3b_random(device)
         frames, height, width, chunk, overlap, steps = 240, 480, 832, 24, 8, 10
+        if profile == "budget":
+            frames, steps = 80, 4
     strength, guidance = 0.6, 5.0
     video = _video(frames, height, width)
     kw = dict(prompt="a red panda walking through a bamboo forest", num_inference_steps=steps,

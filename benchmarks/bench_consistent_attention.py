@@ -14,6 +14,12 @@ Implementations per case, forward ("fwd") and forward+backward ("fwd+bwd"):
   sdpa_self_floor                        plain self-attention over the own N tokens (the floor)
   sdpa_dense_equivalent                  SDPA flash on a dense problem with the same total key
                                          count per row: the TFLOP/s reference of the 60% target
+  sdpa_cudnn_self_floor,                 the same two on torch's cuDNN attention backend
+  sdpa_cudnn_dense_equivalent            (SDPBackend.CUDNN_ATTENTION: the FA3-class kernel on
+                                         Hopper); a backend refusing the shape is recorded as an error
+
+Profiles: ``full`` every shape; ``budget`` (one GPU slot) the three representative ones:
+sdxl_n4096, sd15_n4096 (D = 40) and sacfa_16f (D = 128).
 
 `flops` counts the query-key pairs actually computed (4*D flops per pair forward, 2.5x that
 backward); the consistent impls compute exactly the useful pairs, the dense-mask path all
@@ -32,9 +38,14 @@ from longvideo.ops.consistent_attention import consistent_attention
 SUITE = "consistent_attention"
 
 
-def _shapes(quick: bool):
+BUDGET_SHAPES = ("sdxl_n4096", "sd15_n4096", "sacfa_16f")
+
+
+def _shapes(quick: bool, profile: str = "full"):
     if quick:
         return [dict(name="tiny", B=4, G=2, N=16, H=2, D=16, rate=0.5, window=-1)]
+    if profile == "budget":
+        return [s for s in _shapes(False) if s["name"] in BUDGET_SHAPES]
     return [
         dict(name="sdxl_n1024", B=8, G=4, N=1024, H=20, D=64, rate=0.5, window=-1),
         dict(name="sdxl_n4096", B=8, G=4, N=4096, H=10, D=64, rate=0.5, window=-1),
@@ -78,21 +89,24 @@ def _dense_mask_path(q, k, v, mask):
     return out.reshape(H, B, N, D).transpose(0, 1)
 
 
-def _sdpa_ctx(device):
+def _sdpa_ctx(device, backend: str = "FLASH_ATTENTION"):
+    """A context factory forcing one SDPA backend on CUDA (no silent fallback: a backend that
+    cannot run the shape raises, and the harness records the error)."""
     if device.type == "cuda":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        return lambda: sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+        return lambda: sdpa_kernel([getattr(SDPBackend, backend)])
     import contextlib
 
     return contextlib.nullcontext
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
+def cases(device: torch.device, quick: bool, profile: str = "full") -> list[Case]:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     flash = _sdpa_ctx(device)
+    cudnn = _sdpa_ctx(device, "CUDNN_ATTENTION") if device.type == "cuda" else None
     out: list[Case] = []
-    for shp in _shapes(quick):
+    for shp in _shapes(quick, profile):
         B, G, N, H, D, window = shp["B"], shp["G"], shp["N"], shp["H"], shp["D"], shp["window"]
         M = int(shp["rate"] * B * N)
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -189,6 +203,12 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
 
         add("sdpa_self_floor", self_attn, self_flops, "fwd")
         add("sdpa_self_floor", fwd_bwd(self_grad, (qg, kg, vg)), 3.5 * self_flops, "fwd+bwd")
+        if cudnn is not None:
+            def self_cudnn(q=q, k=k, v=v):
+                with cudnn():
+                    return F.scaled_dot_product_attention(q, k, v)
+
+            add("sdpa_cudnn_self_floor", self_cudnn, self_flops, "fwd")
 
         # dense problem with the same total key count per row (mean): the 60% TFLOP/s target
         L_mean = int(round(sum(L) / B))
@@ -200,4 +220,11 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
                 return F.scaled_dot_product_attention(q, kd, vd)
 
         add("sdpa_dense_equivalent", dense_equiv, 4.0 * D * H * B * N * L_mean, "fwd", {"keys_per_row": L_mean})
+        if cudnn is not None:
+            def dense_equiv_cudnn(q=q, kd=kd, vd=vd):
+                with cudnn():
+                    return F.scaled_dot_product_attention(q, kd, vd)
+
+            add("sdpa_cudnn_dense_equivalent", dense_equiv_cudnn, 4.0 * D * H * B * N * L_mean, "fwd",
+                {"keys_per_row": L_mean})
     return out

@@ -24,6 +24,10 @@ These cases are long on a GPU (224 iterations of 8 model calls): one repeat, no 
 model has only ``MEMORY_BLOCKS`` of Wan 1.3B's 30 blocks (same widths, same 32760-token windows):
 the per-call activations do not depend on the video length, the method's state is what could.
 
+Profile ``budget`` (one GPU slot): the iteration cases with ``BUDGET_BLOCKS`` of the 30 blocks
+(same widths and 32760-token windows: the ratios between the parts are per block; ``params``
+names the block count) and one memory point (128 frames).
+
 quick=True: the tiny config on CPU (f = 4, n = 2, 32x32 latents), 8 / 16 / 32 frames for memory.
 """
 from __future__ import annotations
@@ -110,7 +114,8 @@ def _iteration_case(device, transformer, config, f, n, h, w, text_len, impl):
     tokens = f * (h // 2) * (w // 2)
     return Case(suite="fifo", name=f"iteration_f{f}_n{n}_{w * 8}x{h * 8}", impl=impl,
                 fn=lambda: iteration(state).queue,
-                params={"f": f, "n": n, "L": fifo.L, "latent_hw": (h, w), "tokens_per_window": tokens},
+                params={"f": f, "n": n, "L": fifo.L, "latent_hw": (h, w), "tokens_per_window": tokens,
+                        "transformer_blocks": config["num_layers"]},
                 extra={"model_calls": fifo.num_windows, "video_frames_per_iteration": 4, "cfg": True},
                 timing={"warmup": 1, "repeats": 2, "min_time_s": 0.0})
 
@@ -133,20 +138,23 @@ def _memory_case(device, transformer, config, f, n, h, w, text_len, frames):
 
 
 MEMORY_BLOCKS = 2
+BUDGET_BLOCKS = 6
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
+def cases(device: torch.device, quick: bool, profile: str = "full") -> list[Case]:
     if quick:
         tr = _transformer(TINY, device, torch.float32)
         out = [_iteration_case(device, tr, TINY, 4, 2, 8, 8, 8, impl) for impl in PARTS]
         out += [_memory_case(device, tr, TINY, 4, 2, 8, 8, 8, frames) for frames in (8, 16, 32)]
         return out
-    tr = _transformer(WAN_1_3B, device, torch.bfloat16)
-    out = [_iteration_case(device, tr, WAN_1_3B, 21, 4, 60, 104, 512, impl) for impl in PARTS]
+    it_config = dict(WAN_1_3B, num_layers=BUDGET_BLOCKS) if profile == "budget" else WAN_1_3B
+    tr = _transformer(it_config, device, torch.bfloat16)
+    out = [_iteration_case(device, tr, it_config, 21, 4, 60, 104, 512, impl) for impl in PARTS]
     # Memory cases: 224 iterations of 8 window calls would take ~30 min with all 30 blocks on an
     # H100; the peak is one window call's activations plus the method's state, and only the state can
     # grow with the length, so they run the same model shape with MEMORY_BLOCKS of its 30 blocks.
     mem_config = dict(WAN_1_3B, num_layers=MEMORY_BLOCKS)
     tr_mem = _transformer(mem_config, device, torch.bfloat16)
-    out += [_memory_case(device, tr_mem, mem_config, 21, 4, 60, 104, 512, frames) for frames in (128, 256, 512)]
+    frame_counts = (128,) if profile == "budget" else (128, 256, 512)
+    out += [_memory_case(device, tr_mem, mem_config, 21, 4, 60, 104, 512, frames) for frames in frame_counts]
     return out

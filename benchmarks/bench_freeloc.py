@@ -179,9 +179,8 @@ def _cases_for(device, dtype, transformer, config, video_frames, height, width, 
         with torch.inference_mode():
             return transformer(latents, timestep, text, return_dict=False)[0]
 
-    cases = []
     if "dense" in impls:
-        cases.append(Case(SUITE, label, "dense_sdpa", forward, dict(base),
+        yield (Case(SUITE, label, "dense_sdpa", forward, dict(base),
                           flops=_flops(config, S, text_len, F, T, modes, None), extra={"note": "plain diffusers"}))
 
     if "ours" in impls:
@@ -196,7 +195,7 @@ def _cases_for(device, dtype, transformer, config, video_frames, height, width, 
         ours()  # builds and caches the block schedules (and compiles the kernels)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        cases.append(Case(SUITE, label, "freeloc[longvideo]", ours, dict(base),
+        yield (Case(SUITE, label, "freeloc[longvideo]", ours, dict(base),
                           flops=_flops(config, S, text_len, F, T, modes, params),
                           setup_ms=(time.perf_counter() - t0) * 1e3, extra=dict(extra)))
 
@@ -217,10 +216,9 @@ def _cases_for(device, dtype, transformer, config, video_frames, height, width, 
         official()  # builds the block masks, compiles FlexAttention
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        cases.append(Case(SUITE, label, "freeloc[official_flex]", official, dict(base),
+        yield (Case(SUITE, label, "freeloc[official_flex]", official, dict(base),
                           flops=_flops(config, S, text_len, F, T, modes, params),
                           setup_ms=(time.perf_counter() - t0) * 1e3, extra=dict(extra)))
-    return cases
 
 
 def _transformer(config, device, dtype):
@@ -238,24 +236,26 @@ def _transformer(config, device, dtype):
     return tr
 
 
-def cases(device: torch.device, quick: bool):
-    """A list (quick) or a generator of cases (full sizes; see _full_cases)."""
+def cases(device: torch.device, quick: bool, profile: str = "full"):
+    """A list (quick) or a generator of cases (full sizes; see _full_cases). ``budget``: 161 video
+    frames (41 latent: the first length where FreeLOC acts), then 321; at 81 (the trained length)
+    FreeLOC is a no-op."""
     from longvideo.methods.freeloc import published_layer_config
 
     if quick:
         tr = _transformer(TINY, device, torch.float32)
         modes = ["tsa", "vrpr"]
         # 9 latent frames of 4x4 tokens, trained length 3 latent frames
-        return _cases_for(device, torch.float32, tr, TINY, 33, 64, 64, 8, 3, modes, {"dense", "ours", "official"})
-    return _full_cases(device, published_layer_config(30))
+        return list(_cases_for(device, torch.float32, tr, TINY, 33, 64, 64, 8, 3, modes, {"dense", "ours", "official"}))
+    return _full_cases(device, published_layer_config(30), (161, 321) if profile == "budget" else (81, 161, 321))
 
 
-def _full_cases(device, modes):
+def _full_cases(device, modes, frame_counts=(81, 161, 321)):
     """Lazily, one frame count at a time: each size's setup (first runs, FlexAttention compile) is
     done when the harness reaches it, so a run stopped by a time limit has recorded the sizes before."""
     dtype = torch.bfloat16
     tr = _transformer(WAN_1_3B, device, dtype)
-    for frames in (81, 161, 321):
+    for frames in frame_counts:
         yield from _cases_for(device, dtype, tr, WAN_1_3B, frames, 480, 832, 512, 21, modes,
                               {"dense", "ours", "official"})
 

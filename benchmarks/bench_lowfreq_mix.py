@@ -7,6 +7,8 @@ defaults; Ouroboros tail: gaussian, d_s 0.25, d_t 1.0, the method's setting):
   freeinit_4x16x64x64         (1, 4, 16, 64, 64)     FreeInit on AnimateDiff (16 frames, 512x512)
   freeinit_2x16x21x60x104     (2, 16, 21, 60, 104)   FreeInit on a Wan-sized latent, CFG batch 2
 
+Profiles: ``full`` and ``budget`` run the same cases (the harness caps the budget's repeats).
+
 Implementations:
   longvideo[triton], longvideo[cuda]   torch.ops.longvideo.lowfreq_mix on that backend (the public
                                        op: argument checks and dispatch included)
@@ -65,7 +67,9 @@ def _diffusers_path(x, noise, filt, d_s, d_t, order):
     return fn
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
+def cases(device: torch.device, quick: bool, profile: str = "full") -> list[Case]:
+    """Every shape in both profiles (the whole suite takes seconds; under ``budget`` the harness
+    caps the repeats, diffusers' path runs once)."""
     device = torch.device(device)
     dtypes = [torch.float32] if quick or device.type != "cuda" else [torch.float32, torch.bfloat16]
     out = []

@@ -247,7 +247,9 @@ def _story_runner(pipe, impl: str, steps: int, size: int):
             "longvideo[auto]+cpu_bank": ours("cpu"), "official_lowvram": official, "plain_sdxl": plain}[impl]
 
 
-def cases(device: torch.device, quick: bool) -> list:
+def cases(device: torch.device, quick: bool, profile: str = "full") -> list:
+    """``budget``: ours (auto bank on the device) and the official low-VRAM path, one timed story
+    each after one warm-up, then plain SDXL."""
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from longvideo.methods.storydiffusion import parse_story, project_bank_bytes
@@ -272,13 +274,15 @@ def cases(device: torch.device, quick: bool) -> list:
                                        sampling_rate=0.5, start_step=5, characters=names, seed=0)
     impls = ["longvideo[auto]", "longvideo[auto]+auto_bank", "longvideo[auto]+cpu_bank", "official_lowvram",
              "plain_sdxl"]
-    if device.type != "cuda":  # the same as the first on a CPU
+    if device.type != "cuda" or profile == "budget":  # the same as the first on a CPU
         impls.remove("longvideo[auto]+auto_bank")
         impls.remove("longvideo[auto]+cpu_bank")
+    timing = {"warmup": 1, "repeats": 1} if profile == "budget" else None
     out = []
     for impl in impls:
         out.append(Case(
             suite=SUITE, name=f"story6_{shape}_{size}px", impl=impl, fn=_story_runner(pipe, impl, steps, size),
+            timing=timing,
             flops=work["plain" if impl == "plain_sdxl" else "official" if impl == "official_lowvram" else "ours"],
             params={"images": len(STORY), "id_images": ID_LENGTH, "read_images": len(STORY) - ID_LENGTH,
                     "height": size, "width": size, "steps": steps, "start_step": 1, "probability": 1.0,

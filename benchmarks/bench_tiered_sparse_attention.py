@@ -4,8 +4,15 @@ Wan2.1-1.3B shapes (B=1, 12 heads, D=128, bf16; 832x480 -> 1560 tokens per laten
 built once; its build time is ``setup_ms``) and FreeLOC's official scheme for VRPR layers (one
 compiled FlexAttention call per band with that band's RoPE copies, merged by log-sum-exp).
 
+SDPA on the dense problem runs on two backends, flash and cuDNN (``SDPBackend.CUDNN_ATTENTION``,
+the FA3-class kernel on Hopper): what a user would run without FreeLOC's sparsity.
+
 ``flops`` counts the attended pairs only (4 * D per pair: QK^T and PV), so TFLOP/s compares
 useful work; ``extra`` records the token- and block-level density of the tiers.
+
+Profiles: ``full`` (21/41/81 frames at 480p, 21/41 at 720p) and ``budget`` (one GPU slot):
+FreeLOC's hot path first -- tiers with temporal RoPE + VRPR at 41 and 81 latent frames -- then
+the plain tiers at 41 and 81.
 """
 from __future__ import annotations
 
@@ -49,6 +56,8 @@ def _rotate(x, pos, freqs):
 
 
 def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):
+    """Each implementation's case, yielded as soon as it is set up (a slow setup -- a FlexAttention
+    compile -- cannot cost the cases before it when the run is stopped at its time limit)."""
     ops_mod = importlib.import_module("longvideo.ops.tiered_sparse_attention")
     from longvideo import ops
 
@@ -61,7 +70,6 @@ def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):
     params = dict(B=B, H=H, S=S, D=D, frame_tokens=T, F=F, dtype=str(dtype).replace("torch.", ""), vrpr=vrpr, **tiers)
     pair_flops = 4.0 * D * dens["pair_density"] * S * S * B * H
     extra = {k_: dens[k_] for k_ in ("pair_density", "computed_pair_density", "block_density")}
-    cases = []
     op = torch.ops.longvideo.tiered_sparse_attention
 
     for backend in ("triton", "cuda", "reference"):
@@ -81,19 +89,24 @@ def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):
         fn()  # builds and caches the block schedule (and compiles the kernel)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        cases.append(Case(SUITE, label, f"longvideo[{backend}]", fn, params, flops=pair_flops,
+        yield (Case(SUITE, label, f"longvideo[{backend}]", fn, params, flops=pair_flops,
                           setup_ms=(time.perf_counter() - t0) * 1e3, extra=dict(extra)))
 
     if "sdpa" in impls:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        def sdpa():
-            backends = [SDPBackend.FLASH_ATTENTION] if device.type == "cuda" else [SDPBackend.MATH]
-            with sdpa_kernel(backends):
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        sdpa_backends = {"sdpa_flash(dense)": SDPBackend.FLASH_ATTENTION}
+        if device.type == "cuda":
+            sdpa_backends["sdpa_cudnn(dense)"] = SDPBackend.CUDNN_ATTENTION
+        else:
+            sdpa_backends = {"sdpa_flash(dense)": SDPBackend.MATH}
+        for impl, sdpa_backend in sdpa_backends.items():
+            def sdpa(sdpa_backend=sdpa_backend):
+                with sdpa_kernel([sdpa_backend]):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
-        cases.append(Case(SUITE, label, "sdpa_flash(dense)", sdpa, params, flops=4.0 * D * S * S * B * H,
-                          extra={"pair_density": 1.0, "note": "dense problem, no tiers"}))
+            yield (Case(SUITE, label, impl, sdpa, params, flops=4.0 * D * S * S * B * H,
+                              extra={"pair_density": 1.0, "note": "dense problem, no tiers"}))
 
     if "flex" in impls and device.type == "cuda":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -104,7 +117,7 @@ def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):
         torch.cuda.synchronize(device)
         setup = (time.perf_counter() - t0) * 1e3
         if vrpr is None:
-            cases.append(Case(SUITE, label, "flex_attention", lambda: flex(q, k, v, block_mask=bm), params,
+            yield (Case(SUITE, label, "flex_attention", lambda: flex(q, k, v, block_mask=bm), params,
                               flops=pair_flops, setup_ms=setup, extra=dict(extra)))
         else:
             # FreeLOC's official VRPR layer: per band a RoPE copy of q and k and one FlexAttention
@@ -131,23 +144,35 @@ def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):
                 w = torch.softmax(lse, dim=0)
                 return sum(o * w_[..., None].to(o.dtype) for o, w_ in zip(outs, w))
 
-            cases.append(Case(SUITE, label, "official_3call_flex_lse", three_call, params, flops=pair_flops,
+            yield (Case(SUITE, label, "official_3call_flex_lse", three_call, params, flops=pair_flops,
                               setup_ms=setup3, extra=dict(extra)))
-    return cases
 
 
-def cases(device: torch.device, quick: bool):
-    """A list (quick) or a generator of cases (full sizes; see _full_cases)."""
+def cases(device: torch.device, quick: bool, profile: str = "full"):
+    """A list (quick) or a generator of cases (full sizes; see _full_cases / _budget_cases)."""
     if quick:  # tiny CPU sizes: the reference and, under TRITON_INTERPRET=1, the Triton kernel
         from longvideo.ops import _registry
 
         impls = {"reference", "sdpa"} | ({"triton"} if _registry.triton_interpreting() else set())
         tiers = dict(local_frames=2, stripe_frames=4, stripe_width=3, sink_frames=1)
-        out = _cases_for(device, torch.float32, 1, 2, 32, 13, 6, tiers, None, impls, "quick_F6_T13")
-        out += _cases_for(device, torch.float32, 1, 2, 32, 13, 6, tiers, [1.0, 3.0, 1.0, 2.0, 3.0], impls - {"sdpa"},
-                          "quick_F6_T13_vrpr")
+        out = list(_cases_for(device, torch.float32, 1, 2, 32, 13, 6, tiers, None, impls, "quick_F6_T13"))
+        out += list(_cases_for(device, torch.float32, 1, 2, 32, 13, 6, tiers, [1.0, 3.0, 1.0, 2.0, 3.0], impls - {"sdpa"},
+                          "quick_F6_T13_vrpr"))
         return out
-    return _full_cases(device)
+    return _budget_cases(device) if profile == "budget" else _full_cases(device)
+
+
+def _budget_cases(device):
+    """FreeLOC's real hot path first: the tiers with RoPE + VRPR at 41 and 81 latent frames (the
+    official 3-call FlexAttention scheme as the peer), then the plain tiers (FlexAttention with the
+    same block mask, SDPA flash and cuDNN on the dense problem)."""
+    impls = {"triton", "cuda", "sdpa", "flex"}
+    dt, B, H, D = torch.bfloat16, 1, 12, 128
+    for F in (41, 81):
+        yield from _cases_for(device, dt, B, H, D, 1560, F, FREELOC_TIERS, VRPR[F], impls - {"sdpa"},
+                              f"480p_F{F}_tsa_vrpr")
+    for F in (41, 81):
+        yield from _cases_for(device, dt, B, H, D, 1560, F, FREELOC_TIERS, None, impls, f"480p_F{F}_tsa")
 
 
 def _full_cases(device):

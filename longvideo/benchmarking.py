@@ -1,19 +1,29 @@
 """Benchmark harness (DESIGN.md section 4).
 
 A suite is a module ``longvideo.benchmarks.bench_<name>`` (folder ``benchmarks/`` of the
-checkout) with a function ``cases(device: torch.device, quick: bool) -> list[Case]``. The
-harness times every case (CUDA events after warm-up on GPUs, perf_counter on CPU; the median
-of several repeats), records peak memory, derives TFLOP/s and GB/s from the case's declared
-work, and writes one JSON record per run under ``benchmarks/results/``. ``render_table`` turns
-the records into the markdown table ``benchmarks/results/README.md``.
+checkout) with a function ``cases(device: torch.device, quick: bool, profile: str = "full")``
+returning a list of :class:`Case` or a generator of them. The harness times every case (CUDA
+events after warm-up on GPUs, perf_counter on CPU; the median of several repeats), records peak
+memory, derives TFLOP/s and GB/s from the case's declared work, and writes one JSON record per
+run under ``benchmarks/results/``. ``render_table`` turns the records into the markdown table
+``benchmarks/results/README.md``.
+
+Profiles (``PROFILES``): ``full`` (every shape, the default timing) and ``budget`` (the
+representative shapes each suite names, one warm-up and a few repeats: all seven suites fit one
+short GPU slot; see tools/gpu_run.sh). On CUDA each record carries the device's ceilings measured
+in the same process (a large device copy and a dense bf16 matmul, ``measure_ceilings``): the
+fractions of peak are taken against those, not against a datasheet.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
 import datetime as _dt
+import functools
 import importlib
+import inspect
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -24,11 +34,19 @@ from typing import Callable, Optional
 
 import torch
 
-# Peak figures used for "fraction of the device's peak" (METHODS.md section 7: measured copy
-# bandwidth and bf16 dense matmul on these devices). Unknown devices get no fraction.
+# Fallback peak figures for "fraction of the device's peak" where the ceilings could not be
+# measured in the run (METHODS.md section 7: measured copy bandwidth and bf16 dense matmul on these
+# devices). Unknown devices get no fraction.
 DEVICE_PEAKS = {
     "H100": {"copy_GBps": 3000.0, "bf16_TFLOPs": 800.0},
     "H200": {"copy_GBps": 4300.0, "bf16_TFLOPs": 790.0},
+}
+
+
+# profile -> the harness's default timing (a case's own `timing` is capped by the budget's)
+PROFILES = {
+    "full": dict(warmup=3, repeats=10, min_time_s=0.2),
+    "budget": dict(warmup=1, repeats=3, min_time_s=0.0),
 }
 
 
@@ -136,9 +154,37 @@ def time_graph(fn: Callable[[], object], device: torch.device, calls: int, repea
     return statistics.median(times)
 
 
+@functools.lru_cache(maxsize=None)
+def measure_ceilings(device: torch.device) -> dict:
+    """The device's two ceilings, measured now (METHOD: a large device-to-device copy, counting the
+    bytes read and written, and a dense 8192^3 bf16 matmul on random data; median of 10 after 3
+    warm-ups). About a second of device time; cached per process. {} off CUDA."""
+    if torch.device(device).type != "cuda":
+        return {}
+    n = 1 << 29  # 1 GiB of bf16 per buffer: many times the L2
+    src = torch.randn(n, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy = time_fn(lambda: dst.copy_(src), device, warmup=3, repeats=10, min_time_s=0.0)["median_ms"]
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    mm = time_fn(lambda: a @ b, device, warmup=3, repeats=10, min_time_s=0.0)["median_ms"]
+    del a, b
+    torch.cuda.empty_cache()
+    return {"copy_GBps": 2 * n * 2 / (copy / 1e3) / 1e9, "bf16_TFLOPs": 2 * m ** 3 / (mm / 1e3) / 1e12,
+            "how": "measured in this run: 1 GiB bf16 device copy (read + write), 8192^3 bf16 matmul"}
+
+
 def _device_peaks(device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
+    try:
+        measured = measure_ceilings(device)
+    except Exception:  # noqa: BLE001 - an allocation failure must not lose the run: datasheet figures
+        measured = {}
+    if measured:
+        return measured
     name = torch.cuda.get_device_name(device)
     for key, peaks in DEVICE_PEAKS.items():
         if key in name:
@@ -146,10 +192,23 @@ def _device_peaks(device: torch.device) -> dict:
     return {}
 
 
-def run_case(case: Case, device: torch.device, **timing) -> dict:
+def case_timing(profile: str, case_timing_: Optional[dict] = None, **overrides) -> dict:
+    """The timing loop's arguments for a case: the profile's defaults, then the harness caller's
+    overrides, then the case's own; under ``budget`` no case runs more warm-ups or repeats than
+    the profile's (a whole-video case asks for fewer, and gets fewer)."""
+    base = {**PROFILES[profile], **overrides}
+    own = dict(case_timing_ or {})
+    if profile == "budget":
+        for key in ("warmup", "repeats", "min_time_s"):
+            if key in own:
+                own[key] = min(own[key], base[key])
+    return {**base, **own}
+
+
+def run_case(case: Case, device: torch.device, profile: str = "full", **timing) -> dict:
     row = {k: v for k, v in dataclasses.asdict(case).items() if k not in ("fn", "timing", "graph_calls")}
     try:
-        row.update(time_fn(case.fn, device, **{**timing, **(case.timing or {})}))
+        row.update(time_fn(case.fn, device, **case_timing(profile, case.timing, **timing)))
     except Exception as exc:  # recorded, not fatal: one failing peer must not lose the run
         row["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
         if device.type == "cuda":
@@ -188,6 +247,11 @@ def environment(device: torch.device) -> dict:
         "device_type": device.type,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
+    if device.type == "cuda":
+        try:
+            env["ceilings"] = measure_ceilings(device)
+        except Exception as exc:  # noqa: BLE001 - recorded; fractions then use DEVICE_PEAKS
+            env["ceilings"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
     try:
         import triton
 
@@ -195,7 +259,7 @@ def environment(device: torch.device) -> dict:
     except Exception:
         env["triton"] = None
     try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+        env["git_commit"] = os.environ.get("LONGVIDEO_GIT_COMMIT") or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                            cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or None
     except Exception:
         env["git_commit"] = None
@@ -217,11 +281,61 @@ def available_suites() -> list[str]:
     return sorted(p.stem[len("bench_"):] for p in Path(list(pkg.__path__)[0]).glob("bench_*.py"))
 
 
+def suite_cases(name: str, device: torch.device, quick: bool = False, profile: str = "full"):
+    """The suite's cases (a list or a generator) for a profile."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown benchmark profile {profile!r}; known: {sorted(PROFILES)}")
+    fn = load_suite(name).cases
+    if "profile" in inspect.signature(fn).parameters:
+        return fn(device, quick, profile=profile)
+    if profile != "full":
+        raise ValueError(f"suite {name!r} has no {profile!r} profile (its cases() takes no profile argument)")
+    return fn(device, quick)
+
+
+# implementations whose first call compiles something (our kernels, FlexAttention); the others
+# (SDPA, copies, the official eager paths, diffusers) have nothing to warm
+WARM_IMPLS = ("longvideo", "freeloc[", "flex", "official_3call")
+
+
+def warm_suite(name: str, device: torch.device, quick: bool = False, profile: str = "full",
+               warm_impls: tuple = WARM_IMPLS, progress: Callable[[str], None] = print) -> int:
+    """Run the suite's real setup and every case once, untimed and unrecorded: fills the Triton
+    cache (the kernels' specializations at the suite's exact shapes and dtypes) and torch.compile's
+    caches (FlexAttention) on disk, so that a later timed run in another process skips the
+    compiles. Several suites warmed in parallel processes share those caches (tools/warm_triton.py).
+    Only cases whose impl starts with one of `warm_impls` run (the rest compile nothing). Returns
+    the number of cases that raised (reported, not raised)."""
+    failed = 0
+    pending = iter(suite_cases(name, device, quick, profile))
+    while True:
+        t0 = time.perf_counter()
+        try:
+            case = next(pending)
+        except StopIteration:
+            break
+        except Exception as exc:  # noqa: BLE001 - a failing setup ends the warm-up of this suite
+            progress(f"[warm {name}] setup failed: {type(exc).__name__}: {str(exc)[:300]}")
+            return failed + 1
+        if not case.impl.startswith(warm_impls):
+            continue
+        try:
+            case.fn()
+            _sync(device)
+            msg = f"{time.perf_counter() - t0:.1f} s"
+        except Exception as exc:  # noqa: BLE001
+            failed += 1
+            msg = f"{type(exc).__name__}: {str(exc)[:200]}"
+        progress(f"[warm {name}] {case.name} {case.impl}: {msg}")
+        del case
+    return failed
+
+
 def run_suite(name: str, device: torch.device, quick: bool = False, progress: Callable[[str], None] = print,
-              out_dir: Optional[Path] = None, **timing) -> dict:
+              out_dir: Optional[Path] = None, profile: str = "full", **timing) -> dict:
     """Run every case of a suite. With `out_dir`, the record is (re)written after each case with
     ``"complete": False`` until the last one, so a run stopped by a time limit keeps what it measured."""
-    produced = load_suite(name).cases(device, quick)
+    produced = suite_cases(name, device, quick, profile)
     # A suite returns a list, or a generator that sets up each group of cases when it is reached
     # (so a long setup cannot keep the run from recording the groups before it).
     if isinstance(produced, (list, tuple)):
@@ -231,7 +345,8 @@ def run_suite(name: str, device: torch.device, quick: bool = False, progress: Ca
         pending = (queue.popleft() for _ in range(total))
     else:
         total, pending = "?", iter(produced)
-    record = {"suite": name, "quick": quick, "environment": environment(device), "cases": [], "complete": False}
+    record = {"suite": name, "quick": quick, "profile": profile, "environment": environment(device), "cases": [],
+              "complete": False}
     i, setup_failed = 0, False
     while True:
         try:
@@ -243,7 +358,7 @@ def run_suite(name: str, device: torch.device, quick: bool = False, progress: Ca
                                     "error": f"{type(exc).__name__}: {str(exc)[:500]}"})
             setup_failed = True
             break
-        row = run_case(case, device, **timing)
+        row = run_case(case, device, profile, **timing)
         record["cases"].append(row)
         i += 1
         if progress:
@@ -273,6 +388,14 @@ def _fmt(v, spec):
     return "" if v is None else format(v, spec)
 
 
+def _ceiling_lines(env: dict) -> list:
+    c = env.get("ceilings") or {}
+    if "copy_GBps" not in c:
+        return []
+    return [f"Ceilings measured in this run: copy {c['copy_GBps']:.0f} GB/s, dense bf16 matmul "
+            f"{c['bf16_TFLOPs']:.0f} TFLOP/s; '% peak' is against these.", ""]
+
+
 def render_table(results_dir: Path) -> str:
     """Markdown table of every committed record (newest first per suite)."""
     results_dir = Path(results_dir)
@@ -291,7 +414,9 @@ def render_table(results_dir: Path) -> str:
         lines += [f"## {rec['suite']} — {env['device']} ({fname})", "",
                   f"torch {env['torch']}, triton {env.get('triton')}, CUDA {env.get('cuda')}, commit "
                   f"{(env.get('git_commit') or '?')[:10]}, {env['date']}" + (" (quick)" if rec.get("quick") else "")
+                  + (f" (profile {rec['profile']})" if rec.get("profile", "full") != "full" else "")
                   + (" (incomplete: the run stopped before its last case)" if rec.get("complete") is False else ""), "",
+                  *_ceiling_lines(env),
                   "| case | impl | params | median ms | peak MiB | TFLOP/s | GB/s | % peak | extra |",
                   "|---|---|---|---|---|---|---|---|---|"]
         # rows flagged extra.roofline (a device copy of the case's bytes): every other row of the

@@ -1,7 +1,7 @@
 """The ``longvideo`` command.
 
     longvideo info                      versions, devices, which backends are available and why not
-    longvideo bench [--suite S] [--quick] [--table]
+    longvideo bench [--suite S] [--quick] [--profile full|budget] [--table]
                                         run benchmark suites, record JSON under benchmarks/results/
     longvideo generate --method M ...   long video: direct | freeloc | fifo | ouroboros
     longvideo probe ...                 FreeLOC layer probing -> layer configuration JSON
@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="run benchmark suites and record the results")
     p.add_argument("--suite", action="append", default=None, help="suite name (repeatable; default: all)")
     p.add_argument("--quick", action="store_true", help="small shapes (CPU smoke run)")
+    p.add_argument("--profile", default="full", choices=["full", "budget"],
+                   help="full: every shape; budget: the representative shapes, one warm-up, few repeats "
+                        "(all suites in one short GPU slot)")
+    p.add_argument("--warm", action="store_true",
+                   help="run each case once, untimed and unrecorded: fills the Triton and torch.compile caches "
+                        "(tools/warm_triton.py runs suites so in parallel)")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="results folder (default: benchmarks/results of the checkout, else ./benchmark-results)")
     p.add_argument("--table", action="store_true", help="only regenerate the table from recorded results")
@@ -199,8 +205,11 @@ def cmd_bench(args) -> int:
             return 2
         if device.type == "cpu" and not args.quick:
             print("note: full-size suites are meant for a GPU; on CPU use --quick", file=sys.stderr)
+        if args.warm:
+            failed = sum(benchmarking.warm_suite(s, device, quick=args.quick, profile=args.profile) for s in chosen)
+            return 1 if failed else 0
         for suite in chosen:
-            rec = benchmarking.run_suite(suite, device, quick=args.quick, out_dir=out)
+            rec = benchmarking.run_suite(suite, device, quick=args.quick, out_dir=out, profile=args.profile)
             print(f"recorded {benchmarking.write_record(rec, out)}")
     table = out / "README.md"
     out.mkdir(parents=True, exist_ok=True)

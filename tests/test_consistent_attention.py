@@ -185,6 +185,29 @@ def test_triton_matches_storydiffusion_paths():
     assert_close(out, storydiffusion_dense_mask_path(q, k, v, idx, G), "triton", torch.float32, "vs dense mask")
 
 
+@needs_triton
+@pytest.mark.parametrize("D", [40, 80, 96, 160])
+def test_triton_head_dims_forward(D):
+    """The head dims of the contract (D = 96 is not in TRITON_CASES) at a tiny size, fp32, both bank
+    forms and a window."""
+    for bank, window in ((None, 1), ("group", -1)):
+        q, k, v, idx, bk, bv = make_inputs(4, 1, 5, D, 7, 2, bank, E=3)
+        with use_backend("triton", op=OP):
+            out = consistent_attention(q, k, v, idx, 2, window, bk, bv)
+        assert_close(out, consistent_attention_reference(q, k, v, idx, 2, window, bk, bv), "triton", torch.float32,
+                     f"D={D}")
+
+
+def test_cuda_backend_accepts_the_contract_head_dims():
+    """The CUDA kernel pads D to 32/48/64/80/96/128/160/256 (csrc/consistent_attention_kernels.cu):
+    supports() accepts every contract head dim in fp16/bf16 (the GPU tier runs them)."""
+    sup = get_backend(OP, "cuda").supports
+    for D in (40, 64, 80, 96, 128, 160):
+        for dtype in (torch.float16, torch.bfloat16):
+            q = torch.zeros(2, 1, 8, D, dtype=dtype)
+            assert sup(q, q, q, torch.arange(3), 2, -1, None, None, None) is None, (D, dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # op machinery: opcheck, torch.compile, bad inputs
 def test_opcheck_reference():
@@ -286,10 +309,9 @@ GPU_SHAPES = [
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("B,H,N,D,G,window,bank,rate", GPU_SHAPES)
-def test_gpu_backends_match_reference(backend, dtype, B, H, N, D, G, window, bank, rate):
-    ok, why = get_backend(OP, backend).is_available()
-    if not ok:
-        pytest.skip(f"{backend} unavailable: {why}")
+def test_gpu_backends_match_reference(require_backend, backend, dtype, B, H, N, D, G, window, bank, rate):
+    require_backend(OP, backend)
+    assert get_backend(OP, backend).supports(*_cuda_args(B, H, N, D, dtype)) is None  # D 40/80/96/160 included
     dev = torch.device("cuda")
     q, k, v, idx, bk, bv = make_inputs(B, H, N, D, int(rate * B * N), G, bank, E=77, dtype=dtype,
                                        transposed=True)
@@ -302,15 +324,20 @@ def test_gpu_backends_match_reference(backend, dtype, B, H, N, D, G, window, ban
     assert_close(out, ref, backend, dtype, "out")
 
 
+def _cuda_args(B, H, N, D, dtype):
+    """Small CUDA tensors of the given head dim, for a backend's supports()."""
+    q = torch.zeros(B, H, N, D, dtype=dtype, device="cuda")
+    return q, q, q, torch.arange(2, device="cuda"), B, -1, None, None, None
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_backward_matches_reference(backend, dtype):
-    ok, why = get_backend(OP, backend).is_available()
-    if not ok:
-        pytest.skip(f"{backend} unavailable: {why}")
+@pytest.mark.parametrize("D", [64, 40, 80, 96, 160])
+def test_gpu_backward_matches_reference(require_backend, backend, dtype, D):
+    require_backend(OP, backend)
     dev = torch.device("cuda")
-    B, H, N, D, G = 8, 4, 520, 64, 4
+    B, H, N, G = 8, 4, 520 if D == 64 else 260, 4
     q, k, v, idx, bk, bv = make_inputs(B, H, N, D, B * N // 2, G, "group", E=100, dtype=dtype, transposed=True)
     q, k, v, idx, bk, bv = (t.to(dev) for t in (q, k, v, idx, bk, bv))
     for t in (q, k, v, bk, bv):

@@ -320,15 +320,12 @@ def test_bench_quick_cases_run():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("mode", ["tsa", "vrpr"])
-def test_gpu_wan_shaped_backends_match_reference(backend, mode):
+def test_gpu_wan_shaped_backends_match_reference(require_backend, backend, mode):
     import types
 
     from diffusers import WanTransformer3DModel
 
-    be = longvideo.ops.get_backend(OP, backend)
-    ok, why = be.is_available()
-    if not ok:
-        pytest.skip(f"{backend} unavailable: {why}")
+    be = require_backend(OP, backend)
     dev, dtype = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
     with torch.device(dev):

@@ -38,13 +38,34 @@ def _assert_close(got, ref, backend, dtype):
     torch.testing.assert_close(got.float(), ref.float(), atol=atol, rtol=rtol)
 
 
+# Relative distance ||ref - noise|| / ||noise|| below which a case is "trivially the noise": the
+# filter's pass band is (almost) empty and a kernel that returned `noise` unchanged would pass it.
+# At T = 1 the temporal term of d^2 is (d_s / d_t)^2 (the single frequency sits at 2t/T - 1 = -1):
+# with d_s = d_t = 0.25 it is 1 and the gaussian/butterworth/ideal filters are ~0 everywhere, so T = 1
+# cases use d_t = 1.0 (the Ouroboros setting). The box filter at T = 1 is EMPTY for every d_t
+# (tt = round(T // 2 * d_t) = 0, the slice [0, 0)): its answer is the noise by definition, tested on
+# its own (test_box_t1_is_exactly_the_noise), never counted as a kernel check.
+MIN_REL_FROM_NOISE = 0.03
+
+
+def _assert_nontrivial(ref, noise, backend=None, dtype=None):
+    """The expected answer differs clearly from `noise`; with a backend, `noise` itself fails that
+    backend's comparison, so the case proves it can catch a kernel that returns its second input."""
+    rel = ((ref.double() - noise.double()).norm() / noise.double().norm().clamp_min(1e-30)).item()
+    assert rel > MIN_REL_FROM_NOISE, (
+        f"expected answer is ~noise (||ref - noise|| / ||noise|| = {rel:.2e}): empty pass band, the case cannot fail")
+    if backend is not None:
+        with pytest.raises(AssertionError):
+            _assert_close(noise, ref, backend, dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # reference vs external oracles
 @pytest.mark.parametrize("filter", ["gaussian", "butterworth", "ideal"])
 @pytest.mark.parametrize("shape,d_s,d_t,order", [
     ((2, 3, 5, 7, 9), 0.25, 0.25, 4),      # odd T, H, W, two leading dims
     ((4, 8, 6), 0.3, 0.7, 2),              # even sizes, no leading dim
-    ((2, 1, 10, 12), 0.5, 0.25, 1),        # T = 1
+    ((2, 1, 10, 12), 0.5, 1.0, 1),         # T = 1 (d_t = 1: a non-empty pass band)
     ((1, 2, 4, 16, 11), 1.0, 0.4, 3.5),    # non-integer butterworth order, d_s = 1
 ])
 def test_reference_matches_diffusers(filter, shape, d_s, d_t, order):
@@ -56,6 +77,7 @@ def test_reference_matches_diffusers(filter, shape, d_s, d_t, order):
     expected = fim._apply_freq_filter(None, x, noise, lpf_diffusers)
     got = OP(x, noise, filter, d_s, d_t, order)  # CPU: the reference backend
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    _assert_nontrivial(expected, noise)
 
 
 def _box_original(shape, d_s, d_t):
@@ -74,7 +96,8 @@ def _box_original(shape, d_s, d_t):
     ((2, 5, 7, 9), 0.5, 1.0),
     ((1, 8, 12, 10), 0.25, 0.5),   # round(6 * 0.25) = round(1.5) = 2: Python's round-half-even
     ((2, 4, 16, 6), 1.0, 1.0),     # threshold from H wider than W: the W slice starts below 0
-    ((3, 1, 9, 9), 0.7, 1.0),      # T = 1: an empty temporal range, the result is the noise
+    ((3, 2, 9, 9), 0.7, 1.0),      # T = 2: the smallest T with a non-empty temporal range
+    ((3, 1, 9, 9), 0.7, 1.0),      # T = 1: an empty temporal range for every d_t, the result is the noise
 ])
 def test_box_matches_original_slices(shape, d_s, d_t):
     x, noise = _inputs(shape)
@@ -82,6 +105,23 @@ def test_box_matches_original_slices(shape, d_s, d_t):
     assert torch.equal(lowpass_filter(shape[-3:], "box", d_s, d_t), mask)
     expected = _diffusers()._apply_freq_filter(None, x, noise, mask)
     torch.testing.assert_close(OP(x, noise, "box", d_s, d_t), expected, atol=1e-5, rtol=0)
+    if shape[-3] == 1:
+        assert not mask.any()
+        torch.testing.assert_close(expected, noise, atol=1e-5, rtol=0)
+    else:
+        _assert_nontrivial(expected, noise)
+
+
+@pytest.mark.parametrize("d_t", [0.25, 1.0])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_box_t1_is_exactly_the_noise(backend, d_t):
+    """Box at T = 1: the temporal slice [0, 0) is empty whatever d_t, so the answer is the noise
+    (within float32 FFT rounding); the kernels must return it, not x or their own mix."""
+    x, noise = _inputs((2, 1, 9, 130))
+    assert not lowpass_filter((1, 9, 130), "box", 0.5, d_t).any()
+    with use_backend(backend, op="lowfreq_mix"):
+        got = OP(x, noise, "box", 0.5, d_t)
+    _assert_close(got, noise, "triton", torch.float32)
 
 
 def test_reference_float64_and_dtype_preserved():
@@ -98,11 +138,14 @@ def test_reference_float64_and_dtype_preserved():
 # ----------------------------------------------------------------------------------------------
 # Triton kernels on CPU (TRITON_INTERPRET=1, set by conftest)
 TRITON_CASES = [
-    # (shape, filter, d_s, d_t, order): single pass (T = 1) and spectral (T > 1) paths, even/odd
-    ((2, 1, 12, 10), "gaussian", 0.25, 0.25, 4),
-    ((1, 7, 9), "ideal", 0.3, 0.25, 4),                 # T = 1, odd H/W, no leading dim
-    ((2, 2, 1, 16, 33), "butterworth", 0.25, 0.5, 2),   # T = 1, two leading dims
-    ((1, 1, 9, 130), "box", 0.5, 1.0, 4),               # T = 1 but W > 128: the spectral path
+    # (shape, filter, d_s, d_t, order): single pass (T = 1) and spectral (T > 1) paths, even/odd.
+    # T = 1 uses d_t = 1 (else the pass band is empty and the answer is the noise; box at T = 1 is
+    # always empty: test_box_t1_is_exactly_the_noise)
+    ((2, 1, 12, 10), "gaussian", 0.25, 1.0, 4),
+    ((1, 7, 9), "ideal", 0.3, 1.0, 4),                  # T = 1, odd H/W, no leading dim
+    ((2, 2, 1, 16, 33), "butterworth", 0.25, 1.0, 2),   # T = 1, two leading dims
+    ((1, 1, 9, 130), "ideal", 0.5, 1.0, 4),             # T = 1 but W > 128: the spectral path
+    ((1, 2, 9, 130), "box", 0.5, 1.0, 4),               # box, T = 2 (non-empty), W > 128
     ((2, 5, 6, 8), "butterworth", 0.25, 0.25, 4),
     ((3, 4, 7, 9), "gaussian", 0.4, 0.3, 4),            # odd H/W (asymmetric shifted grid)
     ((5, 8, 6), "box", 0.5, 1.0, 4),
@@ -115,9 +158,25 @@ TRITON_CASES = [
 def test_triton_matches_reference(shape, filter, d_s, d_t, order, dtype):
     x, noise = _inputs(shape, dtype)
     ref = lowfreq_mix_reference(x, noise, filter, d_s, d_t, order)
+    _assert_nontrivial(ref, noise, "triton", dtype)
     with use_backend("triton", op="lowfreq_mix"):
         got = OP(x, noise, filter, d_s, d_t, order)
     _assert_close(got, ref, "triton", dtype)
+
+
+def test_a_kernel_returning_noise_fails_every_triton_case(monkeypatch):
+    """A deliberately wrong triton backend (returns its second input) fails the comparison of every
+    TRITON_CASES case: the cases are not trivially the noise."""
+    from longvideo.ops import _registry as R
+
+    monkeypatch.setattr(R.get_backend("lowfreq_mix", "triton"), "fn", lambda x, noise, *a, **k: noise.clone())
+    for shape, filter, d_s, d_t, order in TRITON_CASES:
+        x, noise = _inputs(shape)
+        ref = lowfreq_mix_reference(x, noise, filter, d_s, d_t, order)
+        with use_backend("triton", op="lowfreq_mix"):
+            got = OP(x, noise, filter, d_s, d_t, order)
+        with pytest.raises(AssertionError):
+            _assert_close(got, ref, "triton", torch.float32)
 
 
 @pytest.mark.parametrize("filter", ["gaussian", "butterworth", "ideal", "box"])
@@ -129,6 +188,10 @@ def test_triton_spectral_path_for_t1(filter):
 
     table = _table_for(x, filter, 0.5, 1.0)
     ref = lowfreq_mix_reference(x, noise, filter, 0.5, 1.0, 3)
+    if filter == "box":  # empty at T = 1 (see MIN_REL_FROM_NOISE): both paths must return the noise
+        _assert_close(ref, noise, "triton", torch.float32)
+    else:
+        _assert_nontrivial(ref, noise, "triton", torch.float32)
     for force in (False, True):
         got = mod.lowfreq_mix(x, noise, table, filter, 0.5, 3, force_spectral=force)
         _assert_close(got, ref, "triton", torch.float32)
@@ -249,22 +312,46 @@ def test_bench_quick_cases_run():
 # ----------------------------------------------------------------------------------------------
 # GPU tier
 BENCH_SHAPES = [(1, 4, 1, 40, 64), (1, 16, 1, 60, 104), (1, 4, 16, 64, 64), (2, 16, 21, 60, 104)]
+GPU_SHAPES = BENCH_SHAPES + [(3, 1, 33, 47), (2, 5, 9, 130)]
+
+
+def _gpu_params(shape, filter):
+    """(d_s, d_t) with a non-empty pass band: T = 1 -> d_t = 1.0 (Ouroboros); box: d_s = 0.5."""
+    d_s = 0.5 if filter == "box" else 0.25
+    d_t = 1.0 if (shape[-3] == 1 or filter == "box") else 0.25
+    return d_s, d_t
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", BENCH_SHAPES + [(3, 1, 33, 47), (2, 5, 9, 130)])
-@pytest.mark.parametrize("filter", ["gaussian", "butterworth", "ideal", "box"])
-def test_gpu_backend_matches_reference(backend, dtype, shape, filter):
-    ok, why = get_backend("lowfreq_mix", backend).is_available()
-    assert ok, f"{backend} backend unavailable on a CUDA machine: {why}"
+@pytest.mark.parametrize("shape,filter", [(s, f) for s in GPU_SHAPES for f in ("gaussian", "butterworth", "ideal", "box")
+                                          if not (f == "box" and s[-3] == 1)])  # box at T = 1: below
+def test_gpu_backend_matches_reference(require_backend, backend, dtype, shape, filter):
+    require_backend("lowfreq_mix", backend)
     x, noise = _inputs(shape, dtype, "cuda")
-    d_s, d_t = (0.5, 1.0) if filter == "box" else (0.25, 0.25)
+    d_s, d_t = _gpu_params(shape, filter)
     ref = lowfreq_mix_reference(x, noise, filter, d_s, d_t, 4)
+    _assert_nontrivial(ref, noise, backend, dtype)  # a kernel returning `noise` fails this case
     with use_backend(backend, op="lowfreq_mix"):
         got = OP(x, noise, filter, d_s, d_t, 4)
     _assert_close(got, ref, backend, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [s for s in GPU_SHAPES if s[-3] == 1])
+def test_gpu_box_t1_is_the_noise(require_backend, backend, dtype, shape):
+    """Box at T = 1 has an empty pass band for every d_t (tt = round(0 * d_t) = 0): the answer is the
+    noise, and a kernel must return it (this case catches a kernel returning x, not one returning noise)."""
+    require_backend("lowfreq_mix", backend)
+    x, noise = _inputs(shape, dtype, "cuda")
+    with use_backend(backend, op="lowfreq_mix"):
+        got = OP(x, noise, "box", 0.5, 1.0, 4)
+    _assert_close(got, noise, backend, dtype)
+    with pytest.raises(AssertionError):
+        _assert_close(x, noise, backend, dtype)
 
 
 @pytest.mark.gpu
@@ -274,6 +361,7 @@ def test_gpu_matches_diffusers_and_auto():
     x, noise = _inputs(shape, torch.float32, "cuda")
     lpf = fim._get_free_init_freq_filter(None, (1, *shape[1:]), "cuda", "butterworth", 4, 0.25, 0.25)
     expected = fim._apply_freq_filter(None, x, noise, lpf)
+    _assert_nontrivial(expected, noise)
     got = OP(x, noise, "butterworth", 0.25, 0.25, 4)  # auto: a kernel backend on CUDA
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert math.isfinite(got.abs().max().item())

@@ -157,6 +157,32 @@ def test_triton_matches_reference(case):
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
 
 
+# The head dims the contract names beyond 32/64 (SD1.5 40/80/160, 96): rope + VRPR, fp32, tiny
+@pytest.mark.parametrize("D", [40, 80, 96, 160])
+def test_triton_head_dims(D):
+    T, F, R = 5, 6, min(22, D // 4)
+    q, k, v = _qkv(1, 1, F, T, D)
+    freqs = _freqs(R)
+    vrpr = [1, 3, 1, 2, 4]
+    out = tsa_mod.triton_module().tiered_sparse_attention_fwd(
+        q, k, v, T, 2, 4, 2, 1, None, freqs, vrpr, build_schedule=tsa_mod.build_schedule)
+    ref = reference(q, k, v, T, 2, 4, 2, 1, None, freqs, vrpr)
+    atol, rtol = _tol("triton", torch.float32)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+
+
+def test_cuda_backend_declares_head_dims_it_lacks():
+    """The CUDA kernel is instantiated for D = 64 and 128 only (csrc/tiered_sparse_attention_kernels.cu):
+    its supports() says so for 40/80/96/160, so an explicit choice raises naming the head dim and
+    `auto` skips it (checked on CUDA in test_gpu_head_dims)."""
+    sup = ops.get_backend(OP, "cuda").supports
+    for D in (40, 80, 96, 160):
+        q, k, v = _qkv(1, 1, 2, 4, D, torch.float16)
+        assert "head dims 64 and 128" in sup(q, k, v, 4, 1)
+    q, k, v = _qkv(1, 1, 2, 4, 64, torch.float16)
+    assert sup(q, k, v, 4, 1) is None
+
+
 def test_triton_strided_and_dispatch():
     """Non-contiguous q/k/v (a (B, S, H, D) buffer viewed as (B, H, S, D), v with a padded head dim)
     through the public op with the triton backend selected; also vs FlexAttention."""
@@ -292,12 +318,10 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"F{c[0]}-{c[5] if isinstance(c[5], str) else ('vrpr' if c[5] else 'plain')}-{str(c[6])[-4:]}")
-def test_gpu_backends_match_reference(backend, case):
+def test_gpu_backends_match_reference(require_backend, backend, case):
     F, L, SF, SW, SK, vrpr, dtype = case
     T, D, dev = 1560, 128, torch.device("cuda")
-    ok, why = ops.get_backend(OP, backend).is_available()
-    if not ok:
-        pytest.skip(f"{backend} unavailable: {why}")
+    require_backend(OP, backend)
     q, k, v = _qkv(1, 2, F, T, D, dtype, dev)
     freqs = _freqs(22, dev) if vrpr is not None else None
     vr = vrpr if isinstance(vrpr, list) else None
@@ -310,10 +334,8 @@ def test_gpu_backends_match_reference(backend, case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
-def test_gpu_strided_d64(backend):
-    ok, why = ops.get_backend(OP, backend).is_available()
-    if not ok:
-        pytest.skip(f"{backend} unavailable: {why}")
+def test_gpu_strided_d64(require_backend, backend):
+    require_backend(OP, backend)
     T, F, H, D = 1560, 12, 3, 64
     buf = torch.randn(3, 1, F * T, H, D, device="cuda", dtype=torch.float16)
     q, k, v = (buf[i].transpose(1, 2) for i in range(3))
@@ -323,3 +345,57 @@ def test_gpu_strided_d64(backend):
     ref = reference(q, k, v, T, 3, 8, 195, 1, None, freqs, [4.0, 6.0, 2.0, 4.0, 7.0])
     atol, rtol = _tol(backend, torch.float16)
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [40, 80, 96, 160])
+def test_gpu_head_dims(require_backend, backend, dtype, D):
+    """Head dims 40/80/96/160 (SD1.5, Wan-like) with tiers, temporal RoPE and VRPR, a frame size that is
+    no multiple of the block. The CUDA kernel declares these head dims unsupported (supports(): D in
+    {64, 128} only): then the explicit choice must raise a RuntimeError naming the head dim, and `auto`
+    must fall back to a backend that supports it and match the reference."""
+    require_backend(OP, backend)
+    T, F, H, dev = 195, 9, 2, torch.device("cuda")
+    q, k, v = _qkv(1, H, F, T, D, dtype, dev)
+    freqs = _freqs(min(22, D // 4), dev)
+    args = (T, 3, 6, 24, 1, None, freqs, [2.0, 4.0, 2.0, 2.0, 5.0])
+    ref = reference(q, k, v, *args)
+    be = ops.get_backend(OP, backend)
+    declared = be.supports(q, k, v, *args)
+    if declared is not None:
+        assert backend == "cuda" and "head dim" in declared, declared
+        with ops.use_backend(backend, op=OP), pytest.raises(RuntimeError, match="head dim"):
+            tsa(q, k, v, *args)
+        with ops.use_backend("auto", op=OP):
+            chosen = ops.select(OP, q.device, q, k, v, *args)
+            out = tsa(q, k, v, *args)
+        assert chosen.name != "cuda" and chosen.name != "reference", chosen.name  # falls back to triton
+        atol, rtol = _tol(chosen.name, dtype)
+    else:
+        with ops.use_backend(backend, op=OP):
+            out = tsa(q, k, v, *args)
+        atol, rtol = _tol(backend, dtype)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_vrpr_41_frames_bf16(require_backend, backend):
+    """bf16 VRPR at 41 latent frames with the benchmark's FreeLOC tiers and VRPR[41] =
+    [12, 20, 2, 8, 20] (every band present, clip active) and Wan's temporal RoPE frequencies
+    (22 pairs of a 128 head dim), at a small frame (48 tokens) so the dense reference is cheap."""
+    require_backend(OP, backend)
+    T, F, H, D, dev, dtype = 48, 41, 2, 128, torch.device("cuda"), torch.bfloat16
+    q, k, v = _qkv(1, H, F, T, D, dtype, dev)
+    freqs = _freqs(22, dev)
+    args = (T, 8, 24, 6, 1, None, freqs, [12.0, 20.0, 2.0, 8.0, 20.0])
+    with ops.use_backend(backend, op=OP):
+        out = tsa(q, k, v, *args)
+    ref = reference(q, k, v, *args)
+    atol, rtol = _tol(backend, dtype)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+    # the case can fail: the same tiers with plain frame-index RoPE (no VRPR) are far from it
+    plain = reference(q, k, v, *args[:-1], None)
+    assert (plain.float() - ref.float()).abs().max() > 10 * atol
