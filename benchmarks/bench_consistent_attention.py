@@ -103,128 +103,137 @@ def _sdpa_ctx(device, backend: str = "FLASH_ATTENTION"):
 
 def cases(device: torch.device, quick: bool, profile: str = "full") -> list[Case]:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
+    out: list[Case] = []
+    for shp in _shapes(quick, profile):
+        out += _shape_cases(shp, device, dtype)
+    return out
+
+
+def _shape_cases(shp: dict, device: torch.device, dtype: torch.dtype) -> list[Case]:
+    """The cases of one shape. A function per shape, not a loop body: every closure below binds
+    this shape's tensors and sizes (in a loop they all saw the last shape's -- the first GPU run
+    measured the sdxl cases with the sacfa group size)."""
     flash = _sdpa_ctx(device)
     cudnn = _sdpa_ctx(device, "CUDNN_ATTENTION") if device.type == "cuda" else None
     out: list[Case] = []
-    for shp in _shapes(quick, profile):
-        B, G, N, H, D, window = shp["B"], shp["G"], shp["N"], shp["H"], shp["D"], shp["window"]
-        M = int(shp["rate"] * B * N)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        # diffusers' layout: (B, N, H, D) memory viewed as (B, H, N, D)
-        q, k, v = (torch.randn(B, N, H, D, generator=gen).to(device, dtype).transpose(1, 2) for _ in range(3))
-        sample_idx = torch.randperm(B * N, generator=gen)[:M].sort().values.to(device)
-        sampled = torch.zeros(B * N, dtype=torch.bool, device=device)
-        sampled[sample_idx] = True
-        sampled = sampled.view(B, N)
-        L = _keys_per_row(sample_idx, B, N, G, window)
-        pairs = H * N * sum(L)
-        fwd_flops = 4.0 * D * pairs
-        params = dict(B=B, group_size=G, N=N, H=H, D=D, M=M, window=window, dtype=str(dtype).replace("torch.", ""))
-        extra = dict(pairs=pairs, keys_per_row_mean=sum(L) / B)
+    B, G, N, H, D, window = shp["B"], shp["G"], shp["N"], shp["H"], shp["D"], shp["window"]
+    M = int(shp["rate"] * B * N)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    # diffusers' layout: (B, N, H, D) memory viewed as (B, H, N, D)
+    q, k, v = (torch.randn(B, N, H, D, generator=gen).to(device, dtype).transpose(1, 2) for _ in range(3))
+    sample_idx = torch.randperm(B * N, generator=gen)[:M].sort().values.to(device)
+    sampled = torch.zeros(B * N, dtype=torch.bool, device=device)
+    sampled[sample_idx] = True
+    sampled = sampled.view(B, N)
+    L = _keys_per_row(sample_idx, B, N, G, window)
+    pairs = H * N * sum(L)
+    fwd_flops = 4.0 * D * pairs
+    params = dict(B=B, group_size=G, N=N, H=H, D=D, M=M, window=window, dtype=str(dtype).replace("torch.", ""))
+    extra = dict(pairs=pairs, keys_per_row_mean=sum(L) / B)
 
-        def add(impl, fn, flops, mode, ex=None, setup_ms=None):
-            out.append(Case(suite=SUITE, name=f"{shp['name']}_{mode}", impl=impl, fn=fn, params=params,
-                            flops=flops, setup_ms=setup_ms, extra={**extra, **(ex or {})}))
+    def add(impl, fn, flops, mode, ex=None, setup_ms=None):
+        out.append(Case(suite=SUITE, name=f"{shp['name']}_{mode}", impl=impl, fn=fn, params=params,
+                        flops=flops, setup_ms=setup_ms, extra={**extra, **(ex or {})}))
 
-        def fwd_bwd(fn, leaves):
-            go = torch.randn(B, H, N, D, generator=gen).to(device, dtype)
+    def fwd_bwd(fn, leaves):
+        go = torch.randn(B, H, N, D, generator=gen).to(device, dtype)
 
-            def run():
-                for t in leaves:
-                    t.grad = None
-                fn().backward(go)
-            return run
+        def run():
+            for t in leaves:
+                t.grad = None
+            fn().backward(go)
+        return run
 
-        qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
 
-        # the fused op on each backend available here
-        backends = ["triton", "cuda"] if device.type == "cuda" else ["reference"]
-        for be in backends:
-            ok, why = get_backend("consistent_attention", be).is_available()
-            if not ok:
-                continue
+    # the fused op on each backend available here
+    backends = ["triton", "cuda"] if device.type == "cuda" else ["reference"]
+    for be in backends:
+        ok, why = get_backend("consistent_attention", be).is_available()
+        if not ok:
+            continue
 
-            def ours(be=be, q=q, k=k, v=v):
-                with use_backend(be, op="consistent_attention"):
-                    return consistent_attention(q, k, v, sample_idx, G, window)
+        def ours(be=be, q=q, k=k, v=v):
+            with use_backend(be, op="consistent_attention"):
+                return consistent_attention(q, k, v, sample_idx, G, window)
 
-            def ours_grad(be=be):
-                with use_backend(be, op="consistent_attention"):
-                    return consistent_attention(qg, kg, vg, sample_idx, G, window)
+        def ours_grad(be=be):
+            with use_backend(be, op="consistent_attention"):
+                return consistent_attention(qg, kg, vg, sample_idx, G, window)
 
-            add(f"longvideo[{be}]", ours, fwd_flops, "fwd")
-            bwd_be = "triton" if be == "cuda" else be  # the cuda backend's backward is the Triton one
-            add(f"longvideo[{be}]", fwd_bwd(ours_grad, (qg, kg, vg)), 3.5 * fwd_flops, "fwd+bwd",
-                {"backward_backend": bwd_be})
+        add(f"longvideo[{be}]", ours, fwd_flops, "fwd")
+        bwd_be = "triton" if be == "cuda" else be  # the cuda backend's backward is the Triton one
+        add(f"longvideo[{be}]", fwd_bwd(ours_grad, (qg, kg, vg)), 3.5 * fwd_flops, "fwd+bwd",
+            {"backward_backend": bwd_be})
 
-        def concat(q=q, k=k, v=v):
-            with flash():
-                return _concat_path(q, k, v, sampled, G, window)
+    def concat(q=q, k=k, v=v):
+        with flash():
+            return _concat_path(q, k, v, sampled, G, window)
 
-        def concat_grad():
-            with flash():
-                return _concat_path(qg, kg, vg, sampled, G, window)
+    def concat_grad():
+        with flash():
+            return _concat_path(qg, kg, vg, sampled, G, window)
 
-        add("storydiffusion_concat_sdpa", concat, fwd_flops, "fwd")
-        add("storydiffusion_concat_sdpa", fwd_bwd(concat_grad, (qg, kg, vg)), 3.5 * fwd_flops, "fwd+bwd")
+    add("storydiffusion_concat_sdpa", concat, fwd_flops, "fwd")
+    add("storydiffusion_concat_sdpa", fwd_bwd(concat_grad, (qg, kg, vg)), 3.5 * fwd_flops, "fwd+bwd")
 
-        # dense (B*N)^2 mask, built per call as the official code does
-        img = torch.arange(B * N, device=device) // N
-        flat_sampled = sampled.view(-1)
-        dense_pairs = H * (B * N) ** 2
+    # dense (B*N)^2 mask, built per call as the official code does
+    img = torch.arange(B * N, device=device) // N
+    flat_sampled = sampled.view(-1)
+    dense_pairs = H * (B * N) ** 2
 
-        def build_mask():
-            same = img[:, None] == img[None, :]
-            cross = (img[:, None] // G == img[None, :] // G) & flat_sampled[None, :] & ~same
-            if window >= 0:
-                cross &= (img[:, None] - img[None, :]).abs() <= window
-            return same | cross
+    def build_mask():
+        same = img[:, None] == img[None, :]
+        cross = (img[:, None] // G == img[None, :] // G) & flat_sampled[None, :] & ~same
+        if window >= 0:
+            cross &= (img[:, None] - img[None, :]).abs() <= window
+        return same | cross
 
-        def dense(q=q, k=k, v=v):
-            return _dense_mask_path(q, k, v, build_mask())
+    def dense(q=q, k=k, v=v):
+        return _dense_mask_path(q, k, v, build_mask())
 
-        def dense_grad():
-            return _dense_mask_path(qg, kg, vg, build_mask())
+    def dense_grad():
+        return _dense_mask_path(qg, kg, vg, build_mask())
 
-        add("storydiffusion_dense_mask_sdpa", dense, 4.0 * D * dense_pairs, "fwd", {"computed_pairs": dense_pairs})
-        add("storydiffusion_dense_mask_sdpa", fwd_bwd(dense_grad, (qg, kg, vg)), 3.5 * 4.0 * D * dense_pairs,
-            "fwd+bwd", {"computed_pairs": dense_pairs})
+    add("storydiffusion_dense_mask_sdpa", dense, 4.0 * D * dense_pairs, "fwd", {"computed_pairs": dense_pairs})
+    add("storydiffusion_dense_mask_sdpa", fwd_bwd(dense_grad, (qg, kg, vg)), 3.5 * 4.0 * D * dense_pairs,
+        "fwd+bwd", {"computed_pairs": dense_pairs})
 
-        # floor: plain self-attention over own tokens
-        self_flops = 4.0 * D * H * B * N * N
+    # floor: plain self-attention over own tokens
+    self_flops = 4.0 * D * H * B * N * N
 
-        def self_attn(q=q, k=k, v=v):
-            with flash():
+    def self_attn(q=q, k=k, v=v):
+        with flash():
+            return F.scaled_dot_product_attention(q, k, v)
+
+    def self_grad():
+        with flash():
+            return F.scaled_dot_product_attention(qg, kg, vg)
+
+    add("sdpa_self_floor", self_attn, self_flops, "fwd")
+    add("sdpa_self_floor", fwd_bwd(self_grad, (qg, kg, vg)), 3.5 * self_flops, "fwd+bwd")
+    if cudnn is not None:
+        def self_cudnn(q=q, k=k, v=v):
+            with cudnn():
                 return F.scaled_dot_product_attention(q, k, v)
 
-        def self_grad():
-            with flash():
-                return F.scaled_dot_product_attention(qg, kg, vg)
+        add("sdpa_cudnn_self_floor", self_cudnn, self_flops, "fwd")
 
-        add("sdpa_self_floor", self_attn, self_flops, "fwd")
-        add("sdpa_self_floor", fwd_bwd(self_grad, (qg, kg, vg)), 3.5 * self_flops, "fwd+bwd")
-        if cudnn is not None:
-            def self_cudnn(q=q, k=k, v=v):
-                with cudnn():
-                    return F.scaled_dot_product_attention(q, k, v)
+    # dense problem with the same total key count per row (mean): the 60% TFLOP/s target
+    L_mean = int(round(sum(L) / B))
+    kd = torch.randn(B, L_mean, H, D, generator=gen).to(device, dtype).transpose(1, 2)
+    vd = torch.randn(B, L_mean, H, D, generator=gen).to(device, dtype).transpose(1, 2)
 
-            add("sdpa_cudnn_self_floor", self_cudnn, self_flops, "fwd")
+    def dense_equiv(q=q, kd=kd, vd=vd):
+        with flash():
+            return F.scaled_dot_product_attention(q, kd, vd)
 
-        # dense problem with the same total key count per row (mean): the 60% TFLOP/s target
-        L_mean = int(round(sum(L) / B))
-        kd = torch.randn(B, L_mean, H, D, generator=gen).to(device, dtype).transpose(1, 2)
-        vd = torch.randn(B, L_mean, H, D, generator=gen).to(device, dtype).transpose(1, 2)
-
-        def dense_equiv(q=q, kd=kd, vd=vd):
-            with flash():
+    add("sdpa_dense_equivalent", dense_equiv, 4.0 * D * H * B * N * L_mean, "fwd", {"keys_per_row": L_mean})
+    if cudnn is not None:
+        def dense_equiv_cudnn(q=q, kd=kd, vd=vd):
+            with cudnn():
                 return F.scaled_dot_product_attention(q, kd, vd)
 
-        add("sdpa_dense_equivalent", dense_equiv, 4.0 * D * H * B * N * L_mean, "fwd", {"keys_per_row": L_mean})
-        if cudnn is not None:
-            def dense_equiv_cudnn(q=q, kd=kd, vd=vd):
-                with cudnn():
-                    return F.scaled_dot_product_attention(q, kd, vd)
-
-            add("sdpa_cudnn_dense_equivalent", dense_equiv_cudnn, 4.0 * D * H * B * N * L_mean, "fwd",
-                {"keys_per_row": L_mean})
+        add("sdpa_cudnn_dense_equivalent", dense_equiv_cudnn, 4.0 * D * H * B * N * L_mean, "fwd",
+            {"keys_per_row": L_mean})
     return out

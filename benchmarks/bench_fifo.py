@@ -26,7 +26,7 @@ the per-call activations do not depend on the video length, the method's state i
 
 Profile ``budget`` (one GPU slot): the iteration cases with ``BUDGET_BLOCKS`` of the 30 blocks
 (same widths and 32760-token windows: the ratios between the parts are per block; ``params``
-names the block count) and one memory point (128 frames).
+names the block count) and one memory point (64 frames).
 
 quick=True: the tiny config on CPU (f = 4, n = 2, 32x32 latents), 8 / 16 / 32 frames for memory.
 """
@@ -155,6 +155,6 @@ def cases(device: torch.device, quick: bool, profile: str = "full") -> list[Case
     # grow with the length, so they run the same model shape with MEMORY_BLOCKS of its 30 blocks.
     mem_config = dict(WAN_1_3B, num_layers=MEMORY_BLOCKS)
     tr_mem = _transformer(mem_config, device, torch.bfloat16)
-    frame_counts = (128,) if profile == "budget" else (128, 256, 512)
+    frame_counts = (64,) if profile == "budget" else (128, 256, 512)
     out += [_memory_case(device, tr_mem, mem_config, 21, 4, 60, 104, 512, frames) for frames in frame_counts]
     return out

@@ -81,6 +81,7 @@ class OfficialFlexProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None, **kw):
         from torch.nn.attention.flex_attention import create_block_mask
 
+        from longvideo.benchmarks._flex import block_mask
         from longvideo.processors.wan import apply_rope_channels, project_qkv
 
         frames, T = self.grid.get(hidden_states.shape[1])
@@ -97,8 +98,9 @@ class OfficialFlexProcessor:
         for combo, (pq, pk) in enumerate(_combo_positions(f, p.vrpr)):
             key = (S, T, combo, p.vrpr, tiers, str(q.device))
             if key not in self.masks:
-                self.masks[key] = create_block_mask(_combo_mask_mod(T, combo, p.vrpr, tiers), None, None, S, S,
-                                                    device=q.device, _compile=q.device.type == "cuda")
+                mask_mod = _combo_mask_mod(T, combo, p.vrpr, tiers)
+                self.masks[key] = (block_mask(mask_mod, S, q.device) if q.device.type == "cuda" else
+                                   create_block_mask(mask_mod, None, None, S, S, device=q.device))
             # this band's RoPE copies: temporal rows at the band's positions, spatial rows as usual
             cq = torch.cat([rope.freqs_cos[pq, :t_dim][None, :, None].to(cos.dtype), cos[..., t_dim:]], -1)
             sq = torch.cat([rope.freqs_sin[pq, :t_dim][None, :, None].to(sin.dtype), sin[..., t_dim:]], -1)
@@ -202,7 +204,9 @@ def _cases_for(device, dtype, transformer, config, video_frames, height, width, 
     if "official" in impls and params is not None:
         from torch.nn.attention.flex_attention import flex_attention
 
-        flex = torch.compile(flex_attention, dynamic=False) if device.type == "cuda" else flex_attention
+        from longvideo.benchmarks._flex import compiled_flex_attention
+
+        flex = compiled_flex_attention() if device.type == "cuda" else flex_attention
         masks: dict = {}
 
         def official():
@@ -238,8 +242,8 @@ def _transformer(config, device, dtype):
 
 def cases(device: torch.device, quick: bool, profile: str = "full"):
     """A list (quick) or a generator of cases (full sizes; see _full_cases). ``budget``: 161 video
-    frames (41 latent: the first length where FreeLOC acts), then 321; at 81 (the trained length)
-    FreeLOC is a no-op."""
+    frames only (41 latent: the first length where FreeLOC acts; at 81, the trained length, FreeLOC
+    is a no-op)."""
     from longvideo.methods.freeloc import published_layer_config
 
     if quick:
@@ -247,7 +251,7 @@ def cases(device: torch.device, quick: bool, profile: str = "full"):
         modes = ["tsa", "vrpr"]
         # 9 latent frames of 4x4 tokens, trained length 3 latent frames
         return list(_cases_for(device, torch.float32, tr, TINY, 33, 64, 64, 8, 3, modes, {"dense", "ours", "official"}))
-    return _full_cases(device, published_layer_config(30), (161, 321) if profile == "budget" else (81, 161, 321))
+    return _full_cases(device, published_layer_config(30), (161,) if profile == "budget" else (81, 161, 321))
 
 
 def _full_cases(device, modes, frame_counts=(81, 161, 321)):

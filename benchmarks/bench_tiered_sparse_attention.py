@@ -109,11 +109,11 @@ def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):
                               extra={"pair_density": 1.0, "note": "dense problem, no tiers"}))
 
     if "flex" in impls and device.type == "cuda":
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from longvideo.benchmarks._flex import block_mask, compiled_flex_attention
 
-        flex = torch.compile(flex_attention, dynamic=False)
+        flex = compiled_flex_attention()
         t0 = time.perf_counter()
-        bm = create_block_mask(_flex_mask_mod(T, L, SF, SW, SK), None, None, S, S, device=device, _compile=True)
+        bm = block_mask(_flex_mask_mod(T, L, SF, SW, SK), S, device)
         torch.cuda.synchronize(device)
         setup = (time.perf_counter() - t0) * 1e3
         if vrpr is None:
@@ -129,8 +129,7 @@ def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):
             bands = [((0, w1), f, f), ((w1, w2), f // g1 + c1, f // g1),
                      ((w2, 1 << 30), torch.clamp(f // g2 + c2, max=clip), f // g2)]
             t0 = time.perf_counter()
-            masks = [create_block_mask(_flex_mask_mod(T, L, SF, SW, SK, band), None, None, S, S, device=device,
-                                       _compile=True) for band, _, _ in bands]
+            masks = [block_mask(_flex_mask_mod(T, L, SF, SW, SK, band), S, device) for band, _, _ in bands]
             torch.cuda.synchronize(device)
             setup3 = (time.perf_counter() - t0) * 1e3
 

@@ -46,7 +46,7 @@ DEVICE_PEAKS = {
 # profile -> the harness's default timing (a case's own `timing` is capped by the budget's)
 PROFILES = {
     "full": dict(warmup=3, repeats=10, min_time_s=0.2),
-    "budget": dict(warmup=1, repeats=3, min_time_s=0.0),
+    "budget": dict(warmup=1, repeats=3, min_time_s=0.0, max_time_s=4.0),
 }
 
 
@@ -88,8 +88,11 @@ def _sync(device: torch.device):
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, repeats: int = 10,
-            min_time_s: float = 0.2) -> dict:
-    """Median wall time (ms) of `fn` and the peak memory it allocates beyond what was live."""
+            min_time_s: float = 0.2, max_time_s: Optional[float] = None) -> dict:
+    """Median wall time (ms) of `fn` and the peak memory it allocates beyond what was live.
+
+    `repeats` timed calls (more while under `min_time_s`), but no new call once the timed calls
+    add up to `max_time_s` (at least one call: a 10-second case is timed once, not three times)."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -99,6 +102,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
         base = torch.cuda.memory_allocated(device)
         t_end = time.perf_counter() + min_time_s
         while len(times) < repeats or (time.perf_counter() < t_end and len(times) < 200):
+            if max_time_s is not None and times and sum(times) / 1e3 >= max_time_s:
+                break
             start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -109,6 +114,8 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int = 3, rep
     else:
         t_end = time.perf_counter() + min_time_s
         while len(times) < repeats or (time.perf_counter() < t_end and len(times) < 50):
+            if max_time_s is not None and times and sum(times) / 1e3 >= max_time_s:
+                break
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)

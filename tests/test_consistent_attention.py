@@ -366,3 +366,21 @@ def test_benchmark_quick_cases_run():
     assert cases and all(math.isfinite(c.flops or 0.0) for c in cases)
     for c in cases[:4]:
         c.fn()
+
+
+def test_benchmark_cases_of_several_shapes_keep_their_own_sizes(monkeypatch):
+    """Each case computes on its own shape's tensors and group size, whatever shape came last (the
+    first GPU run found the closures of a loop all bound to the last shape's)."""
+    from longvideo.benchmarking import load_suite
+
+    mod = load_suite("consistent_attention")
+    shapes = [dict(name="a", B=4, G=2, N=16, H=2, D=16, rate=0.5, window=-1),
+              dict(name="b", B=3, G=3, N=8, H=1, D=8, rate=0.5, window=-1)]
+    monkeypatch.setattr(mod, "_shapes", lambda quick, profile="full": shapes)
+    cases = mod.cases(torch.device("cpu"), quick=True)
+    assert {c.name.split("_")[0] for c in cases} == {"a", "b"}
+    for c in cases:
+        if c.name.endswith("_fwd"):
+            p = c.params
+            out = c.fn()
+            assert out.shape[:3] == (p["B"], p["H"], p["N"]), (c.name, c.impl, out.shape)

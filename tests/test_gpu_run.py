@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from longvideo import benchmarking
 
@@ -82,8 +83,14 @@ def test_budget_profile_names_every_suite():
 
 
 def test_budget_timing_caps_the_cases_own():
-    assert benchmarking.case_timing("budget", {"warmup": 3, "repeats": 10}) == dict(warmup=1, repeats=3, min_time_s=0.0)
+    assert benchmarking.case_timing("budget", {"warmup": 3, "repeats": 10}) == dict(warmup=1, repeats=3, min_time_s=0.0,
+                                                                                 max_time_s=4.0)
     assert benchmarking.case_timing("budget", {"warmup": 0, "repeats": 1})["repeats"] == 1
     assert benchmarking.case_timing("full", {"warmup": 0, "repeats": 2}) == dict(warmup=0, repeats=2, min_time_s=0.2)
+    # a long case is timed once under the budget: no new call once the timed ones reach max_time_s
+    calls = []
+    row = benchmarking.time_fn(lambda: (calls.append(1), __import__("time").sleep(0.05)), torch.device("cpu"),
+                               warmup=0, repeats=5, min_time_s=0.0, max_time_s=0.01)
+    assert row["repeats"] == 1 and len(calls) == 1
     with pytest.raises(ValueError, match="unknown benchmark profile"):
         benchmarking.suite_cases("lowfreq_mix", "cpu", True, "fast")

