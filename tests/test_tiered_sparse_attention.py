@@ -401,3 +401,36 @@ def test_gpu_vrpr_41_frames_bf16(require_backend, backend):
     plain = reference(q, k, v, *args[:-1], None)
     with pytest.raises(AssertionError):
         torch.testing.assert_close(plain.float(), ref.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("vrpr", [[3, 6, 2, 3, 5], [1, 1, 1, 4, 2], None])
+def test_split_schedule_lists_each_band_of_each_block_pair_once(vrpr):
+    """The Triton kernel's schedule (one combo per entry): for every block pair, its entries carry
+    exactly the combos of the bitmask schedule, each once; an entry stays full only when its pair
+    is full and lies in one band."""
+    args = (12 * 7, 7, 2, 8, 3, 1, 16, 16, "cpu", vrpr)
+    plain = tsa_mod.build_schedule(*args)
+    split = tsa_mod.build_schedule(*args, split_combos=True)
+
+    def entries(idx, cnt, combo, is_split):
+        out = {}
+        for qb in range(idx.shape[0]):
+            for e in range(int(cnt[qb])):
+                key = (qb, int(idx[qb, e]))
+                c = int(combo[qb, e])
+                out.setdefault(key, []).append(1 << c if is_split else c)
+        return out
+
+    full_p = entries(plain.full_idx, plain.full_cnt, plain.full_combo, False)
+    part_p = entries(plain.part_idx, plain.part_cnt, plain.part_combo, False)
+    full_s = entries(split.full_idx, split.full_cnt, split.full_combo, True)
+    part_s = entries(split.part_idx, split.part_cnt, split.part_combo, True)
+    bitmask = {k: v[0] for k, v in {**full_p, **part_p}.items()}
+    seen = {}
+    for k, bits in list(full_s.items()) + list(part_s.items()):
+        seen.setdefault(k, []).extend(bits)
+    assert set(seen) == set(bitmask)
+    for k, bits in seen.items():
+        assert len(bits) == len(set(bits)) and sum(bits) == bitmask[k], (k, bits, bitmask[k])
+    for k, bits in full_s.items():
+        assert k in full_p and bin(bitmask[k]).count("1") == 1

@@ -1,20 +1,29 @@
 """Triton forward of ``tiered_sparse_attention``: block-sparse flash attention over a block
-schedule, FreeLOC's temporal RoPE re-encoding (VRPR) rotated in-kernel.
+schedule, FreeLOC's temporal RoPE re-encoding (VRPR) from pre-rotated copies of q and k.
 
 One program per (query block, batch*head). It visits only the key blocks of its schedule row:
 first the *full* ones (every element attended: no element mask), then the *partial* ones (a
 tier edge, a sink edge or the sequence end falls inside: the element mask is applied). Softmax
 is online (flash attention) in float32 with exp2.
 
-Temporal RoPE: channels [0, 2R) of q and k are the unrotated temporal pairs. A rotation is
-x * COS + x_swapped * SIN, where x_swapped loads channel c ^ 1 (the pair partner) and SIN carries
-the sign (-sin on the even channel, +sin on the odd one); COS/SIN come from small per-frame
-tables, one per position "variant". Since <rot(q, a), rot(k, b)> depends on a - b only, the
-band of a (query, key) pair just picks which variants rotate q and k. A block pair whose frame
-distances fall in one band (one bit in its combo mask) rotates each tile once; a block pair
-that spans a band edge computes one temporal logit per band present and selects per element.
-The non-temporal channels [RP, D) are a separate tile and a separate dot, so the rotation never
-costs more tensor-core work than the dense dot.
+Temporal RoPE: channels [0, 2R) of q and k are the unrotated temporal pairs. Since
+<rot(q, a), rot(k, b)> depends on a - b only, the band of a (query, key) pair just picks which
+position "variant" rotates q and which rotates k (five variants with VRPR, one without). Before
+the attention kernel, ``_rotate_variants_kernel`` writes every variant of the temporal tile of q
+and of k once (channels [0, RP): the 2R rotated ones, then identity channels up to the power of
+two RP), in the dot dtype. The attention kernel then never rotates. Its schedule is built with
+one combo per entry (``build_schedule(split_combos=True)``): a block pair inside one band is a
+plain dot of q's variant and k's variant for that band; a block pair that spans a band edge is
+listed once per band present, as partial entries masked to their band, and the online softmax
+folds them like any other visits. The temporal channels [0, RP) and the rest [RP, D) are
+separate dots, so the re-encoding costs no more tensor-core work than the dense dot.
+
+Why pre-rotated copies (measured on an H200, 41 latent frames x 1560 tokens, bf16, D 128): the
+in-kernel rotation held q's temporal tile and its pair-swapped copy in float32 for the whole row,
+rotated k twice per visit and spilled ~2.6 KB per thread; it ran at 47 TFLOP/s on the attended
+pairs against 276 for the same tiers without RoPE. The copies cost 2 x variants x B*H*S*RP
+elements of extra memory (bf16, 41 frames, 12 heads: 0.98 GB; 81 frames: 1.9 GB) and one
+elementwise pass that reads q and k's temporal channels once and writes each variant once.
 
 No torch.library code here (the op module registers this as a backend).
 """
@@ -75,19 +84,36 @@ def rope_tables(num_frames: int, rope_t_freqs: torch.Tensor, vrpr: Optional[Sequ
 
 
 @triton.jit
-def _rotate(x, x_sw, cos_ptr, sin_ptr, variant, frame, offs_t, F, RP: tl.constexpr):
-    """x * COS[variant, frame] + x_swapped * SIN[variant, frame] (rows of x belong to `frame`)."""
-    base = (variant * F + frame)[:, None] * RP + offs_t[None, :]
-    c = tl.load(cos_ptr + base)
-    s = tl.load(sin_ptr + base)
-    return x * c + x_sw * s
+def _rotate_variants_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, S, F, D, R2, frame_tokens,
+                            stride_xb, stride_xh, stride_xn, stride_xd, H, out_var_stride,
+                            NV: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr):
+    """out[v, b, h, s, c] = x[b, h, s, c] * COS[v, f(s), c] + x[b, h, s, c ^ 1] * SIN[v, f(s), c]
+    for c < RP (COS = 1, SIN = 0 past the 2R rotated channels: identity), in out's dtype."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_c = tl.arange(0, RP)
+    n_ok = offs_n < S
+    x_base = x_ptr + b.to(tl.int64) * stride_xb + h.to(tl.int64) * stride_xh
+    x = tl.load(x_base + offs_n[:, None] * stride_xn + offs_c[None, :] * stride_xd,
+                mask=n_ok[:, None] & (offs_c[None, :] < D), other=0.0).to(tl.float32)
+    x_sw = tl.load(x_base + offs_n[:, None] * stride_xn + (offs_c ^ 1)[None, :] * stride_xd,
+                   mask=n_ok[:, None] & (offs_c[None, :] < R2), other=0.0).to(tl.float32)
+    frame = tl.minimum(offs_n // frame_tokens, F - 1)
+    out_row = (pid_bh.to(tl.int64) * S + offs_n)[:, None] * RP + offs_c[None, :]
+    for v in tl.static_range(NV):
+        tab = (v * F + frame)[:, None] * RP + offs_c[None, :]
+        rot = x * tl.load(cos_ptr + tab) + x_sw * tl.load(sin_ptr + tab)
+        tl.store(out_ptr + v * out_var_stride + out_row, rot.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
 @triton.jit
-def _visit(acc, m_i, l_i, q_r, q_t, q_t_sw, q_t_rot0, idx_ptr, combo_ptr, e,
-           k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, cos_ptr, sin_ptr,
-           offs_m, f_q, p_q, S, F, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
-           w1, w2, D, DV, qk_scale, R2,
+def _visit(acc, m_i, l_i, q_r, q_t0, idx_ptr, combo_ptr, e,
+           k_base, v_base, qt_ptr, kt_ptr, stride_kn, stride_kd, stride_vn, stride_vd, var_stride,
+           offs_m, m_ok, f_q, p_q, S, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
+           w1, w2, D, DV, qk_scale,
            BLOCK_N: tl.constexpr, RP: tl.constexpr, SPLIT: tl.constexpr, DR: tl.constexpr, DVP: tl.constexpr,
            HAS_ROPE: tl.constexpr, HAS_REST: tl.constexpr, VRPR: tl.constexpr, PARTIAL: tl.constexpr,
            DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
@@ -107,41 +133,21 @@ def _visit(acc, m_i, l_i, q_r, q_t, q_t_sw, q_t_rot0, idx_ptr, combo_ptr, e,
             s += tl.dot(q_r, tl.trans(k_r))
     if HAS_ROPE:
         offs_t = tl.arange(0, RP)
-        k_t = tl.load(k_base + offs_n[:, None] * stride_kn + offs_t[None, :] * stride_kd,
-                      mask=n_ok[:, None] & (offs_t[None, :] < D), other=0.0).to(tl.float32)
-        k_t_sw = tl.load(k_base + offs_n[:, None] * stride_kn + (offs_t ^ 1)[None, :] * stride_kd,
-                         mask=n_ok[:, None] & (offs_t[None, :] < R2), other=0.0).to(tl.float32)
-        f_k_safe = tl.minimum(f_k, F - 1)
         if VRPR:
-            combo = tl.load(combo_ptr + e)
-            d = f_q[:, None] - f_k[None, :]
-            ad = tl.abs(d)
-            cid = tl.where(ad < w1, 0, tl.where(ad < w2, tl.where(d > 0, 1, 2), tl.where(d > 0, 3, 4)))
-            for c in tl.static_range(5):
-                if ((combo >> c) & 1) != 0:
-                    # combo c rotates q with variant c and k with variant (0, 2, 1, 4, 3)[c]
-                    kv = c
-                    if c == 1:
-                        kv = 2
-                    if c == 2:
-                        kv = 1
-                    if c == 3:
-                        kv = 4
-                    if c == 4:
-                        kv = 3
-                    q_rot = _rotate(q_t, q_t_sw, cos_ptr, sin_ptr, c, f_q, offs_t, F, RP).to(DOT_DTYPE)
-                    k_rot = _rotate(k_t, k_t_sw, cos_ptr, sin_ptr, kv, f_k_safe, offs_t, F, RP).to(DOT_DTYPE)
-                    if IEEE:
-                        s_c = tl.dot(q_rot, tl.trans(k_rot), input_precision="ieee")
-                    else:
-                        s_c = tl.dot(q_rot, tl.trans(k_rot))
-                    s = tl.where(cid == c, s + s_c, s)
+            # one combo per entry (split schedule): q's variant c against k's variant (0, 2, 1, 4, 3)[c]
+            c = tl.load(combo_ptr + e)
+            kv = c + (c == 1).to(tl.int32) - (c == 2).to(tl.int32) + (c == 3).to(tl.int32) - (c == 4).to(tl.int32)
+            q_v = tl.load(qt_ptr + c.to(tl.int64) * var_stride + offs_m[:, None] * RP + offs_t[None, :],
+                          mask=m_ok[:, None], other=0.0)
+            k_v = tl.load(kt_ptr + kv.to(tl.int64) * var_stride + offs_n[:, None] * RP + offs_t[None, :],
+                          mask=n_ok[:, None], other=0.0)
+        else:  # plain temporal RoPE: the one variant, q's tile held for the whole row
+            q_v = q_t0
+            k_v = tl.load(kt_ptr + offs_n[:, None] * RP + offs_t[None, :], mask=n_ok[:, None], other=0.0)
+        if IEEE:
+            s += tl.dot(q_v, tl.trans(k_v), input_precision="ieee")
         else:
-            k_rot = _rotate(k_t, k_t_sw, cos_ptr, sin_ptr, 0, f_k_safe, offs_t, F, RP).to(DOT_DTYPE)
-            if IEEE:
-                s += tl.dot(q_t_rot0, tl.trans(k_rot), input_precision="ieee")
-            else:
-                s += tl.dot(q_t_rot0, tl.trans(k_rot))
+            s += tl.dot(q_v, tl.trans(k_v))
     s = s * qk_scale
     if PARTIAL:
         p_k = offs_n % frame_tokens
@@ -149,6 +155,10 @@ def _visit(acc, m_i, l_i, q_r, q_t, q_t_sw, q_t_rot0, idx_ptr, combo_ptr, e,
         keep = (dist < local_frames) | (f_k[None, :] < sink_frames)
         keep = keep | ((dist < stripe_frames) & (tl.abs(p_q[:, None] - p_k[None, :]) < stripe_width))
         keep = keep & n_ok[None, :]
+        if VRPR:  # this entry's band only (a block pair spanning band edges is one entry per band)
+            d = f_q[:, None] - f_k[None, :]
+            band = tl.where(dist < w1, 0, tl.where(dist < w2, tl.where(d > 0, 1, 2), tl.where(d > 0, 3, 4)))
+            keep = keep & (band == c)
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -165,15 +175,14 @@ def _visit(acc, m_i, l_i, q_r, q_t, q_t_sw, q_t_rot0, idx_ptr, combo_ptr, e,
 
 
 @triton.jit
-def _tsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
+def _tsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, qt_ptr, kt_ptr,
                     full_idx, full_cnt, full_combo, part_idx, part_cnt, part_combo, full_w, part_w,
-                    cos_ptr, sin_ptr,
                     stride_qb, stride_qh, stride_qn, stride_qd,
                     stride_kb, stride_kh, stride_kn, stride_kd,
                     stride_vb, stride_vh, stride_vn, stride_vd,
-                    stride_ob, stride_oh, stride_on, stride_od,
-                    H, S, F, D, DV, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
-                    w1, w2, R2, qk_scale,
+                    stride_ob, stride_oh, stride_on, stride_od, var_stride,
+                    H, S, D, DV, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
+                    w1, w2, qk_scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, SPLIT: tl.constexpr,
                     DR: tl.constexpr,
                     DVP: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_REST: tl.constexpr, VRPR: tl.constexpr,
@@ -186,31 +195,28 @@ def _tsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
     k_base = k_ptr + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = v_ptr + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     o_base = o_ptr + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    # this (b, h)'s rows of the variant copies (V, B*H, S, RP), contiguous
+    qt_bh = qt_ptr + pid_bh.to(tl.int64) * S * RP
+    kt_bh = kt_ptr + pid_bh.to(tl.int64) * S * RP
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < S
-    f_q = tl.minimum(offs_m // frame_tokens, F - 1)  # rows past S are never stored
+    f_q = offs_m // frame_tokens  # rows past S are never stored
     p_q = offs_m % frame_tokens
 
-    # Query tiles stay in registers for the whole row of key blocks.
+    # Query tiles stay in registers for the whole row of key blocks (with VRPR the temporal tile
+    # of the combo is loaded per visit: up to five variants, read from L2).
     if HAS_REST:
         offs_r = SPLIT + tl.arange(0, DR)
         q_r = tl.load(q_base + offs_m[:, None] * stride_qn + offs_r[None, :] * stride_qd,
                       mask=m_ok[:, None] & (offs_r[None, :] < D), other=0.0).to(DOT_DTYPE)
     else:
         q_r = tl.zeros([BLOCK_M, 16], dtype=DOT_DTYPE)
-    if HAS_ROPE:
+    if HAS_ROPE and not VRPR:
         offs_t = tl.arange(0, RP)
-        q_t = tl.load(q_base + offs_m[:, None] * stride_qn + offs_t[None, :] * stride_qd,
-                      mask=m_ok[:, None] & (offs_t[None, :] < D), other=0.0).to(tl.float32)
-        q_t_sw = tl.load(q_base + offs_m[:, None] * stride_qn + (offs_t ^ 1)[None, :] * stride_qd,
-                         mask=m_ok[:, None] & (offs_t[None, :] < R2), other=0.0).to(tl.float32)
-        # without VRPR every pair uses the frame positions: rotate q once per query block
-        q_t_rot0 = _rotate(q_t, q_t_sw, cos_ptr, sin_ptr, 0, f_q, offs_t, F, RP).to(DOT_DTYPE)
+        q_t0 = tl.load(qt_bh + offs_m[:, None] * RP + offs_t[None, :], mask=m_ok[:, None], other=0.0)
     else:
-        q_t = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
-        q_t_sw = q_t
-        q_t_rot0 = q_t.to(DOT_DTYPE)
+        q_t0 = tl.zeros([BLOCK_M, 16], dtype=DOT_DTYPE)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -218,20 +224,18 @@ def _tsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr,
 
     n_full = tl.load(full_cnt + pid_m)
     for e in range(0, n_full):
-        acc, m_i, l_i = _visit(acc, m_i, l_i, q_r, q_t, q_t_sw, q_t_rot0, full_idx + pid_m * full_w,
-                               full_combo + pid_m * full_w, e, k_base, v_base, stride_kn, stride_kd,
-                               stride_vn, stride_vd, cos_ptr, sin_ptr, offs_m, f_q, p_q, S, F, frame_tokens,
-                               local_frames, stripe_frames, stripe_width, sink_frames, w1, w2, D, DV,
-                               qk_scale, R2, BLOCK_N, RP, SPLIT, DR, DVP, HAS_ROPE, HAS_REST, VRPR, False,
-                               DOT_DTYPE, IEEE)
+        acc, m_i, l_i = _visit(acc, m_i, l_i, q_r, q_t0, full_idx + pid_m * full_w, full_combo + pid_m * full_w, e,
+                               k_base, v_base, qt_bh, kt_bh, stride_kn, stride_kd, stride_vn, stride_vd, var_stride,
+                               offs_m, m_ok, f_q, p_q, S, frame_tokens, local_frames, stripe_frames, stripe_width,
+                               sink_frames, w1, w2, D, DV, qk_scale, BLOCK_N, RP, SPLIT, DR, DVP, HAS_ROPE,
+                               HAS_REST, VRPR, False, DOT_DTYPE, IEEE)
     n_part = tl.load(part_cnt + pid_m)
     for e in range(0, n_part):
-        acc, m_i, l_i = _visit(acc, m_i, l_i, q_r, q_t, q_t_sw, q_t_rot0, part_idx + pid_m * part_w,
-                               part_combo + pid_m * part_w, e, k_base, v_base, stride_kn, stride_kd,
-                               stride_vn, stride_vd, cos_ptr, sin_ptr, offs_m, f_q, p_q, S, F, frame_tokens,
-                               local_frames, stripe_frames, stripe_width, sink_frames, w1, w2, D, DV,
-                               qk_scale, R2, BLOCK_N, RP, SPLIT, DR, DVP, HAS_ROPE, HAS_REST, VRPR, True,
-                               DOT_DTYPE, IEEE)
+        acc, m_i, l_i = _visit(acc, m_i, l_i, q_r, q_t0, part_idx + pid_m * part_w, part_combo + pid_m * part_w, e,
+                               k_base, v_base, qt_bh, kt_bh, stride_kn, stride_kd, stride_vn, stride_vd, var_stride,
+                               offs_m, m_ok, f_q, p_q, S, frame_tokens, local_frames, stripe_frames, stripe_width,
+                               sink_frames, w1, w2, D, DV, qk_scale, BLOCK_N, RP, SPLIT, DR, DVP, HAS_ROPE,
+                               HAS_REST, VRPR, True, DOT_DTYPE, IEEE)
 
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_i[:, None]
@@ -257,6 +261,20 @@ def default_blocks(q: torch.Tensor) -> tuple[int, int, int, int]:
     return 64, 32, 4, 2
 
 
+def rotate_variants(x: torch.Tensor, frame_tokens: int, cos_t: torch.Tensor, sin_t: torch.Tensor, r2: int,
+                    num_variants: int, dtype: torch.dtype) -> torch.Tensor:
+    """(V, B*H, S, RP) copies of x's temporal channels [0, RP), rotated by each position variant
+    (tables from :func:`rope_tables` with width RP), in `dtype`: one pass over x."""
+    B, H, S, D = x.shape
+    rp = cos_t.shape[-1]
+    out = torch.empty(num_variants, B * H, S, rp, device=x.device, dtype=dtype)
+    block = 64
+    grid = (triton.cdiv(S, block), B * H)
+    _rotate_variants_kernel[grid](x, out, cos_t, sin_t, S, S // frame_tokens, D, r2, frame_tokens, *x.stride(), H,
+                                  out.stride(0), NV=num_variants, RP=rp, BLOCK=block, num_warps=4)
+    return out
+
+
 def tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0,
                                 sink_frames=1, scale=None, rope_t_freqs=None, vrpr=None, *, build_schedule,
                                 block_m: Optional[int] = None, block_n: Optional[int] = None):
@@ -266,32 +284,38 @@ def tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_fram
     F = S // frame_tokens
     bm, bn, num_warps, num_stages = default_blocks(q)
     block_m, block_n = block_m or bm, block_n or bn
+    has_rope = rope_t_freqs is not None and rope_t_freqs.numel() > 0
+    has_vrpr = vrpr is not None and has_rope
     sched = build_schedule(S, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
-                           block_m, block_n, q.device, vrpr)
+                           block_m, block_n, q.device, vrpr if has_vrpr else None, split_combos=True)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    has_rope = rope_t_freqs is not None
-    r2 = 2 * rope_t_freqs.numel() if has_rope else 0
-    if has_rope and r2 > 0:
+    dot_dtype = q.dtype
+    if has_rope:
+        r2 = 2 * rope_t_freqs.numel()
         rp = max(16, _next_pow2(r2))
+        nv = NUM_VARIANTS if has_vrpr else 1
         cos_t, sin_t = rope_tables(F, rope_t_freqs, vrpr, q.device, width=rp)
+        cos_t, sin_t = cos_t[:nv].contiguous(), sin_t[:nv].contiguous()
+        q_var = rotate_variants(q, frame_tokens, cos_t, sin_t, r2, nv, dot_dtype)
+        k_var = rotate_variants(k, frame_tokens, cos_t, sin_t, r2, nv, dot_dtype)
     else:
-        has_rope, rp = False, 0
-        cos_t = sin_t = torch.zeros(1, device=q.device, dtype=torch.float32)
+        rp = 0
+        q_var = k_var = torch.zeros(1, device=q.device, dtype=dot_dtype)
     has_rest = D > rp
     dr = max(16, _next_pow2(D - rp)) if has_rest else 16
     dvp = max(16, _next_pow2(DV))
-    w1, w2 = (int(vrpr[0]), int(vrpr[1])) if (vrpr is not None and has_rope) else (1 << 30, 1 << 30)
+    w1, w2 = (int(vrpr[0]), int(vrpr[1])) if has_vrpr else (1 << 30, 1 << 30)
     out = torch.empty(B, H, S, DV, device=q.device, dtype=q.dtype)
     grid = (sched.num_q_blocks, B * H)
     _tsa_fwd_kernel[grid](
-        q, k, v, out,
+        q, k, v, out, q_var, k_var,
         sched.full_idx, sched.full_cnt, sched.full_combo, sched.part_idx, sched.part_cnt, sched.part_combo,
-        sched.full_idx.shape[1], sched.part_idx.shape[1], cos_t, sin_t,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        H, S, F, D, DV, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
-        w1, w2, r2, scale * 1.4426950408889634,
+        sched.full_idx.shape[1], sched.part_idx.shape[1],
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), q_var.stride(0) if has_rope else 0,
+        H, S, D, DV, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
+        w1, w2, scale * 1.4426950408889634,
         BLOCK_M=block_m, BLOCK_N=block_n, RP=max(rp, 16), SPLIT=rp, DR=dr, DVP=dvp, HAS_ROPE=has_rope,
-        HAS_REST=has_rest, VRPR=(vrpr is not None and has_rope), DOT_DTYPE=_TL_DTYPE[q.dtype],
+        HAS_REST=has_rest, VRPR=has_vrpr, DOT_DTYPE=_TL_DTYPE[q.dtype],
         IEEE=(q.dtype == torch.float32), num_warps=num_warps, num_stages=num_stages,
     )
     return out

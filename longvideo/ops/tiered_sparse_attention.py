@@ -142,7 +142,9 @@ class BlockSchedule:
     full_idx / part_idx: int32 (num_q_blocks, width) key-block indices, padded with 0;
     full_cnt / part_cnt: int32 (num_q_blocks,) how many entries are valid;
     full_combo / part_combo: int32, same shape as the index tensors: bitmask of the VRPR combos
-    (bit c = combo c, see COMBO_Q_VARIANT) the block pair may contain (1 when VRPR is off).
+    (bit c = combo c, see COMBO_Q_VARIANT) the block pair may contain (1 when VRPR is off); in a
+    schedule built with ``split_combos=True``, the index of the entry's one combo instead (0 when
+    VRPR is off), a block pair spanning several bands being listed once per band.
     A "full" pair has every element attended (no element mask), a "partial" one needs the
     element mask (tier edges, sink edges, the sequence end).
     """
@@ -247,22 +249,48 @@ def _pack(select: torch.Tensor, combos: torch.Tensor):
     return idx, cnt.contiguous(), combo
 
 
+def _pack_split(full: torch.Tensor, partial: torch.Tensor, combos: torch.Tensor):
+    """Full and partial lists with ONE combo per entry (the combo's index, not a bitmask).
+
+    A block pair whose frame distances span several VRPR bands becomes one partial entry per band
+    present: each visit then rotates with a single pair of variants and masks the elements of its
+    band, and the online softmax folds the visits of one key block like any others (the bands
+    partition its elements). A full entry stays full only when it lies in one band. Entries of a
+    row are grouped by combo (combo-major, key blocks increasing within a combo)."""
+    bits = torch.stack([(combos >> c) & 1 for c in range(NUM_COMBOS)], 1).bool()  # (nq, 5, nk)
+    single = (combos & (combos - 1)) == 0
+    full_c = (full & single)[:, None, :] & bits
+    part_c = ((partial | (full & ~single))[:, None, :]) & bits
+    nq, _, nk = bits.shape
+    out = []
+    for sel in (full_c, part_c):
+        flat = sel.reshape(nq, NUM_COMBOS * nk)
+        idx, cnt, _ = _pack(flat, torch.zeros_like(flat, dtype=torch.int32))
+        combo = torch.where(torch.arange(idx.shape[1], device=idx.device)[None, :] < cnt[:, None],
+                            idx // nk, torch.zeros_like(idx)).to(torch.int32).contiguous()
+        out.append(((idx % nk).to(torch.int32).contiguous(), cnt, combo))
+    return out
+
+
 _SCHEDULE_CACHE: dict = {}
 _SCHEDULE_LOCK = threading.Lock()
 
 
 def build_schedule(seq_len: int, frame_tokens: int, local_frames: int, stripe_frames: int, stripe_width: int,
                    sink_frames: int, block_m: int, block_n: int, device, vrpr: Optional[Sequence[float]] = None,
-                   ) -> BlockSchedule:
+                   split_combos: bool = False) -> BlockSchedule:
     """The block schedule for these parameters, built with torch ops on `device` and cached.
 
-    Cached per (S, frame_tokens, tiers, VRPR band edges, block sizes, device): a diffusion run
-    calls the op thousands of times with one set of parameters and pays the build once.
+    Cached per (S, frame_tokens, tiers, VRPR band edges, block sizes, device, layout): a diffusion
+    run calls the op thousands of times with one set of parameters and pays the build once.
+
+    `split_combos=False`: ``*_combo`` hold each entry's bitmask of combos (the CUDA kernel selects
+    per element); True: one combo index per entry (:func:`_pack_split`; the Triton kernel).
     """
     device = torch.device(device)
     vkey = None if vrpr is None else (int(vrpr[0]), int(vrpr[1]))
     key = (seq_len, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, block_m, block_n,
-           str(device), vkey)
+           str(device), vkey, bool(split_combos))
     with _SCHEDULE_LOCK:
         hit = _SCHEDULE_CACHE.get(key)
     if hit is not None:
@@ -271,8 +299,11 @@ def build_schedule(seq_len: int, frame_tokens: int, local_frames: int, stripe_fr
                                block_m, block_n, device)
     combos = _combo_bits(seq_len, frame_tokens, block_m, block_n, vrpr, device)
     partial = nonempty & ~full
-    full_idx, full_cnt, full_combo = _pack(full, combos)
-    part_idx, part_cnt, part_combo = _pack(partial, combos)
+    if split_combos:
+        (full_idx, full_cnt, full_combo), (part_idx, part_cnt, part_combo) = _pack_split(full, partial, combos)
+    else:
+        full_idx, full_cnt, full_combo = _pack(full, combos)
+        part_idx, part_cnt, part_combo = _pack(partial, combos)
     sched = BlockSchedule(block_m, block_n, full.shape[0], full.shape[1], full_idx, full_cnt, full_combo,
                           part_idx, part_cnt, part_combo, int(full_cnt.sum().item()), int(part_cnt.sum().item()))
     with _SCHEDULE_LOCK:
