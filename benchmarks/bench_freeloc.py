@@ -197,7 +197,7 @@ def _cases_for(device, dtype, transformer, config, video_frames, height, width, 
         ours()  # builds and caches the block schedules (and compiles the kernels)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        yield (Case(SUITE, label, "freeloc[longvideo]", ours, dict(base),
+        yield (Case(SUITE, label, "freeloc[longvideo]", ours, dict(base), kernel_profile=True,
                           flops=_flops(config, S, text_len, F, T, modes, params),
                           setup_ms=(time.perf_counter() - t0) * 1e3, extra=dict(extra)))
 

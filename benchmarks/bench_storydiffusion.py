@@ -282,7 +282,7 @@ def cases(device: torch.device, quick: bool, profile: str = "full") -> list:
     for impl in impls:
         out.append(Case(
             suite=SUITE, name=f"story6_{shape}_{size}px", impl=impl, fn=_story_runner(pipe, impl, steps, size),
-            timing=timing,
+            timing=timing, kernel_profile=impl in ("longvideo[auto]", "official_lowvram"),
             flops=work["plain" if impl == "plain_sdxl" else "official" if impl == "official_lowvram" else "ours"],
             params={"images": len(STORY), "id_images": ID_LENGTH, "read_images": len(STORY) - ID_LENGTH,
                     "height": size, "width": size, "steps": steps, "start_step": 1, "probability": 1.0,

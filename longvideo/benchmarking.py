@@ -80,6 +80,7 @@ class Case:
     extra: dict = field(default_factory=dict)
     timing: Optional[dict] = None  # overrides of time_fn's warmup/repeats/min_time_s (e.g. whole-video runs)
     graph_calls: int = 0
+    kernel_profile: bool = False
 
 
 def _sync(device: torch.device):
@@ -183,6 +184,33 @@ def measure_ceilings(device: torch.device) -> dict:
             "how": "measured in this run: 1 GiB bf16 device copy (read + write), 8192^3 bf16 matmul"}
 
 
+def profile_kernels(fn: Callable[[], object], device: torch.device, top: int = 15) -> list:
+    """One call of `fn` under torch.profiler: the `top` device kernels by total device time, as
+    [{"name", "calls", "total_ms"}] (names cut to 120 characters), plus the sum over all kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_cuda = torch.device(device).type == "cuda"
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA if on_cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        _sync(device)
+    rows = []
+    total = 0.0
+    for ev in prof.key_averages():
+        if on_cuda:
+            t = getattr(ev, "self_device_time_total", None)
+            if t is None:
+                t = getattr(ev, "self_cuda_time_total", 0.0)
+        else:  # CPU (tests): host operators instead of kernels
+            t = ev.self_cpu_time_total
+        if t <= 0:
+            continue
+        total += t
+        rows.append({"name": ev.key[:120], "calls": ev.count, "total_ms": t / 1e3})
+    rows.sort(key=lambda r: -r["total_ms"])
+    return rows[:top] + [{"name": "<all kernels>", "calls": sum(r["calls"] for r in rows), "total_ms": total / 1e3}]
+
+
 def _device_peaks(device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
@@ -213,7 +241,8 @@ def case_timing(profile: str, case_timing_: Optional[dict] = None, **overrides) 
 
 
 def run_case(case: Case, device: torch.device, profile: str = "full", **timing) -> dict:
-    row = {k: v for k, v in dataclasses.asdict(case).items() if k not in ("fn", "timing", "graph_calls")}
+    row = {k: v for k, v in dataclasses.asdict(case).items()
+           if k not in ("fn", "timing", "graph_calls", "kernel_profile")}
     try:
         row.update(time_fn(case.fn, device, **case_timing(profile, case.timing, **timing)))
     except Exception as exc:  # recorded, not fatal: one failing peer must not lose the run
@@ -231,6 +260,11 @@ def run_case(case: Case, device: torch.device, profile: str = "full", **timing) 
         row["GBps"] = case.bytes / sec / 1e9
         if "copy_GBps" in peaks:
             row["frac_peak_bw"] = row["GBps"] / peaks["copy_GBps"]
+    if case.kernel_profile and device.type == "cuda":
+        try:
+            row["kernel_profile"] = profile_kernels(case.fn, device)
+        except Exception as exc:  # noqa: BLE001 - recorded; the timing stands
+            row["kernel_profile_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     if case.graph_calls and device.type == "cuda":
         try:
             row["graph_ms"] = time_graph(case.fn, device, case.graph_calls)

@@ -141,3 +141,14 @@ def test_graph_timing_on_gpu():
             assert 0 < row["graph_ms"] < row["median_ms"] * 4
             with use_backend(be, op="lowfreq_mix"):
                 torch.testing.assert_close(lowfreq_mix(shape_x, shape_n), expected, atol=0, rtol=0)
+
+
+def test_kernel_profile_lists_the_costliest_work_first():
+    from longvideo.benchmarking import profile_kernels
+
+    a, b = torch.randn(300, 300), torch.randn(300, 300)
+    rows = profile_kernels(lambda: (a @ b, a + b), torch.device("cpu"))
+    assert rows[-1]["name"] == "<all kernels>"
+    times = [r["total_ms"] for r in rows[:-1]]
+    assert times == sorted(times, reverse=True) and rows[-1]["total_ms"] >= sum(times) - 1e-9
+    assert any("mm" in r["name"] for r in rows[:3])
