@@ -26,6 +26,9 @@ from longvideo.benchmarking import Case
 SUITE = "tiered_sparse_attention"
 FREELOC_TIERS = dict(local_frames=8, stripe_frames=24, stripe_width=195, sink_frames=1)
 VRPR = {41: [12.0, 20.0, 2.0, 8.0, 20.0], 81: [10.0, 14.0, 2.0, 8.0, 20.0]}
+# (block_m, block_n, num_warps, num_stages) tried besides the default (128, 64, 8, 2) in the budget
+# profile at 41 frames: no spills offline for sm_90 (Triton 3.9) with and without VRPR
+TILE_SWEEP = [(128, 128, 8, 2), (128, 64, 8, 3)]
 
 
 def wan_temporal_freqs(head_dim: int = 128, theta: float = 10000.0) -> torch.Tensor:
@@ -91,6 +94,26 @@ def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):
             torch.cuda.synchronize(device)
         yield (Case(SUITE, label, f"longvideo[{backend}]", fn, params, flops=pair_flops,
                           setup_ms=(time.perf_counter() - t0) * 1e3, extra=dict(extra)))
+
+    if "tiles" in impls and device.type == "cuda":
+        # the Triton kernel at other tiles than default_blocks (offline sm_90: no spills at these;
+        # which is fastest is what this measures). Named triton_tile[...], not longvideo[...]: the
+        # auto preferences compare backends, not tiles.
+        tri = importlib.import_module("longvideo.triton_kernels.tiered_sparse_attention")
+        for bm, bn, nw, ns in TILE_SWEEP:
+            def tile_fn(bm=bm, bn=bn, nw=nw, ns=ns):
+                return tri.tiered_sparse_attention_fwd(q, k, v, T, L, SF, SW, SK, None, freqs, vrpr,
+                                                       build_schedule=ops_mod.build_schedule, block_m=bm,
+                                                       block_n=bn, num_warps=nw, num_stages=ns)
+
+            t0 = time.perf_counter()
+            try:
+                tile_fn()
+                torch.cuda.synchronize(device)
+            except Exception:  # noqa: BLE001 - the timed call records the error
+                pass
+            yield (Case(SUITE, label, f"triton_tile[{bm}x{bn}w{nw}s{ns}]", tile_fn, params, flops=pair_flops,
+                        setup_ms=(time.perf_counter() - t0) * 1e3, extra=dict(extra)))
 
     if "sdpa" in impls:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -168,10 +191,11 @@ def _budget_cases(device):
     impls = {"triton", "cuda", "sdpa", "flex"}
     dt, B, H, D = torch.bfloat16, 1, 12, 128
     for F in (41, 81):
-        yield from _cases_for(device, dt, B, H, D, 1560, F, FREELOC_TIERS, VRPR[F], impls - {"sdpa"},
-                              f"480p_F{F}_tsa_vrpr")
+        yield from _cases_for(device, dt, B, H, D, 1560, F, FREELOC_TIERS, VRPR[F],
+                              (impls - {"sdpa"}) | ({"tiles"} if F == 41 else set()), f"480p_F{F}_tsa_vrpr")
     for F in (41, 81):
-        yield from _cases_for(device, dt, B, H, D, 1560, F, FREELOC_TIERS, None, impls, f"480p_F{F}_tsa")
+        yield from _cases_for(device, dt, B, H, D, 1560, F, FREELOC_TIERS, None,
+                              impls | ({"tiles"} if F == 41 else set()), f"480p_F{F}_tsa")
 
 
 def _full_cases(device):

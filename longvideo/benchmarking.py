@@ -336,7 +336,7 @@ def suite_cases(name: str, device: torch.device, quick: bool = False, profile: s
 
 # implementations whose first call compiles something (our kernels, FlexAttention); the others
 # (SDPA, copies, the official eager paths, diffusers) have nothing to warm
-WARM_IMPLS = ("longvideo", "freeloc[", "flex", "official_3call")
+WARM_IMPLS = ("longvideo", "freeloc[", "flex", "official_3call", "triton_tile")
 
 
 def warm_suite(name: str, device: torch.device, quick: bool = False, profile: str = "full",

@@ -277,13 +277,17 @@ def rotate_variants(x: torch.Tensor, frame_tokens: int, cos_t: torch.Tensor, sin
 
 def tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0,
                                 sink_frames=1, scale=None, rope_t_freqs=None, vrpr=None, *, build_schedule,
-                                block_m: Optional[int] = None, block_n: Optional[int] = None):
-    """Launch the kernel. `build_schedule` is the op module's cached schedule builder."""
+                                block_m: Optional[int] = None, block_n: Optional[int] = None,
+                                num_warps: Optional[int] = None, num_stages: Optional[int] = None):
+    """Launch the kernel. `build_schedule` is the op module's cached schedule builder; the tile
+    (block_m, block_n, num_warps, num_stages) defaults to :func:`default_blocks` (the benchmark's
+    tile sweep passes others)."""
     B, H, S, D = q.shape
     DV = v.shape[3]
     F = S // frame_tokens
-    bm, bn, num_warps, num_stages = default_blocks(q)
+    bm, bn, nw, ns = default_blocks(q)
     block_m, block_n = block_m or bm, block_n or bn
+    num_warps, num_stages = num_warps or nw, num_stages or ns
     has_rope = rope_t_freqs is not None and rope_t_freqs.numel() > 0
     has_vrpr = vrpr is not None and has_rope
     sched = build_schedule(S, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
