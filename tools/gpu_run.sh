@@ -71,7 +71,7 @@ BUILD_PID=$!
 WARM_SUITES=${WARM_SUITES-tiered_sparse_attention consistent_attention freeloc lowfreq_mix}
 WARM_PID=
 if [ -n "$WARM_SUITES" ]; then
-  wargs=(--profile budget)
+  wargs=(--profile budget --launches)
   [ -n "$REHEARSAL" ] && wargs=(--quick --device cpu)
   ( s=$(elapsed); timeout -k 5 "$(min "$TEST_CAP" "$(left)")" python3 tools/warm_triton.py --suites "$WARM_SUITES" \
       "${wargs[@]}" --timeout "$(min "$TEST_CAP" "$(left)")" --log "$OUT/warm.log" > /dev/null 2>&1
@@ -119,7 +119,9 @@ fi
 
 # the timed suites run alone on the GPU: the warm-up stops here
 if [ -n "$WARM_PID" ] && kill -0 "$WARM_PID" 2>/dev/null; then
-  pkill -INT -f "longvideo bench --warm" 2>/dev/null; sleep 3; pkill -KILL -f "longvideo bench --warm" 2>/dev/null
+  # the driver ends its process groups (suite processes and their compile workers) on TERM
+  pkill -TERM -f "tools/warm_triton.py" 2>/dev/null; sleep 3
+  pkill -KILL -f "longvideo bench --warm" 2>/dev/null; pkill -KILL -f "kernel_report as kr" 2>/dev/null
 fi
 # the suites need the extension's answer (their cuda backend): wait for the build, bounded
 s=$(elapsed)
