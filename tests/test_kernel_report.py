@@ -81,8 +81,8 @@ def test_hot_report_covers_each_op_hot_path(hot_report):
     assert has("tiered_sparse_attention", "_tsa_fwd_kernel", VRPR=True, DOT_DTYPE="bf16")
     assert has("tiered_sparse_attention", "_tsa_fwd_kernel", VRPR=False, HAS_ROPE=True)
     assert has("tiered_sparse_attention", "_tsa_fwd_kernel", HAS_ROPE=False)
-    assert has("consistent_attention", "_fwd_kernel", BLOCK_D=64, HAS_SAMPLES=True)
-    assert has("consistent_attention", "_fwd_kernel", BLOCK_D=128, HAS_SAMPLES=True)
+    assert has("consistent_attention", "_fwd_kernel", D=64, BD0=64, HAS_SAMPLES=True)
+    assert has("consistent_attention", "_fwd_kernel", D=128, BD0=128, HAS_SAMPLES=True)
     assert has("lowfreq_mix", "_single_pass_kernel", PREC="tf32")
     labels = {lab for r in rows for lab in r["labels"]}
     assert {"480p_F41_tsa_vrpr", "480p_F81_tsa_vrpr", "sdxl_n4096_fwd", "sacfa_16f_fwd",

@@ -19,8 +19,10 @@ contributions of the queries of OTHER images to the sampled tokens by tiles of s
 added into the own-key blocks through an inverse map token -> sample); the bank gradient by
 bank tiles, one float32 partial per group, summed for a shared bank.
 
-Any strides (diffusers hands (B, S, H, D) transposed views); head dims 1..256 (padded to a power
-of two with masks); fp16/bf16 use tensor cores with fp32 accumulation, fp32 inputs use
+Any strides (diffusers hands (B, S, H, D) transposed views); head dims 1..256: the forward takes
+the head dim as a compile-time constant split into two powers of two (40 = 32 + 16, 80 = 64 + 16,
+96 = 64 + 32, 160 = 128 + 32: two dots instead of one padded to 64 / 128 / 256), the backward pads
+to a power of two with masks; fp16/bf16 use tensor cores with fp32 accumulation, fp32 inputs use
 ``input_precision="ieee"`` dots. Under TRITON_INTERPRET=1 (CPU) bf16 tiles are upcast to fp32
 first (the interpreter has no bf16 dot).
 """
@@ -62,56 +64,40 @@ def segment_table(sample_idx: torch.Tensor, B: int, N: int, group_size: int, win
 # ----------------------------------------------------------------------------------------------
 # forward
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, col_ok, d_ok, qk_scale, DOT_F32: tl.constexpr):
-    """One online-softmax update of (acc, m_i, l_i) with a (BLOCK_N) tile of keys/values."""
-    kt = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)   # (BLOCK_D, BLOCK_N)
-    vv = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)   # (BLOCK_N, BLOCK_D)
-    if DOT_F32:
-        s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
-    else:
-        s = tl.dot(q, kt)
-    s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))             # log2 domain
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if DOT_F32:
-        pv = tl.dot(p, vv.to(tl.float32), input_precision="ieee")
-    else:
-        pv = tl.dot(p.to(vv.dtype), vv)
-    acc = acc * alpha[:, None] + pv
-    return acc, m_new, l_i
-
-
-@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, SIDX, SEG, BK, BV,
                 sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
                 sbkg, sbkh, sbke, sbkd, sbvg, sbvh, sbve, sbvd,
-                H, N, D, E, group_size, qk_scale,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                HAS_SAMPLES: tl.constexpr, HAS_BANK: tl.constexpr, DOT_F32: tl.constexpr):
+                H, N, E, group_size, qk_scale,
+                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BD0: tl.constexpr,
+                BD1: tl.constexpr, HAS_SAMPLES: tl.constexpr, HAS_BANK: tl.constexpr, DOT_F32: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d0 = tl.arange(0, BD0)
     offs_n = tl.arange(0, BLOCK_N)
     m_ok = offs_m < N
-    d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q_rows = Q + b * sqb + h * sqh + offs_m[:, None] * sqn
+    q0 = tl.load(q_rows + offs_d0[None, :] * sqd, mask=m_ok[:, None] & (offs_d0[None, :] < D), other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, BD0], tl.float32)
+    if BD1 > 0:
+        offs_d1 = BD0 + tl.arange(0, BD1)
+        q1 = tl.load(q_rows + offs_d1[None, :] * sqd, mask=m_ok[:, None] & (offs_d1[None, :] < D), other=0.0)
+        acc1 = tl.zeros([BLOCK_M, BD1], tl.float32)
+    else:
+        q1 = q0
+        acc1 = acc0
 
     # 1. own keys (always >= 1 valid column first, so m_i is finite afterwards)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + offs_n
         ok = cols < N
-        k_ptrs = K + b * skb + h * skh + cols[None, :] * skn + offs_d[:, None] * skd
-        v_ptrs = V + b * svb + h * svh + cols[:, None] * svn + offs_d[None, :] * svd
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, ok, d_ok, qk_scale, DOT_F32)
+        acc0, acc1, m_i, l_i = _fwd_tile(acc0, acc1, m_i, l_i, q0, q1, K + b * skb + h * skh, V + b * svb + h * svh,
+                                         cols.to(tl.int64) * skn, cols.to(tl.int64) * svn, ok, skd, svd, qk_scale,
+                                         D, BD0, BD1, DOT_F32)
 
     # 2. sampled tokens of the other images: two runs of sample_idx walked as one range
     if HAS_SAMPLES:
@@ -128,9 +114,11 @@ def _fwd_kernel(Q, K, V, O, LSE, SIDX, SEG, BK, BV,
             idx = tl.load(SIDX + j, mask=ok, other=0).to(tl.int64)
             src = idx // N
             pos = idx - src * N
-            k_ptrs = K + src[None, :] * skb + h * skh + pos[None, :] * skn + offs_d[:, None] * skd
-            v_ptrs = V + src[:, None] * svb + h * svh + pos[:, None] * svn + offs_d[None, :] * svd
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, ok, d_ok, qk_scale, DOT_F32)
+            # the rows' offsets differ per key (source image and position); the K and V bases are
+            # their tensors' (b = 0, h) rows, and the two tensors have their own strides
+            acc0, acc1, m_i, l_i = _fwd_tile(acc0, acc1, m_i, l_i, q0, q1, K + h * skh, V + h * svh,
+                                             src * skb + pos * skn, src * svb + pos * svn, ok, skd, svd,
+                                             qk_scale, D, BD0, BD1, DOT_F32)
 
     # 3. bank rows (group stride 0 for a shared bank)
     if HAS_BANK:
@@ -138,14 +126,64 @@ def _fwd_kernel(Q, K, V, O, LSE, SIDX, SEG, BK, BV,
         for e0 in range(0, E, BLOCK_N):
             cols = e0 + offs_n
             ok = cols < E
-            k_ptrs = BK + g * sbkg + h * sbkh + cols[None, :] * sbke + offs_d[:, None] * sbkd
-            v_ptrs = BV + g * sbvg + h * sbvh + cols[:, None] * sbve + offs_d[None, :] * sbvd
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_ptrs, v_ptrs, ok, d_ok, qk_scale, DOT_F32)
+            acc0, acc1, m_i, l_i = _fwd_tile(acc0, acc1, m_i, l_i, q0, q1, BK + g * sbkg + h * sbkh,
+                                             BV + g * sbvg + h * sbvh, cols.to(tl.int64) * sbke,
+                                             cols.to(tl.int64) * sbve, ok, sbkd, sbvd, qk_scale, D, BD0, BD1,
+                                             DOT_F32)
 
-    out = acc / l_i[:, None]
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    o_rows = O + b * sob + h * soh + offs_m[:, None] * son
+    tl.store(o_rows + offs_d0[None, :] * sod, (acc0 / l_i[:, None]).to(O.dtype.element_ty),
+             mask=m_ok[:, None] & (offs_d0[None, :] < D))
+    if BD1 > 0:
+        tl.store(o_rows + offs_d1[None, :] * sod, (acc1 / l_i[:, None]).to(O.dtype.element_ty),
+                 mask=m_ok[:, None] & (offs_d1[None, :] < D))
     tl.store(LSE + pid_bh.to(tl.int64) * N + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_ok)
+
+
+@triton.jit
+def _fwd_tile(acc0, acc1, m_i, l_i, q0, q1, k_base, v_base, k_off, v_off, col_ok, skd, svd, qk_scale,
+              D: tl.constexpr, BD0: tl.constexpr, BD1: tl.constexpr, DOT_F32: tl.constexpr):
+    """One online-softmax update of (acc, m_i, l_i) with a (BLOCK_N) tile of keys/values.
+
+    The tile's key rows start at k_base + k_off and its value rows at v_base + v_off (own keys,
+    sampled tokens gathered in place, or bank rows). The head dim is split into [0, BD0) and
+    [BD0, BD0 + BD1) (BD1 = 0: one part), powers of two covering D with little padding: 40 = 32 +
+    16 (8 masked), 80 = 64 + 16, 96 = 64 + 32, 160 = 128 + 32 (a power of two pads 40 to 64 and 160
+    to 256: 60% more dot work)."""
+    offs_d0 = tl.arange(0, BD0)
+    kt0 = tl.load(k_base + k_off[None, :] + offs_d0[:, None] * skd,
+                  mask=(offs_d0[:, None] < D) & col_ok[None, :], other=0.0)
+    if DOT_F32:
+        s = tl.dot(q0.to(tl.float32), kt0.to(tl.float32), input_precision="ieee")
+    else:
+        s = tl.dot(q0, kt0)
+    if BD1 > 0:
+        offs_d1 = BD0 + tl.arange(0, BD1)
+        kt1 = tl.load(k_base + k_off[None, :] + offs_d1[:, None] * skd,
+                      mask=(offs_d1[:, None] < D) & col_ok[None, :], other=0.0)
+        if DOT_F32:
+            s += tl.dot(q1.to(tl.float32), kt1.to(tl.float32), input_precision="ieee")
+        else:
+            s += tl.dot(q1, kt1)
+    s = tl.where(col_ok[None, :], s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v0 = tl.load(v_base + v_off[:, None] + offs_d0[None, :] * svd,
+                 mask=col_ok[:, None] & (offs_d0[None, :] < D), other=0.0)
+    if DOT_F32:
+        acc0 = acc0 * alpha[:, None] + tl.dot(p, v0.to(tl.float32), input_precision="ieee")
+    else:
+        acc0 = acc0 * alpha[:, None] + tl.dot(p.to(v0.dtype), v0)
+    if BD1 > 0:
+        v1 = tl.load(v_base + v_off[:, None] + offs_d1[None, :] * svd,
+                     mask=col_ok[:, None] & (offs_d1[None, :] < D), other=0.0)
+        if DOT_F32:
+            acc1 = acc1 * alpha[:, None] + tl.dot(p, v1.to(tl.float32), input_precision="ieee")
+        else:
+            acc1 = acc1 * alpha[:, None] + tl.dot(p.to(v1.dtype), v1)
+    return acc0, acc1, m_new, l_i
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,22 +456,33 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
 
+def _split_d(D: int) -> tuple[int, int]:
+    """(BD0, BD1): the forward's head-dim split, BD0 the largest power of two <= D (at least 16),
+    BD1 the power of two (at least 16) covering the rest, 0 when BD0 covers D."""
+    bd0 = max(16, 1 << (max(D, 1).bit_length() - 1))
+    rest = D - bd0
+    return bd0, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
+
+
 def _dot_f32(dtype: torch.dtype) -> bool:
     # fp32 inputs: exact "ieee" dots; bf16 under the CPU interpreter: it has no bf16 dot
     return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting())
 
 
 def _fwd_config(BD: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward, chosen by head-dim padding."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the forward, chosen by the padded head dim
+    (BD0 + BD1 of the split)."""
     if _interpreting():
         return 16, 16, 1, 1
     if dtype == torch.float32:
         return 64, 32, 4, 2
+    if BD == 48:  # 40 = 32 + 16: two accumulators; 4 warps spill (offline sm_90), 8 do not
+        return 128, 64, 8, 2
     if BD <= 64:
         return 128, 64, 4, 3
     if BD <= 128:
         return 128, 64, 8, 2
-    return 64, 32, 4, 2
+    return 64, 64, 4, 2
 
 
 def _bwd_config(BD: int, dtype: torch.dtype):
@@ -472,13 +521,13 @@ def consistent_attention_forward(q, k, v, sample_idx, group_size: int, window: i
     sidx = sample_idx if has_samples else lse
     bk, sbk, E = _bank_args(bank_k, q)
     bv, sbv, _ = _bank_args(bank_v, q)
-    BD = _block_d(D)
-    BM, BN, warps, stages = _fwd_config(BD, q.dtype)
+    BD0, BD1 = _split_d(D)
+    BM, BN, warps, stages = _fwd_config(BD0 + BD1, q.dtype)
     grid = (triton.cdiv(N, BM), B * H)
     _fwd_kernel[grid](q, k, v, out, lse, sidx, seg, bk, bv,
                       *q.stride(), *k.stride(), *v.stride(), *out.stride(), *sbk, *sbv,
-                      H, N, D, E, group_size, scale * _LOG2E,
-                      BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_SAMPLES=has_samples, HAS_BANK=E > 0,
+                      H, N, E, group_size, scale * _LOG2E,
+                      D=D, BLOCK_M=BM, BLOCK_N=BN, BD0=BD0, BD1=BD1, HAS_SAMPLES=has_samples, HAS_BANK=E > 0,
                       DOT_F32=_dot_f32(q.dtype), num_warps=warps, num_stages=stages)
     return out, lse
 
