@@ -8,6 +8,8 @@
     longvideo story PROMPTS.txt ...     StoryDiffusion comic from a story file
     longvideo enhance IN.mp4 --out OUT.mp4
                                         StreamingT2V randomized-blending enhancement
+    longvideo plan --method M --model NAME|DIR ... [--fit 24GB]
+                                        predicted peak GPU memory by component, settings that fit
 
 Every command runs on a built-in tiny random-weight model unless ``--model PATH`` names a local
 diffusers checkpoint. Method modules add their own options (prefixed with the method name).
@@ -33,6 +35,7 @@ COMMANDS = {
     "probe": ("longvideo.methods.freeloc", "probe"),
     "story": ("longvideo.methods.storydiffusion", "story"),
     "enhance": ("longvideo.methods.blending", "enhance"),
+    "plan": ("longvideo.planner.cli", "plan"),
 }
 
 

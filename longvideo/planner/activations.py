@@ -1,0 +1,1191 @@
+"""Activation models: one model call (transformer, UNet, VAE, text encoder) walked op by op.
+
+Each function here mirrors the forward pass of a diffusers / transformers model as the installed
+versions run it (diffusers 0.42: ``WanTransformer3DModel``, ``SkyReelsV2Transformer3DModel``,
+``UNet2DConditionModel``, ``UNetMotionModel``, ``AutoencoderKLWan``, ``AutoencoderKL``; the
+longvideo attention processors), at the granularity of the tensors whose size grows with the
+tokens: every tensor of (batch x tokens x channels) size or larger is created and dropped in the
+order the code does it, through :class:`~longvideo.planner.sim.Sim`, which keeps the running
+total and the peak. Tensors that do not grow with the tokens (time embeddings of a scalar
+timestep, norm statistics (B, S, 1), log-sum-exps, index tensors) are left out.
+
+Granularity per model: the Wan-family transformer (``wan_call``), the UNets (``unet_call``: the
+module tree of a real or meta-device model is walked: resnets, Transformer2DModel blocks, motion
+modules, skip connections), the Wan causal VAE decoder (``wan_vae_decode``: per latent frame,
+with its feature cache and the growing output) and the KL VAE decoder (``kl_vae_decode``) are
+mirrored op by op; text encoders (``text_encoder_peak``) are a formula (coarse).
+
+What the kernels allocate (``Device``):
+
+* ``cuda``: ``torch.nn.RMSNorm`` runs the fused kernel (one output; saves its input and the
+  float32 rstd for backward); SDPA is a flash-style kernel (output and a float32 log-sum-exp,
+  no S x S buffer; output in the query's (B, S, H, D) layout, so Wan's ``flatten`` is a view);
+  the longvideo ops' Triton backends: ``tiered_sparse_attention`` allocates pre-rotated copies
+  of q's and k's temporal channels (2 x variants x B*H*S*RP, RP = next power of two >= the
+  temporal channels; 5 variants with VRPR, 1 without) -- device workspace that
+  :class:`~longvideo.planner.tracker.LiveTensorTracker` cannot see on a CPU, reported as the
+  component ``attention workspace``; ``consistent_attention`` reads the sampled tokens in place
+  (output and lse only).
+* ``cpu``: ``RMSNorm`` is torch's composite (float32 upcast, ``pow``, ``mean``, ``rsqrt``, two
+  ``mul``: three float32 temporaries; saves the upcast and the normalised tensor for backward);
+  SDPA's CPU flash kernel (same outputs as on CUDA); the longvideo ops' reference backends
+  (their internal S x S work is inside one dispatch: invisible to the tracker and not modelled).
+
+Autograd (``Sim(grad=True)``): every op saves what its derivative formula needs (``linear``: its
+input; ``mul``: each operand whose partner requires grad; ``layer_norm``: its input; ``gelu``:
+its input; SDPA / the longvideo ops: q, k, v, output, lse). All parameters are assumed to
+require grad (diffusers models do unless frozen), so products with modulation tensors save both
+sides. The guided window call of Ouroboros' self-recurrent guidance runs exactly this.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .sim import Sim
+
+F32 = 4
+
+
+@dataclass(frozen=True)
+class Device:
+    """Which kernels run: see the module docstring. ``kind`` "cuda" or "cpu"."""
+
+    kind: str = "cuda"
+    tsa_backend: str = "triton"          # tiered_sparse_attention on cuda: triton | cuda | reference
+    consistent_backend: str = "triton"   # consistent_attention on cuda: triton | cuda | reference
+
+    @property
+    def fused_rms_norm(self) -> bool:
+        return self.kind == "cuda"
+
+
+CUDA = Device("cuda")
+CPU = Device("cpu", tsa_backend="reference", consistent_backend="reference")
+
+
+# ---------------------------------------------------------------------------------------------
+# Wan-family transformers
+@dataclass(frozen=True)
+class WanArch:
+    """The sizes of a WanTransformer3DModel / SkyReelsV2Transformer3DModel config."""
+
+    num_layers: int
+    heads: int
+    head_dim: int
+    ffn_dim: int
+    in_channels: int = 16
+    out_channels: int = 16
+    patch: tuple = (1, 2, 2)
+    text_dim: int = 4096
+    freq_dim: int = 256
+    cross_attn_norm: bool = True
+    skyreels: bool = False
+    num_frame_per_block: int = 1
+
+    @property
+    def dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def rope_t_channels(self) -> int:
+        """Channels of a head given to the temporal RoPE axis (diffusers' WanRotaryPosEmbed)."""
+        d = self.head_dim
+        return d - 4 * (d // 6)
+
+    def tokens(self, frames: int, h: int, w: int) -> int:
+        pt, ph, pw = self.patch
+        return (frames // pt) * (h // ph) * (w // pw)
+
+    @classmethod
+    def from_config(cls, cfg: dict, skyreels: bool = False) -> "WanArch":
+        return cls(num_layers=int(cfg["num_layers"]), heads=int(cfg["num_attention_heads"]),
+                   head_dim=int(cfg["attention_head_dim"]), ffn_dim=int(cfg["ffn_dim"]),
+                   in_channels=int(cfg.get("in_channels", 16)),
+                   out_channels=int(cfg.get("out_channels") or cfg.get("in_channels", 16)),
+                   patch=tuple(cfg.get("patch_size", (1, 2, 2))), text_dim=int(cfg.get("text_dim", 4096)),
+                   freq_dim=int(cfg.get("freq_dim", 256)), cross_attn_norm=bool(cfg.get("cross_attn_norm", True)),
+                   skyreels=skyreels, num_frame_per_block=int(cfg.get("num_frame_per_block", 1) or 1))
+
+
+@dataclass
+class WanCall:
+    """One transformer call. ``timestep``: "scalar" (one per sample: the pipelines, FreeLOC),
+    "token" (Wan's per-token 2-D timestep: FIFO on Wan, Wan 2.2 TI2V) or "frame" (SkyReels-V2's
+    per-frame diffusion forcing). ``self_attn``: "sdpa" (diffusers' processor), "freeloc"
+    (longvideo's tiered processor; ``freeloc_modes`` per layer: "tsa" / "vrpr" / "dense"),
+    "ouroboros" (longvideo's Ouroboros processor; ``use_op``: through consistent_attention, as in
+    guided calls; ``feature_layers``: layers whose keys are recorded; ``record_maps``: subject maps
+    from the cross-attention)."""
+
+    batch: int
+    frames: int                 # latent frames
+    height: int                 # latent height
+    width: int                  # latent width
+    text_len: int = 512
+    itemsize: int = 2
+    timestep: str = "scalar"
+    self_attn: str = "sdpa"
+    freeloc_modes: Optional[list] = None
+    use_op: bool = False
+    feature_layers: tuple = ()
+    record_maps: bool = False
+    maps_frames: int = 0        # frames of the conditional half whose maps are recorded (the window)
+
+
+def _rms_norm(sim: Sim, x, e: int, dev: Device, tag: str):
+    """torch.nn.RMSNorm(x) (with weight): returns the output handle; x is not freed."""
+    if dev.fused_rms_norm:
+        out = sim.new(x.numel, e, tag)
+        sim.save(x)
+        return out
+    up = sim.cast(x, F32, tag)                       # input.to(float32)
+    sq = sim.new(x.numel, F32, tag)                  # pow(2) -> mean
+    sim.save(up)
+    sim.free(sq)
+    r1 = sim.new(x.numel, F32, tag)                  # x * rsqrt(...)
+    r2 = sim.new(x.numel, F32, tag)                  # * weight
+    sim.save(r1)
+    sim.free(r1)
+    out = sim.cast(r2, e, tag)                       # .type_as(input)
+    sim.free(r2, up)
+    return out
+
+
+def _modulated_norm(sim: Sim, hidden, X: int, e: int, token_mod: bool, tag: str):
+    """(norm(hidden.float()) * (1 + scale) + shift).type_as(hidden); FP32LayerNorm without affine."""
+    hf = sim.cast(hidden, F32, tag)
+    n = sim.new(X, F32, tag)                          # layer_norm
+    sim.save(hf)
+    sim.free(hf)
+    one_plus = sim.new(X, F32, tag) if token_mod else None   # 1 + scale: (B, S, d) per token, else (B, 1, d)
+    prod = sim.new(X, F32, tag)
+    sim.save(n, one_plus)
+    sim.free(n, one_plus)
+    summ = sim.new(X, F32, tag)                       # + shift
+    sim.free(prod)
+    out = sim.cast(summ, e, tag)
+    sim.free(summ)
+    return out
+
+
+def _gated_residual(sim: Sim, hidden, branch, X: int, e: int, branch_float_copy: bool, tag: str):
+    """(hidden.float() + branch[.float()] * gate).type_as(hidden): returns the new hidden (tag);
+    the float32 temporaries are tagged "residual (float32)"."""
+    t32 = "residual (float32)"
+    hf = sim.cast(hidden, F32, t32)
+    bf = sim.cast(branch, F32, t32) if branch_float_copy else sim.ref(branch)
+    prod = sim.new(X, F32, t32)
+    sim.save(bf)        # mul(branch, gate) saves the branch (the gate is a view of the modulation)
+    sim.free(bf)
+    s = sim.new(X, F32, t32 if e != F32 else tag)
+    sim.free(prod, hf)
+    out = sim.cast(s, e, tag)
+    sim.free(s)
+    return out
+
+
+def _wan_rope_diffusers(sim: Sim, x, numel: int, e: int, tag: str):
+    """diffusers' apply_rotary_emb (and Ouroboros' _wan_rope): out = empty_like(x); out[..., 0::2] =
+    x1 cos - x2 sin; out[..., 1::2] = x1 sin + x2 cos, products in the tables' float32."""
+    out = sim.new(numel, e, tag)
+    half = numel // 2
+    for _ in range(2):                                   # even, then odd channels
+        a = sim.new(half, F32, tag)
+        b = sim.new(half, F32, tag)
+        c = sim.new(half, F32, tag)                      # a - b (a + b)
+        sim.free(a, b)
+        sim.free(c)
+    return out
+
+
+def _rope_channels(sim: Sim, x, B: int, S: int, H: int, D: int, start: int, e: int, tag: str):
+    """longvideo.processors.wan.apply_rope_channels: channels [start, D) rotated like diffusers,
+    then concatenated back: stack of two float32 halves, type_as, cat."""
+    rot = B * S * H * (D - start)
+    half = rot // 2
+    parts = []
+    for _ in range(2):
+        a = sim.new(half, F32, tag)
+        b = sim.new(half, F32, tag)
+        parts.append(sim.new(half, F32, tag))
+        sim.free(a, b)
+    st = sim.new(rot, F32, tag)                          # torch.stack(...).flatten
+    sim.free(*parts)
+    cast = sim.cast(st, e, tag)
+    sim.free(st)
+    out = sim.new(B * S * H * D, e, tag)                 # torch.cat((x[..., :start], rot), -1)
+    sim.free(cast)
+    return out
+
+
+def _attention_out(sim: Sim, q, k, v, numel_out: int, e: int, tag: str):
+    """A flash-style attention call (SDPA, the longvideo ops): output (and a float32 lse, not
+    modelled: B*H*S*4 bytes); saves q, k, v, out for backward."""
+    out = sim.new(numel_out, e, tag)
+    sim.save(q, k, v, out)
+    return out
+
+
+def _linear(sim: Sim, x, numel_out: int, e: int, tag: str):
+    """nn.Linear: the output; saves its input."""
+    out = sim.new(numel_out, e, tag)
+    sim.save(x)
+    return out
+
+
+def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> None:
+    """One WanTransformer3DModel / SkyReelsV2Transformer3DModel forward (see the module docstring).
+
+    Tags: "hidden" (the residual stream, patch embedding, output), "timestep" (time embeddings and
+    per-token modulation inputs), "modulation" (the float32 per-block shift/scale/gate),
+    "norm" (norms and their float32 copies), "attention" (q, k, v, RoPE, attention outputs),
+    "attention workspace" (device workspace of the attention kernel), "cross-attention",
+    "ffn", "text" (projected text states), "rope" (the RoPE tables), "maps" (Ouroboros' subject
+    maps). Handles are freed where the Python code drops its last reference (a block's input
+    lives until the block returns: the model's loop holds it)."""
+    B, e, d, T = c.batch, c.itemsize, a.dim, c.text_len
+    S = a.tokens(c.frames, c.height, c.width)
+    X = B * S * d
+    token_mod = c.timestep in ("token", "frame")
+    sim.where = "embed"
+    rope = [sim.new(S * a.head_dim, F32, "rope") for _ in range(2)]   # (1, S, 1, D) cos, sin
+    conv = sim.new(X, e, "hidden")                                     # patch embedding
+    hidden = sim.new(X, e, "hidden")                                   # .contiguous() copy
+    sim.free(conv)
+    mask = None
+    if a.skyreels and a.num_frame_per_block > 1 and c.timestep == "frame":
+        mask = sim.new(S * S, 1, "attention mask")                     # block-causal (S, S) bool
+    # condition embedder: sinusoidal projection, time_embedder (float32), act, time_proj
+    if c.timestep == "token":
+        N = B * S
+    elif c.timestep == "frame":
+        N = B * (c.frames // a.patch[0])
+    else:
+        N = B
+    tp = sim.new(N * a.freq_dim, F32, "timestep")
+    l1 = _linear(sim, tp, N * d, F32, "timestep")
+    sim.free(tp)
+    act = sim.new(N * d, F32, "timestep")
+    sim.save(l1)
+    sim.free(l1)
+    l2 = _linear(sim, act, N * d, F32, "timestep")
+    sim.free(act)
+    temb = sim.cast(l2, e, "timestep")
+    sim.free(l2)
+    temb_act = sim.new(N * d, e, "timestep")
+    sim.save(temb)
+    tproj = _linear(sim, temb_act, N * 6 * d, e, "timestep")
+    sim.free(temb_act)
+    if c.timestep == "frame":
+        # SkyReels-V2: repeated over each frame's tokens, then (b, 6, S, d) contiguous; temb too
+        rep = sim.new(B * S * 6 * d, e, "timestep")
+        sim.free(tproj)
+        tproj = sim.new(B * S * 6 * d, e, "timestep")
+        sim.free(rep)
+        t_rep = sim.new(X, e, "timestep")
+        sim.free(temb)
+        temb = t_rep
+    # text projection (B, T, text_dim) -> (B, T, d): linear, gelu(tanh), linear
+    t1 = sim.new(B * T * d, e, "text")
+    t2 = sim.new(B * T * d, e, "text")
+    sim.save(t1)
+    sim.free(t1)
+    text = _linear(sim, t2, B * T * d, e, "text")
+    sim.free(t2)
+
+    modes = c.freeloc_modes if c.self_attn == "freeloc" else None
+    for layer in range(a.num_layers):
+        sim.where = f"block {layer} modulation"
+        mod = None
+        if token_mod:        # (table + temb.float()): float32 (B, S, 6, d), alive for the whole block
+            tf = sim.cast(tproj, F32, "modulation")
+            mod = sim.new(6 * X, F32, "modulation")
+            sim.free(tf)
+            sim.save(mod)    # its chunks are saved by the products with (1 + scale) and the gates
+        h0 = hidden
+        sim.where = f"block {layer} self-attention"
+        nh1 = _modulated_norm(sim, h0, X, e, token_mod, "norm")
+        a1 = _wan_self_attention(sim, a, c, dev, nh1, B, S, layer, modes[layer] if modes else None)
+        h1 = _gated_residual(sim, h0, a1, X, e, False, "hidden")
+        sim.where = f"block {layer} cross-attention"
+        hf = sim.cast(h1, F32, "norm")
+        n2 = sim.new(X, F32, "norm")
+        sim.save(hf)
+        sim.free(hf)
+        nh2 = sim.cast(n2, e, "norm")
+        sim.free(n2)
+        sim.free(nh1)                                  # norm_hidden_states rebound
+        a2 = _wan_cross_attention(sim, a, c, dev, nh2, text, B, S, T)
+        sim.free(a1)                                   # attn_output rebound
+        h2 = sim.new(X, e, "hidden")                   # hidden_states + attn_output
+        sim.free(h1)
+        sim.where = f"block {layer} ffn"
+        nh3 = _modulated_norm(sim, h2, X, e, token_mod, "norm")
+        sim.free(nh2)
+        proj = _linear(sim, nh3, B * S * a.ffn_dim, e, "ffn")
+        g = sim.new(B * S * a.ffn_dim, e, "ffn")       # gelu(tanh)
+        sim.save(proj)
+        sim.free(proj)
+        ff = _linear(sim, g, X, e, "ffn")
+        sim.free(g)
+        h3 = _gated_residual(sim, h2, ff, X, e, True, "hidden")
+        sim.free(h2, nh3, a2, ff, mod)                 # the block returns
+        sim.free(h0)                                   # the model's loop rebinds hidden_states
+        hidden = h3
+    sim.where = "output"
+    ss = sim.new(2 * X, F32, "timestep") if token_mod else None   # (table + temb): float32 (B, S, 2, d)
+    out_n = _modulated_norm(sim, hidden, X, e, token_mod, "norm")
+    pt, ph, pw = a.patch
+    out = _linear(sim, out_n, B * S * a.out_channels * pt * ph * pw, e, "hidden")
+    sim.free(out_n)
+    final = sim.new(out.numel, e, "hidden")            # unpatchify: permute + flatten copy
+    sim.free(out, ss, hidden, temb, tproj, text, mask, *rope)
+    sim.free(final)
+
+
+def _wan_self_attention(sim: Sim, a: WanArch, c: WanCall, dev: Device, nh, B: int, S: int, layer: int, mode):
+    """attn1 of one block, processor by processor; returns the to_out output (the processor's
+    locals freed as it returns)."""
+    e = c.itemsize
+    H, D = a.heads, a.head_dim
+    X = B * S * H * D
+    proc = c.self_attn
+    if proc == "freeloc" and mode in (None, "none"):
+        proc = "sdpa"
+    keep = []
+    if proc == "ouroboros":
+        ql = _linear(sim, nh, X, e, "attention")
+        q = _rms_norm(sim, ql, e, dev, "attention")
+        sim.free(ql)
+        kl = _linear(sim, nh, X, e, "attention")
+        k = _rms_norm(sim, kl, e, dev, "attention")
+        sim.free(kl)
+        v = _linear(sim, nh, X, e, "attention")
+        if f"blocks.{layer}.attn1.processor" in c.feature_layers:
+            sim.ref(k)           # the recorded pre-RoPE keys (a view of k) live in the context
+            sim.save(k)
+        qr = _wan_rope_diffusers(sim, q, X, e, "attention")
+        kr = _wan_rope_diffusers(sim, k, X, e, "attention")
+        sim.free(q, k)
+        out = _attention_out(sim, qr, kr, v, X, e, "attention")   # SDPA or the op: (B, S, H, D) layout
+        keep = [qr, kr, v]
+    elif proc == "freeloc":
+        ql = _linear(sim, nh, X, e, "attention")
+        kl = _linear(sim, nh, X, e, "attention")
+        v = _linear(sim, nh, X, e, "attention")
+        q = _rms_norm(sim, ql, e, dev, "attention")
+        k = _rms_norm(sim, kl, e, dev, "attention")
+        sim.free(ql, kl)
+        t = a.rope_t_channels
+        qr = _rope_channels(sim, q, B, S, H, D, t, e, "attention")
+        kr = _rope_channels(sim, k, B, S, H, D, t, e, "attention")
+        ws = None
+        if dev.kind == "cuda" and dev.tsa_backend == "triton":
+            rp = max(16, 1 << max(0, (t - 1).bit_length()))
+            nv = 5 if mode in ("tsa", "vrpr") else 1
+            ws = sim.new(2 * nv * B * H * S * rp, e, "attention workspace")
+        o = _attention_out(sim, qr, kr, v, X, e, "attention")     # (B, H, S, D) contiguous
+        sim.free(ws, qr, kr)                                       # `attend` returns
+        out = sim.new(X, e, "attention")                           # transpose + flatten: a copy
+        sim.free(o)
+        keep = [q, k, v]
+    else:                        # diffusers' WanAttnProcessor
+        ql = _linear(sim, nh, X, e, "attention")
+        kl = _linear(sim, nh, X, e, "attention")
+        v = _linear(sim, nh, X, e, "attention")
+        q = _rms_norm(sim, ql, e, dev, "attention")
+        sim.free(ql)
+        k = _rms_norm(sim, kl, e, dev, "attention")
+        sim.free(kl)
+        qr = _wan_rope_diffusers(sim, q, X, e, "attention")
+        sim.free(q)
+        kr = _wan_rope_diffusers(sim, k, X, e, "attention")
+        sim.free(k)
+        out = _attention_out(sim, qr, kr, v, X, e, "attention")
+        keep = [qr, kr, v]
+    proj = _linear(sim, out, X, e, "attention")                    # to_out[0]
+    sim.free(out, *keep)
+    return proj
+
+
+def _wan_cross_attention(sim: Sim, a: WanArch, c: WanCall, dev: Device, nh, text, B: int, S: int, T: int):
+    e = c.itemsize
+    H, D = a.heads, a.head_dim
+    X = B * S * H * D
+    Xt = B * T * H * D
+    if c.self_attn == "ouroboros":
+        ql = _linear(sim, nh, X, e, "cross-attention")
+        q = _rms_norm(sim, ql, e, dev, "cross-attention")
+        sim.free(ql)
+        kl = _linear(sim, text, Xt, e, "cross-attention")
+        k = _rms_norm(sim, kl, e, dev, "cross-attention")
+        sim.free(kl)
+        v = _linear(sim, text, Xt, e, "cross-attention")
+    else:
+        ql = _linear(sim, nh, X, e, "cross-attention")
+        kl = _linear(sim, text, Xt, e, "cross-attention")
+        v = _linear(sim, text, Xt, e, "cross-attention")
+        q = _rms_norm(sim, ql, e, dev, "cross-attention")
+        sim.free(ql)
+        k = _rms_norm(sim, kl, e, dev, "cross-attention")
+        sim.free(kl)
+    out = _attention_out(sim, q, k, v, X, e, "cross-attention")
+    if c.self_attn == "ouroboros" and c.record_maps:
+        # _subject_map of the conditional row, 4096 queries at a time (no grad): q chunk and k
+        # in float32, the logits, the scaled logits, the softmax
+        chunk = min(4096, S)
+        kf = sim.new(H * T * D, F32, "maps")
+        qf = sim.new(H * chunk * D, F32, "maps")
+        m1 = sim.new(H * chunk * T, F32, "maps")
+        m2 = sim.new(H * chunk * T, F32, "maps")
+        sim.free(m1)
+        p = sim.new(H * chunk * T, F32, "maps")
+        sim.free(m2, qf, kf, p)
+    proj = _linear(sim, out, X, e, "cross-attention")
+    sim.free(out, q, k, v)
+    return proj
+
+
+# ---------------------------------------------------------------------------------------------
+# UNets (UNet2DConditionModel: SD1.5, SDXL; UNetMotionModel: AnimateDiff), walked module by module
+@dataclass
+class UNetCall:
+    """One UNet call on ``batch`` images (CFG halves included) of ``height`` x ``width`` latents.
+
+    frames: frames per video for UNetMotionModel (the batch of its 2-D layers is batch * frames).
+    processors: {layer name (without ".processor"): spec} for self-attention layers that do not
+    run diffusers' AttnProcessor2_0; a spec is a dict with ``kind``:
+      "consistent"   longvideo's ConsistentAttnProcessor with a plan: ``bank_tokens`` E (bank rows
+                     per group read this call, 0 for none), ``groups`` G, ``write_tokens`` (rows
+                     per group stored in the bank this call, 0 when not writing);
+      "dense_mask"   the official StoryDiffusion dense path: SDPA over all G*N tokens of a group
+                     with a (G*N)^2 boolean mask (``group`` G images per group, default the batch);
+      "ouroboros"    longvideo's Ouroboros self-attention processor (``feature``: keys recorded);
+    ``cross_maps``: names of cross-attention layers recording Ouroboros subject maps.
+    """
+
+    batch: int
+    height: int
+    width: int
+    text_len: int = 77
+    itemsize: int = 2
+    frames: int = 1
+    processors: dict = field(default_factory=dict)
+    cross_maps: frozenset = frozenset()
+    subject_tokens: int = 1
+
+
+def _group_norm(sim: Sim, x, e: int, tag: str):
+    out = sim.new(x.numel, e, tag)
+    sim.save(x)
+    return out
+
+
+def _resnet(sim: Sim, r, x, P: int, e: int, tag: str = "resnet", temb: bool = True):
+    """ResnetBlock2D (no up/down sampling inside); P = batch * height * width. x stays alive
+    (the caller holds it); returns the output handle. temb: the time embedding is added (UNets;
+    the VAE's resnets have none)."""
+    cin, cout = r.conv1.in_channels, r.conv1.out_channels
+    n1 = _group_norm(sim, x, e, tag)
+    s1 = sim.new(cin * P, e, tag)                  # silu
+    sim.save(n1)
+    sim.free(n1)
+    c1 = sim.new(cout * P, e, tag)                 # conv1
+    sim.save(s1)
+    sim.free(s1)
+    if temb:
+        t = sim.new(cout * P, e, tag)              # + temb
+        sim.free(c1)
+    else:
+        t = c1
+    n2 = _group_norm(sim, t, e, tag)
+    sim.free(t)
+    s2 = sim.new(cout * P, e, tag)
+    sim.save(n2)
+    sim.free(n2)
+    c2 = sim.new(cout * P, e, tag)                 # conv2 (dropout: identity)
+    sim.save(s2)
+    sim.free(s2)
+    short = None
+    if r.conv_shortcut is not None:
+        short = sim.new(cout * P, e, tag)
+        sim.save(x)
+    s = sim.new(cout * P, e, tag)                  # input + hidden
+    sim.free(c2, short)
+    out = sim.new(cout * P, e, tag)                # / output_scale_factor
+    sim.free(s)
+    return out
+
+
+def _diffusers_attention(sim: Sim, attn, x, B: int, N: int, kv, Nk: int, e: int, tag: str, spec=None,
+                         maps: bool = False, frames: int = 1, subject_tokens: int = 1):
+    """A diffusers ``Attention`` on (B, N, C) input x (3-D, as inside a transformer block) with keys
+    from ``kv`` (B, Nk, Ck) (x itself for self-attention); returns the output handle (after
+    ``/ rescale_output_factor``). spec: see UNetCall.processors."""
+    inner = attn.to_q.out_features
+    heads = attn.heads
+    q = _linear(sim, x, B * N * inner, e, tag)
+    k = _linear(sim, kv, B * Nk * attn.to_k.out_features, e, tag)
+    v = _linear(sim, kv, B * Nk * attn.to_v.out_features, e, tag)
+    extra = []
+    kind = spec.get("kind") if spec else None
+    if spec and spec.get("write_tokens"):      # write mode: the sampled inputs of the id images, kept by the bank
+        sim.new(spec.get("groups", 1) * spec["write_tokens"] * attn.to_q.in_features, e, "id bank")
+    if kind == "consistent":
+        G, E = spec.get("groups", 1), spec.get("bank_tokens", 0)
+        if E:            # read mode: bank rows projected by this layer's to_k / to_v
+            extra = [sim.new(G * E * attn.to_k.out_features, e, tag), sim.new(G * E * attn.to_v.out_features, e, tag)]
+            sim.save(*extra)
+        out = _attention_out(sim, q, k, v, B * N * inner, e, tag)
+    elif kind == "dense_mask":
+        # the official StoryDiffusion path: SDPA over all G*N tokens of a group (G = ``group``
+        # images, one group per CFG half) with a (G*N)^2 boolean mask shared by the groups.
+        # Building the mask holds four (G*N)^2 booleans at once (same-image, same-group, sampled,
+        # and a negation); SDPA then turns the boolean mask into an additive one in q's dtype
+        L = spec.get("group", B) * N
+        build = [sim.new(L * L, 1, "attention workspace") for _ in range(3)]
+        mask = sim.new(L * L, 1, "attention workspace")
+        sim.free(*build)
+        add = sim.new(L * L, e, "attention workspace")
+        out = _attention_out(sim, q, k, v, B * N * inner, e, tag)
+        sim.free(add, mask)
+    else:
+        out = _attention_out(sim, q, k, v, B * N * inner, e, tag)
+    if spec and spec.get("feature"):
+        sim.ref(k)                                  # Ouroboros keeps the conditional rows' keys (a view)
+        sim.save(k)
+    if maps:
+        D = inner // heads
+        chunk = min(4096, N)
+        qf = sim.new(frames * heads * chunk * D, F32, "maps")
+        kf = sim.new(frames * heads * Nk * D, F32, "maps")
+        m1 = sim.new(frames * heads * chunk * Nk, F32, "maps")
+        m2 = sim.new(frames * heads * chunk * Nk, F32, "maps")
+        sim.free(m1)
+        p = sim.new(frames * heads * chunk * Nk, F32, "maps")
+        sim.free(m2, qf, kf, p)
+    proj = _linear(sim, out, B * N * inner, e, tag)       # to_out[0]
+    sim.free(out)
+    res = sim.new(proj.numel, e, tag)                     # / rescale_output_factor
+    sim.free(proj, q, k, v, *extra)
+    return res
+
+
+def _basic_block(sim: Sim, blk, x, B: int, N: int, text, T: int, e: int, c: UNetCall, name: str):
+    """BasicTransformerBlock (norm_type layer_norm; positional embeddings for motion modules)."""
+    C = blk.norm1.normalized_shape[0]
+    X = B * N * C
+    n1 = sim.new(X, e, "transformer")                     # norm1 (layer_norm)
+    sim.save(x)
+    if getattr(blk, "pos_embed", None) is not None:
+        p = sim.new(X, e, "transformer")
+        sim.free(n1)
+        n1 = p
+    a1 = _diffusers_attention(sim, blk.attn1, n1, B, N, n1, N, e, "attention",
+                              c.processors.get(f"{name}.attn1"), False, c.frames, c.subject_tokens)
+    h1 = sim.new(X, e, "transformer")                     # attn_output + hidden_states
+    h = h1
+    nh = n1
+    if blk.attn2 is not None:
+        n2 = sim.new(X, e, "transformer")
+        sim.save(h1)
+        if getattr(blk, "pos_embed", None) is not None:
+            p = sim.new(X, e, "transformer")
+            sim.free(n2)
+            n2 = p
+        sim.free(nh)
+        cross = getattr(blk.attn2, "is_cross_attention", False) and text is not None
+        kv, Nk = (text, T) if cross else (n2, N)
+        a2 = _diffusers_attention(sim, blk.attn2, n2, B, N, kv, Nk, e, "cross-attention", None,
+                                  f"{name}.attn2" in c.cross_maps, c.frames, c.subject_tokens)
+        sim.free(a1)
+        a1 = a2
+        h2 = sim.new(X, e, "transformer")
+        sim.free(h1)
+        h = h2
+        nh = n2
+    n3 = sim.new(X, e, "transformer")                     # norm3
+    sim.save(h)
+    sim.free(nh)
+    ff = _feed_forward(sim, blk.ff, n3, B * N, e)
+    out = sim.new(X, e, "transformer")                    # ff_output + hidden_states
+    sim.free(ff, n3, a1, h)
+    return out
+
+
+def _feed_forward(sim: Sim, ff, x, rows: int, e: int):
+    """diffusers FeedForward: GEGLU (proj to 2 x inner, chunk, h * gelu(gate)) or GELU, then Linear."""
+    act = ff.net[0]
+    proj_out = act.proj.out_features
+    p = _linear(sim, x, rows * proj_out, e, "ffn")
+    if type(act).__name__ == "GEGLU":
+        inner = proj_out // 2
+        g = sim.new(rows * inner, e, "ffn")               # gelu(gate)
+        sim.save(p)                                       # gelu saves the gate half (a view of p)
+        m = sim.new(rows * inner, e, "ffn")               # hidden * gelu(gate): saves both
+        sim.save(g)
+        sim.free(g, p)
+    else:
+        inner = proj_out
+        m = sim.new(rows * inner, e, "ffn")
+        sim.save(p)
+        sim.free(p)
+    out = _linear(sim, m, rows * ff.net[-1].out_features, e, "ffn")
+    sim.free(m)
+    return out
+
+
+def _transformer_2d(sim: Sim, t2d, x, B: int, h: int, w: int, text, T: int, e: int, c: UNetCall, name: str):
+    """Transformer2DModel on continuous input x (B, C, h, w); returns output + residual."""
+    C = t2d.in_channels
+    inner = t2d.inner_dim
+    N = h * w
+    n = _group_norm(sim, x, e, "transformer")
+    if t2d.use_linear_projection:
+        r = sim.new(B * N * C, e, "transformer")           # permute + reshape: a copy
+        sim.free(n)
+        hdl = _linear(sim, r, B * N * inner, e, "transformer")
+        sim.free(r)
+    else:
+        p = sim.new(B * N * inner, e, "transformer")       # proj_in (1x1 conv)
+        sim.save(n)
+        sim.free(n)
+        hdl = sim.new(B * N * inner, e, "transformer")     # permute + reshape: a copy
+        sim.free(p)
+    for k, blk in enumerate(t2d.transformer_blocks):
+        nxt = _basic_block(sim, blk, hdl, B, N, text, T, e, c, f"{name}.transformer_blocks.{k}")
+        sim.free(hdl)
+        hdl = nxt
+    if t2d.use_linear_projection:
+        po = _linear(sim, hdl, B * N * C, e, "transformer")
+        sim.free(hdl)
+        hdl = sim.new(B * N * C, e, "transformer")         # reshape + permute + contiguous
+        sim.free(po)
+    else:
+        cc = sim.new(B * N * inner, e, "transformer")
+        sim.free(hdl)
+        hdl = sim.new(B * N * C, e, "transformer")         # proj_out (1x1 conv)
+        sim.save(cc)
+        sim.free(cc)
+    out = sim.new(B * N * C, e, "transformer")             # + residual
+    sim.free(hdl)
+    return out
+
+
+def _motion_module(sim: Sim, mm, x, Bv: int, F: int, h: int, w: int, e: int, c: UNetCall, name: str):
+    """AnimateDiffTransformer3D: frames as the sequence (batch Bv * h * w), returns output + residual."""
+    C = mm.in_channels
+    inner = mm.proj_in.out_features
+    rows = Bv * h * w
+    cont = sim.new(Bv * F * C * h * w, e, "motion")        # GroupNorm of a permuted view: contiguous copy
+    n = sim.new(cont.numel, e, "motion")
+    sim.save(cont)
+    sim.free(cont)
+    r = sim.new(n.numel, e, "motion")                       # permute + reshape copy
+    sim.free(n)
+    hdl = _linear(sim, r, rows * F * inner, e, "motion")
+    sim.free(r)
+    for k, blk in enumerate(mm.transformer_blocks):
+        nxt = _basic_block(sim, blk, hdl, rows, F, None, 0, e, c, f"{name}.transformer_blocks.{k}")
+        sim.free(hdl)
+        hdl = nxt
+    po = _linear(sim, hdl, rows * F * C, e, "motion")
+    sim.free(hdl)
+    back = sim.new(po.numel, e, "motion")                   # reshape/permute/contiguous
+    sim.free(po)
+    out = sim.new(po.numel, e, "motion")                    # + residual
+    sim.free(back)
+    return out
+
+
+def unet_call(sim: Sim, unet, c: UNetCall) -> None:
+    """One UNet2DConditionModel / UNetMotionModel forward, walked over the module tree of `unet`
+    (a real or meta-device model; only its structure is read). Tags: "resnet", "transformer",
+    "attention", "cross-attention", "ffn", "motion", "skip" (the down path's outputs kept for the
+    up path), "id bank" (entries written by this call), "maps", "hidden"."""
+    e, T = c.itemsize, c.text_len
+    F = max(1, c.frames)
+    B = c.batch * F                       # the 2-D layers see frames as batch
+    h, w = c.height, c.width
+    motion = hasattr(unet, "down_blocks") and any(hasattr(b, "motion_modules") for b in unet.down_blocks)
+    text = sim.external(c.batch * F * T, e, "text")   # the caller's text states (not counted)
+    sim.where = "conv_in"
+    if motion:
+        sim.bump(0, "hidden")
+        x_in = sim.new(B * unet.conv_in.in_channels * h * w, e, "hidden")   # (B, C, F, h, w) -> (B*F, C, h, w)
+    else:
+        x_in = None
+    sample = sim.new(B * unet.conv_in.out_channels * h * w, e, "skip")
+    sim.free(x_in)
+    skips = [(sample, h, w)]
+    for i, blk in enumerate(unet.down_blocks):
+        sim.where = f"down_blocks.{i}"
+        attns = getattr(blk, "attentions", None) or [None] * len(blk.resnets)
+        mms = getattr(blk, "motion_modules", None) or [None] * len(blk.resnets)
+        for j, (res, att, mm) in enumerate(zip(blk.resnets, attns, mms)):
+            hdl = _resnet(sim, res, sample, B * h * w, e)
+            if att is not None:
+                nxt = _transformer_2d(sim, att, hdl, B, h, w, text, T, e, c, f"down_blocks.{i}.attentions.{j}")
+                sim.free(hdl)
+                hdl = nxt
+            if mm is not None:
+                nxt = _motion_module(sim, mm, hdl, c.batch, F, h, w, e, c, f"down_blocks.{i}.motion_modules.{j}")
+                sim.free(hdl)
+                hdl = nxt
+            sim.retag(hdl, "skip")
+            skips.append((hdl, h, w))
+            sample = hdl
+        if getattr(blk, "downsamplers", None):
+            for ds in blk.downsamplers:
+                h2, w2 = (h + 1) // 2, (w + 1) // 2
+                d = sim.new(B * ds.out_channels * h2 * w2, e, "skip")
+                sim.save(sample)
+                h, w = h2, w2
+                skips.append((d, h, w))
+                sample = d
+    mid = unet.mid_block
+    if mid is not None:
+        sim.where = "mid_block"
+        hdl = _resnet(sim, mid.resnets[0], sample, B * h * w, e)
+        attns = getattr(mid, "attentions", [])
+        mms = getattr(mid, "motion_modules", None) or [None] * len(attns)
+        for j, (att, res) in enumerate(zip(attns, mid.resnets[1:])):
+            nxt = _transformer_2d(sim, att, hdl, B, h, w, text, T, e, c, f"mid_block.attentions.{j}")
+            sim.free(hdl)
+            hdl = nxt
+            if mms[j] is not None:
+                nxt = _motion_module(sim, mms[j], hdl, c.batch, F, h, w, e, c, f"mid_block.motion_modules.{j}")
+                sim.free(hdl)
+                hdl = nxt
+            nxt = _resnet(sim, res, hdl, B * h * w, e)
+            sim.free(hdl)
+            hdl = nxt
+        sample = hdl
+    for i, blk in enumerate(unet.up_blocks):
+        sim.where = f"up_blocks.{i}"
+        n = len(blk.resnets)
+        mine, skips = skips[-n:], skips[:-n]
+        inp = sample
+        hdl = sim.ref(inp)
+        attns = getattr(blk, "attentions", None) or [None] * n
+        mms = getattr(blk, "motion_modules", None) or [None] * n
+        for j, (res, att, mm) in enumerate(zip(blk.resnets, attns, mms)):
+            # torch.cat([hidden_states, skip mine[-1 - j]]); the skip lives until the block returns
+            cat = sim.new(B * res.conv1.in_channels * h * w, e, "hidden")
+            sim.free(hdl)
+            nxt = _resnet(sim, res, cat, B * h * w, e)
+            sim.free(cat)
+            hdl = nxt
+            if att is not None:
+                nxt = _transformer_2d(sim, att, hdl, B, h, w, text, T, e, c, f"up_blocks.{i}.attentions.{j}")
+                sim.free(hdl)
+                hdl = nxt
+            if mm is not None:
+                nxt = _motion_module(sim, mm, hdl, c.batch, F, h, w, e, c, f"up_blocks.{i}.motion_modules.{j}")
+                sim.free(hdl)
+                hdl = nxt
+        if getattr(blk, "upsamplers", None):
+            for us in blk.upsamplers:
+                sh, sw = skips[-1][1:] if skips else (2 * h, 2 * w)
+                it = sim.new(B * us.channels * sh * sw, e, "hidden")   # nearest interpolation
+                u = sim.new(B * us.out_channels * sh * sw, e, "hidden")
+                sim.save(it)
+                sim.free(it, hdl)
+                hdl = u
+                h, w = sh, sw
+        sim.free(*[s for s, _, _ in mine])                 # the block returns: its skips die
+        sim.free(inp)
+        sample = hdl
+    sim.where = "conv_out"
+    if unet.conv_norm_out is not None:
+        n = _group_norm(sim, sample, e, "hidden")
+        sim.free(sample)
+        s = sim.new(n.numel, e, "hidden")
+        sim.save(n)
+        sim.free(n)
+        sample = s
+    out = sim.new(B * unet.conv_out.out_channels * h * w, e, "hidden")
+    sim.save(sample)
+    sim.free(sample, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# VAEs
+def kl_vae_decode(sim: Sim, vae, batch: int, h: int, w: int, itemsize: int, slicing: bool = False,
+                  tile: Optional[int] = None) -> None:
+    """AutoencoderKL.decode of (batch, C, h, w) latents (SD1.5, SDXL, AnimateDiff frames), walked
+    over ``vae.decoder``. slicing: one image at a time (``enable_slicing``; the decoded images are
+    concatenated at the end). tile: the latent tile side of ``enable_tiling`` (None: no tiling, or
+    the latents fit one tile); tiles overlap by 25% and every decoded tile is kept until they are
+    blended. Tags: "vae" (activations), "image" (the decoded output)."""
+    e = itemsize
+    dec = vae.decoder
+    scale = 2 ** (len(dec.up_blocks) - 1)
+    out_ch = dec.conv_out.out_channels
+    n = 1 if slicing else batch
+    images = []
+    if tile is not None and (h > tile or w > tile):
+        stride = int(tile * 0.75)
+        tiles = [(min(tile, h - i), min(tile, w - j)) for i in range(0, h, stride) for j in range(0, w, stride)]
+        kept = []
+        for th, tw in tiles:
+            o = _kl_decoder(sim, vae, dec, n, th, tw, e)
+            kept.append(o)
+        res = sim.new(n * out_ch * h * scale * w * scale, e, "image")   # blended and concatenated
+        sim.free(*kept)
+        images.append(res)
+    else:
+        for _ in range(batch if slicing else 1):
+            images.append(_kl_decoder(sim, vae, dec, n, h, w, e))
+    if slicing and batch > 1:
+        out = sim.new(batch * out_ch * h * scale * w * scale, e, "image")
+        sim.free(*images)
+        sim.free(out)
+    else:
+        sim.free(*images)
+
+
+def _kl_decoder(sim: Sim, vae, dec, B: int, h: int, w: int, e: int):
+    """post_quant_conv + Decoder of B latents of h x w; returns the decoded images' handle."""
+    C_lat = dec.conv_in.in_channels
+    pq = sim.new(B * C_lat * h * w, e, "vae") if getattr(vae, "post_quant_conv", None) is not None else None
+    x = sim.new(B * dec.conv_in.out_channels * h * w, e, "vae")
+    sim.free(pq)
+    P = B * h * w
+    mid = dec.mid_block
+    hdl = _resnet(sim, mid.resnets[0], x, P, e, "vae", temb=False)
+    sim.free(x)
+    for att, res in zip(mid.attentions, mid.resnets[1:]):
+        if att is not None:
+            nxt = _vae_attention(sim, att, hdl, B, h * w, e)
+            sim.free(hdl)
+            hdl = nxt
+        nxt = _resnet(sim, res, hdl, P, e, "vae", temb=False)
+        sim.free(hdl)
+        hdl = nxt
+    for blk in dec.up_blocks:
+        for res in blk.resnets:
+            nxt = _resnet(sim, res, hdl, B * h * w, e, "vae", temb=False)
+            sim.free(hdl)
+            hdl = nxt
+        if blk.upsamplers:
+            for us in blk.upsamplers:
+                h, w = 2 * h, 2 * w
+                it = sim.new(B * us.channels * h * w, e, "vae")
+                u = sim.new(B * us.out_channels * h * w, e, "vae")
+                sim.free(it, hdl)
+                hdl = u
+    n = sim.new(hdl.numel, e, "vae")                                       # conv_norm_out
+    sim.free(hdl)
+    a = sim.new(n.numel, e, "vae")                                         # silu
+    sim.free(n)
+    out = sim.new(B * dec.conv_out.out_channels * h * w, e, "image")
+    sim.free(a)
+    return out
+
+
+def _vae_attention(sim: Sim, attn, x, B: int, N: int, e: int):
+    """The single-head spatial attention of the VAE's mid block (AttnProcessor2_0 on 4-D input,
+    group norm, residual connection); F.linear on the transposed group-norm output copies it."""
+    C = attn.to_q.in_features
+    X = B * N * C
+    gn = sim.new(X, e, "vae")
+    parts = []
+    for _ in range(3):
+        cp = sim.new(X, e, "vae")                          # reshape copy of the transposed input
+        parts.append(sim.new(X, e, "vae"))
+        sim.free(cp)
+    out = sim.new(X, e, "vae")
+    proj = sim.new(X, e, "vae")
+    sim.free(out)
+    back = sim.new(X, e, "vae")                            # transpose + reshape to (B, C, h, w): a copy
+    sim.free(proj)
+    r = sim.new(X, e, "vae")                               # + residual
+    sim.free(back)
+    o = sim.new(X, e, "vae")                               # / rescale_output_factor
+    sim.free(r, gn, *parts)
+    return o
+
+
+def _wan_rms(sim: Sim, x, e: int):
+    """WanRMS_norm: F.normalize (float32 for half inputs), * scale, * gamma, + bias."""
+    up = sim.cast(x, F32, "vae")
+    nrm = sim.new(x.numel, F32, "vae")
+    sim.free(up)
+    nz = sim.cast(nrm, e, "vae")
+    sim.free(nrm)
+    t1 = sim.new(x.numel, e, "vae")
+    t2 = sim.new(x.numel, e, "vae")
+    sim.free(t1)
+    t3 = sim.new(x.numel, e, "vae")
+    sim.free(t2, nz)
+    return t3
+
+
+class WanDecoderCache:
+    """The causal decoder's feature cache: {conv index: (handle, frames)} (the last one or two
+    frames of each causal conv's input; "Rep" marks the first call of a temporal upsampler), kept
+    across chunks: FIFO's decoder state."""
+
+    def __init__(self):
+        self.slots: dict = {}
+        self.idx = 0
+
+    def get(self):
+        return self.slots.get(self.idx)
+
+    def put(self, sim: Sim, entry) -> None:
+        old = self.slots.get(self.idx)
+        if entry is not None and entry != "Rep":
+            sim.retag(entry[0], "vae cache")
+        self.slots[self.idx] = entry
+        if old is not None and old != "Rep":
+            sim.free(old[0])
+        self.idx += 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v[0].nbytes for v in self.slots.values() if v is not None and v != "Rep")
+
+    def free(self, sim: Sim) -> None:
+        for v in self.slots.values():
+            if v is not None and v != "Rep":
+                sim.free(v[0])
+        self.slots = {}
+
+
+def _new_cache_entry(sim: Sim, C: int, B: int, T: int, H: int, W: int, e: int, slot):
+    """cache_x = x[:, :, -2:].clone(), with the previous entry's last frame in front when x has one
+    frame (zeros in front after "Rep")."""
+    clone = sim.new(B * C * min(T, 2) * H * W, e, "vae")
+    if T < 2 and slot is not None:
+        if slot == "Rep":
+            z = sim.new(clone.numel, e, "vae")                   # zeros_like
+            full = sim.new(2 * clone.numel, e, "vae")
+            sim.free(z)
+        else:
+            full = sim.new(2 * clone.numel, e, "vae")
+        sim.free(clone)
+        return (full, 2)
+    return (clone, min(T, 2))
+
+
+def _causal_conv(sim: Sim, conv, x, B: int, T: int, H: int, W: int, e: int, cache: Optional[WanDecoderCache]):
+    """WanCausalConv3d, with the feature cache for temporal kernels: clone the input's last frames,
+    cat the cached frames in front, pad, convolve. Returns the output handle."""
+    cin, cout = conv.in_channels, conv.out_channels
+    kt = conv.kernel_size[0]
+    pd = conv._padding                     # (w, w, h, h, 2 * t, 0); the Conv3d itself pads nothing
+    pw, ph, pad_t = pd[0], pd[2], pd[4]
+    entry = None
+    prev = 0
+    if cache is not None and kt > 1:
+        slot = cache.get()
+        entry = _new_cache_entry(sim, cin, B, T, H, W, e, slot)
+        if slot is not None and slot != "Rep":
+            prev = slot[1]
+    cat = sim.new(B * cin * (T + prev) * H * W, e, "vae") if prev else None
+    tp = max(0, pad_t - prev)
+    pad = sim.new(B * cin * (T + prev + tp) * (H + 2 * ph) * (W + 2 * pw), e, "vae")   # F.pad (a copy)
+    sim.free(cat)
+    out = sim.new(B * cout * T * H * W, e, "vae")
+    sim.free(pad)
+    if cache is not None and kt > 1:
+        cache.put(sim, entry)
+    return out
+
+
+def _wan_resblock(sim: Sim, r, x, B: int, T: int, H: int, W: int, e: int, cache: WanDecoderCache):
+    cin = r.conv1.in_channels
+    cout = r.conv2.out_channels
+    if type(r.conv_shortcut).__name__ != "Identity":
+        h = _causal_conv(sim, r.conv_shortcut, x, B, T, H, W, e, None)
+    else:
+        h = sim.ref(x)
+    n1 = _wan_rms(sim, x, e)
+    s1 = sim.new(n1.numel, e, "vae")
+    sim.free(n1)
+    c1 = _causal_conv(sim, r.conv1, s1, B, T, H, W, e, cache)
+    sim.free(s1)
+    n2 = _wan_rms(sim, c1, e)
+    sim.free(c1)
+    s2 = sim.new(n2.numel, e, "vae")
+    sim.free(n2)
+    c2 = _causal_conv(sim, r.conv2, s2, B, T, H, W, e, cache)
+    sim.free(s2)
+    out = sim.new(B * cout * T * H * W, e, "vae")
+    sim.free(c2, h)
+    del cin
+    return out
+
+
+def wan_vae_decode_chunk(sim: Sim, vae, B: int, T: int, h: int, w: int, e: int, cache: WanDecoderCache):
+    """One call of WanDecoder3d on T latent frames (a view of the post_quant_conv output; the
+    causal decoder is called one latent frame at a time); returns (output handle, frames out).
+    A block's input lives until the block returns (the caller's variable holds it)."""
+    dec = vae.decoder
+    cache.idx = 0
+    H, W = h, w
+    x = _causal_conv(sim, dec.conv_in, None, B, T, H, W, e, cache)
+    mid = dec.mid_block
+    m = _wan_resblock(sim, mid.resnets[0], x, B, T, H, W, e, cache)
+    for att, res in zip(mid.attentions, mid.resnets[1:]):
+        C = att.dim
+        X = B * C * T * H * W
+        p = sim.new(X, e, "vae")                                            # permute + reshape copy
+        n = _wan_rms(sim, p, e)
+        sim.free(p)
+        qkv = sim.new(3 * X, e, "vae")
+        sim.free(n)
+        qkv2 = sim.new(3 * X, e, "vae")                                     # permute + contiguous
+        sim.free(qkv)
+        o = sim.new(X, e, "vae")
+        back = sim.new(X, e, "vae")                                         # squeeze/permute/reshape copy
+        sim.free(o)
+        pr = sim.new(X, e, "vae")
+        sim.free(back)
+        a = sim.new(X, e, "vae")                                            # + identity
+        sim.free(pr, qkv2)                                                  # q, k, v views die on return
+        sim.free(m)
+        m = _wan_resblock(sim, res, a, B, T, H, W, e, cache)
+        sim.free(a)
+    sim.free(x)                                                             # the decoder rebinds x
+    x = m
+    for blk in dec.up_blocks:
+        inp = x
+        copy = sim.new(x.numel, e, "vae") if getattr(blk, "avg_shortcut", None) is not None else None
+        y = sim.ref(inp)
+        for res in blk.resnets:
+            nxt = _wan_resblock(sim, res, y, B, T, H, W, e, cache)
+            sim.free(y)
+            y = nxt
+        ups = list(blk.upsamplers) if getattr(blk, "upsamplers", None) else (
+            [blk.upsampler] if getattr(blk, "upsampler", None) is not None else [])
+        for us in ups:
+            C = us.dim
+            z = sim.ref(y)                                                  # WanResample's local x
+            if us.mode == "upsample3d":
+                slot = cache.get()
+                if slot is None:
+                    cache.put(sim, "Rep")                                   # first call: no time conv
+                else:
+                    entry = _new_cache_entry(sim, C, B, T, H, W, e, slot)
+                    prev = slot[1] if slot != "Rep" else 0
+                    cat = sim.new(B * C * (T + prev) * H * W, e, "vae") if prev else None
+                    pad = sim.new(B * C * (T + max(prev, 2)) * H * W, e, "vae")   # F.pad: a copy
+                    sim.free(cat)
+                    tc = sim.new(B * 2 * C * T * H * W, e, "vae")
+                    sim.free(pad)
+                    cache.put(sim, entry)
+                    st = sim.new(tc.numel, e, "vae")                        # stack of the two halves
+                    sim.free(tc, z)
+                    z = st
+                    T = 2 * T
+            p = sim.new(B * C * T * H * W, e, "vae")                        # permute + reshape copy
+            sim.free(z)
+            H, W = 2 * H, 2 * W
+            it = sim.cast(p, F32, "vae")
+            up = sim.new(B * C * T * H * W, F32, "vae")                     # nearest-exact, in float32
+            sim.free(it)
+            upc = sim.cast(up, e, "vae")
+            sim.free(up)
+            conv = us.resample[1]                                           # nn.Conv2d pads inside the kernel
+            o = sim.new(B * conv.out_channels * T * H * W, e, "vae")
+            sim.free(upc, p)
+            sim.free(y)
+            y = o
+        if copy is not None:
+            sc = sim.new(y.numel, e, "vae")                                 # DupUp3D(copy)
+            s2 = sim.new(y.numel, e, "vae")
+            sim.free(sc, y, copy)
+            y = s2
+        sim.free(inp)                                                       # the decoder rebinds x
+        x = y
+    n = _wan_rms(sim, x, e)
+    sim.free(x)
+    s = sim.new(n.numel, e, "vae")
+    sim.free(n)
+    out = _causal_conv(sim, dec.conv_out, s, B, T, H, W, e, cache)
+    sim.free(s)
+    sim.retag(out, "video")
+    return out, T
+
+
+def wan_vae_decode(sim: Sim, vae, B: int, T_lat: int, h: int, w: int, e: int = F32,
+                   tile: Optional[tuple] = None) -> None:
+    """AutoencoderKLWan.decode of (B, z, T_lat, h, w): post_quant_conv, then one latent frame per
+    decoder call with the feature cache, the outputs concatenated as they come (the cat of the
+    growing video with each chunk), clamp. tile: (tile_h, tile_w, stride_h, stride_w) in latent
+    pixels for ``enable_tiling`` (every tile decoded over all frames and kept until blended)."""
+    z_pad = sim.new(B * vae.decoder.conv_in.in_channels * T_lat * h * w, e, "vae")   # post_quant_conv: F.pad copy
+    pq = sim.new(z_pad.numel, e, "vae")
+    sim.free(z_pad)
+    spatial = 2 ** sum(1 for b in vae.decoder.up_blocks if getattr(b, "upsamplers", None) or
+                       getattr(b, "upsampler", None) is not None)
+    if tile is not None and (h > tile[0] or w > tile[1]):
+        th, tw, sh, sw = tile
+        sim.free(pq)
+        kept = []
+        for i in range(0, h, sh):
+            for j in range(0, w, sw):
+                cache = WanDecoderCache()
+                frames = []
+                for k in range(T_lat):
+                    o, _ = wan_vae_decode_chunk(sim, vae, B, 1, min(th, h - i), min(tw, w - j), e, cache)
+                    frames.append(o)
+                cat = sim.new(sum(f.numel for f in frames), e, "video")
+                sim.free(*frames)
+                kept.append(cat)
+                cache.free(sim)
+        res = sim.new(B * 3 * (4 * (T_lat - 1) + 1) * h * spatial * w * spatial, e, "video")
+        sim.free(*kept)
+        sim.free(res)
+        return
+    cache = WanDecoderCache()
+    out = prev = None
+    for k in range(T_lat):
+        o, _ = wan_vae_decode_chunk(sim, vae, B, 1, h, w, e, cache)
+        sim.free(prev)                     # `out_` of the previous chunk, rebound only now
+        if out is None:
+            out = o
+            prev = None
+        else:
+            cat = sim.new(out.numel + o.numel, e, "video")
+            sim.free(out)
+            out, prev = cat, o
+    sim.free(prev, pq)
+    cl = sim.new(out.numel, e, "video")                                     # clamp
+    sim.free(out)
+    cache.free(sim)
+    sim.free(cl)
+
+
+# ---------------------------------------------------------------------------------------------
+# text encoders (coarse: a formula per encoder type, not an op-by-op walk)
+def text_encoder_peak(comp, batch: int, seq: int, itemsize: int) -> int:
+    """Peak activation bytes of one text-encoder call on `batch` prompts of `seq` tokens.
+
+    T5 / UMT5 encoders (eager attention with a relative position bias): the hidden state with its
+    float32 norm temporaries, plus the larger of the attention step (scores and bias in the
+    model's dtype, the float32 softmax and its cast: B*H*L^2*(3e + 4)) and the gated FFN (three
+    (B, L, d_ff) tensors). CLIP text encoders (SDPA attention, 77 tokens): every layer's hidden
+    state (the SD pipelines ask for all of them) plus the MLP (two (B, L, 4d) tensors). Coarse by
+    design (+-30%): text encoding is never the peak of a run with the encoder's weights counted."""
+    cfg = comp.config
+    e = itemsize
+    B, L = batch, seq
+    if "d_model" in cfg:                                   # T5 family
+        d, H, dff = int(cfg["d_model"]), int(cfg["num_heads"]), int(cfg["d_ff"])
+        hidden = B * L * d * (2 * e + 2 * F32)
+        attn = B * H * L * L * (3 * e + F32)
+        ffn = 3 * B * L * dff * e
+        # the relative-position buckets of each layer's bias: six (L, L) int64 temporaries, a
+        # float32 log and two boolean masks (transformers' _relative_position_bucket)
+        buckets = L * L * (6 * 8 + F32 + 2)
+        return hidden + max(attn, ffn, buckets) + 2 * B * L * d * e
+    d = int(cfg.get("hidden_size", 768))
+    layers = int(cfg.get("num_hidden_layers", 12))
+    dff = int(cfg.get("intermediate_size", 4 * d))
+    L = min(L, int(cfg.get("max_position_embeddings", 77)))
+    return (layers + 1) * B * L * d * e + max(3 * B * L * d * e, 2 * B * L * dff * e) + 2 * B * L * d * e
