@@ -133,7 +133,8 @@ def _check_sample_values(sample_idx: torch.Tensor, total: int):
 
 
 def _resolve_scale(scale, D):
-    return 1.0 / math.sqrt(D) if scale is None else float(scale)
+    # max(D, 1): D == 0 (q empty, an empty result) must not divide by zero
+    return 1.0 / math.sqrt(max(D, 1)) if scale is None else float(scale)
 
 
 # ----------------------------------------------------------------------------------------------

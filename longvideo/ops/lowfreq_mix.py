@@ -56,7 +56,9 @@ def _check(x, noise, filter, d_s, d_t, order):
             raise ValueError(f"lowfreq_mix: {name} must be a finite number > 0, got {val!r}")
         if filter == "box" and val > 1:
             raise ValueError(f"lowfreq_mix: {name} must be <= 1 for the box filter, got {val!r}")
-    if filter == "butterworth" and not (isinstance(order, (int, float)) and math.isfinite(order) and order >= 1):
+    if not (isinstance(order, (int, float)) and math.isfinite(order)):
+        raise ValueError(f"lowfreq_mix: order must be a finite number, got {order!r}")
+    if filter == "butterworth" and order < 1:
         raise ValueError(f"lowfreq_mix: order must be >= 1 for the butterworth filter, got {order!r}")
 
 
@@ -83,6 +85,8 @@ def _check_no_grad(x, noise):
 def _lowfreq_mix_kernel(x, noise, filter="gaussian", d_s=0.25, d_t=0.25, order=4.0):
     _check(x, noise, filter, d_s, d_t, order)
     _check_no_grad(x, noise)
+    if x.numel() == 0:  # before dispatch: an empty result on every backend, as the fake kernel
+        return x.new_empty(x.shape)
     return R.dispatch(OP, x.device, x, noise, filter, d_s, d_t, order)
 
 
@@ -104,6 +108,9 @@ def lowfreq_mix(x: torch.Tensor, noise: torch.Tensor, filter: str = "gaussian", 
 
     out = Re(ifftn(ifftshift(X_s * LPF + N_s * (1 - LPF)))), X_s = fftshift(fftn(x)) over (T, H, W).
     The result is contiguous. Calls ``torch.ops.longvideo.lowfreq_mix``; not differentiable.
+    Bad arguments (NaN/inf d_s, d_t or order included) raise ValueError naming them; empty input
+    gives an empty result on every backend. A NaN or inf in x or noise makes its whole (T, H, W)
+    output slice NaN on every backend (the transforms mix all elements of a slice), no other slice.
     """
     return _OP(x, noise, filter, d_s, d_t, order)
 

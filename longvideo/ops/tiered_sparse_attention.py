@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -32,6 +33,16 @@ NUM_COMBOS = 5
 
 # ---------------------------------------------------------------------------------------------
 # argument checks (shared by the op and its fake kernel)
+def _finite_number(x) -> bool:
+    """A real Python/NumPy number that is not NaN or +-inf (bools and tensors are not numbers here)."""
+    if isinstance(x, (bool, torch.Tensor)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
 def _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, scale,
            rope_t_freqs, vrpr):
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -50,6 +61,8 @@ def _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sin
         if t.device != q.device:
             raise ValueError(f"tiered_sparse_attention: {name} is on {t.device}, q on {q.device}")
     S, D = q.shape[2], q.shape[3]
+    if D < 1 and q.shape[0] * q.shape[1] * S * v.shape[3] > 0:
+        raise ValueError(f"tiered_sparse_attention: q and k need a head dim D >= 1, got q shape {tuple(q.shape)}")
     if frame_tokens < 1:
         raise ValueError(f"tiered_sparse_attention: frame_tokens must be >= 1, got {frame_tokens}")
     if S % frame_tokens != 0:
@@ -63,8 +76,8 @@ def _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sin
         raise ValueError(f"tiered_sparse_attention: stripe_width must be >= 0, got {stripe_width}")
     if sink_frames < 0:
         raise ValueError(f"tiered_sparse_attention: sink_frames must be >= 0, got {sink_frames}")
-    if scale is not None and not math.isfinite(scale):
-        raise ValueError(f"tiered_sparse_attention: scale must be finite, got {scale}")
+    if scale is not None and not _finite_number(scale):
+        raise ValueError(f"tiered_sparse_attention: scale must be a finite float or None, got {scale!r}")
     if rope_t_freqs is not None:
         if not isinstance(rope_t_freqs, torch.Tensor) or rope_t_freqs.dim() != 1:
             raise ValueError("tiered_sparse_attention: rope_t_freqs must be a 1-D tensor (R,)")
@@ -80,6 +93,8 @@ def _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sin
             raise ValueError("tiered_sparse_attention: vrpr re-encodes RoPE positions and requires rope_t_freqs")
         if len(vrpr) != 5:
             raise ValueError(f"tiered_sparse_attention: vrpr must be [W1, W2, G1, G2, clip], got {list(vrpr)}")
+        if not all(_finite_number(x) for x in vrpr):
+            raise ValueError(f"tiered_sparse_attention: vrpr values must be finite integers, got {list(vrpr)}")
         if any(float(x) != int(x) for x in vrpr):
             raise ValueError(f"tiered_sparse_attention: vrpr values must be integers, got {list(vrpr)}")
         w1, w2, g1, g2, _clip = (int(x) for x in vrpr)
@@ -89,6 +104,38 @@ def _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sin
             raise ValueError(f"tiered_sparse_attention: vrpr W1={w1} must be <= W2={w2}")
         if g1 < 1 or g2 < 1:
             raise ValueError(f"tiered_sparse_attention: vrpr group sizes G1={g1}, G2={g2} must be >= 1")
+
+
+# The last rope_t_freqs tensor whose values passed the check, with its version counter: a model
+# passes one frequency tensor to every layer of every step, so only the first call pays the sync.
+# A weak reference, so a freed tensor whose memory is reused never matches.
+_last_finite_freqs: list = [None, -1]
+
+
+def _check_rope_values(rope_t_freqs: Optional[torch.Tensor]) -> None:
+    """rope_t_freqs must be finite (a NaN would make every rotated pair, hence every output, NaN).
+
+    Data-dependent, so not part of :func:`_check` (the fake kernel cannot read values). On CUDA
+    this is a host sync: acceptable because rope_t_freqs is tiny (R <= D/2, Wan: 22 entries), and it is paid
+    once per tensor (cached on the tensor's identity and version) and skipped while a CUDA graph is
+    captured. No such value check is done on q, k or v (a sync on big tensors per call): NaNs
+    there propagate by the rule in the op's docstring."""
+    if rope_t_freqs is None or rope_t_freqs.numel() == 0:
+        return
+    if rope_t_freqs.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    ref, version = _last_finite_freqs
+    if ref is not None and ref() is rope_t_freqs and version == rope_t_freqs._version:
+        return
+    if not bool(torch.isfinite(rope_t_freqs).all()):
+        bad = rope_t_freqs[~torch.isfinite(rope_t_freqs)]
+        raise ValueError(f"tiered_sparse_attention: rope_t_freqs must be finite, got {bad.numel()} "
+                         f"NaN/inf value(s) (first: {bad[0].item()})")
+    _last_finite_freqs[:] = [weakref.ref(rope_t_freqs), rope_t_freqs._version]
+
+
+def _empty_result(q, v):
+    return q.new_empty(q.shape[:3] + (v.shape[3],))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -118,9 +165,24 @@ def tiered_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f
     or with vrpr = [W1, W2, G1, G2, clip] FreeLOC's per-band re-encoded positions (FreeLOC eq. for
     VRPR: P = floor(P_ori / G) + sign(P_ori)(W - floor(W / G)) per band; see
     ``longvideo.reference.tiered_sparse_attention.vrpr_positions``), chosen per pair by |d|.
+
+    Bad arguments raise ValueError naming them, NaN/inf in scale, vrpr and rope_t_freqs included.
+    Empty input (B, H or S zero, or Dv zero) returns an empty (B, H, S, Dv) tensor on every backend.
+
+    NaN rule (q, k, v are not checked for NaN/inf: that would cost a host sync per call): a
+    key/value row that query i does not attend never reaches out[i], whatever its values. A NaN in
+    q[i] or in an attended k[j] makes the whole row out[i] NaN; a NaN in channel c of an attended
+    v[j] makes out[i, c] NaN (an inf there makes it inf or NaN). The reference follows it exactly
+    (where-selection over the attended keys). Known gap: the Triton and CUDA kernels compute
+    p @ v over whole key blocks, so in a *partial* block (tier, sink or band edge inside) a NaN/inf
+    of a masked v row still reaches the queries of that block through p = 0 times NaN
+    (tests/test_op_inputs.py marks it xfail until the kernels zero it); q and k NaN follow the rule.
     """
     _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, scale,
            rope_t_freqs, vrpr)
+    _check_rope_values(rope_t_freqs)
+    if q.shape[0] * q.shape[1] * q.shape[2] * v.shape[3] == 0:
+        return _empty_result(q, v)  # before dispatch: uniform over backends, as the fake kernel
     return R.dispatch(OP, q.device, q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width,
                       sink_frames, scale, rope_t_freqs, vrpr)
 
@@ -130,7 +192,7 @@ def _(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0, sink
       rope_t_freqs=None, vrpr=None):
     _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, scale,
            rope_t_freqs, vrpr)
-    return q.new_empty(q.shape[:3] + (v.shape[3],))
+    return _empty_result(q, v)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,8 +444,15 @@ def triton_module():
 
 def _triton_impl(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0, sink_frames=1,
                  scale=None, rope_t_freqs=None, vrpr=None):
-    return triton_module().tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width,
-                                            sink_frames, scale, rope_t_freqs, vrpr, build_schedule=build_schedule)
+    dtype = q.dtype
+    if dtype == torch.bfloat16 and q.device.type == "cpu" and R.triton_interpreting():
+        # The CPU interpreter has no bf16 dot or arithmetic (it returned garbage, ~1e9): compute
+        # in float32 and round once, as the consistent_attention kernels do under the interpreter.
+        q, k, v = q.float(), k.float(), v.float()
+    out = triton_module().tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_frames,
+                                                      stripe_width, sink_frames, scale, rope_t_freqs, vrpr,
+                                                      build_schedule=build_schedule)
+    return out.to(dtype)
 
 
 def _cuda_supports(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0, sink_frames=1,

@@ -12,7 +12,9 @@ with ``k_flat[t] = k[t // N, :, t % N]``, ``src(t) = t // N`` and ``group(i) = i
 
     out[b] = softmax(q[b] K_b^T * scale) V_b             (StoryDiffusion Alg. 1; SACFA Eq. 4)
 
-i.e. exactly SDPA over the explicitly concatenated keys. This module builds that concatenation
+i.e. exactly SDPA over the explicitly concatenated keys. NaN/inf rule (shared by every backend):
+only the keys/values of K_b, V_b reach row b; a NaN in q[b, :, i] or in a key of K_b makes the whole
+output row NaN, a NaN in channel c of a value of V_b makes channel c of every query of row b NaN. This module builds that concatenation
 per row (readable, slow, memory-hungry): it is the ground truth of the fused kernels. Scores,
 softmax and products are in float32; the result is returned in q's dtype.
 """
@@ -57,6 +59,8 @@ def consistent_attention_reference_with_lse(q, k, v, sample_idx, group_size: int
     """As :func:`consistent_attention_reference`, also returning the float32 log-sum-exp
     ``lse[b, h, i] = log(sum_j exp(q_i . K_b[j] * scale))`` of shape (B, H, N)."""
     B, H, N, D = q.shape
+    if q.numel() == 0:  # empty input, empty result (D == 0 included: out has q's shape)
+        return q.new_empty(q.shape), torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     outs, lses = [], []
     for b in range(B):

@@ -100,8 +100,13 @@ def lowfreq_mix_reference(x: torch.Tensor, noise: torch.Tensor, filter: str = "g
                           d_t: float = 0.25, order: float = 4) -> torch.Tensor:
     """FreeInit's freq_mix_3d, literally: fftn, fftshift, X*LPF + N*(1-LPF), ifftshift, ifftn, real.
 
-    Computed in float32 (float64 for float64 input); returned in x's dtype.
+    Computed in float32 (float64 for float64 input); returned in x's dtype. Empty input gives an
+    empty result (torch.fft refuses zero-size transforms). A NaN/inf anywhere in a (T, H, W) slice
+    of x or noise makes that whole output slice NaN (the transforms mix every element of a slice;
+    a zero filter weight times a NaN spectrum is NaN) and no other slice.
     """
+    if x.numel() == 0:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     dims = (-3, -2, -1)
     lpf = lowpass_filter(x.shape[-3:], filter, d_s, d_t, order, device=x.device, dtype=compute)

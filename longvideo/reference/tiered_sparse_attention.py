@@ -98,6 +98,20 @@ def rotate_temporal(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> 
     return torch.cat((rot, x[..., 2 * r:]), dim=-1)
 
 
+def _masked_terms(p: torch.Tensor, mask: torch.Tensor, v: torch.Tensor, budget: int = 64 << 20) -> torch.Tensor:
+    """sum_j where(mask_ij, p_ij * v_j, 0): p (B, H, C, K), mask (C, K), v (B, H, K, Dv) -> (B, H, C, Dv),
+    in slices of keys that keep the (B, H, C, k, Dv) products near `budget` bytes."""
+    B, H, C, K = p.shape
+    Dv = v.shape[-1]
+    step = max(1, budget // max(1, B * H * C * Dv * 4))
+    acc = p.new_zeros(B, H, C, Dv)
+    for j0 in range(0, K, step):
+        pj, mj, vj = p[..., j0:j0 + step], mask[:, j0:j0 + step], v[:, :, j0:j0 + step]
+        prod = pj[..., None] * vj[:, :, None]                              # (B, H, C, k, Dv)
+        acc = acc + torch.where(mj[None, None, :, :, None], prod, prod.new_zeros(())).sum(-2)
+    return acc
+
+
 def tiered_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_tokens: int,
                                       local_frames: int, stripe_frames: int = 0, stripe_width: int = 0,
                                       sink_frames: int = 1, scale: Optional[float] = None,
@@ -108,10 +122,25 @@ def tiered_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch
 
     out_i = sum_j softmax_j(scale * <rot(q_i, pos_q(i,j)), rot(k_j, pos_k(i,j))> + mask_ij) v_j
     with mask_ij = 0 where :func:`tier_mask` is True, else -inf.
+
+    NaN/inf rule: a key/value row that query i does not attend never reaches out_i, whatever its
+    values (the sum runs over the attended keys only: where-selection, never a product with a zero
+    probability, which would turn a NaN or inf in a masked v row into NaN); attended ones enter by
+    IEEE arithmetic. Empty input (B, H, S or Dv zero) gives an empty (B, H, S, Dv) result.
     """
     B, H, S, D = q.shape
+    if B * H * S * v.shape[-1] == 0:
+        return q.new_empty(B, H, S, v.shape[-1])
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qf, kf, vf = q.float(), k.float(), v.float()
+    # Key rows whose v holds a NaN/inf in some (b, h): their terms are summed with where-selection
+    # below, the others by the plain matmul (where they are zeroed). One host sync per call (the
+    # reference is the slow ground truth; the fast backends never sync on v).
+    bad_keys = (~torch.isfinite(vf)).flatten(0, 1).any(0).any(-1).nonzero().squeeze(1)
+    if bad_keys.numel():
+        v_bad = vf[:, :, bad_keys]
+        vf = vf.clone()
+        vf[:, :, bad_keys] = 0.0
     frame = torch.arange(S, device=q.device) // frame_tokens
     if rope_t_freqs is not None and vrpr is None:
         # Positions are the frame indices: one rotation per token suffices.
@@ -141,5 +170,9 @@ def tiered_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch
         else:
             logits = qc @ kf.transpose(-1, -2)
         logits = (logits * scale).masked_fill(~mask, float("-inf"))
-        out[:, :, rows] = torch.softmax(logits, dim=-1) @ vf
+        p = torch.softmax(logits, dim=-1)
+        res = p @ vf
+        if bad_keys.numel():
+            res = res + _masked_terms(p[..., bad_keys], mask[:, bad_keys], v_bad)
+        out[:, :, rows] = res
     return out.to(q.dtype)
