@@ -111,7 +111,9 @@ def test_per_frame_update_matches_plain_sampling_ddim(ad_pipe):
     old = ad_pipe.scheduler
     ad_pipe.scheduler = DDIMScheduler.from_config(old.config, timestep_spacing="leading")
     try:
-        fifo = FIFODiffusion(ad_pipe, num_partitions=1, frames_per_window=4, lookahead=False)
+        # the scheduler's own grid (the official linspace grid: tests/test_fifo_fidelity.py)
+        fifo = FIFODiffusion(ad_pipe, num_partitions=1, frames_per_window=4, lookahead=False,
+                             timestep_grid="scheduler")
         gen = torch.Generator().manual_seed(4)
         st = _state(fifo, gen, (8, 8))
         emb = torch.randn(1, 77, 32, generator=gen)
@@ -127,7 +129,8 @@ def test_per_frame_update_matches_plain_sampling_ddim(ad_pipe):
             ref = sched.step(eps[:, :, k], asc[k], st.queue[:, :, k], eta=0.0, return_dict=False)[0]
             torch.testing.assert_close(new[:, :, k], ref, atol=1e-5, rtol=1e-5)
         # eta = 1 (the official FIFO setting): the same with DDIM's sigma_t z, z given per slot
-        stochastic = FIFODiffusion(ad_pipe, num_partitions=1, frames_per_window=4, lookahead=False, eta=1.0)
+        stochastic = FIFODiffusion(ad_pipe, num_partitions=1, frames_per_window=4, lookahead=False, eta=1.0,
+                                   timestep_grid="scheduler")
         z = torch.randn(st.queue.shape, generator=gen)
         with torch.no_grad():
             new = stochastic.step(st, lv, emb, None, 1.0, noise=z).queue
@@ -220,18 +223,26 @@ def test_wan_streamed_decode_equals_whole_video_decode(wan_pipe):
 
 def test_initial_queue_is_the_official_construction(ad_pipe):
     """Last f slots: the clip in order at their levels; the slots before: its first frame; the
-    lookahead context: its first frame, clean."""
+    lookahead context: its first frame re-noised to level 1 (t_0) with noise drawn after the
+    slots' (official), or clean."""
     fifo = FIFODiffusion(ad_pipe, num_partitions=2, frames_per_window=4)  # L = 8, c = 2
     clip = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     fifo.family.sample_clip = lambda *a, **k: clip
     lv = fifo.levels("cpu")
     gen = torch.Generator().manual_seed(2)
     st = fifo._initial_state(lv, None, None, 64, 64, 1.0, gen, 4)
-    eps = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(2))
+    ref_gen = torch.Generator().manual_seed(2)
+    eps = torch.randn(1, 4, 8, 8, 8, generator=ref_gen)
+    ctx_eps = torch.randn(1, 4, 2, 8, 8, generator=ref_gen)
     idx = [0, 0, 0, 0, 0, 1, 2, 3]
     for i, j in enumerate(idx):
         a = lv.abar[i + 1]
         torch.testing.assert_close(st.queue[:, :, i], a.sqrt() * clip[:, :, j] + (1 - a).sqrt() * eps[:, :, i])
+    a1 = lv.abar[1]
+    torch.testing.assert_close(st.context, a1.sqrt() * clip[:, :, :1] + (1 - a1).sqrt() * ctx_eps)
+    clean = FIFODiffusion(ad_pipe, num_partitions=2, frames_per_window=4, lookahead_context="clean")
+    clean.family.sample_clip = lambda *a, **k: clip
+    st = clean._initial_state(lv, None, None, 64, 64, 1.0, torch.Generator().manual_seed(2), 4)
     torch.testing.assert_close(st.context, clip[:, :, :1].repeat(1, 1, 2, 1, 1))
     assert fifo.warmup == 4 and FIFODiffusion(ad_pipe, num_partitions=2, frames_per_window=4,
                                                skip_warmup=False).warmup == 0

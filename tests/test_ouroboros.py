@@ -114,6 +114,70 @@ def test_sacfa_processor_equals_explicit_concatenation(ad_pipe):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
+def _sacfa_oracle(attn, x, masks, Fr, own_twice):
+    """SACFA by explicit concatenation, per frame b of a CFG half: keys/values = [frame b's tokens]
+    ++ the subject tokens of the other frames (the paper, Eq. 4) or of every frame, b's own included
+    (the authors' demo_sacfa.py: all_k[mask] concatenated to every frame's k); SDPA; to_out."""
+    H = attn.heads
+    B, N = x.shape[0], x.shape[1]
+    q, k, v = (m(x).view(B, N, H, -1).transpose(1, 2) for m in (attn.to_q, attn.to_k, attn.to_v))
+    flat = masks.view(Fr, -1)
+    rows = []
+    for b in range(B):
+        half, fb = divmod(b, Fr)
+        ks, vs = [k[b]], [v[b]]
+        for o in range(Fr):
+            if o != fb or own_twice:
+                ks.append(k[half * Fr + o][:, flat[o]])
+                vs.append(v[half * Fr + o][:, flat[o]])
+        rows.append(F.scaled_dot_product_attention(q[b], torch.cat(ks, 1), torch.cat(vs, 1)))
+    return attn.to_out[0](torch.stack(rows).transpose(1, 2).reshape(B, N, -1))
+
+
+def test_sacfa_official_demo_tokens_equal_explicit_concatenation(ad_pipe):
+    """sacfa_tokens="official_demo": every frame attends to its own tokens plus the subject tokens of
+    ALL frames of its CFG half (its own a second time), forward and gradient (self-recurrent
+    guidance's path); the paper's variant (default) differs from it."""
+    from longvideo.processors.ouroboros import OuroborosContext, OuroborosSelfAttnProcessor
+
+    name, attn = _attn1(ad_pipe)
+    Fr, h, w = 5, 2, 6  # 5 frames of 2 x 6 tokens
+    gen = torch.Generator().manual_seed(7)
+    x0 = torch.randn(2 * Fr, h * w, attn.to_q.in_features, generator=gen)
+    masks = torch.rand(Fr, h, w, generator=gen) > 0.55
+    masks[2] = False  # a frame without subject tokens still shares nothing and sees the others'
+    ctx = OuroborosContext((h, w))
+    proc = OuroborosSelfAttnProcessor(ctx, name)
+    got = {}
+    for tokens in ("paper", "official_demo"):
+        x = x0.clone().requires_grad_(True)
+        ctx.begin(frames=Fr, masks=masks, sacfa=True, use_op=True, record_maps=False, sacfa_tokens=tokens)
+        out = proc(attn, x)
+        ctx.end()
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
+        got[tokens] = (out.detach(), grad)
+    for tokens, own_twice in (("paper", False), ("official_demo", True)):
+        x = x0.clone().requires_grad_(True)
+        ref = _sacfa_oracle(attn, x, masks, Fr, own_twice)
+        (ref_grad,) = torch.autograd.grad(ref.square().sum(), x)
+        torch.testing.assert_close(got[tokens][0], ref.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[tokens][1], ref_grad, atol=1e-4, rtol=1e-4)
+    a, b = got["official_demo"][0], got["paper"][0]
+    assert ((a - b).norm() / b.norm()).item() > 1e-3
+    with pytest.raises(ValueError, match="sacfa_tokens"):
+        OuroborosDiffusion(ad_pipe, sacfa_tokens="both")
+
+
+def test_sacfa_tokens_option_reaches_the_processors(ad_pipe):
+    """End to end: the paper's concatenation is the default; the demo's changes the queue once
+    subject masks exist (the second iteration)."""
+    base = dict(num_partitions=1, frames_per_window=4, tail_sampling=False, self_recurrent_guidance=False)
+    paper, _ = _run(ad_pipe, 2, OuroborosDiffusion(ad_pipe, **base))
+    demo, _ = _run(ad_pipe, 2, OuroborosDiffusion(ad_pipe, sacfa_tokens="official_demo", **base))
+    assert OuroborosDiffusion(ad_pipe, **base).ouro.sacfa_tokens == "paper"
+    assert (demo.queue - paper.queue).abs().max() > 1e-5
+
+
 def test_subject_map_is_cross_attention_mass_on_subject_tokens(ad_pipe):
     from longvideo.processors.ouroboros import OuroborosContext, OuroborosCrossAttnProcessor
 

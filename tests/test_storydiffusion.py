@@ -74,8 +74,8 @@ def test_rate0_no_bank_equals_plain_pipeline(pipes, kind):
 # ----------------------------------------------------------------------------------------------
 # write then read equals an independent re-implementation of the official algorithm
 class OfficialLowVramProcessor:
-    """The official low-VRAM consistent attention, written from the paper/METHODS.md: for each
-    image, keys = its own tokens ++ the sampled tokens of the other images of its CFG half (write)
+    """The official low-VRAM consistent attention, written from the paper and the low-VRAM app: for
+    each image, keys = its own tokens ++ the sampled tokens of the other images of its CFG half (write)
     or ++ the cached id tokens of the characters it names (read); SDPA per image. The id bank is
     this processor's own dict. Only the token subsets are taken from the controller."""
 
@@ -130,8 +130,9 @@ class OfficialLowVramProcessor:
 ])
 def test_write_then_read_equals_official_computation(pipes, kind, story, id_length):
     pipe = _fresh(pipes, kind)
-    # start_step=1: step 0 plain, later steps consistent on every call (prob 1: no per-call draw)
-    method = StoryDiffusion(pipe, sampling_rate=0.5, start_step=1, prob_early=1.0, prob_late=1.0)
+    # the low-VRAM app's schedule: step 0 plain, later steps consistent on every call (prob 1: no
+    # per-call draw); the official app's early steps: tests/test_story_fidelity.py
+    method = StoryDiffusion(pipe, sampling_rate=0.5, schedule="low_vram", prob_early=1.0, prob_late=1.0)
     ours = method.generate_story(story, id_length=id_length, num_inference_steps=STEPS, output_type="latent",
                                  progress=False, seed=3)
     assert method.bank.num_entries() > 0
@@ -391,6 +392,8 @@ def test_bench_quick_cases_agree():
     import importlib.util
     from pathlib import Path
 
+    # (the benchmark's StoryDiffusion cases run the official low-VRAM app's schedule, schedule="low_vram":
+    # the path its official_lowvram case re-implements)
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_storydiffusion.py"
     spec = importlib.util.spec_from_file_location("bench_storydiffusion_under_test", path)
     bench = importlib.util.module_from_spec(spec)
@@ -603,12 +606,16 @@ def test_auto_bank_on_cpu_equals_old_default_and_projection_is_exact(pipes, kind
         assert bank._mem.keys() == old_m.bank._mem.keys()
         for entry, t in bank._mem.items():
             assert torch.equal(t, old_m.bank._mem[entry])
-    # the write records only the steps the read can use: none before start_step
-    assert {step for _, step, _ in bank._mem} == set(range(1, steps))
+    # the write records the steps the read uses: the whole id inputs before start_step (the official
+    # app's schedule, the default), the sampled subsets after
+    assert {step for _, step, _ in bank._mem} == set(range(steps))
+    for (_, step, layer), t in bank._mem.items():
+        n = 16 if layer.startswith("up_blocks.0.") else 64  # tokens per image: 4 x 4 and 8 x 8 latents
+        assert (t.shape[1] == 2 * n) if step == 0 else (0 < t.shape[1] < 2 * n)  # 2 id images
     # on a CPU-only run everything stays where it was made: host memory
     summary = bank.memory_summary()
     assert summary["device"] == summary["file"] == 0 and summary["device_budget"] is None
-    assert summary["host"] == bank.nbytes() > 0 and summary["entries"] == (steps - 1) * len(method.layers)
+    assert summary["host"] == bank.nbytes() > 0 and summary["entries"] == steps * len(method.layers)
     # the projection from the UNet's structure replays the method's draws: exact
     projected = method.project_bank_bytes(num_inference_steps=steps, id_length=2, characters=["Bob"], seed=2)
     assert projected == bank.nbytes()
@@ -624,7 +631,8 @@ def test_auto_bank_on_cpu_equals_old_default_and_projection_is_exact(pipes, kind
     assert abs(mean - expected) <= 0.02 * expected
     with pytest.raises(ValueError, match="names"):
         method.project_bank_bytes(num_inference_steps=steps, characters=2, seed=0)
-    # a bank without the early steps cannot be read with an earlier start: a clear error up front
+    # a bank whose step 0 holds the whole id inputs cannot be read with sampled consistent attention
+    # at step 0 (an earlier start): a clear error up front
     path = method.save_bank(tmp_path / "bob.safetensors")
     reader = StoryDiffusion(pipe, start_step=0)
     try:

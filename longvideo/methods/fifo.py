@@ -1,8 +1,9 @@
 """FIFO-Diffusion (Kim et al. 2024) and Ouroboros-Diffusion (Chen et al. 2025) on diffusers video pipelines.
 
-Diagonal denoising (METHODS.md section 1). The queue holds ``L`` latent frames at increasing noise
-levels: slot ``k`` at level ``k + 1`` (levels 0 = clean .. L = tail; the family's schedule for L
-steps, see ``fifo_models``). One iteration denoises every window of the queue once, so every slot
+Diagonal denoising. The queue holds ``L`` latent frames at increasing noise levels: slot ``k`` at
+level ``k + 1`` (levels 0 = clean .. L = tail; the family's grid of L steps, see ``fifo_models``
+and ``timestep_grid`` below). Where this package and the official code differ, and by how much:
+docs/fidelity.md. One iteration denoises every window of the queue once, so every slot
 moves exactly one level down, then the head (now clean) leaves the queue -- decoded and written at
 once -- and a new tail frame enters at level L. Each frame gets the model's per-frame update:
 
@@ -23,10 +24,24 @@ L = n f, as in the paper; odd f (Wan's 21 latent frames) is supported the same w
 Initial queue (as the official code builds it): a normally sampled clip of f latent frames (the
 plain pipeline with ``init_steps`` steps, L by default); slot i gets clip frame
 ``max(0, i - (L - f))`` re-noised to level i + 1 with fresh noise, i.e. the last f slots hold the
-clip in order and the slots before them copies of its first frame; the lookahead context is the
-clip's first frame, clean, repeated c times. The first ``L - f`` frames that leave the queue are
-those copies: with ``skip_warmup=True`` (default, as the official code) they are not emitted,
-so the video starts with the clip's first frame re-denoised by the queue.
+clip in order and the slots before them copies of its first frame. The first ``L - f`` frames
+that leave the queue are those copies: with ``skip_warmup=True`` (default, as the official code)
+they are not emitted, so the video starts with the clip's first frame re-denoised by the queue.
+
+Lookahead context (``lookahead_context``): ``"official"`` (default, as the official code, both its
+VideoCrafter and its Open-Sora Plan branch): the c context frames start as the clip's first frame
+re-noised to level 1 (the grid's lowest timestep t_0; DDIM with the official grid: std
+sqrt(1 - abar(0)) ~ 0.03) with fresh noise per frame, and the model is told level 1's timestep
+for every context frame at every iteration (the popped heads that later fill the context are at
+level 0 but are still told t_0). ``"clean"``: the clip's first frame itself and level 0's timestep
+(this package before the option existed). Noise draws of the initial state: the slots' noise,
+then the context's ("official" only).
+
+Timestep grid (``timestep_grid``): ``"official"`` (default): the official code's
+``linspace(0, 999, L).round()`` on the DDIM family (AnimateDiff), whatever the scheduler's spacing;
+on the flow-matching families (Wan, SkyReels-V2) the official code defines no such grid, and its
+diffusers branch uses the scheduler's own, so there ``"official"`` is the scheduler's sigmas.
+``"scheduler"``: the pipeline scheduler's timesteps for L steps. See ``fifo_models``.
 
 Multi-prompt: ``prompt`` may be a list of ``(prompt, start_video_frame)``; a window uses the prompt in
 force at the latent frame it is centred on (video frame v lies in latent frame ceil(v / 4) on Wan,
@@ -36,7 +51,9 @@ Streaming and no lost work: ``generate`` yields uint8 frames as they leave the q
 to ``writer`` if given); every ``checkpoint_every`` iterations the queue state (latents, context,
 iteration, frames emitted, the CPU generator's state, Ouroboros' maps and bank) is saved atomically
 with torch.save; ``resume=True`` continues from it and yields exactly the frames an uninterrupted run
-with the same seed yields after that point.
+with the same seed yields after that point. The run's settings saved with it (and compared on
+resume) include the grid in effect and the lookahead context; a checkpoint written before those
+options existed counts as ``timestep_grid="scheduler"``, ``lookahead_context="clean"``.
 
 Several processes: when torch.distributed is initialised (NCCL on GPUs, gloo on CPU), window i of
 an iteration runs on rank ``i % world``; the new slot values (and Ouroboros' maps and bank features)
@@ -70,6 +87,8 @@ from .fifo_ouroboros import (
     subject_token_positions,
     subject_words_from_prompt,
 )
+
+LOOKAHEAD_CONTEXTS = ("official", "clean")
 
 __all__ = ["FIFODiffusion", "OuroborosDiffusion", "OuroborosConfig", "QueueState", "PromptSchedule",
            "add_generate_arguments", "run_generate"]
@@ -113,12 +132,23 @@ class FIFODiffusion:
             clip's first frame; see the module docstring), as the official code.
         eta: DDIM's eta for the AnimateDiff family (0: deterministic, the default; the official
             FIFO code uses 1.0; see ``fifo_models``).
+        timestep_grid: "official" (default: linspace(0, 999, L) on the DDIM family, the scheduler's
+            sigmas on flow matching, where the official code defines no other) or "scheduler" (the
+            pipeline scheduler's own timesteps); see the module docstring and docs/fidelity.md.
+        lookahead_context: "official" (default: context frames noised to the grid's t_0 and told
+            t_0, as the official code) or "clean" (the clip's first frame, told level 0); only
+            with lookahead.
     """
 
     def __init__(self, pipe, num_partitions: int = 4, frames_per_window: Optional[int] = None, lookahead: bool = True,
                  coherent_tail: bool = False, tail_d_s: float = 0.25, tail_d_t: float = 1.0, distributed: bool = True,
-                 ouroboros: Optional[OuroborosConfig] = None, skip_warmup: bool = True, eta: float = 0.0):
+                 ouroboros: Optional[OuroborosConfig] = None, skip_warmup: bool = True, eta: float = 0.0,
+                 timestep_grid: str = "official", lookahead_context: str = "official"):
         self.family = make_family(pipe)
+        self.timestep_grid = self.family.resolve_grid(timestep_grid)  # the grid in effect (ValueError if unknown)
+        if lookahead_context not in LOOKAHEAD_CONTEXTS:
+            raise ValueError(f"lookahead_context must be one of {LOOKAHEAD_CONTEXTS}, got {lookahead_context!r}")
+        self.lookahead_context = lookahead_context
         if frames_per_window is None:  # the model's clip length (at least 2 for lookahead's half windows)
             f = max(self.family.default_window(), 2 if lookahead else 1)
         else:
@@ -167,7 +197,13 @@ class FIFODiffusion:
         return (min(1, self.num_windows - 1),)
 
     def levels(self, device):
-        return self.family.levels(self.L, device)
+        return self.family.levels(self.L, device, grid=self.timestep_grid)
+
+    @property
+    def context_level(self) -> int:
+        """The level whose timestep the model is told for the lookahead context frames: 1 (the
+        grid's t_0, "official") or 0 ("clean")."""
+        return 1 if self.lookahead_context == "official" else 0
 
     def sigmas(self, device) -> torch.Tensor:
         """Flow-matching families: sigma_0 = 0 < ... < sigma_L."""
@@ -193,7 +229,8 @@ class FIFODiffusion:
             single.embeds = [prompts]
             prompts = single
         full = torch.cat([state.context, q], dim=2) if c else q
-        k_full = torch.cat([torch.zeros(c, dtype=torch.long), torch.arange(1, L + 1)]).to(q.device)
+        k_full = torch.cat([torch.full((c,), self.context_level, dtype=torch.long),
+                            torch.arange(1, L + 1)]).to(q.device)
         rank, world = self._rank_world()
         ouro, ctx = self.ouro, self._ctx
         new_q = torch.zeros_like(q)
@@ -254,7 +291,8 @@ class FIFODiffusion:
         guided = (srg and masks is not None and SubjectBank.valid(state.bank)
                   and i in self.guided_windows)
         layers = self._feature_layers if (guided or bank_window) else ()
-        ctx.begin(frames=f, masks=masks, sacfa=ouro.sacfa, use_op=guided, record_maps=True, feature_layers=layers)
+        ctx.begin(frames=f, masks=masks, sacfa=ouro.sacfa, use_op=guided, record_maps=True, feature_layers=layers,
+                  sacfa_tokens=ouro.sacfa_tokens)
         ctx.subject_ids = subject_ids
         grad = feats = None
         try:
@@ -335,6 +373,11 @@ class FIFODiffusion:
         if self._ctx is not None:
             maps = clip.new_zeros(self.context_len + L, *clip.shape[3:])
         context = clip[:, :, :1].repeat(1, 1, self.context_len, 1, 1)
+        if self.context_len and self.lookahead_context == "official":
+            # the official prepare_latents: the first frame re-noised to t_0 (level 1), fresh noise per frame
+            ctx_eps = torch.randn(context.shape, generator=generator).to(clip)
+            context = self.family.noise_clean(lv, context, torch.ones(self.context_len, dtype=torch.long,
+                                                                      device=clip.device), ctx_eps)
         return QueueState(queue=queue, context=context, decoder_state=None,
                           iteration=0, frames_out=0, rng_state=generator.get_state(), maps=maps, bank=None)
 
@@ -487,7 +530,8 @@ class FIFODiffusion:
         model = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
         return {"family": self.family.name, "model": f"{type(self.family.denoiser).__name__}:{model}",
                 "fps": getattr(self.family, "fps", None), "n": self.n, "f": self.f, "lookahead": self.lookahead,
-                "warmup": self.warmup, "eta": self.eta,
+                "warmup": self.warmup, "eta": self.eta, "timestep_grid": self.timestep_grid,
+                "lookahead_context": self.lookahead_context if self.context_len else "none",
                 "height": int(height), "width": int(width), "guidance_scale": float(guidance_scale),
                 "negative_prompt": negative_prompt, "seed": int(seed), "init_steps": init_steps,
                 "prompts": list(schedule.prompts), "prompt_starts": list(schedule.latent_starts),
@@ -516,11 +560,12 @@ class OuroborosDiffusion(FIFODiffusion):
     (each switchable; see ``fifo_ouroboros`` for the definitions and defaults). Extra keyword
     arguments are fields of :class:`OuroborosConfig` (subject_words, mask_threshold,
     guidance_scale (of the self-recurrent guidance), momentum, guided_windows, bank_frames,
-    feature_layers, tail_filter, tail_d_s, tail_d_t, tail_order)."""
+    feature_layers, tail_filter, tail_d_s, tail_d_t, tail_order, sacfa_tokens)."""
 
     def __init__(self, pipe, num_partitions: int = 4, frames_per_window: Optional[int] = None, lookahead: bool = True,
                  tail_sampling: bool = True, sacfa: bool = True, self_recurrent_guidance: bool = True,
-                 distributed: bool = True, skip_warmup: bool = True, eta: float = 0.0, **options):
+                 distributed: bool = True, skip_warmup: bool = True, eta: float = 0.0,
+                 timestep_grid: str = "official", lookahead_context: str = "official", **options):
         names = {f.name for f in dataclasses.fields(OuroborosConfig)}
         bad = sorted(set(options) - names)
         if bad:
@@ -529,7 +574,7 @@ class OuroborosDiffusion(FIFODiffusion):
                                  self_recurrent_guidance=self_recurrent_guidance, **options)
         super().__init__(pipe, num_partitions=num_partitions, frames_per_window=frames_per_window,
                          lookahead=lookahead, distributed=distributed, ouroboros=config, skip_warmup=skip_warmup,
-                         eta=eta)
+                         eta=eta, timestep_grid=timestep_grid, lookahead_context=lookahead_context)
 
 
 class PromptSchedule:
@@ -560,9 +605,31 @@ class PromptSchedule:
         return self.embeds[self.index(latent_index)]
 
 
+def _ouroboros_settings(text):
+    """The Ouroboros options of a run's settings (saved as the repr of a dict) as a dict; options
+    added later get the value that reproduces the older behaviour (sacfa_tokens: the paper's)."""
+    import ast
+
+    if text is None or text == "None":
+        return None
+    try:
+        options = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    if isinstance(options, dict):
+        options.setdefault("sacfa_tokens", "paper")
+    return options
+
+
 def _check_run_settings(saved: Optional[dict], now: dict, ckpt) -> None:
     if saved is None:
         return
+    saved, now = dict(saved), dict(now)
+    # checkpoints written before these options existed: the only behaviour there was then
+    saved.setdefault("timestep_grid", "scheduler")
+    saved.setdefault("lookahead_context", "clean" if saved.get("lookahead", True) else "none")
+    saved["ouroboros"], now["ouroboros"] = _ouroboros_settings(saved.get("ouroboros")), _ouroboros_settings(
+        now.get("ouroboros"))
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
             if saved.get(k) != now.get(k)]
     if diff:
@@ -582,6 +649,11 @@ def add_generate_arguments(parser) -> None:
     g.add_argument("--fifo-no-lookahead", action="store_true")
     g.add_argument("--fifo-eta", type=float, default=0.0,
                    help="DDIM eta (AnimateDiff family; the official FIFO code uses 1.0)")
+    g.add_argument("--fifo-timestep-grid", choices=("official", "scheduler"), default="official",
+                   help="official (default: linspace(0, 999, L) as the official FIFO code on the DDIM family; the "
+                        "scheduler's sigmas on flow matching) or scheduler (the pipeline scheduler's timesteps)")
+    g.add_argument("--fifo-lookahead-context", choices=LOOKAHEAD_CONTEXTS, default="official",
+                   help="official (default: context frames noised to t_0, as the official code) or clean")
     g.add_argument("--fifo-emit-warmup", action="store_true",
                    help="also write the first L - f frames out of the queue (copies of the initial clip's first frame)")
     g.add_argument("--fifo-init-steps", type=int, default=None, help="steps of the initial clip")
@@ -604,6 +676,9 @@ def add_generate_arguments(parser) -> None:
                    help="comma-separated window indices to guide (default: 1, the window after the head's)")
     g.add_argument("--ouroboros-tail-ds", type=float, default=0.25)
     g.add_argument("--ouroboros-tail-dt", type=float, default=1.0)
+    g.add_argument("--ouroboros-sacfa-tokens", choices=("paper", "official_demo"), default="paper",
+                   help="SACFA keys: paper (default: the other frames' subject tokens) or official_demo (every "
+                        "frame's subject tokens, its own included a second time); see docs/fidelity.md")
 
 
 def _family_from_checkpoint(path) -> str:
@@ -626,7 +701,9 @@ def _family_from_checkpoint(path) -> str:
 def build_from_args(args, pipe):
     method = getattr(args, "method", "fifo")
     common = dict(num_partitions=args.fifo_partitions, frames_per_window=args.fifo_window,
-                  lookahead=not args.fifo_no_lookahead, skip_warmup=not args.fifo_emit_warmup, eta=args.fifo_eta)
+                  lookahead=not args.fifo_no_lookahead, skip_warmup=not args.fifo_emit_warmup, eta=args.fifo_eta,
+                  timestep_grid=getattr(args, "fifo_timestep_grid", "official"),
+                  lookahead_context=getattr(args, "fifo_lookahead_context", "official"))
     if method == "ouroboros":
         subjects = [s.strip() for s in args.ouroboros_subject.split(",")] if args.ouroboros_subject else None
         windows = None
@@ -640,7 +717,8 @@ def build_from_args(args, pipe):
                                   self_recurrent_guidance=not args.ouroboros_no_guidance, subject_words=subjects,
                                   guidance_scale=args.ouroboros_guidance_scale, momentum=args.ouroboros_momentum,
                                   guided_windows=windows, tail_d_s=args.ouroboros_tail_ds,
-                                  tail_d_t=args.ouroboros_tail_dt, **common)
+                                  tail_d_t=args.ouroboros_tail_dt,
+                                  sacfa_tokens=getattr(args, "ouroboros_sacfa_tokens", "paper"), **common)
     return FIFODiffusion(pipe, coherent_tail=args.fifo_coherent_tail, **common)
 
 

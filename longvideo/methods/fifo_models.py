@@ -5,10 +5,24 @@ model one noise level per frame and (b) the scheduler's update written per frame
 indexed ``0 .. L`` (0 clean, L the tail); queue slot ``k`` sits at level ``k + 1`` and one
 iteration moves it to level ``k``.
 
+Timestep grids (``FIFODiffusion(timestep_grid=...)``; docs/fidelity.md). The official FIFO code
+is a DDIM sampler on VideoCrafter2 whose L timesteps are ``linspace(0, 999, L).round()`` (DDIM
+index 0 at t = 0, and the last step of the head goes to ``alphas_cumprod[0]``, the official
+``alphas_prev[0]``). ``"official"`` reproduces that grid where it is defined, on the DDIM family
+(AnimateDiff), whatever the pipeline scheduler's ``timestep_spacing`` and ``set_alpha_to_one``;
+``"scheduler"`` takes the pipeline scheduler's own timesteps for L steps (equal to the official
+grid only with "linspace" spacing and ``set_alpha_to_one=False``; "leading" gives 0..945 for 64
+steps). A linspace over DDPM's discrete timesteps is not defined for flow matching (continuous
+sigmas with a shift); the official code's other branch (Open-Sora Plan, a diffusers pipeline)
+takes the diffusers scheduler's own timesteps, so on the flow-matching families (Wan,
+SkyReels-V2) ``"official"`` IS the scheduler's grid: both names give the same levels
+(:meth:`WanFamily.resolve_grid`).
+
 ``WanFamily`` (flow matching; WanTransformer3DModel)
     Levels are the pipeline scheduler's own flow sigmas for L steps (shift included), ascending:
-    ``sigma_0 = 0 < ... < sigma_L``. Per-frame update (Euler, what FlowMatchEulerDiscreteScheduler.step
-    does for one frame):  ``x_{sigma'} = x_sigma + (sigma' - sigma) * v(x, sigma)``.
+    ``sigma_0 = 0 < ... < sigma_L`` (both timestep grids, see above). Per-frame update (Euler,
+    what FlowMatchEulerDiscreteScheduler.step does for one frame):
+    ``x_{sigma'} = x_sigma + (sigma' - sigma) * v(x, sigma)``.
     Per-frame timesteps: diffusers' WanTransformer3DModel accepts a 2-D timestep ``(B, seq)``
     (one per token, flattened through the time embedding and unflattened to per-token modulation),
     so a frame's timestep ``1000 * sigma`` is repeated over its ``(h/2) * (w/2)`` patch tokens.
@@ -21,8 +35,11 @@ iteration moves it to level ``k``.
     ``1 + 4 (N - 1)`` video frames.
 
 ``AnimateDiffFamily`` (DDIM, epsilon prediction; UNetMotionModel)
-    Levels are the scheduler's timesteps for L steps, ascending, with level 0 the scheduler's
-    final alpha (``final_alpha_cumprod``). Per-frame update (DDIM; shown for eta = 0):
+    Levels: ``timestep_grid="official"``: ``t_k = round(linspace(0, T - 1, L))[k - 1]`` for level
+    k >= 1 (T = num_train_timesteps), level 0 ``alphas_cumprod[0]`` (so the head's last step, from
+    t = 0, is the identity, as in the official sampler); ``"scheduler"``: the scheduler's timesteps
+    for L steps, ascending, with level 0 the scheduler's final alpha (``final_alpha_cumprod``).
+    Per-frame update (DDIM; shown for eta = 0):
     ``x0 = (x - sqrt(1 - a) eps) / sqrt(a)``, ``x' = sqrt(a') x0 + sqrt(1 - a') eps`` with
     ``a = abar(t_k)``, ``a' = abar(t_{k-1})``: consecutive timesteps of the schedule, as FIFO's
     official DDIM sampler does. (diffusers' DDIMScheduler.step steps to ``t - 1000 // L``, which is
@@ -74,6 +91,15 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+
+TIMESTEP_GRIDS = ("official", "scheduler")
+
+
+def _check_grid(grid: str) -> str:
+    if grid not in TIMESTEP_GRIDS:
+        raise ValueError(f"timestep_grid must be one of {TIMESTEP_GRIDS}, got {grid!r}")
+    return grid
 
 
 @dataclass
@@ -152,7 +178,17 @@ class WanFamily(_Family):
         tiny = getattr(self.pipe, "longvideo_trained_latent_frames", None) == 3
         return (32, 32) if tiny else self.full_size
 
-    def levels(self, L: int, device) -> Levels:
+    @staticmethod
+    def resolve_grid(grid: str) -> str:
+        """The grid in effect: flow matching has no DDPM-timestep linspace; the official code's
+        diffusers branch uses the scheduler's grid, so "official" is "scheduler" here."""
+        _check_grid(grid)
+        return "scheduler"
+
+    def levels(self, L: int, device, grid: str = "scheduler") -> Levels:
+        """The scheduler's flow sigmas for L steps, ascending (`grid`: both names, see the module
+        docstring)."""
+        self.resolve_grid(grid)
         sched = self.pipe.scheduler
         sched.set_timesteps(L, device=device)
         s = sched.sigmas.to(device=device, dtype=torch.float32)
@@ -389,8 +425,22 @@ class AnimateDiffFamily(_Family):
         s = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         return s, s
 
-    def levels(self, L: int, device) -> Levels:
+    @staticmethod
+    def resolve_grid(grid: str) -> str:
+        return _check_grid(grid)
+
+    def levels(self, L: int, device, grid: str = "scheduler") -> Levels:
+        """L + 1 levels (see the module docstring): the official linspace grid or the scheduler's."""
         sched = self.pipe.scheduler
+        if _check_grid(grid) == "official":
+            import numpy as np
+
+            T = int(sched.config.num_train_timesteps)
+            ts = torch.from_numpy(np.linspace(0, T - 1, L).round().astype(np.int64))   # ascending (L,)
+            ac = sched.alphas_cumprod.to(torch.float32)
+            abar = torch.cat([ac[:1], ac[ts]])  # level 0: the official alphas_prev[0] = alphas_cumprod[0]
+            t_model = torch.cat([ts.new_zeros(1), ts]).to(torch.float32)
+            return Levels(t_model=t_model.to(device), abar=abar.to(device))
         sched.set_timesteps(L, device="cpu")
         if sched.timesteps.numel() != L:
             raise ValueError(f"pipe.scheduler: FIFO needs one timestep per level, but {type(sched).__name__} gives "

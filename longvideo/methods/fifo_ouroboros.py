@@ -1,4 +1,5 @@
-"""Ouroboros-Diffusion's three additions to FIFO (METHODS.md section 2), used by ``fifo.FIFODiffusion``.
+"""Ouroboros-Diffusion's three additions to FIFO, used by ``fifo.FIFODiffusion`` (where this package
+and the authors' demo code differ, and by how much: docs/fidelity.md).
 
 (a) Coherent tail latent sampling. The new tail is
     ``lowfreq_mix(z, eta, filter, d_s, d_t)``: the low frequencies of ``z`` and the high frequencies
@@ -13,7 +14,12 @@
     like it), so the tail inherits its low-frequency structure, which is what keeps consecutive tails
     coherent. Noise draws: ``eta`` first (the same draw FIFO uses as its tail), then the DDIM ``eps``.
 
-(b) SACFA: see ``longvideo.processors.ouroboros``. Subject masks come from the cross-attention maps
+(b) SACFA: see ``longvideo.processors.ouroboros``. ``sacfa_tokens``: ``"paper"`` (default) extends
+    each frame's keys/values with the subject tokens of the OTHER frames of its window (the paper's
+    Eq. 4); ``"official_demo"`` with the subject tokens of ALL frames of the window, the frame's own
+    included, which therefore appear twice (what the authors' demo_sacfa.py concatenates; the
+    paper is the default because it is the published definition and the demo, as released, does
+    not run: docs/fidelity.md). Subject masks come from the cross-attention maps
     of the subject words: per frame, the attention mass on the subject's text tokens, averaged over
     heads, subject tokens and every cross-attention layer (the authors' demo uses only the layers at
     down-sampling factors 2 and 4; all layers is a superset that also works on Wan, whose blocks all
@@ -59,6 +65,7 @@ _FUNCTION_WORDS = {
     "that", "which", "who", "as", "under", "behind", "beside", "between", "during", ",", ".",
 }
 _ARTICLES = {"a", "an", "the", "one", "two", "some"}
+SACFA_TOKENS = ("paper", "official_demo")
 
 
 @dataclass
@@ -71,6 +78,7 @@ class OuroborosConfig:
     tail_d_t: float = 1.0
     tail_order: int = 4
     sacfa: bool = True
+    sacfa_tokens: str = "paper"                      # "paper" | "official_demo" (see the module docstring)
     self_recurrent_guidance: bool = True
     subject_words: Optional[Sequence[str]] = None
     mask_threshold: float = 0.5
@@ -91,6 +99,8 @@ class OuroborosConfig:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.bank_frames < 1:
             raise ValueError(f"bank_frames must be >= 1, got {self.bank_frames}")
+        if self.sacfa_tokens not in SACFA_TOKENS:
+            raise ValueError(f"sacfa_tokens must be one of {SACFA_TOKENS}, got {self.sacfa_tokens!r}")
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
         return self

@@ -1,8 +1,9 @@
 """StoryDiffusion (Zhou et al. 2024): consistent characters across a story, on diffusers SD1.5 / SDXL.
 
-Consistent self-attention (METHODS.md section 3): in the self-attention layers of the UNet's up
-blocks, each image attends, with one softmax, to its own tokens plus a random subset (sampling
-rate 0.5) of the tokens of the other images generated with it; the subset is redrawn every step.
+Consistent self-attention: in the self-attention layers of the UNet's up blocks, each image
+attends, with one softmax, to its own tokens plus a random subset (sampling rate 0.5) of the
+tokens of the other images generated with it; the subset is redrawn every step. Where this
+package and the official code differ, and by how much: docs/fidelity.md.
 A story of any length is made in two phases:
 
 * write: the first ``id_length`` prompts of each character (the prompts naming only that
@@ -11,10 +12,21 @@ A story of any length is made in two phases:
 * read: every other prompt is generated alone (batch 1 per CFG half) and attends to its own
   tokens plus the id banks of the characters it names (none for ``[NC]`` prompts).
 
-The official schedule applies per attention call: plain attention for step < ``start_step`` (5),
-then consistent attention with probability 0.7 while step < 20 and 0.9 afterwards. Everything
-random (latents, token subsets, per-call draws) is a function of ``seed`` and of the prompt, so a
-story is reproducible and can be continued in a later run from a saved bank.
+The official per-call schedule: consistent attention from ``start_step`` on, with probability 0.7
+while step < 20 and 0.9 afterwards (a call that draws "off" runs plain attention). Before
+``start_step``, ``schedule`` says what happens; the official code has two:
+
+* ``schedule="official_app"`` (default; app.py and predict.py): start_step 5; before it a write
+  call runs plain self-attention while the id bank keeps the WHOLE self-attention inputs of the id
+  images, and a read call attends to its own tokens plus that whole bank (every token of every id
+  image of the characters it names). It is the default because it is what the main official app
+  (and its predict.py) computes, and the paper does not say what the first steps do.
+* ``schedule="low_vram"`` (gradio_app_sdxl_specific_id_low_vram.py): start_step 1; step 0 is plain
+  self-attention for write and read alike, nothing is written for it.
+
+An explicit ``start_step`` overrides the schedule's start (the early steps keep the schedule's
+behaviour). Everything random (latents, token subsets, per-call draws) is a function of ``seed``
+and of the prompt, so a story is reproducible and can be continued in a later run from a saved bank.
 
 Quick start::
 
@@ -27,7 +39,8 @@ Quick start::
 
 Memory: the id bank holds, per character, step and patched layer, the sampled self-attention
 inputs of the id images: for SDXL at 1024x1024 with 4 id images, 50 steps and the official
-schedule, about 20 GB in float16 (:func:`project_bank_bytes` computes it from the UNet's
+schedule, about 20 GB in float16 for the 45 sampled steps, plus the whole inputs of the 5 early
+steps with ``schedule="official_app"`` (:func:`project_bank_bytes` computes it from the UNet's
 structure). The default ``bank_location="auto"`` keeps the bank on the GPU up to a budget
 (``bank_gpu_budget``, default 10% of the GPU's memory) and spills the rest to pinned host memory,
 copied back on a side stream one step ahead of its use.
@@ -64,13 +77,17 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from ..processors.consistent import (
+    SCHEDULE_START,
+    SCHEDULES,
     ConsistentAttentionController,
     IdBank,
     _derive_seed,
     bernoulli_token_subset,
+    check_schedule,
     official_probability,
     parse_gpu_budget,
     self_attention_layers,
+    step_kind,
 )
 
 NC_TAG = "NC"
@@ -245,10 +262,11 @@ def _as_unet(model):
 
 def project_bank_bytes(model, num_inference_steps: int = 50, id_length: int = 4, height: Optional[int] = None,
                        width: Optional[int] = None, sampling_rate: Union[float, dict] = 0.5, layers="up",
-                       start_step: int = 5, prob_early: float = 0.7, prob_late: float = 0.9, late_step: int = 20,
-                       probability: Optional[Callable[[int], float]] = None, guidance_scale: float = 5.0,
-                       characters=1, seed: Optional[int] = None, dtype: Optional[torch.dtype] = None,
-                       vae_scale_factor: Optional[int] = None) -> int:
+                       start_step: Optional[int] = None, prob_early: float = 0.7, prob_late: float = 0.9,
+                       late_step: int = 20, probability: Optional[Callable[[int], float]] = None,
+                       guidance_scale: float = 5.0, characters=1, seed: Optional[int] = None,
+                       dtype: Optional[torch.dtype] = None, vae_scale_factor: Optional[int] = None,
+                       schedule: str = "official_app") -> int:
     """Bytes of the id banks :meth:`StoryDiffusion.generate_story` writes, from the UNet's
     structure alone (no forward pass; a config dict is built on the meta device).
 
@@ -258,14 +276,16 @@ def project_bank_bytes(model, num_inference_steps: int = 50, id_length: int = 4,
     `vae_scale_factor` to the pipeline's (8 otherwise).
 
     Derivation. The write call of a character generates its `id_length` id images as one batch
-    (2 groups with classifier-free guidance: guidance_scale > 1, else 1). On each step s whose
-    scheduled probability is > 0 (steps < start_step are never written, nor read) and at each
-    selected self-attention layer l, the bank stores a (groups, E, C_l) tensor:
+    (2 groups with classifier-free guidance: guidance_scale > 1, else 1). On each step s that is
+    a "full" step (s < start_step with ``schedule="official_app"``) or whose scheduled
+    probability is > 0, and at each selected self-attention layer l, the bank stores a
+    (groups, E, C_l) tensor:
 
         C_l = the layer's input width (to_q.in_features),
         N_l = tokens per image at the layer's resolution: the latent side (height // f) halved
               (rounding up, as the stride-2 convolutions do) once per level below the top,
-        E   = #{t < id_length * N_l : u_t < rate(N_l)}, u = the write call's uniform draws for
+        E   = id_length * N_l on a full step (the whole inputs), else
+              #{t < id_length * N_l : u_t < rate(N_l)}, u = the write call's uniform draws for
               (seed, ("write", character), s, N_l)  (shared by the layers of one resolution).
 
     bytes = sum over characters, steps, layers of groups * E * C_l * itemsize. With `seed` (the
@@ -298,8 +318,13 @@ def project_bank_bytes(model, num_inference_steps: int = 50, id_length: int = 4,
         raise ValueError(f"height/width must be multiples of {f}, got {height}x{width}")
     levels = len(unet.config.block_out_channels)
     groups = 2 if guidance_scale > 1.0 and unet.config.get("time_cond_proj_dim") is None else 1
+    check_schedule(schedule)
+    if start_step is None:
+        start_step = SCHEDULE_START[schedule]
     prob = probability or (lambda s: official_probability(s, start_step, prob_early, prob_late, late_step))
-    steps = [s for s in range(num_inference_steps) if prob(s) > 0]
+    kinds = {s: step_kind(s, prob(s), start_step, schedule == "official_app") for s in range(num_inference_steps)}
+    steps = [s for s, k in kinds.items() if k == "sampled"]
+    full_steps = [s for s, k in kinds.items() if k == "full"]
     width_sum: dict = {}  # tokens per image -> sum of C_l over the layers at that resolution
     for name, attn in self_attention_layers(unet, layers):
         h, w = height // f, width // f
@@ -311,10 +336,11 @@ def project_bank_bytes(model, num_inference_steps: int = 50, id_length: int = 4,
         return float(sampling_rate.get(tokens, 0.0)) if isinstance(sampling_rate, dict) else float(sampling_rate)
 
     item = torch.empty((), dtype=dtype).element_size()
+    full = count * len(full_steps) * groups * item * sum(id_length * n * c for n, c in width_sum.items())
     if seed is None:
         per_step = sum(rate(n) * id_length * n * c for n, c in width_sum.items())
-        return int(round(count * len(steps) * groups * item * per_step))
-    total = 0
+        return full + int(round(count * len(steps) * groups * item * per_step))
+    total = full
     for name in names:
         for s in steps:
             for n, c in width_sum.items():
@@ -349,8 +375,15 @@ class StoryDiffusion:
     pipe            a StableDiffusionPipeline / StableDiffusionXLPipeline (or fine-tune).
     sampling_rate   fraction of tokens each id image shares (official 0.5); float or
                     {tokens_per_image: rate}.
+    schedule        "official_app" (default: app.py / predict.py; start_step 5, and before it a
+                    read image attends to its own tokens plus the WHOLE id bank) or "low_vram"
+                    (the low-VRAM app: start_step 1, step 0 plain attention); see the module
+                    docstring and docs/fidelity.md.
     start_step, prob_early, prob_late, late_step
-                    the official per-call schedule (5, 0.7, 0.9, 20); prob 1.0 = always on.
+                    the official per-call schedule (start_step from `schedule` when None: 5 or
+                    1; 0.7, 0.9, 20); prob 1.0 = always on. `probability` (callable(step) ->
+                    float) replaces the per-call probability (with "official_app" not on the
+                    steps before start_step, which always read the whole bank).
     layers          which self-attention layers: "up" (official), "up+mid", "all", names, predicate.
     bank_location   where id banks live: "auto" (default: on the pipeline's device while the bank's
                     bytes there stay within `bank_gpu_budget`, the rest in pinned host memory,
@@ -366,20 +399,25 @@ class StoryDiffusion:
     :meth:`project_bank_bytes` predicts them before running anything.
     """
 
-    def __init__(self, pipe, sampling_rate: Union[float, dict] = 0.5, start_step: int = 5, prob_early: float = 0.7,
-                 prob_late: float = 0.9, late_step: int = 20, probability: Optional[Callable[[int], float]] = None,
-                 layers="up", bank_location="auto", bank_gpu_budget=None):
+    def __init__(self, pipe, sampling_rate: Union[float, dict] = 0.5, start_step: Optional[int] = None,
+                 prob_early: float = 0.7, prob_late: float = 0.9, late_step: int = 20,
+                 probability: Optional[Callable[[int], float]] = None, layers="up", bank_location="auto",
+                 bank_gpu_budget=None, schedule: str = "official_app"):
         if not hasattr(pipe, "unet"):
             raise ValueError("pipe must be a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline (no .unet)")
         if bank_gpu_budget is not None:
             parse_gpu_budget(bank_gpu_budget, "bank_gpu_budget")  # the error names this argument
             if bank_location != "auto":
                 raise ValueError(f"bank_gpu_budget applies only to bank_location='auto', got {bank_location!r}")
+        self.schedule = check_schedule(schedule)
+        if start_step is None:
+            start_step = SCHEDULE_START[schedule]
         self.pipe = pipe
         self.bank = IdBank(bank_location, gpu_budget=bank_gpu_budget)
         self.controller = ConsistentAttentionController(
             sampling_rate=sampling_rate, start_step=start_step, prob_early=prob_early, prob_late=prob_late,
-            late_step=late_step, probability=probability, bank=self.bank)
+            late_step=late_step, probability=probability, bank=self.bank,
+            full_bank_early=schedule == "official_app")
         self.layers = self.controller.install(pipe.unet, layers)
 
     # -- bank ----------------------------------------------------------------------------------------
@@ -404,6 +442,7 @@ class StoryDiffusion:
         return project_bank_bytes(self.pipe, num_inference_steps=num_inference_steps, id_length=id_length,
                                   height=height, width=width, sampling_rate=self.controller.sampling_rate,
                                   layers=self.layers, probability=self.controller.probability_at,
+                                  start_step=self.controller.start_step, schedule=self.schedule,
                                   guidance_scale=guidance_scale, characters=characters, seed=seed)
 
     def remove(self) -> None:
@@ -534,8 +573,11 @@ class StoryDiffusion:
                     sampling_rate=self.controller.sampling_rate if not isinstance(self.controller.sampling_rate, dict)
                     else {str(k): v for k, v in self.controller.sampling_rate.items()},
                     unet=type(self.pipe.unet).__name__, block_out_channels=list(self.pipe.unet.config.block_out_channels),
-                    # the steps with entries: those whose scheduled probability is > 0
-                    bank_steps=[s for s in range(steps) if self.controller.probability_at(s) > 0])
+                    # the steps with entries: the full steps (whole id inputs) and those whose
+                    # scheduled probability is > 0 (sampled subsets)
+                    bank_steps=[s for s in range(steps) if self.controller.step_kind(s) != "none"],
+                    full_steps=[s for s in range(steps) if self.controller.step_kind(s) == "full"],
+                    schedule=self.schedule)
         ids = dict(meta.get("id_prompts", {}))
         for c, idx in writes.items():
             ids[c] = [story.prompts[i].text for i in idx]
@@ -557,14 +599,28 @@ class StoryDiffusion:
             raise ValueError("the loaded id bank was recorded on other layers "
                              f"({len(meta['layers'])} layers); use the same `layers` and model")
         if meta.get("bank_steps") is not None:
-            # steps before the schedule's start are not recorded: a read with an earlier start
-            # (or another probability schedule) would ask for entries the bank does not hold
-            missing = sorted({s for s in range(steps) if self.controller.probability_at(s) > 0}
-                             - set(meta["bank_steps"]))
+            # A read asks, per step, for the whole id inputs (full steps) or for sampled subsets;
+            # the bank holds what its write recorded (banks saved before the official app's full
+            # steps existed hold sampled entries only). Another start_step, schedule or probability
+            # would read entries the bank does not hold, or the wrong kind of entry.
+            have_full = set(meta.get("full_steps", []))
+            have_sampled = set(meta["bank_steps"]) - have_full
+            kinds = {s: self.controller.step_kind(s) for s in range(steps)}
+            missing = sorted({s for s, k in kinds.items() if k == "sampled"} - have_sampled)
+            missing_full = sorted({s for s, k in kinds.items() if k == "full"} - have_full)
             if missing:
-                raise ValueError(f"the loaded id bank has no entries for steps {missing} (it was recorded with "
-                                 f"consistent attention on {len(meta['bank_steps'])} of {steps} steps); use the "
-                                 f"same start_step / probability schedule as the write")
+                raise ValueError(f"the loaded id bank has no entries for steps {missing} of sampled consistent "
+                                 f"attention (it holds sampled entries for {len(have_sampled)} and whole id inputs "
+                                 f"for {len(have_full)} of {steps} steps); use the same schedule / start_step / "
+                                 f"probability as the write")
+            if missing_full:
+                raise ValueError(f"the loaded id bank has no whole id inputs for steps {missing_full}, which "
+                                 f"schedule={self.schedule!r} reads in full before start_step "
+                                 f"{self.controller.start_step} (it was written with schedule "
+                                 f"{meta.get('schedule', 'none: saved before schedules existed')!r}); use the "
+                                 f"same schedule / start_step as the write (a bank saved before schedules "
+                                 f"existed: schedule='low_vram' with the start_step it was written with, 5 by "
+                                 f"default)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -715,7 +771,13 @@ def add_story_arguments(parser) -> None:
                         help="pipeline family for the built-in tiny model or a single-file checkpoint")
     parser.add_argument("--story-id-length", type=int, default=4, help="id images per character (written together)")
     parser.add_argument("--story-sampling-rate", type=float, default=0.5)
-    parser.add_argument("--story-start-step", type=int, default=5, help="plain attention before this step")
+    parser.add_argument("--story-schedule", default="official_app", choices=list(SCHEDULES),
+                        help="official_app (default: the official app.py; consistent attention from step 5, read "
+                             "images attend to the whole id bank before it) or low_vram (the official low-VRAM "
+                             "app: from step 1, plain attention at step 0); see docs/fidelity.md")
+    parser.add_argument("--story-start-step", type=int, default=None,
+                        help="first step of sampled consistent attention (default: 5 for official_app, 1 for "
+                             "low_vram); the steps before it follow --story-schedule")
     parser.add_argument("--story-prob-early", type=float, default=0.7)
     parser.add_argument("--story-prob-late", type=float, default=0.9)
     parser.add_argument("--story-late-step", type=int, default=20)
@@ -763,7 +825,8 @@ def run_story(args) -> int:
         method = StoryDiffusion(pipe, sampling_rate=args.story_sampling_rate, start_step=args.story_start_step,
                                 prob_early=args.story_prob_early, prob_late=args.story_prob_late,
                                 late_step=args.story_late_step, layers=args.story_layers,
-                                bank_location=bank_location, bank_gpu_budget=args.story_bank_budget)
+                                bank_location=bank_location, bank_gpu_budget=args.story_bank_budget,
+                                schedule=getattr(args, "story_schedule", "official_app"))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""Consistent self-attention for diffusers ``Attention`` layers (StoryDiffusion, METHODS.md section 3).
+"""Consistent self-attention for diffusers ``Attention`` layers (StoryDiffusion; how this differs from
+the official code: docs/fidelity.md).
 
 Three pieces, data flowing one way (method -> controller -> processor -> op):
 
@@ -20,7 +21,9 @@ Three pieces, data flowing one way (method -> controller -> processor -> op):
     step (counted by a forward pre-hook on the model: one model call = one step), the token
     sampling (a Bernoulli(sampling_rate) subset per image, drawn once per step from a seeded
     ``torch.Generator``, shared by all layers of the same resolution and by every group, i.e. both
-    CFG halves), the official per-call probability schedule, and the id bank.
+    CFG halves), the official per-call probability schedule, the early steps (before the
+    schedule's start: plain attention, or, as the official app reads, the WHOLE id bank), and the
+    id bank.
 
 ``IdBank``
     The id bank: per key (a character, or a video subject) and per (step, layer), the sampled
@@ -141,10 +144,11 @@ class IdBank:
     percentage cannot be resolved and entries stay on the device.
 
     Each entry is a (groups, E, C) tensor: groups = the CFG halves of the write call (2 with
-    classifier-free guidance), E = sampled tokens of all id images of the key. Only the steps on
-    which consistent attention can be on are written: the controller records nothing for a step
-    whose scheduled probability is 0 (step < start_step in the official schedule), and the read
-    phase never asks for those steps. :meth:`memory_summary` gives the bytes per location.
+    classifier-free guidance), E = sampled tokens of all id images of the key, or, on a "full"
+    step (see :meth:`ConsistentAttentionController.step_kind`: the official app's steps before
+    start_step), ALL their tokens (E = id images * tokens). Only the steps the read phase can use
+    are written: nothing for a step on which consistent attention is off (probability 0 and not
+    a full step). :meth:`memory_summary` gives the bytes per location.
     """
 
     def __init__(self, location: Union[str, torch.device, os.PathLike, None] = None, gpu_budget=None):
@@ -499,6 +503,33 @@ def bernoulli_token_subset(seed: int, call_key, step: int, tokens: int, count: i
     return torch.nonzero(torch.rand(count, generator=gen) < rate).flatten()
 
 
+SCHEDULES = ("official_app", "low_vram")
+"""StoryDiffusion's two official schedules of the steps before consistent attention starts:
+
+* ``"official_app"`` (app.py, predict.py): consistent attention from step 5; before it, a write
+  call runs plain self-attention (and the id bank keeps the WHOLE self-attention inputs of the id
+  images), a read call attends to its own tokens plus the whole id bank.
+* ``"low_vram"`` (gradio_app_sdxl_specific_id_low_vram.py): consistent attention from step 1;
+  step 0 is plain self-attention in both phases (nothing is written for it)."""
+
+SCHEDULE_START = {"official_app": 5, "low_vram": 1}
+
+
+def check_schedule(schedule: str) -> str:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return schedule
+
+
+def step_kind(step: int, probability: float, start_step: int, full_bank_early: bool) -> str:
+    """What consistent attention does at `step`: "full" (before `start_step` when the early
+    steps read the whole id bank: the official app), "sampled" (the scheduled probability is
+    > 0: write and read with the sampled token subset), or "none" (plain attention)."""
+    if full_bank_early and step < start_step:
+        return "full"
+    return "sampled" if probability > 0 else "none"
+
+
 def official_probability(step: int, start_step: int = 5, prob_early: float = 0.7, prob_late: float = 0.9,
                          late_step: int = 20) -> float:
     """StoryDiffusion's per-call schedule: off before `start_step`, then consistent attention with
@@ -518,6 +549,12 @@ class ConsistentAttentionController:
     start_step, prob_early, prob_late, late_step
                     the per-call probability schedule (:func:`official_probability`), or
                     `probability` = any callable(step) -> float replacing it.
+    full_bank_early steps < start_step are "full" steps (:func:`step_kind`; StoryDiffusion's
+                    ``schedule="official_app"``): a write call runs plain attention and stores
+                    the WHOLE inputs of its images in the bank, a read call attends to its own
+                    tokens plus all of them (the consistent_attention op with the bank and no
+                    sampled tokens), with no per-call draw. False (default): those steps follow
+                    the probability (0 in the official schedule: plain attention, nothing stored).
     window          frame window for video (images b, b' interact only if |b - b'| <= window);
                     -1 = whole group.
     bank            the IdBank; `bank_step_key` False keys bank entries by layer only (for
@@ -528,7 +565,8 @@ class ConsistentAttentionController:
 
     def __init__(self, sampling_rate: Union[float, dict] = 0.5, start_step: int = 5, prob_early: float = 0.7,
                  prob_late: float = 0.9, late_step: int = 20, probability: Optional[Callable[[int], float]] = None,
-                 window: int = -1, bank: Optional[IdBank] = None, seed: int = 0, bank_step_key: bool = True):
+                 window: int = -1, bank: Optional[IdBank] = None, seed: int = 0, bank_step_key: bool = True,
+                 full_bank_early: bool = False):
         rates = sampling_rate.values() if isinstance(sampling_rate, dict) else [sampling_rate]
         for r in rates:
             if not 0.0 <= float(r) <= 1.0:
@@ -543,6 +581,7 @@ class ConsistentAttentionController:
         self.sampling_rate = sampling_rate
         self.start_step, self.prob_early, self.prob_late, self.late_step = start_step, prob_early, prob_late, late_step
         self.probability = probability
+        self.full_bank_early = bool(full_bank_early)
         self.window = window
         self.bank = bank if bank is not None else IdBank()
         self.bank_step_key = bank_step_key
@@ -584,7 +623,7 @@ class ConsistentAttentionController:
         with a host-memory bank, starts the step's bank transfer to the model's device."""
         self.step += 1
         self._samples = {}
-        if self.mode == "read" and self.read_keys and module is not None and self.probability_at(self.step) > 0:
+        if self.mode == "read" and self.read_keys and module is not None and self.step_kind(self.step) != "none":
             param = next(module.parameters(), None)
             layers = self._installed.get(id(module), (None, {}))[1]
             if param is not None and param.device.type == "cuda" and layers:
@@ -595,6 +634,10 @@ class ConsistentAttentionController:
         if self.probability is not None:
             return float(self.probability(step))
         return official_probability(step, self.start_step, self.prob_early, self.prob_late, self.late_step)
+
+    def step_kind(self, step: int) -> str:
+        """"full", "sampled" or "none" (see :func:`step_kind`)."""
+        return step_kind(step, self.probability_at(step), self.start_step, self.full_bank_early)
 
     def rate_for(self, tokens: int) -> float:
         if isinstance(self.sampling_rate, dict):
@@ -632,10 +675,25 @@ class ConsistentAttentionController:
             raise RuntimeError(f"consistent attention: batch {B} is not a multiple of group_size {group_size}")
         groups = B // group_size
         step = max(self.step, 0)
-        p = self.probability_at(step)
-        if p <= 0.0:
+        kind = self.step_kind(step)
+        if kind == "none":
             return None
         bank_step = step if self.bank_step_key else None
+        if kind == "full":
+            # the official app before start_step: a write runs plain attention and keeps the WHOLE
+            # inputs of its images (groups, group_size * N, C); a read attends to its own tokens
+            # plus all of them (no sampled tokens, no per-call draw)
+            if self.mode == "write":
+                self.bank.put(self.write_key, bank_step, layer,
+                              hidden_states.detach().reshape(groups, group_size * N, C).clone())
+            bank = self._read_bank(bank_step, layer, hidden_states, groups) if self.mode == "read" else None
+            if self.trace is not None:
+                self.trace.append((step, layer, bank is not None))
+            if bank is None:
+                return None
+            empty = torch.empty(0, dtype=torch.int64, device=hidden_states.device)
+            return ConsistencyPlan(sample_idx=empty, group_size=group_size, window=-1, bank=bank)
+        p = self.probability_at(step)
         sample_idx = self.sample_indices(step, N, group_size, groups, hidden_states.device)
         if self.mode == "write":
             # the id images' sampled tokens (the same subset their write-mode attention shares),
@@ -647,15 +705,18 @@ class ConsistentAttentionController:
             self.trace.append((step, layer, used))
         if not used:
             return None
-        bank = None
-        if self.mode == "read" and self.read_keys:
-            bank = self.bank.get(self.read_keys, bank_step, layer, hidden_states.device, hidden_states.dtype)
-            if bank.shape[0] not in (1, groups):
-                raise RuntimeError(f"id bank has {bank.shape[0]} groups but this call has {groups} (one per CFG "
-                                   f"half): write and read with the same guidance setting")
-            if bank.shape[1] == 0:
-                bank = None
+        bank = self._read_bank(bank_step, layer, hidden_states, groups) if self.mode == "read" else None
         return ConsistencyPlan(sample_idx=sample_idx, group_size=group_size, window=self.window, bank=bank)
+
+    def _read_bank(self, bank_step, layer: str, hidden_states: torch.Tensor, groups: int) -> Optional[torch.Tensor]:
+        """The read keys' bank entries for (step, layer), (groups or 1, E, C); None when empty."""
+        if not self.read_keys:
+            return None
+        bank = self.bank.get(self.read_keys, bank_step, layer, hidden_states.device, hidden_states.dtype)
+        if bank.shape[0] not in (1, groups):
+            raise RuntimeError(f"id bank has {bank.shape[0]} groups but this call has {groups} (one per CFG "
+                               f"half): write and read with the same guidance setting")
+        return None if bank.shape[1] == 0 else bank
 
     # -- installation ------------------------------------------------------------------------------
     def install(self, model: torch.nn.Module, layers: Union[str, Sequence[str], Callable[[str], bool]] = "up") -> list:

@@ -1,4 +1,5 @@
-"""Ouroboros-Diffusion attention processors (METHODS.md section 2): SACFA, subject maps, subject features.
+"""Ouroboros-Diffusion attention processors: SACFA, subject maps, subject features (differences from
+the authors' demo code: docs/fidelity.md).
 
 Data flow: the FIFO method (``longvideo.methods.fifo``) owns an :class:`OuroborosContext`, sets it
 up before each model call of a window (the window's subject masks, what to record) and reads what
@@ -11,6 +12,10 @@ Self-attention (``attn1``)
     with the subject tokens of the OTHER frames of its window, i.e. ``consistent_attention(q, k, v,
     sample_idx, group_size=F)`` with ``sample_idx`` the flat indices of the tokens inside the
     frames' subject masks (both CFG halves use the same masks; the halves are separate groups).
+    ``sacfa_tokens="official_demo"`` (the authors' demo): the subject tokens of ALL frames of the
+    window, the frame's own included (so its own subject tokens count twice in the softmax), i.e.
+    ``consistent_attention(q, k, v, [], group_size=F, bank_k, bank_v)`` with one bank per CFG half
+    = the keys/values of that half's subject tokens (gathered: only those tokens are copied).
     *Wan*: the window's self-attention is already full spatio-temporal (every frame attends to all
     tokens of all frames), so SACFA's cross-frame extension is the identity there; only the subject
     maps and features are used (self-recurrent guidance).
@@ -44,6 +49,7 @@ class OuroborosContext:
         self.frames = 1                 # F: frames of the window (one CFG half)
         self.masks: Optional[torch.Tensor] = None   # (F, h, w) bool subject masks at latent size
         self.sacfa = False
+        self.sacfa_tokens = "paper"     # "paper" (other frames) | "official_demo" (all frames, own twice)
         self.use_op = False             # route self-attention through the op (guided calls)
         self.subject_ids: Sequence[int] = ()
         self.record_maps = False
@@ -54,9 +60,11 @@ class OuroborosContext:
         self._idx_cache: dict = {}
 
     # -- per window ----------------------------------------------------------------------------
-    def begin(self, frames: int, masks, sacfa: bool, use_op: bool, record_maps: bool, feature_layers=()):
+    def begin(self, frames: int, masks, sacfa: bool, use_op: bool, record_maps: bool, feature_layers=(),
+              sacfa_tokens: str = "paper"):
         self.active, self.frames, self.masks = True, frames, masks
         self.sacfa, self.use_op, self.record_maps = sacfa, use_op, record_maps
+        self.sacfa_tokens = sacfa_tokens
         self.feature_layers = set(feature_layers)
         self._maps_sum, self._maps_count = None, 0
         self.features, self._idx_cache = {}, {}
@@ -129,6 +137,15 @@ def _attention(ctx: OuroborosContext, q, k, v, sacfa: bool):
     through it, SDPA otherwise."""
     B, N = q.shape[0], q.shape[2]
     idx = ctx.sample_idx(B, N, q.device) if (ctx.active and sacfa and ctx.masks is not None) else None
+    if idx is not None and ctx.sacfa_tokens == "official_demo":
+        # every frame's keys += the subject tokens of all frames of its CFG half (own ones again):
+        # one bank per group, gathered from k / v at the subject positions
+        groups = B // ctx.frames
+        row, tok = idx // N, idx % N
+        bank_k = k[row, :, tok].view(groups, -1, k.shape[1], k.shape[3]).transpose(1, 2)
+        bank_v = v[row, :, tok].view(groups, -1, v.shape[1], v.shape[3]).transpose(1, 2)
+        empty = idx[:0]
+        return torch.ops.longvideo.consistent_attention(q, k, v, empty, ctx.frames, -1, bank_k, bank_v)
     if idx is not None:
         return torch.ops.longvideo.consistent_attention(q, k, v, idx, ctx.frames)
     if ctx.active and ctx.use_op:
