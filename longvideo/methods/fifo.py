@@ -69,6 +69,8 @@ adds coherent tail sampling, SACFA and self-recurrent guidance (``fifo_ouroboros
 """
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import os
 import time
@@ -92,6 +94,37 @@ LOOKAHEAD_CONTEXTS = ("official", "clean")
 
 __all__ = ["FIFODiffusion", "OuroborosDiffusion", "OuroborosConfig", "QueueState", "PromptSchedule",
            "add_generate_arguments", "run_generate"]
+
+
+class _StopForward(Exception):
+    """Ends a model call once the layers a pass needs have run (see _stop_after)."""
+
+
+@contextlib.contextmanager
+def _stop_after(module: torch.nn.Module):
+    """Raise _StopForward right after `module`'s forward returns (its outputs recorded)."""
+    def hook(_mod, _args, _out):
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _frozen_parameters(model: torch.nn.Module):
+    """Parameters set not to require grad for the block (and restored): a gradient w.r.t. the
+    input only, without autograd keeping each linear layer's input for a weight gradient."""
+    thawed = [p for p in model.parameters() if p.requires_grad]
+    for p in thawed:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in thawed:
+            p.requires_grad_(True)
 
 
 @dataclass
@@ -297,23 +330,12 @@ class FIFODiffusion:
         grad = feats = None
         try:
             if guided:
-                bank = self._bank.unpack(state.bank)
-                with torch.enable_grad():
-                    xg = xw.detach().requires_grad_(True)
-                    out = self._model(xg, lv.t_model[kw], emb, neg, guidance_scale)
-                    loss = None
-                    for name in self._feature_layers:
-                        keys = ctx.features[name][a:]                      # the frames this window writes
-                        tm = ctx.layer_masks(keys.shape[2])[a:]
-                        ok = tm.any(1)
-                        if bool(ok.any()):
-                            d = ((frame_features(keys, tm)[ok] - bank[name]) ** 2).mean()
-                            loss = d if loss is None else loss + d
-                    if loss is not None:
-                        grad = torch.autograd.grad(loss, xg)[0].detach()
-                out = out.detach()
-            else:
-                out = self._model(xw, lv.t_model[kw], emb, neg, guidance_scale)
+                grad = self._guidance_gradient(xw, kw, lv, emb, state, a)
+                # the window's output: the whole model without autograd, as every other window
+                ctx.begin(frames=f, masks=masks, sacfa=ouro.sacfa, use_op=guided, record_maps=True,
+                          feature_layers=layers, sacfa_tokens=ouro.sacfa_tokens)
+                ctx.subject_ids = subject_ids
+            out = self._model(xw, lv.t_model[kw], emb, neg, guidance_scale)
             maps = ctx.maps()
             if bank_window and masks is not None:
                 nb = min(ouro.bank_frames, w)
@@ -331,6 +353,47 @@ class FIFODiffusion:
         finally:
             ctx.end()
         return out, grad, maps, feats
+
+    def _guidance_gradient(self, xw, kw, lv, emb, state, a):
+        """d loss / d xw of self-recurrent guidance for one window (loss: fifo_ouroboros (c)).
+
+        The loss reads the subject features of the feature layers only (Wan: the first quarter of
+        the blocks; AnimateDiff: the down path), of the conditional prompt only. So this pass runs
+        the conditional half alone, stops the model right after the last feature layer, and freezes
+        the model's parameters (no weight gradients are wanted): autograd keeps the activations of
+        that part of one half instead of the whole CFG batch through every block (Wan2.1-1.3B,
+        480p, 21-frame windows: the planner's estimate falls from ~303 GiB to a quarter of one
+        half). The gradient is the same as through the whole batched call: the features do not
+        depend on anything after them, nor on the other CFG half. The features are recorded by
+        the processors (the context's current settings) and the context is left as found."""
+        ctx, ouro = self._ctx, self.ouro
+        bank = self._bank.unpack(state.bank)
+        model = self.family.denoiser
+        order = {name: i for i, name in enumerate(model.attn_processors)}
+        last = max(self._feature_layers, key=lambda n: order.get(n, -1))
+        stop_at = model.get_submodule(last[: -len(".processor")])
+        record_maps = ctx.record_maps
+        ctx.record_maps = False  # the subject maps come from the full call
+        try:
+            with torch.enable_grad(), _stop_after(stop_at), _frozen_parameters(model):
+                xg = xw.detach().requires_grad_(True)
+                try:
+                    self._model(xg, lv.t_model[kw], emb, None, 1.0)  # the conditional half only
+                except _StopForward:
+                    pass
+                loss = None
+                for name in self._feature_layers:
+                    keys = ctx.features[name][a:]                      # the frames this window writes
+                    tm = ctx.layer_masks(keys.shape[2])[a:]
+                    ok = tm.any(1)
+                    if bool(ok.any()):
+                        d = ((frame_features(keys, tm)[ok] - bank[name]) ** 2).mean()
+                        loss = d if loss is None else loss + d
+                grad = None if loss is None else torch.autograd.grad(loss, xg)[0].detach()
+        finally:
+            ctx.record_maps = record_maps
+            ctx.features = {}
+        return grad
 
     def _install(self, latent_hw):
         """Install Ouroboros' processors (when SACFA or guidance is on); returns a restore function."""

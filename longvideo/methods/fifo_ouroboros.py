@@ -41,15 +41,18 @@ and the authors' demo code differ, and by how much: docs/fidelity.md).
     window of the iteration, computed at their nearly clean level):
     ``bank <- momentum * bank + (1 - momentum) * features`` (the first update sets it). Frames of
     the windows listed in ``guided_windows`` are guided by the gradient of
-    ``loss = sum_layers mean_frames mean((features - bank)^2)`` through the model (the model call of
-    that window runs with autograd; self-attention goes through consistent_attention, so the gradient
-    is its backward):  ``x_prev -= guidance_scale * c * grad``  with c = sqrt(1 - abar_prev) *
+    ``loss = sum_layers mean_frames mean((features - bank)^2)`` through the model (a second pass of
+    that window computes it: the conditional half alone, stopped after the last feature layer, the
+    parameters frozen, so autograd keeps only that part's activations; self-attention goes through
+    consistent_attention, so the gradient is its backward; the window's output comes from the usual
+    call without autograd):  ``x_prev -= guidance_scale * c * grad``  with c = sqrt(1 - abar_prev) *
     sqrt(1 - abar_t) (DDIM with eta = 0) or sigma_prev * sigma_t (flow matching). Every window reads
     the bank of the previous iteration, so the windows of one iteration stay independent (several
     processes) and the bank is updated once per iteration. Default guided window: 1, the frames just
     behind the head window (the paper guides "noisier frames" towards the cleaner history; window 1
-    is the nearest such group, and every guided window costs one forward with autograd + backward,
-    so the default guides one); window 0 when the queue has a single window.
+    is the nearest such group, and every guided window costs a partial forward with autograd +
+    its backward on top of the usual call, so the default guides one); window 0 when the queue has a
+    single window.
 """
 from __future__ import annotations
 
