@@ -73,7 +73,6 @@ import contextlib
 
 import dataclasses
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -92,8 +91,7 @@ from .fifo_ouroboros import (
 
 LOOKAHEAD_CONTEXTS = ("official", "clean")
 
-__all__ = ["FIFODiffusion", "OuroborosDiffusion", "OuroborosConfig", "QueueState", "PromptSchedule",
-           "add_generate_arguments", "run_generate"]
+__all__ = ["FIFODiffusion", "OuroborosDiffusion", "OuroborosConfig", "QueueState", "PromptSchedule"]
 
 
 class _StopForward(Exception):
@@ -586,12 +584,7 @@ class FIFODiffusion:
         ouro = dataclasses.asdict(self.ouro) if self.ouro is not None else None
         if ouro is not None:
             ouro = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in ouro.items()}
-        import hashlib
-        import json
-
-        config = dict(getattr(self.family.denoiser, "config", {}) or {})
-        model = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return {"family": self.family.name, "model": f"{type(self.family.denoiser).__name__}:{model}",
+        return {"family": self.family.name, "model": model_fingerprint(self.family.denoiser),
                 "fps": getattr(self.family, "fps", None), "n": self.n, "f": self.f, "lookahead": self.lookahead,
                 "warmup": self.warmup, "eta": self.eta, "timestep_grid": self.timestep_grid,
                 "lookahead_context": self.lookahead_context if self.context_len else "none",
@@ -684,6 +677,48 @@ def _ouroboros_settings(text):
     return options
 
 
+def model_fingerprint(model: torch.nn.Module, samples: int = 64) -> str:
+    """What identifies a model's outputs, the same in every process and for every spelling of its
+    path: ``Class:config:weights`` hashes of the PUBLIC config keys (diffusers' private ones such as
+    ``_use_default_values`` are lists whose order follows PYTHONHASHSEED, and ``_name_or_path`` is
+    the path as typed) and of the weights: per parameter and buffer, its name, shape, dtype and
+    `samples` values at fixed strides (their exact bits: one small device-to-host copy per run,
+    deterministic, unlike a reduction). Two different checkpoints of one architecture differ
+    in the weights part; the same checkpoint loaded from another path does not."""
+    import hashlib
+    import json
+
+    config = {k: v for k, v in dict(getattr(model, "config", {}) or {}).items() if not str(k).startswith("_")}
+    cfg = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    h = hashlib.sha1()
+    picks = []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        if flat.numel():
+            idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+            picks.append(flat[idx].contiguous().view(torch.uint8))
+    if picks:
+        h.update(torch.cat(picks).cpu().numpy().tobytes())
+    return f"{type(model).__name__}:config {cfg}:weights {h.hexdigest()[:12]}"
+
+
+def _describe_model_difference(saved: str, now: str) -> str:
+    """In words: which part of two model fingerprints differs."""
+    def parts(fp):
+        bits = str(fp).split(":")
+        return {"class": bits[0], **{b.split(" ")[0]: b.split(" ", 1)[1] for b in bits[1:] if " " in b}}
+
+    a, b = parts(saved), parts(now)
+    if "weights" not in a:
+        return ("the checkpoint was written by an older longvideo whose model fingerprint depended on the "
+                "process (PYTHONHASHSEED) and the path as typed: it cannot be checked; start a new run")
+    what = [w for w in ("class", "config", "weights") if a.get(w) != b.get(w)]
+    names = {"class": f"model class ({a.get('class')} vs {b.get('class')})", "config": "model configuration",
+             "weights": "weights"}
+    return "a different model: " + ", ".join(names[w] for w in what) + " differ" if what else "model"
+
+
 def _check_run_settings(saved: Optional[dict], now: dict, ckpt) -> None:
     if saved is None:
         return
@@ -693,227 +728,10 @@ def _check_run_settings(saved: Optional[dict], now: dict, ckpt) -> None:
     saved.setdefault("lookahead_context", "clean" if saved.get("lookahead", True) else "none")
     saved["ouroboros"], now["ouroboros"] = _ouroboros_settings(saved.get("ouroboros")), _ouroboros_settings(
         now.get("ouroboros"))
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(set(saved) | set(now))
-            if saved.get(k) != now.get(k)]
+    diff = [(f"model: {_describe_model_difference(saved.get(k), now.get(k))}" if k == "model" else
+             f"{k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}")
+            for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if diff:
         raise ValueError(f"resume: {ckpt} was written by a run with other settings; resume with the same "
                          "prompt, model, size, seed and method options (only the number of frames may change):\n  "
                          + "\n  ".join(diff))
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: longvideo generate --method fifo | ouroboros
-def add_generate_arguments(parser) -> None:
-    g = parser.add_argument_group("fifo / ouroboros")
-    g.add_argument("--fifo-family", choices=("wan", "skyreels", "animatediff"), default=None,
-                   help="model family (default: wan for the tiny model, else read from the checkpoint)")
-    g.add_argument("--fifo-partitions", type=int, default=4, help="n: queue of n*f latent frames")
-    g.add_argument("--fifo-window", type=int, default=None, help="f: latent frames per model call")
-    g.add_argument("--fifo-no-lookahead", action="store_true")
-    g.add_argument("--fifo-eta", type=float, default=0.0,
-                   help="DDIM eta (AnimateDiff family; the official FIFO code uses 1.0)")
-    g.add_argument("--fifo-timestep-grid", choices=("official", "scheduler"), default="official",
-                   help="official (default: linspace(0, 999, L) as the official FIFO code on the DDIM family; the "
-                        "scheduler's sigmas on flow matching) or scheduler (the pipeline scheduler's timesteps)")
-    g.add_argument("--fifo-lookahead-context", choices=LOOKAHEAD_CONTEXTS, default="official",
-                   help="official (default: context frames noised to t_0, as the official code) or clean")
-    g.add_argument("--fifo-emit-warmup", action="store_true",
-                   help="also write the first L - f frames out of the queue (copies of the initial clip's first frame)")
-    g.add_argument("--fifo-init-steps", type=int, default=None, help="steps of the initial clip")
-    g.add_argument("--fifo-checkpoint-every", type=int, default=10,
-                   help="save the queue state every K iterations (and when interrupted) next to --out, in "
-                        "OUT.fifo_state/; 0: never")
-    g.add_argument("--fifo-png-dir", default=None, help="also write every frame as a PNG here")
-    g.add_argument("--fifo-prompt-schedule", default=None,
-                   help='multi-prompt: "0=a cat walking;120=a cat sleeping" (video frame = prompt; overrides --prompt)')
-    g.add_argument("--fifo-coherent-tail", action="store_true",
-                   help="(fifo) Ouroboros' coherent tail latent sampling only")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted fifo/ouroboros run from its checkpoint")
-    g.add_argument("--ouroboros-no-tail", action="store_true", help="ouroboros: plain Gaussian tail")
-    g.add_argument("--ouroboros-no-sacfa", action="store_true", help="ouroboros: no subject-aware cross-frame attention")
-    g.add_argument("--ouroboros-no-guidance", action="store_true", help="ouroboros: no self-recurrent guidance")
-    g.add_argument("--ouroboros-subject", default=None, help="subject words, comma separated (default: from the prompt)")
-    g.add_argument("--ouroboros-guidance-scale", type=float, default=0.1)
-    g.add_argument("--ouroboros-momentum", type=float, default=0.9)
-    g.add_argument("--ouroboros-guided-windows", default=None,
-                   help="comma-separated window indices to guide (default: 1, the window after the head's)")
-    g.add_argument("--ouroboros-tail-ds", type=float, default=0.25)
-    g.add_argument("--ouroboros-tail-dt", type=float, default=1.0)
-    g.add_argument("--ouroboros-sacfa-tokens", choices=("paper", "official_demo"), default="paper",
-                   help="SACFA keys: paper (default: the other frames' subject tokens) or official_demo (every "
-                        "frame's subject tokens, its own included a second time); see docs/fidelity.md")
-
-
-def _family_from_checkpoint(path) -> str:
-    import json
-
-    try:
-        with open(Path(path) / "model_index.json") as fh:
-            cls = json.load(fh).get("_class_name", "")
-    except OSError as exc:
-        raise SystemExit(f"--model {path}: no model_index.json ({exc})")
-    if cls.startswith("Wan"):
-        return "wan"
-    if cls.startswith("AnimateDiff"):
-        return "animatediff"
-    if cls.startswith("SkyReelsV2"):
-        return "skyreels"
-    raise SystemExit(f"--model {path}: pipeline {cls!r} is not a supported FIFO family (Wan, SkyReels-V2, AnimateDiff)")
-
-
-def build_from_args(args, pipe):
-    method = getattr(args, "method", "fifo")
-    common = dict(num_partitions=args.fifo_partitions, frames_per_window=args.fifo_window,
-                  lookahead=not args.fifo_no_lookahead, skip_warmup=not args.fifo_emit_warmup, eta=args.fifo_eta,
-                  timestep_grid=getattr(args, "fifo_timestep_grid", "official"),
-                  lookahead_context=getattr(args, "fifo_lookahead_context", "official"))
-    if method == "ouroboros":
-        subjects = [s.strip() for s in args.ouroboros_subject.split(",")] if args.ouroboros_subject else None
-        windows = None
-        if args.ouroboros_guided_windows is not None:
-            try:
-                windows = tuple(int(x) for x in args.ouroboros_guided_windows.split(",") if x.strip())
-            except ValueError:
-                raise SystemExit(f"--ouroboros-guided-windows: expected comma-separated integers, "
-                                 f"got {args.ouroboros_guided_windows!r}") from None
-        return OuroborosDiffusion(pipe, tail_sampling=not args.ouroboros_no_tail, sacfa=not args.ouroboros_no_sacfa,
-                                  self_recurrent_guidance=not args.ouroboros_no_guidance, subject_words=subjects,
-                                  guidance_scale=args.ouroboros_guidance_scale, momentum=args.ouroboros_momentum,
-                                  guided_windows=windows, tail_d_s=args.ouroboros_tail_ds,
-                                  tail_d_t=args.ouroboros_tail_dt,
-                                  sacfa_tokens=getattr(args, "ouroboros_sacfa_tokens", "paper"), **common)
-    return FIFODiffusion(pipe, coherent_tail=args.fifo_coherent_tail, **common)
-
-
-def run_generate(args) -> int:
-    from tqdm import tqdm
-
-    from ..models import load_pipeline
-    from ..video import VideoWriter
-
-    rank = 0
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one rank per GPU (or CPU process)
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        rank = dist.get_rank()
-        if torch.cuda.is_available():
-            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-    family = args.fifo_family or (_family_from_checkpoint(args.model) if args.model else "wan")
-    pipe = load_pipeline(family, "t2v", model=args.model, device=args.device, dtype=args.dtype)
-    fifo = build_from_args(args, pipe)
-    method = getattr(args, "method", "fifo")
-    out = Path(args.out or f"out/{method}.mp4")
-    num_frames = args.num_frames or 48
-    prompt = args.prompt or "a red cat walking in a garden"
-    if args.fifo_prompt_schedule:
-        try:
-            prompt = [(text.strip(), int(start)) for start, text in
-                      (item.split("=", 1) for item in args.fifo_prompt_schedule.split(";") if item.strip())]
-        except ValueError:
-            raise SystemExit(f"--fifo-prompt-schedule: expected 'FRAME=prompt;FRAME=prompt', got {args.fifo_prompt_schedule!r}")
-    ckpt_dir = out.with_suffix(".fifo_state")
-    every = args.fifo_checkpoint_every
-    start_frame = 0
-    if args.resume:
-        if not (ckpt_dir / "fifo_state.pt").exists():
-            raise SystemExit(f"--resume: no checkpoint at {ckpt_dir / 'fifo_state.pt'} (checkpoints are written "
-                             "every --fifo-checkpoint-every iterations and when a run is interrupted)")
-        start_frame = int(torch.load(ckpt_dir / "fifo_state.pt", weights_only=True)["frames_out"])
-        every = every or 10
-        if start_frame >= num_frames:
-            print(f"the checkpoint in {ckpt_dir} has emitted {start_frame} frames already; nothing to do "
-                  "(ask for more with --num-frames to extend the video)")
-            return 0
-    kwargs = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale, seed=args.seed or 0,
-                  num_inference_steps=None, init_steps=args.fifo_init_steps, checkpoint_dir=ckpt_dir,
-                  resume=args.resume, checkpoint_every=every)
-    if args.steps is not None and args.steps != fifo.L:
-        print(f"note: --steps ignored: {method} denoises with one level per queue slot ({fifo.L} levels)")
-    t0 = time.perf_counter()
-    with _sigterm_as_interrupt():
-        if rank != 0:  # every rank runs the queue; rank 0 writes the video and the checkpoints
-            for _ in fifo.generate(prompt, num_frames, **kwargs):
-                pass
-            return 0
-        try:
-            target, kept = _open_output(out, start_frame)
-            with VideoWriter(target, fps=args.fps, png_dir=args.fifo_png_dir) as writer, \
-                    tqdm(total=num_frames, initial=start_frame, unit="frame") as bar:
-                png_dir, writer.png_dir = writer.png_dir, None  # their PNGs were written by the first run
-                for frame in kept:                  # the frames before the checkpoint, from the old file
-                    writer.write(frame)
-                writer.png_dir, writer.frames_written = png_dir, start_frame
-                for frame in fifo.generate(prompt, num_frames, writer=writer, **kwargs):
-                    bar.update(1)
-        except ValueError as exc:
-            if not str(exc).startswith("resume:"):
-                raise
-            if target != out:
-                target.unlink(missing_ok=True)
-            raise SystemExit(str(exc)) from None
-        except KeyboardInterrupt:
-            if target != out and target.name.endswith(".resuming" + out.suffix):
-                os.replace(target, out)  # closed by the with block: every frame emitted so far
-            print(f"\ninterrupted; the queue state is saved in {ckpt_dir}: run the same command with --resume "
-                  "to continue" if every else "\ninterrupted (no checkpoint: --fifo-checkpoint-every 0)")
-            return 130
-    if target != out and target.name.endswith(".resuming" + out.suffix):
-        os.replace(target, out)  # the old frames + the new ones: one complete video again
-        target = out
-    dt = time.perf_counter() - t0
-    made = num_frames - start_frame
-    print(f"wrote {target} ({made} new frames, {num_frames} in all, {made / dt:.2f} frames/s)")
-    if target != out:
-        print(f"frames 0..{start_frame - 1} are in {out} (written before the interruption)")
-    return 0
-
-
-def _open_output(out: Path, start_frame: int):
-    """Where a (resumed) run writes, and the frames it must copy first.
-
-    A fresh run writes `out`. A resumed run re-writes the first `start_frame` frames of the
-    interrupted `out` (decoded and encoded again once) into OUT.resuming.mp4, followed by the new
-    frames, and replaces `out` with it at the end, so `out` is one complete video. When the old file
-    cannot be read or holds fewer frames (killed before the encoder flushed), the new frames go to
-    OUT.from<N>.mp4 instead and the old file is left as it is."""
-    if start_frame == 0:
-        return out, []
-    try:
-        from ..video import read_video
-
-        old = read_video(out)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file means: keep it, write a part file
-        print(f"note: {out} is not readable ({exc}); writing the frames from {start_frame} on to a part file")
-        old = None
-    if old is not None and old.shape[0] >= start_frame:
-        return out.with_name(f"{out.stem}.resuming{out.suffix}"), list(old[:start_frame])
-    if old is not None:
-        print(f"note: {out} holds {old.shape[0]} frames, fewer than the {start_frame} the checkpoint emitted; "
-              "writing the new frames to a part file")
-    return out.with_name(f"{out.stem}.from{start_frame}{out.suffix}"), []
-
-
-class _sigterm_as_interrupt:
-    """SIGTERM (a job scheduler, `timeout`, `kill`) raises KeyboardInterrupt in the main thread, so the
-    video file is closed and the queue state saved as on Ctrl-C."""
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        self._old = None
-        if threading.current_thread() is threading.main_thread():
-            def handler(signum, frame):
-                raise KeyboardInterrupt(f"signal {signum}")
-
-            self._old = signal.signal(signal.SIGTERM, handler)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-        return False
