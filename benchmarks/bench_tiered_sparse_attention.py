@@ -103,8 +103,7 @@ def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):
         tri = importlib.import_module("longvideo.triton_kernels.tiered_sparse_attention")
         for bm, bn, nw, ns in TILE_SWEEP["vrpr" if vrpr is not None else "plain"]:
             def tile_fn(bm=bm, bn=bn, nw=nw, ns=ns):
-                return tri.tiered_sparse_attention_fwd(q, k, v, T, L, SF, SW, SK, None, freqs, vrpr,
-                                                       build_schedule=ops_mod.build_schedule, block_m=bm,
+                return tri.tiered_sparse_attention_fwd(q, k, v, T, L, SF, SW, SK, None, freqs, vrpr, block_m=bm,
                                                        block_n=bn, num_warps=nw, num_stages=ns)
 
             t0 = time.perf_counter()

@@ -184,9 +184,9 @@ def test_triton_spectral_path_for_t1(filter):
     """The spectral path on a T = 1 slice (normally served by the single pass): same result."""
     x, noise = _inputs((2, 1, 10, 14))
     mod = _triton_module()
-    from longvideo.ops.lowfreq_mix import _table_for
+    from longvideo.ops.plan.lowfreq import axis_table
 
-    table = _table_for(x, filter, 0.5, 1.0)
+    table = axis_table(x, filter, 0.5, 1.0)
     ref = lowfreq_mix_reference(x, noise, filter, 0.5, 1.0, 3)
     if filter == "box":  # empty at T = 1 (see MIN_REL_FROM_NOISE): both paths must return the noise
         _assert_close(ref, noise, "triton", torch.float32)

@@ -22,6 +22,7 @@ from longvideo.reference.tiered_sparse_attention import (
 OP = "tiered_sparse_attention"
 # the op module (longvideo.ops re-exports the op under the same name)
 tsa_mod = importlib.import_module("longvideo.ops.tiered_sparse_attention")
+plan = importlib.import_module("longvideo.ops.plan.tiered")
 tsa = torch.ops.longvideo.tiered_sparse_attention
 
 
@@ -151,7 +152,7 @@ def test_triton_matches_reference(case):
     freqs = _freqs(R) if R else None
     bm, bn = blocks or (None, None)
     out = tsa_mod.triton_module().tiered_sparse_attention_fwd(
-        q, k, v, T, L, SF, SW, SK, None, freqs, vrpr, build_schedule=tsa_mod.build_schedule, block_m=bm, block_n=bn)
+        q, k, v, T, L, SF, SW, SK, None, freqs, vrpr, block_m=bm, block_n=bn)
     ref = reference(q, k, v, T, L, SF, SW, SK, None, freqs, vrpr)
     atol, rtol = _tol("triton", dtype)
     torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
@@ -165,7 +166,7 @@ def test_triton_head_dims(D):
     freqs = _freqs(R)
     vrpr = [1, 3, 1, 2, 4]
     out = tsa_mod.triton_module().tiered_sparse_attention_fwd(
-        q, k, v, T, 2, 4, 2, 1, None, freqs, vrpr, build_schedule=tsa_mod.build_schedule)
+        q, k, v, T, 2, 4, 2, 1, None, freqs, vrpr)
     ref = reference(q, k, v, T, 2, 4, 2, 1, None, freqs, vrpr)
     atol, rtol = _tol("triton", torch.float32)
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
@@ -229,7 +230,7 @@ def test_schedule_and_density_vs_brute_force(F, T, L, SF, SW, SK, bm, bn):
     assert dens["pair_density"] == pytest.approx(mask.sum().item() / S ** 2)
     assert dens["block_density"] == pytest.approx(nonempty.float().mean().item())
     assert dens["full_blocks"] == int(full.sum()) and dens["partial_blocks"] == int((nonempty & ~full).sum())
-    sched = tsa_mod.build_schedule(S, T, L, SF, SW, SK, bm, bn, "cpu")
+    sched = plan.build_schedule(S, T, L, SF, SW, SK, bm, bn, "cpu")
     for qb in range(nonempty.shape[0]):
         got_full = set(sched.full_idx[qb, :sched.full_cnt[qb]].tolist())
         got_part = set(sched.part_idx[qb, :sched.part_cnt[qb]].tolist())
@@ -240,7 +241,7 @@ def test_schedule_and_density_vs_brute_force(F, T, L, SF, SW, SK, bm, bn):
 def test_schedule_vrpr_combos_cover_every_pair():
     F, T, bm, bn, vrpr = 12, 5, 16, 16, [3, 6, 2, 3, 5]
     S = F * T
-    sched = tsa_mod.build_schedule(S, T, 12, 0, 0, 0, bm, bn, "cpu", vrpr)
+    sched = plan.build_schedule(S, T, 12, 0, 0, 0, bm, bn, "cpu", vrpr)
     f = torch.arange(S) // T
     d = f[:, None] - f[None, :]
     ad = d.abs()
@@ -409,8 +410,8 @@ def test_split_schedule_lists_each_band_of_each_block_pair_once(vrpr):
     exactly the combos of the bitmask schedule, each once; an entry stays full only when its pair
     is full and lies in one band."""
     args = (12 * 7, 7, 2, 8, 3, 1, 16, 16, "cpu", vrpr)
-    plain = tsa_mod.build_schedule(*args)
-    split = tsa_mod.build_schedule(*args, split_combos=True)
+    plain = plan.build_schedule(*args)
+    split = plan.build_schedule(*args, split_combos=True)
 
     def entries(idx, cnt, combo, is_split):
         out = {}

@@ -333,8 +333,7 @@ def _tsa_cases():
                 q, k, v = (_empty((1, 12, S, 128), bf16) for _ in range(3))
                 freqs = fake_cuda(freqs_of(128).float()) if vr else None
                 tri.tiered_sparse_attention_fwd(q, k, v, 1560, L, SF, SW, SK, None, freqs, vr,
-                                                build_schedule=mod.build_schedule, block_m=bm, block_n=bn,
-                                                num_warps=nw, num_stages=ns)
+                                                block_m=bm, block_n=bn, num_warps=nw, num_stages=ns)
             out.append(Case("tiered_sparse_attention", f"bench_tile_{bm}x{bn}w{nw}s{ns}_480p_F41_tsa"
                             + ("_vrpr" if vr else ""), False, run))
     out.append(case("480p_F21_dense", False, 21, 1560, bf16, rope=False, local=21, layout=None))

@@ -14,7 +14,7 @@ choice in ``_dot_precision``; the GPU tests check the real kernels.
 import torch
 
 from longvideo.ops.lowfreq_mix import _TOLS
-from longvideo.triton_kernels.lowfreq_mix import _dft_mats
+from longvideo.ops.plan.lowfreq import dft_matrices
 from longvideo.reference.lowfreq_mix import lowfreq_mix_reference
 
 
@@ -37,9 +37,10 @@ def half_spectrum_filter(H, W, filt, d_s, d_t):
 
 
 def single_pass(x, noise, lpf, mm):
-    """The kernel's eight matmul stages on its own zero-padded DFT matrices (``_dft_mats``)."""
+    """The kernel's eight matmul stages on its own zero-padded DFT matrices (the plan layer's
+    ``dft_matrices``)."""
     H, W = x.shape[-2:]
-    cw, sw, ch, sh, icw, isw = _dft_mats(H, W, torch.device("cpu"))
+    cw, sw, ch, sh, icw, isw = dft_matrices(H, W, torch.device("cpu"))
     HP, WP = ch.shape[0], cw.shape[0]
     d = torch.nn.functional.pad(x.float() - noise.float(), (0, WP - W, 0, HP - H))
     lpf = torch.nn.functional.pad(lpf, (0, cw.shape[1] - lpf.shape[1], 0, HP - H))

@@ -7,8 +7,9 @@ statistics) over three key sources, never concatenated in memory:
 2. the sampled tokens of the other images of its group (and window), read IN PLACE from k/v
    through ``sample_idx``. sample_idx is sorted by flat index, i.e. by source image, so the samples
    row b may see are two contiguous runs of sample_idx: the sources before b and those after b,
-   clipped to the group and the window. ``segment_table`` finds the four run ends per row with
-   one ``torch.searchsorted`` on the device; the kernel walks both runs as one virtual range and
+   clipped to the group and the window. The plan layer's ``segment_table``
+   (``longvideo.ops.plan.consistent``) finds the four run ends per row with one
+   ``torch.searchsorted`` on the device; the kernel walks both runs as one virtual range and
    gathers whole D-element rows;
 3. the bank rows (shared, or one bank per group: a group stride of 0 makes both one code path).
 
@@ -34,31 +35,13 @@ import torch
 import triton
 import triton.language as tl
 
+from longvideo.ops.plan import consistent as plan
+
 _LOG2E = 1.4426950408889634
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def segment_table(sample_idx: torch.Tensor, B: int, N: int, group_size: int, window: int) -> torch.Tensor:
-    """int32 (B, 4): [lo1, hi1, lo2, hi2] such that the samples row b sees are
-    sample_idx[lo1:hi1] (source images before b) and sample_idx[lo2:hi2] (after b)."""
-    dev = sample_idx.device
-    b = torch.arange(B, device=dev, dtype=torch.int64)
-    g_lo = torch.div(b, group_size, rounding_mode="floor") * group_size
-    g_hi = g_lo + group_size - 1
-    if window >= 0:
-        lo_src = torch.maximum(g_lo, b - window)
-        hi_src = torch.minimum(g_hi, b + window)
-    else:
-        lo_src, hi_src = g_lo, g_hi
-    # lo_src <= b <= hi_src always, so both runs are well formed (lo <= hi)
-    bounds = torch.stack([lo_src * N, b * N, (b + 1) * N, (hi_src + 1) * N], dim=1)
-    if sample_idx.numel() == 0:
-        return torch.zeros(B, 4, dtype=torch.int32, device=dev)
-    seg = torch.searchsorted(sample_idx, bounds.to(sample_idx.dtype).contiguous())
-    return seg.to(torch.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,17 +490,13 @@ def _bank_args(bank: torch.Tensor | None, fallback: torch.Tensor):
     return bank, list(bank.stride()), bank.shape[2]
 
 
-def _has_samples(sample_idx, group_size, window) -> bool:
-    return sample_idx.numel() > 0 and group_size > 1 and window != 0
-
-
 def consistent_attention_forward(q, k, v, sample_idx, group_size: int, window: int, bank_k, bank_v, scale: float):
     """(out, lse): out laid out like q, lse float32 (B, H, N) natural-log normaliser."""
     B, H, N, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    has_samples = _has_samples(sample_idx, group_size, window)
-    seg = segment_table(sample_idx, B, N, group_size, window) if has_samples else lse
+    has_samples = plan.has_samples(sample_idx, group_size, window)
+    seg = plan.segment_table(sample_idx, B, N, group_size, window) if has_samples else lse
     sidx = sample_idx if has_samples else lse
     bk, sbk, E = _bank_args(bank_k, q)
     bv, sbv, _ = _bank_args(bank_v, q)
@@ -544,10 +523,10 @@ def consistent_attention_backward(grad_out, q, k, v, sample_idx, group_size: int
     delta = torch.empty(B, H, N, dtype=torch.float32, device=dev)
     _bwd_delta_kernel[(triton.cdiv(N, 64), B * H)](out, grad_out, delta, *out.stride(), *grad_out.stride(),
                                                     H, N, D, BLOCK_M=64, BLOCK_D=BD)
-    has_samples = _has_samples(sample_idx, group_size, window)
+    has_samples = plan.has_samples(sample_idx, group_size, window)
     bk, sbk, E = _bank_args(bank_k, q)
     bv, sbv, _ = _bank_args(bank_v, q)
-    seg = segment_table(sample_idx, B, N, group_size, window) if has_samples else delta
+    seg = plan.segment_table(sample_idx, B, N, group_size, window) if has_samples else delta
     sidx = sample_idx if has_samples else delta
 
     dq = torch.empty_like(q)

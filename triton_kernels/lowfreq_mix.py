@@ -9,7 +9,7 @@ and, x and noise being real (D Hermitian), Re(ifftn(M' D)) = ifftn(Ms D) with th
 symmetrised filter Ms(k) = (M'(k) + M'(-k)) / 2 (for even sizes the shifted grid is symmetric and
 Ms = M'; for odd sizes it is not). Ms D is Hermitian, so the half spectrum (rfftn / irfftn)
 suffices. The filter is evaluated in-kernel from a tiny per-axis table (T + H + W + 1 float64
-values built once per shape and parameters by ``longvideo.reference.lowfreq_mix.unshifted_axis_table``):
+values built once per shape and parameters by the plan layer, ``longvideo.ops.plan.lowfreq.axis_table``):
 no (T, H, W) filter tensor exists.
 
 Two paths:
@@ -20,8 +20,8 @@ Two paths:
   ``_dot_precision``), multiplies by Ms, inverts, adds noise and stores in x's dtype.
   Work per slice ~ 4 HP WP WHP + 16 HP^2 WHP flops (HP, WP: H, W rounded up to a power of two
   >= 16, WHP: W//2+1 likewise); reads 2 and writes 1 element per element: one launch, no
-  intermediate in global memory. The DFT matrices (<= 4 x 64 KiB) are cached per (H, W, device)
-  and read through L2 by every program.
+  intermediate in global memory. The DFT matrices (<= 4 x 64 KiB, ``plan.lowfreq.dft_matrices``)
+  are cached per (H, W, device) and read through L2 by every program.
 * ``spectral`` (everything else): fp32 difference kernel, torch.fft.rfftn, an in-place kernel
   multiplying the half spectrum by Ms (the filter of a block of frequencies is evaluated once
   and applied to a chunk of the leading (batch x channel) index), torch.fft.irfftn, and a fused
@@ -29,15 +29,14 @@ Two paths:
 """
 from __future__ import annotations
 
-import functools
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-FILTER_CODES = {"gaussian": 0, "butterworth": 1, "ideal": 2, "box": 3}
+from longvideo.ops.plan.lowfreq import FILTER_CODES, dft_matrices, filter_coef, padded
+
 SINGLE_PASS_MAX_SIDE = 128
 SINGLE_PASS_MAX_TILE = 128 * 64  # HP * WP; larger tiles spill registers (8 warps, fp32 tiles)
 # Precision of the single pass's DFT matmuls (``_dot_precision``). On GPUs "tf32x3" (three tf32
@@ -194,37 +193,6 @@ def _spectrum_filter_kernel(spec_ptr, tab_ptr, L, T, H, W, WH, coef, order, FILT
         tl.store(ptrs, v * lpf, mask=ml)
 
 
-def _pow2(n: int) -> int:
-    return max(16, 1 << (int(n) - 1).bit_length())
-
-
-@functools.lru_cache(maxsize=32)
-def _dft_mats(H: int, W: int, device: torch.device):
-    """Zero-padded DFT matrices for the single-pass kernel (fp32, computed in float64)."""
-    HP, WP, WH = _pow2(H), _pow2(W), W // 2 + 1
-    WHP = _pow2(WH)
-    f64 = torch.float64
-
-    def cos_sin(n_rows, n_cols, n, rows_valid, cols_valid):
-        r = torch.arange(n_rows, dtype=torch.int64)[:, None]
-        c = torch.arange(n_cols, dtype=torch.int64)[None, :]
-        ang = 2 * math.pi * ((r * c) % n).to(f64) / n  # exact argument reduction in integers
-        valid = (r < rows_valid) & (c < cols_valid)
-        return torch.where(valid, torch.cos(ang), 0.0), torch.where(valid, torch.sin(ang), 0.0)
-
-    cw, sw = cos_sin(WP, WHP, W, W, WH)          # (w, kw)
-    ch, sh = cos_sin(HP, HP, H, H, H)            # (kh, h), symmetric
-    icw, isw = cos_sin(WHP, WP, W, WH, W)        # (kw, w)
-    # Hermitian weights: bins 0 and (W even) W/2 once, the others twice; and the 1/(H W).
-    alpha = torch.full((WHP, 1), 2.0, dtype=f64)
-    alpha[0] = 1.0
-    if W % 2 == 0:
-        alpha[W // 2] = 1.0
-    alpha /= H * W
-    mats = (cw, sw, ch, sh, icw * alpha, isw * alpha)
-    return tuple(m.to(torch.float32).contiguous().to(device) for m in mats)
-
-
 _FILTER_CACHE: dict = {}
 
 
@@ -236,7 +204,7 @@ def _half_spectrum_filter(table: torch.Tensor, H: int, W: int, code: int, coef: 
     hit = _FILTER_CACHE.get(key)
     if hit is not None and hit[0] is table:
         return hit[1]
-    HP, WHP = _pow2(H), _pow2(W // 2 + 1)
+    HP, WHP = padded(H), padded(W // 2 + 1)
     lpf = torch.empty(HP, WHP, dtype=torch.float32, device=table.device)
     _half_spectrum_filter_kernel[(HP,)](table, lpf, H, W, WHP=WHP, coef=coef, order=order, FILTER=code)
     if len(_FILTER_CACHE) >= 64:
@@ -248,12 +216,12 @@ def _half_spectrum_filter(table: torch.Tensor, H: int, W: int, code: int, coef: 
 def single_pass_ok(shape) -> bool:
     T, H, W = shape[-3:]
     return (T == 1 and H <= SINGLE_PASS_MAX_SIDE and W <= SINGLE_PASS_MAX_SIDE
-            and _pow2(H) * _pow2(W) <= SINGLE_PASS_MAX_TILE)
+            and padded(H) * padded(W) <= SINGLE_PASS_MAX_TILE)
 
 
 def lowfreq_mix(x: torch.Tensor, noise: torch.Tensor, table: torch.Tensor, filter: str, d_s: float,
                 order: float, force_spectral: bool = False) -> torch.Tensor:
-    """out = noise + irfftn(Ms rfftn(x - noise)); `table` from ``unshifted_axis_table`` on x's device.
+    """out = noise + irfftn(Ms rfftn(x - noise)); `table` from ``plan.lowfreq.axis_table`` on x's device.
 
     x, noise: same shape (..., T, H, W), dtype float16/bfloat16/float32, same device.
     """
@@ -264,11 +232,11 @@ def lowfreq_mix(x: torch.Tensor, noise: torch.Tensor, table: torch.Tensor, filte
     if x.numel() == 0:
         return out
     code = FILTER_CODES[filter]
-    coef = 1.0 / (2.0 * d_s * d_s) if filter == "gaussian" else 1.0 / (d_s * d_s)
+    coef = filter_coef(filter, d_s)
     order = float(order)
     if single_pass_ok(x.shape) and not force_spectral:
-        HP, WP, WHP = _pow2(H), _pow2(W), _pow2(W // 2 + 1)
-        mats = _dft_mats(H, W, x.device)
+        HP, WP, WHP = padded(H), padded(W), padded(W // 2 + 1)
+        mats = dft_matrices(H, W, x.device)
         n_slices = x.numel() // (H * W)
         # 4 warps hold a 64x64 fp32 tile in 32 registers per thread; bigger tiles get 8 warps.
         warps = 4 if HP * WP <= 4096 else 8

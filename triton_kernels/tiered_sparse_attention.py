@@ -12,10 +12,10 @@ position "variant" rotates q and which rotates k (five variants with VRPR, one w
 the attention kernel, ``_rotate_variants_kernel`` writes every variant of the temporal tile of q
 and of k once (channels [0, RP): the 2R rotated ones, then identity channels up to the power of
 two RP), in the dot dtype. The attention kernel then never rotates. Its schedule is built with
-one combo per entry (``build_schedule(split_combos=True)``): a block pair inside one band is a
-plain dot of q's variant and k's variant for that band; a block pair that spans a band edge is
-listed once per band present, as partial entries masked to their band, and the online softmax
-folds them like any other visits. The temporal channels [0, RP) and the rest [RP, D) are
+one combo per entry (``longvideo.ops.plan.tiered.build_schedule(split_combos=True)``): a block
+pair inside one band is a plain dot of q's variant and k's variant for that band; a block pair
+that spans a band edge is listed once per band present, as partial entries masked to their band,
+and the online softmax folds them like any other visits. The temporal channels [0, RP) and the rest [RP, D) are
 separate dots, so the re-encoding costs no more tensor-core work than the dense dot.
 
 Why pre-rotated copies (measured on an H200, 41 latent frames x 1560 tokens, bf16, D 128): the
@@ -30,57 +30,17 @@ No torch.library code here (the op module registers this as a backend).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-NUM_VARIANTS = 5
+from longvideo.ops.plan import tiered as plan
 
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def variant_positions(num_frames: int, vrpr: Optional[Sequence[float]], device) -> torch.Tensor:
-    """int64 (5, F): the temporal position of a token of frame f under each rotation variant.
-
-    0: f   1: f//G1 + W1 - W1//G1   2: f//G1   3: min(f//G2 + W2 - W2//G2 - (W2-W1)//G1, clip)   4: f//G2
-    (without VRPR every variant is f). Combo c of a pair rotates q with variant COMBO_Q[c] and
-    k with COMBO_K[c] (see longvideo.ops.tiered_sparse_attention).
-    """
-    f = torch.arange(num_frames, device=device, dtype=torch.int64)
-    if vrpr is None:
-        return f[None, :].expand(NUM_VARIANTS, num_frames).contiguous()
-    w1, w2, g1, g2, clip = (int(x) for x in vrpr)
-    return torch.stack([
-        f,
-        f // g1 + w1 - w1 // g1,
-        f // g1,
-        torch.clamp(f // g2 + w2 - w2 // g2 - (w2 - w1) // g1, max=clip),
-        f // g2,
-    ])
-
-
-def rope_tables(num_frames: int, rope_t_freqs: torch.Tensor, vrpr: Optional[Sequence[float]], device,
-                width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 (5, F, width) tables COS and signed SIN for the in-kernel rotation.
-
-    Channel c < 2R: COS = cos(P w_{c//2}), SIN = -sin(P w_{c//2}) for even c, +sin for odd c, so that
-    rot(x)_c = x_c COS_c + x_{c^1} SIN_c. Channels 2R <= c < width: COS = 1, SIN = 0 (identity).
-    """
-    r = rope_t_freqs.numel()
-    width = 2 * r if width is None else width
-    pos = variant_positions(num_frames, vrpr, device).to(torch.float64)  # (5, F)
-    ang = pos[..., None] * rope_t_freqs.to(device=device, dtype=torch.float64)  # (5, F, R)
-    cos = ang.cos().repeat_interleave(2, dim=-1)
-    sin = torch.stack((-ang.sin(), ang.sin()), dim=-1).flatten(-2)
-    cos_t = torch.ones(NUM_VARIANTS, num_frames, width, dtype=torch.float64, device=device)
-    sin_t = torch.zeros_like(cos_t)
-    cos_t[..., :2 * r] = cos
-    sin_t[..., :2 * r] = sin
-    return cos_t.float().contiguous(), sin_t.float().contiguous()
 
 
 @triton.jit
@@ -264,7 +224,7 @@ def default_blocks(q: torch.Tensor) -> tuple[int, int, int, int]:
 def rotate_variants(x: torch.Tensor, frame_tokens: int, cos_t: torch.Tensor, sin_t: torch.Tensor, r2: int,
                     num_variants: int, dtype: torch.dtype) -> torch.Tensor:
     """(V, B*H, S, RP) copies of x's temporal channels [0, RP), rotated by each position variant
-    (tables from :func:`rope_tables` with width RP), in `dtype`: one pass over x."""
+    (tables from ``plan.rope_tables`` with width RP), in `dtype`: one pass over x."""
     B, H, S, D = x.shape
     rp = cos_t.shape[-1]
     out = torch.empty(num_variants, B * H, S, rp, device=x.device, dtype=dtype)
@@ -276,12 +236,12 @@ def rotate_variants(x: torch.Tensor, frame_tokens: int, cos_t: torch.Tensor, sin
 
 
 def tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0,
-                                sink_frames=1, scale=None, rope_t_freqs=None, vrpr=None, *, build_schedule,
+                                sink_frames=1, scale=None, rope_t_freqs=None, vrpr=None, *,
                                 block_m: Optional[int] = None, block_n: Optional[int] = None,
                                 num_warps: Optional[int] = None, num_stages: Optional[int] = None):
-    """Launch the kernel. `build_schedule` is the op module's cached schedule builder; the tile
-    (block_m, block_n, num_warps, num_stages) defaults to :func:`default_blocks` (the benchmark's
-    tile sweep passes others)."""
+    """Launch the kernel over its plan (``longvideo.ops.plan.tiered``): the cached block schedule of
+    this tile with one combo per entry, and the RoPE tables. The tile (block_m, block_n, num_warps,
+    num_stages) defaults to :func:`default_blocks` (the benchmark's tile sweep passes others)."""
     B, H, S, D = q.shape
     DV = v.shape[3]
     F = S // frame_tokens
@@ -290,15 +250,15 @@ def tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_fram
     num_warps, num_stages = num_warps or nw, num_stages or ns
     has_rope = rope_t_freqs is not None and rope_t_freqs.numel() > 0
     has_vrpr = vrpr is not None and has_rope
-    sched = build_schedule(S, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
-                           block_m, block_n, q.device, vrpr if has_vrpr else None, split_combos=True)
+    sched = plan.build_schedule(S, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
+                                block_m, block_n, q.device, vrpr if has_vrpr else None, split_combos=True)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dot_dtype = q.dtype
     if has_rope:
         r2 = 2 * rope_t_freqs.numel()
         rp = max(16, _next_pow2(r2))
-        nv = NUM_VARIANTS if has_vrpr else 1
-        cos_t, sin_t = rope_tables(F, rope_t_freqs, vrpr, q.device, width=rp)
+        nv = plan.NUM_VARIANTS if has_vrpr else 1
+        cos_t, sin_t = plan.rope_tables(F, rope_t_freqs, vrpr, q.device, width=rp)
         cos_t, sin_t = cos_t[:nv].contiguous(), sin_t[:nv].contiguous()
         q_var = rotate_variants(q, frame_tokens, cos_t, sin_t, r2, nv, dot_dtype)
         k_var = rotate_variants(k, frame_tokens, cos_t, sin_t, r2, nv, dot_dtype)
@@ -308,7 +268,7 @@ def tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_fram
     has_rest = D > rp
     dr = max(16, _next_pow2(D - rp)) if has_rest else 16
     dvp = max(16, _next_pow2(DV))
-    w1, w2 = (int(vrpr[0]), int(vrpr[1])) if has_vrpr else (1 << 30, 1 << 30)
+    w1, w2 = plan.band_edges(vrpr if has_vrpr else None)
     out = torch.empty(B, H, S, DV, device=q.device, dtype=q.dtype)
     grid = (sched.num_q_blocks, B * H)
     _tsa_fwd_kernel[grid](

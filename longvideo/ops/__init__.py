@@ -16,4 +16,5 @@ from ._registry import (  # noqa: F401
 )
 from .lowfreq_mix import lowfreq_mix  # noqa: F401
 from .consistent_attention import consistent_attention  # noqa: F401
-from .tiered_sparse_attention import tiered_sparse_attention, schedule_density  # noqa: F401
+from .tiered_sparse_attention import tiered_sparse_attention  # noqa: F401
+from .plan.tiered import schedule_density  # noqa: F401

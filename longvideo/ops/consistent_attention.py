@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from . import _registry as R
+from .plan.consistent import segment_table
 from ..reference.consistent_attention import (
     consistent_attention_backward_reference,
     consistent_attention_reference_with_lse,
@@ -324,7 +325,7 @@ def _cuda_supports(q, k, v, sample_idx, group_size, window, bank_k, bank_v, scal
 
 def _cuda_forward(q, k, v, sample_idx, group_size, window, bank_k, bank_v, scale):
     B, _, N, _ = q.shape
-    seg = _triton_module().segment_table(sample_idx, B, N, group_size, window)
+    seg = segment_table(sample_idx, B, N, group_size, window)
     if sample_idx.dtype != torch.int32 and B * N < 2**31:
         sample_idx = sample_idx.to(torch.int32)  # 32-bit divisions in the kernel's gathers
     stream = torch.cuda.current_stream(q.device).cuda_stream

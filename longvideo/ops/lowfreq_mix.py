@@ -21,16 +21,15 @@ csrc/lowfreq_mix*.{cu,cpp}, private op ``longvideo::_lowfreq_mix_cuda``). Not di
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 from . import _registry as R
-from ..reference.lowfreq_mix import FILTERS, lowfreq_mix_reference, unshifted_axis_table
+from .plan.lowfreq import FILTER_CODES, axis_table, filter_coef
+from ..reference.lowfreq_mix import FILTERS, lowfreq_mix_reference
 
 OP = "lowfreq_mix"
-FILTER_CODES = {"gaussian": 0, "butterworth": 1, "ideal": 2, "box": 3}
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -121,16 +120,6 @@ def _reference_impl(x, noise, filter, d_s, d_t, order):
     return lowfreq_mix_reference(x, noise, filter, d_s, d_t, order).contiguous()
 
 
-@functools.lru_cache(maxsize=64)
-def _axis_table(shape_THW, filter, d_s, d_t, device):
-    """The kernels' per-axis filter table on `device` (T + H + W + 1 float64), cached."""
-    return unshifted_axis_table(shape_THW, filter, d_s, d_t).to(device)
-
-
-def _table_for(x, filter, d_s, d_t):
-    return _axis_table(tuple(int(n) for n in x.shape[-3:]), filter, float(d_s), float(d_t), x.device)
-
-
 def _kernel_supports(x, noise, filter, d_s, d_t, order):
     if x.dtype not in _KERNEL_DTYPES:
         return f"dtype {x.dtype} (kernels take float16/bfloat16/float32; float64 runs on the reference)"
@@ -142,14 +131,13 @@ def _triton_module():
 
 
 def _triton_impl(x, noise, filter, d_s, d_t, order):
-    return _triton_module().lowfreq_mix(x, noise, _table_for(x, filter, d_s, d_t), filter, float(d_s), float(order))
+    return _triton_module().lowfreq_mix(x, noise, axis_table(x, filter, d_s, d_t), filter, float(d_s), float(order))
 
 
 def _cuda_impl(x, noise, filter, d_s, d_t, order):
-    coef = 1.0 / (2.0 * d_s * d_s) if filter == "gaussian" else 1.0 / (d_s * d_s)
     stream = torch.cuda.current_stream(x.device).cuda_stream
-    return torch.ops.longvideo._lowfreq_mix_cuda(x.contiguous(), noise.contiguous(), _table_for(x, filter, d_s, d_t),
-                                                 FILTER_CODES[filter], coef, float(order), stream)
+    return torch.ops.longvideo._lowfreq_mix_cuda(x.contiguous(), noise.contiguous(), axis_table(x, filter, d_s, d_t),
+                                                 FILTER_CODES[filter], filter_coef(filter, d_s), float(order), stream)
 
 
 # Tolerances vs the reference (which computes in float32 and rounds once): fp32 covers the
