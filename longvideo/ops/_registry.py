@@ -2,7 +2,9 @@
 
 Each op module (``longvideo/ops/<op>.py``) defines its schema with ``torch.library``,
 validates its arguments, and then calls :func:`dispatch`, which picks one of the backends
-registered here for that op:
+registered here for that op. A registration declares what the backend accepts as a list of
+small named constraints (``longvideo.ops._constraints``: device type, dtype, head dim, strides,
+alignment); the registry evaluates them in order and reports the first failing one's reason.
 
 ``reference``  the pure-PyTorch ground truth (``longvideo.reference``); always available; the
                CPU kernel of every op.
@@ -32,30 +34,31 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
-BACKEND_NAMES = ("auto", "triton", "cuda", "reference")
+from ._constraints import Constraint, OnDevice
 
-# A backend's `supports(*args, **kwargs)` returns None when it can run the call, else a reason.
-SupportsFn = Callable[..., Optional[str]]
+BACKEND_NAMES = ("auto", "triton", "cuda", "reference")
 
 
 @dataclass
 class Backend:
     """One implementation of one op.
 
-    fn          called with the op's (already validated) arguments, returns the op's result.
-    available   capability gate: () -> (ok, reason); evaluated lazily, cached per process.
-    rank        preference when no benchmark record decides (lower is preferred).
-    tolerances  {dtype: (atol, rtol)} against the reference; tests read these.
-    supports    optional per-call predicate (shapes, head dims, devices) -> None or reason.
-    devices     device types the backend runs on.
+    fn           called with the op's (already validated) arguments, returns the op's result.
+    available    capability gate: () -> (ok, reason); evaluated lazily, cached per process.
+    rank         preference when no benchmark record decides (lower is preferred).
+    tolerances   {dtype: (atol, rtol)} against the reference; tests read these.
+    constraints  per-call checks (head dims, dtypes, strides, ...), evaluated in order by
+                 :meth:`supports`, each on the call's arguments named as fn's parameters.
+    devices      device types the backend runs on (its ``on_device`` constraint).
     """
 
     op: str
@@ -64,9 +67,23 @@ class Backend:
     available: Callable[[], tuple[bool, str]]
     rank: int
     tolerances: dict = field(default_factory=dict)
-    supports: Optional[SupportsFn] = None
+    constraints: tuple = ()
     devices: tuple = ("cuda",)
+    params: tuple = ()
     _avail_cache: Optional[tuple[bool, str]] = None
+
+    def supports(self, *args, **kwargs) -> Optional[str]:
+        """None when this call's arguments pass every constraint, else the first failing one's reason."""
+        if not self.constraints:
+            return None
+        named = dict(zip(self.params, args))
+        if kwargs:
+            named.update(kwargs)
+        for check in self.constraints:
+            why = check(named)
+            if why:
+                return why
+        return None
 
     def is_available(self) -> tuple[bool, str]:
         if self._avail_cache is None:
@@ -107,12 +124,19 @@ def _check_op(op: Optional[str]):
 
 
 def register_backend(op: str, name: str, fn: Callable, *, available=None, rank: int = 100,
-                     tolerances=None, supports: Optional[SupportsFn] = None, devices=("cuda",)) -> Backend:
-    """Register `fn` as backend `name` of `op` (called at import of the op module)."""
+                     tolerances=None, constraints: Sequence[Constraint] = ()) -> Backend:
+    """Register `fn` as backend `name` of `op` (called at import of the op module).
+
+    `constraints`: what the backend accepts (``longvideo.ops._constraints``), in the order to check;
+    an ``on_device(...)`` among them gives the device types (default: CUDA only)."""
     if name not in BACKEND_NAMES or name == "auto":
         raise ValueError(f"backend name must be one of triton/cuda/reference, got {name!r}")
+    devices = [c.types for c in constraints if isinstance(c, OnDevice)]
+    params = tuple(p.name for p in inspect.signature(fn).parameters.values()
+                   if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
     be = Backend(op=op, name=name, fn=fn, available=available or (lambda: (True, "")), rank=rank,
-                 tolerances=dict(tolerances or {}), supports=supports, devices=tuple(devices))
+                 tolerances=dict(tolerances or {}), devices=devices[0] if devices else ("cuda",),
+                 constraints=tuple(c for c in constraints if not isinstance(c, OnDevice)), params=params)
     _REGISTRY.setdefault(op, {})[name] = be
     _ORDER_CACHE.clear()
     return be
@@ -261,17 +285,16 @@ def select(op: str, device: torch.device, *args, **kwargs) -> Backend:
         ok, why = be.is_available()
         if not ok:
             raise RuntimeError(f"longvideo.{op}: backend {setting!r} is unavailable: {why}")
-        if be.supports is not None:
-            why = be.supports(*args, **kwargs)
-            if why:
-                raise RuntimeError(f"longvideo.{op}: backend {setting!r} does not support this input: {why}")
+        why = be.supports(*args, **kwargs)
+        if why:
+            raise RuntimeError(f"longvideo.{op}: backend {setting!r} does not support this input: {why}")
         return be
     if device.type != "cuda":
         return table["reference"]
     for be in _preferred_order(op, device):
         if device.type not in be.devices or not be.is_available()[0]:
             continue
-        if be.supports is not None and be.supports(*args, **kwargs):
+        if be.supports(*args, **kwargs):
             continue
         return be
     return table["reference"]

@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 
 from . import _registry as R
+from ._constraints import HALF_DTYPES, aligned, dtype_in, head_dim_in, on_device, requires, strides_multiple_of
+from ._constraints import unit_last_stride
 from .plan.consistent import segment_table
 from ..reference.consistent_attention import (
     consistent_attention_backward_reference,
@@ -285,13 +287,6 @@ def _triton_module():
     return R.triton_module(OP)
 
 
-def _triton_supports(q, k, v, sample_idx, group_size, window, bank_k, bank_v, scale):
-    D = q.shape[-1]
-    if not 1 <= D <= 256:
-        return f"head dim {D} outside 1..256"
-    return None
-
-
 def _triton_forward(q, k, v, sample_idx, group_size, window, bank_k, bank_v, scale):
     return _triton_module().consistent_attention_forward(q, k, v, sample_idx, group_size, window,
                                                          bank_k, bank_v, scale)
@@ -304,25 +299,6 @@ def _triton_backward(grad_out, q, k, v, sample_idx, group_size, window, bank_k, 
 
 # CUDA extension: tensor-core forward (csrc/consistent_attention*.{cpp,cu}); its backward reuses
 # the Triton backward kernels (they consume the same (out, lse)).
-def _cuda_supports(q, k, v, sample_idx, group_size, window, bank_k, bank_v, scale):
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"dtype {q.dtype} (the CUDA kernel is fp16/bf16 tensor-core only)"
-    D = q.shape[-1]
-    if D % 8 or not 8 <= D <= 256:
-        return f"head dim {D} (the CUDA kernel takes multiples of 8 up to 256)"
-    if q.shape[0] * q.shape[1] > 65535:
-        return "B*H > 65535"
-    for name, t in (("q", q), ("k", k), ("v", v), ("bank_k", bank_k), ("bank_v", bank_v)):
-        if t is not None and t.stride(-1) != 1:
-            return f"{name} must have unit stride in the head dim"
-        if t is not None and t.data_ptr() % 16 != 0:
-            return f"{name} must be 16-byte aligned"
-    for name, t in (("q", q), ("k", k), ("v", v), ("bank_k", bank_k), ("bank_v", bank_v)):
-        if t is not None and any(s % 8 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1):
-            return f"{name} strides must be multiples of 8 elements (16-byte rows)"
-    return None
-
-
 def _cuda_forward(q, k, v, sample_idx, group_size, window, bank_k, bank_v, scale):
     B, _, N, _ = q.shape
     seg = segment_table(sample_idx, B, N, group_size, window)
@@ -333,17 +309,30 @@ def _cuda_forward(q, k, v, sample_idx, group_size, window, bank_k, bank_v, scale
                                                           scale, stream)
 
 
-R.register_backend(OP, "reference", _reference_forward, rank=100, devices=("cpu", "cuda"),
+_TENSORS = ("q", "k", "v", "bank_k", "bank_v")
+R.register_backend(OP, "reference", _reference_forward, rank=100,
                    tolerances={torch.float32: (1e-5, 1e-5), torch.float16: (1e-3, 1e-3),
-                               torch.bfloat16: (8e-3, 8e-3)})
+                               torch.bfloat16: (8e-3, 8e-3)},
+                   constraints=(on_device("cpu", "cuda"),))
 R.register_backend(OP, "triton", _triton_forward, available=R.triton_available, rank=10,
                    tolerances={torch.float32: (2e-4, 2e-4), torch.float16: (4e-3, 4e-3),
                                torch.bfloat16: (2.5e-2, 2.5e-2)},
-                   supports=_triton_supports, devices=("cuda",))
+                   constraints=(
+                       on_device("cuda"),
+                       head_dim_in(range(1, 257), "head dim {D} outside 1..256"),
+                   ))
 R.register_backend(OP, "cuda", _cuda_forward, available=R.cuda_extension_available("_consistent_attention_cuda"),
                    rank=20, tolerances={torch.float16: (4e-3, 4e-3), torch.bfloat16: (2.5e-2, 2.5e-2)},
-                   supports=_cuda_supports, devices=("cuda",))
-
+                   constraints=(
+                       on_device("cuda"),
+                       dtype_in("q", HALF_DTYPES, "dtype {dtype} (the CUDA kernel is fp16/bf16 tensor-core only)"),
+                       head_dim_in(range(8, 257, 8), "head dim {D} (the CUDA kernel takes multiples of 8 up to 256)"),
+                       requires("grid_y", lambda a: a["q"].shape[0] * a["q"].shape[1] <= 65535, "B*H > 65535"),
+                       unit_last_stride(_TENSORS, "{name} must have unit stride in the head dim"),
+                       aligned(_TENSORS, 16, "{name} must be 16-byte aligned"),
+                       strides_multiple_of(_TENSORS, 8, "{name} strides must be multiples of 8 elements (16-byte rows)",
+                                           skip_size_one=True),
+                   ))
 
 
 def _cuda_backward(*args):

@@ -26,11 +26,11 @@ import math
 import torch
 
 from . import _registry as R
+from ._constraints import FLOAT_DTYPES, dtype_in, on_device
 from .plan.lowfreq import FILTER_CODES, axis_table, filter_coef
 from ..reference.lowfreq_mix import FILTERS, lowfreq_mix_reference
 
 OP = "lowfreq_mix"
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _check(x, noise, filter, d_s, d_t, order):
@@ -120,12 +120,6 @@ def _reference_impl(x, noise, filter, d_s, d_t, order):
     return lowfreq_mix_reference(x, noise, filter, d_s, d_t, order).contiguous()
 
 
-def _kernel_supports(x, noise, filter, d_s, d_t, order):
-    if x.dtype not in _KERNEL_DTYPES:
-        return f"dtype {x.dtype} (kernels take float16/bfloat16/float32; float64 runs on the reference)"
-    return None
-
-
 def _triton_module():
     return R.triton_module(OP)
 
@@ -145,8 +139,13 @@ def _cuda_impl(x, noise, filter, d_s, d_t, order):
 # the two independent roundings of the output to differ by one unit in the last place.
 _TOLS = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
-R.register_backend(OP, "reference", _reference_impl, rank=100, devices=("cpu", "cuda"))
+# both kernels: float16/bfloat16/float32 on CUDA
+_KERNEL_CONSTRAINTS = (
+    on_device("cuda"),
+    dtype_in("x", FLOAT_DTYPES, "dtype {dtype} (kernels take float16/bfloat16/float32; float64 runs on the reference)"),
+)
+R.register_backend(OP, "reference", _reference_impl, rank=100, constraints=(on_device("cpu", "cuda"),))
 R.register_backend(OP, "triton", _triton_impl, available=R.triton_available, rank=10, tolerances=_TOLS,
-                   supports=_kernel_supports, devices=("cuda",))
+                   constraints=_KERNEL_CONSTRAINTS)
 R.register_backend(OP, "cuda", _cuda_impl, available=R.cuda_extension_available("_lowfreq_mix_cuda"), rank=20,
-                   tolerances=_TOLS, supports=_kernel_supports, devices=("cuda",))
+                   tolerances=_TOLS, constraints=_KERNEL_CONSTRAINTS)

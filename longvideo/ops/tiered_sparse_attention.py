@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 
 from . import _registry as R
+from ._constraints import HALF_DTYPES, aligned, dtype_in, head_dim_in, on_device, requires, strides_multiple_of
+from ._constraints import unit_last_stride
 from .plan.tiered import band_edges, build_schedule, rope_tables
 from .plan.tiered import schedule_density  # noqa: F401  (part of this module's interface)
 from ..reference.tiered_sparse_attention import tiered_sparse_attention_reference
@@ -196,14 +198,6 @@ def _reference_impl(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe
                                              sink_frames, scale, rope_t_freqs, vrpr)
 
 
-def _triton_supports(q, k, v, *args, **kwargs):
-    if q.shape[3] > 256 or v.shape[3] > 256:
-        return f"head dims up to 256 (got {q.shape[3]}, {v.shape[3]})"
-    if q.numel() == 0:
-        return "empty input"
-    return None
-
-
 def triton_module():
     return R.triton_module(OP)
 
@@ -218,23 +212,6 @@ def _triton_impl(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_wi
     out = triton_module().tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_frames,
                                                       stripe_width, sink_frames, scale, rope_t_freqs, vrpr)
     return out.to(dtype)
-
-
-def _cuda_supports(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0, sink_frames=1,
-                   scale=None, rope_t_freqs=None, vrpr=None):
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"float16/bfloat16 only (got {q.dtype})"
-    if q.shape[3] not in (64, 128) or v.shape[3] != q.shape[3]:
-        return f"head dims 64 and 128 with Dv == D (got {q.shape[3]}, {v.shape[3]})"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        # the kernel moves 16-byte vectors of 8 channels
-        if t.stride(3) != 1:
-            return f"{name} must have unit stride in its last dim"
-        if any(st % 8 for st in t.stride()[:3]) or t.data_ptr() % 16:
-            return f"{name} strides must be multiples of 8 elements and its data 16-byte aligned"
-    if q.shape[2] >= 2 ** 31 // 8:
-        return "sequence too long for int32 indexing"
-    return None
 
 
 def _cuda_impl(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0, sink_frames=1,
@@ -258,11 +235,28 @@ def _cuda_impl(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_widt
         rope_pairs, w1, w2, scale, stream)
 
 
-R.register_backend(OP, "reference", _reference_impl, rank=100, devices=("cpu", "cuda"))
+_QKV = ("q", "k", "v")
+R.register_backend(OP, "reference", _reference_impl, rank=100, constraints=(on_device("cpu", "cuda"),))
 R.register_backend(OP, "triton", _triton_impl, available=R.triton_available, rank=10,
                    tolerances={torch.float32: (2e-4, 2e-4), torch.float16: (4e-3, 4e-3),
                                torch.bfloat16: (2e-2, 2e-2)},
-                   supports=_triton_supports, devices=("cuda",))
+                   constraints=(
+                       on_device("cuda"),
+                       head_dim_in(range(257), "head dims up to 256 (got {D}, {Dv})", ("q", "v")),
+                       requires("nonempty", lambda a: a["q"].numel() > 0, "empty input"),
+                   ))
 R.register_backend(OP, "cuda", _cuda_impl, available=R.cuda_extension_available("_tiered_sparse_attention_cuda"),
                    rank=20, tolerances={torch.float16: (4e-3, 4e-3), torch.bfloat16: (2e-2, 2e-2)},
-                   supports=_cuda_supports, devices=("cuda",))
+                   constraints=(
+                       on_device("cuda"),
+                       dtype_in("q", HALF_DTYPES, "float16/bfloat16 only (got {dtype})"),
+                       head_dim_in({64, 128}, "head dims 64 and 128 with Dv == D (got {D}, {Dv})", ("q", "v"),
+                                   equal=True),
+                       # the kernel moves 16-byte vectors of 8 channels
+                       unit_last_stride(_QKV, "{name} must have unit stride in its last dim"),
+                       strides_multiple_of(_QKV, 8, "{name} strides must be multiples of 8 elements and its data "
+                                                    "16-byte aligned"),
+                       aligned(_QKV, 16, "{name} strides must be multiples of 8 elements and its data 16-byte aligned"),
+                       requires("int32_index", lambda a: a["q"].shape[2] < 2 ** 31 // 8,
+                                "sequence too long for int32 indexing"),
+                   ))
