@@ -142,3 +142,15 @@ def test_every_kernel_backend_declares_its_constraints():
             assert be.devices == ("cuda",) and be.constraints, (op, name)
             assert all(isinstance(c, Constraint) for c in be.constraints), (op, name)
         assert R.get_backend(op, "reference").devices == ("cpu", "cuda")
+
+
+def test_op_call_overhead_script_runs():
+    """tools/op_call_overhead.py (the measurement behind lowfreq_mix's low-level registration) runs."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "tools" / "op_call_overhead.py"
+    res = subprocess.run([sys.executable, str(script), "--reps", "20"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "low-level Library (lowfreq_mix)" in res.stdout and "custom_op + register_fake" in res.stdout

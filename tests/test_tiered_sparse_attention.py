@@ -264,6 +264,16 @@ def test_opcheck():
                           {"scale": 0.2, "rope_t_freqs": _freqs(4), "vrpr": [1.0, 3.0, 1.0, 2.0, 3.0]})
 
 
+def test_not_differentiable_backward_raises_clearly():
+    """No backward kernel: a forward under grad mode works (and returns a tensor in the graph); a
+    backward through it raises saying the op is not differentiable."""
+    q, k, v = (t.requires_grad_(True) for t in _qkv(1, 2, 4, 6, 16))
+    out = tsa(q, k, v, 6, 1)
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match="tiered_sparse_attention is not differentiable"):
+        out.sum().backward()
+
+
 def test_torch_compile_fullgraph():
     q, k, v = _qkv(1, 2, 4, 6, 16)
     freqs = _freqs(4)

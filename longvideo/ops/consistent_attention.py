@@ -256,8 +256,7 @@ def _backward(ctx, grad_out, grad_lse):
     return dq, dk, dv, None, None, None, dbk, dbv, None
 
 
-torch.library.register_autograd("longvideo::_consistent_attention_forward", _backward,
-                                setup_context=_setup_context)
+_consistent_attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -64,12 +64,16 @@ def _check(x, noise, filter, d_s, d_t, order):
 SCHEMA = ("lowfreq_mix(Tensor x, Tensor noise, str filter='gaussian', float d_s=0.25, float d_t=0.25, "
           "float order=4.0) -> Tensor")
 
-# Defined with the low-level torch.library API rather than ``torch.library.custom_op``: the op
-# has no autograd formula (FreeInit and Ouroboros apply it to latents outside any graph) and at
-# the Ouroboros tail sizes its kernel runs for a few microseconds, so the ~15 us per call that
-# custom_op's wrapper adds (its autograd and aliasing checks) would be most of the call. Measured
-# on the 2-core CI machine with the backend stubbed out: 28.7 us per call through custom_op,
-# 11.1 us through this registration (torch.add of the same tensors: 2.7 us).
+# Registered with the low-level torch.library API (define + CPU/CUDA impl + register_fake), not
+# with custom_op + register_fake + register_autograd as the other ops: the op has no autograd
+# formula (FreeInit and Ouroboros apply it to latents outside any graph; _check_no_grad refuses
+# inputs that require grad) and at the Ouroboros tail sizes its kernel runs for a few
+# microseconds, so what the dispatcher adds per call is a large part of the call. Re-measured
+# (issue 16) with tools/op_call_overhead.py, torch 2.13 CPU, 2 cores, the backend stubbed out,
+# median us per call over 3 runs: 8.0 through this registration, 12.2 with a register_autograd
+# added to it, 16.3 through custom_op + register_fake (with register_autograd too: 16.3); the op
+# body as a plain Python call 4.8, torch.add of small tensors 1.8. (First measured: 11.1 here,
+# 28.7 through custom_op.) The gain holds: custom_op would double the host cost of a call.
 _lib = torch.library.Library("longvideo", "FRAGMENT")
 _lib.define(SCHEMA)
 

@@ -163,6 +163,7 @@ def tiered_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f
 
     Bad arguments raise ValueError naming them, NaN/inf in scale, vrpr and rope_t_freqs included.
     Empty input (B, H or S zero, or Dv zero) returns an empty (B, H, S, Dv) tensor on every backend.
+    Not differentiable: a backward through the result raises a RuntimeError saying so.
 
     NaN rule (q, k, v are not checked for NaN/inf: that would cost a host sync per call): a
     key/value row that query i does not attend never reaches out[i], whatever its values. A NaN in
@@ -188,6 +189,14 @@ def _(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0, sink
     _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, scale,
            rope_t_freqs, vrpr)
     return _empty_result(q, v)
+
+
+def _no_backward(ctx, grad_out):
+    raise RuntimeError("tiered_sparse_attention is not differentiable (no backward kernel): a forward under "
+                       "grad mode works, a backward through it does not")
+
+
+tiered_sparse_attention.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
 
 
 # ---------------------------------------------------------------------------------------------
