@@ -8,9 +8,16 @@ Four levels, each with a stated tolerance:
   Wan2.1-1.3B widths for one layer, the real Wan2.1 VAE widths): within CALL_TOL (5%);
 * whole methods (plan(...)) against the tracker on CPU: FIFO, Ouroboros with self-recurrent
   guidance, StoryDiffusion with its id bank, FreeLOC: within METHOD_TOL (15%, the target);
+  Ouroboros' guidance pass (the conditional half with autograd, parameters frozen, stopped after
+  the last feature layer) and the guided window it belongs to, on Wan and AnimateDiff: the pass's
+  forward and graph within CALL_TOL (one model call, op by op), its backward (coarse) and the
+  window within METHOD_TOL;
 * the H200 benchmark records (benchmarks/results): the planner's CUDA prediction of each recorded
   peak within METHOD_TOL, no GPU needed (and a `gpu`-marked check against
-  torch.cuda.max_memory_allocated for the GPU tier).
+  torch.cuda.max_memory_allocated for the GPU tier). The guidance record ran the implementation
+  before the guidance pass (the whole CFG call with autograd): it is checked against the
+  planner's guidance_impl="whole_call", which models that implementation; no record of the
+  current guidance pass exists yet (the CPU checks above and the GPU tier cover it).
 
 The tests can fail: a model with a wrong FFN width (a wrong formula) misses the measurement by
 more than the tolerance, and the tracker reports a doubled allocation as double.
@@ -185,6 +192,108 @@ def test_freeloc_forward_matches_tracker(size):
     assert abs(_err(sim.peak, measured)) < CALL_TOL, (sim.peak, measured, sim.peak_where)
 
 
+def _wan_guidance_pass(tr, F, h, w, T, mark):
+    """Ouroboros' guidance pass as FIFODiffusion._guidance_gradient runs it, on a bare transformer:
+    Ouroboros' processors with the first quarter of the blocks' attn1 as feature layers (every
+    token a subject token), the conditional half alone (batch 1), the parameters frozen, the
+    forward raising as the last feature layer returns, the loss of fifo_ouroboros (c) against a
+    zero bank, autograd.grad to the input. mark(stage) at "start", "stopped" (the forward ended)
+    and "done"; returns the feature layers."""
+    from longvideo.methods.fifo_ouroboros import frame_features
+    from longvideo.processors.ouroboros import OuroborosContext, install_wan
+
+    class Stop(Exception):
+        pass
+
+    def raise_stop(*_):
+        raise Stop
+
+    dev, dtype, cfg = tr.device, tr.dtype, tr.config
+    processors = dict(tr.attn_processors)
+    ctx = OuroborosContext((h, w))
+    layers = install_wan(tr, ctx)
+    feats = layers[: max(1, len(layers) // 4)]
+    handle = tr.get_submodule(feats[-1][: -len(".processor")]).register_forward_hook(raise_stop)
+    frozen = [p for p in tr.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    S = F * (h // 2) * (w // 2)
+    x = torch.randn(1, cfg.in_channels, F, h, w, device=dev)
+    text = torch.randn(1, T, cfg.text_dim, device=dev, dtype=dtype)
+    t = torch.full((1, S), 500.0, device=dev)
+    a = F - F // 2                                  # the frames the window writes
+    ctx.begin(frames=F, masks=torch.ones(F, h, w, dtype=torch.bool, device=dev), sacfa=False, use_op=True,
+              record_maps=False, feature_layers=feats)
+    try:
+        mark("start")
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            try:
+                tr(hidden_states=xg.to(dtype), timestep=t, encoder_hidden_states=text, return_dict=False)
+            except Stop:
+                pass
+            mark("stopped")
+            loss = 0
+            for name in feats:
+                keys = ctx.features[name][a:]
+                loss = loss + (frame_features(keys, ctx.layer_masks(keys.shape[2])[a:]) ** 2).mean()
+            torch.autograd.grad(loss, xg)
+            del loss
+        ctx.end()
+        mark("done")
+    finally:
+        handle.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+        tr.set_attn_processor(processors)
+    return feats
+
+
+def _guidance_pass_sim(cfg, F, h, w, T, itemsize, feats, dev):
+    sim = Sim(grad=True, frozen=True)
+    return A.wan_guidance_pass(sim, A.WanArch.from_config(cfg), A.WanCall(
+        1, F, h, w, T, itemsize, "token", self_attn="ouroboros", use_op=True, feature_layers=tuple(feats),
+        stop_after=len(feats) - 1), dev)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wan_guidance_pass_matches_tracker(dtype):
+    """The guidance pass on 8 blocks (8 heads of 64, FFN 2048): feature layers blocks 0-1, so the
+    backward goes through block 0's FFN. The forward's peak and the graph left for the backward
+    within CALL_TOL; the backward (coarse) within METHOD_TOL."""
+    from diffusers import WanTransformer3DModel
+
+    from longvideo.models.wan import _cast_transformer
+
+    cfg = dict(_WAN_TINY, num_attention_heads=8, attention_head_dim=64, ffn_dim=2048, num_layers=8, in_channels=16,
+               out_channels=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tr = WanTransformer3DModel(**cfg).eval()
+    if dtype != torch.float32:
+        _cast_transformer(tr, dtype)
+    F, h, w, T = 3, 8, 16, 32
+    got = {}
+    tk = LiveTensorTracker()
+
+    def mark(stage):
+        if stage == "start":
+            got["base"] = tk.current
+        elif stage == "stopped":
+            got["forward"], got["graph"] = tk.peak - got["base"], tk.current - got["base"]
+        else:
+            got["backward"] = tk.peak - got["base"]
+        tk.reset_peak()
+
+    with tk:
+        feats = _wan_guidance_pass(tr, F, h, w, T, mark)
+    assert len(feats) == 2
+    pred = _guidance_pass_sim(cfg, F, h, w, T, dtype.itemsize, feats, A.CPU)
+    tol = {"forward": CALL_TOL, "graph": CALL_TOL, "backward": METHOD_TOL}
+    bad = [(k, pred[k], got[k]) for k in tol if abs(_err(pred[k], got[k])) > tol[k]]
+    assert not bad, (bad, pred, got)
+
+
 # ---------------------------------------------------------------------------------------------
 # one model call: UNets, VAEs
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
@@ -309,7 +418,9 @@ def wan_pipes():
 @pytest.mark.parametrize("method", ["fifo", "ouroboros"])
 def test_fifo_and_guidance_peak_within_tolerance(wan_pipes, size, method):
     """A FIFO run (text encoding, the initial clip, iterations with the streamed decode and its
-    VAE cache) and an Ouroboros run whose guided window holds the autograd graph."""
+    VAE cache) and an Ouroboros run. With one partition the guided window writes the new tail
+    frame, which has no subject map yet: its guidance pass runs the forward and no backward (the
+    pass with its gradient: test_guided_window_matches_tracker)."""
     from longvideo.methods.fifo import FIFODiffusion, OuroborosDiffusion
 
     pipe = wan_pipes[size]
@@ -323,8 +434,90 @@ def test_fifo_and_guidance_peak_within_tolerance(wan_pipes, size, method):
     p = plan(method, spec_from_pipeline(pipe), H, W, 40, torch.float32, device="cpu", num_partitions=1)
     pred = p.peak_phase.beyond_weights
     assert abs(_err(pred, tk.peak)) < METHOD_TOL, (pred, tk.peak, p.summary())
-    if method == "ouroboros":
-        assert p.peak_phase.name == "guided window"
+
+
+def _run_measuring_guidance(fifo, monkeypatch, **generate):
+    """Run `fifo` (an OuroborosDiffusion) under the tracker; returns {"overall": the run's peak,
+    "pass": the guidance pass's peak, "graph": the bytes alive when its backward starts,
+    "backward": the backward's peak, "guided window": the peak of a window with a guidance pass,
+    "passes": how many} -- each above the bytes live when that part began (as the planner's
+    parts count), the largest over the run."""
+    from longvideo.methods import fifo as fifo_mod
+
+    rec = {"passes": 0}
+    tk = LiveTensorTracker()
+    guidance_gradient = fifo_mod.FIFODiffusion._guidance_gradient
+    ouroboros_window = fifo_mod.FIFODiffusion._ouroboros_window
+    autograd_grad = torch.autograd.grad
+
+    def segment(key, fn, base=None):
+        start, outer = tk.current, tk.peak
+        base = start if base is None else base
+        tk.reset_peak()
+        try:
+            return fn()
+        finally:
+            rec[key] = max(rec.get(key, 0), tk.peak - base)
+            tk.peak = max(outer, tk.peak)
+
+    def pass_(self, *a, **k):
+        rec["passes"] += 1
+        rec["_base"] = tk.current
+        return segment("pass", lambda: guidance_gradient(self, *a, **k))
+
+    def grad(*a, **k):
+        rec["graph"] = max(rec.get("graph", 0), tk.current - rec["_base"])
+        return segment("backward", lambda: autograd_grad(*a, **k), rec["_base"])
+
+    def window(self, *a, **k):
+        n = rec["passes"]
+        start, outer = tk.current, tk.peak
+        tk.reset_peak()
+        try:
+            return ouroboros_window(self, *a, **k)
+        finally:
+            if rec["passes"] > n:
+                rec["guided window"] = max(rec.get("guided window", 0), tk.peak - start)
+            tk.peak = max(outer, tk.peak)
+
+    monkeypatch.setattr(fifo_mod.FIFODiffusion, "_guidance_gradient", pass_)
+    monkeypatch.setattr(fifo_mod.FIFODiffusion, "_ouroboros_window", window)
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    with tk:
+        for _ in fifo.generate(**generate):
+            pass
+    monkeypatch.undo()
+    rec["overall"] = tk.peak
+    return rec
+
+
+@pytest.mark.parametrize("family,size", [("wan", "tiny"), ("wan", "mid"), ("animatediff", "tiny")])
+def test_guided_window_matches_tracker(wan_pipes, monkeypatch, family, size):
+    """Ouroboros' guided window as FIFODiffusion runs it: the guidance pass (the conditional half
+    with autograd, parameters frozen, stopped right after the last feature layer: Wan's block
+    num_layers // 4 - 1 attn1, AnimateDiff's last down-path spatial self-attention; then the loss
+    and its backward to the window) and the window's CFG call without autograd. Two partitions
+    on Wan (the guided window's frames then have subject maps: the gradient is computed)."""
+    from longvideo.methods.fifo import OuroborosDiffusion
+    from longvideo.models import animatediff
+
+    pipe = wan_pipes[size] if family == "wan" else animatediff.tiny_pipeline()
+    n = 2 if family == "wan" else 1
+    fifo = OuroborosDiffusion(pipe, num_partitions=n, subject_words=["cat"])
+    rec = _run_measuring_guidance(fifo, monkeypatch, prompt="a red cat walking", num_frames=40, height=64,
+                                  width=64, stop_after_iterations=4)
+    assert rec["passes"] and "backward" in rec, rec          # a gradient was computed
+    p = plan("ouroboros", spec_from_pipeline(pipe), 64, 64, 40, torch.float32, device="cpu", num_partitions=n)
+    g = p.phase("guided window")
+    d = g.detail
+    assert d["stop"].startswith(fifo._feature_layers[-1][: -len(".attn1.processor")])
+    checks = [("pass", d["guidance pass"], rec["pass"], CALL_TOL),
+              ("graph", d["guidance pass graph"], rec["graph"], CALL_TOL),
+              ("backward", d["guidance pass backward"], rec["backward"], METHOD_TOL),
+              ("guided window", max(d["guidance pass"], d["window call"]), rec["guided window"], METHOD_TOL),
+              ("run", p.peak_phase.beyond_weights, rec["overall"], METHOD_TOL)]
+    bad = [(name, pred, measured) for name, pred, measured, tol in checks if abs(_err(pred, measured)) > tol]
+    assert not bad, (bad, p.summary())
 
 
 def test_story_with_bank_peak_within_tolerance():
@@ -392,7 +585,11 @@ def test_h200_records_are_predicted():
     it = p.phase("iteration")                  # the benchmark iterates without a VAE (no decoder cache)
     checks.append(("fifo", it.beyond_weights - sum(x.nbytes for x in it.parts if "decoder cache" in x.name),
                    _record("fifo", "iteration_f21_n4_832x480", "fifo")))
-    p = plan("ouroboros", spec6, 480, 832, 81, "bfloat16", tail=False, sacfa=False, guidance=True)
+    # the guidance record ran the implementation before the guidance pass (the record predates
+    # it): the whole CFG-batched guided window call with autograd, which guidance_impl="whole_call"
+    # models; the current pass is checked against the tracker (CPU) and in the GPU tier
+    p = plan("ouroboros", spec6, 480, 832, 81, "bfloat16", tail=False, sacfa=False, guidance=True,
+             guidance_impl="whole_call")
     g = p.phase("guided window")
     checks.append(("guidance", g.beyond_weights - sum(x.nbytes for x in g.parts if "decoder cache" in x.name),
                    _record("fifo", "iteration_f21_n4_832x480", "ouroboros:guidance")))
@@ -434,6 +631,25 @@ def test_fit_chooses_the_fastest_setting_that_fits_and_says_why():
     # the peak breakdown names the parts the brief asks for
     names = " ".join(p.components())
     assert "weights" in names and "VAE decoder cache" in " ".join(x.name for x in roomy.peak_phase.parts)
+
+
+def test_guidance_impl_models_the_pass_and_the_whole_call():
+    """The default guided window is the guidance pass (Wan2.1-1.3B: 7 of 30 blocks, the last
+    feature layer blocks.6.attn1) or the window's call, whichever is larger, and is a fraction of
+    the whole-call guidance it replaced; guidance_impl="whole_call" keeps that model (the
+    records)."""
+    new = plan("ouroboros", "wan2.1-t2v-1.3b", 480, 832, 241, "bfloat16")
+    old = plan("ouroboros", "wan2.1-t2v-1.3b", 480, 832, 241, "bfloat16", guidance_impl="whole_call")
+    g, d = new.phase("guided window"), new.phase("guided window").detail
+    assert d["stop"].startswith("blocks.6.attn1")
+    assert d["guidance pass"] == max(d["guidance pass forward"], d["guidance pass backward"])
+    assert d["guidance pass graph"] < d["guidance pass forward"]
+    assert max(d["guidance pass"], d["window call"]) == g.nbytes - sum(x.nbytes for x in g.parts
+                                                                          if x.kind in ("weights", "state"))
+    assert old.phase("guided window").beyond_weights > 5 * g.beyond_weights
+    assert any("guidance pass" in n for n in new.notes) and any("whole_call" in n for n in old.notes)
+    with pytest.raises(ValueError, match="guidance_impl"):
+        plan("ouroboros", "wan2.1-t2v-1.3b", guidance_impl="whole")
 
 
 def test_offload_modes_order_the_resident_weights():
@@ -499,16 +715,43 @@ def _cuda_peak(fn):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["fifo_call", "guided_call", "freeloc_call", "vae_decode"])
+@pytest.mark.parametrize("case", ["fifo_call", "guided_call", "guidance_pass", "freeloc_call", "vae_decode"])
 def test_cuda_predictions_match_max_memory_allocated(case):
     """Wan2.1-1.3B widths with 2 of the 30 blocks at 480p (the planner's CUDA kernels: fused
-    RMSNorm, flash SDPA, the Triton tiered_sparse_attention workspace), and the Wan2.1 VAE."""
+    RMSNorm, flash SDPA, the Triton tiered_sparse_attention workspace), and the Wan2.1 VAE.
+    "guided_call": one call with autograd, parameters requiring grad (the whole-call guidance
+    before the guidance pass); "guidance_pass": Ouroboros' guidance pass on 8 blocks (feature
+    layers 0-1), its forward, graph and backward."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     from longvideo.models.wan import _cast_transformer
 
     dev = torch.device("cuda")
     cfg = dict(_WAN_MID, num_layers=2)
+    if case == "guidance_pass":
+        cfg = dict(_WAN_MID, num_layers=8)
+        with torch.device(dev):
+            tr = WanTransformer3DModel(**cfg).eval()
+        _cast_transformer(tr, torch.bfloat16)
+        got = {}
+
+        def mark(stage):
+            torch.cuda.synchronize()
+            if stage == "start":
+                got["base"] = torch.cuda.memory_allocated()
+            elif stage == "stopped":
+                got["forward"] = torch.cuda.max_memory_allocated() - got["base"]
+                got["graph"] = torch.cuda.memory_allocated() - got["base"]
+            else:
+                got["backward"] = torch.cuda.max_memory_allocated() - got["base"]
+            torch.cuda.reset_peak_memory_stats()
+
+        feats = _wan_guidance_pass(tr, 21, 60, 104, 226, mark)
+        pred = _guidance_pass_sim(cfg, 21, 60, 104, 226, 2, feats, A.CUDA)
+        bad = [(k, pred[k], got[k]) for k in ("forward", "graph", "backward")
+               if abs(_err(pred[k], got[k])) > METHOD_TOL]
+        assert not bad, (bad, pred, got)
+        return
     if case == "vae_decode":
         vae = AutoencoderKLWan().to(dev).eval()
         z = torch.randn(1, 16, 3, 60, 104, device=dev)

@@ -3,7 +3,8 @@
 ``plan(method, model, height, width, num_frames, dtype, ..., gpu_memory=None) -> Plan``
 
 A run is cut into phases (text encoding, the initial clip, one denoising step / FIFO iteration /
-story call, VAE decode). The peak of a phase is
+story call, VAE decode; Ouroboros' guided window: its guidance pass with autograd, then its
+model call). The peak of a phase is
 
     resident weights (by offload mode)  +  state that lives across the phase (latents, FIFO queue
     and the causal VAE's cache, id banks, ...)  +  the peak of the phase's model call
@@ -53,10 +54,11 @@ from .models import ModelSpec, load_model_spec
 from .sim import Sim
 
 __all__ = ["plan", "Plan", "Phase", "Part", "Settings", "TimeEstimate", "parse_bytes", "format_bytes",
-           "METHODS", "OFFLOAD_MODES"]
+           "METHODS", "OFFLOAD_MODES", "GUIDANCE_IMPLS"]
 
 METHODS = ("direct", "freeloc", "fifo", "ouroboros", "story", "enhance")
 OFFLOAD_MODES = ("none", "text", "model", "group", "sequential")
+GUIDANCE_IMPLS = ("prefix", "whole_call")
 _METHOD_ALIASES = {"blending": "enhance", "streamingt2v": "enhance", "storydiffusion": "story", "plain": "direct"}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -110,6 +112,7 @@ class Phase:
     name: str
     parts: list
     where: str = ""            # where in the model call the peak falls
+    detail: dict = field(default_factory=dict)   # a phase of several calls: their peaks (bytes), what they are
 
     @property
     def nbytes(self) -> int:
@@ -215,7 +218,7 @@ class Plan:
     def to_dict(self) -> dict:
         return {"method": self.method, "model": self.model, "settings": asdict(self.settings), "sizes": self.sizes,
                 "peak_bytes": self.peak_bytes, "peak_phase": self.peak_phase.name,
-                "phases": [{"name": p.name, "bytes": p.nbytes, "where": p.where,
+                "phases": [{"name": p.name, "bytes": p.nbytes, "where": p.where, "detail": p.detail,
                             "parts": [asdict(x) for x in p.parts]} for p in self.phases],
                 "time": None if self.time is None else asdict(self.time), "time_note": self.time_note,
                 "gpu_memory": self.gpu_memory, "usable": self.usable, "fits": self.fits, "choice": self.choice,
@@ -427,7 +430,8 @@ def _decode_phase(spec, dtype, st, batch, F, h, w, extra_state=(), images=None):
     return Phase("decode", parts, sim.peak_where)
 
 
-def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, parts_on, trained):
+def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, parts_on, trained,
+                 guidance_impl="prefix"):
     fam = spec.family
     f = st.frames_per_window or spec.trained_latent_frames or trained or 16
     n = st.num_partitions
@@ -490,16 +494,26 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
                               "clamp, (x + 1) / 2, clamp of the frames out (float32)"))
         phases.append(Phase("decode", dec_parts))
         if ouro and guidance:
-            gsim = _wan_call_sim(spec, dtype, device, 2, f, h, w, timestep, "ouroboros", grad=True,
-                                 feature_layers=feature_layers, record_maps=True, text_len=226)
-            X = 2 * arch.tokens(f, h, w) * arch.dim
-            bwd = 3 * X * 4
             g_parts = _resident_weights(spec, dtype, st.offload, ["transformer"], keep=keep) + state
             g_parts.append(Part("VAE decoder cache (stream state)", cache_bytes, "state"))
-            g_parts += _sim_parts(gsim, "guided call with autograd")
-            g_parts.append(Part("backward through the feature layers", bwd, "activations",
-                                "coarse: three float32 (B, S, d) gradients"))
-            phases.append(Phase("guided window", g_parts, gsim.peak_where))
+            if guidance_impl == "whole_call":
+                gsim = _wan_call_sim(spec, dtype, device, 2, f, h, w, timestep, "ouroboros", grad=True,
+                                     feature_layers=feature_layers, record_maps=True, text_len=226)
+                X = 2 * arch.tokens(f, h, w) * arch.dim
+                g_parts += _sim_parts(gsim, "guided call with autograd (whole CFG call)")
+                g_parts.append(Part("backward through the feature layers", 3 * X * 4, "activations",
+                                    "coarse: three float32 (B, S, d) gradients"))
+                phases.append(Phase("guided window", g_parts, gsim.peak_where))
+            else:
+                k = len(feature_layers)
+                gsim = Sim(grad=True, frozen=True)
+                res = A.wan_guidance_pass(gsim, arch, A.WanCall(
+                    batch=1, frames=f, height=h, width=w, text_len=226, itemsize=e, timestep=timestep,
+                    self_attn="ouroboros", use_op=True, feature_layers=feature_layers, stop_after=k - 1), device)
+                phases.append(_guided_window_phase(
+                    g_parts, gsim, res, f"guidance pass (conditional half, blocks 0-{k - 1}, autograd)", sim,
+                    "window call (batch 2, CFG, no autograd)", C * f * h * w * 4,
+                    f"blocks.{k - 1}.attn1 ({k} of {arch.num_layers} blocks)"))
         sizes = dict(window=f, partitions=n, queue=L, latent_hw=(h, w), tokens_per_window=arch.tokens(f, h, w))
         return phases, sizes
     # AnimateDiff
@@ -511,26 +525,64 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
     A.unet_call(sim0, unet, A.UNetCall(2, h, w, spec.text_len, e, frames=f))
     phases.append(Phase("initial clip", _resident_weights(spec, dtype, st.offload, ["unet"]) +
                         _sim_parts(sim0, "UNet call (CFG batch 2)"), sim0.peak_where))
-    procs, maps = {}, frozenset()
+    procs, maps, feats = {}, frozenset(), {}
     if processors:
         for name, _ in _self_attn_layers(unet):
             procs[name] = {"kind": "ouroboros"}
         maps = frozenset(n.replace("attn1", "attn2") for n in procs)
+    if ouro and guidance:
+        # the feature layers (fifo_ouroboros.default_feature_layers): the down path's spatial
+        # self-attention layers; the windows that record them (the bank's, the guided) hold their keys
+        feats = {n: {"kind": "ouroboros", "feature": True} for n in procs if n.startswith("down_blocks")}
+        if not feats and procs:
+            first = next(iter(procs))
+            feats = {first: {"kind": "ouroboros", "feature": True}}
     sim = Sim()
-    A.unet_call(sim, unet, A.UNetCall(2, h, w, spec.text_len, e, frames=f, processors=procs, cross_maps=maps))
+    A.unet_call(sim, unet, A.UNetCall(2, h, w, spec.text_len, e, frames=f, processors={**procs, **feats},
+                                      cross_maps=maps))
     state = [Part("FIFO queue + context (float32)", (L + c) * C * h * w * 4, "state"),
              Part("iteration buffers", (2 * (L + c) + 8 * f) * C * h * w * 4, "state")]
     parts = _resident_weights(spec, dtype, st.offload, ["unet"]) + state + _sim_parts(sim, "UNet call (CFG batch 2)")
     phases.append(Phase("iteration", parts, sim.peak_where))
     phases.append(_decode_phase(spec, dtype, st, 1, 1, h, w, extra_state=state))
     if ouro and guidance:
-        down = {n: {"kind": "ouroboros", "feature": True} for n in procs if n.startswith("down_blocks")}
-        g = Sim(grad=True)
-        A.unet_call(g, unet, A.UNetCall(2, h, w, spec.text_len, e, frames=f, processors={**procs, **down},
-                                        cross_maps=maps))
-        gp = _resident_weights(spec, dtype, st.offload, ["unet"]) + state + _sim_parts(g, "guided call with autograd")
-        phases.append(Phase("guided window", gp, g.peak_where))
+        gp = _resident_weights(spec, dtype, st.offload, ["unet"]) + state
+        if guidance_impl == "whole_call":
+            g = Sim(grad=True)
+            A.unet_call(g, unet, A.UNetCall(2, h, w, spec.text_len, e, frames=f, processors={**procs, **feats},
+                                            cross_maps=maps))
+            gp += _sim_parts(g, "guided call with autograd (whole CFG call)")
+            phases.append(Phase("guided window", gp, g.peak_where))
+        else:
+            stop = list(feats)[-1]                      # the walk's (and the module tree's) order
+            g = Sim(grad=True, frozen=True)
+            res = A.unet_guidance_pass(g, unet, A.UNetCall(1, h, w, spec.text_len, e, frames=f,
+                                                           processors={**procs, **feats}, stop_after=stop))
+            phases.append(_guided_window_phase(
+                gp, g, res, "guidance pass (conditional half, down path, autograd)", sim,
+                "window call (CFG batch 2, no autograd)", C * f * h * w * 4, stop))
     return phases, dict(window=f, partitions=n, queue=L, latent_hw=(h, w))
+
+
+def _guided_window_phase(base: list, gsim: Sim, res: dict, pass_label: str, wsim: Sim, call_label: str,
+                         grad_bytes: int, stop: str) -> Phase:
+    """Ouroboros' guided window (FIFODiffusion._ouroboros_window with _guidance_gradient): first the
+    guidance pass (gsim: the conditional half with autograd, parameters frozen, stopped after the
+    last feature layer `stop`, and its backward), then the window's CFG call without autograd
+    (wsim, the iteration's call with the feature layers recorded) while the gradient (the window's
+    latents, float32) is alive. The phase's breakdown is the larger of the two; ``detail`` has both."""
+    call_peak = wsim.peak + grad_bytes
+    if gsim.peak >= call_peak:
+        parts = base + _sim_parts(gsim, pass_label)
+        where = f"guidance pass: {gsim.peak_where}"
+    else:
+        parts = base + [Part("guidance gradient (the window's latents, float32)", grad_bytes, "activations",
+                             "alive through the window's call")] + _sim_parts(wsim, call_label)
+        where = f"the window's CFG call after the guidance pass: {wsim.peak_where}"
+    detail = {"guidance pass": gsim.peak, "guidance pass forward": res["forward"],
+              "guidance pass graph": res["graph"], "guidance pass backward": res["backward"],
+              "window call": call_peak, "stop": stop}
+    return Phase("guided window", parts, where, detail)
 
 
 def _self_attn_layers(unet) -> list:
@@ -690,6 +742,11 @@ _RECORD_SHAPES = {
 }
 
 
+# the records' file stamp (UTC) from which a guided window runs the guidance pass (commit 43ed084,
+# "Ouroboros self-recurrent guidance in a fraction of the memory"); earlier records ran the whole call
+_GUIDANCE_PASS_SINCE = "20261130T000408"
+
+
 def _records_dir() -> Path:
     env = os.environ.get("LONGVIDEO_RESULTS_DIR")
     if env:
@@ -722,7 +779,7 @@ def _wan_shape_matches(spec, suite) -> bool:
 
 
 def _time(method, spec, sizes, height, width, num_frames, dtype, parts_on, st, records=None, id_length=4,
-          read_images=2, steps=None, chunk_frames=24, overlap_frames=8):
+          read_images=2, steps=None, chunk_frames=24, overlap_frames=8, guidance_impl="prefix"):
     """(TimeEstimate or None, note)."""
     if dtype != torch.bfloat16 and method != "story":
         return None, "the records ran bfloat16"
@@ -758,6 +815,13 @@ def _time(method, spec, sizes, height, width, num_frames, dtype, parts_on, st, r
             note += (f"; the record ran {blocks} of the model's {layers} blocks: scaled by {layers}/{blocks} "
                      "(the time per block is constant at fixed widths)")
         note += "; one iteration = one latent frame out = 4 video frames"
+        if method == "ouroboros" and parts_on[2] and guidance_impl != "whole_call":
+            stamp = fname.rsplit("_", 1)[-1].split(".")[0]
+            if not (len(stamp) == 15 and stamp[8] == "T") or stamp < _GUIDANCE_PASS_SINCE:
+                note += ("; the record's guided window ran the whole CFG call with autograd (the implementation "
+                         "before the guidance pass, recorded before it): the current guided window (a partial "
+                         "conditional-half pass with autograd, its backward, then the usual call without autograd) "
+                         "is not timed by it")
         return TimeEstimate(sec, "FIFO iteration", fname, name, impl, note, scaled), ""
     if method in ("freeloc", "direct"):
         if not _wan_shape_matches(spec, "freeloc"):
@@ -814,7 +878,8 @@ def _phases(method, spec, dtype, device, st, height, width, num_frames, opts):
     if method in ("fifo", "ouroboros"):
         if spec.family not in ("wan", "skyreels", "animatediff"):
             raise ValueError(f"method {method!r} needs a Wan, SkyReels-V2 or AnimateDiff model, got {spec.family}")
-        return _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, opts["parts"], opts["trained"])
+        return _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, opts["parts"], opts["trained"],
+                            opts["guidance_impl"])
     if method == "story":
         if spec.family not in ("sd15", "sdxl"):
             raise ValueError(f"method 'story' needs an SD1.5 or SDXL model, got {spec.family}")
@@ -838,14 +903,28 @@ def _notes(method, spec, p: Plan, opts) -> list:
     if method == "ouroboros" and opts["parts"][2]:
         try:
             g = p.phase("guided window")
-            others = max(ph.nbytes for ph in p.phases if ph.name != "guided window")
-            graph = sum(x.nbytes for x in g.parts if x.name.startswith("guided call"))
-            notes.append(f"self-recurrent guidance keeps the autograd graph of the whole guided window call "
-                         f"({format_bytes(graph)}); without guidance the peak would be {format_bytes(others)}. The "
-                         "loss reads the keys of the first quarter of the blocks only: running the later blocks "
-                         "without autograd would keep about a quarter of that graph")
         except KeyError:
-            pass
+            g = None
+        if g is not None:
+            others = max(ph.nbytes for ph in p.phases if ph.name != "guided window")
+            if opts["guidance_impl"] == "whole_call":
+                graph = sum(x.nbytes for x in g.parts if x.name.startswith("guided call"))
+                notes.append(f"guidance_impl='whole_call' (the implementation before the guidance pass, as the "
+                             f"benchmark records ran it): the whole CFG-batched guided window call with autograd "
+                             f"({format_bytes(graph)} of activations); without guidance the peak would be "
+                             f"{format_bytes(others)}")
+            else:
+                d = g.detail
+                fb = format_bytes
+                notes.append(
+                    f"self-recurrent guidance: the guided window first runs the guidance pass -- the conditional "
+                    f"half alone with autograd, parameters frozen, stopped right after the last feature layer "
+                    f"({d['stop']}) -- {fb(d['guidance pass'])} of activations at its peak (forward "
+                    f"{fb(d['guidance pass forward'])}, graph kept for the backward {fb(d['guidance pass graph'])}, "
+                    f"backward {fb(d['guidance pass backward'])}, coarse); then the window's usual CFG call without "
+                    f"autograd, {fb(d['window call'])} with the gradient; the phase's peak is the larger, the "
+                    f"{'guidance pass' if d['guidance pass'] >= d['window call'] else 'window call'}. "
+                    f"Without guidance the peak would be {fb(others)}")
     notes.append("not modelled: the CUDA context, cuDNN/cuBLAS workspaces, allocator rounding and fragmentation "
                  "(see headroom), host memory (offloaded weights, pinned id banks)")
     return notes
@@ -903,13 +982,18 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
          read_images: int = 2, bank_location: str = "auto", bank_budget=None,
          story_kernel: str = "consistent", chunk_frames: int = 24, overlap_frames: int = 8,
          chunk_batch: Optional[int] = None, output_type: str = "np", headroom: float = 0.05,
-         records=None) -> Plan:
+         records=None, guidance_impl: str = "prefix") -> Plan:
     """Predicted peak GPU memory of `method` on `model` (see the module docstring).
 
     method: "direct" (the plain pipeline), "freeloc", "fifo", "ouroboros" (with ``tail``, ``sacfa``,
-    ``guidance`` switches), "story" (StoryDiffusion; ``num_frames`` unused, ``id_length`` id images
-    written together, ``read_images`` read alone, ``num_inference_steps``, ``sampling_rate``,
-    ``start_step``, ``characters``; ``story_kernel`` "consistent" (longvideo's op) or
+    ``guidance`` switches; ``guidance_impl``: how the guided window computes its gradient --
+    "prefix" (longvideo's, the default: a pass of the conditional half with autograd, parameters
+    frozen, stopped after the last feature layer, then the window's CFG call without autograd;
+    FIFODiffusion._guidance_gradient) or "whole_call" (the implementation before it, kept to
+    check the benchmark records it ran: the whole CFG-batched call with autograd)), "story"
+    (StoryDiffusion; ``num_frames`` unused, ``id_length`` id images written together,
+    ``read_images`` read alone, ``num_inference_steps``, ``sampling_rate``, ``start_step``,
+    ``characters``; ``story_kernel`` "consistent" (longvideo's op) or
     "dense_mask" (the official path's (B*N)^2 mask)), "enhance" (StreamingT2V randomized
     blending; ``chunk_frames``, ``overlap_frames``, ``chunk_batch``). output_type "latent": no VAE
     decode phase (direct, freeloc, story).
@@ -927,6 +1011,8 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+    if guidance_impl not in GUIDANCE_IMPLS:
+        raise ValueError(f"guidance_impl must be one of {GUIDANCE_IMPLS}, got {guidance_impl!r}")
     if bank_location not in ("auto", "device", "cpu"):
         raise ValueError(f"bank_location must be 'auto', 'device' or 'cpu', got {bank_location!r}")
     spec = load_model_spec(model)
@@ -950,7 +1036,7 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
                 id_length=id_length, steps=num_inference_steps, sampling_rate=sampling_rate, start_step=start_step,
                 characters=characters, read_images=read_images, gpu_memory=gpu, story_kernel=story_kernel,
                 schedule=schedule, decode=output_type != "latent",
-                chunk_frames=chunk_frames, overlap_frames=overlap_frames)
+                chunk_frames=chunk_frames, overlap_frames=overlap_frames, guidance_impl=guidance_impl)
 
     def build(st: Settings) -> Plan:
         phases, sizes = _phases(method, spec, dt, dev, st, height, width, num_frames, opts)
@@ -961,7 +1047,7 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
         p = Plan(method=method, model=spec.name, settings=st, phases=phases, sizes=sizes, gpu_memory=gpu)
         p.time, p.time_note = _time(method, spec, sizes, height, width, num_frames, dt, (tail, sacfa, guidance), st,
                                     records, id_length, read_images, num_inference_steps, chunk_frames,
-                                    overlap_frames)
+                                    overlap_frames, guidance_impl)
         if p.time is not None and st.offload != "none":
             p.time = replace(p.time, note=p.time.note + f"; measured with everything resident: offload={st.offload} "
                                                         "adds weight transfers not in the record")
