@@ -247,7 +247,8 @@ def types_schedule():
 def test_cli_options_reach_the_method():
     import argparse
 
-    from longvideo.methods.fifo import add_generate_arguments, build_from_args
+    from longvideo.cli.generate_fifo import add_arguments as add_generate_arguments
+    from longvideo.cli.generate_fifo import build_from_args
 
     parser = argparse.ArgumentParser()
     add_generate_arguments(parser)

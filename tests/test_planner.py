@@ -792,15 +792,13 @@ def test_cuda_predictions_match_max_memory_allocated(case):
 
 
 def test_cli_hooks_plan_and_fit(capsys):
-    """The hooks `longvideo plan` would use (COMMANDS["plan"] = ("longvideo.planner.cli", "plan")),
-    with the common generation options of longvideo.cli."""
+    """`longvideo plan`'s options (the common generation options included) and run."""
     import argparse
 
-    from longvideo.cli import _add_common_generation
-    from longvideo.planner.cli import add_plan_arguments, run_plan
+    from longvideo.cli.plan import add_arguments as add_plan_arguments
+    from longvideo.cli.plan import run as run_plan
 
     parser = argparse.ArgumentParser()
-    _add_common_generation(parser)
     add_plan_arguments(parser)
     args = parser.parse_args(["--method", "fifo", "--model", "wan2.1-t2v-1.3b", "--height", "480", "--width", "832",
                               "--num-frames", "81", "--fit", "24GB"])

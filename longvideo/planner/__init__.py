@@ -13,8 +13,8 @@
   simulator of ``sim``.
 * :class:`LiveTensorTracker` (``tracker``): a TorchDispatchMode counting the bytes of live
   storages allocated inside it, and the peak: what the tests measure the predictions against.
-* ``cli``: ``add_plan_arguments`` / ``run_plan``, the hooks of a ``longvideo plan`` command
-  (``COMMANDS["plan"] = ("longvideo.planner.cli", "plan")`` in longvideo/cli.py).
+
+On the command line: ``longvideo plan`` (longvideo/cli/plan.py).
 """
 from .estimate import (METHODS, OFFLOAD_MODES, Part, Phase, Plan, Settings, TimeEstimate, format_bytes,
                        parse_bytes, plan)

@@ -1,73 +1,73 @@
-"""``longvideo plan``: the planner on the command line (hooks for longvideo.cli's COMMANDS table).
-
-Wiring (one line in longvideo/cli.py): ``COMMANDS["plan"] = ("longvideo.planner.cli", "plan")``.
-The command then gets the common options (--model, --num-frames, --height, --width, --steps,
---dtype, ...) and these::
+"""``longvideo plan``: the memory planner on the command line: predicted peak GPU memory by phase
+and component, and with ``--fit SIZE`` the fastest settings that fit::
 
     longvideo plan --method fifo --model wan2.1-t2v-1.3b --height 480 --width 832 --num-frames 241
     longvideo plan --method freeloc --model /ckpt/Wan2.1-T2V-14B-Diffusers --num-frames 161 --fit 24GB
     longvideo plan --method story --model sdxl --dtype float16 --fit 24GiB --json
 
 ``--model`` is a known config name (``--list-models``) or a local diffusers checkpoint folder
-(config files only). ``--fit SIZE`` plans the fastest settings that fit (with the reason for
-every option tried); without it the command reports the peak of the given settings.
+(config files only). Exit status 1 when the settings do not fit.
 """
 from __future__ import annotations
 
 import json
-import sys
 
+from ._common import add_common_generation, nonnegative_int, positive_int, real, user_errors
+
+HELP = "predicted peak GPU memory by component, settings that fit"
+METHODS = ("direct", "freeloc", "fifo", "ouroboros", "story", "enhance")   # longvideo.planner.METHODS
+OFFLOAD_MODES = ("none", "text", "model", "group", "sequential")          # longvideo.planner.OFFLOAD_MODES
 _DEFAULT_MODEL = {"direct": "wan2.1-t2v-1.3b", "freeloc": "wan2.1-t2v-1.3b", "fifo": "wan2.1-t2v-1.3b",
                   "ouroboros": "wan2.1-t2v-1.3b", "story": "sdxl", "enhance": "wan2.1-t2v-1.3b"}
 
 
-def add_plan_arguments(parser) -> None:
-    from .estimate import METHODS, OFFLOAD_MODES
-
+def add_arguments(parser) -> None:
+    add_common_generation(parser)
     g = parser.add_argument_group("plan")
     g.add_argument("--method", default="fifo", choices=METHODS + ("blending",),
                    help="what to plan (blending = enhance)")
     g.add_argument("--fit", default=None, metavar="SIZE",
                    help="GPU memory to fit, e.g. 24GB (1e9 bytes) or 24GiB: choose the fastest settings that fit")
-    g.add_argument("--headroom", type=float, default=0.05,
+    g.add_argument("--headroom", type=real(0, 1, high_open=True), default=0.05,
                    help="fraction of --fit kept free for what is not modelled (CUDA context, workspaces, "
                         "fragmentation); default 0.05")
     g.add_argument("--kernels", default="cuda", choices=["cuda", "cpu"],
                    help="whose kernels' allocations to model (default cuda, whatever machine plans)")
     g.add_argument("--offload", default="none", choices=OFFLOAD_MODES, help="starting offload mode")
-    g.add_argument("--vae-tiling", action="store_true")
-    g.add_argument("--vae-slicing", action="store_true")
-    g.add_argument("--window", type=int, default=None, help="fifo/ouroboros: latent frames per window f")
-    g.add_argument("--partitions", type=int, default=4, help="fifo/ouroboros: n")
+    g.add_argument("--vae-tiling", action="store_true", help="decode the video in VAE tiles")
+    g.add_argument("--vae-slicing", action="store_true", help="decode the video one slice at a time")
+    g.add_argument("--window", type=positive_int, default=None, help="fifo/ouroboros: latent frames per window f")
+    g.add_argument("--partitions", type=positive_int, default=4, help="fifo/ouroboros: n")
     g.add_argument("--no-tail", action="store_true", help="ouroboros: without coherent tail sampling")
     g.add_argument("--no-sacfa", action="store_true", help="ouroboros: without SACFA")
     g.add_argument("--no-guidance", action="store_true", help="ouroboros: without self-recurrent guidance")
-    g.add_argument("--id-length", type=int, default=4, help="story: id images written together")
-    g.add_argument("--read-images", type=int, default=2, help="story: images read alone")
-    g.add_argument("--characters", type=int, default=1, help="story: characters with an id bank")
+    g.add_argument("--id-length", type=positive_int, default=4, help="story: id images written together")
+    g.add_argument("--read-images", type=nonnegative_int, default=2, help="story: images read alone")
+    g.add_argument("--characters", type=nonnegative_int, default=1, help="story: characters with an id bank")
     g.add_argument("--bank", default="auto", choices=["auto", "device", "cpu"], help="story: id bank location")
     g.add_argument("--bank-budget", default=None, help="story: device budget of the auto bank (default 10%% of --fit)")
     g.add_argument("--schedule", default="official_app", help="story: StoryDiffusion schedule")
     g.add_argument("--story-kernel", default="consistent", choices=["consistent", "dense_mask"],
                    help="story: longvideo's consistent_attention, or the official (B*N)^2 dense-mask path")
-    g.add_argument("--chunk-frames", type=int, default=24, help="enhance: chunk length in video frames")
-    g.add_argument("--overlap-frames", type=int, default=8, help="enhance: overlap in video frames")
-    g.add_argument("--chunk-batch", type=int, default=None, help="enhance: chunks per transformer call")
+    g.add_argument("--chunk-frames", type=positive_int, default=24, help="enhance: chunk length in video frames")
+    g.add_argument("--overlap-frames", type=nonnegative_int, default=8, help="enhance: overlap in video frames")
+    g.add_argument("--chunk-batch", type=positive_int, default=None, help="enhance: chunks per transformer call")
     g.add_argument("--latent-only", action="store_true", help="direct/freeloc/story: no VAE decode")
     g.add_argument("--json", action="store_true", help="print the plan as JSON")
     g.add_argument("--list-models", action="store_true", help="list the known model configs and exit")
 
 
-def run_plan(args) -> int:
-    from .estimate import plan
-    from .models import known_model_names
+def run(args) -> int:
+    """Print the plan (exit status 1 when it does not fit --fit)."""
+    from ..planner.estimate import plan
+    from ..planner.models import known_model_names
 
-    if getattr(args, "list_models", False):
+    if args.list_models:
         print("\n".join(known_model_names()))
         return 0
     method = "enhance" if args.method == "blending" else args.method
-    model = getattr(args, "model", None) or _DEFAULT_MODEL[method]
-    dtype = getattr(args, "dtype", None) or ("float16" if method == "story" else "bfloat16")
+    model = args.model or _DEFAULT_MODEL[method]
+    dtype = args.dtype or ("float16" if method == "story" else "bfloat16")
     kw = dict(gpu_memory=args.fit, device=args.kernels, offload=args.offload, vae_tiling=args.vae_tiling,
               vae_slicing=args.vae_slicing, frames_per_window=args.window, num_partitions=args.partitions,
               tail=not args.no_tail, sacfa=not args.no_sacfa, guidance=not args.no_guidance,
@@ -76,13 +76,9 @@ def run_plan(args) -> int:
               story_kernel=args.story_kernel, chunk_frames=args.chunk_frames, overlap_frames=args.overlap_frames,
               chunk_batch=args.chunk_batch, headroom=args.headroom,
               output_type="latent" if args.latent_only else "np")
-    if getattr(args, "steps", None):
+    if args.steps:
         kw["num_inference_steps"] = args.steps
-    try:
-        p = plan(method, model, getattr(args, "height", None), getattr(args, "width", None),
-                 getattr(args, "num_frames", None), dtype, **kw)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with user_errors():
+        p = plan(method, model, args.height, args.width, args.num_frames, dtype, **kw)
     print(json.dumps(p.to_dict(), indent=1, default=str) if args.json else p.summary())
     return 0 if p.fits in (None, True) else 1

@@ -1,0 +1,69 @@
+"""The ``longvideo`` command.
+
+    longvideo info                      versions, devices, which backends are available and why not
+    longvideo bench [--suite S] [--quick] [--profile full|budget] [--table]
+                                        run benchmark suites, record JSON under benchmarks/results/
+    longvideo generate --method M ...   long video: direct | freeloc | fifo | ouroboros
+    longvideo probe ...                 FreeLOC layer probing -> layer configuration JSON
+    longvideo story PROMPTS.txt ...     StoryDiffusion comic from a story file
+    longvideo enhance IN.mp4 --out OUT.mp4
+                                        StreamingT2V randomized-blending enhancement
+    longvideo plan --method M --model NAME|DIR ... [--fit 24GB]
+                                        predicted peak GPU memory by component, settings that fit
+
+Every command runs on a built-in tiny random-weight model unless ``--model PATH`` names a local
+diffusers checkpoint. A method's options are prefixed with its name (--fifo-*, --ouroboros-*,
+--freeloc-*, --probe-*, --story-*, --blend-*).
+
+A mistake in the command line or its inputs is reported in one line, ``longvideo: error: ...``,
+with exit status 2 (--debug adds the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from . import bench, enhance, generate, info, plan, probe, story
+from ._common import HelpFormatter, Parser, UsageError, one_line
+from ._common import add_common_generation as _add_common_generation  # noqa: F401  (the name tests used)
+
+# command -> module with HELP, add_arguments(parser) and run(args) -> exit status. A module imports
+# only argparse-level code: what a command runs is imported inside its run().
+COMMANDS = {"info": info, "bench": bench, "generate": generate, "probe": probe, "story": story,
+            "enhance": enhance, "plan": plan}
+
+_DEBUG_HELP = "on an error in the command line or its inputs, also print the traceback"
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="longvideo", description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__, formatter_class=HelpFormatter)
+        module.add_arguments(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+        p.set_defaults(_run=module.run, _parser=p)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the ``longvideo`` command line; returns the exit status (2: a mistake in the command
+    line or its inputs, reported in one line on stderr)."""
+    parser = build_parser()
+    args = None
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the command's parser, whose --help lists what it takes
+            args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args._run(args)
+    except UsageError as exc:
+        if args is not None and args.debug:
+            traceback.print_exc()
+        print(f"longvideo: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

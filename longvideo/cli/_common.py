@@ -1,0 +1,329 @@
+"""What the ``longvideo`` commands share: the error convention, checked option types, the
+common generation options, device, dtype, backend, output paths and checkpoint families.
+
+Error convention: a user mistake (a bad option value, a missing or unreadable input, a model of
+the wrong kind, an output path that cannot be written, ``--device cuda`` without a GPU ...)
+raises :class:`UsageError`; ``longvideo.cli.main`` prints it as ONE line ``longvideo: error:
+...`` on stderr and returns exit status 2 (after the traceback with ``--debug``). Any other
+exception is a bug and keeps its traceback.
+
+Importing this module imports neither torch nor a method module: the parser is built from this
+module and the command modules alone; what a command needs is imported when it runs.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line ``longvideo: error: ...``, exit status 2."""
+
+
+def one_line(text) -> str:
+    """`text` on one line: its lines joined by '; ' (by a space after a line ending in ':')."""
+    out = ""
+    for line in str(text).splitlines():
+        line = line.strip()
+        if line:
+            out = line if not out else out + (" " if out.endswith(":") else "; ") + line
+    return out
+
+
+def first_line(exc) -> str:
+    """The first non-empty line of an exception's message (long library messages go on to advice)."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+
+
+@contextlib.contextmanager
+def user_errors(*types, what: Optional[str] = None):
+    """Turn the exceptions `types` (default ValueError: what the library raises for bad inputs)
+    raised inside the block into a UsageError, prefixed with `what`."""
+    types = types or (ValueError,)
+    try:
+        yield
+    except UsageError:
+        raise
+    except types as exc:
+        text = one_line(exc) or type(exc).__name__
+        raise UsageError(f"{what}: {text}" if what else text) from exc
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are UsageErrors (one line, exit status 2, via main)."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's layout and shows every option's default (unless its help already
+    names one, or there is none to show)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or any(action.default is v for v in (None, False, argparse.SUPPRESS))
+                or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+# ----------------------------------------------------------------------------------------------
+# checked option types: a bad value is refused while parsing, naming the option
+def at_least(minimum: int):
+    """argparse type: an integer >= `minimum`."""
+
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+positive_int = at_least(1)
+nonnegative_int = at_least(0)
+
+
+def real(low: Optional[float] = None, high: Optional[float] = None, *, low_open: bool = False,
+         high_open: bool = False):
+    """argparse type: a finite float in the interval given (open or closed at either end)."""
+    if low is not None and high is not None:
+        need = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        need = f"{'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        need = f"{'<' if high_open else '<='} {high:g}"
+    else:
+        need = "finite"
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = math.isfinite(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
+        return value
+
+    parse.__name__ = f"number {need}"
+    return parse
+
+
+positive_float = real(0, low_open=True)
+nonnegative_float = real(0)
+unit_interval = real(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the options every generating command has
+DTYPES = ("float32", "float16", "bfloat16")
+BACKENDS = ("auto", "triton", "cuda", "reference")  # longvideo.ops.BACKEND_NAMES
+DEFAULT_PROMPT = "a red panda walking through a bamboo forest, cinematic"
+
+
+def add_common_generation(p) -> None:
+    """--model --prompt --num-frames --height --width --steps --guidance-scale --seed --device
+    --dtype --out --fps --backend (each command reads those that apply to it)."""
+    p.add_argument("--model", default=None, help="local diffusers checkpoint folder (default: built-in tiny model)")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text prompt")
+    p.add_argument("--num-frames", type=positive_int, default=None,
+                   help="video frames to generate (default: per method and model)")
+    p.add_argument("--height", type=positive_int, default=None, help="height in pixels (default: per model)")
+    p.add_argument("--width", type=positive_int, default=None, help="width in pixels (default: per model)")
+    p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: per method and model)")
+    p.add_argument("--guidance-scale", type=real(), default=None, help="classifier-free guidance scale "
+                                                                         "(default: per method and model)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: per method and device)")
+    p.add_argument("--out", default=None, help="output file or folder (default: per command)")
+    p.add_argument("--fps", type=positive_float, default=8, help="frames per second of the video written")
+    p.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="kernel backend of the longvideo ops (default: $LONGVIDEO_BACKEND if set, else auto)")
+
+
+# ----------------------------------------------------------------------------------------------
+# device, dtype, backend
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device(value: Optional[str], option: str = "--device") -> str:
+    """`value` checked (None: cuda if available, else cpu): a device torch knows, and a CUDA
+    device only where one is present."""
+    import torch
+
+    if value is None:
+        return default_device()
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"{option} {value!r}: not a device ({one_line(exc)})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise UsageError(f"{option} {value}: no CUDA device is available ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UsageError(f"{option} {value}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return value
+
+
+def is_cuda(device) -> bool:
+    return str(device).startswith("cuda")
+
+
+def torch_dtype(name: Optional[str], default=None):
+    """The torch dtype named by --dtype (`default` when not given)."""
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, default) \
+        if name else default
+
+
+def apply_backend(name: Optional[str], device) -> None:
+    """Set the ops' backend from --backend (None: keep $LONGVIDEO_BACKEND or auto), refusing a
+    backend that cannot run on `device` before anything is loaded."""
+    from .. import ops
+
+    option = "--backend"
+    if name is None:
+        name = os.environ.get("LONGVIDEO_BACKEND")
+        option = "LONGVIDEO_BACKEND"
+        if name is None:
+            return
+        if name not in BACKENDS:
+            raise UsageError(f"LONGVIDEO_BACKEND={name!r}: must be one of {', '.join(BACKENDS)}")
+    if name not in ("auto", "reference"):
+        dev_type = "cuda" if is_cuda(device) else str(device).split(":")[0]
+        if name == "cuda" and dev_type != "cuda":
+            raise UsageError(f"{option} cuda: the CUDA extension runs on CUDA devices only, the device is {device}")
+        if name == "triton" and dev_type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            raise UsageError(f"{option} triton on {device}: Triton kernels run on CPU only under TRITON_INTERPRET=1 "
+                             "(or use --backend reference / auto)")
+        missing = {op: table[name]["reason"] for op, table in ops.report().items()
+                   if name in table and not table[name]["available"]}
+        if missing:
+            op, why = next(iter(missing.items()))
+            raise UsageError(f"{option} {name}: unavailable for {', '.join(missing)} ({op}: {why})")
+    ops.set_backend(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# output paths
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".avi")  # containers for longvideo.video's libx264 stream
+
+
+def check_folder(folder, option: str = "--out") -> Path:
+    """`folder` exists as a writable folder or can be created (nothing is created here)."""
+    folder = Path(folder)
+    probe = folder.absolute()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{option} {folder}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {folder}: the folder {probe} is not writable")
+    return folder
+
+
+def output_file(out, default_name: str, suffixes=None, option: str = "--out") -> Path:
+    """The file a command writes: `out` (default `default_name`); a folder, or a name without a
+    suffix, gets `default_name` inside it. Checked before any work: the suffix (one of `suffixes`,
+    if given) and that the file can be written."""
+    path = Path(out) if out else Path(default_name)
+    if path.is_dir() or not path.suffix:
+        path = path / default_name
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise UsageError(f"{option} {path}: a video needs one of the suffixes {' '.join(suffixes)}")
+    if path.is_dir():
+        raise UsageError(f"{option} {path}: is a folder")
+    check_folder(path.parent, option)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{option} {path}: the file is not writable")
+    return path
+
+
+def output_folder(out, default: str, option: str = "--out") -> Path:
+    """The folder a command writes into (`out`, default `default`), checked as output_file."""
+    path = Path(out or default)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {path}: is a file, not a folder")
+    return check_folder(path, option)
+
+
+def input_file(path, option: str) -> Path:
+    """A file the user names as input: it must exist and be a readable file."""
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{option} {path}: no such file")
+    if p.is_dir():
+        raise UsageError(f"{option} {path}: is a folder, not a file")
+    if not os.access(p, os.R_OK):
+        raise UsageError(f"{option} {path}: not readable")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint families (model_index.json's _class_name)
+PIPELINE_FAMILIES = (  # (family, pipeline class-name prefix), the more specific prefix first
+    ("skyreels", "SkyReelsV2"), ("wan", "Wan"), ("animatediff", "AnimateDiff"), ("cogvideox", "CogVideoX"),
+    ("sdxl", "StableDiffusionXL"), ("sd15", "StableDiffusion"))
+FAMILY_NAMES = {"skyreels": "SkyReels-V2", "wan": "Wan", "animatediff": "AnimateDiff", "cogvideox": "CogVideoX",
+                "sdxl": "SDXL", "sd15": "SD1.5"}
+
+
+def pipeline_class(model, option: str = "--model") -> str:
+    """The pipeline class named by the checkpoint folder's model_index.json."""
+    folder = Path(model)
+    if not folder.exists():
+        raise UsageError(f"{option} {model}: no such folder (only local diffusers checkpoints are loaded)")
+    if not folder.is_dir():
+        raise UsageError(f"{option} {model}: not a diffusers checkpoint folder")
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except OSError as exc:
+        raise UsageError(f"{option} {model}: no readable model_index.json ({exc.strerror or exc})") from None
+    except ValueError as exc:
+        raise UsageError(f"{option} {model}: model_index.json is not valid JSON ({exc})") from None
+    if not isinstance(index, dict):
+        raise UsageError(f"{option} {model}: model_index.json is not a JSON object")
+    return str(index.get("_class_name") or "")
+
+
+def checkpoint_family(model, accepted, command: str, option: str = "--model") -> str:
+    """The family of the checkpoint folder `model` (one of `accepted`), from its model_index.json;
+    a UsageError naming what `command` runs otherwise."""
+    cls = pipeline_class(model, option)
+    family = next((fam for fam, prefix in PIPELINE_FAMILIES if cls.startswith(prefix)), None)
+    if family not in accepted:
+        runs = ", ".join(FAMILY_NAMES[f] for f in accepted)
+        raise UsageError(f"{option} {model}: holds a {cls or 'unnamed'} pipeline; {command} runs {runs} checkpoints")
+    return family
+
+
+def load_pipeline(args, family: str, kind: str, dtype=None, seed: int = 0):
+    """longvideo.models.load_pipeline for --model (None: the built-in tiny model) on args.device;
+    a checkpoint that cannot be loaded is a UsageError."""
+    from ..models import load_pipeline as load
+
+    errors = (ValueError,) if args.model is None else (ValueError, RuntimeError, OSError)
+    with user_errors(*errors):
+        return load(family, kind, model=args.model, device=args.device, dtype=dtype, seed=seed)

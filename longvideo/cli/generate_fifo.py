@@ -1,0 +1,258 @@
+"""``longvideo generate --method fifo | ouroboros``: FIFO-Diffusion / Ouroboros-Diffusion on the
+command line: options (``--fifo-*``, ``--ouroboros-*``, ``--resume``), the output video, the queue
+checkpoints next to it (OUT.fifo_state/), Ctrl-C / SIGTERM, resume and torchrun."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from ._common import (VIDEO_SUFFIXES, UsageError, check_folder, checkpoint_family, first_line, load_pipeline,
+                      nonnegative_int, output_file, positive_int, real, torch_dtype, unit_interval, user_errors)
+
+FAMILIES = ("wan", "skyreels", "animatediff")
+TIMESTEP_GRIDS = ("official", "scheduler")      # longvideo.methods.fifo_models.TIMESTEP_GRIDS
+LOOKAHEAD_CONTEXTS = ("official", "clean")      # longvideo.methods.fifo.LOOKAHEAD_CONTEXTS
+SACFA_TOKENS = ("paper", "official_demo")       # longvideo.methods.fifo_ouroboros.SACFA_TOKENS
+
+
+def add_arguments(p) -> None:
+    g = p.add_argument_group("fifo / ouroboros")
+    g.add_argument("--fifo-family", choices=FAMILIES, default=None,
+                   help="model family (default: wan for the tiny model, else read from the checkpoint)")
+    g.add_argument("--fifo-partitions", type=positive_int, default=4, help="n: queue of n*f latent frames")
+    g.add_argument("--fifo-window", type=positive_int, default=None,
+                   help="f: latent frames per model call (default: the model's trained length)")
+    g.add_argument("--fifo-no-lookahead", action="store_true", help="without lookahead denoising")
+    g.add_argument("--fifo-eta", type=unit_interval, default=0.0,
+                   help="DDIM eta (AnimateDiff family; the official FIFO code uses 1.0)")
+    g.add_argument("--fifo-timestep-grid", choices=TIMESTEP_GRIDS, default="official",
+                   help="official (default: linspace(0, 999, L) as the official FIFO code on the DDIM family; the "
+                        "scheduler's sigmas on flow matching) or scheduler (the pipeline scheduler's timesteps)")
+    g.add_argument("--fifo-lookahead-context", choices=LOOKAHEAD_CONTEXTS, default="official",
+                   help="official (default: context frames noised to t_0, as the official code) or clean")
+    g.add_argument("--fifo-emit-warmup", action="store_true",
+                   help="also write the first L - f frames out of the queue (copies of the initial clip's first frame)")
+    g.add_argument("--fifo-init-steps", type=positive_int, default=None,
+                   help="steps of the initial clip (default: L, the number of levels)")
+    g.add_argument("--fifo-checkpoint-every", type=nonnegative_int, default=10,
+                   help="save the queue state every K iterations (and when interrupted) next to --out, in "
+                        "OUT.fifo_state/; 0: never")
+    g.add_argument("--fifo-png-dir", default=None, help="also write every frame as a PNG here")
+    g.add_argument("--fifo-prompt-schedule", default=None,
+                   help='multi-prompt: "0=a cat walking;120=a cat sleeping" (video frame = prompt; overrides --prompt)')
+    g.add_argument("--fifo-coherent-tail", action="store_true",
+                   help="(fifo) Ouroboros' coherent tail latent sampling only")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted fifo/ouroboros run from its checkpoint")
+    g.add_argument("--ouroboros-no-tail", action="store_true", help="ouroboros: plain Gaussian tail")
+    g.add_argument("--ouroboros-no-sacfa", action="store_true", help="ouroboros: no subject-aware cross-frame attention")
+    g.add_argument("--ouroboros-no-guidance", action="store_true", help="ouroboros: no self-recurrent guidance")
+    g.add_argument("--ouroboros-subject", default=None, help="subject words, comma separated (default: from the prompt)")
+    g.add_argument("--ouroboros-guidance-scale", type=real(0), default=0.1,
+                   help="ouroboros: step size of self-recurrent guidance")
+    g.add_argument("--ouroboros-momentum", type=real(0, 1, high_open=True), default=0.9,
+                   help="ouroboros: momentum of the subject feature bank")
+    g.add_argument("--ouroboros-guided-windows", default=None,
+                   help="comma-separated window indices to guide (default: 1, the window after the head's)")
+    g.add_argument("--ouroboros-tail-ds", type=real(0, low_open=True), default=0.25,
+                   help="ouroboros: spatial cut-off of the tail's low-pass filter")
+    g.add_argument("--ouroboros-tail-dt", type=real(0, low_open=True), default=1.0,
+                   help="ouroboros: temporal cut-off of the tail's low-pass filter")
+    g.add_argument("--ouroboros-sacfa-tokens", choices=SACFA_TOKENS, default="paper",
+                   help="SACFA keys: paper (default: the other frames' subject tokens) or official_demo (every "
+                        "frame's subject tokens, its own included a second time); see docs/fidelity.md")
+
+
+def guided_windows(args):
+    if args.ouroboros_guided_windows is None:
+        return None
+    try:
+        return tuple(int(x) for x in args.ouroboros_guided_windows.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"--ouroboros-guided-windows: expected comma-separated integers, "
+                         f"got {args.ouroboros_guided_windows!r}") from None
+
+
+def prompt_schedule(args):
+    """--fifo-prompt-schedule as [(prompt, start frame), ...], else the prompt."""
+    prompt = args.prompt or "a red cat walking in a garden"
+    if not args.fifo_prompt_schedule:
+        return prompt
+    try:
+        return [(text.strip(), int(start)) for start, text in
+                (item.split("=", 1) for item in args.fifo_prompt_schedule.split(";") if item.strip())]
+    except ValueError:
+        raise UsageError(f"--fifo-prompt-schedule: expected 'FRAME=prompt;FRAME=prompt', "
+                         f"got {args.fifo_prompt_schedule!r}") from None
+
+
+def build_from_args(args, pipe):
+    """The FIFODiffusion / OuroborosDiffusion (args.method) the options describe, on `pipe`."""
+    from ..methods.fifo import FIFODiffusion, OuroborosDiffusion
+
+    method = getattr(args, "method", "fifo")
+    common = dict(num_partitions=args.fifo_partitions, frames_per_window=args.fifo_window,
+                  lookahead=not args.fifo_no_lookahead, skip_warmup=not args.fifo_emit_warmup, eta=args.fifo_eta,
+                  timestep_grid=args.fifo_timestep_grid, lookahead_context=args.fifo_lookahead_context)
+    with user_errors():
+        if method == "ouroboros":
+            subjects = [s.strip() for s in args.ouroboros_subject.split(",")] if args.ouroboros_subject else None
+            return OuroborosDiffusion(pipe, tail_sampling=not args.ouroboros_no_tail,
+                                      sacfa=not args.ouroboros_no_sacfa,
+                                      self_recurrent_guidance=not args.ouroboros_no_guidance, subject_words=subjects,
+                                      guidance_scale=args.ouroboros_guidance_scale,
+                                      momentum=args.ouroboros_momentum, guided_windows=guided_windows(args),
+                                      tail_d_s=args.ouroboros_tail_ds, tail_d_t=args.ouroboros_tail_dt,
+                                      sacfa_tokens=args.ouroboros_sacfa_tokens, **common)
+        return FIFODiffusion(pipe, coherent_tail=args.fifo_coherent_tail, **common)
+
+
+def _saved_frames(ckpt: Path) -> int:
+    """Frames a run's checkpoint has emitted (a checkpoint that cannot be read is a UsageError)."""
+    import torch
+
+    if not ckpt.exists():
+        raise UsageError(f"--resume: no checkpoint at {ckpt} (checkpoints are written every "
+                         "--fifo-checkpoint-every iterations and when a run is interrupted)")
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=True)["frames_out"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is the user's file, not a bug
+        detail = first_line(exc)  # torch's unpickling errors go on about weights_only=False: not for this file
+        detail = f"{type(exc).__name__}: {detail}" if detail and len(detail) < 120 and "weights_only" not in detail \
+            else type(exc).__name__
+        raise UsageError(f"--resume: {ckpt} is not a readable queue checkpoint ({detail}); delete {ckpt.parent} "
+                         "to start afresh") from exc
+
+
+def run(args) -> int:
+    import torch
+
+    rank = 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one rank per GPU (or CPU process)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        rank = dist.get_rank()
+        if torch.cuda.is_available():
+            args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    method = getattr(args, "method", "fifo")
+    prompt = prompt_schedule(args)
+    guided_windows(args)  # checked before anything is loaded
+    out = output_file(args.out, f"{method}.mp4", suffixes=VIDEO_SUFFIXES)
+    if args.fifo_png_dir:
+        check_folder(args.fifo_png_dir, "--fifo-png-dir")
+    num_frames = args.num_frames or 48
+    ckpt_dir = out.with_suffix(".fifo_state")
+    every = args.fifo_checkpoint_every
+    start_frame = 0
+    if args.resume:
+        start_frame = _saved_frames(ckpt_dir / "fifo_state.pt")
+        every = every or 10
+        if start_frame >= num_frames:
+            print(f"the checkpoint in {ckpt_dir} has emitted {start_frame} frames already; nothing to do "
+                  "(ask for more with --num-frames to extend the video)")
+            return 0
+    family = args.fifo_family or (
+        checkpoint_family(args.model, FAMILIES, f"`longvideo generate --method {method}`") if args.model else "wan")
+    pipe = load_pipeline(args, family, "t2v", dtype=torch_dtype(args.dtype))
+    fifo = build_from_args(args, pipe)
+    kwargs = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale, seed=args.seed or 0,
+                  num_inference_steps=None, init_steps=args.fifo_init_steps, checkpoint_dir=ckpt_dir,
+                  resume=args.resume, checkpoint_every=every)
+    if args.steps is not None and args.steps != fifo.L:
+        print(f"note: --steps ignored: {method} denoises with one level per queue slot ({fifo.L} levels)")
+    t0 = time.perf_counter()
+    with sigterm_as_interrupt():
+        if rank != 0:  # every rank runs the queue; rank 0 writes the video and the checkpoints
+            with user_errors():
+                for _ in fifo.generate(prompt, num_frames, **kwargs):
+                    pass
+            return 0
+        target = out
+        try:
+            target, kept = open_output(out, start_frame)
+            _write(fifo, prompt, num_frames, kwargs, target, kept, start_frame, args)
+        except ValueError as exc:  # a setting the method refuses, or resume with other settings
+            if target != out:
+                target.unlink(missing_ok=True)
+            raise UsageError(str(exc)) from exc
+        except KeyboardInterrupt:
+            if target != out and target.name.endswith(".resuming" + out.suffix):
+                os.replace(target, out)  # closed by the with block: every frame emitted so far
+            print(f"\ninterrupted; the queue state is saved in {ckpt_dir}: run the same command with --resume "
+                  "to continue" if every else "\ninterrupted (no checkpoint: --fifo-checkpoint-every 0)")
+            return 130
+    if target != out and target.name.endswith(".resuming" + out.suffix):
+        os.replace(target, out)  # the old frames + the new ones: one complete video again
+        target = out
+    dt = time.perf_counter() - t0
+    made = num_frames - start_frame
+    print(f"wrote {target} ({made} new frames, {num_frames} in all, {made / dt:.2f} frames/s)")
+    if target != out:
+        print(f"frames 0..{start_frame - 1} are in {out} (written before the interruption)")
+    return 0
+
+
+def _write(fifo, prompt, num_frames, kwargs, target, kept, start_frame, args) -> None:
+    from tqdm import tqdm
+
+    from ..video import VideoWriter
+
+    with VideoWriter(target, fps=args.fps, png_dir=args.fifo_png_dir) as writer, \
+            tqdm(total=num_frames, initial=start_frame, unit="frame") as bar:
+        png_dir, writer.png_dir = writer.png_dir, None  # their PNGs were written by the first run
+        for frame in kept:                  # the frames before the checkpoint, from the old file
+            writer.write(frame)
+        writer.png_dir, writer.frames_written = png_dir, start_frame
+        for _ in fifo.generate(prompt, num_frames, writer=writer, **kwargs):
+            bar.update(1)
+
+
+def open_output(out: Path, start_frame: int):
+    """Where a (resumed) run writes, and the frames it must copy first.
+
+    A fresh run writes `out`. A resumed run re-writes the first `start_frame` frames of the
+    interrupted `out` (decoded and encoded again once) into OUT.resuming.mp4, followed by the new
+    frames, and replaces `out` with it at the end, so `out` is one complete video. When the old file
+    cannot be read or holds fewer frames (killed before the encoder flushed), the new frames go to
+    OUT.from<N>.mp4 instead and the old file is left as it is."""
+    if start_frame == 0:
+        return out, []
+    try:
+        from ..video import read_video
+
+        old = read_video(out)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file means: keep it, write a part file
+        print(f"note: {out} is not readable ({exc}); writing the frames from {start_frame} on to a part file")
+        old = None
+    if old is not None and old.shape[0] >= start_frame:
+        return out.with_name(f"{out.stem}.resuming{out.suffix}"), list(old[:start_frame])
+    if old is not None:
+        print(f"note: {out} holds {old.shape[0]} frames, fewer than the {start_frame} the checkpoint emitted; "
+              "writing the new frames to a part file")
+    return out.with_name(f"{out.stem}.from{start_frame}{out.suffix}"), []
+
+
+class sigterm_as_interrupt:
+    """SIGTERM (a job scheduler, `timeout`, `kill`) raises KeyboardInterrupt in the main thread, so the
+    video file is closed and the queue state saved as on Ctrl-C."""
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                raise KeyboardInterrupt(f"signal {signum}")
+
+            self._old = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False

@@ -1,0 +1,147 @@
+"""``longvideo generate --method freeloc | direct``: one video through a Wan pipeline, with FreeLOC
+(``--freeloc-*``) or without it; prints the time per step."""
+from __future__ import annotations
+
+import time
+
+from ._common import (VIDEO_SUFFIXES, UsageError, checkpoint_family, is_cuda, load_pipeline, nonnegative_int,
+                      output_file, positive_int, torch_dtype, user_errors)
+
+
+def add_arguments(p) -> None:
+    g = p.add_argument_group("freeloc (--method freeloc | direct)")
+    g.add_argument("--freeloc-layers", default=None,
+                   help="layer configuration JSON (from `longvideo probe`) or 'wan2.1-1.3b'; default: the published "
+                        "list for Wan2.1-1.3B, else VRPR on every layer")
+    g.add_argument("--freeloc-trained-frames", type=positive_int, default=None,
+                   help="the model's trained length in latent frames (default 21; tiny model 3)")
+    g.add_argument("--freeloc-vrpr", default=None, metavar="W1,W2,G1,G2,CLIP",
+                   help="explicit VRPR parameters (default: derived from the length); '-' keeps a derived value")
+    g.add_argument("--freeloc-tiers", default=None, metavar="LOCAL,STRIPE",
+                   help="TSA tiers in latent frames (default 8,24 scaled to the trained length)")
+    g.add_argument("--freeloc-stripe-width", type=positive_int, default=None,
+                   help="stripe width in tokens (default 1/8 frame)")
+    g.add_argument("--freeloc-sink-frames", type=nonnegative_int, default=None,
+                   help="attention-sink frames (default 1)")
+    g.add_argument("--freeloc-negative-prompt", default=None, help="negative prompt (default: none)")
+
+
+def parse_csv(text, names, option) -> dict:
+    """'1,-,3' -> {names[0]: 1, names[2]: 3} ('' or '-' keeps a derived value)."""
+    if text is None:
+        return {}
+    parts = [p.strip() for p in str(text).split(",")]
+    if len(parts) != len(names):
+        raise UsageError(f"{option} expects {len(names)} comma-separated values {','.join(names)}, got {text!r}")
+    out = {}
+    for name, p in zip(names, parts):
+        if p in ("", "-"):
+            continue
+        try:
+            out[name] = int(p)
+        except ValueError:
+            raise UsageError(f"{option}: {name} must be an integer, got {p!r}") from None
+    return out
+
+
+def overrides(args) -> dict:
+    """FreeLOC's parameter overrides from the --freeloc-* options."""
+    ov = parse_csv(args.freeloc_vrpr, ("w1", "w2", "g1", "g2", "clip"), "--freeloc-vrpr")
+    ov.update(parse_csv(args.freeloc_tiers, ("local_frames", "stripe_frames"), "--freeloc-tiers"))
+    if args.freeloc_stripe_width is not None:
+        ov["stripe_width"] = args.freeloc_stripe_width
+    if args.freeloc_sink_frames is not None:
+        ov["sink_frames"] = args.freeloc_sink_frames
+    return ov
+
+
+def generation_defaults(args, tiny: bool) -> dict:
+    return dict(
+        num_frames=args.num_frames or (33 if tiny else 161),
+        height=args.height or (32 if tiny else 480),
+        width=args.width or (32 if tiny else 832),
+        steps=args.steps or (4 if tiny else 50),
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None else 5.0,
+    )
+
+
+def load_wan(args, command: str):
+    """The Wan text-to-video pipeline of --model (tiny without), in --dtype (default bfloat16 on
+    CUDA, float32 on CPU); used by generate --method freeloc|direct and by probe."""
+    if args.model is not None:
+        checkpoint_family(args.model, ("wan",), command)
+    dtype = torch_dtype(args.dtype) or torch_dtype("bfloat16" if is_cuda(args.device) else "float32")
+    return load_pipeline(args, "wan", "t2v", dtype=dtype, seed=args.seed)
+
+
+class StepTimer:
+    """callback_on_step_end that records the wall time of every denoising step (the first step is
+    timed from the first transformer call, so text encoding is not counted)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.device = torch.device(device)
+        self.times: list = []
+        self._last = None
+
+    def first_call(self, module, args):
+        if self._last is None:
+            self._last = time.perf_counter()
+
+    def __call__(self, pipe, step, timestep, callback_kwargs):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times.append(now - self._last)
+        self._last = now
+        return callback_kwargs
+
+
+def run(args) -> int:
+    """One video, written as mp4; prints the FreeLOC parameters and the time per step."""
+    import torch
+
+    from ..methods.freeloc import FreeLOC
+    from ..video import VideoWriter
+
+    ov = overrides(args)
+    path = output_file(args.out, f"{args.method}.mp4", suffixes=VIDEO_SUFFIXES)
+    d = generation_defaults(args, tiny=args.model is None)
+    pipe = load_wan(args, f"`longvideo generate --method {args.method}`")
+    pipe.set_progress_bar_config(disable=False)
+    method = None
+    try:
+        with user_errors():
+            if args.method == "freeloc":
+                method = FreeLOC(pipe, layer_config=args.freeloc_layers, trained_frames=args.freeloc_trained_frames,
+                                 **ov)
+                print(method.describe(d["num_frames"]))
+            timer = StepTimer(args.device)
+            hook = pipe.transformer.register_forward_pre_hook(timer.first_call)
+            generator = torch.Generator(device="cpu").manual_seed(args.seed)
+            t0 = time.perf_counter()
+            try:
+                result = pipe(prompt=args.prompt, negative_prompt=args.freeloc_negative_prompt,
+                              num_frames=d["num_frames"], height=d["height"], width=d["width"],
+                              num_inference_steps=d["steps"], guidance_scale=d["guidance_scale"], generator=generator,
+                              output_type="np", callback_on_step_end=timer)
+            finally:
+                hook.remove()
+            total = time.perf_counter() - t0
+    finally:
+        if method is not None:
+            method.remove()
+    frames = result.frames[0]
+    with VideoWriter(path, fps=args.fps) as writer:
+        writer.write(frames)
+    steps = timer.times
+    if steps:
+        per = ", ".join(f"{t:.3f}" for t in steps)
+        print(f"time per step (s): {per}")
+        print(f"mean {sum(steps) / len(steps):.3f} s/step over {len(steps)} steps; total {total:.2f} s "
+              f"(incl. text encoding and VAE decoding)")
+    print(f"wrote {path} ({len(frames)} frames, {frames.shape[2]}x{frames.shape[1]})")
+    return 0

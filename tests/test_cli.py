@@ -1,0 +1,217 @@
+"""The `longvideo` command line (longvideo/cli/): one error convention, checks before work starts,
+a parser that imports no method."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from longvideo.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def files(tmp_path):
+    """Inputs a user may get wrong: checkpoints of the wrong kind, a broken model_index.json, a
+    text file named .mp4, a plain file where a folder is expected, a story, a broken checkpoint."""
+    sd = tmp_path / "sd15"
+    sd.mkdir()
+    (sd / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    wan = tmp_path / "wan"
+    wan.mkdir()
+    (wan / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text("{not json")
+    (tmp_path / "text.mp4").write_text("not a video\n")
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "story.txt").write_text("[Bob] at home\n[Bob] in a park\n")
+    state = tmp_path / "v.fifo_state"
+    state.mkdir()
+    (state / "fifo_state.pt").write_bytes(b"not a checkpoint")
+    return tmp_path
+
+
+def _fast(*argv):
+    return ["generate", *argv]
+
+
+# (argv with {d} for the fixture folder, a piece of the message)
+USER_MISTAKES = {
+    "num_frames_zero": (_fast("--num-frames", "0"), "--num-frames: must be >= 1"),
+    "num_frames_negative": (_fast("--method", "direct", "--num-frames", "-5"), "--num-frames"),
+    "partitions_zero": (_fast("--method", "fifo", "--fifo-partitions", "0"), "--fifo-partitions: must be >= 1"),
+    "fps_zero": (_fast("--fps", "0"), "--fps: must be > 0"),
+    "steps_not_a_number": (_fast("--steps", "many"), "--steps: expected an integer"),
+    "height_negative": (_fast("--height", "-16"), "--height"),
+    "eta_out_of_range": (_fast("--fifo-eta", "2"), "--fifo-eta: must be in [0, 1]"),
+    "dtype_unknown": (_fast("--dtype", "fp8"), "--dtype"),
+    "option_unknown": (_fast("--fifo-bogus", "1"), "unrecognized arguments"),
+    "wrong_model_kind_direct": (_fast("--method", "direct", "--model", "{d}/sd15"), "StableDiffusionPipeline"),
+    "wrong_model_kind_fifo": (_fast("--method", "fifo", "--model", "{d}/sd15"), "Wan, SkyReels-V2, AnimateDiff"),
+    "model_index_not_json": (_fast("--method", "fifo", "--model", "{d}/broken"), "not valid JSON"),
+    "model_missing": (_fast("--method", "freeloc", "--model", "{d}/nowhere"), "no such folder"),
+    "out_under_a_file": (_fast("--method", "direct", "--out", "{d}/afile/sub/v.mp4"), "is a file"),
+    "out_suffix": (_fast("--method", "direct", "--out", "{d}/v.txt"), "suffixes"),
+    "cuda_backend_on_cpu": (_fast("--device", "cpu", "--backend", "cuda"), "CUDA devices only"),
+    "not_a_device": (_fast("--device", "gpu7"), "not a device"),
+    "resume_without_checkpoint": (_fast("--method", "fifo", "--resume", "--out", "{d}/none/v.mp4"),
+                                  "no checkpoint"),
+    "resume_corrupt_checkpoint": (_fast("--method", "fifo", "--resume", "--out", "{d}/v.mp4", "--device", "cpu"),
+                                  "not a readable queue checkpoint"),
+    "prompt_schedule": (_fast("--fifo-prompt-schedule", "a cat;b dog"), "--fifo-prompt-schedule"),
+    "freeloc_vrpr_count": (_fast("--method", "freeloc", "--freeloc-vrpr", "1,2"), "--freeloc-vrpr expects 5"),
+    "guided_windows": (_fast("--method", "ouroboros", "--ouroboros-guided-windows", "one"),
+                       "--ouroboros-guided-windows"),
+    "enhance_missing_input": (["enhance", "{d}/missing.mp4", "--device", "cpu"], "no such file"),
+    "enhance_text_as_video": (["enhance", "{d}/text.mp4", "--device", "cpu"], "cannot be read as a video"),
+    "enhance_wrong_model_kind": (["enhance", "{d}/text.mp4", "--model", "{d}/sd15", "--device", "cpu"],
+                                 "runs Wan, AnimateDiff, CogVideoX"),
+    "story_missing_file": (["story", "{d}/missing.txt", "--device", "cpu"], "does not exist"),
+    "story_missing_bank": (["story", "{d}/story.txt", "--story-load-bank", "{d}/missing.safetensors",
+                            "--device", "cpu", "--out", "{d}/s"], "--story-load-bank"),
+    "story_out_is_a_file": (["story", "{d}/story.txt", "--device", "cpu", "--out", "{d}/afile"], "not a folder"),
+    "story_wrong_model_kind": (["story", "{d}/story.txt", "--model", "{d}/wan", "--device", "cpu",
+                                "--out", "{d}/s"], "runs SD1.5, SDXL"),
+    "story_sampling_rate": (["story", "{d}/story.txt", "--story-sampling-rate", "1.5"], "must be in [0, 1]"),
+    "probe_shifts": (["probe", "--probe-shifts", "a,b", "--device", "cpu"], "--probe-shifts"),
+    "probe_window_zero": (["probe", "--probe-window", "0"], "--probe-window: must be >= 1"),
+    "plan_unknown_model": (["plan", "--model", "no-such-model"], "neither a local"),
+    "plan_partitions_zero": (["plan", "--partitions", "0"], "--partitions: must be >= 1"),
+    "bench_unknown_suite": (["bench", "--suite", "nope", "--quick", "--out", "{d}/b"], "unknown suite"),
+    "no_command": ([], "required"),
+}
+
+
+def _one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("longvideo: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "weights_only" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(USER_MISTAKES))
+def test_user_mistake_is_one_line_and_exit_2(case, files, capsys, monkeypatch):
+    monkeypatch.delenv("LONGVIDEO_BACKEND", raising=False)
+    argv, expected = USER_MISTAKES[case]
+    argv = [a.format(d=files) for a in argv]
+    assert main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert expected in line, line
+
+
+def test_fifo_height_not_divisible_is_one_line(files, capsys):
+    """A size the pipeline refuses (Wan: multiples of 16) after the model is loaded: still one line."""
+    argv = ["generate", "--method", "fifo", "--height", "40", "--num-frames", "2", "--fifo-partitions", "1",
+            "--fifo-window", "2", "--device", "cpu", "--out", str(files / "h.mp4")]
+    assert main(argv) == 2
+    assert "divisible by 16" in _one_error_line(capsys.readouterr().err)
+    assert not (files / "h.mp4").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_cuda_device_without_gpu(capsys):
+    assert main(["generate", "--device", "cuda"]) == 2
+    assert "no CUDA device" in _one_error_line(capsys.readouterr().err)
+
+
+def test_backend_refused_before_loading(files, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert main(["generate", "--method", "ouroboros", "--backend", "triton", "--device", "cpu"]) == 2
+    assert "TRITON_INTERPRET=1" in _one_error_line(capsys.readouterr().err)
+    monkeypatch.setenv("LONGVIDEO_BACKEND", "bogus")
+    assert main(["generate", "--device", "cpu"]) == 2
+    assert "LONGVIDEO_BACKEND='bogus'" in _one_error_line(capsys.readouterr().err)
+
+
+def test_debug_adds_the_traceback(files, capsys):
+    argv = ["generate", "--method", "direct", "--model", str(files / "sd15")]
+    assert main(argv + ["--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("longvideo: error:")
+    assert main(["--debug"] + argv) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "--num-frames", "0"],
+    ["enhance", "{d}/text.mp4", "--device", "cpu"],
+    ["generate", "--method", "direct", "--model", "{d}/sd15", "--device", "cpu"],
+], ids=["parse", "input", "model_kind"])
+def test_user_mistake_in_a_process(argv, files):
+    """The console entry point: exit status 2 and one line on stderr, no traceback."""
+    argv = [a.format(d=files) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "longvideo", *argv], capture_output=True, text=True, timeout=300,
+                          cwd=files)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("longvideo: error:"), proc.stderr
+
+
+def test_help_shows_defaults(capsys):
+    for command in ("generate", "probe", "story", "enhance", "plan", "bench", "info"):
+        with pytest.raises(SystemExit) as exc:
+            main([command, "--help"])
+        assert exc.value.code == 0
+    main_help = capsys.readouterr().out
+    assert "--fifo-partitions" in main_help and "(default: 4)" in main_help
+    assert "(default: 0.9)" in main_help and "(default: 0.6)" in main_help
+
+
+def test_parser_imports_no_method_module():
+    """Building the parser (and printing every command's help) imports no method, processor,
+    model or planner module, and not diffusers: `longvideo --help` stays fast."""
+    code = (
+        "import sys\n"
+        "import longvideo.cli as cli\n"
+        "parser = cli.build_parser()\n"
+        "for command in cli.COMMANDS:\n"
+        "    try:\n"
+        "        cli.main([command, '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = ('longvideo.methods', 'longvideo.processors', 'longvideo.models', 'longvideo.planner',\n"
+        "         'longvideo.benchmarking', 'diffusers', 'transformers')\n"
+        "print([m for m in sys.modules if m.startswith(heavy)])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-2000:]
+
+
+def test_cli_choices_match_the_library():
+    """The parser lists choices without importing the library; they must stay the library's."""
+    from longvideo import ops
+    from longvideo.cli import _common, enhance, generate_fifo, plan, probe, story
+    from longvideo.methods import blending, fifo, fifo_models, fifo_ouroboros
+    from longvideo.methods import probe as probe_method
+    from longvideo.planner import METHODS, OFFLOAD_MODES
+    from longvideo.processors.consistent import SCHEDULES
+
+    assert _common.BACKENDS == ops.BACKEND_NAMES
+    assert generate_fifo.TIMESTEP_GRIDS == fifo_models.TIMESTEP_GRIDS
+    assert generate_fifo.LOOKAHEAD_CONTEXTS == fifo.LOOKAHEAD_CONTEXTS
+    assert generate_fifo.SACFA_TOKENS == fifo_ouroboros.SACFA_TOKENS
+    assert (enhance.VARIANTS, enhance.MODES) == (blending.VARIANTS, blending.MODES)
+    assert probe.TSA_RULES == probe_method.TSA_RULES
+    assert probe.DEFAULT_TSA_FRACTION == probe_method.DEFAULT_TSA_FRACTION
+    assert (plan.METHODS, plan.OFFLOAD_MODES) == (METHODS, OFFLOAD_MODES)
+    assert story.SCHEDULES == SCHEDULES
+
+
+def test_checked_option_types():
+    import argparse
+
+    from longvideo.cli._common import at_least, one_line, real
+
+    assert at_least(1)("3") == 3
+    for bad in ("0", "-1", "x", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            at_least(1)(bad)
+    assert real(0, 1)("1") == 1.0 and real(0, low_open=True)("0.5") == 0.5
+    for bad in ("nan", "inf", "0", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            real(0, low_open=True)(bad)
+    assert one_line("resume: x differs:\n  a: 1\n  b: 2\n") == "resume: x differs: a: 1; b: 2"
