@@ -362,19 +362,18 @@ def test_seam_metric_bad_inputs():
 
 def test_run_enhance_writes_video_and_seam_metric(tmp_path):
     pytest.importorskip("longvideo.models.wan", reason="the default tiny model is Wan")
-    from longvideo import cli
+    from longvideo.cli import enhance
     from longvideo.video import read_video, write_video
 
     src = tmp_path / "in.mp4"
     write_video(src, (smooth_video(21) * 255).round().astype(np.uint8), fps=8)
     out = tmp_path / "out.mp4"
-    # `longvideo enhance` = the common generation options + this module's hooks (built here so that
-    # another command's hooks cannot break this test; test_harness_cli covers the whole parser)
+    # `longvideo enhance` alone (built here so that another command cannot break this test;
+    # test_harness_cli covers the whole parser)
     parser = argparse.ArgumentParser(prog="longvideo enhance")
-    cli._add_common_generation(parser)
-    B.add_enhance_arguments(parser)
+    enhance.add_arguments(parser)
     args = parser.parse_args([str(src), "--out", str(out), "--steps", "4", "--device", "cpu", "--blend-compare"])
-    assert B.run_enhance(args) == 0
+    assert enhance.run(args) == 0
     frames = read_video(out)
     assert frames.shape == (21, 32, 32, 3)
     report = json.loads(out.with_suffix(".seams.json").read_text())

@@ -1,5 +1,6 @@
 """The `longvideo` command line (longvideo/cli/): one error convention, checks before work starts,
-a parser that imports no method."""
+a parser that imports no method, and method modules that import no command-line code."""
+import ast
 import json
 import subprocess
 import sys
@@ -179,6 +180,37 @@ def test_parser_imports_no_method_module():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-2000:]
+
+
+def _imports(path: Path) -> set:
+    """Every module a file imports, at any level (functions included), as absolute names."""
+    package = "longvideo." + ".".join(path.relative_to(ROOT / "longvideo").with_suffix("").parts[:-1])
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            out.add(base)
+            out.update(f"{base}.{alias.name}" for alias in node.names)
+    return out
+
+
+def test_methods_are_library_code_and_the_freeloc_probe_cycle_is_gone():
+    methods = sorted((ROOT / "longvideo" / "methods").glob("*.py"))
+    for path in methods:
+        imports = _imports(path)
+        assert "argparse" not in imports and not any(m.startswith("longvideo.cli") for m in imports), path
+        names = {n.id for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Name)}
+        assert not names & {"print", "SystemExit", "exit"}, (path, names & {"print", "SystemExit", "exit"})
+    assert not any(m.startswith("longvideo.methods.probe") for m in _imports(ROOT / "longvideo/methods/freeloc.py"))
+    code = "import sys, longvideo.methods.freeloc; print('longvideo.methods.probe' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.stdout.strip() == "False", proc.stderr
 
 
 def test_cli_choices_match_the_library():

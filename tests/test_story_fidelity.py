@@ -197,7 +197,7 @@ def test_a_bank_is_read_only_with_the_schedule_it_was_written_with(tmp_path):
 def test_cli_schedule_option(tmp_path):
     import argparse
 
-    from longvideo.methods.storydiffusion import add_story_arguments
+    from longvideo.cli.story import add_arguments as add_story_arguments
 
     parser = argparse.ArgumentParser()
     add_story_arguments(parser)

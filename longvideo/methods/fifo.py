@@ -364,7 +364,7 @@ class FIFODiffusion:
         half). The gradient is the same as through the whole batched call: the features do not
         depend on anything after them, nor on the other CFG half. The features are recorded by
         the processors (the context's current settings) and the context is left as found."""
-        ctx, ouro = self._ctx, self.ouro
+        ctx = self._ctx
         bank = self._bank.unpack(state.bank)
         model = self.family.denoiser
         order = {name: i for i, name in enumerate(model.attn_processors)}

@@ -31,7 +31,6 @@ loads (``longvideo.methods.freeloc.load_layer_config``), with the measurements u
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -167,61 +166,4 @@ def write_layer_config(path, result: ProbeResult, **rule) -> Path:
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI: longvideo probe
-def add_probe_arguments(parser) -> None:
-    """Options of `longvideo probe` (the common --model --prompt --num-frames --steps ... exist)."""
-    g = parser.add_argument_group("probe")
-    g.add_argument("--probe-shifts", default="20,-20,40,-40",
-                   help="temporal key-position shifts for position sensitivity (frames)")
-    g.add_argument("--probe-window", type=int, default=None,
-                   help="local window (latent frames) for context sensitivity (default: local tier, 8 at L=21)")
-    g.add_argument("--probe-tsa-fraction", type=float, default=DEFAULT_TSA_FRACTION,
-                   help="share of layers that get TSA (default 17/30, as published for Wan2.1-1.3B)")
-    g.add_argument("--probe-context-threshold", type=float, default=None,
-                   help="instead of a share: TSA for layers with context sensitivity >= this")
-    g.add_argument("--probe-position-threshold", type=float, default=0.0,
-                   help="non-TSA layers with position sensitivity below this stay dense (default 0: all VRPR)")
-    g.add_argument("--probe-tsa-rule", default="most_sensitive", choices=TSA_RULES,
-                   help="TSA for the most (METHODS.md) or the least context-sensitive layers")
-    g.add_argument("--probe-trained-frames", type=int, default=None,
-                   help="the model's trained length in latent frames (default 21; tiny model 3)")
-
-
-def run_probe(args) -> int:
-    """`longvideo probe`: measure the layers, print a table, write the layer configuration JSON."""
-    from .freeloc import _load
-
-    try:
-        shifts = [float(s) for s in str(args.probe_shifts).split(",") if s.strip()]
-    except ValueError:
-        print(f"longvideo probe: --probe-shifts must be comma-separated numbers, got {args.probe_shifts!r}",
-              file=sys.stderr)
-        return 2
-    tiny = args.model is None
-    pipe, _ = _load(args)
-    try:
-        result = probe_layers(
-            pipe, prompt=args.prompt, num_frames=args.num_frames, height=args.height or (32 if tiny else None),
-            width=args.width or (32 if tiny else None), num_inference_steps=args.steps or (2 if tiny else 4),
-            guidance_scale=args.guidance_scale if args.guidance_scale is not None else 5.0, seed=args.seed,
-            shifts=shifts, window=args.probe_window, trained_frames=args.probe_trained_frames, progress=True)
-        path = Path(args.out) if args.out else Path("freeloc_layers.json")
-        if path.is_dir() or not path.suffix:
-            path = path / "freeloc_layers.json"
-        write_layer_config(path, result, tsa_fraction=args.probe_tsa_fraction,
-                           context_threshold=args.probe_context_threshold,
-                           position_threshold=args.probe_position_threshold, tsa_rule=args.probe_tsa_rule)
-    except ValueError as exc:
-        print(f"longvideo probe: {exc}", file=sys.stderr)
-        return 2
-    config = json.loads(path.read_text())
-    print(f"{'layer':>5} {'position':>10} {'context':>10}  mode")
-    for i, mode in enumerate(config["layers"]):
-        print(f"{i:>5} {result.position[i]:>10.4f} {result.context[i]:>10.4f}  {mode}")
-    print(config["probe"]["rule"])
-    print(f"wrote {path}  (use: longvideo generate --method freeloc --freeloc-layers {path})")
-    return 0
-
-
-__all__ = ["ProbeResult", "probe_layers", "write_layer_config", "add_probe_arguments", "run_probe"]
+__all__ = ["ProbeResult", "probe_layers", "write_layer_config"]

@@ -67,7 +67,6 @@ chunks) attend to a shared subject bank with the same processor and op.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -78,7 +77,6 @@ import torch
 
 from ..processors.consistent import (
     SCHEDULE_START,
-    SCHEDULES,
     ConsistentAttentionController,
     IdBank,
     _derive_seed,
@@ -759,105 +757,3 @@ def _to_uint8(img):
     if arr.shape[-1] == 1:
         arr = arr.repeat(3, axis=-1)
     return arr
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI: longvideo story PROMPTS.txt
-def add_story_arguments(parser) -> None:
-    """Options of `longvideo story` (the common --model/--steps/--seed/... exist already)."""
-    parser.add_argument("story_file", help="story text file: one prompt per line, [Name] characters, [NC] none, "
-                                           "'#' comments (see `longvideo.methods.storydiffusion`)")
-    parser.add_argument("--story-kind", default="sd15", choices=["sd15", "sdxl"],
-                        help="pipeline family for the built-in tiny model or a single-file checkpoint")
-    parser.add_argument("--story-id-length", type=int, default=4, help="id images per character (written together)")
-    parser.add_argument("--story-sampling-rate", type=float, default=0.5)
-    parser.add_argument("--story-schedule", default="official_app", choices=list(SCHEDULES),
-                        help="official_app (default: the official app.py; consistent attention from step 5, read "
-                             "images attend to the whole id bank before it) or low_vram (the official low-VRAM "
-                             "app: from step 1, plain attention at step 0); see docs/fidelity.md")
-    parser.add_argument("--story-start-step", type=int, default=None,
-                        help="first step of sampled consistent attention (default: 5 for official_app, 1 for "
-                             "low_vram); the steps before it follow --story-schedule")
-    parser.add_argument("--story-prob-early", type=float, default=0.7)
-    parser.add_argument("--story-prob-late", type=float, default=0.9)
-    parser.add_argument("--story-late-step", type=int, default=20)
-    parser.add_argument("--story-layers", default="up", choices=["up", "up+mid", "all"])
-    parser.add_argument("--story-bank", default="auto",
-                        help="where id banks live: auto (default: on the GPU up to --story-bank-budget, the rest "
-                             "in pinned host memory), cuda, cpu, or a .safetensors file")
-    parser.add_argument("--story-bank-budget", default=None,
-                        help="GPU budget of the auto id bank: bytes, e.g. 2GiB / 512MiB, or a percentage of the "
-                             "GPU's memory, e.g. 10%% (default 10%%)")
-    parser.add_argument("--story-save-bank", default=None, help="save the id banks here (.safetensors)")
-    parser.add_argument("--story-load-bank", default=None, help="continue a story: load id banks from this file")
-    parser.add_argument("--story-negative-prompt", default=None)
-    parser.add_argument("--story-style", default="{prompt}", help="prompt template, e.g. 'comic book, {prompt}'")
-    parser.add_argument("--story-columns", type=int, default=3, help="panels per row of the comic grid")
-
-
-def _slug(text: str, n: int = 40) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:n] or "panel"
-
-
-def run_story(args) -> int:
-    """`longvideo story`: generate the story, write the panels, comic.png and story.json."""
-    import sys
-
-    from ..models import load_pipeline
-    from ..models.sd import tiny_pipeline
-
-    try:
-        story = read_story_file(args.story_file)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    dtype = {None: None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.model is None:
-        pipe = tiny_pipeline(args.story_kind, seed=args.seed, dtype=dtype or torch.float32).to(device)
-        steps = args.steps or 10
-    else:
-        dtype = dtype or (torch.float16 if device.startswith("cuda") else torch.float32)
-        pipe = load_pipeline("sd", kind=args.story_kind, model=args.model, device=device, dtype=dtype)
-        steps = args.steps or 50
-    bank_location = None if args.story_bank in (None, "", "none") else args.story_bank
-    try:
-        method = StoryDiffusion(pipe, sampling_rate=args.story_sampling_rate, start_step=args.story_start_step,
-                                prob_early=args.story_prob_early, prob_late=args.story_prob_late,
-                                late_step=args.story_late_step, layers=args.story_layers,
-                                bank_location=bank_location, bank_gpu_budget=args.story_bank_budget,
-                                schedule=getattr(args, "story_schedule", "official_app"))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.story_load_bank:
-        loaded = method.load_bank(args.story_load_bank)
-        print(f"loaded id banks of {loaded} from {args.story_load_bank}")
-    try:
-        result = method.generate_story(story, id_length=args.story_id_length, num_inference_steps=steps,
-                                       guidance_scale=5.0 if args.guidance_scale is None else args.guidance_scale,
-                                       height=args.height, width=args.width, seed=args.seed,
-                                       negative_prompt=args.story_negative_prompt, style=args.story_style,
-                                       output_type="pil", progress=True)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = Path(args.out or "story_out")
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i, (img, p) in enumerate(zip(result.images, result.prompts)):
-        f = out / f"{i:03d}_{_slug(p.caption)}.png"
-        img.save(f)
-        files.append(f.name)
-    comic_grid(result.images, [p.caption for p in result.prompts], columns=args.story_columns).save(out / "comic.png")
-    (out / "story.json").write_text(json.dumps({
-        "story_file": str(args.story_file), "model": args.model or f"tiny-{args.story_kind}", "steps": steps,
-        "seed": args.seed, "panels": [{"file": f, "prompt": p.text, "caption": p.caption,
-                                       "characters": list(p.characters), "role": r, "seed": s}
-                                      for f, p, r, s in zip(files, result.prompts, result.roles, result.seeds)],
-    }, indent=1))
-    print(bank_memory_line(method.bank.memory_summary()))
-    if args.story_save_bank:
-        print(f"saved id banks to {method.save_bank(args.story_save_bank)}")
-    print(f"wrote {len(files)} panels and {out / 'comic.png'}")
-    return 0

@@ -59,6 +59,7 @@ class Backend:
     constraints  per-call checks (head dims, dtypes, strides, ...), evaluated in order by
                  :meth:`supports`, each on the call's arguments named as fn's parameters.
     devices      device types the backend runs on (its ``on_device`` constraint).
+    params       fn's positional parameter names: the names the constraints read a call's arguments by.
     """
 
     op: str
