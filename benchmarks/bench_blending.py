@@ -179,7 +179,7 @@ def cases(device: torch.device, quick: bool, profile: str = "full") -> list[Case
         # without inference mode the VAE's activations are kept for a backward that never comes:
         # the first GPU run held 134 GiB and ran out of memory here
         with torch.inference_mode():
-            method.adapter.decode(part)
+            method.family.decode_video(part)
 
     out.append(Case(suite=SUITE, name="vae_decode", impl="wan_vae", fn=decode, params=params,
                     extra={"latent_frames": part.shape[2], "video_frames": decoded_frames}))

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from longvideo.methods import blending as B
+from longvideo.methods.families import ftfy_fallback
 from longvideo.methods.seam_metric import lucas_kanade_flow, seam_metric
 
 # float32 everywhere on CPU: the only differences left are summation order (chunk batching,
@@ -92,8 +93,8 @@ def _tiny_cogvideox(dpm: bool):
 def _pipe(request, name):
     pipe = request.getfixturevalue(name)
     # diffusers' Wan pipelines need ftfy for prompt cleaning, which may not be installed; the
-    # method installs the same pass-through for them (see blending._ftfy_fallback).
-    B._ftfy_fallback(pipe)
+    # method installs the same pass-through for them (see families.wan.ftfy_fallback).
+    ftfy_fallback(pipe)
     return pipe
 
 
@@ -161,7 +162,7 @@ def test_one_chunk_equals_pipeline_with_a_multistep_scheduler():
     from diffusers import UniPCMultistepScheduler
 
     pipe = _tiny_wan()
-    B._ftfy_fallback(pipe)
+    ftfy_fallback(pipe)
     pipe.scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
                                              num_train_timesteps=1000, flow_shift=3.0)
     video = smooth_video(9)
@@ -275,6 +276,23 @@ def test_randomized_blending_shrinks_seams_of_a_context_dependent_denoiser():
 # --------------------------------------------------------------------------------------------
 # Bad inputs
 # --------------------------------------------------------------------------------------------
+
+
+def test_family_layer_refuses_what_a_method_does_not_serve():
+    """One family layer serves FIFO and blending: CogVideoX is a blending-only family, so FIFO
+    refuses it naming `pipe` and the families it supports; unknown objects and methods are refused."""
+    from longvideo.methods.families import CogVideoXFamily, family_for, family_of
+    from longvideo.methods.fifo import FIFODiffusion
+
+    cog = _tiny_cogvideox(False)
+    assert family_of(cog) == "cogvideox" and isinstance(family_for(cog, "blending"), CogVideoXFamily)
+    with pytest.raises(ValueError, match=r"pipe: FIFO supports .*SkyReels-V2.*Wan.*AnimateDiff.*; "
+                                         r"got CogVideoXVideoToVideoPipeline"):
+        FIFODiffusion(cog)
+    with pytest.raises(ValueError, match=r"pipe: randomized blending supports .*; got object"):
+        family_for(object(), "blending")
+    with pytest.raises(ValueError, match="method"):
+        family_for(cog, "story")
 
 
 def test_bad_inputs_raise_clear_errors(wan):

@@ -217,13 +217,13 @@ def test_cli_choices_match_the_library():
     """The parser lists choices without importing the library; they must stay the library's."""
     from longvideo import ops
     from longvideo.cli import _common, enhance, generate_fifo, plan, probe, story
-    from longvideo.methods import blending, fifo, fifo_models, fifo_ouroboros
+    from longvideo.methods import blending, families, fifo, fifo_ouroboros
     from longvideo.methods import probe as probe_method
     from longvideo.planner import METHODS, OFFLOAD_MODES
     from longvideo.processors.consistent import SCHEDULES
 
     assert _common.BACKENDS == ops.BACKEND_NAMES
-    assert generate_fifo.TIMESTEP_GRIDS == fifo_models.TIMESTEP_GRIDS
+    assert generate_fifo.TIMESTEP_GRIDS == families.TIMESTEP_GRIDS
     assert generate_fifo.LOOKAHEAD_CONTEXTS == fifo.LOOKAHEAD_CONTEXTS
     assert generate_fifo.SACFA_TOKENS == fifo_ouroboros.SACFA_TOKENS
     assert (enhance.VARIANTS, enhance.MODES) == (blending.VARIANTS, blending.MODES)
@@ -231,6 +231,15 @@ def test_cli_choices_match_the_library():
     assert probe.DEFAULT_TSA_FRACTION == probe_method.DEFAULT_TSA_FRACTION
     assert (plan.METHODS, plan.OFFLOAD_MODES) == (METHODS, OFFLOAD_MODES)
     assert story.SCHEDULES == SCHEDULES
+
+
+def test_cli_family_choices_are_the_family_layers():
+    """--fifo-family and --blend-family list exactly the families that serve the method."""
+    from longvideo.cli import enhance, generate_fifo
+    from longvideo.methods.families import FAMILIES
+
+    assert set(generate_fifo.FAMILIES) == {c.name for c in FAMILIES if "fifo" in c.supports}
+    assert set(enhance.FAMILIES) == {c.name for c in FAMILIES if "blending" in c.supports}
 
 
 def test_checked_option_types():

@@ -77,7 +77,7 @@ def test_wan_per_token_timestep_equals_scalar_timestep(wan_pipe):
 def test_animatediff_per_frame_time_embedding(ad_pipe):
     """UNetMotionModel with per-frame time embeddings: equal timesteps reproduce the UNet's own call;
     different timesteps change every frame (the motion modules mix frames), and CFG is one call."""
-    from longvideo.methods.fifo_models import AnimateDiffFamily
+    from longvideo.methods.families import AnimateDiffFamily
 
     fam = AnimateDiffFamily(ad_pipe)
     gen = torch.Generator().manual_seed(3)
@@ -201,9 +201,9 @@ def test_resume_with_ddim_eta_equals_uninterrupted(ad_pipe, tmp_path):
 def test_wan_streamed_decode_equals_whole_video_decode(wan_pipe):
     """Popped latents decoded one by one (the causal VAE's cache carried in the queue state) give
     exactly the VAE's decode of all of them at once: no seams every 4 frames."""
-    from longvideo.methods.fifo_models import make_family
+    from longvideo.methods.families import family_for
 
-    fam = make_family(wan_pipe)
+    fam = family_for(wan_pipe)
     latents = torch.randn(1, 4, 5, 4, 4, generator=torch.Generator().manual_seed(0))
     frames, cache = [], None
     for i in range(latents.shape[2]):
@@ -214,9 +214,9 @@ def test_wan_streamed_decode_equals_whole_video_decode(wan_pipe):
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     with torch.no_grad():
         whole = vae.decode(latents * std + mean, return_dict=False)[0]
-    from longvideo.methods.fifo_models import _to_uint8
+    from longvideo.methods.families import to_uint8
 
-    expected = _to_uint8(whole[0].permute(1, 0, 2, 3))
+    expected = to_uint8(whole[0].permute(1, 0, 2, 3))
     assert len(frames) == 1 + 4 * 4 == expected.shape[0]
     np.testing.assert_array_equal(np.stack(frames), expected)
 

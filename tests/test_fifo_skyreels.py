@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from longvideo.methods.fifo import FIFODiffusion, QueueState
-from longvideo.methods.fifo_models import SkyReelsFamily, family_of
+from longvideo.methods.families import SkyReelsFamily, family_of
 from longvideo.models import skyreels
 
 FPS24 = [1]  # the pipelines' fps index: 16 fps -> 0, anything else -> 1
@@ -199,6 +199,14 @@ def test_causal_blocks_and_unsupported_configs(sky_pipe):
                                        num_layers=1, image_dim=16, added_kv_proj_dim=16)
     with pytest.raises(ValueError, match="pipe"):
         FIFODiffusion(types.SimpleNamespace(transformer=i2v))
+
+
+def test_blending_refuses_skyreels(sky_pipe):
+    """SkyReels-V2 is a FIFO-only family of the shared family layer: randomized blending refuses it."""
+    from longvideo.methods.blending import RandomizedBlending
+
+    with pytest.raises(ValueError, match=r"pipe: randomized blending supports .*; got SkyReelsV2"):
+        RandomizedBlending(sky_pipe)
 
 
 def test_from_pretrained_errors(tmp_path):

@@ -31,6 +31,7 @@ import torch
 import longvideo
 from longvideo.methods import blending as B
 from longvideo.methods import freeloc as FL
+from longvideo.methods.families import ftfy_fallback
 from longvideo.methods.fifo import FIFODiffusion, OuroborosDiffusion
 from longvideo.methods.storydiffusion import StoryDiffusion, VideoSubjectConsistency
 from longvideo.models import animatediff, sd, wan
@@ -168,7 +169,7 @@ def wan_t2v():
 @pytest.fixture(scope="module")
 def wan_v2v():
     pipe = wan.tiny_pipeline("v2v")
-    B._ftfy_fallback(pipe)
+    ftfy_fallback(pipe)
     return load_tiny_lora(pipe, pipe.transformer, "transformer", WAN_TARGETS)
 
 

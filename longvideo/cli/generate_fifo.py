@@ -11,7 +11,7 @@ from ._common import (VIDEO_SUFFIXES, UsageError, check_folder, checkpoint_famil
                       nonnegative_int, output_file, positive_int, real, torch_dtype, unit_interval, user_errors)
 
 FAMILIES = ("wan", "skyreels", "animatediff")
-TIMESTEP_GRIDS = ("official", "scheduler")      # longvideo.methods.fifo_models.TIMESTEP_GRIDS
+TIMESTEP_GRIDS = ("official", "scheduler")      # longvideo.methods.families.TIMESTEP_GRIDS
 LOOKAHEAD_CONTEXTS = ("official", "clean")      # longvideo.methods.fifo.LOOKAHEAD_CONTEXTS
 SACFA_TOKENS = ("paper", "official_demo")       # longvideo.methods.fifo_ouroboros.SACFA_TOKENS
 

@@ -56,21 +56,22 @@ latent: the model sees it as an ordinary frame (its temporal positions are relat
 Supported pipelines: diffusers' ``WanVideoToVideoPipeline`` (and ``WanPipeline``, same
 components), ``AnimateDiffVideoToVideoPipeline`` (and ``AnimateDiffPipeline``),
 ``CogVideoXVideoToVideoPipeline``. The pipeline's own ``encode_prompt``, VAE, video processor,
-scheduler class and classifier-free guidance are used; only the denoising loop is ours.
+scheduler class and classifier-free guidance are used (through the family layer,
+``longvideo.methods.families``); only the denoising loop is ours.
 """
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
+
+from .families import family_for
 
 VARIANTS = ("x0", "xt")
 MODES = ("blend", "independent", "shared_noise")
@@ -198,331 +199,6 @@ def stitch(chunks: torch.Tensor, starts: Sequence[int], cuts: Sequence[int], lat
 
 
 # --------------------------------------------------------------------------------------------
-# Pipeline-family adapters: everything model-specific (layouts, VAE normalisation, CFG style)
-# --------------------------------------------------------------------------------------------
-
-
-def _retrieve_latents(encoder_output, generator=None, sample_mode="sample"):
-    if hasattr(encoder_output, "latent_dist"):
-        dist = encoder_output.latent_dist
-        return dist.sample(generator) if sample_mode == "sample" else dist.mode()
-    if hasattr(encoder_output, "latents"):
-        return encoder_output.latents
-    raise AttributeError("could not access latents of the VAE encoder output")
-
-
-def _step_kwargs(scheduler, generator, eta):
-    params = set(inspect.signature(scheduler.step).parameters)
-    kw = {}
-    if "eta" in params:
-        kw["eta"] = eta
-    if "generator" in params:
-        kw["generator"] = generator
-    return kw
-
-
-class _Adapter:
-    """Model-specific pieces. Canonical latent layout inside this module: (B, C, F, h, w), float32."""
-
-    family = "?"
-    temporal_factor = 1
-    causal = False
-
-    def __init__(self, pipe):
-        self.pipe = pipe
-
-    @property
-    def device(self):
-        return self.pipe._execution_device
-
-    # sizes ---------------------------------------------------------------------------------
-    def size_multiple(self) -> int:
-        raise NotImplementedError
-
-    def check_chunk(self, chunk_latent: int, latent_frames: int) -> None:
-        pass
-
-    # prompt / latents ------------------------------------------------------------------------
-    def encode_prompt(self, prompt, negative_prompt, cfg: bool, max_sequence_length: Optional[int]):
-        raise NotImplementedError
-
-    def preprocess(self, frames: np.ndarray, height: int, width: int) -> torch.Tensor:
-        """Video (1, 3, F, H, W) in [-1, 1] via the pipeline's video processor."""
-        return self.pipe.video_processor.preprocess_video(frames[None], height=height, width=width)
-
-    def encode(self, video: torch.Tensor, generator) -> torch.Tensor:
-        raise NotImplementedError
-
-    def draw_noise(self, shape, generator) -> torch.Tensor:
-        from diffusers.utils.torch_utils import randn_tensor
-
-        return randn_tensor(tuple(shape), generator=generator, device=self.device, dtype=torch.float32)
-
-    def add_noise(self, scheduler, x0, noise, t):
-        return scheduler.add_noise(x0, noise, t)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    # denoising ----------------------------------------------------------------------------------
-    def predict(self, scheduler, x: torch.Tensor, t, cond, guidance_scale: float) -> torch.Tensor:
-        """Guided model output for a batch of chunks x (n, C, l, h, w), float32."""
-        raise NotImplementedError
-
-    def new_state(self) -> dict:
-        return {}
-
-    def step(self, scheduler, y, t, x, state: dict, i: int, timesteps, extra: dict) -> torch.Tensor:
-        return scheduler.step(y, t, x, **extra, return_dict=False)[0].float()
-
-    def step_kwargs(self, scheduler, generator, eta):
-        return _step_kwargs(scheduler, generator, eta)
-
-
-def _ftfy_fallback(pipe) -> None:
-    """diffusers' Wan pipelines clean prompts with ``ftfy.fix_text`` but import ftfy only if it is
-    installed, so without it ``encode_prompt`` fails with a NameError. ftfy only repairs mis-decoded
-    unicode; where it is missing, the pipeline module gets a pass-through in its place."""
-    module = sys.modules.get(type(pipe).__module__)
-    if module is None or not hasattr(module, "prompt_clean") or hasattr(module, "ftfy"):
-        return
-    try:
-        import ftfy
-    except ImportError:
-        import types
-
-        ftfy = types.SimpleNamespace(fix_text=lambda text: text)
-    module.ftfy = ftfy
-
-
-class _WanAdapter(_Adapter):
-    """Wan 2.1 (``WanVideoToVideoPipeline``): flow matching, causal VAE (t = 4), CFG as two calls."""
-
-    family = "wan"
-    causal = True
-
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        self.temporal_factor = int(getattr(pipe, "vae_scale_factor_temporal", 4))
-        self.spatial = int(getattr(pipe, "vae_scale_factor_spatial", 8))
-
-    def size_multiple(self):
-        # latent patches, and the Wan pipelines' own check (multiples of 16)
-        return math.lcm(16, self.spatial * int(self.pipe.transformer.config.patch_size[1]))
-
-    def encode_prompt(self, prompt, negative_prompt, cfg, max_sequence_length):
-        _ftfy_fallback(self.pipe)
-        pos, neg = self.pipe.encode_prompt(prompt=prompt, negative_prompt=negative_prompt,
-                                           do_classifier_free_guidance=cfg, num_videos_per_prompt=1,
-                                           max_sequence_length=max_sequence_length or 512, device=self.device)
-        dtype = self.pipe.transformer.dtype
-        return pos.to(dtype), (neg.to(dtype) if neg is not None else None)
-
-    def _stats(self, dtype):
-        cfg = self.pipe.vae.config
-        mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1).to(self.device, dtype)
-        inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1).to(self.device, dtype)
-        return mean, inv_std
-
-    def encode(self, video, generator):
-        # As WanVideoToVideoPipeline.prepare_latents: the mode of the posterior, then normalised.
-        video = video.to(device=self.device, dtype=self.pipe.vae.dtype)
-        lat = _retrieve_latents(self.pipe.vae.encode(video), sample_mode="argmax").to(torch.float32)
-        mean, inv_std = self._stats(torch.float32)
-        return (lat - mean) * inv_std
-
-    def add_noise(self, scheduler, x0, noise, t):
-        if hasattr(scheduler, "add_noise"):
-            return scheduler.add_noise(x0, noise, t)
-        return scheduler.scale_noise(x0, t, noise)  # flow matching: (1 - sigma) x0 + sigma noise
-
-    def decode(self, latents):
-        vae = self.pipe.vae
-        latents = latents.to(vae.dtype)
-        mean, inv_std = self._stats(latents.dtype)
-        return vae.decode(latents / inv_std + mean, return_dict=False)[0]
-
-    def predict(self, scheduler, x, t, cond, guidance_scale):
-        pos, neg = cond
-        tr = self.pipe.transformer
-        n = x.shape[0]
-        inp = x.to(tr.dtype)
-        timestep = t.expand(n)
-        y = tr(hidden_states=inp, timestep=timestep, encoder_hidden_states=pos.expand(n, -1, -1),
-               return_dict=False)[0].float()
-        if guidance_scale > 1.0:
-            y_u = tr(hidden_states=inp, timestep=timestep, encoder_hidden_states=neg.expand(n, -1, -1),
-                     return_dict=False)[0].float()
-            y = y_u + guidance_scale * (y - y_u)
-        return y
-
-    def step_kwargs(self, scheduler, generator, eta):
-        return {}  # as the Wan pipelines: the scheduler steps without extra arguments
-
-
-class _AnimateDiffAdapter(_Adapter):
-    """AnimateDiff (``AnimateDiffVideoToVideoPipeline``): per-frame SD VAE (t = 1), UNetMotionModel,
-    DDIM-family schedulers, CFG batched as [uncond, cond] with text embeddings repeated per frame."""
-
-    family = "animatediff"
-
-    def __init__(self, pipe, decode_chunk_size: int = 16):
-        super().__init__(pipe)
-        self.decode_chunk_size = decode_chunk_size
-
-    def size_multiple(self):
-        return int(self.pipe.vae_scale_factor) * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
-
-    def encode_prompt(self, prompt, negative_prompt, cfg, max_sequence_length):
-        pos, neg = self.pipe.encode_prompt(prompt, self.device, 1, cfg, negative_prompt)
-        return pos, neg
-
-    def preprocess(self, frames, height, width):
-        return super().preprocess(frames, height, width)
-
-    def encode(self, video, generator):
-        # As AnimateDiffVideoToVideoPipeline.prepare_latents: frames through the pipeline's
-        # encode_video (posterior samples, drawn from `generator`), times the scaling factor.
-        pipe = self.pipe
-        frames = video[0].permute(1, 0, 2, 3).to(device=self.device, dtype=pipe.vae.dtype)  # (F, 3, H, W)
-        upcast = bool(pipe.vae.config.force_upcast) and pipe.vae.dtype != torch.float32
-        if upcast:
-            frames = frames.float()
-            pipe.vae.to(dtype=torch.float32)
-        try:
-            if hasattr(pipe, "encode_video"):
-                lat = pipe.encode_video(frames, generator, self.decode_chunk_size)  # (F, C, h, w)
-            else:  # AnimateDiffPipeline (t2v): the same loop as the v2v pipeline's encode_video
-                lat = torch.cat([_retrieve_latents(pipe.vae.encode(frames[i:i + self.decode_chunk_size]), generator)
-                                 for i in range(0, len(frames), self.decode_chunk_size)])
-        finally:
-            if upcast:
-                pipe.vae.to(dtype=pipe.unet.dtype)
-        lat = pipe.vae.config.scaling_factor * lat.to(torch.float32)
-        return lat.permute(1, 0, 2, 3).unsqueeze(0)
-
-    def draw_noise(self, shape, generator):
-        # The pipeline draws the noise frame-major, (B, F, C, h, w): same layout here so that a
-        # single chunk reproduces the pipeline's noise exactly.
-        b, c, f, h, w = shape
-        return super().draw_noise((b, f, c, h, w), generator).permute(0, 2, 1, 3, 4)
-
-    def decode(self, latents):
-        pipe = self.pipe
-        return pipe.decode_latents(latents.to(pipe.vae.dtype), self.decode_chunk_size)
-
-    def predict(self, scheduler, x, t, cond, guidance_scale):
-        pos, neg = cond
-        unet = self.pipe.unet
-        n, _, l = x.shape[:3]
-        cfg = guidance_scale > 1.0
-        inp = torch.cat([x, x]) if cfg else x
-        inp = scheduler.scale_model_input(inp, t).to(unet.dtype)
-        emb = torch.cat([neg.expand(n, -1, -1), pos.expand(n, -1, -1)]) if cfg else pos.expand(n, -1, -1)
-        emb = emb.repeat_interleave(l, dim=0)
-        y = unet(inp, t, encoder_hidden_states=emb).sample.float()
-        if cfg:
-            y_u, y_c = y.chunk(2)
-            y = y_u + guidance_scale * (y_c - y_u)
-        return y
-
-
-class _CogVideoXAdapter(_Adapter):
-    """CogVideoX (``CogVideoXVideoToVideoPipeline``): latents (B, F, C, h, w) in the model, causal VAE
-    (t = 4), CFG batched, rotary embeddings for the chunk length, CogVideoX-DDIM or -DPM scheduler
-    (the DPM one keeps the previous x0 prediction: per-trajectory state)."""
-
-    family = "cogvideox"
-    causal = True
-
-    def __init__(self, pipe):
-        super().__init__(pipe)
-        self.temporal_factor = int(pipe.vae_scale_factor_temporal)
-        self._rotary = {}
-
-    def size_multiple(self):
-        return int(self.pipe.vae_scale_factor_spatial) * int(self.pipe.transformer.config.patch_size)
-
-    def check_chunk(self, chunk_latent, latent_frames):
-        p_t = self.pipe.transformer.config.patch_size_t
-        if p_t is not None and min(chunk_latent, latent_frames) % p_t != 0:
-            raise ValueError(f"chunk_frames gives {min(chunk_latent, latent_frames)} latent frames per chunk; "
-                             f"this CogVideoX model needs a multiple of patch_size_t={p_t}")
-
-    def encode_prompt(self, prompt, negative_prompt, cfg, max_sequence_length):
-        pos, neg = self.pipe.encode_prompt(prompt, negative_prompt, cfg, num_videos_per_prompt=1,
-                                           max_sequence_length=max_sequence_length or 226, device=self.device)
-        return pos, neg
-
-    def encode(self, video, generator):
-        pipe = self.pipe
-        video = video.to(device=self.device, dtype=pipe.transformer.dtype)
-        lat = _retrieve_latents(pipe.vae.encode(video), generator).to(torch.float32)  # (1, C, F, h, w)
-        return pipe.vae_scaling_factor_image * lat
-
-    def draw_noise(self, shape, generator):
-        b, c, f, h, w = shape  # the pipeline draws (B, F, C, h, w)
-        return super().draw_noise((b, f, c, h, w), generator).permute(0, 2, 1, 3, 4)
-
-    def add_noise(self, scheduler, x0, noise, t):
-        return scheduler.add_noise(x0, noise, t) * scheduler.init_noise_sigma
-
-    def decode(self, latents):
-        return self.pipe.decode_latents(latents.permute(0, 2, 1, 3, 4).to(self.pipe.vae.dtype))
-
-    def _rotary_emb(self, height, width, frames):
-        if not self.pipe.transformer.config.use_rotary_positional_embeddings:
-            return None
-        key = (height, width, frames)
-        if key not in self._rotary:
-            self._rotary[key] = self.pipe._prepare_rotary_positional_embeddings(height, width, frames, self.device)
-        return self._rotary[key]
-
-    def predict(self, scheduler, x, t, cond, guidance_scale):
-        pos, neg = cond
-        tr = self.pipe.transformer
-        n, _, l, h, w = x.shape
-        cfg = guidance_scale > 1.0
-        xf = x.permute(0, 2, 1, 3, 4)
-        inp = torch.cat([xf, xf]) if cfg else xf
-        inp = scheduler.scale_model_input(inp, t).to(tr.dtype)
-        emb = torch.cat([neg.expand(n, -1, -1), pos.expand(n, -1, -1)]) if cfg else pos.expand(n, -1, -1)
-        s = int(self.pipe.vae_scale_factor_spatial)
-        y = tr(hidden_states=inp, encoder_hidden_states=emb.to(tr.dtype), timestep=t.expand(inp.shape[0]),
-               image_rotary_emb=self._rotary_emb(h * s, w * s, l), return_dict=False)[0].float()
-        if cfg:
-            y_u, y_c = y.chunk(2)
-            y = y_u + guidance_scale * (y_c - y_u)
-        return y.permute(0, 2, 1, 3, 4)
-
-    def step(self, scheduler, y, t, x, state, i, timesteps, extra):
-        from diffusers import CogVideoXDPMScheduler
-
-        y_f, x_f = y.permute(0, 2, 1, 3, 4), x.permute(0, 2, 1, 3, 4)
-        if isinstance(scheduler, CogVideoXDPMScheduler):
-            out, state["old_x0"] = scheduler.step(y_f, state.get("old_x0"), t, timesteps[i - 1] if i > 0 else None,
-                                                  x_f, **extra, return_dict=False)
-        else:
-            out = scheduler.step(y_f, t, x_f, **extra, return_dict=False)[0]
-        return out.float().permute(0, 2, 1, 3, 4)
-
-
-def make_adapter(pipe) -> _Adapter:
-    """The adapter for a diffusers pipeline, by its components (so t2v classes work too)."""
-    name = type(pipe).__name__
-    tr = getattr(pipe, "transformer", None)
-    if getattr(pipe, "unet", None) is not None and getattr(pipe, "motion_adapter", None) is not None \
-            or name.startswith("AnimateDiff"):
-        return _AnimateDiffAdapter(pipe)
-    if tr is not None and type(tr).__name__.startswith("Wan"):
-        return _WanAdapter(pipe)
-    if tr is not None and type(tr).__name__.startswith("CogVideoX"):
-        return _CogVideoXAdapter(pipe)
-    raise ValueError(f"pipe: unsupported pipeline {name}; supported: Wan, AnimateDiff and CogVideoX "
-                     "(video-to-video) pipelines")
-
-
-# --------------------------------------------------------------------------------------------
 # Input video
 # --------------------------------------------------------------------------------------------
 
@@ -616,22 +292,22 @@ class RandomizedBlending:
         if chunk_batch is not None and (not isinstance(chunk_batch, int) or chunk_batch < 1):
             raise ValueError(f"chunk_batch must be a positive int or None, got {chunk_batch!r}")
         self.pipe = pipe
-        self.adapter = make_adapter(pipe)
+        self.family = family_for(pipe, "blending")
         self.chunk_frames, self.overlap_frames = chunk_frames, overlap_frames
         self.strength, self.blend, self.mode, self.chunk_batch = float(strength), blend, mode, chunk_batch
         self.chunk_latent, self.overlap_latent = latent_sizes(chunk_frames, overlap_frames,
-                                                              self.adapter.temporal_factor, self.adapter.causal)
+                                                              self.family.temporal_compression, self.family.causal)
         if self.overlap_latent >= self.chunk_latent:
             raise ValueError(f"overlap_frames={overlap_frames} is {self.overlap_latent} latent frames, not less than "
                              f"the {self.chunk_latent} latent frames of chunk_frames={chunk_frames} "
-                             f"(temporal compression {self.adapter.temporal_factor}); use a longer chunk")
+                             f"(temporal compression {self.family.temporal_compression}); use a longer chunk")
 
     # layout ------------------------------------------------------------------------------------
     def layout(self, num_frames: int) -> ChunkLayout:
         """Chunk layout for a video of `num_frames` frames."""
         if num_frames < 1:
             raise ValueError("video: empty video (no frames)")
-        t, causal = self.adapter.temporal_factor, self.adapter.causal
+        t, causal = self.family.temporal_compression, self.family.causal
         if causal:
             latent = (num_frames - 1 + t - 1) // t + 1
             padded = 1 + t * (latent - 1)
@@ -639,13 +315,13 @@ class RandomizedBlending:
             latent = num_frames // t if num_frames % t == 0 else num_frames // t + 1
             padded = latent * t
         chunk = min(self.chunk_latent, latent)
-        self.adapter.check_chunk(chunk, latent)
+        self.family.check_window(chunk, "chunk_frames")
         return ChunkLayout(num_frames=num_frames, padded_frames=padded, latent_frames=latent, temporal_factor=t,
                            causal=causal, chunk=chunk, overlap=self.overlap_latent,
                            starts=tuple(chunk_starts(latent, chunk, self.overlap_latent)))
 
     def _size(self, frames, height, width):
-        m = self.adapter.size_multiple()
+        m = self.family.size_multiple()
         h = height if height is not None else frames.shape[1]
         w = width if width is not None else frames.shape[2]
         if height is not None and height % m or width is not None and width % m:
@@ -660,7 +336,7 @@ class RandomizedBlending:
         bs = self.chunk_batch or n
         outs = []
         for b0 in range(0, n, bs):
-            outs.append(self.adapter.predict(run.schedulers[b0], xs[b0:b0 + bs], t, run.cond, run.guidance_scale))
+            outs.append(self.family.predict(run.schedulers[b0], xs[b0:b0 + bs], t, run.cond, run.guidance_scale))
             if run.bar is not None:
                 run.bar.update(1)
         return torch.cat(outs)
@@ -679,16 +355,16 @@ class RandomizedBlending:
         h, w = self._size(frames, height, width)
         if lay.padded_frames > lay.num_frames:  # causal VAE: repeat the last frame up to 1 + t*k
             frames = np.concatenate([frames, np.repeat(frames[-1:], lay.padded_frames - lay.num_frames, 0)])
-        ad = self.adapter
-        device = ad.device
+        fam = self.family
         if generator is None:
             generator = torch.Generator(device="cpu").manual_seed(0 if seed is None else int(seed))
-        cond = ad.encode_prompt(prompt, negative_prompt, guidance_scale > 1.0, max_sequence_length)
+        cond = fam.encode_prompt(prompt, negative_prompt, guidance_scale > 1.0, fam.execution_device,
+                                max_sequence_length or fam.pipeline_max_sequence_length)
 
         # Timesteps: the pipeline's scheduler class and config, on a private copy; the SDEdit start
         # as in the pipelines' get_timesteps (skip the first (1 - strength) of the schedule).
         scheduler = copy.deepcopy(self.pipe.scheduler)
-        scheduler.set_timesteps(num_inference_steps, device=device)
+        scheduler.set_timesteps(num_inference_steps, device=fam.execution_device)
         init = min(int(num_inference_steps * self.strength), num_inference_steps)
         t_start = max(num_inference_steps - init, 0)
         timesteps = scheduler.timesteps[t_start * scheduler.order:]
@@ -697,35 +373,35 @@ class RandomizedBlending:
         t0 = timesteps[:1]
 
         # Encode the whole video once; one noise draw for the whole latent video.
-        x0 = ad.encode(ad.preprocess(frames, h, w), generator)
+        x0 = fam.encode(fam.preprocess(frames, h, w), generator)
         if x0.shape[2] != lay.latent_frames:
             raise RuntimeError(f"VAE gave {x0.shape[2]} latent frames, expected {lay.latent_frames}")
-        noise = ad.draw_noise(x0.shape, generator)
+        noise = fam.draw_noise(x0.shape, generator)
         # The thresholds get their own CPU generator, seeded from the seed of `generator` without
         # consuming its stream (stochastic schedulers draw from it later, as in the pipeline).
         blend_gen = torch.Generator(device="cpu").manual_seed((generator.initial_seed() + 0x5EA4) % 2**63)
         n = lay.num_chunks
         per_chunk = self.mode != "blend" or self.blend == "xt"
         run = _Run(layout=lay, cond=cond, guidance_scale=float(guidance_scale), timesteps=timesteps,
-                   scheduler=scheduler, extra=ad.step_kwargs(scheduler, generator, eta), blend_generator=blend_gen,
+                   scheduler=scheduler, extra=fam.step_kwargs(scheduler, generator, eta), blend_generator=blend_gen,
                    schedulers=[copy.deepcopy(scheduler) for _ in range(n)] if per_chunk else [scheduler] * n,
-                   states=[ad.new_state() for _ in range(n)] if per_chunk else [ad.new_state()] * n)
+                   states=[fam.new_state() for _ in range(n)] if per_chunk else [fam.new_state()] * n)
         if self.mode == "blend":
-            run.x = ad.add_noise(scheduler, x0, noise, t0)
+            run.x = fam.add_noise(scheduler, x0, noise, t0)
         else:
             noises = run.chunks_of(noise)
             if self.mode == "independent":
                 # Redraw the noise of every overlap for the later chunk: no frame shares noise.
                 for k, o in enumerate(lay.boundary_overlaps(), start=1):
                     if o > 0:
-                        noises[k:k + 1, :, :o] = ad.draw_noise((1, x0.shape[1], o) + tuple(x0.shape[3:]), generator)
-            run.xs = ad.add_noise(scheduler, run.chunks_of(x0), noises, t0)
+                        noises[k:k + 1, :, :o] = fam.draw_noise((1, x0.shape[1], o) + tuple(x0.shape[3:]), generator)
+            run.xs = fam.add_noise(scheduler, run.chunks_of(x0), noises, t0)
         return run
 
     @torch.no_grad()
     def step(self, run: "_Run", i: int) -> None:
         """Solver step i (of ``run.timesteps``): every chunk denoised, overlaps blended (module docstring)."""
-        ad, t = self.adapter, run.timesteps[i]
+        fam, t = self.family, run.timesteps[i]
         starts, c, L, n = list(run.layout.starts), run.layout.chunk, run.layout.latent_frames, run.layout.num_chunks
         if self.mode == "blend":
             xs = run.chunks_of(run.x)
@@ -734,14 +410,14 @@ class RandomizedBlending:
             if self.blend == "x0":
                 # blend(x0_k) = a(t) x_t + b(t) blend(y_k) for a shared x_t: blend the outputs, step once.
                 y = stitch(ys, starts, cuts, L)
-                run.x = ad.step(run.scheduler, y, t, run.x, run.states[0], i, run.timesteps, run.extra)
+                run.x = fam.step(run.scheduler, y, t, run.x, run.states[0], i, run.timesteps, run.extra)
             else:
-                x_prev = torch.cat([ad.step(run.schedulers[k], ys[k:k + 1], t, xs[k:k + 1], run.states[k], i,
+                x_prev = torch.cat([fam.step(run.schedulers[k], ys[k:k + 1], t, xs[k:k + 1], run.states[k], i,
                                             run.timesteps, run.extra) for k in range(n)])
                 run.x = stitch(x_prev, starts, cuts, L)
         else:
             ys = self._predict_chunks(run, run.xs, t)
-            run.xs = torch.cat([ad.step(run.schedulers[k], ys[k:k + 1], t, run.xs[k:k + 1], run.states[k], i,
+            run.xs = torch.cat([fam.step(run.schedulers[k], ys[k:k + 1], t, run.xs[k:k + 1], run.states[k], i,
                                         run.timesteps, run.extra) for k in range(n)])
 
     @torch.no_grad()
@@ -754,7 +430,7 @@ class RandomizedBlending:
                                                                                     None), lay.latent_frames)
         if output_type == "latent":
             return x
-        decoded = self.adapter.decode(x)
+        decoded = self.family.decode_video(x)
         vp = self.pipe.video_processor
         if output_type == "pt":
             return vp.postprocess_video(decoded, output_type="pt")[0][:lay.num_frames]

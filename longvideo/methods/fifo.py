@@ -1,7 +1,7 @@
 """FIFO-Diffusion (Kim et al. 2024) and Ouroboros-Diffusion (Chen et al. 2025) on diffusers video pipelines.
 
 Diagonal denoising. The queue holds ``L`` latent frames at increasing noise levels: slot ``k`` at
-level ``k + 1`` (levels 0 = clean .. L = tail; the family's grid of L steps, see ``fifo_models``
+level ``k + 1`` (levels 0 = clean .. L = tail; the family's grid of L steps, see ``longvideo.methods.families``
 and ``timestep_grid`` below). Where this package and the official code differ, and by how much:
 docs/fidelity.md. One iteration denoises every window of the queue once, so every slot
 moves exactly one level down, then the head (now clean) leaves the queue -- decoded and written at
@@ -41,7 +41,7 @@ Timestep grid (``timestep_grid``): ``"official"`` (default): the official code's
 ``linspace(0, 999, L).round()`` on the DDIM family (AnimateDiff), whatever the scheduler's spacing;
 on the flow-matching families (Wan, SkyReels-V2) the official code defines no such grid, and its
 diffusers branch uses the scheduler's own, so there ``"official"`` is the scheduler's sigmas.
-``"scheduler"``: the pipeline scheduler's timesteps for L steps. See ``fifo_models``.
+``"scheduler"``: the pipeline scheduler's timesteps for L steps. See ``longvideo.methods.families``.
 
 Multi-prompt: ``prompt`` may be a list of ``(prompt, start_video_frame)``; a window uses the prompt in
 force at the latent frame it is centred on (video frame v lies in latent frame ceil(v / 4) on Wan,
@@ -79,7 +79,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .fifo_models import make_family
+from .families import family_for
 from .fifo_ouroboros import (
     OuroborosConfig,
     SubjectBank,
@@ -162,7 +162,7 @@ class FIFODiffusion:
         skip_warmup: do not emit the first L - f frames that leave the queue (copies of the initial
             clip's first frame; see the module docstring), as the official code.
         eta: DDIM's eta for the AnimateDiff family (0: deterministic, the default; the official
-            FIFO code uses 1.0; see ``fifo_models``).
+            FIFO code uses 1.0; see ``longvideo.methods.families.animatediff``).
         timestep_grid: "official" (default: linspace(0, 999, L) on the DDIM family, the scheduler's
             sigmas on flow matching, where the official code defines no other) or "scheduler" (the
             pipeline scheduler's own timesteps); see the module docstring and docs/fidelity.md.
@@ -175,7 +175,7 @@ class FIFODiffusion:
                  coherent_tail: bool = False, tail_d_s: float = 0.25, tail_d_t: float = 1.0, distributed: bool = True,
                  ouroboros: Optional[OuroborosConfig] = None, skip_warmup: bool = True, eta: float = 0.0,
                  timestep_grid: str = "official", lookahead_context: str = "official"):
-        self.family = make_family(pipe)
+        self.family = family_for(pipe, "fifo")
         self.timestep_grid = self.family.resolve_grid(timestep_grid)  # the grid in effect (ValueError if unknown)
         if lookahead_context not in LOOKAHEAD_CONTEXTS:
             raise ValueError(f"lookahead_context must be one of {LOOKAHEAD_CONTEXTS}, got {lookahead_context!r}")
@@ -184,8 +184,7 @@ class FIFODiffusion:
             f = max(self.family.default_window(), 2 if lookahead else 1)
         else:
             f = int(frames_per_window)
-        if hasattr(self.family, "check_window"):  # SkyReels-V2 causal blocks: whole blocks per window
-            self.family.check_window(f)
+        self.family.check_window(f)  # SkyReels-V2 causal blocks: whole blocks per window
         if num_partitions < 1:
             raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
         if f < (2 if lookahead else 1):
