@@ -42,8 +42,9 @@ from longvideo.reference.lowfreq_mix import lowfreq_mix_reference
 SUITE = "lowfreq_mix"
 GRAPH_CALLS = 20  # device time per call from a CUDA graph of 20 calls (see Case.graph_calls)
 # (filter, d_s, d_t, order): FreeInit cases at diffusers' defaults; the Ouroboros tail at the
-# method's own setting (METHODS.md: Gaussian, d_s 0.25, d_t 1.0; with d_t = d_s and T = 1 the
-# temporal term alone puts every frequency far outside the pass band and the mix returns ~noise).
+# method's own setting (docs/methods.md, coherent tail latent sampling: Gaussian, d_s 0.25,
+# d_t 1.0; with d_t = d_s and T = 1 the temporal term alone puts every frequency far outside the
+# pass band and the mix returns ~noise).
 FREEINIT = ("butterworth", 0.25, 0.25, 4.0)
 OUROBOROS_TAIL = ("gaussian", 0.25, 1.0, 4.0)
 

@@ -96,7 +96,7 @@ def _sdxl_shaped_pipeline(device: torch.device, dtype: torch.dtype):
 
 
 class OfficialLowVramProcessor:
-    """StoryDiffusion's official low-VRAM consistent attention (re-implemented, METHODS.md 3).
+    """StoryDiffusion's official low-VRAM consistent attention (re-implemented; docs/fidelity.md, StoryDiffusion).
 
     Write (the id images of one character, batch [uncond x G, cond x G]): the hidden states of the
     sampled tokens of every image are cached per step (on the GPU, every step); then for each

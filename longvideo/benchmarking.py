@@ -1,4 +1,4 @@
-"""Benchmark harness (DESIGN.md section 4).
+"""Benchmark harness (docs/architecture.md, "Benchmarks and records").
 
 A suite is a module ``longvideo.benchmarks.bench_<name>`` (folder ``benchmarks/`` of the
 checkout) with a function ``cases(device: torch.device, quick: bool, profile: str = "full")``
@@ -35,8 +35,8 @@ from typing import Callable, Optional
 import torch
 
 # Fallback peak figures for "fraction of the device's peak" where the ceilings could not be
-# measured in the run (METHODS.md section 7: measured copy bandwidth and bf16 dense matmul on these
-# devices). Unknown devices get no fraction.
+# measured in the run: earlier measurements of copy bandwidth and bf16 dense matmul on these
+# devices (docs/architecture.md, "Benchmarks and records"). Unknown devices get no fraction.
 DEVICE_PEAKS = {
     "H100": {"copy_GBps": 3000.0, "bf16_TFLOPs": 800.0},
     "H200": {"copy_GBps": 4300.0, "bf16_TFLOPs": 790.0},

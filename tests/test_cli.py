@@ -233,6 +233,22 @@ def test_cli_choices_match_the_library():
     assert story.SCHEDULES == SCHEDULES
 
 
+def test_family_layer_is_library_code_and_sources_point_to_docs():
+    """The family layer (methods/families/) follows the methods' rules; docstrings and comments
+    send readers to docs/*.md, never to design notes outside the repository."""
+    for path in sorted((ROOT / "longvideo" / "methods" / "families").glob("*.py")):
+        imports = _imports(path)
+        assert "argparse" not in imports and not any(m.startswith("longvideo.cli") for m in imports), path
+        names = {n.id for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Name)}
+        assert not names & {"print", "SystemExit", "exit"}, path
+    outside = ("DESIGN" + ".md", "METHODS" + ".md")
+    for folder in ("longvideo", "triton_kernels", "benchmarks", "tools", "csrc"):
+        for path in sorted((ROOT / folder).rglob("*")):
+            if path.suffix in (".py", ".cu", ".cpp", ".h", ".sh") and path.is_file():
+                text = path.read_text(errors="replace")
+                assert not any(name in text for name in outside), path
+
+
 def test_cli_family_choices_are_the_family_layers():
     """--fifo-family and --blend-family list exactly the families that serve the method."""
     from longvideo.cli import enhance, generate_fifo

@@ -27,7 +27,7 @@ def add_arguments(p) -> None:
     g.add_argument("--probe-position-threshold", type=real(), default=0.0,
                    help="non-TSA layers with position sensitivity below this stay dense (default 0: all VRPR)")
     g.add_argument("--probe-tsa-rule", default="most_sensitive", choices=TSA_RULES,
-                   help="TSA for the most (METHODS.md) or the least context-sensitive layers")
+                   help="TSA for the most (the paper's rule) or the least context-sensitive layers")
     g.add_argument("--probe-trained-frames", type=positive_int, default=None,
                    help="the model's trained length in latent frames (default 21; tiny model 3)")
 

@@ -1,6 +1,6 @@
 """StreamingT2V's randomized blending: seamless chunked video-to-video refinement of a long video.
 
-StreamingT2V (Henschel et al. 2024, METHODS.md section 4) enhances a long video with a short-clip
+StreamingT2V (Henschel et al. 2024; docs/methods.md) enhances a long video with a short-clip
 video-to-video model by cutting the video into overlapping chunks (24 frames, overlap 8) and
 denoising all chunks at every solver step, SDEdit-style from strength 0.6 (t = 600 of 1000):
 

@@ -1,4 +1,4 @@
-"""FreeLOC's layer-adaptive probing (METHODS.md section 5): which layers get TSA, which VRPR.
+"""FreeLOC's layer-adaptive probing (docs/methods.md, FreeLOC: Probing): which layers get TSA, which VRPR.
 
 For every self-attention layer, during an ordinary run of the pipeline (a few denoising steps on
 a prompt), :func:`probe_layers` measures on the layer's attention output H (heads concatenated,
@@ -14,8 +14,8 @@ before the output projection; dense attention at the original positions):
   at a longer length its attention is diluted over more frames.
 
 Both are averaged over every transformer call of the run (each step, each CFG branch). The
-layer configuration (:meth:`ProbeResult.layer_config`), following METHODS.md ("position-
-sensitive layers get VRPR, context-sensitive layers VRPR+TSA"):
+layer configuration (:meth:`ProbeResult.layer_config`), following the paper ("position-
+sensitive layers get VRPR, context-sensitive layers VRPR+TSA"; docs/methods.md):
 
 - "tsa" for the `tsa_fraction` of layers with the highest context sensitivity (default 17/30, the
   share of the released Wan2.1-1.3B list), or, with `context_threshold`, for every layer at or

@@ -1,6 +1,6 @@
 """``torch.ops.longvideo.consistent_attention``: fused consistent self-attention.
 
-Schema (DESIGN.md section 2)::
+Schema (the contract: docs/ops.md, consistent_attention)::
 
     consistent_attention(Tensor q, Tensor k, Tensor v, Tensor sample_idx, int group_size,
                          int window=-1, Tensor? bank_k=None, Tensor? bank_v=None,

@@ -1,6 +1,6 @@
 """``torch.ops.longvideo.lowfreq_mix``: FreeInit's spatio-temporal low-frequency mixing.
 
-Schema (DESIGN.md section 2)::
+Schema (the contract: docs/ops.md, lowfreq_mix)::
 
     lowfreq_mix(Tensor x, Tensor noise, str filter="gaussian", float d_s=0.25, float d_t=0.25,
                 float order=4) -> Tensor

@@ -1,5 +1,6 @@
 """``torch.ops.longvideo.tiered_sparse_attention``: FreeLOC's tiered sparse attention with its
-video relative position re-encoding (VRPR) fused (DESIGN.md section 2, METHODS.md section 5).
+video relative position re-encoding (VRPR) fused (the contract: docs/ops.md, tiered_sparse_attention;
+FreeLOC: docs/methods.md).
 
 Backends: ``reference`` (dense masked attention, CPU/CUDA), ``triton`` (block-sparse flash
 attention over a cached block schedule, temporal RoPE rotated in-kernel per band) and ``cuda``

@@ -1,6 +1,6 @@
 """Self-attention processors for diffusers' ``WanTransformer3DModel`` (and the transformers that
 share its attention and RoPE layout: SkyReels-V2, Wan VACE) that route self-attention through
-``torch.ops.longvideo.tiered_sparse_attention`` (FreeLOC, METHODS.md section 5).
+``torch.ops.longvideo.tiered_sparse_attention`` (FreeLOC, docs/methods.md).
 
 Wan's RoPE (diffusers ``WanRotaryPosEmbed``): a head of D channels is split into a temporal part
 of t = D - 4 (D // 6) channels followed by height and width parts of 2 (D // 6) channels each
@@ -36,7 +36,7 @@ MODES = ("dense", "vrpr", "tsa")
 
 @dataclass(frozen=True)
 class TieredAttentionSettings:
-    """Arguments of one ``tiered_sparse_attention`` call (frame granularity, DESIGN.md section 2).
+    """Arguments of one ``tiered_sparse_attention`` call (frame granularity, docs/ops.md).
 
     local_frames >= number of frames: dense attention. vrpr: [W1, W2, G1, G2, clip] or None
     (temporal RoPE at the original frame positions).

@@ -1,6 +1,7 @@
 """Reference for ``tiered_sparse_attention``: FreeLOC's tiered sparse attention (TSA) with its
 video relative position re-encoding (VRPR), as dense attention with an explicit mask and explicit
-per-pair rotary rotations (DESIGN.md section 2, METHODS.md section 5).
+per-pair rotary rotations (the contract: docs/ops.md, tiered_sparse_attention; FreeLOC:
+docs/methods.md).
 
 Token s of a (B, H, S, D) sequence lies in frame f(s) = s // frame_tokens at spatial index
 p(s) = s % frame_tokens. With d = f(i) - f(j), query i attends key j iff
