@@ -10,8 +10,9 @@ and 321 video frames (21, 41, 81 latent frames; 21 is the trained length, where 
   compiled FlexAttention call per VRPR band with that band's RoPE copies of q and k, restricted
   to the band (and, in TSA layers, to the tiers) by a block mask, merged by log-sum-exp. The
   mid and far bands are split by the sign of the frame distance (query later / key later), so
-  this computes exactly our semantics (5 calls instead of the official 3, with the same blocks
-  visited; block masks are built once, ``setup_ms``).
+  this computes exactly our ``semantics="paper"`` (5 calls instead of the official 3, with the
+  same blocks visited; block masks are built once, ``setup_ms``), which ``freeloc[longvideo]``
+  runs here.
 
 ``flops``: linear layers (2 * params * tokens) + attention on the pairs actually attended
 (4 * D per pair per head). quick=True: a 2-layer tiny transformer on CPU (reference op, eager
@@ -187,7 +188,8 @@ def _cases_for(device, dtype, transformer, config, video_frames, height, width, 
 
     if "ours" in impls:
         def ours():
-            method = FreeLOC(pipe, layer_config=modes, trained_frames=trained)
+            # the paper's semantics: the ones the flex path below computes (docs/fidelity.md)
+            method = FreeLOC(pipe, layer_config=modes, trained_frames=trained, semantics="paper")
             try:
                 return forward()
             finally:

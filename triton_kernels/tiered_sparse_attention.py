@@ -73,10 +73,10 @@ def _rotate_variants_kernel(x_ptr, out_ptr, cos_ptr, sin_ptr, S, F, D, R2, frame
 def _visit(acc, m_i, l_i, q_r, q_t0, idx_ptr, combo_ptr, e,
            k_base, v_base, qt_ptr, kt_ptr, stride_kn, stride_kd, stride_vn, stride_vd, var_stride,
            offs_m, m_ok, f_q, p_q, S, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
-           w1, w2, D, DV, qk_scale,
+           w1, w2, te0, te1, te2, te3, D, DV, qk_scale,
            BLOCK_N: tl.constexpr, RP: tl.constexpr, SPLIT: tl.constexpr, DR: tl.constexpr, DVP: tl.constexpr,
            HAS_ROPE: tl.constexpr, HAS_REST: tl.constexpr, VRPR: tl.constexpr, PARTIAL: tl.constexpr,
-           DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+           LAYOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
     """Fold one key block into the running (acc, m_i, l_i) of a query block."""
     kb = tl.load(idx_ptr + e)
     offs_n = kb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -111,14 +111,36 @@ def _visit(acc, m_i, l_i, q_r, q_t0, idx_ptr, combo_ptr, e,
     s = s * qk_scale
     if PARTIAL:
         p_k = offs_n % frame_tokens
-        dist = tl.abs(f_q[:, None] - f_k[None, :])
-        keep = (dist < local_frames) | (f_k[None, :] < sink_frames)
-        keep = keep | ((dist < stripe_frames) & (tl.abs(p_q[:, None] - p_k[None, :]) < stripe_width))
-        keep = keep & n_ok[None, :]
-        if VRPR:  # this entry's band only (a block pair spanning band edges is one entry per band)
-            d = f_q[:, None] - f_k[None, :]
-            band = tl.where(dist < w1, 0, tl.where(dist < w2, tl.where(d > 0, 1, 2), tl.where(d > 0, 3, 4)))
-            keep = keep & (band == c)
+        near_p = tl.abs(p_q[:, None] - p_k[None, :]) < stripe_width
+        if LAYOUT == 2:
+            # token tiers [L, St, K, J] = (te0, te1, te2, te3): FreeLOC's released TSA masks
+            t = offs_m[:, None] - offs_n[None, :]
+            a = tl.abs(t)
+            in_sink = offs_n[None, :] < te2
+            far_sink = in_sink & (t > te1)
+            late = (offs_n[None, :] > te3) & (-t > te1)
+            keep = (a <= te0) | ((a <= te1) & (near_p | in_sink)) | far_sink | late
+            keep = keep & n_ok[None, :]
+            if VRPR:  # combo 1: far sink, 2: late keys, 0: the rest
+                band = tl.where(far_sink, 1, tl.where(late, 2, 0))
+                keep = keep & (band == c)
+        else:
+            dist = tl.abs(f_q[:, None] - f_k[None, :])
+            keep = (dist < local_frames) | (f_k[None, :] < sink_frames)
+            keep = keep | ((dist < stripe_frames) & near_p)
+            keep = keep & n_ok[None, :]
+            if LAYOUT == 1:
+                # token bands [E, B1, B2] = (te0, te1, te2): no pair with E < |t| < B1 (the gap)
+                t = offs_m[:, None] - offs_n[None, :]
+                a = tl.abs(t)
+                keep = keep & ((a <= te0) | (a >= te1))
+                if VRPR:
+                    band = tl.where(a <= te0, 0, tl.where(a < te2, tl.where(t > 0, 1, 2), tl.where(t > 0, 3, 4)))
+                    keep = keep & (band == c)
+            elif VRPR:  # this entry's band only (a block pair spanning band edges is one entry per band)
+                d = f_q[:, None] - f_k[None, :]
+                band = tl.where(dist < w1, 0, tl.where(dist < w2, tl.where(d > 0, 1, 2), tl.where(d > 0, 3, 4)))
+                keep = keep & (band == c)
         s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
@@ -142,11 +164,11 @@ def _tsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, qt_ptr, kt_ptr,
                     stride_vb, stride_vh, stride_vn, stride_vd,
                     stride_ob, stride_oh, stride_on, stride_od, var_stride,
                     H, S, D, DV, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
-                    w1, w2, qk_scale,
+                    w1, w2, te0, te1, te2, te3, qk_scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, RP: tl.constexpr, SPLIT: tl.constexpr,
                     DR: tl.constexpr,
                     DVP: tl.constexpr, HAS_ROPE: tl.constexpr, HAS_REST: tl.constexpr, VRPR: tl.constexpr,
-                    DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+                    LAYOUT: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -187,15 +209,15 @@ def _tsa_fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, qt_ptr, kt_ptr,
         acc, m_i, l_i = _visit(acc, m_i, l_i, q_r, q_t0, full_idx + pid_m * full_w, full_combo + pid_m * full_w, e,
                                k_base, v_base, qt_bh, kt_bh, stride_kn, stride_kd, stride_vn, stride_vd, var_stride,
                                offs_m, m_ok, f_q, p_q, S, frame_tokens, local_frames, stripe_frames, stripe_width,
-                               sink_frames, w1, w2, D, DV, qk_scale, BLOCK_N, RP, SPLIT, DR, DVP, HAS_ROPE,
-                               HAS_REST, VRPR, False, DOT_DTYPE, IEEE)
+                               sink_frames, w1, w2, te0, te1, te2, te3, D, DV, qk_scale, BLOCK_N, RP, SPLIT, DR,
+                               DVP, HAS_ROPE, HAS_REST, VRPR, False, LAYOUT, DOT_DTYPE, IEEE)
     n_part = tl.load(part_cnt + pid_m)
     for e in range(0, n_part):
         acc, m_i, l_i = _visit(acc, m_i, l_i, q_r, q_t0, part_idx + pid_m * part_w, part_combo + pid_m * part_w, e,
                                k_base, v_base, qt_bh, kt_bh, stride_kn, stride_kd, stride_vn, stride_vd, var_stride,
                                offs_m, m_ok, f_q, p_q, S, frame_tokens, local_frames, stripe_frames, stripe_width,
-                               sink_frames, w1, w2, D, DV, qk_scale, BLOCK_N, RP, SPLIT, DR, DVP, HAS_ROPE,
-                               HAS_REST, VRPR, True, DOT_DTYPE, IEEE)
+                               sink_frames, w1, w2, te0, te1, te2, te3, D, DV, qk_scale, BLOCK_N, RP, SPLIT, DR,
+                               DVP, HAS_ROPE, HAS_REST, VRPR, True, LAYOUT, DOT_DTYPE, IEEE)
 
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_i[:, None]
@@ -237,6 +259,7 @@ def rotate_variants(x: torch.Tensor, frame_tokens: int, cos_t: torch.Tensor, sin
 
 def tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0,
                                 sink_frames=1, scale=None, rope_t_freqs=None, vrpr=None, *,
+                                token_bands=None, token_tiers=None, sink_rope=None,
                                 block_m: Optional[int] = None, block_n: Optional[int] = None,
                                 num_warps: Optional[int] = None, num_stages: Optional[int] = None):
     """Launch the kernel over its plan (``longvideo.ops.plan.tiered``): the cached block schedule of
@@ -250,15 +273,21 @@ def tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_fram
     num_warps, num_stages = num_warps or nw, num_stages or ns
     has_rope = rope_t_freqs is not None and rope_t_freqs.numel() > 0
     has_vrpr = vrpr is not None and has_rope
+    # per-entry combos (pre-rotated position variants): VRPR's five, or the token tiers' re-encoded sink
+    has_combos = has_vrpr or (sink_rope is not None and has_rope)
+    layout = plan.layout_code(token_bands, token_tiers)
     sched = plan.build_schedule(S, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
-                                block_m, block_n, q.device, vrpr if has_vrpr else None, split_combos=True)
+                                block_m, block_n, q.device, vrpr if has_vrpr else None, split_combos=True,
+                                token_bands=token_bands, token_tiers=token_tiers, plain_positions=not has_combos)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dot_dtype = q.dtype
     if has_rope:
         r2 = 2 * rope_t_freqs.numel()
         rp = max(16, _next_pow2(r2))
-        nv = plan.NUM_VARIANTS if has_vrpr else 1
-        cos_t, sin_t = plan.rope_tables(F, rope_t_freqs, vrpr, q.device, width=rp)
+        # token tiers use variants 0..2 only (combos 0..2)
+        nv = plan.NUM_VARIANTS if has_vrpr else (3 if has_combos else 1)
+        cos_t, sin_t = plan.rope_tables(F, rope_t_freqs, vrpr if has_vrpr else None, q.device, width=rp,
+                                        sink_rope=sink_rope if has_combos and not has_vrpr else None)
         cos_t, sin_t = cos_t[:nv].contiguous(), sin_t[:nv].contiguous()
         q_var = rotate_variants(q, frame_tokens, cos_t, sin_t, r2, nv, dot_dtype)
         k_var = rotate_variants(k, frame_tokens, cos_t, sin_t, r2, nv, dot_dtype)
@@ -269,6 +298,7 @@ def tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_fram
     dr = max(16, _next_pow2(D - rp)) if has_rest else 16
     dvp = max(16, _next_pow2(DV))
     w1, w2 = plan.band_edges(vrpr if has_vrpr else None)
+    te = plan.token_edges(token_bands, token_tiers)
     out = torch.empty(B, H, S, DV, device=q.device, dtype=q.dtype)
     grid = (sched.num_q_blocks, B * H)
     _tsa_fwd_kernel[grid](
@@ -277,9 +307,9 @@ def tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_fram
         sched.full_idx.shape[1], sched.part_idx.shape[1],
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), q_var.stride(0) if has_rope else 0,
         H, S, D, DV, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
-        w1, w2, scale * 1.4426950408889634,
+        w1, w2, *te, scale * 1.4426950408889634,
         BLOCK_M=block_m, BLOCK_N=block_n, RP=max(rp, 16), SPLIT=rp, DR=dr, DVP=dvp, HAS_ROPE=has_rope,
-        HAS_REST=has_rest, VRPR=has_vrpr, DOT_DTYPE=_TL_DTYPE[q.dtype],
+        HAS_REST=has_rest, VRPR=has_combos, LAYOUT=layout, DOT_DTYPE=_TL_DTYPE[q.dtype],
         IEEE=(q.dtype == torch.float32), num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -41,7 +41,32 @@ frames) and the video's latent length F:
   (official 195 of 1560 at 832x480), sink = the first latent frame.
 
 Any explicit value (``w1=``, ``g2=``, ``local_frames=``, ``stripe_width=`` ...) overrides the
-rule. Layer configuration: :func:`load_layer_config` (JSON, see there); the default for a
+rule.
+
+Semantics (``semantics=``; docs/fidelity.md has the measured differences):
+
+- ``"official"`` (default): the self-attention of FreeLOC's released code (Wan2.1 fork, commit
+  af7daa8), which produced the published results; T = tokens per latent frame, and
+  ceil128(x) = the next multiple of 128 at or above x (the code's ``round_to_multiple``):
+  * VRPR layers: bands by TOKEN distance |i - j|: exact band |i - j| <= (W1 - 1) T (the code's
+    flash-attention window; it hard-codes T = 1560 there, scaled here), mid band
+    ceil128(W1 T) <= |i - j| < ceil128(W2 T), far band beyond; the keys in between are in no band
+    (the band gap, ~1.5 frames per query). Mid-band shift M = floor(W1 - W1 / G1) (the code's
+    float arithmetic), the far band as in the paper.
+  * TSA layers: no VRPR. Plain temporal RoPE for |i - j| <= ceil128(local T) (a token window),
+    for the stripe ceil128(local T) < |i - j| <= ceil128(stripe T) with |p(i) - p(j)| < w,
+    w = floor(((stripe - local) // (local / 2)) / (stripe - local) * T / 2) (195 at 1560), and for
+    sink keys j < ceil128(T) within ceil128(stripe T) tokens; sink keys further away get query
+    position f // G + M and key position f // G (G = 8, M = floor(12 - 12 / 8) = 10: the code's
+    ``rope_shift``); late keys j > ceil128(J_f T) more than ceil128(stripe T) tokens after the
+    query get the mirrored positions (query f // G, key f // G + M).
+    The code hard-codes J_f = 78 (for 81 latent frames: the last 3 frames; at 41 frames the
+    constant lies past the video and no key is late). Generalised: J_f = F - 3 (3 scaled by
+    L / 21) for F >= 4 L - 3 (81 at L = 21, the length the constant was written for), no late
+    keys below. At L = 21 this is the code exactly at F = 41 and F = 81.
+  At other trained lengths L the frame counts 8, 24, 12 (G = 8) scale by L / 21 as the tiers.
+- ``"paper"``: the paper's definition at frame granularity (bands and tiers by frame distance,
+  every key in exactly one band, VRPR positions on every TSA tier, the first frame as the sink). Layer configuration: :func:`load_layer_config` (JSON, see there); the default for a
 Wan2.1-1.3B-shaped transformer is the published list (TSA on 17 layers, VRPR on the others);
 other models default to VRPR on every layer until probed (``longvideo probe``).
 """
@@ -69,6 +94,11 @@ OFFICIAL_STRIPE_FRACTION = 1.0 / 8.0
 OFFICIAL_SINK_FRAMES = 1
 OFFICIAL_G1 = 2
 OFFICIAL_G2 = 8
+# the released TSA layers' sink re-encoding (rope_shift group 8, window 12) and late keys (frames >= 78 of 81)
+OFFICIAL_SINK_GROUP = 8
+OFFICIAL_SINK_WINDOW = 12
+OFFICIAL_LATE_FRAMES = 3
+SEMANTICS = ("official", "paper")
 # Released layer configuration for Wan2.1-T2V-1.3B (30 layers): TSA (+VRPR) on these, VRPR on the rest.
 WAN21_1_3B_TSA_LAYERS = (0, 1, 4, 6, 7, 9, 10, 11, 13, 14, 15, 16, 18, 22, 23, 24, 25)
 WAN21_1_3B_SHAPE = dict(num_layers=30, num_attention_heads=12, attention_head_dim=128)
@@ -97,6 +127,7 @@ class FreeLOCParams:
     stripe_fraction: float   # stripe width as a fraction of a frame's tokens
     stripe_width: Optional[int]  # explicit width in tokens (overrides the fraction)
     sink_frames: int
+    semantics: str = "official"  # "official" (the released code) or "paper" (module docstring)
 
     @property
     def vrpr(self) -> tuple:
@@ -107,8 +138,58 @@ class FreeLOCParams:
             return int(self.stripe_width)
         return max(1, int(round(frame_tokens * self.stripe_fraction)))
 
+    # the official (released-code) layout ------------------------------------------------------
+    def official_stripe_tokens(self, frame_tokens: int) -> int:
+        """The released code's stripe half-width: |p - p'| < floor(band / (D2 - D1) * T / 2) with
+        band = (D2 - D1) // (D1 / 2) in floating point (195 at D1 = 8, D2 = 24, T = 1560)."""
+        if self.stripe_width is not None:
+            return int(self.stripe_width)
+        d1, d2 = self.local_frames, self.stripe_frames
+        if d2 <= d1:
+            return 0
+        band = (d2 - d1) // (d1 / 2)
+        return int((band / (d2 - d1) * frame_tokens) // 2)
+
+    def official_sink_rope(self) -> tuple[int, int]:
+        """(G, M) of the released TSA sink re-encoding: query f // G + M, key f // G (8, 10 at L = 21)."""
+        scale = self.trained_frames / WAN_TRAINED_LATENT_FRAMES
+        g = max(1, _round(OFFICIAL_SINK_GROUP * scale))
+        w = max(1, _round(OFFICIAL_SINK_WINDOW * scale))
+        return g, w - (-(-w // g))  # floor(w - w / g) = w - ceil(w / g)
+
+    def official_late_frame(self) -> Optional[int]:
+        """First frame J_f of the late keys (j > ceil128(J_f T)); None below 4 L - 3 frames."""
+        L = self.trained_frames
+        if self.num_frames < 4 * L - 3:
+            return None
+        return self.num_frames - max(1, _round(OFFICIAL_LATE_FRAMES * L / WAN_TRAINED_LATENT_FRAMES))
+
+    def official_token_bands(self, frame_tokens: int) -> tuple[int, int, int]:
+        """[E, B1, B2] of the released VRPR layers: ((W1 - 1) T, ceil128(W1 T), ceil128(W2 T))."""
+        T = frame_tokens
+        return (self.w1 - 1) * T, _ceil128(self.w1 * T), _ceil128(self.w2 * T)
+
+    def official_token_tiers(self, frame_tokens: int) -> tuple[int, int, int, int]:
+        """[L, St, K, J] of the released TSA layers (module docstring)."""
+        T = frame_tokens
+        late = self.official_late_frame()
+        last = self.num_frames * T - 1  # j > last: no late key
+        return (_ceil128(self.local_frames * T), _ceil128(self.stripe_frames * T),
+                _ceil128(self.sink_frames * T) if self.sink_frames > 0 else 0,
+                last if late is None else _ceil128(late * T))
+
     def settings(self, mode: str, frame_tokens: int) -> Optional[TieredAttentionSettings]:
         """The op arguments of a layer in `mode` ("dense": None, i.e. the original processor)."""
+        if self.semantics == "official":
+            if mode == "vrpr":
+                mid = self.w1 - (-(-self.w1 // self.g1))  # floor(W1 - W1 / G1), as the code's float arithmetic
+                return TieredAttentionSettings(local_frames=self.num_frames, vrpr=self.vrpr + (mid,),
+                                               token_bands=self.official_token_bands(frame_tokens))
+            if mode == "tsa":
+                return TieredAttentionSettings(local_frames=1, stripe_width=self.official_stripe_tokens(frame_tokens),
+                                               sink_frames=0, token_tiers=self.official_token_tiers(frame_tokens),
+                                               sink_rope=self.official_sink_rope())
+            return None
         if mode == "vrpr":
             return TieredAttentionSettings(local_frames=self.num_frames, vrpr=self.vrpr)
         if mode == "tsa":
@@ -148,14 +229,22 @@ def _round(x: float) -> int:
     return int(math.floor(x + 0.5))  # half up (Python's round() is half-to-even)
 
 
-def derive_params(num_frames: int, trained_frames: int = WAN_TRAINED_LATENT_FRAMES,
+def _ceil128(x: int) -> int:
+    """The released code's round_to_multiple: the next multiple of 128 at or above x."""
+    return -(-int(x) // 128) * 128
+
+
+def derive_params(num_frames: int, trained_frames: int = WAN_TRAINED_LATENT_FRAMES, semantics: str = "official",
                   **overrides) -> Optional[FreeLOCParams]:
     """FreeLOC's parameters for `num_frames` latent frames (None: no-op, F <= trained length).
 
-    The rule is the module docstring's; keyword overrides (``w1 w2 g1 g2 clip local_frames
+    The rule is the module docstring's; `semantics` "official" | "paper" selects how the layers
+    use them (:meth:`FreeLOCParams.settings`); keyword overrides (``w1 w2 g1 g2 clip local_frames
     stripe_frames stripe_width stripe_fraction sink_frames``) replace derived values. Raises
     ValueError for an unknown override or an invalid value.
     """
+    if semantics not in SEMANTICS:
+        raise ValueError(f"FreeLOC: semantics must be one of {SEMANTICS}, got {semantics!r}")
     unknown = set(overrides) - set(_OVERRIDES)
     if unknown:
         raise ValueError(f"FreeLOC: unknown parameter(s) {sorted(unknown)}; known: {list(_OVERRIDES)}")
@@ -187,7 +276,7 @@ def derive_params(num_frames: int, trained_frames: int = WAN_TRAINED_LATENT_FRAM
     if not (0.0 < fraction <= 1.0):
         raise ValueError(f"FreeLOC: stripe_fraction must be in (0, 1], got {fraction}")
     sink = _check_int("sink_frames", ov["sink_frames"], 0) if "sink_frames" in ov else OFFICIAL_SINK_FRAMES
-    return FreeLOCParams(F, L, w1, w2, g1, g2, clip, local, stripe, fraction, width, sink)
+    return FreeLOCParams(F, L, w1, w2, g1, g2, clip, local, stripe, fraction, width, sink, semantics)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +413,8 @@ def default_layer_config(transformer) -> list[str]:
 class FreeLOC:
     """FreeLOC installed on a Wan-family pipeline's self-attention layers.
 
-    ``FreeLOC(pipe, layer_config=None, trained_frames=None, **overrides)``: installs processors at
+    ``FreeLOC(pipe, layer_config=None, trained_frames=None, semantics="official", **overrides)``:
+    installs processors at
     once; call the pipeline as usual (``pipe(prompt=..., num_frames=321)``); ``remove()`` (or
     leaving a ``with`` block) restores the original processors. The parameters follow the video
     length of each call (:func:`derive_params`); at or below the trained length nothing changes.
@@ -336,14 +426,16 @@ class FreeLOC:
     stripe_fraction sink_frames``.
     """
 
-    def __init__(self, pipe, layer_config=None, trained_frames: Optional[int] = None, **overrides):
+    def __init__(self, pipe, layer_config=None, trained_frames: Optional[int] = None, semantics: str = "official",
+                 **overrides):
         self.pipe = pipe
         self.transformers = _transformers(pipe)
         if trained_frames is None:
             trained_frames = getattr(pipe, "longvideo_trained_latent_frames", WAN_TRAINED_LATENT_FRAMES)
         self.trained_frames = _check_int("trained_frames", trained_frames, 1)
-        # validates the override names and values once, on a length where they all apply
-        derive_params(self.trained_frames + 1, self.trained_frames, **overrides)
+        # validates the semantics, the override names and values once, on a length where they all apply
+        derive_params(self.trained_frames + 1, self.trained_frames, semantics, **overrides)
+        self.semantics = semantics
         self.overrides = dict(overrides)
         first = self.transformers[0]
         num_layers = len(self_attention_modules(first))
@@ -371,7 +463,7 @@ class FreeLOC:
         """The parameters used for a video of `num_latent_frames` latent frames (None: no-op)."""
         if num_latent_frames not in self._params_cache:
             self._params_cache[num_latent_frames] = derive_params(num_latent_frames, self.trained_frames,
-                                                                  **self.overrides)
+                                                                  self.semantics, **self.overrides)
         return self._params_cache[num_latent_frames]
 
     def params_for_video(self, num_video_frames: int) -> Optional[FreeLOCParams]:
@@ -413,9 +505,10 @@ class FreeLOC:
         return (f"FreeLOC: {p.num_frames} latent frames (trained {p.trained_frames}): VRPR W1={p.w1} W2={p.w2} "
                 f"G1={p.g1} G2={p.g2} clip={p.clip}; TSA local={p.local_frames} stripe={p.stripe_frames} "
                 f"width={'%d tokens' % p.stripe_width if p.stripe_width is not None else '1/%g frame' % (1 / p.stripe_fraction)} "
-                f"sink={p.sink_frames} [{layers}]")
+                f"sink={p.sink_frames}; {p.semantics} semantics [{layers}]")
 
 
-def apply_freeloc(pipe, layer_config=None, trained_frames: Optional[int] = None, **overrides) -> FreeLOC:
+def apply_freeloc(pipe, layer_config=None, trained_frames: Optional[int] = None, semantics: str = "official",
+                  **overrides) -> FreeLOC:
     """Install FreeLOC on `pipe` and return the method object (``.remove()`` undoes it)."""
-    return FreeLOC(pipe, layer_config=layer_config, trained_frames=trained_frames, **overrides)
+    return FreeLOC(pipe, layer_config=layer_config, trained_frames=trained_frames, semantics=semantics, **overrides)

@@ -39,8 +39,17 @@ def _finite_number(x) -> bool:
         return False
 
 
+def _int_list(name, values, length):
+    """values as a list of `length` Python ints, or ValueError naming the argument."""
+    if isinstance(values, (str, bytes, torch.Tensor)) or not hasattr(values, "__len__"):
+        raise ValueError(f"tiered_sparse_attention: {name} must be a list of {length} integers, got {values!r}")
+    if len(values) != length or not all(_finite_number(x) and float(x) == int(x) for x in values):
+        raise ValueError(f"tiered_sparse_attention: {name} must be a list of {length} integers, got {list(values)}")
+    return [int(x) for x in values]
+
+
 def _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, scale,
-           rope_t_freqs, vrpr):
+           rope_t_freqs, vrpr, token_bands=None, token_tiers=None, sink_rope=None):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"tiered_sparse_attention: {name} must be a 4-D tensor (B, H, S, D), "
@@ -87,19 +96,46 @@ def _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sin
     if vrpr is not None:
         if rope_t_freqs is None:
             raise ValueError("tiered_sparse_attention: vrpr re-encodes RoPE positions and requires rope_t_freqs")
-        if len(vrpr) != 5:
-            raise ValueError(f"tiered_sparse_attention: vrpr must be [W1, W2, G1, G2, clip], got {list(vrpr)}")
+        if len(vrpr) not in (5, 6):
+            raise ValueError(f"tiered_sparse_attention: vrpr must be [W1, W2, G1, G2, clip] or "
+                             f"[W1, W2, G1, G2, clip, M], got {list(vrpr)}")
         if not all(_finite_number(x) for x in vrpr):
             raise ValueError(f"tiered_sparse_attention: vrpr values must be finite integers, got {list(vrpr)}")
         if any(float(x) != int(x) for x in vrpr):
             raise ValueError(f"tiered_sparse_attention: vrpr values must be integers, got {list(vrpr)}")
-        w1, w2, g1, g2, _clip = (int(x) for x in vrpr)
+        w1, w2, g1, g2, _clip = (int(x) for x in vrpr[:5])
         if w1 < 1:
             raise ValueError(f"tiered_sparse_attention: vrpr W1 must be >= 1, got {w1}")
         if w1 > w2:
             raise ValueError(f"tiered_sparse_attention: vrpr W1={w1} must be <= W2={w2}")
         if g1 < 1 or g2 < 1:
             raise ValueError(f"tiered_sparse_attention: vrpr group sizes G1={g1}, G2={g2} must be >= 1")
+    if token_bands is not None:
+        e, b1, b2 = _int_list("token_bands", token_bands, 3)
+        if vrpr is None:
+            raise ValueError("tiered_sparse_attention: token_bands cut VRPR's bands by token distance and "
+                             "require vrpr (the positions of the bands)")
+        if not 0 <= e < b1 <= b2:
+            raise ValueError(f"tiered_sparse_attention: token_bands [E, B1, B2] need 0 <= E < B1 <= B2, "
+                             f"got {[e, b1, b2]}")
+    if token_tiers is not None:
+        lt, st, k_end, j_start = _int_list("token_tiers", token_tiers, 4)
+        if not 0 <= lt <= st or k_end < 0 or j_start < -1:
+            raise ValueError(f"tiered_sparse_attention: token_tiers [L, St, K, J] need 0 <= L <= St, K >= 0 and "
+                             f"J >= -1, got {[lt, st, k_end, j_start]}")
+        if vrpr is not None or token_bands is not None:
+            raise ValueError("tiered_sparse_attention: token_tiers do not combine with vrpr or token_bands "
+                             "(their positions are plain, or sink_rope's)")
+        if (local_frames, stripe_frames, sink_frames) != (1, 0, 0):
+            raise ValueError(f"tiered_sparse_attention: token_tiers replace the frame tiers: pass local_frames=1, "
+                             f"stripe_frames=0, sink_frames=0 (got {local_frames}, {stripe_frames}, {sink_frames})")
+    if sink_rope is not None:
+        g, _m = _int_list("sink_rope", sink_rope, 2)
+        if token_tiers is None or rope_t_freqs is None:
+            raise ValueError("tiered_sparse_attention: sink_rope re-encodes the sink of token_tiers and requires "
+                             "token_tiers and rope_t_freqs")
+        if g < 1:
+            raise ValueError(f"tiered_sparse_attention: sink_rope group G must be >= 1, got {g}")
 
 
 # The last rope_t_freqs tensor whose values passed the check, with its version counter: a model
@@ -140,12 +176,14 @@ def _empty_result(q, v):
     "longvideo::tiered_sparse_attention", mutates_args=(),
     schema="(Tensor q, Tensor k, Tensor v, int frame_tokens, int local_frames, int stripe_frames=0, "
            "int stripe_width=0, int sink_frames=1, float? scale=None, Tensor? rope_t_freqs=None, "
-           "float[]? vrpr=None) -> Tensor")
+           "float[]? vrpr=None, int[]? token_bands=None, int[]? token_tiers=None, int[]? sink_rope=None) -> Tensor")
 def tiered_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_tokens: int,
                             local_frames: int, stripe_frames: int = 0, stripe_width: int = 0,
                             sink_frames: int = 1, scale: Optional[float] = None,
                             rope_t_freqs: Optional[torch.Tensor] = None,
-                            vrpr: Optional[list[float]] = None) -> torch.Tensor:
+                            vrpr: Optional[list[float]] = None, token_bands: Optional[list[int]] = None,
+                            token_tiers: Optional[list[int]] = None,
+                            sink_rope: Optional[list[int]] = None) -> torch.Tensor:
     """FreeLOC tiered sparse attention (TSA) with video relative position re-encoding (VRPR).
 
     q, k: (B, H, S, D), v: (B, H, S, Dv), S = F * frame_tokens in frame-major order; token s is in
@@ -176,19 +214,19 @@ def tiered_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f
     (tests/test_op_inputs.py marks it xfail until the kernels zero it); q and k NaN follow the rule.
     """
     _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, scale,
-           rope_t_freqs, vrpr)
+           rope_t_freqs, vrpr, token_bands, token_tiers, sink_rope)
     _check_rope_values(rope_t_freqs)
     if q.shape[0] * q.shape[1] * q.shape[2] * v.shape[3] == 0:
         return _empty_result(q, v)  # before dispatch: uniform over backends, as the fake kernel
     return R.dispatch(OP, q.device, q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width,
-                      sink_frames, scale, rope_t_freqs, vrpr)
+                      sink_frames, scale, rope_t_freqs, vrpr, token_bands, token_tiers, sink_rope)
 
 
 @tiered_sparse_attention.register_fake
 def _(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0, sink_frames=1, scale=None,
-      rope_t_freqs=None, vrpr=None):
+      rope_t_freqs=None, vrpr=None, token_bands=None, token_tiers=None, sink_rope=None):
     _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, scale,
-           rope_t_freqs, vrpr)
+           rope_t_freqs, vrpr, token_bands, token_tiers, sink_rope)
     return _empty_result(q, v)
 
 
@@ -203,9 +241,10 @@ tiered_sparse_attention.register_autograd(_no_backward, setup_context=lambda ctx
 # ---------------------------------------------------------------------------------------------
 # backends
 def _reference_impl(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0, sink_frames=1,
-                    scale=None, rope_t_freqs=None, vrpr=None):
+                    scale=None, rope_t_freqs=None, vrpr=None, token_bands=None, token_tiers=None, sink_rope=None):
     return tiered_sparse_attention_reference(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width,
-                                             sink_frames, scale, rope_t_freqs, vrpr)
+                                             sink_frames, scale, rope_t_freqs, vrpr, token_bands, token_tiers,
+                                             sink_rope)
 
 
 def triton_module():
@@ -213,19 +252,23 @@ def triton_module():
 
 
 def _triton_impl(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0, sink_frames=1,
-                 scale=None, rope_t_freqs=None, vrpr=None):
+                 scale=None, rope_t_freqs=None, vrpr=None, token_bands=None, token_tiers=None, sink_rope=None):
     dtype = q.dtype
     if dtype == torch.bfloat16 and q.device.type == "cpu" and R.triton_interpreting():
         # The CPU interpreter has no bf16 dot or arithmetic (it returned garbage, ~1e9): compute
         # in float32 and round once, as the consistent_attention kernels do under the interpreter.
         q, k, v = q.float(), k.float(), v.float()
     out = triton_module().tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_frames,
-                                                      stripe_width, sink_frames, scale, rope_t_freqs, vrpr)
+                                                      stripe_width, sink_frames, scale, rope_t_freqs, vrpr,
+                                                      token_bands=token_bands, token_tiers=token_tiers,
+                                                      sink_rope=sink_rope)
     return out.to(dtype)
 
 
 def _cuda_impl(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0, sink_frames=1,
-               scale=None, rope_t_freqs=None, vrpr=None):
+               scale=None, rope_t_freqs=None, vrpr=None, token_bands=None, token_tiers=None, sink_rope=None):
+    if token_bands is not None or token_tiers is not None:  # the constraint below keeps such calls away
+        raise RuntimeError("tiered_sparse_attention[cuda]: token-granular bands/tiers are not implemented")
     B, H, S, D = q.shape
     block_m, block_n = 64, 64
     sched = build_schedule(S, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
@@ -269,4 +312,9 @@ R.register_backend(OP, "cuda", _cuda_impl, available=R.cuda_extension_available(
                        aligned(_QKV, 16, "{name} strides must be multiples of 8 elements and its data 16-byte aligned"),
                        requires("int32_index", lambda a: a["q"].shape[2] < 2 ** 31 // 8,
                                 "sequence too long for int32 indexing"),
+                       # FreeLOC's released semantics (docs/fidelity.md): the kernel's element mask and
+                       # band selection are frame-granular; token-granular calls go to triton/reference
+                       requires("frame_granular",
+                                lambda a: a.get("token_bands") is None and a.get("token_tiers") is None,
+                                "token_bands / token_tiers (token-granular layouts) are not implemented"),
                    ))

@@ -36,10 +36,11 @@ MODES = ("dense", "vrpr", "tsa")
 
 @dataclass(frozen=True)
 class TieredAttentionSettings:
-    """Arguments of one ``tiered_sparse_attention`` call (frame granularity, docs/ops.md).
+    """Arguments of one ``tiered_sparse_attention`` call (the op's docstring, docs/ops.md).
 
-    local_frames >= number of frames: dense attention. vrpr: [W1, W2, G1, G2, clip] or None
-    (temporal RoPE at the original frame positions).
+    local_frames >= number of frames: dense attention. vrpr: [W1, W2, G1, G2, clip(, M)] or None
+    (temporal RoPE at the original frame positions). token_bands [E, B1, B2], token_tiers
+    [L, St, K, J] and sink_rope [G, M]: the token-granular layouts of FreeLOC's released code.
     """
 
     local_frames: int
@@ -47,11 +48,19 @@ class TieredAttentionSettings:
     stripe_width: int = 0
     sink_frames: int = 0
     vrpr: Optional[tuple] = None
+    token_bands: Optional[tuple] = None
+    token_tiers: Optional[tuple] = None
+    sink_rope: Optional[tuple] = None
 
     def op_kwargs(self) -> dict:
-        return dict(local_frames=int(self.local_frames), stripe_frames=int(self.stripe_frames),
-                    stripe_width=int(self.stripe_width), sink_frames=int(self.sink_frames),
-                    vrpr=None if self.vrpr is None else [float(x) for x in self.vrpr])
+        kw = dict(local_frames=int(self.local_frames), stripe_frames=int(self.stripe_frames),
+                  stripe_width=int(self.stripe_width), sink_frames=int(self.sink_frames),
+                  vrpr=None if self.vrpr is None else [float(x) for x in self.vrpr])
+        for name in ("token_bands", "token_tiers", "sink_rope"):
+            value = getattr(self, name)
+            if value is not None:  # only when set: the frame-granular call stays the op's old signature
+                kw[name] = [int(x) for x in value]
+        return kw
 
 
 SettingsFn = Callable[[str, int, int], Optional[TieredAttentionSettings]]

@@ -1,18 +1,25 @@
 """Reference for ``tiered_sparse_attention``: FreeLOC's tiered sparse attention (TSA) with its
 video relative position re-encoding (VRPR), as dense attention with an explicit mask and explicit
-per-pair rotary rotations (the contract: docs/ops.md, tiered_sparse_attention; FreeLOC:
-docs/methods.md).
+per-pair rotary rotations (the contract is the op's docstring and docs/ops.md).
 
 Token s of a (B, H, S, D) sequence lies in frame f(s) = s // frame_tokens at spatial index
-p(s) = s % frame_tokens. With d = f(i) - f(j), query i attends key j iff
+p(s) = s % frame_tokens. Every (query i, key j) pair gets an attended flag and a *combo*
+c in 0..4 that says which temporal position rotates q_i and which rotates k_j (:func:`pair_classes`):
 
-    |d| < local_frames  or  (|d| < stripe_frames and |p(i) - p(j)| < stripe_width)  or  f(j) < sink_frames.
+- frame tiers (default): with d = f(i) - f(j), i attends j iff
+  |d| < local_frames  or  (|d| < stripe_frames and |p(i) - p(j)| < stripe_width)  or  f(j) < sink_frames;
+- token tiers (``token_tiers = [L, St, K, J]``, FreeLOC's released code): with t = i - j,
+  i attends j iff |t| <= L  or  (|t| <= St and |p(i) - p(j)| < stripe_width)  or  j < K  or
+  (j > J and -t > St);
+- VRPR bands by frame distance |d| (``vrpr``) or by token distance |t| (``token_bands = [E, B1,
+  B2]``: |t| <= E exact, E < |t| < B1 the band gap (not attended), B1 <= |t| < B2 mid, |t| >= B2
+  far).
 
 With ``rope_t_freqs`` (R,), channels [0, 2R) of q and k are Wan's temporal RoPE pairs (2i, 2i+1),
 not yet rotated: pair i of a token at position P is rotated by the angle P * rope_t_freqs[i],
     (x0, x1) -> (x0 cos a - x1 sin a, x0 sin a + x1 cos a).
-Positions are frame indices, or with ``vrpr = [W1, W2, G1, G2, clip]`` FreeLOC's re-encoded
-positions, chosen per (query, key) pair by the band of |d| (:func:`vrpr_positions`).
+Positions (:func:`position_variants`): combo c rotates q with variant (0, 1, 2, 3, 4)[c] of its
+frame and k with variant (0, 2, 1, 4, 3)[c] of its frame.
 
 Slow and readable: logits in float32, softmax in float32, chunked over queries so S ~ 2000
 fits in CPU memory.
@@ -60,21 +67,22 @@ def vrpr_positions(frame_q: torch.Tensor, frame_k: torch.Tensor,
     (e.g. (Sq, 1) and (1, Sk)). With d = f_q - f_k and vrpr = [W1, W2, G1, G2, clip]:
 
         |d| < W1:           pos_q = f_q,                                       pos_k = f_k
-        W1 <= |d| < W2, d>0: pos_q = f_q//G1 + W1 - W1//G1,                     pos_k = f_k//G1
+        W1 <= |d| < W2, d>0: pos_q = f_q//G1 + M,                               pos_k = f_k//G1
         |d| >= W2, d>0:      pos_q = min(f_q//G2 + W2 - W2//G2 - (W2-W1)//G1, clip), pos_k = f_k//G2
-        (d < 0: the same with the roles of query and key swapped).
+        (d < 0: the same with the roles of query and key swapped), M = W1 - W1//G1 or the sixth
+        entry of vrpr = [W1, W2, G1, G2, clip, M] (:func:`mid_shift`).
 
     vrpr None: the plain frame indices. Returns int64 tensors of the broadcast shape.
     """
     frame_q, frame_k = torch.broadcast_tensors(frame_q.long(), frame_k.long())
     if vrpr is None:
         return frame_q.clone(), frame_k.clone()
-    w1, w2, g1, g2, clip = (int(v) for v in vrpr)
+    w1, w2, g1, g2, clip = (int(v) for v in vrpr[:5])
     d = frame_q - frame_k
     dist = d.abs()
     later_q = d > 0
     # The later side of the pair gets the shifted position, the earlier side the plain grouped one.
-    mid_shift = w1 - w1 // g1
+    mid_shift = vrpr_mid_shift(vrpr)
     far_shift = w2 - w2 // g2 - (w2 - w1) // g1
     mid_q = torch.where(later_q, frame_q // g1 + mid_shift, frame_q // g1)
     mid_k = torch.where(later_q, frame_k // g1, frame_k // g1 + mid_shift)
@@ -83,6 +91,82 @@ def vrpr_positions(frame_q: torch.Tensor, frame_k: torch.Tensor,
     pos_q = torch.where(dist < w1, frame_q, torch.where(dist < w2, mid_q, far_q))
     pos_k = torch.where(dist < w1, frame_k, torch.where(dist < w2, mid_k, far_k))
     return pos_q, pos_k
+
+
+def vrpr_mid_shift(vrpr: Sequence[float]) -> int:
+    """The mid band's shift M of vrpr: its sixth entry if given, else W1 - W1 // G1 (the paper's
+    floor(W1 / G1)). FreeLOC's released code computes int(f // G1 + W1 - W1 / G1) in floating point,
+    i.e. M = floor(W1 - W1 / G1) = W1 - ceil(W1 / G1); equal when G1 divides W1."""
+    if len(vrpr) > 5:
+        return int(vrpr[5])
+    w1, g1 = int(vrpr[0]), int(vrpr[2])
+    return w1 - w1 // g1
+
+
+COMBO_Q_VARIANT = (0, 1, 2, 3, 4)
+COMBO_K_VARIANT = (0, 2, 1, 4, 3)
+
+
+def position_variants(num_frames: int, vrpr: Optional[Sequence[float]] = None,
+                      sink_rope: Optional[Sequence[int]] = None, device=None) -> torch.Tensor:
+    """int64 (5, F): the temporal position of a token of frame f under each variant.
+
+    With vrpr = [W1, W2, G1, G2, clip(, M)]: 0: f, 1: f//G1 + M, 2: f//G1,
+    3: min(f//G2 + W2 - W2//G2 - (W2-W1)//G1, clip), 4: f//G2.
+    With sink_rope = [G, M] (token tiers): 0: f, 1: f//G + M, 2: f//G, 3 and 4: f (unused).
+    Neither: every variant is f.
+    """
+    f = torch.arange(num_frames, device=device, dtype=torch.int64)
+    if vrpr is not None:
+        w1, w2, g1, g2, clip = (int(v) for v in vrpr[:5])
+        return torch.stack([f, f // g1 + vrpr_mid_shift(vrpr), f // g1,
+                            torch.clamp(f // g2 + w2 - w2 // g2 - (w2 - w1) // g1, max=clip), f // g2])
+    if sink_rope is not None:
+        g, m = int(sink_rope[0]), int(sink_rope[1])
+        return torch.stack([f, f // g + m, f // g, f, f])
+    return f[None, :].expand(5, num_frames).clone()
+
+
+def pair_classes(query_index: torch.Tensor, key_index: torch.Tensor, frame_tokens: int, local_frames: int,
+                 stripe_frames: int = 0, stripe_width: int = 0, sink_frames: int = 1,
+                 vrpr: Optional[Sequence[float]] = None, token_bands: Optional[Sequence[int]] = None,
+                 token_tiers: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attended bool (Sq, Sk), combo int64 (Sq, Sk)) of the pairs query_index x key_index.
+
+    Combos: 0 exact band / plain positions; 1 mid band, query later; 2 mid band, key later; 3 far
+    band, query later; 4 far band, key later. Token tiers use 0 (local, stripe, and sink keys
+    within St tokens), 1 (sink keys j < K further than St tokens before the query) and 2 (late
+    keys j > J further than St tokens after the query). Combos of pairs not attended are 0.
+    """
+    i, j = query_index[:, None], key_index[None, :]
+    fi, pi = i // frame_tokens, i % frame_tokens
+    fj, pj = j // frame_tokens, j % frame_tokens
+    t = i - j
+    near_p = (pi - pj).abs() < stripe_width
+    if token_tiers is not None:
+        lt, st, k_end, j_start = (int(x) for x in token_tiers)
+        plain = (t.abs() <= lt) | ((t.abs() <= st) & (near_p | (j < k_end)))
+        sink = (j < k_end) & (t > st)
+        late = (j > j_start) & (-t > st)
+        mask = plain | sink | late
+        combo = torch.where(sink, 1, torch.where(late, 2, 0))
+        return mask, combo.long()
+    mask = tier_mask(0, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
+                     query_index=query_index, key_index=key_index)
+    if token_bands is not None:
+        e, b1, b2 = (int(x) for x in token_bands)
+        a = t.abs()
+        mask = mask & ~((a > e) & (a < b1))  # the band gap
+        combo = torch.where(a <= e, 0, torch.where(a < b2, torch.where(t > 0, 1, 2), torch.where(t > 0, 3, 4)))
+    elif vrpr is not None:
+        w1, w2 = int(vrpr[0]), int(vrpr[1])
+        d = fi - fj
+        a = d.abs()
+        combo = torch.where(a < w1, 0, torch.where(a < w2, torch.where(d > 0, 1, 2), torch.where(d > 0, 3, 4)))
+    else:
+        combo = torch.zeros_like(t)
+    combo = torch.where(mask, combo, 0)
+    return mask, combo.long()
 
 
 def rotate_temporal(x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -118,11 +202,15 @@ def tiered_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch
                                       sink_frames: int = 1, scale: Optional[float] = None,
                                       rope_t_freqs: Optional[torch.Tensor] = None,
                                       vrpr: Optional[Sequence[float]] = None,
+                                      token_bands: Optional[Sequence[int]] = None,
+                                      token_tiers: Optional[Sequence[int]] = None,
+                                      sink_rope: Optional[Sequence[int]] = None,
                                       query_chunk: Optional[int] = None) -> torch.Tensor:
     """Dense masked attention with explicit per-pair temporal rotations; returns q's dtype.
 
     out_i = sum_j softmax_j(scale * <rot(q_i, pos_q(i,j)), rot(k_j, pos_k(i,j))> + mask_ij) v_j
-    with mask_ij = 0 where :func:`tier_mask` is True, else -inf.
+    with mask_ij = 0 where :func:`pair_classes` says attended, else -inf, and the positions of the
+    pair's combo (:func:`position_variants`).
 
     NaN/inf rule: a key/value row that query i does not attend never reaches out_i, whatever its
     values (the sum runs over the attended keys only: where-selection, never a product with a zero
@@ -143,12 +231,15 @@ def tiered_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch
         vf = vf.clone()
         vf[:, :, bad_keys] = 0.0
     frame = torch.arange(S, device=q.device) // frame_tokens
-    if rope_t_freqs is not None and vrpr is None:
+    per_pair = rope_t_freqs is not None and (vrpr is not None or sink_rope is not None)
+    if rope_t_freqs is not None and not per_pair:
         # Positions are the frame indices: one rotation per token suffices.
         qf = rotate_temporal(qf, frame, rope_t_freqs)
         kf = rotate_temporal(kf, frame, rope_t_freqs)
-    per_pair = rope_t_freqs is not None and vrpr is not None
     r2 = 2 * rope_t_freqs.numel() if per_pair else 0
+    variants = position_variants(S // frame_tokens, vrpr, sink_rope, device=q.device) if per_pair else None
+    q_var = torch.tensor(COMBO_Q_VARIANT, device=q.device)
+    k_var = torch.tensor(COMBO_K_VARIANT, device=q.device)
     if query_chunk is None:
         # Per-pair rotation materialises (B, H, chunk, S, 2R) floats: keep that near 64 MiB on
         # CPU (1 GiB on a GPU, where the reference checks the kernels at real shapes).
@@ -159,11 +250,12 @@ def tiered_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch
     key_index = torch.arange(S, device=q.device)
     for start in range(0, S, query_chunk):
         rows = torch.arange(start, min(S, start + query_chunk), device=q.device)
-        mask = tier_mask(S, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
-                         query_index=rows, key_index=key_index)
+        mask, combo = pair_classes(rows, key_index, frame_tokens, local_frames, stripe_frames, stripe_width,
+                                   sink_frames, vrpr, token_bands, token_tiers)
         qc = qf[:, :, rows]
         if per_pair:
-            pos_q, pos_k = vrpr_positions(frame[rows][:, None], frame[None, :], vrpr)  # (C, S) each
+            pos_q = variants[q_var[combo], frame[rows][:, None]]   # (C, S)
+            pos_k = variants[k_var[combo], frame[None, :]]
             # Explicit per-pair rotations of the temporal channels: (B, H, C, S, 2R).
             q_t = rotate_temporal(qc[:, :, :, None, :r2].expand(B, H, rows.numel(), S, r2), pos_q, rope_t_freqs)
             k_t = rotate_temporal(kf[:, :, None, :, :r2].expand(B, H, rows.numel(), S, r2), pos_k, rope_t_freqs)
@@ -171,7 +263,7 @@ def tiered_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch
         else:
             logits = qc @ kf.transpose(-1, -2)
         logits = (logits * scale).masked_fill(~mask, float("-inf"))
-        p = torch.softmax(logits, dim=-1)
+        p = torch.softmax(logits, dim=-1)  # every row attends at least itself (|t| = 0)
         res = p @ vf
         if bad_keys.numel():
             res = res + _masked_terms(p[..., bad_keys], mask[:, bad_keys], v_bad)

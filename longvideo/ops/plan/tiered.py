@@ -13,7 +13,12 @@ are built per call (:func:`rope_tables`).
 VRPR combos of a (query, key) pair: 0 exact band; 1 mid band, query later; 2 mid band, key
 later; 3 far band, query later; 4 far band, key later. Each combo rotates q and k with one of
 five position "variants" (functions of the token's own frame only, :func:`variant_positions`):
-  0: f   1: f//G1 + W1 - W1//G1   2: f//G1   3: min(f//G2 + W2 - W2//G2 - (W2-W1)//G1, clip)   4: f//G2
+  0: f   1: f//G1 + M   2: f//G1   3: min(f//G2 + W2 - W2//G2 - (W2-W1)//G1, clip)   4: f//G2
+(M = W1 - W1//G1 unless vrpr carries it as a sixth entry). The token-granular layouts of FreeLOC's
+released code (``token_bands``, ``token_tiers``; the op's docstring) use the same combos: token
+bands choose them by token distance (with a gap no pair attends), token tiers use 0 (plain), 1
+(far sink: variant 1 = f//G + M of ``sink_rope`` for q, 2 = f//G for k) and 2 (late keys,
+mirrored).
 """
 from __future__ import annotations
 
@@ -32,8 +37,28 @@ NO_BANDS = (1 << 30, 1 << 30)
 
 
 def band_edges(vrpr: Optional[Sequence[float]]) -> tuple[int, int]:
-    """(W1, W2) of vrpr = [W1, W2, G1, G2, clip]; :data:`NO_BANDS` without VRPR."""
+    """(W1, W2) of vrpr = [W1, W2, G1, G2, clip(, M)]; :data:`NO_BANDS` without VRPR."""
     return (int(vrpr[0]), int(vrpr[1])) if vrpr is not None else NO_BANDS
+
+
+# layout codes of the kernels: frame tiers (+ frame bands), frame tiers + token bands, token tiers
+LAYOUT_FRAME, LAYOUT_TOKEN_BANDS, LAYOUT_TOKEN_TIERS = 0, 1, 2
+
+
+def layout_code(token_bands=None, token_tiers=None) -> int:
+    if token_tiers is not None:
+        return LAYOUT_TOKEN_TIERS
+    return LAYOUT_TOKEN_BANDS if token_bands is not None else LAYOUT_FRAME
+
+
+def token_edges(token_bands=None, token_tiers=None) -> tuple[int, int, int, int]:
+    """The four token edges a kernel reads: token bands [E, B1, B2, 0], token tiers [L, St, K, J],
+    (0, 0, 0, 0) in the frame layout."""
+    if token_tiers is not None:
+        return tuple(int(x) for x in token_tiers)
+    if token_bands is not None:
+        return tuple(int(x) for x in token_bands) + (0,)
+    return (0, 0, 0, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +140,86 @@ def _classify(seq_len, frame_tokens, local_frames, stripe_frames, stripe_width, 
     return nonempty, full & nonempty & k_inside[None, :]
 
 
+def _token_ranges(seq_len, block_m, block_n, device):
+    """Per block pair the range [tlo, thi] of t = i - j (every integer in it occurs) and of |t|."""
+    nq, nk = -(-seq_len // block_m), -(-seq_len // block_n)
+    qs = torch.arange(nq, device=device) * block_m
+    ks = torch.arange(nk, device=device) * block_n
+    qe = torch.clamp(qs + block_m, max=seq_len) - 1
+    ke = torch.clamp(ks + block_n, max=seq_len) - 1
+    tlo = qs[:, None] - ke[None, :]
+    thi = qe[:, None] - ks[None, :]
+    amin = torch.where((tlo <= 0) & (thi >= 0), torch.zeros_like(tlo), torch.minimum(tlo.abs(), thi.abs()))
+    amax = torch.maximum(tlo.abs(), thi.abs())
+    return tlo, thi, amin, amax, ks, ke
+
+
+def _classify_token_tiers(seq_len, frame_tokens, stripe_width, token_tiers, block_m, block_n, device):
+    """(nonempty, full, combo bits) of the token tiers [L, St, K, J] (op docstring): nonempty a
+    superset and full a subset of the exact sets (the kernel's element mask decides the rest)."""
+    lt, st, k_end, j_start = (int(x) for x in token_tiers)
+    tlo, thi, amin, amax, ks, ke = _token_ranges(seq_len, block_m, block_n, device)
+    some_local = amin <= lt
+    all_local = amax <= lt
+    # stripe: exact on the spatial side per segment pair (as _classify), conservative on |t|
+    qf, qlo, qhi, qvalid, _, _ = _block_segments(seq_len, frame_tokens, block_m, device)
+    kf, klo, khi, kvalid, _, _ = _block_segments(seq_len, frame_tokens, block_n, device)
+    f, a, b, vq = (x[:, None, :, None] for x in (qf, qlo, qhi, qvalid))
+    g, c, e, vk = (x[None, :, None, :] for x in (kf, klo, khi, kvalid))
+    s_tlo = f * frame_tokens + a - (g * frame_tokens + e)
+    s_thi = f * frame_tokens + b - (g * frame_tokens + c)
+    s_amin = torch.where((s_tlo <= 0) & (s_thi >= 0), torch.zeros_like(s_tlo),
+                         torch.minimum(s_tlo.abs(), s_thi.abs()))
+    gap = torch.clamp(torch.maximum(c - b, a - e), min=0)
+    some_stripe = ((gap < stripe_width) & (s_amin <= st) & vq & vk).flatten(2).any(-1)
+    sink_some = (ks < k_end)[None, :]
+    sink_all = (ke < k_end)[None, :]
+    late_some = (ke > j_start)[None, :] & (-tlo > st)
+    late_all = (ks > j_start)[None, :] & (-thi > st)
+    nonempty = some_local | some_stripe | sink_some | late_some
+    full = all_local | sink_all | late_all
+    k_inside = (torch.arange(full.shape[1], device=device) + 1) * block_n <= seq_len
+    full = full & nonempty & k_inside[None, :]
+    bits = (some_local | some_stripe | (sink_some & (amin <= st))).int()
+    bits = bits | ((sink_some & (thi > st)).int() << 1)
+    bits = bits | (late_some.int() << 2)
+    return nonempty, full, bits.to(torch.int32)
+
+
+def _token_band_bits(seq_len, token_bands, block_m, block_n, device):
+    """(combo bits, touches the gap, lies in the gap) of the token bands [E, B1, B2] per block pair."""
+    e_, b1, b2 = (int(x) for x in token_bands)
+    tlo, thi, amin, amax, _, _ = _token_ranges(seq_len, block_m, block_n, device)
+    big = 1 << 40
+
+    def hits(lo, hi):
+        return torch.maximum(tlo, torch.full_like(tlo, lo)) <= torch.minimum(thi, torch.full_like(thi, hi))
+
+    bits = hits(-e_, e_).int()
+    bits = bits | (hits(b1, b2 - 1).int() << 1)
+    bits = bits | (hits(-(b2 - 1), -b1).int() << 2)
+    bits = bits | (hits(b2, big).int() << 3)
+    bits = bits | (hits(-big, -b2).int() << 4)
+    touches_gap = hits(e_ + 1, b1 - 1) | hits(-(b1 - 1), -(e_ + 1))
+    in_gap = (amin > e_) & (amax < b1)
+    return bits.to(torch.int32), touches_gap, in_gap
+
+
+def classify(seq_len, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, block_m, block_n,
+             device, vrpr=None, token_bands=None, token_tiers=None):
+    """(nonempty, full, combo bits) (nq, nk) of any layout."""
+    if token_tiers is not None:
+        return _classify_token_tiers(seq_len, frame_tokens, stripe_width, token_tiers, block_m, block_n, device)
+    nonempty, full = _classify(seq_len, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
+                               block_m, block_n, device)
+    if token_bands is not None:
+        bits, touches_gap, in_gap = _token_band_bits(seq_len, token_bands, block_m, block_n, device)
+        nonempty = nonempty & ~in_gap
+        full = full & ~touches_gap & nonempty
+        return nonempty, full, bits
+    return nonempty, full, _combo_bits(seq_len, frame_tokens, block_m, block_n, vrpr, device)
+
+
 def _combo_bits(seq_len, frame_tokens, block_m, block_n, vrpr, device):
     """int32 (nq, nk) bitmask of the VRPR combos that the frame distances of a block pair span."""
     nq, nk = -(-seq_len // block_m), -(-seq_len // block_n)
@@ -181,9 +286,13 @@ _SCHEDULE_LOCK = threading.Lock()
 
 def build_schedule(seq_len: int, frame_tokens: int, local_frames: int, stripe_frames: int, stripe_width: int,
                    sink_frames: int, block_m: int, block_n: int, device, vrpr: Optional[Sequence[float]] = None,
-                   split_combos: bool = False) -> BlockSchedule:
+                   split_combos: bool = False, token_bands: Optional[Sequence[int]] = None,
+                   token_tiers: Optional[Sequence[int]] = None, plain_positions: bool = False) -> BlockSchedule:
     """The block schedule for these parameters, built with torch ops on `device` and cached.
 
+    token_bands / token_tiers: the token-granular layouts (the op's docstring); their edges join the key.
+    plain_positions: every combo rotates with the same positions (no RoPE re-encoding): one combo (0)
+    per entry, whatever the layout's bands.
     Cached per (S, frame_tokens, tiers, VRPR band edges, block sizes, device, layout): a diffusion
     run calls the op thousands of times with one set of parameters and pays the build once.
 
@@ -193,14 +302,17 @@ def build_schedule(seq_len: int, frame_tokens: int, local_frames: int, stripe_fr
     device = torch.device(device)
     vkey = None if vrpr is None else (int(vrpr[0]), int(vrpr[1]))
     key = (seq_len, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, block_m, block_n,
-           str(device), vkey, bool(split_combos))
+           str(device), vkey, bool(split_combos),
+           None if token_bands is None else tuple(int(x) for x in token_bands),
+           None if token_tiers is None else tuple(int(x) for x in token_tiers), bool(plain_positions))
     with _SCHEDULE_LOCK:
         hit = _SCHEDULE_CACHE.get(key)
     if hit is not None:
         return hit
-    nonempty, full = _classify(seq_len, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
-                               block_m, block_n, device)
-    combos = _combo_bits(seq_len, frame_tokens, block_m, block_n, vrpr, device)
+    nonempty, full, combos = classify(seq_len, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
+                                      block_m, block_n, device, vrpr, token_bands, token_tiers)
+    if plain_positions:
+        combos = torch.ones_like(combos)
     partial = nonempty & ~full
     if split_combos:
         (full_idx, full_cnt, full_combo), (part_idx, part_cnt, part_combo) = _pack_split(full, partial, combos)
@@ -229,10 +341,53 @@ def _pair_count(num_frames: int, frame_tokens: int, local_frames: int, stripe_fr
     return int(whole.sum()) * frame_tokens * frame_tokens + int(stripe.sum()) * stripe_pairs
 
 
+def _ilen(lo: torch.Tensor, hi) -> torch.Tensor:
+    """Number of integers in [lo, hi] (0 when empty)."""
+    return torch.clamp(hi - lo + 1, min=0)
+
+
+def token_pair_count(num_frames: int, frame_tokens: int, stripe_width: int = 0,
+                     token_bands: Optional[Sequence[int]] = None,
+                     token_tiers: Optional[Sequence[int]] = None) -> int:
+    """Exact number of attended (query, key) pairs of a token-granular layout, by interval
+    arithmetic per query row (no S x S mask): token_tiers [L, St, K, J] with this stripe width, or
+    token_bands [E, B1, B2] over dense attention (S^2 minus the band gap)."""
+    S, T = num_frames * frame_tokens, frame_tokens
+    i = torch.arange(S, dtype=torch.int64)
+    zero, last = torch.zeros_like(i), torch.full_like(i, S - 1)
+    if token_tiers is None:
+        e, b1, _b2 = (int(x) for x in token_bands)
+        gap = _ilen(i + e + 1, torch.minimum(last, i + b1 - 1)) + _ilen(torch.maximum(zero, i - b1 + 1), i - e - 1)
+        return int(S * S - gap.sum())
+    lt, st, k_end, j_start = (int(x) for x in token_tiers)
+    kc = min(max(k_end, 0), S)
+    local = _ilen(torch.maximum(zero, i - lt), torch.minimum(last, i + lt))
+    sink_local = _ilen(torch.maximum(zero, i - lt), torch.minimum(last, torch.minimum(i + lt, i.new_tensor(kc - 1))))
+    stripe = torch.zeros_like(i)
+    sink_stripe = torch.zeros_like(i)
+    if stripe_width > 0:
+        p = i % T
+        for g in range(num_frames):
+            plo = g * T + torch.clamp(p - stripe_width + 1, min=0)
+            phi = g * T + torch.clamp(p + stripe_width - 1, max=T - 1)
+            for rlo, rhi in ((i - st, i - lt - 1), (i + lt + 1, i + st)):
+                lo, hi = torch.maximum(plo, rlo), torch.minimum(phi, rhi)
+                stripe += _ilen(lo, hi)
+                sink_stripe += _ilen(lo, torch.minimum(hi, i.new_tensor(kc - 1)))
+    late = _ilen(torch.clamp(torch.maximum(i + st + 1, i.new_tensor(max(j_start + 1, kc))), min=0), last)
+    per_row = local + stripe + (kc - sink_local - sink_stripe) + late
+    return int(per_row.sum())
+
+
 def schedule_density(num_frames: int, frame_tokens: int, local_frames: int, stripe_frames: int = 0,
                      stripe_width: int = 0, sink_frames: int = 1, block_m: int = 128, block_n: int = 128,
-                     device="cpu") -> dict:
+                     device="cpu", token_bands: Optional[Sequence[int]] = None,
+                     token_tiers: Optional[Sequence[int]] = None) -> dict:
     """How much of the dense F*T x F*T problem the tiers keep, at the element and block level.
+
+    token_tiers (with local_frames 1, stripe_frames 0, sink_frames 0) or token_bands (with dense
+    frame tiers, local_frames >= num_frames): the token-granular layouts of the op's docstring; the
+    pair count is then :func:`token_pair_count` (exact, per query row).
 
     Returns a dict: ``pair_density`` (attended pairs / S^2), ``block_density`` (visited blocks /
     all block pairs), ``full_blocks``, ``partial_blocks``, ``total_blocks``, ``computed_pair_density``
@@ -245,13 +400,19 @@ def schedule_density(num_frames: int, frame_tokens: int, local_frames: int, stri
     if block_m < 1 or block_n < 1:
         raise ValueError(f"schedule_density: block sizes must be >= 1, got {block_m}, {block_n}")
     S = num_frames * frame_tokens
-    nonempty, full = _classify(S, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
-                               block_m, block_n, torch.device(device))
+    if token_bands is not None and local_frames < num_frames:
+        raise ValueError("schedule_density: token_bands are counted with dense frame tiers only "
+                         "(local_frames >= num_frames)")
+    nonempty, full, _ = classify(S, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
+                                 block_m, block_n, torch.device(device), None, token_bands, token_tiers)
     nq, nk = nonempty.shape
     rows = torch.clamp(S - torch.arange(nq) * block_m, max=block_m).to(torch.float64)
     cols = torch.clamp(S - torch.arange(nk) * block_n, max=block_n).to(torch.float64)
     computed = float((nonempty.cpu().double() * rows[:, None] * cols[None, :]).sum())
-    pairs = _pair_count(num_frames, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames)
+    if token_bands is not None or token_tiers is not None:
+        pairs = token_pair_count(num_frames, frame_tokens, stripe_width, token_bands, token_tiers)
+    else:
+        pairs = _pair_count(num_frames, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames)
     return {
         "seq_len": S,
         "pair_density": pairs / float(S) ** 2,
@@ -265,28 +426,35 @@ def schedule_density(num_frames: int, frame_tokens: int, local_frames: int, stri
 
 # ---------------------------------------------------------------------------------------------
 # temporal RoPE tables
-def variant_positions(num_frames: int, vrpr: Optional[Sequence[float]], device) -> torch.Tensor:
+def variant_positions(num_frames: int, vrpr: Optional[Sequence[float]], device,
+                      sink_rope: Optional[Sequence[int]] = None) -> torch.Tensor:
     """int64 (5, F): the temporal position of a token of frame f under each rotation variant.
 
-    0: f   1: f//G1 + W1 - W1//G1   2: f//G1   3: min(f//G2 + W2 - W2//G2 - (W2-W1)//G1, clip)   4: f//G2
-    (without VRPR every variant is f). Combo c of a pair rotates q with variant COMBO_Q_VARIANT[c] and
-    k with COMBO_K_VARIANT[c].
+    0: f   1: f//G1 + M   2: f//G1   3: min(f//G2 + W2 - W2//G2 - (W2-W1)//G1, clip)   4: f//G2
+    (M = W1 - W1//G1, or vrpr's sixth entry); with sink_rope = [G, M] instead (token tiers):
+    0: f   1: f//G + M   2: f//G   3, 4: f; with neither every variant is f. Combo c of a pair
+    rotates q with variant COMBO_Q_VARIANT[c] and k with COMBO_K_VARIANT[c].
     """
     f = torch.arange(num_frames, device=device, dtype=torch.int64)
-    if vrpr is None:
-        return f[None, :].expand(NUM_VARIANTS, num_frames).contiguous()
-    w1, w2, g1, g2, clip = (int(x) for x in vrpr)
-    return torch.stack([
-        f,
-        f // g1 + w1 - w1 // g1,
-        f // g1,
-        torch.clamp(f // g2 + w2 - w2 // g2 - (w2 - w1) // g1, max=clip),
-        f // g2,
-    ])
+    if vrpr is not None:
+        w1, w2, g1, g2, clip = (int(x) for x in vrpr[:5])
+        mid = int(vrpr[5]) if len(vrpr) > 5 else w1 - w1 // g1
+        return torch.stack([
+            f,
+            f // g1 + mid,
+            f // g1,
+            torch.clamp(f // g2 + w2 - w2 // g2 - (w2 - w1) // g1, max=clip),
+            f // g2,
+        ])
+    if sink_rope is not None:
+        g, mid = int(sink_rope[0]), int(sink_rope[1])
+        return torch.stack([f, f // g + mid, f // g, f, f])
+    return f[None, :].expand(NUM_VARIANTS, num_frames).contiguous()
 
 
 def rope_tables(num_frames: int, rope_t_freqs: torch.Tensor, vrpr: Optional[Sequence[float]], device,
-                width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                width: Optional[int] = None,
+                sink_rope: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 (5, F, width) tables COS and signed SIN for the in-kernel rotation.
 
     Channel c < 2R: COS = cos(P w_{c//2}), SIN = -sin(P w_{c//2}) for even c, +sin for odd c, so that
@@ -294,7 +462,7 @@ def rope_tables(num_frames: int, rope_t_freqs: torch.Tensor, vrpr: Optional[Sequ
     """
     r = rope_t_freqs.numel()
     width = 2 * r if width is None else width
-    pos = variant_positions(num_frames, vrpr, device).to(torch.float64)  # (5, F)
+    pos = variant_positions(num_frames, vrpr, device, sink_rope).to(torch.float64)  # (5, F)
     ang = pos[..., None] * rope_t_freqs.to(device=device, dtype=torch.float64)  # (5, F, R)
     cos = ang.cos().repeat_interleave(2, dim=-1)
     sin = torch.stack((-ang.sin(), ang.sin()), dim=-1).flatten(-2)
