@@ -256,12 +256,148 @@ def test_schedule_vrpr_combos_cover_every_pair():
 
 
 # --------------------------------------------------------------------------------------------
+# token-granular layouts (FreeLOC's released code; tests/test_freeloc_official.py checks them
+# against an emulator of that code at the real geometry)
+def _token_oracle(q, k, v, T, freqs, token_bands=None, token_tiers=None, stripe_width=0, vrpr=None,
+                  sink_rope=None, scale=None):
+    """The token layouts written out per call, as the released code computes them: one dense masked
+    attention per position pair (test's own complex RoPE), merged by log-sum-exp."""
+    S, D = q.shape[2], q.shape[3]
+    scale = 1 / math.sqrt(D) if scale is None else scale
+    f = torch.arange(S) // T
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    t = i - j
+    if token_tiers is not None:
+        lt, st, k_end, j_start = token_tiers
+        near = ((i % T) - (j % T)).abs() < stripe_width
+        g, m = sink_rope if sink_rope is not None else (1, 0)
+        shifted = f // g + m if sink_rope is not None else f
+        grouped = f // g if sink_rope is not None else f
+        calls = [((t.abs() <= lt) | ((t.abs() <= st) & (near | (j < k_end))), f, f),
+                 ((j < k_end) & (t > st), shifted, grouped),
+                 ((j > j_start) & (-t > st), grouped, shifted)]
+    else:
+        e, b1, b2 = token_bands
+        w1, w2, g1, g2, clip, m = vrpr
+        far = torch.clamp(f // g2 + w2 - w2 // g2 - (w2 - w1) // g1, max=clip)
+        calls = [(t.abs() <= e, f, f), ((t >= b1) & (t < b2), f // g1 + m, f // g1),
+                 ((-t >= b1) & (-t < b2), f // g1, f // g1 + m), (t >= b2, far, f // g2), (-t >= b2, f // g2, far)]
+    outs, lses = [], []
+    for sel, pq, pk in calls:
+        logits = scale * _rope_complex(q, pq, freqs) @ _rope_complex(k, pk, freqs).transpose(-1, -2)
+        logits = logits.masked_fill(~sel, float("-inf"))
+        lse = torch.logsumexp(logits, -1, keepdim=True)
+        outs.append(torch.exp(logits - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))) @ v.double())
+        lses.append(lse)
+    lse_all = torch.logsumexp(torch.cat(lses, -1), -1, keepdim=True)
+    return sum(o * torch.exp(l - lse_all) for o, l in zip(outs, lses))
+
+
+# (T, F, token_bands, token_tiers, stripe_width, vrpr, sink_rope, blocks)
+TOKEN_CASES = [
+    (10, 7, [17, 25, 44], None, 0, [3, 5, 2, 3, 4, 1], None, None),
+    (10, 7, [9, 13, 31], None, 0, [2, 4, 2, 2, 3, 0], None, (16, 32)),
+    (10, 7, None, [13, 31, 12, 47], 2, None, [2, 3], None),
+    (9, 8, None, [0, 5, 3, -1], 4, None, [3, 1], (32, 16)),
+    (12, 6, None, [19, 40, 14, 50], 3, None, None, None),           # plain positions on every tier
+]
+
+
+@pytest.mark.parametrize("case", TOKEN_CASES, ids=lambda c: f"T{c[0]}F{c[1]}{'bands' if c[2] else 'tiers'}")
+def test_token_layouts_reference_and_triton_match_oracle(case):
+    T, F, bands, tiers, width, vrpr, sink_rope, blocks = case
+    torch.manual_seed(3)
+    q, k, v = _qkv(1, 2, F, T, 24)
+    freqs = _freqs(5)
+    local = F if bands is not None else 1
+    kw = dict(token_bands=bands, token_tiers=tiers, sink_rope=sink_rope)
+    want = _token_oracle(q, k, v, T, freqs, bands, tiers, width, vrpr, sink_rope)
+    ref = reference(q, k, v, T, local, 0, width, 0, None, freqs, vrpr, **kw)
+    torch.testing.assert_close(ref.double(), want, atol=2e-5, rtol=2e-5)
+    bm, bn = blocks or (None, None)
+    out = tsa_mod.triton_module().tiered_sparse_attention_fwd(q, k, v, T, local, 0, width, 0, None, freqs, vrpr,
+                                                              block_m=bm, block_n=bn, **kw)
+    atol, rtol = _tol("triton", torch.float32)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+
+
+def test_token_bands_with_frame_tiers_triton_matches_reference():
+    """Token bands (and their gap) on top of frame tiers: the two masks combine."""
+    torch.manual_seed(4)
+    T, F = 10, 7
+    q, k, v = _qkv(1, 2, F, T, 24, torch.float16)
+    freqs = _freqs(5)
+    args = (T, 2, 4, 3, 1, None, freqs, [2, 4, 2, 2, 3])
+    ref = reference(q, k, v, *args, token_bands=[9, 13, 31])
+    out = tsa_mod.triton_module().tiered_sparse_attention_fwd(q, k, v, *args, token_bands=[9, 13, 31])
+    atol, rtol = _tol("triton", torch.float16)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+    # the gap is there: the same call without it differs
+    assert (reference(q, k, v, *args).float() - ref.float()).abs().max() > 1e-2
+
+
+def test_wrong_token_edges_fail_the_oracle():
+    """The oracle tells token edges from frame edges: frame-granular tiers differ from token tiers."""
+    torch.manual_seed(5)
+    T, F = 10, 7
+    q, k, v = _qkv(1, 2, F, T, 24)
+    freqs = _freqs(5)
+    want = _token_oracle(q, k, v, T, freqs, token_tiers=[13, 31, 12, 47], stripe_width=2, sink_rope=[2, 3])
+    frame_granular = reference(q, k, v, T, 1, 0, 2, 0, None, freqs, token_tiers=[19, 39, 10, 49], sink_rope=[2, 3])
+    assert (frame_granular.double() - want).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("layout", [
+    dict(token_tiers=[13, 31, 12, 47], stripe_width=2, local=1),
+    dict(token_tiers=[0, 5, 3, -1], stripe_width=4, local=1),
+    dict(token_bands=[17, 25, 44], stripe_width=0, local=7),
+    dict(token_bands=[9, 13, 31], stripe_width=3, local=2, stripe=4, sink=1),
+])
+@pytest.mark.parametrize("bm,bn", [(16, 16), (32, 16), (16, 64)])
+def test_token_schedule_and_pair_count_vs_brute_force(layout, bm, bn):
+    """Block schedule of the token layouts: every attended pair is in a visited block with its combo
+    listed, 'full' blocks are wholly attended; the pair count equals the mask's."""
+    from longvideo.reference.tiered_sparse_attention import pair_classes
+
+    T, F = 10, 7
+    S = F * T
+    tiers, bands = layout.get("token_tiers"), layout.get("token_bands")
+    vrpr = [2, 4, 2, 2, 3] if bands else None
+    frame = (layout["local"], layout.get("stripe", 0), layout["stripe_width"], layout.get("sink", 0))
+    mask, combo = pair_classes(torch.arange(S), torch.arange(S), T, *frame, vrpr=vrpr, token_bands=bands,
+                               token_tiers=tiers)
+    if frame[0] >= F or tiers is not None:
+        assert plan.token_pair_count(F, T, frame[2], bands, tiers) == int(mask.sum())
+    sched = plan.build_schedule(S, T, *frame, bm, bn, "cpu", vrpr, token_bands=bands, token_tiers=tiers)
+    for qb in range(sched.num_q_blocks):
+        fulls = set(sched.full_idx[qb, :sched.full_cnt[qb]].tolist())
+        visited = {}
+        for idx, cnt, cmb in ((sched.full_idx, sched.full_cnt, sched.full_combo),
+                              (sched.part_idx, sched.part_cnt, sched.part_combo)):
+            for e in range(int(cnt[qb])):
+                visited[int(idx[qb, e])] = int(cmb[qb, e])
+        for kb in range((S + bn - 1) // bn):
+            sub = mask[qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn]
+            if kb in fulls:
+                assert sub.all()
+            if sub.any():
+                assert kb in visited
+                present = combo[qb * bm:(qb + 1) * bm, kb * bn:(kb + 1) * bn][sub].unique().tolist()
+                assert all((visited[kb] >> c) & 1 for c in present)
+
+
+# --------------------------------------------------------------------------------------------
 # registration, compile, errors
 def test_opcheck():
     q, k, v = _qkv(1, 2, 4, 6, 16)
     torch.library.opcheck(tsa.default, (q, k, v, 6, 1, 3, 2, 1), {})
     torch.library.opcheck(tsa.default, (q, k, v, 6, 2, 4, 3, 1),
                           {"scale": 0.2, "rope_t_freqs": _freqs(4), "vrpr": [1.0, 3.0, 1.0, 2.0, 3.0]})
+    torch.library.opcheck(tsa.default, (q, k, v, 6, 1, 0, 2, 0),
+                          {"rope_t_freqs": _freqs(4), "token_tiers": [7, 13, 6, 17], "sink_rope": [2, 1]})
+    torch.library.opcheck(tsa.default, (q, k, v, 6, 4, 0, 0, 0),
+                          {"rope_t_freqs": _freqs(4), "vrpr": [1.0, 3.0, 1.0, 2.0, 3.0, 1.0],
+                           "token_bands": [5, 8, 15]})
 
 
 def test_not_differentiable_backward_raises_clearly():
@@ -295,6 +431,17 @@ def test_torch_compile_fullgraph():
     (dict(rope_t_freqs=torch.ones(4), vrpr=[1.0, 2.0, 0.0, 1.0, 4.0]), "G1"),
     (dict(rope_t_freqs=torch.ones(4), vrpr=[1.0, 2.5, 1.0, 1.0, 4.0]), "integers"),
     (dict(vrpr=[1.0, 2.0, 1.0, 1.0, 4.0]), "requires rope_t_freqs"),
+    (dict(rope_t_freqs=torch.ones(4), vrpr=[1.0, 2.0, 1.0, 1.0, 4.0, 1.0, 2.0]), "vrpr must be"),
+    (dict(token_bands=[1, 2, 3]), "require vrpr"),
+    (dict(rope_t_freqs=torch.ones(4), vrpr=[1.0, 2.0, 1.0, 1.0, 4.0], token_bands=[3, 2, 5]), "0 <= E < B1"),
+    (dict(rope_t_freqs=torch.ones(4), vrpr=[1.0, 2.0, 1.0, 1.0, 4.0], token_bands=[1, 2]), "token_bands must be"),
+    (dict(token_tiers=[3, 2, 1, 5], sink_frames=0), "0 <= L <= St"),
+    (dict(token_tiers=[3, 6, 1, 5], sink_frames=1), "replace the frame tiers"),
+    (dict(token_tiers=[3, 6, 1, 5], sink_frames=0, rope_t_freqs=torch.ones(4), vrpr=[1.0, 2.0, 1.0, 1.0, 4.0]),
+     "do not combine"),
+    (dict(token_tiers=[3, 6, 1.5, 5], sink_frames=0), "token_tiers"),  # the schema names it
+    (dict(sink_rope=[2, 3]), "requires token_tiers"),
+    (dict(token_tiers=[3, 6, 1, 5], sink_frames=0, rope_t_freqs=torch.ones(4), sink_rope=[0, 3]), "group G"),
 ])
 def test_bad_inputs_raise(kwargs, match):
     q, k, v = _qkv(1, 2, 4, 6, 16)

@@ -205,12 +205,14 @@ def tiered_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch
                                       token_bands: Optional[Sequence[int]] = None,
                                       token_tiers: Optional[Sequence[int]] = None,
                                       sink_rope: Optional[Sequence[int]] = None,
-                                      query_chunk: Optional[int] = None) -> torch.Tensor:
+                                      query_chunk: Optional[int] = None,
+                                      query_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dense masked attention with explicit per-pair temporal rotations; returns q's dtype.
 
     out_i = sum_j softmax_j(scale * <rot(q_i, pos_q(i,j)), rot(k_j, pos_k(i,j))> + mask_ij) v_j
     with mask_ij = 0 where :func:`pair_classes` says attended, else -inf, and the positions of the
-    pair's combo (:func:`position_variants`).
+    pair's combo (:func:`position_variants`). ``query_rows`` (int64 indices): only those rows,
+    (B, H, len(query_rows), Dv) (checks at real sequence lengths on sampled rows).
 
     NaN/inf rule: a key/value row that query i does not attend never reaches out_i, whatever its
     values (the sum runs over the attended keys only: where-selection, never a product with a zero
@@ -246,10 +248,12 @@ def tiered_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch
         per_row = B * H * S * max(r2, 1) * 4 * (3 if per_pair else 1)
         budget = (1 << 30) if q.device.type == "cuda" else (64 << 20)
         query_chunk = max(1, min(S, budget // max(per_row, 1)))
-    out = torch.empty(B, H, S, vf.shape[-1], dtype=torch.float32, device=q.device)
+    all_rows = torch.arange(S, device=q.device) if query_rows is None else query_rows.to(q.device).long()
+    out = torch.empty(B, H, all_rows.numel(), vf.shape[-1], dtype=torch.float32, device=q.device)
     key_index = torch.arange(S, device=q.device)
-    for start in range(0, S, query_chunk):
-        rows = torch.arange(start, min(S, start + query_chunk), device=q.device)
+    for start in range(0, all_rows.numel(), query_chunk):
+        sel = slice(start, start + query_chunk)
+        rows = all_rows[sel]
         mask, combo = pair_classes(rows, key_index, frame_tokens, local_frames, stripe_frames, stripe_width,
                                    sink_frames, vrpr, token_bands, token_tiers)
         qc = qf[:, :, rows]
@@ -267,5 +271,5 @@ def tiered_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch
         res = p @ vf
         if bad_keys.numel():
             res = res + _masked_terms(p[..., bad_keys], mask[:, bad_keys], v_bad)
-        out[:, :, rows] = res
+        out[:, :, sel] = res
     return out.to(q.dtype)
