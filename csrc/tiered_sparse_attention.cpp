@@ -14,7 +14,7 @@ extern "C" int longvideo_tsa_launch(
     const int* part_idx, const int* part_cnt, const int* part_combo, int full_w, int part_w, int num_q_blocks,
     const float* cos_t, const float* sin_t, int B, int H, int S, int head_dim, int frame_tokens,
     int local_frames, int stripe_frames, int stripe_width, int sink_frames, int rope_pairs, int w1, int w2,
-    float scale, int dtype, void* stream);
+    int layout, int te0, int te1, int te2, int te3, float scale, int dtype, void* stream);
 
 namespace {
 
@@ -29,7 +29,7 @@ at::Tensor tsa_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const at::Tensor& part_cnt, const at::Tensor& part_combo, const at::Tensor& cos_t,
                     const at::Tensor& sin_t, int64_t frame_tokens, int64_t local_frames, int64_t stripe_frames,
                     int64_t stripe_width, int64_t sink_frames, int64_t rope_pairs, int64_t w1, int64_t w2,
-                    double scale, int64_t stream) {
+                    int64_t layout, at::IntArrayRef token_edges, double scale, int64_t stream) {
   TORCH_CHECK(q.is_cuda(), "_tiered_sparse_attention_cuda: q must be a CUDA tensor");
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
               "_tiered_sparse_attention_cuda: q, k, v must share one (B, H, S, D) shape");
@@ -71,6 +71,8 @@ at::Tensor tsa_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     }
   }
   TORCH_CHECK(S < (int64_t(1) << 31), "_tiered_sparse_attention_cuda: sequence too long");
+  TORCH_CHECK(layout >= 0 && layout <= 2 && token_edges.size() == 4,
+              "_tiered_sparse_attention_cuda: layout must be 0, 1 or 2 with four token edges");
 
   c10::DeviceGuard guard(q.device());
   at::Tensor out = at::empty({B, H, S, D}, q.options());
@@ -87,7 +89,9 @@ at::Tensor tsa_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       static_cast<int>(B), static_cast<int>(H), static_cast<int>(S), static_cast<int>(D),
       static_cast<int>(frame_tokens), static_cast<int>(local_frames), static_cast<int>(stripe_frames),
       static_cast<int>(stripe_width), static_cast<int>(sink_frames), static_cast<int>(rope_pairs),
-      static_cast<int>(w1), static_cast<int>(w2), static_cast<float>(scale),
+      static_cast<int>(w1), static_cast<int>(w2), static_cast<int>(layout), static_cast<int>(token_edges[0]),
+      static_cast<int>(token_edges[1]), static_cast<int>(token_edges[2]), static_cast<int>(token_edges[3]),
+      static_cast<float>(scale),
       q.scalar_type() == at::kHalf ? 0 : 1, reinterpret_cast<void*>(stream));
   TORCH_CHECK(err == 0, "_tiered_sparse_attention_cuda: kernel launch failed with CUDA error ", err);
   return out;
@@ -100,7 +104,7 @@ TORCH_LIBRARY_FRAGMENT(longvideo, m) {
       "_tiered_sparse_attention_cuda(Tensor q, Tensor k, Tensor v, Tensor full_idx, Tensor full_cnt, "
       "Tensor full_combo, Tensor part_idx, Tensor part_cnt, Tensor part_combo, Tensor cos_t, Tensor sin_t, "
       "int frame_tokens, int local_frames, int stripe_frames, int stripe_width, int sink_frames, "
-      "int rope_pairs, int w1, int w2, float scale, int stream) -> Tensor");
+      "int rope_pairs, int w1, int w2, int layout, int[] token_edges, float scale, int stream) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(longvideo, CUDA, m) { m.impl("_tiered_sparse_attention_cuda", &tsa_cuda); }

@@ -13,6 +13,11 @@
 // edge computes one logit tile per band present (re-staging the rotated tiles) and selects per
 // element by the band of the pair.
 //
+// Layouts (p.layout): 0 frame tiers and frame-distance VRPR bands; 1 frame tiers with VRPR bands
+// by token distance t = i - j (te0..te2 = [E, B1, B2]; E < |t| < B1 is the band gap, masked);
+// 2 token tiers (te0..te3 = [L, St, K, J]; combos 0 plain, 1 far sink, 2 late keys), FreeLOC's
+// released code (longvideo/ops/tiered_sparse_attention.py has the contract).
+//
 // Only CUDA headers here (compiled by nvcc without torch); the torch glue is
 // tiered_sparse_attention.cpp, which calls longvideo_tsa_launch().
 #include <cuda_runtime.h>
@@ -37,6 +42,7 @@ struct Params {
   const float* cos_t; const float* sin_t;  // (5, F, 2R) or null
   int H, S, F, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames;
   int rope_pairs, w1, w2;
+  int layout, te0, te1, te2, te3;
   float qk_scale_log2;
 };
 
@@ -142,6 +148,29 @@ __device__ __forceinline__ int combo_of(int fq, int fk, int w1, int w2) {
   return ad < w1 ? 0 : (ad < w2 ? (d > 0 ? 1 : 2) : (d > 0 ? 3 : 4));
 }
 
+// The combo of the pair (row, col) in any layout (fq, fk: their frames, clamped to F - 1).
+__device__ __forceinline__ int combo_at(int row, int col, int fq, int fk, const Params& p) {
+  if (p.layout == 0) return combo_of(fq, fk, p.w1, p.w2);
+  const int t = row - col, at = t < 0 ? -t : t;
+  if (p.layout == 1) return at <= p.te0 ? 0 : (at < p.te2 ? (t > 0 ? 1 : 2) : (t > 0 ? 3 : 4));
+  if (col < p.te2 && t > p.te1) return 1;
+  return (col > p.te3 && -t > p.te1) ? 2 : 0;
+}
+
+// Is the pair (row, col) attended (col < S checked by the caller)?
+__device__ __forceinline__ bool attended(int row, int col, const Params& p) {
+  const int fq = row / p.frame_tokens, pq = row % p.frame_tokens;
+  const int fk = col / p.frame_tokens, pk = col % p.frame_tokens;
+  const int dp = pq > pk ? pq - pk : pk - pq;
+  const int t = row - col, at = t < 0 ? -t : t;
+  if (p.layout == 2)
+    return at <= p.te0 || (at <= p.te1 && (dp < p.stripe_width || col < p.te2)) || (col < p.te2 && t > p.te1) ||
+           (col > p.te3 && -t > p.te1);
+  const int dist = fq > fk ? fq - fk : fk - fq;
+  const bool keep = dist < p.local_frames || fk < p.sink_frames || (dist < p.stripe_frames && dp < p.stripe_width);
+  return keep && (p.layout != 1 || at <= p.te0 || at >= p.te1);
+}
+
 template <typename T, int D, bool PARTIAL>
 __device__ __forceinline__ void visit(int kb, int combo_bits, const Params& p, T* Qs, T* Ks, T* Vs,
                                       const T* qh, const T* kh, const T* vh, int q0, int& cur_qv,
@@ -180,7 +209,7 @@ __device__ __forceinline__ void visit(int kb, int combo_bits, const Params& p, T
         for (int e = 0; e < 4; ++e) {
           const int col = k0 + j * 8 + 2 * t4 + (e & 1);
           const int fk = min(col / p.frame_tokens, p.F - 1);
-          const int cid = combo_of(e < 2 ? fqa : fqb, fk, p.w1, p.w2);
+          const int cid = combo_at(e < 2 ? row_a : row_b, col, e < 2 ? fqa : fqb, fk, p);
           if (first || cid == c) s[j][e] = sc[j][e];
         }
     }
@@ -197,14 +226,7 @@ __device__ __forceinline__ void visit(int kb, int combo_bits, const Params& p, T
       if (PARTIAL) {
         const int col = k0 + j * 8 + 2 * t4 + (e & 1);
         const int row = e < 2 ? row_a : row_b;
-        const int fq = row / p.frame_tokens, pq = row % p.frame_tokens;
-        const int fk = col / p.frame_tokens, pk = col % p.frame_tokens;
-        const int dist = fq > fk ? fq - fk : fk - fq;
-        const int dp = pq > pk ? pq - pk : pk - pq;
-        const bool keep = col < p.S &&
-                          (dist < p.local_frames || fk < p.sink_frames ||
-                           (dist < p.stripe_frames && dp < p.stripe_width));
-        if (!keep) x = -INFINITY;
+        if (!(col < p.S && attended(row, col, p))) x = -INFINITY;
       }
       s[j][e] = x;
       mx[e / 2] = fmaxf(mx[e / 2], x);
@@ -324,7 +346,7 @@ extern "C" int longvideo_tsa_launch(
     const int* part_idx, const int* part_cnt, const int* part_combo, int full_w, int part_w, int num_q_blocks,
     const float* cos_t, const float* sin_t, int B, int H, int S, int head_dim, int frame_tokens,
     int local_frames, int stripe_frames, int stripe_width, int sink_frames, int rope_pairs, int w1, int w2,
-    float scale, int dtype, void* stream) {
+    int layout, int te0, int te1, int te2, int te3, float scale, int dtype, void* stream) {
   Params p;
   p.q = q; p.k = k; p.v = v; p.o = o;
   p.sqb = q_strides[0]; p.sqh = q_strides[1]; p.sqn = q_strides[2];
@@ -338,6 +360,7 @@ extern "C" int longvideo_tsa_launch(
   p.H = H; p.S = S; p.F = S / frame_tokens; p.frame_tokens = frame_tokens;
   p.local_frames = local_frames; p.stripe_frames = stripe_frames; p.stripe_width = stripe_width;
   p.sink_frames = sink_frames; p.rope_pairs = rope_pairs; p.w1 = w1; p.w2 = w2;
+  p.layout = layout; p.te0 = te0; p.te1 = te1; p.te2 = te2; p.te3 = te3;
   p.qk_scale_log2 = scale * LOG2E;
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const int bh = B * H;

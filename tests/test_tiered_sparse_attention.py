@@ -561,6 +561,30 @@ def test_gpu_vrpr_41_frames_bf16(require_backend, backend):
         torch.testing.assert_close(plain.float(), ref.float(), atol=atol, rtol=rtol)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("mode", ["vrpr", "tsa"])
+@pytest.mark.parametrize("F", [41, 81])
+def test_gpu_token_layouts_match_reference(require_backend, backend, mode, F):
+    """FreeLOC's official layouts (what semantics="official" passes at 48 tokens per frame: token
+    edges rounded to 128, a band gap, the re-encoded far sink, late keys at 81 frames), bf16, D 128
+    with Wan's 22 temporal pairs, against the reference."""
+    from longvideo.methods.freeloc import derive_params
+
+    require_backend(OP, backend)
+    T, H, D, dev, dtype = 48, 2, 128, torch.device("cuda"), torch.bfloat16
+    q, k, v = _qkv(1, H, F, T, D, dtype, dev)
+    freqs = _freqs(22, dev)
+    kw = derive_params(F, 21).settings(mode, T).op_kwargs()
+    args = (T, kw.pop("local_frames"), kw.pop("stripe_frames"), kw.pop("stripe_width"), kw.pop("sink_frames"), None,
+            freqs)
+    with ops.use_backend(backend, op=OP):
+        out = tsa(q, k, v, *args, **kw)
+    ref = reference(q, k, v, *args, **kw)
+    atol, rtol = _tol(backend, dtype)
+    torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+
+
 @pytest.mark.parametrize("vrpr", [[3, 6, 2, 3, 5], [1, 1, 1, 4, 2], None])
 def test_split_schedule_lists_each_band_of_each_block_pair_once(vrpr):
     """The Triton kernel's schedule (one combo per entry): for every block pair, its entries carry

@@ -296,11 +296,16 @@ def _tsa_cases():
     mod = importlib.import_module("longvideo.ops.tiered_sparse_attention")
     L, SF, SW, SK = tiers["local_frames"], tiers["stripe_frames"], tiers["stripe_width"], tiers["sink_frames"]
 
-    def case(label, hot, F, T, dtype, D=128, rope=True, vrpr=None, local=L, layout=_BSHD, H=12):
+    def case(label, hot, F, T, dtype, D=128, rope=True, vrpr=None, local=L, layout=_BSHD, H=12, settings=None):
         def run():
             S = F * T
             q, k, v = (_empty((1, H, S, D), dtype, layout) for _ in range(3))
             freqs = fake_cuda(freqs_of(D).float()) if rope else None
+            if settings is not None:  # FreeLOC's own arguments for a layer (the official layouts)
+                kw = settings.op_kwargs()
+                mod._triton_impl(q, k, v, T, kw.pop("local_frames"), kw.pop("stripe_frames"), kw.pop("stripe_width"),
+                                 kw.pop("sink_frames"), None, freqs, **kw)
+                return
             mod._triton_impl(q, k, v, T, local, SF, SW, SK, None, freqs, vrpr if rope else None)
         return Case("tiered_sparse_attention", label, hot, run)
 
@@ -308,8 +313,14 @@ def _tsa_cases():
     out = []
     # FreeLOC's hot path at 480p (Wan's layout: (B, S, H, D) projections viewed as (B, H, S, D)):
     # tiers + temporal RoPE + VRPR; tiers + RoPE without VRPR; the bench's plain tiers (no RoPE).
+    from longvideo.methods.freeloc import derive_params
+
     for F in (41, 81):
         vr = [float(x) for x in vrpr_of[F]]
+        # FreeLOC's default (semantics="official"): token-granular bands and tiers
+        params = derive_params(F, 21, semantics="official")
+        out.append(case(f"480p_F{F}_official_vrpr", True, F, 1560, bf16, settings=params.settings("vrpr", 1560)))
+        out.append(case(f"480p_F{F}_official_tsa", True, F, 1560, bf16, settings=params.settings("tsa", 1560)))
         out.append(case(f"480p_F{F}_tsa_vrpr", True, F, 1560, bf16, vrpr=vr))
         out.append(case(f"480p_F{F}_vrpr_dense", True, F, 1560, bf16, vrpr=vr, local=F))
         out.append(case(f"480p_F{F}_tsa_rope", True, F, 1560, bf16))

@@ -1,6 +1,6 @@
 """``torch.ops.longvideo.tiered_sparse_attention``: FreeLOC's tiered sparse attention with its
-video relative position re-encoding (VRPR) fused (the contract: docs/ops.md, tiered_sparse_attention;
-FreeLOC: docs/methods.md).
+video relative position re-encoding (VRPR) fused (docs/ops.md), at frame granularity (the paper)
+or token granularity (FreeLOC's released code: ``token_bands``, ``token_tiers``, ``sink_rope``).
 
 Backends: ``reference`` (dense masked attention, CPU/CUDA), ``triton`` (block-sparse flash
 attention over a cached block schedule, temporal RoPE rotated in-kernel per band) and ``cuda``
@@ -20,7 +20,7 @@ import torch
 from . import _registry as R
 from ._constraints import HALF_DTYPES, aligned, dtype_in, head_dim_in, on_device, requires, strides_multiple_of
 from ._constraints import unit_last_stride
-from .plan.tiered import band_edges, build_schedule, rope_tables
+from .plan.tiered import band_edges, build_schedule, layout_code, rope_tables, token_edges
 from .plan.tiered import schedule_density  # noqa: F401  (part of this module's interface)
 from ..reference.tiered_sparse_attention import tiered_sparse_attention_reference
 
@@ -198,7 +198,20 @@ def tiered_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f
     pair i of a token at position P is rotated by P * rope_t_freqs[i]. Positions are frame indices,
     or with vrpr = [W1, W2, G1, G2, clip] FreeLOC's per-band re-encoded positions (FreeLOC eq. for
     VRPR: P = floor(P_ori / G) + sign(P_ori)(W - floor(W / G)) per band; see
-    ``longvideo.reference.tiered_sparse_attention.vrpr_positions``), chosen per pair by |d|.
+    ``longvideo.reference.tiered_sparse_attention.vrpr_positions``), chosen per pair by |d|. A sixth
+    entry M of vrpr replaces the mid band's shift W1 - W1 // G1.
+
+    Token-granular layouts (FreeLOC's released code, docs/ops.md and docs/fidelity.md), t = i - j:
+    - token_bands [E, B1, B2] (needs vrpr, 0 <= E < B1 <= B2): the VRPR band is chosen by |t|:
+      |t| <= E exact, B1 <= |t| < B2 mid, |t| >= B2 far; pairs with E < |t| < B1 are not
+      attended (the band gap). The frame tiers still apply.
+    - token_tiers [L, St, K, J] (replace the frame tiers: local_frames=1, stripe_frames=0,
+      sink_frames=0; not with vrpr/token_bands): i attends j iff |t| <= L, or |t| <= St and
+      (|p(i) - p(j)| < stripe_width or j < K), or (j < K and t > St), or (j > J and -t > St).
+      Positions are the frame indices except, with sink_rope [G, M], for j < K with t > St
+      (pos_q = f(i)//G + M, pos_k = f(j)//G) and for j > J with -t > St (pos_q = f(i)//G,
+      pos_k = f(j)//G + M).
+    ``longvideo.reference.tiered_sparse_attention.pair_classes`` is the readable definition.
 
     Bad arguments raise ValueError naming them, NaN/inf in scale, vrpr and rope_t_freqs included.
     Empty input (B, H or S zero, or Dv zero) returns an empty (B, H, S, Dv) tensor on every backend.
@@ -267,15 +280,15 @@ def _triton_impl(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_wi
 
 def _cuda_impl(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0, sink_frames=1,
                scale=None, rope_t_freqs=None, vrpr=None, token_bands=None, token_tiers=None, sink_rope=None):
-    if token_bands is not None or token_tiers is not None:  # the constraint below keeps such calls away
-        raise RuntimeError("tiered_sparse_attention[cuda]: token-granular bands/tiers are not implemented")
     B, H, S, D = q.shape
     block_m, block_n = 64, 64
+    has_rope = rope_t_freqs is not None and rope_t_freqs.numel() > 0
     sched = build_schedule(S, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
-                           block_m, block_n, q.device, vrpr)
+                           block_m, block_n, q.device, vrpr, token_bands=token_bands, token_tiers=token_tiers,
+                           plain_positions=not (has_rope and (vrpr is not None or sink_rope is not None)))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     if rope_t_freqs is not None:
-        cos_t, sin_t = rope_tables(S // frame_tokens, rope_t_freqs, vrpr, q.device)
+        cos_t, sin_t = rope_tables(S // frame_tokens, rope_t_freqs, vrpr, q.device, sink_rope=sink_rope)
         rope_pairs = rope_t_freqs.numel()
     else:
         cos_t = sin_t = q.new_empty(0, dtype=torch.float32)
@@ -285,7 +298,8 @@ def _cuda_impl(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_widt
     return torch.ops.longvideo._tiered_sparse_attention_cuda(
         q, k, v, sched.full_idx, sched.full_cnt, sched.full_combo, sched.part_idx, sched.part_cnt,
         sched.part_combo, cos_t, sin_t, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
-        rope_pairs, w1, w2, scale, stream)
+        rope_pairs, w1, w2, layout_code(token_bands, token_tiers), list(token_edges(token_bands, token_tiers)),
+        scale, stream)
 
 
 _QKV = ("q", "k", "v")
@@ -312,9 +326,4 @@ R.register_backend(OP, "cuda", _cuda_impl, available=R.cuda_extension_available(
                        aligned(_QKV, 16, "{name} strides must be multiples of 8 elements and its data 16-byte aligned"),
                        requires("int32_index", lambda a: a["q"].shape[2] < 2 ** 31 // 8,
                                 "sequence too long for int32 indexing"),
-                       # FreeLOC's released semantics (docs/fidelity.md): the kernel's element mask and
-                       # band selection are frame-granular; token-granular calls go to triton/reference
-                       requires("frame_granular",
-                                lambda a: a.get("token_bands") is None and a.get("token_tiers") is None,
-                                "token_bands / token_tiers (token-granular layouts) are not implemented"),
                    ))
