@@ -1,4 +1,4 @@
-"""FreeLOC on diffusers Wan pipelines: any length, any resolution (docs/methods.md, FreeLOC).
+"""FreeLOC on diffusers Wan pipelines: any length, any resolution (docs/methods.md, docs/fidelity.md).
 
 FreeLOC (Westlake AGI Lab, CVPR 2026, arXiv 2603.25209) extends a video DiT beyond the length it
 was trained on, without training, with two changes to self-attention, chosen per layer:
@@ -84,7 +84,7 @@ from typing import Optional
 from ..processors.wan import MODES, TieredAttentionSettings, install, self_attention_modules
 
 # ---------------------------------------------------------------------------------------------
-# official values (docs/methods.md, FreeLOC: Parameters)
+# official values (the released code, commit af7daa8; docs/fidelity.md)
 WAN_TRAINED_LATENT_FRAMES = 21
 OFFICIAL_VRPR = {41: (12, 20, 2, 8), 81: (10, 14, 2, 8)}  # latent frames -> (W1, W2, G1, G2)
 OFFICIAL_CLIP = 20
