@@ -48,6 +48,30 @@ def test_official_table_reproduced():
     assert FL.derive_params(21, 21) is None and FL.derive_params(5, 21) is None
 
 
+def test_semantics_official_by_default_and_paper_on_request():
+    """"official" (default) hands the op the released code's token layouts, "paper" the frame tiers
+    and frame bands of before; an unknown name is refused."""
+    off, pap = FL.derive_params(81, 21), FL.derive_params(81, 21, semantics="paper")
+    assert off.semantics == "official" and pap.semantics == "paper"
+    v_off, t_off = off.settings("vrpr", 1560).op_kwargs(), off.settings("tsa", 1560).op_kwargs()
+    assert v_off["token_bands"] == [14040, 15616, 21888] and v_off["vrpr"] == [10.0, 14.0, 2.0, 8.0, 20.0, 5.0]
+    assert t_off["token_tiers"] == [12544, 37504, 1664, 121728] and t_off["sink_rope"] == [8, 10]
+    assert (t_off["local_frames"], t_off["stripe_frames"], t_off["sink_frames"], t_off["stripe_width"]) == (1, 0, 0, 195)
+    v_pap, t_pap = pap.settings("vrpr", 1560).op_kwargs(), pap.settings("tsa", 1560).op_kwargs()
+    assert "token_bands" not in v_pap and v_pap["vrpr"] == [10.0, 14.0, 2.0, 8.0, 20.0] and v_pap["local_frames"] == 81
+    assert "token_tiers" not in t_pap and (t_pap["local_frames"], t_pap["stripe_frames"]) == (8, 24)
+    with pytest.raises(ValueError, match="semantics must be one of"):
+        FL.derive_params(81, 21, semantics="released")
+
+
+def test_official_rules_scale_with_frame_tokens():
+    """At another frame size the same token rules: rounded to 128 tokens, the gap follows T."""
+    p = FL.derive_params(41, 21)
+    assert p.official_token_bands(3600) == (11 * 3600, 43264, 72064)  # ceil128(12 * 3600), ceil128(20 * 3600)
+    assert p.official_token_tiers(3600) == (28800, 86400, 3712, 41 * 3600 - 1)
+    assert p.official_stripe_tokens(3600) == 450
+
+
 @pytest.mark.parametrize("video_frames", [121, 201, 481, 1001])
 def test_derived_params_any_length(video_frames):
     F = (video_frames - 1) // 4 + 1
@@ -171,6 +195,7 @@ def test_freeloc_changes_the_output_and_remove_restores(pipe):
     before = _processors(pipe)
     ref = _run(pipe, 17)
     method = FL.apply_freeloc(pipe, layer_config=["tsa", "vrpr", "dense", "tsa"])
+    assert method.semantics == "official"
     installed = _processors(pipe)
     assert isinstance(installed[0], P.WanTieredAttnProcessor) and installed[0].mode == "tsa"
     assert installed[2] is before[2]  # "dense" layers keep the original processor
@@ -184,9 +209,10 @@ def test_freeloc_changes_the_output_and_remove_restores(pipe):
     assert torch.equal(_run(pipe, 17), ref)
 
 
-def test_triton_matches_reference(pipe):
+@pytest.mark.parametrize("semantics", ["official", "paper"])
+def test_triton_matches_reference(pipe, semantics):
     tol = longvideo.ops.get_backend(OP, "triton").tolerance(torch.float32)
-    with FL.FreeLOC(pipe, layer_config=["tsa", "vrpr", "tsa", "vrpr"]):
+    with FL.FreeLOC(pipe, layer_config=["tsa", "vrpr", "tsa", "vrpr"], semantics=semantics):
         ref = _run(pipe, 17)
         with longvideo.ops.use_backend("triton", op=OP):
             got = _run(pipe, 17)
