@@ -191,3 +191,24 @@ def test_official_layout_values_at_the_released_geometry():
     # the generalisation: the last 3 frames from 4 L - 3 = 81 latent frames on, none below
     assert FL.derive_params(80, 21).official_late_frame() is None
     assert FL.derive_params(121, 21).official_late_frame() == 118
+
+
+def test_recorded_densities_are_current():
+    """docs/fidelity.md's densities come from benchmarks/results/freeloc_semantics_cpu.json
+    (tools/freeloc_semantics.py); recomputed here from the current layouts, they must not drift."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("freeloc_semantics_tool", root / "tools" / "freeloc_semantics.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    record = json.loads((root / "benchmarks" / "results" / "freeloc_semantics_cpu.json").read_text())
+    for r in record["results"]:
+        F, mode = r["latent_frames"], r["layer"]
+        assert tool.density(F, mode, "official") == pytest.approx(r["density_official"], abs=1e-12)
+        assert tool.density(F, mode, "paper") == pytest.approx(r["density_paper"], abs=1e-12)
+    by = {(r["latent_frames"], r["layer"]): r for r in record["results"]}
+    assert by[(81, "tsa")]["density_official"] > by[(81, "tsa")]["density_paper"]  # the late keys and wider sink
+    assert by[(41, "vrpr")]["density_official"] < 1.0                            # the band gap
