@@ -11,8 +11,9 @@ the FA3-class kernel on Hopper): what a user would run without FreeLOC's sparsit
 useful work; ``extra`` records the token- and block-level density of the tiers.
 
 Profiles: ``full`` (21/41/81 frames at 480p, 21/41 at 720p) and ``budget`` (one GPU slot):
-FreeLOC's hot path first -- tiers with temporal RoPE + VRPR at 41 and 81 latent frames -- then
-the plain tiers at 41 and 81.
+FreeLOC's hot path first -- its default ``semantics="official"`` layers (token-granular TSA and
+VRPR layouts, the op's backends only), then the tiers with temporal RoPE + VRPR (the paper's
+semantics) at 41 and 81 latent frames -- then the plain tiers at 41 and 81.
 """
 from __future__ import annotations
 
@@ -170,6 +171,45 @@ def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):
                               setup_ms=setup3, extra=dict(extra)))
 
 
+def _official_cases(device, dtype, B, H, D, T, F, mode, impls, label):
+    """FreeLOC's default (semantics="official") layer `mode` ("vrpr" | "tsa"): the op with the
+    token-granular arguments FreeLOC hands it (docs/fidelity.md), on each available backend."""
+    from longvideo import ops
+    from longvideo.methods.freeloc import derive_params
+    from longvideo.ops.plan.tiered import token_pair_count
+
+    S = F * T
+    kw = derive_params(F, 21, semantics="official").settings(mode, T).op_kwargs()
+    local, stripe, width, sink = (kw.pop(n) for n in ("local_frames", "stripe_frames", "stripe_width", "sink_frames"))
+    density = token_pair_count(F, T, width, kw.get("token_bands"), kw.get("token_tiers")) / float(S) ** 2
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype, generator=gen) for _ in range(3))
+    freqs = wan_temporal_freqs(D).to(device=device, dtype=torch.float32)
+    params = dict(B=B, H=H, S=S, D=D, frame_tokens=T, F=F, dtype=str(dtype).replace("torch.", ""),
+                  local_frames=local, stripe_frames=stripe, stripe_width=width, sink_frames=sink,
+                  semantics="official", layer=mode, **kw)
+    op = torch.ops.longvideo.tiered_sparse_attention
+    for backend in ("triton", "cuda", "reference"):
+        if backend not in impls:
+            continue
+        be = ops.get_backend("tiered_sparse_attention", backend)
+        if device.type == "cuda" and not be.is_available()[0]:
+            continue
+        if be.supports is not None and be.supports(q, k, v, T, local, stripe, width, sink, None, freqs, **kw):
+            continue
+
+        def fn(backend=backend):
+            with ops.use_backend(backend, op="tiered_sparse_attention"):
+                return op(q, k, v, T, local, stripe, width, sink, None, freqs, **kw)
+
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        yield Case(SUITE, label, f"longvideo[{backend}]", fn, params, flops=4.0 * D * density * S * S * B * H,
+                   setup_ms=(time.perf_counter() - t0) * 1e3, extra={"pair_density": density})
+
+
 def cases(device: torch.device, quick: bool, profile: str = "full"):
     """A list (quick) or a generator of cases (full sizes; see _full_cases / _budget_cases)."""
     if quick:  # tiny CPU sizes: the reference and, under TRITON_INTERPRET=1, the Triton kernel
@@ -180,6 +220,9 @@ def cases(device: torch.device, quick: bool, profile: str = "full"):
         out = list(_cases_for(device, torch.float32, 1, 2, 32, 13, 6, tiers, None, impls, "quick_F6_T13"))
         out += list(_cases_for(device, torch.float32, 1, 2, 32, 13, 6, tiers, [1.0, 3.0, 1.0, 2.0, 3.0], impls - {"sdpa"},
                           "quick_F6_T13_vrpr"))
+        for mode in ("vrpr", "tsa"):  # FreeLOC's official layouts at 23 latent frames of 4 tokens
+            out += list(_official_cases(device, torch.float32, 1, 2, 32, 4, 23, mode, impls - {"sdpa"},
+                                        f"quick_F23_T4_official_{mode}"))
         return out
     return _budget_cases(device) if profile == "budget" else _full_cases(device)
 
@@ -190,6 +233,9 @@ def _budget_cases(device):
     same block mask, SDPA flash and cuDNN on the dense problem)."""
     impls = {"triton", "cuda", "sdpa", "flex"}
     dt, B, H, D = torch.bfloat16, 1, 12, 128
+    for F in (41, 81):  # FreeLOC's default semantics ("official"): its two layer kinds
+        for mode in ("tsa", "vrpr"):
+            yield from _official_cases(device, dt, B, H, D, 1560, F, mode, impls, f"480p_F{F}_official_{mode}")
     for F in (41, 81):
         yield from _cases_for(device, dt, B, H, D, 1560, F, FREELOC_TIERS, VRPR[F],
                               (impls - {"sdpa"}) | ({"tiles"} if F == 41 else set()), f"480p_F{F}_tsa_vrpr")
@@ -210,6 +256,8 @@ def _full_cases(device):
         yield from _cases_for(device, dt, B, H, D, 1560, F, FREELOC_TIERS, None, impls, f"480p_F{F}_tsa")
         yield from _cases_for(device, dt, B, H, D, 1560, F, FREELOC_TIERS, VRPR[F], impls - {"sdpa"},
                               f"480p_F{F}_tsa_vrpr")
+        for mode in ("tsa", "vrpr"):
+            yield from _official_cases(device, dt, B, H, D, 1560, F, mode, impls, f"480p_F{F}_official_{mode}")
     yield from _cases_for(device, dt, B, H, D, 3600, 21, dict(FREELOC_TIERS, local_frames=21), None, impls,
                           "720p_F21_dense")
     yield from _cases_for(device, dt, B, H, D, 3600, 41, FREELOC_TIERS, None, impls, "720p_F41_tsa")
