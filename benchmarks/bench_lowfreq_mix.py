@@ -12,6 +12,9 @@ Profiles: ``full`` and ``budget`` run the same cases (the harness caps the budge
 Implementations:
   longvideo[triton], longvideo[cuda]   torch.ops.longvideo.lowfreq_mix on that backend (the public
                                        op: argument checks and dispatch included)
+  triton_spectral                      (T > 1 only) the Triton backend forced onto its spectral path
+                                       (rfftn + filter kernel + irfftn), the path T > 1 took before the
+                                       plane path: the two measured side by side (docs/perf_notes.md)
   torch_fft_reference                  longvideo.reference.lowfreq_mix (fftn, shifts, filter cached)
   diffusers_freeinit                   diffusers' FreeInit path per call, as `_apply_free_init` does
                                        it: `_get_free_init_freq_filter` (Python loop over T*H*W) +
@@ -101,6 +104,16 @@ def cases(device: torch.device, quick: bool, profile: str = "full") -> list[Case
                         return lowfreq_mix(x, noise, *f)
 
                 add(f"longvideo[{be}]", fn)
+                if be == "triton" and shape[-3] > 1:
+                    from longvideo.ops.plan.lowfreq import axis_table
+
+                    from longvideo.ops.lowfreq_mix import _triton_module
+
+                    def fn_spectral(x=x, noise=noise, f=(filt, d_s, d_t, order), tm=_triton_module()):
+                        return tm.lowfreq_mix(x, noise, axis_table(x, f[0], f[1], f[2]), f[0], f[1], f[3],
+                                              path="spectral")
+
+                    add("triton_spectral", fn_spectral)
             add("torch_fft_reference",
                 lambda x=x, noise=noise, f=(filt, d_s, d_t, order): lowfreq_mix_reference(x, noise, *f))
             if dtype == torch.float32 or not quick:

@@ -150,6 +150,9 @@ TRITON_CASES = [
     ((3, 4, 7, 9), "gaussian", 0.4, 0.3, 4),            # odd H/W (asymmetric shifted grid)
     ((5, 8, 6), "box", 0.5, 1.0, 4),
     ((1, 2, 3, 5, 10), "ideal", 0.25, 0.25, 4),
+    # T > 1, small planes: the plane path (passes A, B, C); FreeInit's setting and an odd T
+    ((1, 2, 16, 20, 24), "butterworth", 0.25, 0.25, 4),
+    ((1, 1, 21, 12, 26), "gaussian", 0.25, 0.25, 4),
 ]
 
 
@@ -195,6 +198,60 @@ def test_triton_spectral_path_for_t1(filter):
     for force in (False, True):
         got = mod.lowfreq_mix(x, noise, table, filter, 0.5, 3, force_spectral=force)
         _assert_close(got, ref, "triton", torch.float32)
+
+
+def test_triton_path_choice():
+    """Which path a shape takes: T == 1 small planes -> single pass; T > 1 small planes -> planes;
+    planes beyond the single pass's tile -> spectral."""
+    mod = _triton_module()
+    assert mod.choose_path((2, 4, 1, 40, 64)) == "single"
+    assert mod.choose_path((1, 4, 16, 64, 64)) == "planes"
+    assert mod.choose_path((2, 16, 21, 60, 104)) == "planes"
+    assert mod.choose_path((1, 2, 9, 130)) == "spectral"           # W > 128
+    assert mod.choose_path((1, 2, 65, 8, 8)) == "spectral"         # T > PLANES_MAX_T
+    x, noise = _inputs((1, 2, 4, 8, 8))
+    from longvideo.ops.plan.lowfreq import axis_table
+
+    with pytest.raises(ValueError, match="path 'single' does not fit"):
+        mod.lowfreq_mix(x, noise, axis_table(x, "gaussian", 0.25, 0.25), "gaussian", 0.25, 4, path="single")
+
+
+@pytest.mark.parametrize("shape,filter,d_s,d_t", [
+    ((1, 1, 16, 64, 64), "butterworth", 0.25, 0.25),     # one channel of FreeInit on AnimateDiff
+    ((1, 1, 21, 60, 104), "gaussian", 0.25, 0.25),       # one channel of FreeInit on a Wan 480p latent
+])
+def test_triton_planes_freeinit_shapes(shape, filter, d_s, d_t):
+    """The plane path at the FreeInit plane sizes (64 x 64 and 60 x 104 tiles, T 16 and 21): the
+    same result as the reference and as the spectral path (torch.fft)."""
+    x, noise = _inputs(shape)
+    mod = _triton_module()
+    from longvideo.ops.plan.lowfreq import axis_table
+
+    assert mod.choose_path(shape) == "planes"
+    table = axis_table(x, filter, d_s, d_t)
+    ref = lowfreq_mix_reference(x, noise, filter, d_s, d_t, 4)
+    _assert_nontrivial(ref, noise, "triton", torch.float32)
+    got = mod.lowfreq_mix(x, noise, table, filter, d_s, 4)
+    _assert_close(got, ref, "triton", torch.float32)
+
+
+@pytest.mark.parametrize("shape,filter,d_s,d_t,order", [c for c in TRITON_CASES if c[0][-3] > 1])
+def test_triton_planes_with_a_wrong_filter_fail(shape, filter, d_s, d_t, order):
+    """The plane path given a deliberately wrong filter table (d_s 20% larger; for the box filter the
+    spatial half-width one bin wider) fails the comparison: the cases see the filter's values, and the
+    right table passes on the same inputs."""
+    x, noise = _inputs(shape)
+    mod = _triton_module()
+    from longvideo.ops.plan.lowfreq import axis_table
+
+    ref = lowfreq_mix_reference(x, noise, filter, d_s, d_t, order)
+    wrong_ds = min(1.0, d_s + 2.0 / min(shape[-2:])) if filter == "box" else d_s * 1.2
+    for path in ("planes", "spectral") if mod.planes_ok(shape) else ("spectral",):
+        good = mod.lowfreq_mix(x, noise, axis_table(x, filter, d_s, d_t), filter, d_s, order, path=path)
+        _assert_close(good, ref, "triton", torch.float32)
+        bad = mod.lowfreq_mix(x, noise, axis_table(x, filter, wrong_ds, d_t), filter, d_s, order, path=path)
+        with pytest.raises(AssertionError):
+            _assert_close(bad, ref, "triton", torch.float32)
 
 
 def test_triton_noncontiguous_and_empty():

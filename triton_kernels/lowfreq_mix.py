@@ -22,6 +22,31 @@ Two paths:
   >= 16, WHP: W//2+1 likewise); reads 2 and writes 1 element per element: one launch, no
   intermediate in global memory. The DFT matrices (<= 4 x 64 KiB, ``plan.lowfreq.dft_matrices``)
   are cached per (H, W, device) and read through L2 by every program.
+* ``planes`` (1 < T <= 64, each (H, W) plane within the single pass's tile -- FreeInit's latents):
+  three Triton launches through one fp32 intermediate, the half spectrum Z, planar (2, L, WH, T, H)
+  (L the leading slices, WH = W//2 + 1; the layout puts each (T, H) block of one kw contiguous):
+    A. one program per (slice, frame) plane: d = x - noise and its real DFT along W (2 dots, K in
+       chunks of 64 columns), stored transposed into Z;
+    B. one program per (slice, kw): the (H, T) block as an (HP, TP) tile, H on the rows so every
+       dot has M = HP (wgmma): DFT along H (left product), DFT along T (right product), times
+       Ms(kt, kh, kw) / T evaluated in-kernel from the axis table, the inverse along T, the
+       inverse along H, stored back in place (16 dots);
+    C. one program per plane: the inverse real DFT along W (Hermitian weights and 1/(H W) in the
+       matrices), plus noise, stored in x's dtype (2 dots).
+  Bytes moved, predicted (N = numel, e = element size, r = WH / W, Z = 8 r N bytes):
+    A reads 2 e N, writes Z; B reads and writes Z; C reads Z and e N (noise), writes e N:
+    total 4 e N + 32 r N = (4 e + 16.3) N at W = 104 (r = 0.51), (4 e + 16.5) N at W = 64.
+  The floor is 3 e N (x and noise read, out written once): bfloat16 24.3 N = 4.1x the floor,
+  float32 32.3 N = 2.7x. The spectral path below moves, counting cuFFT's 3-D R2C / C2R as two
+  passes each over the complex half spectrum (what its multi-kernel plans do at these sizes):
+  diff (2 e + 4) N + rfftn ~(4 + 2 x 8 r + 8 r) N + filter 16 r N + irfftn ~(8 r + 2 x 8 r + 4) N
+  + add (4 + 2 e) N ~ (4 e + 16 + 80 r) N = 61 N at bfloat16, W 104 (~10x the floor): the plane
+  path cuts the bytes by ~2.5x (bfloat16) and ~2x (float32), and the launches from 5-9 to 3.
+  Work (real flops, padded tiles): A and C 4 HP WP WHP per plane each, B 2 x (8 HP^2 TP + 8 HP TP^2)
+  per (slice, kw): at the Wan FreeInit shape (2, 16, 21, 60, 104) 1.4 + 5.3 + 1.4 = 8.1 GFLOP, x3
+  with tf32x3. DFT-by-matmul costs O(n) per element and axis where an FFT costs O(log n): the
+  bfloat16 plane path (one tf32 product) stays near its bytes' time, float32 (tf32x3, ~24 GFLOP)
+  is compute-bound (docs/perf_notes.md gives the predicted times).
 * ``spectral`` (everything else): fp32 difference kernel, torch.fft.rfftn, an in-place kernel
   multiplying the half spectrum by Ms (the filter of a block of frequencies is evaluated once
   and applied to a chunk of the leading (batch x channel) index), torch.fft.irfftn, and a fused
@@ -35,10 +60,11 @@ import torch
 import triton
 import triton.language as tl
 
-from longvideo.ops.plan.lowfreq import FILTER_CODES, dft_matrices, filter_coef, padded
+from longvideo.ops.plan.lowfreq import FILTER_CODES, dft_matrices, dft_t_matrices, filter_coef, padded
 
 SINGLE_PASS_MAX_SIDE = 128
 SINGLE_PASS_MAX_TILE = 128 * 64  # HP * WP; larger tiles spill registers (8 warps, fp32 tiles)
+PLANES_MAX_T = 64  # the plane path's middle pass holds (padded(H), padded(T)) fp32 blocks
 # Precision of the single pass's DFT matmuls (``_dot_precision``). On GPUs "tf32x3" (three tf32
 # tensor-core products, ~fp32 accuracy) for float32/float16 inputs: with "ieee" the 16 dots unroll
 # into ~25k scalar FMAs per program, which takes minutes to compile per variant and spills a 25 KB
@@ -61,17 +87,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.bfloat16 else "tf32x3"
 
 @triton.jit
-def _lpf_at(tab_ptr, kt, kh, kw, T, H, W, FILTER: tl.constexpr, coef, order):
-    """Filter value (fp32) at unshifted frequency (kt, kh, kw), from the per-axis float64 table."""
-    a = tl.load(tab_ptr + kt)
-    b = tl.load(tab_ptr + T + kh)
-    c = tl.load(tab_ptr + T + H + kw)
+def _lpf_from_terms(a, b, c, thr, FILTER: tl.constexpr, coef, order):
+    """Filter value (fp32) from the three float64 axis terms (broadcastable blocks) and the ideal
+    filter's float64 threshold."""
     if FILTER == 3:  # box: product of the three axis indicators
         val = (a * b * c).to(tl.float32)
     else:
         d2 = (a + b) + c  # float64, same summation order as diffusers' loop
         if FILTER == 2:  # ideal: d^2 <= 2 d_s, the threshold stored (float64) after the W terms
-            thr = tl.load(tab_ptr + T + H + W)
             val = tl.where(d2 <= thr, 1.0, 0.0)
         elif FILTER == 0:  # gaussian: exp(-d^2 / (2 d_s^2)), coef = 1 / (2 d_s^2)
             val = tl.exp(-coef * d2.to(tl.float32))
@@ -81,6 +104,16 @@ def _lpf_at(tab_ptr, kt, kh, kw, T, H, W, FILTER: tl.constexpr, coef, order):
             q = tl.maximum(d2.to(tl.float32) * coef, 1e-30)
             val = 1.0 / (1.0 + tl.exp2(order * tl.log2(q)))
     return val
+
+
+@triton.jit
+def _lpf_at(tab_ptr, kt, kh, kw, T, H, W, FILTER: tl.constexpr, coef, order):
+    """Filter value (fp32) at unshifted frequency (kt, kh, kw), from the per-axis float64 table."""
+    a = tl.load(tab_ptr + kt)
+    b = tl.load(tab_ptr + T + kh)
+    c = tl.load(tab_ptr + T + H + kw)
+    thr = tl.load(tab_ptr + T + H + W)
+    return _lpf_from_terms(a, b, c, thr, FILTER, coef, order)
 
 
 @triton.jit
@@ -144,6 +177,113 @@ def _single_pass_kernel(x_ptr, n_ptr, out_ptr, lpf_ptr, cw_ptr, sw_ptr, ch_ptr, 
     icw = tl.load(icw_ptr + rk[:, None] * WP + rw[None, :])
     isw = tl.load(isw_ptr + rk[:, None] * WP + rw[None, :])
     y = tl.dot(er, icw, input_precision=PREC) - tl.dot(ei, isw, input_precision=PREC)
+    tl.store(out_ptr + offs, (nv + y).to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _planes_fwd_w_kernel(x_ptr, n_ptr, zr_ptr, zi_ptr, cw_ptr, sw_ptr, T, H, W, WH,
+                         HP: tl.constexpr, WP: tl.constexpr, WHP: tl.constexpr, KW: tl.constexpr,
+                         PREC: tl.constexpr):
+    # Pass A of the plane path. One program = one (H, W) plane p = l * T + t: A = rDFT_W(x - noise)
+    # (half spectrum), stored transposed into Z (L, WH, T, H) planar fp32, so that pass B reads each
+    # (T, H) block of one frequency kw contiguously.
+    pid = tl.program_id(0).to(tl.int64)
+    l = pid // T
+    t = pid % T
+    rh = tl.arange(0, HP)
+    rk = tl.arange(0, WHP)
+    ar = tl.zeros((HP, WHP), dtype=tl.float32)
+    ai = tl.zeros((HP, WHP), dtype=tl.float32)
+    # K in chunks of at most 64 columns of the plane: a 64 x 128 fp32 plane split into tf32 hi/lo parts
+    # whole would not fit the registers beside the accumulators.
+    for w0 in tl.static_range(0, WP, KW):
+        rw = w0 + tl.arange(0, KW)
+        m = (rh[:, None] < H) & (rw[None, :] < W)
+        offs = pid * H * W + rh[:, None] * W + rw[None, :]
+        d = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32) - tl.load(n_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        cw = tl.load(cw_ptr + rw[:, None] * WHP + rk[None, :])
+        sw = tl.load(sw_ptr + rw[:, None] * WHP + rk[None, :])
+        ar = tl.dot(d, cw, ar, input_precision=PREC)
+        ai = tl.dot(d, sw, ai, input_precision=PREC)
+    ai = -ai
+    mz = (rh[:, None] < H) & (rk[None, :] < WH)
+    zoffs = ((l * WH + rk[None, :]) * T + t) * H + rh[:, None]
+    tl.store(zr_ptr + zoffs, ar, mask=mz)
+    tl.store(zi_ptr + zoffs, ai, mask=mz)
+
+
+@triton.jit
+def _planes_filter_ht_kernel(zr_ptr, zi_ptr, ch_ptr, sh_ptr, ct_ptr, st_ptr, tab_ptr, T, H, W, WH, coef, order,
+                             inv_t, FILTER: tl.constexpr, HP: tl.constexpr, TP: tl.constexpr, PREC: tl.constexpr):
+    # Pass B of the plane path. Program (l, kw): the (H, T) block of Z at frequency kw of slice l, held as
+    # (HP, TP) with H along the rows (so every dot has M = HP, Hopper wgmma at HP >= 64): DFT along H
+    # (left product with the symmetric Ch, Sh), DFT along T (right product with the symmetric Ct, St),
+    # times Ms(kt, kh, kw) / T, the two inverse DFTs, stored back in place.
+    l = tl.program_id(0).to(tl.int64)
+    kw = tl.program_id(1)
+    rh = tl.arange(0, HP)
+    rt = tl.arange(0, TP)
+    m = (rh[:, None] < H) & (rt[None, :] < T)
+    offs = (l * WH + kw) * T * H + rt[None, :] * H + rh[:, None]
+    zr = tl.load(zr_ptr + offs, mask=m, other=0.0)
+    zi = tl.load(zi_ptr + offs, mask=m, other=0.0)
+    ch = tl.load(ch_ptr + rh[:, None] * HP + rh[None, :])
+    sh = tl.load(sh_ptr + rh[:, None] * HP + rh[None, :])
+    ct = tl.load(ct_ptr + rt[:, None] * TP + rt[None, :])
+    st = tl.load(st_ptr + rt[:, None] * TP + rt[None, :])
+    # forward along H: B = (Ch - i Sh) Z
+    br = tl.dot(ch, zr, input_precision=PREC) + tl.dot(sh, zi, input_precision=PREC)
+    bi = tl.dot(ch, zi, input_precision=PREC) - tl.dot(sh, zr, input_precision=PREC)
+    # forward along T: Y = B (Ct - i St)
+    yr = tl.dot(br, ct, input_precision=PREC) + tl.dot(bi, st, input_precision=PREC)
+    yi = tl.dot(bi, ct, input_precision=PREC) - tl.dot(br, st, input_precision=PREC)
+    # The symmetrised filter at (kt, kh, kw) and at the negated frequency, from the axis terms (a row of
+    # T terms, a column of H terms, one W term): the float64 sums are formed per element in the
+    # reference's order. Padded rows / columns read index 0: their Y is zero.
+    kt = tl.where(rt < T, rt, 0)
+    kh = tl.where(rh < H, rh, 0)
+    thr = tl.load(tab_ptr + T + H + W)
+    a1 = tl.load(tab_ptr + kt)[None, :]
+    a2 = tl.load(tab_ptr + (T - kt) % T)[None, :]
+    b1 = tl.load(tab_ptr + T + kh)[:, None]
+    b2 = tl.load(tab_ptr + T + (H - kh) % H)[:, None]
+    c1 = tl.load(tab_ptr + T + H + kw)
+    c2 = tl.load(tab_ptr + T + H + (W - kw) % W)
+    lpf = (0.5 * inv_t) * (_lpf_from_terms(a1, b1, c1, thr, FILTER, coef, order)
+                           + _lpf_from_terms(a2, b2, c2, thr, FILTER, coef, order))
+    yr = yr * lpf
+    yi = yi * lpf
+    # inverse along T: E = Y (Ct + i St) (the 1/T is in lpf)
+    er = tl.dot(yr, ct, input_precision=PREC) - tl.dot(yi, st, input_precision=PREC)
+    ei = tl.dot(yi, ct, input_precision=PREC) + tl.dot(yr, st, input_precision=PREC)
+    # inverse along H: G = (Ch + i Sh) E (the 1/H is in pass C's matrices)
+    gr = tl.dot(ch, er, input_precision=PREC) - tl.dot(sh, ei, input_precision=PREC)
+    gi = tl.dot(ch, ei, input_precision=PREC) + tl.dot(sh, er, input_precision=PREC)
+    tl.store(zr_ptr + offs, gr, mask=m)
+    tl.store(zi_ptr + offs, gi, mask=m)
+
+
+@triton.jit
+def _planes_inv_w_kernel(zr_ptr, zi_ptr, n_ptr, out_ptr, icw_ptr, isw_ptr, T, H, W, WH,
+                         HP: tl.constexpr, WP: tl.constexpr, WHP: tl.constexpr, PREC: tl.constexpr):
+    # Pass C of the plane path. One program = one plane p = l * T + t: out = noise + irDFT_W(G) (the
+    # Hermitian weights and 1/(H W) are folded into icw/isw), rounded once to the output dtype.
+    pid = tl.program_id(0).to(tl.int64)
+    l = pid // T
+    t = pid % T
+    rh = tl.arange(0, HP)
+    rw = tl.arange(0, WP)
+    rk = tl.arange(0, WHP)
+    mz = (rh[:, None] < H) & (rk[None, :] < WH)
+    zoffs = ((l * WH + rk[None, :]) * T + t) * H + rh[:, None]
+    gr = tl.load(zr_ptr + zoffs, mask=mz, other=0.0)
+    gi = tl.load(zi_ptr + zoffs, mask=mz, other=0.0)
+    icw = tl.load(icw_ptr + rk[:, None] * WP + rw[None, :])
+    isw = tl.load(isw_ptr + rk[:, None] * WP + rw[None, :])
+    y = tl.dot(gr, icw, input_precision=PREC) - tl.dot(gi, isw, input_precision=PREC)
+    m = (rh[:, None] < H) & (rw[None, :] < W)
+    offs = pid * H * W + rh[:, None] * W + rw[None, :]
+    nv = tl.load(n_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(out_ptr + offs, (nv + y).to(out_ptr.dtype.element_ty), mask=m)
 
 
@@ -219,11 +359,30 @@ def single_pass_ok(shape) -> bool:
             and padded(H) * padded(W) <= SINGLE_PASS_MAX_TILE)
 
 
+def planes_ok(shape) -> bool:
+    T, H, W = shape[-3:]
+    return (1 < T <= PLANES_MAX_T and H <= SINGLE_PASS_MAX_SIDE and W <= SINGLE_PASS_MAX_SIDE
+            and padded(H) * padded(W) <= SINGLE_PASS_MAX_TILE)
+
+
+PATHS = ("single", "planes", "spectral")
+
+
+def choose_path(shape) -> str:
+    """The path a call of this shape takes: "single" (T == 1, small planes), "planes" (T > 1, small
+    planes), else "spectral"."""
+    if single_pass_ok(shape):
+        return "single"
+    return "planes" if planes_ok(shape) else "spectral"
+
+
 def lowfreq_mix(x: torch.Tensor, noise: torch.Tensor, table: torch.Tensor, filter: str, d_s: float,
-                order: float, force_spectral: bool = False) -> torch.Tensor:
+                order: float, force_spectral: bool = False, path: str | None = None) -> torch.Tensor:
     """out = noise + irfftn(Ms rfftn(x - noise)); `table` from ``plan.lowfreq.axis_table`` on x's device.
 
     x, noise: same shape (..., T, H, W), dtype float16/bfloat16/float32, same device.
+    path: None chooses (:func:`choose_path`); "single", "planes" or "spectral" forces one (a
+    forced path must fit the shape: ValueError otherwise); force_spectral=True is path="spectral".
     """
     T, H, W = x.shape[-3:]
     x = x.contiguous()
@@ -234,7 +393,17 @@ def lowfreq_mix(x: torch.Tensor, noise: torch.Tensor, table: torch.Tensor, filte
     code = FILTER_CODES[filter]
     coef = filter_coef(filter, d_s)
     order = float(order)
-    if single_pass_ok(x.shape) and not force_spectral:
+    if force_spectral:
+        path = "spectral"
+    if path is None:
+        path = choose_path(x.shape)
+    elif path not in PATHS:
+        raise ValueError(f"lowfreq_mix: path must be one of {PATHS}, got {path!r}")
+    elif (path == "single" and not single_pass_ok(x.shape)) or (path == "planes" and not planes_ok(x.shape)):
+        raise ValueError(f"lowfreq_mix: path {path!r} does not fit shape {tuple(x.shape)}")
+    if path == "planes":
+        return _planes(x, noise, out, table, code, coef, order)
+    if path == "single":
         HP, WP, WHP = padded(H), padded(W), padded(W // 2 + 1)
         mats = dft_matrices(H, W, x.device)
         n_slices = x.numel() // (H * W)
@@ -262,4 +431,25 @@ def lowfreq_mix(x: torch.Tensor, noise: torch.Tensor, table: torch.Tensor, filte
                                    BLOCK=BLOCK, L_CHUNK=L_CHUNK)
     y = torch.fft.irfftn(spec, s=(T, H, W), dim=(-3, -2, -1))
     _add_cast_kernel[grid](noise, y, out, numel, BLOCK=BLOCK)
+    return out
+
+
+def _planes(x, noise, out, table, code, coef, order):
+    """The plane path (T > 1): passes A, B, C (module docstring)."""
+    T, H, W = x.shape[-3:]
+    HP, WP, WHP, TP = padded(H), padded(W), padded(W // 2 + 1), padded(T)
+    WH = W // 2 + 1
+    L = x.numel() // (T * H * W)
+    cw, sw, ch, sh, icw, isw = dft_matrices(H, W, x.device)
+    ct, st = dft_t_matrices(T, x.device)
+    prec = _dot_precision(x.dtype)
+    z = torch.empty((2, L, WH, T, H), dtype=torch.float32, device=x.device)
+    zr, zi = z[0], z[1]
+    warps = 4 if HP * WP <= 4096 else 8
+    _planes_fwd_w_kernel[(L * T,)](x, noise, zr, zi, cw, sw, T, H, W, WH,
+                                   HP=HP, WP=WP, WHP=WHP, KW=min(WP, 64), PREC=prec, num_warps=warps)
+    _planes_filter_ht_kernel[(L, WH)](zr, zi, ch, sh, ct, st, table, T, H, W, WH, coef, order, 1.0 / T,
+                                      FILTER=code, HP=HP, TP=TP, PREC=prec, num_warps=4)
+    _planes_inv_w_kernel[(L * T,)](zr, zi, noise, out, icw, isw, T, H, W, WH,
+                                   HP=HP, WP=WP, WHP=WHP, PREC=prec, num_warps=warps)
     return out

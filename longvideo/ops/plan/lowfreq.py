@@ -8,7 +8,10 @@ filter tensor.
   (:func:`filter_coef`).
 * :func:`dft_matrices`: the zero-padded DFT cos/sin matrices of the Triton single pass (T == 1
   slices up to 128 x 128), cached per (H, W, device). Their padding (:func:`padded`: a power of
-  two >= 16 per side) is the single pass's tile.
+  two >= 16 per side) is the single pass's tile; the plane path (T > 1) uses the same matrices for
+  its per-frame (H, W) planes.
+* :func:`dft_t_matrices`: the zero-padded DFT cos/sin matrices along T of the plane path's middle
+  pass, cached per (T, device).
 """
 from __future__ import annotations
 
@@ -67,3 +70,17 @@ def dft_matrices(H: int, W: int, device: torch.device):
     alpha /= H * W
     mats = (cw, sw, ch, sh, icw * alpha, isw * alpha)
     return tuple(m.to(torch.float32).contiguous().to(device) for m in mats)
+
+
+@functools.lru_cache(maxsize=32)
+def dft_t_matrices(T: int, device: torch.device):
+    """(cos, sin) of the length-T DFT, zero-padded to (padded(T), padded(T)), symmetric, fp32
+    (computed in float64 with the argument reduced exactly in integers)."""
+    TP = padded(T)
+    r = torch.arange(TP, dtype=torch.int64)[:, None]
+    c = torch.arange(TP, dtype=torch.int64)[None, :]
+    ang = 2 * math.pi * ((r * c) % T).to(torch.float64) / T
+    valid = (r < T) & (c < T)
+    cos = torch.where(valid, torch.cos(ang), 0.0)
+    sin = torch.where(valid, torch.sin(ang), 0.0)
+    return tuple(m.to(torch.float32).contiguous().to(device) for m in (cos, sin))
