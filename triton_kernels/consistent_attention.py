@@ -13,12 +13,23 @@ statistics) over three key sources, never concatenated in memory:
    gathers whole D-element rows;
 3. the bank rows (shared, or one bank per group: a group stride of 0 makes both one code path).
 
-Backward (FA2 formulation, with the forward's float32 lse): ``delta = rowsum(dO * O)``;
-dq over the same three sources; dk/dv of the own tokens by key blocks of each image; the
-contributions of the queries of OTHER images to the sampled tokens by tiles of sample_idx
-(each sample belongs to exactly one tile, so no atomics: a compact float32 (M, H, D) buffer,
-added into the own-key blocks through an inverse map token -> sample); the bank gradient by
-bank tiles, one float32 partial per group, summed for a shared bank.
+Backward (FA2 formulation, with the forward's float32 lse): ``delta = rowsum(dO * O)``; then
+key-side kernels, each walking the queries that see its key tile: dk/dv of the own tokens by key
+blocks of each image; the contributions of the queries of OTHER images to the sampled tokens by
+tiles of sample_idx (each sample belongs to exactly one tile, so no atomics for dk/dv: a compact
+float32 (M, H, D) buffer, added into the own-key blocks through an inverse map token -> sample);
+the bank gradient by bank tiles, one float32 partial per group, summed for a shared bank.
+
+dq, fused (the default): each key-side kernel also forms dq's share dS K from the probabilities it
+has just recomputed and adds it with float32 atomics into a (B, H, N, D) buffer, scaled and cast
+once at the end -- per (query tile, key tile) pair 5 dots (S, dP, dV, dK, dQ) instead of 7 (the
+split path's separate dq kernel recomputes S and dP), the exp of the tile once instead of twice.
+Cost of the atomics: BLOCK_M x D float32 adds per tile pair against 2 x 5 x BLOCK_M x BLOCK_N x D
+flops of dots, i.e. one 4-byte atomic per 10 BLOCK_N = 320-640 flops, the ratio FlashAttention-2's
+CUDA backward runs at; the atomics land in L2 and the dq buffer (B H N D x 4 bytes) stays
+resident there for the shapes of the benchmark. The order of the float32 adds varies from run to
+run: dq is not bitwise deterministic on GPU (within the tolerances). LONGVIDEO_CA_BWD=split (or
+``fused=False``) keeps the two-kernel path, for comparison.
 
 Any strides (diffusers hands (B, S, H, D) transposed views); head dims 1..256: the forward takes
 the head dim as a compile-time constant split into two powers of two (40 = 32 + 16, 80 = 64 + 16,
@@ -273,11 +284,15 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SIDX, SEG, BK, BV,
 
 
 @triton.jit
-def _dkdv_queries(dk, dv, kk, vv, key_vis, Q, DO, LSE, DELTA, bq, h,
-                  sqb, sqh, sqn, sqd, sgb, sgh, sgn, sgd, H, N, qk_scale,
-                  offs_d, d_ok, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr):
+def _dkdv_queries(dk, dv, kk, vv, key_vis, Q, DO, LSE, DELTA, DQA, bq, h,
+                  sqb, sqh, sqn, sqd, sgb, sgh, sgn, sgd, H, N, D, qk_scale,
+                  offs_d, d_ok, BLOCK_M: tl.constexpr, DOT_F32: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     """Accumulate into (dk, dv) of a (BLOCK_N) key tile the contributions of all N queries of image
-    bq; key_vis (BLOCK_N) masks the keys those queries do not see. dk is left unscaled."""
+    bq; key_vis (BLOCK_N) masks the keys those queries do not see. dk is left unscaled.
+
+    DQ_ATOMIC: also add dS K of every query block (unscaled, float32) into DQA (B, H, N, D)
+    contiguous with atomics -- the fused backward's dq from the same probabilities (5 dots per tile
+    pair instead of 7). Row r = (bq * H + h) * N + i of DQA starts at r * D."""
     offs_mb = tl.arange(0, BLOCK_M)
     row = (bq * H + h) * N
     for m0 in range(0, N, BLOCK_M):
@@ -301,21 +316,28 @@ def _dkdv_queries(dk, dv, kk, vv, key_vis, Q, DO, LSE, DELTA, bq, h,
             dpt = tl.dot(vv, tl.trans(do), input_precision="ieee")
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst, q, input_precision="ieee")
+            if DQ_ATOMIC:
+                dq = tl.dot(tl.trans(dst), kk, input_precision="ieee")
         else:
             dv += tl.dot(pt.to(do.dtype), do)
             dpt = tl.dot(vv, tl.trans(do))
             dst = pt * (dpt - delta[None, :])
             dk += tl.dot(dst.to(q.dtype), q)
+            if DQ_ATOMIC:
+                dq = tl.dot(tl.trans(dst.to(kk.dtype)), kk)
+        if DQ_ATOMIC:
+            tl.atomic_add(DQA + (row + offs_m[:, None]).to(tl.int64) * D + offs_d[None, :], dq,
+                          mask=qd_mask, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_own_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, INV, DKS, DVS,
+def _bwd_dkdv_own_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, INV, DKS, DVS, DQA,
                          sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd,
                          sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
                          H, N, D, scale, qk_scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                         HAS_SAMPLES: tl.constexpr, DOT_F32: tl.constexpr):
+                         HAS_SAMPLES: tl.constexpr, DOT_F32: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     """dk/dv of the own tokens of image b from its own queries, plus (through the inverse map)
     the precomputed float32 contributions of the other images' queries to sampled tokens."""
     pid_n = tl.program_id(0)
@@ -334,9 +356,9 @@ def _bwd_dkdv_own_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, INV, DKS, DVS,
         vv = vv.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dk, dv = _dkdv_queries(dk, dv, kk, vv, n_ok, Q, DO, LSE, DELTA, b, h,
-                           sqb, sqh, sqn, sqd, sgb, sgh, sgn, sgd, H, N, qk_scale,
-                           offs_d, d_ok, BLOCK_M, DOT_F32)
+    dk, dv = _dkdv_queries(dk, dv, kk, vv, n_ok, Q, DO, LSE, DELTA, DQA, b, h,
+                           sqb, sqh, sqn, sqd, sgb, sgh, sgn, sgd, H, N, D, qk_scale,
+                           offs_d, d_ok, BLOCK_M, DOT_F32, DQ_ATOMIC)
     dk = dk * scale
     if HAS_SAMPLES:
         j = tl.load(INV + b * N + offs_n, mask=n_ok, other=-1).to(tl.int64)
@@ -351,11 +373,11 @@ def _bwd_dkdv_own_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, INV, DKS, DVS,
 
 
 @triton.jit
-def _bwd_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, SIDX, DKS, DVS,
+def _bwd_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, SIDX, DKS, DVS, DQA,
                              sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sgb, sgh, sgn, sgd,
                              H, N, D, M, n_groups, group_size, window, scale, qk_scale,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                             DOT_F32: tl.constexpr):
+                             DOT_F32: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     """For a tile of sample_idx: the gradient its sampled tokens receive from the queries of the
     OTHER images that see them (same group, within the window), into compact (M, H, D) fp32."""
     pid_j = tl.program_id(0)
@@ -392,20 +414,20 @@ def _bwd_dkdv_samples_kernel(Q, K, V, DO, LSE, DELTA, SIDX, DKS, DVS,
         if window >= 0:
             vis = vis & (tl.abs(src - bq) <= window)
         if tl.max(vis.to(tl.int32), 0) > 0:
-            dk, dv = _dkdv_queries(dk, dv, kk, vv, vis, Q, DO, LSE, DELTA, bq, h,
-                                   sqb, sqh, sqn, sqd, sgb, sgh, sgn, sgd, H, N, qk_scale,
-                                   offs_d, d_ok, BLOCK_M, DOT_F32)
+            dk, dv = _dkdv_queries(dk, dv, kk, vv, vis, Q, DO, LSE, DELTA, DQA, bq, h,
+                                   sqb, sqh, sqn, sqd, sgb, sgh, sgn, sgd, H, N, D, qk_scale,
+                                   offs_d, d_ok, BLOCK_M, DOT_F32, DQ_ATOMIC)
     s_off = (offs_j[:, None].to(tl.int64) * H + h) * D + offs_d[None, :]
     tl.store(DKS + s_off, dk * scale, mask=jd_mask)
     tl.store(DVS + s_off, dv, mask=jd_mask)
 
 
 @triton.jit
-def _bwd_bank_kernel(Q, BK, BV, DO, LSE, DELTA, DBK, DBV,
+def _bwd_bank_kernel(Q, BK, BV, DO, LSE, DELTA, DBK, DBV, DQA,
                      sqb, sqh, sqn, sqd, sbkg, sbkh, sbke, sbkd, sbvg, sbvh, sbve, sbvd, sgb, sgh, sgn, sgd,
                      H, N, D, E, group_size, scale, qk_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     DOT_F32: tl.constexpr):
+                     DOT_F32: tl.constexpr, DQ_ATOMIC: tl.constexpr):
     """Gradient of a tile of bank rows from the queries of one group: float32 (G, H, E, D) partials
     (program axis 2 = group; a shared bank has group stride 0 and its partials are summed)."""
     pid_e = tl.program_id(0)
@@ -425,9 +447,9 @@ def _bwd_bank_kernel(Q, BK, BV, DO, LSE, DELTA, DBK, DBV,
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for i in range(0, group_size):
         bq = g * group_size + i
-        dk, dv = _dkdv_queries(dk, dv, kk, vv, e_ok, Q, DO, LSE, DELTA, bq, h,
-                               sqb, sqh, sqn, sqd, sgb, sgh, sgn, sgd, H, N, qk_scale,
-                               offs_d, d_ok, BLOCK_M, DOT_F32)
+        dk, dv = _dkdv_queries(dk, dv, kk, vv, e_ok, Q, DO, LSE, DELTA, DQA, bq, h,
+                               sqb, sqh, sqn, sqd, sgb, sgh, sgn, sgd, H, N, D, qk_scale,
+                               offs_d, d_ok, BLOCK_M, DOT_F32, DQ_ATOMIC)
     p_off = ((g * H + h) * E + offs_e[:, None]) * D + offs_d[None, :]
     tl.store(DBK + p_off, dk * scale, mask=ed_mask)
     tl.store(DBV + p_off, dv, mask=ed_mask)
@@ -468,17 +490,22 @@ def _fwd_config(BD: int, dtype: torch.dtype):
     return 64, 64, 4, 2
 
 
-def _bwd_config(BD: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward kernels."""
+def _bwd_config(BD: int, dtype: torch.dtype, fused: bool = True):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the backward kernels (BLOCK_M: query rows,
+    BLOCK_N: key rows of the key-side kernels). Chosen offline (Triton 3.6, sm_90, the report's
+    shapes) for no spills in the fused kernels: BD <= 64 64 x 64 with 8 warps (4 warps spill
+    8-240 B); BD = 128 32 query rows x 64 keys with 8 warps (64 x 64 spills 64-268 B; the dq dot
+    then has M = 32, mma.sync, the other four are wgmma); BD = 256 32 x 32 with 8 warps (mma.sync:
+    below wgmma's 64 rows). The split path keeps its earlier tiles."""
     if _interpreting():
         return 16, 16, 1, 1
     if dtype == torch.float32:
         return 32, 32, 4, 1
     if BD <= 64:
-        return 64, 64, 4, 2
+        return (64, 64, 8, 2) if fused else (64, 64, 4, 2)
     if BD <= 128:
-        return 64, 64, 8, 2
-    return 32, 32, 4, 1
+        return (32, 64, 8, 2) if fused else (64, 64, 8, 2)
+    return (32, 32, 8, 1) if fused else (32, 32, 4, 1)  # BD 256 (D 160): 4 warps spill 24 B fused
 
 
 def _bank_args(bank: torch.Tensor | None, fallback: torch.Tensor):
@@ -511,13 +538,28 @@ def consistent_attention_forward(q, k, v, sample_idx, group_size: int, window: i
     return out, lse
 
 
+def _bwd_fused_default() -> bool:
+    mode = os.environ.get("LONGVIDEO_CA_BWD", "fused")
+    if mode not in BWD_MODES:
+        raise ValueError(f"LONGVIDEO_CA_BWD must be one of {BWD_MODES}, got {mode!r}")
+    return mode == "fused"
+
+
+BWD_MODES = ("fused", "split")
+
+
 def consistent_attention_backward(grad_out, q, k, v, sample_idx, group_size: int, window: int, bank_k, bank_v,
-                                  scale: float, out, lse):
-    """(dq, dk, dv, dbank_k, dbank_v) with the forward's out and lse; dbank_* None without a bank."""
+                                  scale: float, out, lse, fused: bool | None = None):
+    """(dq, dk, dv, dbank_k, dbank_v) with the forward's out and lse; dbank_* None without a bank.
+
+    fused (default: True unless LONGVIDEO_CA_BWD=split): dq from the key-side kernels' probabilities
+    with float32 atomics (5 dots per tile pair); False: the separate dq kernel recomputes them (7)."""
     B, H, N, D = q.shape
     dev = q.device
     BD = _block_d(D)
-    BM, BN, warps, stages = _bwd_config(BD, q.dtype)
+    if fused is None:
+        fused = _bwd_fused_default()
+    BM, BN, warps, stages = _bwd_config(BD, q.dtype, fused)
     dot_f32 = _dot_f32(q.dtype)
     qk_scale = scale * _LOG2E
     delta = torch.empty(B, H, N, dtype=torch.float32, device=dev)
@@ -530,22 +572,26 @@ def consistent_attention_backward(grad_out, q, k, v, sample_idx, group_size: int
     sidx = sample_idx if has_samples else delta
 
     dq = torch.empty_like(q)
-    _bwd_dq_kernel[(triton.cdiv(N, BM), B * H)](
-        q, k, v, grad_out, dq, lse, delta, sidx, seg, bk, bv,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *sbk, *sbv,
-        H, N, D, E, group_size, scale, qk_scale,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_SAMPLES=has_samples, HAS_BANK=E > 0, DOT_F32=dot_f32,
-        num_warps=warps, num_stages=stages)
+    # the fused backward's dq accumulator, (B, H, N, D) float32 contiguous; a placeholder otherwise
+    dqa = torch.zeros(B, H, N, D, dtype=torch.float32, device=dev) if fused else delta
+    if not fused:
+        _bwd_dq_kernel[(triton.cdiv(N, BM), B * H)](
+            q, k, v, grad_out, dq, lse, delta, sidx, seg, bk, bv,
+            *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(), *sbk, *sbv,
+            H, N, D, E, group_size, scale, qk_scale,
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_SAMPLES=has_samples, HAS_BANK=E > 0, DOT_F32=dot_f32,
+            num_warps=warps, num_stages=stages)
 
     if has_samples:
         M = sample_idx.numel()
         dks = torch.empty(M, H, D, dtype=torch.float32, device=dev)
         dvs = torch.empty_like(dks)
         _bwd_dkdv_samples_kernel[(triton.cdiv(M, BN), H)](
-            q, k, v, grad_out, lse, delta, sample_idx, dks, dvs,
+            q, k, v, grad_out, lse, delta, sample_idx, dks, dvs, dqa,
             *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(),
             H, N, D, M, B // group_size, group_size, window, scale, qk_scale,
-            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, DOT_F32=dot_f32, num_warps=warps, num_stages=stages)
+            BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, DOT_F32=dot_f32, DQ_ATOMIC=fused, num_warps=warps,
+            num_stages=stages)
         inv = torch.full((B * N,), -1, dtype=torch.int32, device=dev)
         inv[sample_idx.long()] = torch.arange(M, dtype=torch.int32, device=dev)
     else:
@@ -553,10 +599,10 @@ def consistent_attention_backward(grad_out, q, k, v, sample_idx, group_size: int
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     _bwd_dkdv_own_kernel[(triton.cdiv(N, BN), B * H)](
-        q, k, v, grad_out, dk, dv, lse, delta, inv, dks, dvs,
+        q, k, v, grad_out, dk, dv, lse, delta, inv, dks, dvs, dqa,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
         H, N, D, scale, qk_scale,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_SAMPLES=has_samples, DOT_F32=dot_f32,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, HAS_SAMPLES=has_samples, DOT_F32=dot_f32, DQ_ATOMIC=fused,
         num_warps=warps, num_stages=stages)
 
     dbk = dbv = None
@@ -566,10 +612,11 @@ def consistent_attention_backward(grad_out, q, k, v, sample_idx, group_size: int
             pk = torch.empty(n_groups, H, E, D, dtype=torch.float32, device=dev)
             pv = torch.empty_like(pk)
             _bwd_bank_kernel[(triton.cdiv(E, BN), H, n_groups)](
-                q, bk, bv, grad_out, lse, delta, pk, pv,
+                q, bk, bv, grad_out, lse, delta, pk, pv, dqa,
                 *q.stride(), *sbk, *sbv, *grad_out.stride(),
                 H, N, D, E, group_size, scale, qk_scale,
-                BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, DOT_F32=dot_f32, num_warps=warps, num_stages=stages)
+                BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, DOT_F32=dot_f32, DQ_ATOMIC=fused, num_warps=warps,
+                num_stages=stages)
             if bank_k.dim() == 3:
                 pk, pv = pk.sum(0), pv.sum(0)
         else:
@@ -579,4 +626,6 @@ def consistent_attention_backward(grad_out, q, k, v, sample_idx, group_size: int
         dbk.copy_(pk)
         dbv = torch.empty_like(bank_v)
         dbv.copy_(pv)
+    if fused:  # after the bank kernel: its queries' dq arrive through the same atomics
+        dq.copy_(dqa.mul_(scale))
     return dq, dk, dv, dbk, dbv
