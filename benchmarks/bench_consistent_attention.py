@@ -24,9 +24,21 @@ sdxl_n4096, sd15_n4096 (D = 40) and sacfa_16f (D = 128).
 `flops` counts the query-key pairs actually computed (4*D flops per pair forward, 2.5x that
 backward); the consistent impls compute exactly the useful pairs, the dense-mask path all
 (B*N)^2 pairs. `extra` records the pair counts and the sample count.
+
+`bytes` is the minimum traffic of the op (the same for every impl, so the fraction of the copy
+bandwidth compares directly): forward q, k, v read and out written once, plus the float32 lse;
+forward + backward adds q, k, v, out and grad_out read, dq, dk, dv written, and lse / delta
+(2 float32 per row). Every record then carries both roofline fractions (frac_peak_flops against
+the run's measured bf16 matmul rate, frac_peak_bw against its measured copy bandwidth): the
+attention cases are compute-bound, so frac_peak_flops is the one to read.
+
+``triton_split_bwd`` (CUDA, fwd+bwd): the Triton backend with LONGVIDEO_CA_BWD=split, the
+two-kernel backward (separate dq kernel) the fused one replaced, timed beside it (not a
+``longvideo[...]`` row: the backend preferences ignore it).
 """
 from __future__ import annotations
 
+import os
 
 import torch
 import torch.nn.functional as F
@@ -131,9 +143,13 @@ def _shape_cases(shp: dict, device: torch.device, dtype: torch.dtype) -> list[Ca
     params = dict(B=B, group_size=G, N=N, H=H, D=D, M=M, window=window, dtype=str(dtype).replace("torch.", ""))
     extra = dict(pairs=pairs, keys_per_row_mean=sum(L) / B)
 
+    elem = torch.empty((), dtype=dtype).element_size()
+    min_bytes = {"fwd": 4 * B * H * N * D * elem + 4 * B * H * N,
+                 "fwd+bwd": 12 * B * H * N * D * elem + 3 * 4 * B * H * N}
+
     def add(impl, fn, flops, mode, ex=None, setup_ms=None):
         out.append(Case(suite=SUITE, name=f"{shp['name']}_{mode}", impl=impl, fn=fn, params=params,
-                        flops=flops, setup_ms=setup_ms, extra={**extra, **(ex or {})}))
+                        flops=flops, bytes=min_bytes[mode], setup_ms=setup_ms, extra={**extra, **(ex or {})}))
 
     def fwd_bwd(fn, leaves):
         go = torch.randn(B, H, N, D, generator=gen).to(device, dtype)
@@ -165,6 +181,21 @@ def _shape_cases(shp: dict, device: torch.device, dtype: torch.dtype) -> list[Ca
         bwd_be = "triton" if be == "cuda" else be  # the cuda backend's backward is the Triton one
         add(f"longvideo[{be}]", fwd_bwd(ours_grad, (qg, kg, vg)), 3.5 * fwd_flops, "fwd+bwd",
             {"backward_backend": bwd_be})
+        if be == "triton" and device.type == "cuda":
+            split = fwd_bwd(ours_grad, (qg, kg, vg))
+
+            def split_bwd(split=split):
+                old = os.environ.get("LONGVIDEO_CA_BWD")
+                os.environ["LONGVIDEO_CA_BWD"] = "split"
+                try:
+                    return split()
+                finally:
+                    if old is None:
+                        os.environ.pop("LONGVIDEO_CA_BWD", None)
+                    else:
+                        os.environ["LONGVIDEO_CA_BWD"] = old
+
+            add("triton_split_bwd", split_bwd, 3.5 * fwd_flops, "fwd+bwd", {"backward_backend": "triton split"})
 
     def concat(q=q, k=k, v=v):
         with flash():

@@ -30,7 +30,10 @@ launch takes longer than the bandwidth roofline of such a call, so the table als
 implementation's speed relative to ``device_copy`` of the same bytes (``%copy``, ``graph_%copy``).
 
 `bytes` = x + noise read + out written (3 x numel x element size) for every implementation, so GB/s
-and the fraction of the copy bandwidth compare directly. `extra["speedup_vs_diffusers"]` is not
+and the fraction of the copy bandwidth compare directly. The Triton rows also carry the bytes their
+path moves by the kernels' model (``extra["path"]``, ``extra["model_bytes"]``,
+``triton_kernels/lowfreq_mix.py: predicted_bytes``): frac_peak_bw x model_bytes / bytes is the
+fraction of the copy bandwidth the path's real traffic reaches. `extra["speedup_vs_diffusers"]` is not
 computed here (the harness times cases independently); the table shows the times side by side.
 """
 from __future__ import annotations
@@ -103,7 +106,15 @@ def cases(device: torch.device, quick: bool, profile: str = "full") -> list[Case
                     with use_backend(be, op="lowfreq_mix"):
                         return lowfreq_mix(x, noise, *f)
 
-                add(f"longvideo[{be}]", fn)
+                tm = None
+                if be == "triton":
+                    from longvideo.ops.lowfreq_mix import _triton_module
+
+                    tm = _triton_module()
+                    path = tm.choose_path(shape)
+                    add(f"longvideo[{be}]", fn, path=path, model_bytes=tm.predicted_bytes(shape, x.element_size(), path))
+                else:
+                    add(f"longvideo[{be}]", fn)
                 if be == "triton" and shape[-3] > 1:
                     from longvideo.ops.plan.lowfreq import axis_table
 
@@ -113,7 +124,8 @@ def cases(device: torch.device, quick: bool, profile: str = "full") -> list[Case
                         return tm.lowfreq_mix(x, noise, axis_table(x, f[0], f[1], f[2]), f[0], f[1], f[3],
                                               path="spectral")
 
-                    add("triton_spectral", fn_spectral)
+                    add("triton_spectral", fn_spectral, path="spectral",
+                        model_bytes=tm.predicted_bytes(shape, x.element_size(), "spectral"))
             add("torch_fft_reference",
                 lambda x=x, noise=noise, f=(filt, d_s, d_t, order): lowfreq_mix_reference(x, noise, *f))
             if dtype == torch.float32 or not quick:

@@ -11,11 +11,16 @@
 // fly and streams them into shared memory with cp.async (16-byte chunks, zero-fill past the end
 // and past D).
 //
-// Tiling (FlashAttention-2 style): one CTA = 64 queries of one (b, h), 4 warps x 16 rows; key tiles
-// of BN = 64 (32 for padded head dims > 128) rows, double-buffered in shared memory; S = Q K^T and
+// Tiling (FlashAttention-2's): one CTA = 4 warps x MT m16 row tiles of queries of one (b, h): MT = 2
+// (32 rows per warp, 128 queries per CTA) for padded head dims <= 128, so every K / V fragment
+// fetched from shared memory feeds two MMAs; MT = 1 (16 rows, 64 queries) above, where two row
+// tiles' accumulators do not fit the registers. Key tiles of BN rows (launch_dp), double-buffered
+// in shared memory with cp.async (tile t + 1 streams in while tile t is multiplied); S = Q K^T and
 // O += P V with mma.sync.m16n8k16 (fp16/bf16 in, fp32 accumulate), operands fetched with ldmatrix
-// (.trans for V); softmax statistics (running max, sum) in fp32 registers, exp2 with the scale
-// folded into log2 units; the lse (natural log) is written for the backward.
+// (.trans for V); Q fragments stay in registers with MT = 1, else are ldmatrix'd from shared
+// memory per key tile; softmax statistics (running max, sum) in fp32 registers per row,
+// exp2 with the scale folded into log2 units; the lse (natural log) is written for the backward.
+// Every row's arithmetic is the same whatever MT: MT only changes which warp holds the row.
 //
 // Only CUDA headers here (compiled by nvcc without torch); the torch glue is consistent_attention.cpp.
 #include <cuda_runtime.h>
@@ -25,8 +30,8 @@
 
 namespace lv_ca {
 
-constexpr int kBlockM = 64;
-constexpr int kThreads = 128;
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kWarps = kThreads / 32;
 
 struct Params {
   const void* q;
@@ -136,14 +141,17 @@ __device__ __forceinline__ bool key_row(const Params& p, const RowKeys& rk, int 
   return false;
 }
 
-template <typename T, int DP, int BN>
+template <typename T, int DP, int BN, int MT>
 __global__ void __launch_bounds__(kThreads) consistent_attention_fwd_kernel(const Params p) {
-  constexpr int BM = kBlockM;
+  constexpr int BM = kWarps * 16 * MT;  // queries per CTA
   constexpr int LD = DP + 8;       // padded smem row (halves): breaks ldmatrix bank conflicts
   constexpr int CH = DP / 8;       // 16-byte chunks per row
   constexpr int NT = BN / 8;       // n8 tiles of S per warp
   constexpr int DT = DP / 8;       // n8 tiles of O per warp
-  constexpr bool kQInRegs = DP <= 128;
+  // Q fragments in registers only with one row tile per warp (DP <= 128): with two, the registers
+  // go to the second tile's accumulators and Q is re-read with ldmatrix per key tile (ptxas -v:
+  // keeping them spilled 8-16 B at DP 32 / 64).
+  constexpr bool kQInRegs = MT == 1 && DP <= 128;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -199,12 +207,20 @@ __global__ void __launch_bounds__(kThreads) consistent_attention_fwd_kernel(cons
   cp_async_commit();
 
   const int g8 = lane / 4, c4 = lane % 4;
-  float acc[DT][4];
+  const int wrow = warp * 16 * MT;  // first query row of this warp inside the CTA's tile
+  float acc[MT][DT][4];
+  float row_max[MT][2], row_sum[MT][2];  // row_sum: per-thread partial sums, reduced over the quad at the end
 #pragma unroll
-  for (int i = 0; i < DT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY};
-  float row_sum[2] = {0.f, 0.f};  // per-thread partial sums, reduced over the quad at the end
-  uint32_t qf[kQInRegs ? DP / 16 : 1][4];
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int i = 0; i < DT; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.f;
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
+  uint32_t qf[kQInRegs ? MT : 1][kQInRegs ? DP / 16 : 1][4];
+  auto q_frag_addr = [&](int mt, int kk) {
+    return sQ + (wrow + mt * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + kk * 16 + (lane / 16) * 8;
+  };
 
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int stage = tile & 1;
@@ -220,127 +236,153 @@ __global__ void __launch_bounds__(kThreads) consistent_attention_fwd_kernel(cons
     const T* cV = sV + stage * BN * LD;
     if (kQInRegs && tile == 0) {
 #pragma unroll
-      for (int kk = 0; kk < DP / 16; ++kk)
-        ldmatrix_x4(qf[kQInRegs ? kk : 0],
-                    sQ + (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + kk * 16 + (lane / 16) * 8);
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < DP / 16; ++kk) ldmatrix_x4(qf[kQInRegs ? mt : 0][kQInRegs ? kk : 0], q_frag_addr(mt, kk));
     }
 
-    // S = Q K^T (16 x BN per warp)
-    float s[NT][4];
+    // S = Q K^T (16 MT x BN per warp): each K fragment feeds the MT row tiles
+    float s[MT][NT][4];
 #pragma unroll
-    for (int i = 0; i < NT; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int i = 0; i < NT; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < DP / 16; ++kk) {
-      uint32_t a[4];
-      if (kQInRegs) {
-        a[0] = qf[kQInRegs ? kk : 0][0];
-        a[1] = qf[kQInRegs ? kk : 0][1];
-        a[2] = qf[kQInRegs ? kk : 0][2];
-        a[3] = qf[kQInRegs ? kk : 0][3];
-      } else {
-        ldmatrix_x4(a, sQ + (warp * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + kk * 16 + (lane / 16) * 8);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        if (kQInRegs) {
+#pragma unroll
+          for (int x = 0; x < 4; ++x) a[mt][x] = qf[kQInRegs ? mt : 0][kQInRegs ? kk : 0][x];
+        } else {
+          ldmatrix_x4(a[mt], q_frag_addr(mt, kk));
+        }
       }
 #pragma unroll
       for (int nb = 0; nb < BN / 16; ++nb) {
         uint32_t bfr[4];
         ldmatrix_x4(bfr, cK + (nb * 16 + (lane % 8) + (lane / 16) * 8) * LD + kk * 16 + ((lane / 8) % 2) * 8);
-        Mma<T>::run(s[2 * nb], a, bfr[0], bfr[1]);
-        Mma<T>::run(s[2 * nb + 1], a, bfr[2], bfr[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Mma<T>::run(s[mt][2 * nb], a[mt], bfr[0], bfr[1]);
+          Mma<T>::run(s[mt][2 * nb + 1], a[mt], bfr[2], bfr[3]);
+        }
       }
     }
 
-    // online softmax (log2 domain); columns past the end of the virtual sequence are -inf
+    // online softmax (log2 domain) per row tile; columns past the end of the virtual sequence are -inf
     const int valid = total - tile * BN;
-    float mnew[2] = {row_max[0], row_max[1]};
 #pragma unroll
-    for (int i = 0; i < NT; ++i) {
+    for (int mt = 0; mt < MT; ++mt) {
+      float mnew[2] = {row_max[mt][0], row_max[mt][1]};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = i * 8 + 2 * c4 + (e & 1);
-        s[i][e] = col < valid ? s[i][e] * p.scale_log2 : -INFINITY;
-        mnew[e / 2] = fmaxf(mnew[e / 2], s[i][e]);
+      for (int i = 0; i < NT; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = i * 8 + 2 * c4 + (e & 1);
+          s[mt][i][e] = col < valid ? s[mt][i][e] * p.scale_log2 : -INFINITY;
+          mnew[e / 2] = fmaxf(mnew[e / 2], s[mt][i][e]);
+        }
       }
-    }
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffff, mnew[r], 1));
-      mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffff, mnew[r], 2));
-    }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      alpha[r] = exp2f(row_max[r] - mnew[r]);  // 0 on the first tile (row_max = -inf)
-      row_max[r] = mnew[r];
-      row_sum[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int i = 0; i < NT; ++i) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[i][e] = exp2f(s[i][e] - mnew[e / 2]);
-        row_sum[e / 2] += s[i][e];
+      for (int r = 0; r < 2; ++r) {
+        mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffff, mnew[r], 1));
+        mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffff, mnew[r], 2));
       }
-    }
+      float alpha[2];
 #pragma unroll
-    for (int i = 0; i < DT; ++i) {
-      acc[i][0] *= alpha[0];
-      acc[i][1] *= alpha[0];
-      acc[i][2] *= alpha[1];
-      acc[i][3] *= alpha[1];
+      for (int r = 0; r < 2; ++r) {
+        alpha[r] = exp2f(row_max[mt][r] - mnew[r]);  // 0 on the first tile (row_max = -inf)
+        row_max[mt][r] = mnew[r];
+        row_sum[mt][r] *= alpha[r];
+      }
+#pragma unroll
+      for (int i = 0; i < NT; ++i) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[mt][i][e] = exp2f(s[mt][i][e] - mnew[e / 2]);
+          row_sum[mt][e / 2] += s[mt][i][e];
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < DT; ++i) {
+        acc[mt][i][0] *= alpha[0];
+        acc[mt][i][1] *= alpha[0];
+        acc[mt][i][2] *= alpha[1];
+        acc[mt][i][3] *= alpha[1];
+      }
     }
 
-    // O += P V: the S accumulators of two n8 tiles are the A fragment of one k16 step
+    // O += P V: the S accumulators of two n8 tiles are the A fragment of one k16 step; each V
+    // fragment feeds the MT row tiles
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
-      uint32_t a[4];
-      a[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      uint32_t a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = Mma<T>::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+        a[mt][1] = Mma<T>::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+        a[mt][2] = Mma<T>::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+        a[mt][3] = Mma<T>::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+      }
 #pragma unroll
       for (int dn = 0; dn < DP / 16; ++dn) {
         uint32_t bfr[4];
         ldmatrix_x4_trans(bfr, cV + (kk * 16 + (lane % 8) + ((lane / 8) % 2) * 8) * LD + dn * 16 + (lane / 16) * 8);
-        Mma<T>::run(acc[2 * dn], a, bfr[0], bfr[1]);
-        Mma<T>::run(acc[2 * dn + 1], a, bfr[2], bfr[3]);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          Mma<T>::run(acc[mt][2 * dn], a[mt], bfr[0], bfr[1]);
+          Mma<T>::run(acc[mt][2 * dn + 1], a[mt], bfr[2], bfr[3]);
+        }
       }
     }
     __syncthreads();  // every warp is done with this stage before it is refilled
   }
 
   // epilogue: normalise, store O (pairs of columns) and the natural-log lse
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 1);
-    row_sum[r] += __shfl_xor_sync(0xffffffff, row_sum[r], 2);
-  }
   T* obase = static_cast<T*>(p.o) + rk.b * p.so[0] + rk.h * p.so[1];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = m0 + warp * 16 + g8 + r * 8;
-    if (row >= p.N) continue;
-    const float inv = 1.f / row_sum[r];
-    T* orow = obase + int64_t(row) * p.so[2];
+  for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int i = 0; i < DT; ++i) {
-      const int col = i * 8 + 2 * c4;
-      if (col < p.D) {  // D % 8 == 0: both columns of the pair are valid together
-        *reinterpret_cast<uint32_t*>(orow + col) = Mma<T>::pack(acc[i][2 * r] * inv, acc[i][2 * r + 1] * inv);
-      }
+    for (int r = 0; r < 2; ++r) {
+      row_sum[mt][r] += __shfl_xor_sync(0xffffffff, row_sum[mt][r], 1);
+      row_sum[mt][r] += __shfl_xor_sync(0xffffffff, row_sum[mt][r], 2);
     }
-    if (c4 == 0) p.lse[(int64_t(rk.b) * p.H + rk.h) * p.N + row] = (row_max[r] + log2f(row_sum[r])) * 0.6931471805599453f;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = m0 + wrow + mt * 16 + g8 + r * 8;
+      if (row >= p.N) continue;
+      const float inv = 1.f / row_sum[mt][r];
+      T* orow = obase + int64_t(row) * p.so[2];
+#pragma unroll
+      for (int i = 0; i < DT; ++i) {
+        const int col = i * 8 + 2 * c4;
+        if (col < p.D) {  // D % 8 == 0: both columns of the pair are valid together
+          *reinterpret_cast<uint32_t*>(orow + col) =
+              Mma<T>::pack(acc[mt][i][2 * r] * inv, acc[mt][i][2 * r + 1] * inv);
+        }
+      }
+      if (c4 == 0)
+        p.lse[(int64_t(rk.b) * p.H + rk.h) * p.N + row] = (row_max[mt][r] + log2f(row_sum[mt][r])) * 0.6931471805599453f;
+    }
   }
 }
 
 template <typename T, int DP>
 cudaError_t launch_dp(const Params& p, cudaStream_t stream) {
-  constexpr int BN = DP <= 128 ? 64 : 32;
+  // MT row tiles of 16 per warp and BN keys per tile, chosen by ptxas -v for sm_90 (no spills,
+  // < 255 registers; the numbers are in docs/perf_notes.md): 32 rows per warp up to DP 128.
+  // MT = 2, BN = 64 spills 52 B at DP 96 (BN 32: 241 registers); DP 160 / 256 keep MT = 1, BN = 32.
+  constexpr int MT = DP <= 128 ? 2 : 1;
+  constexpr int BN = (DP <= 128 && DP != 96) ? 64 : 32;
+  constexpr int BM = kWarps * 16 * MT;
   constexpr int LD = DP + 8;
-  const int smem = (kBlockM * LD + 4 * BN * LD) * int(sizeof(T));
-  auto kernel = consistent_attention_fwd_kernel<T, DP, BN>;
+  const int smem = (BM * LD + 4 * BN * LD) * int(sizeof(T));
+  auto kernel = consistent_attention_fwd_kernel<T, DP, BN, MT>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
-  dim3 grid((p.N + kBlockM - 1) / kBlockM, p.B * p.H);
+  dim3 grid((p.N + BM - 1) / BM, p.B * p.H);
   kernel<<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

@@ -355,6 +355,24 @@ def test_gpu_backends_match_reference(require_backend, backend, dtype, B, H, N, 
     assert_close(out, ref, backend, dtype, "out")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("N", [1, 17, 70, 129, 200])
+@pytest.mark.parametrize("D", [32, 64, 96, 128, 160])
+def test_gpu_cuda_partial_query_tiles(require_backend, dtype, N, D):
+    """The CUDA forward's query tiles (128 rows = 4 warps x 32 rows for padded D <= 128, 64 rows
+    above) at N that leave whole warps, one row tile of a warp, or a single row valid: every row
+    against the reference, samples and a bank present."""
+    require_backend(OP, "cuda")
+    dev = torch.device("cuda")
+    B, H, G = 4, 2, 2
+    q, k, v, idx, bk, bv = make_inputs(B, H, N, D, max(1, B * N // 3), G, "group", E=7, dtype=dtype)
+    q, k, v, idx, bk, bv = (t.to(dev) for t in (q, k, v, idx, bk, bv))
+    with use_backend("cuda", op=OP):
+        out = consistent_attention(q, k, v, idx, G, -1, bk, bv)
+    assert_close(out, consistent_attention_reference(q, k, v, idx, G, -1, bk, bv), "cuda", dtype, f"N={N} D={D}")
+
+
 def _cuda_args(B, H, N, D, dtype):
     """Small CUDA tensors of the given head dim, for a backend's supports()."""
     q = torch.zeros(B, H, N, D, dtype=dtype, device="cuda")

@@ -254,6 +254,21 @@ def test_triton_planes_with_a_wrong_filter_fail(shape, filter, d_s, d_t, order):
             _assert_close(bad, ref, "triton", torch.float32)
 
 
+def test_predicted_bytes_model():
+    """The bytes model beside the kernels (what the bench records as model_bytes): the single pass
+    moves the floor 3 e N; at the Wan FreeInit shape the plane path moves 24.3 B per element in
+    bfloat16 (4.1x the floor) and the spectral path 56.6 B, the numbers docs/perf_notes.md quotes."""
+    mod = _triton_module()
+    shape = (2, 16, 21, 60, 104)
+    n = math.prod(shape)
+    assert mod.predicted_bytes((3, 1, 40, 64), 2, "single") == 3 * 2 * 3 * 40 * 64
+    assert round(mod.predicted_bytes(shape, 2, "planes") / n, 1) == 24.3
+    assert round(mod.predicted_bytes(shape, 4, "planes") / n, 1) == 32.3
+    assert round(mod.predicted_bytes(shape, 2, "spectral") / n, 1) == 56.6
+    with pytest.raises(ValueError, match="path"):
+        mod.predicted_bytes(shape, 2, "fft")
+
+
 def test_triton_noncontiguous_and_empty():
     x, noise = _inputs((3, 2, 6, 8))
     xt, nt = x.transpose(0, 1), noise.transpose(0, 1)  # (2, 3, 6, 8), non-contiguous

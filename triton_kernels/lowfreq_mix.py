@@ -39,9 +39,10 @@ Two paths:
   The floor is 3 e N (x and noise read, out written once): bfloat16 24.3 N = 4.1x the floor,
   float32 32.3 N = 2.7x. The spectral path below moves, counting cuFFT's 3-D R2C / C2R as two
   passes each over the complex half spectrum (what its multi-kernel plans do at these sizes):
-  diff (2 e + 4) N + rfftn ~(4 + 2 x 8 r + 8 r) N + filter 16 r N + irfftn ~(8 r + 2 x 8 r + 4) N
-  + add (4 + 2 e) N ~ (4 e + 16 + 80 r) N = 61 N at bfloat16, W 104 (~10x the floor): the plane
-  path cuts the bytes by ~2.5x (bfloat16) and ~2x (float32), and the launches from 5-9 to 3.
+  diff (2 e + 4) N + rfftn ~(4 + 8 r + 2 x 8 r) N + filter 16 r N + irfftn ~(2 x 8 r + 8 r + 4) N
+  + add (4 + 2 e) N ~ (4 e + 16 + 64 r) N = 56.6 N at bfloat16, W 104 (9.4x the floor), 64.6 N at
+  float32 (5.4x): the plane path cuts the bytes by 2.3x (bfloat16) and 2.0x (float32), and the
+  launches from 5-9 to 3.
   Work (real flops, padded tiles): A and C 4 HP WP WHP per plane each, B 2 x (8 HP^2 TP + 8 HP TP^2)
   per (slice, kw): at the Wan FreeInit shape (2, 16, 21, 60, 104) 1.4 + 5.3 + 1.4 = 8.1 GFLOP, x3
   with tf32x3. DFT-by-matmul costs O(n) per element and axis where an FFT costs O(log n): the
@@ -366,6 +367,23 @@ def planes_ok(shape) -> bool:
 
 
 PATHS = ("single", "planes", "spectral")
+
+
+def predicted_bytes(shape, element_size: int, path: str) -> float:
+    """Bytes one call moves through DRAM on `path` by the model in this module's docstring (N =
+    numel, e = element size, r = (W//2 + 1) / W): single 3 e N; planes (4 e + 32 r) N; spectral
+    (4 e + 16 + 64 r) N (cuFFT's 3-D R2C / C2R counted as two passes each over the half spectrum).
+    The DFT matrices and the filter table (read through L2 by every program) are not counted."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    W = int(shape[-1])
+    r = (W // 2 + 1) / W
+    e = int(element_size)
+    per = {"single": 3 * e, "planes": 4 * e + 32 * r, "spectral": 4 * e + 16 + 64 * r}
+    if path not in per:
+        raise ValueError(f"lowfreq_mix: path must be one of {PATHS}, got {path!r}")
+    return per[path] * n
 
 
 def choose_path(shape) -> str:
