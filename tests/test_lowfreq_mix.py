@@ -235,6 +235,23 @@ def test_triton_planes_freeinit_shapes(shape, filter, d_s, d_t):
     _assert_close(got, ref, "triton", torch.float32)
 
 
+@pytest.mark.parametrize("shape,filter,d_s,d_t", [((2, 5, 6, 8), "butterworth", 0.25, 0.25),
+                                                   ((1, 1, 21, 12, 26), "ideal", 0.25, 0.25)])
+def test_triton_planes_split_tf32_pass_b(monkeypatch, shape, filter, d_s, d_t):
+    """Pass B's float32 form on the GPU (DOT precision tf32x3: the DFT matrices pre-split into tf32
+    hi / lo parts in memory, the data split in registers, three products per dot) run under the
+    interpreter: the split algebra (signs, which part goes where) gives the reference's answer."""
+    mod = _triton_module()
+    from longvideo.ops.plan.lowfreq import axis_table
+
+    monkeypatch.setattr(mod, "DOT_PRECISION", "tf32x3")
+    x, noise = _inputs(shape)
+    ref = lowfreq_mix_reference(x, noise, filter, d_s, d_t, 4)
+    _assert_nontrivial(ref, noise, "triton", torch.float32)
+    got = mod.lowfreq_mix(x, noise, axis_table(x, filter, d_s, d_t), filter, d_s, 4, path="planes")
+    _assert_close(got, ref, "triton", torch.float32)
+
+
 @pytest.mark.parametrize("shape,filter,d_s,d_t,order", [c for c in TRITON_CASES if c[0][-3] > 1])
 def test_triton_planes_with_a_wrong_filter_fail(shape, filter, d_s, d_t, order):
     """The plane path given a deliberately wrong filter table (d_s 20% larger; for the box filter the

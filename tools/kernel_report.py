@@ -81,12 +81,12 @@ ALLOW: dict = {
         "reason": "fp32 single pass: tf32x3 (three tf32 wgmma products per DFT matmul, 36 dots) at 255 regs: "
                   "572-1976 B spill stores (tile 64x64 / 64x128). bf16 uses one tf32 product and does not spill.",
         "spill_bytes_max": 6000},
-    "lowfreq_mix/_planes_filter_ht_kernel[fp32 *PREC=tf32x3*": {
-        "reason": "fp32 plane path, pass B (FreeInit): 16 tf32x3 dots (48 wgmma) on (64, TP) tiles with the H and "
-                  "T DFT matrices split into tf32 hi/lo parts in registers: 255 regs, 12 B (T 16) / 428 B (T 21, "
-                  "TP 32) spill stores (Triton 3.6). 8 warps spill more (236 / 596 B). bf16 (one tf32 product): "
-                  "94-227 regs, no spills.",
-        "spill_bytes_max": 1200},
+    "lowfreq_mix/freeinit_2x16x21x60x104_float32/_planes_filter_ht_kernel": {
+        "reason": "fp32 plane path, pass B at T 21 (TP 32): 16 three-product tf32 dots (48 wgmma) on (64, 32) "
+                  "tiles; with the DFT matrices pre-split into tf32 hi/lo in memory and reloaded for the inverse: "
+                  "255 regs, 224 B spill stores (Triton's own tf32x3: 428 B; 8 warps: 212 B). At T 16: 140 regs, "
+                  "no spill; bf16 (one tf32 product): 78-239 regs, no spills.",
+        "spill_bytes_max": 600},
     "tiered_sparse_attention/_tsa_fwd_kernel[fp32 *IEEE=True*": {
         "reason": "fp32 TSA: input_precision='ieee' dots (exact fp32, the op's fp32 tolerance): FMA, no tensor "
                   "cores, 255 regs and ~3.1 KB spill stores / ~3 KB loads (BLOCK 64x32, 4 warps).",

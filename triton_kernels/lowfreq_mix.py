@@ -55,6 +55,7 @@ Two paths:
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -214,30 +215,76 @@ def _planes_fwd_w_kernel(x_ptr, n_ptr, zr_ptr, zi_ptr, cw_ptr, sw_ptr, T, H, W, 
 
 
 @triton.jit
-def _planes_filter_ht_kernel(zr_ptr, zi_ptr, ch_ptr, sh_ptr, ct_ptr, st_ptr, tab_ptr, T, H, W, WH, coef, order,
-                             inv_t, FILTER: tl.constexpr, HP: tl.constexpr, TP: tl.constexpr, PREC: tl.constexpr):
+def _split_tf32(x, SPLIT: tl.constexpr):
+    """(hi, lo) with hi = x truncated to tf32 (exactly representable: a tf32 dot reads it unchanged,
+    whether the hardware path truncates or rounds) and lo = x - hi (exact); (x, x) without SPLIT."""
+    if SPLIT:
+        hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+        return hi, x - hi
+    else:
+        return x, x
+
+
+@triton.jit
+def _mm(a_hi, a_lo, b_hi, b_lo, acc, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """acc + a b. SPLIT: three tf32 products of the pre-split operands, small terms first
+    (a_lo b_hi + a_hi b_lo + a_hi b_hi: ~fp32 accuracy, as Triton's tf32x3, but the split of the
+    constant DFT matrices comes from memory instead of registers); else one dot at PREC."""
+    if SPLIT:
+        acc = tl.dot(a_lo, b_hi, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b_lo, acc, input_precision="tf32")
+        acc = tl.dot(a_hi, b_hi, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a_hi, b_hi, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _planes_filter_ht_kernel(zr_ptr, zi_ptr, ch_ptr, sh_ptr, ct_ptr, st_ptr, chl_ptr, shl_ptr, ctl_ptr, stl_ptr,
+                             ch2_ptr, sh2_ptr, chl2_ptr, shl2_ptr, tab_ptr, T, H, W, WH, coef, order, inv_t, FILTER: tl.constexpr, HP: tl.constexpr,
+                             TP: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
     # Pass B of the plane path. Program (l, kw): the (H, T) block of Z at frequency kw of slice l, held as
     # (HP, TP) with H along the rows (so every dot has M = HP, Hopper wgmma at HP >= 64): DFT along H
     # (left product with the symmetric Ch, Sh), DFT along T (right product with the symmetric Ct, St),
     # times Ms(kt, kh, kw) / T, the two inverse DFTs, stored back in place.
+    # SPLIT (float32 / float16 inputs, the tf32x3 precision): the DFT matrices come pre-split into tf32
+    # hi (ch_ptr ...) and lo (chl_ptr ...) parts, the data is split in registers (see _mm); Triton's own
+    # tf32x3 split both operands in registers and spilled here (Triton 3.6, sm_90: 255 regs, 12 / 428 B
+    # at TP 16 / 32; with the pre-split and the reload below: 140 regs and no spill / 255 regs and
+    # 224 B). Without SPLIT the lo pointers are not read.
     l = tl.program_id(0).to(tl.int64)
     kw = tl.program_id(1)
     rh = tl.arange(0, HP)
     rt = tl.arange(0, TP)
     m = (rh[:, None] < H) & (rt[None, :] < T)
     offs = (l * WH + kw) * T * H + rt[None, :] * H + rh[:, None]
-    zr = tl.load(zr_ptr + offs, mask=m, other=0.0)
-    zi = tl.load(zi_ptr + offs, mask=m, other=0.0)
-    ch = tl.load(ch_ptr + rh[:, None] * HP + rh[None, :])
-    sh = tl.load(sh_ptr + rh[:, None] * HP + rh[None, :])
-    ct = tl.load(ct_ptr + rt[:, None] * TP + rt[None, :])
-    st = tl.load(st_ptr + rt[:, None] * TP + rt[None, :])
+    zr_h, zr_l = _split_tf32(tl.load(zr_ptr + offs, mask=m, other=0.0), SPLIT)
+    zi_h, zi_l = _split_tf32(tl.load(zi_ptr + offs, mask=m, other=0.0), SPLIT)
+    hh = rh[:, None] * HP + rh[None, :]
+    tt = rt[:, None] * TP + rt[None, :]
+    ch_h = tl.load(ch_ptr + hh)
+    sh_h = tl.load(sh_ptr + hh)
+    ct_h = tl.load(ct_ptr + tt)
+    st_h = tl.load(st_ptr + tt)
+    if SPLIT:
+        ch_l = tl.load(chl_ptr + hh)
+        sh_l = tl.load(shl_ptr + hh)
+        ct_l = tl.load(ctl_ptr + tt)
+        st_l = tl.load(stl_ptr + tt)
+    else:
+        ch_l = ch_h
+        sh_l = sh_h
+        ct_l = ct_h
+        st_l = st_h
+    zero = tl.zeros((HP, TP), dtype=tl.float32)
     # forward along H: B = (Ch - i Sh) Z
-    br = tl.dot(ch, zr, input_precision=PREC) + tl.dot(sh, zi, input_precision=PREC)
-    bi = tl.dot(ch, zi, input_precision=PREC) - tl.dot(sh, zr, input_precision=PREC)
+    br = _mm(sh_h, sh_l, zi_h, zi_l, _mm(ch_h, ch_l, zr_h, zr_l, zero, SPLIT, PREC), SPLIT, PREC)
+    bi = _mm(sh_h, sh_l, -zr_h, -zr_l, _mm(ch_h, ch_l, zi_h, zi_l, zero, SPLIT, PREC), SPLIT, PREC)
     # forward along T: Y = B (Ct - i St)
-    yr = tl.dot(br, ct, input_precision=PREC) + tl.dot(bi, st, input_precision=PREC)
-    yi = tl.dot(bi, ct, input_precision=PREC) - tl.dot(br, st, input_precision=PREC)
+    br_h, br_l = _split_tf32(br, SPLIT)
+    bi_h, bi_l = _split_tf32(bi, SPLIT)
+    yr = _mm(bi_h, bi_l, st_h, st_l, _mm(br_h, br_l, ct_h, ct_l, zero, SPLIT, PREC), SPLIT, PREC)
+    yi = _mm(-br_h, -br_l, st_h, st_l, _mm(bi_h, bi_l, ct_h, ct_l, zero, SPLIT, PREC), SPLIT, PREC)
     # The symmetrised filter at (kt, kh, kw) and at the negated frequency, from the axis terms (a row of
     # T terms, a column of H terms, one W term): the float64 sums are formed per element in the
     # reference's order. Padded rows / columns read index 0: their Y is zero.
@@ -252,14 +299,23 @@ def _planes_filter_ht_kernel(zr_ptr, zi_ptr, ch_ptr, sh_ptr, ct_ptr, st_ptr, tab
     c2 = tl.load(tab_ptr + T + H + (W - kw) % W)
     lpf = (0.5 * inv_t) * (_lpf_from_terms(a1, b1, c1, thr, FILTER, coef, order)
                            + _lpf_from_terms(a2, b2, c2, thr, FILTER, coef, order))
-    yr = yr * lpf
-    yi = yi * lpf
+    yr_h, yr_l = _split_tf32(yr * lpf, SPLIT)
+    yi_h, yi_l = _split_tf32(yi * lpf, SPLIT)
     # inverse along T: E = Y (Ct + i St) (the 1/T is in lpf)
-    er = tl.dot(yr, ct, input_precision=PREC) - tl.dot(yi, st, input_precision=PREC)
-    ei = tl.dot(yi, ct, input_precision=PREC) + tl.dot(yr, st, input_precision=PREC)
-    # inverse along H: G = (Ch + i Sh) E (the 1/H is in pass C's matrices)
-    gr = tl.dot(ch, er, input_precision=PREC) - tl.dot(sh, ei, input_precision=PREC)
-    gi = tl.dot(ch, ei, input_precision=PREC) + tl.dot(sh, er, input_precision=PREC)
+    er = _mm(-yi_h, -yi_l, st_h, st_l, _mm(yr_h, yr_l, ct_h, ct_l, zero, SPLIT, PREC), SPLIT, PREC)
+    ei = _mm(yr_h, yr_l, st_h, st_l, _mm(yi_h, yi_l, ct_h, ct_l, zero, SPLIT, PREC), SPLIT, PREC)
+    # inverse along H: G = (Ch + i Sh) E (the 1/H is in pass C's matrices). The matrices are loaded
+    # again through their second pointers (the same tensors; L2 hits): with SPLIT, four 64 x 64 fp32
+    # A operands kept live across the T stages spilled at TP = 32.
+    er_h, er_l = _split_tf32(er, SPLIT)
+    ei_h, ei_l = _split_tf32(ei, SPLIT)
+    if SPLIT:
+        ch_h = tl.load(ch2_ptr + hh)
+        sh_h = tl.load(sh2_ptr + hh)
+        ch_l = tl.load(chl2_ptr + hh)
+        sh_l = tl.load(shl2_ptr + hh)
+    gr = _mm(sh_h, sh_l, -ei_h, -ei_l, _mm(ch_h, ch_l, er_h, er_l, zero, SPLIT, PREC), SPLIT, PREC)
+    gi = _mm(sh_h, sh_l, er_h, er_l, _mm(ch_h, ch_l, ei_h, ei_l, zero, SPLIT, PREC), SPLIT, PREC)
     tl.store(zr_ptr + offs, gr, mask=m)
     tl.store(zi_ptr + offs, gi, mask=m)
 
@@ -452,6 +508,19 @@ def lowfreq_mix(x: torch.Tensor, noise: torch.Tensor, table: torch.Tensor, filte
     return out
 
 
+@functools.lru_cache(maxsize=32)
+def _tf32_split_matrices(H: int, W: int, T: int, device: torch.device):
+    """((ch, sh, ct, st) truncated to tf32, their float32 remainders): pass B's pre-split operands."""
+    _, _, ch, sh, _, _ = dft_matrices(H, W, device)
+    ct, st = dft_t_matrices(T, device)
+    his, los = [], []
+    for mat in (ch, sh, ct, st):
+        hi = (mat.view(torch.int32) & -8192).view(torch.float32)
+        his.append(hi.contiguous())
+        los.append((mat - hi).contiguous())
+    return tuple(his), tuple(los)
+
+
 def _planes(x, noise, out, table, code, coef, order):
     """The plane path (T > 1): passes A, B, C (module docstring)."""
     T, H, W = x.shape[-3:]
@@ -466,8 +535,14 @@ def _planes(x, noise, out, table, code, coef, order):
     warps = 4 if HP * WP <= 4096 else 8
     _planes_fwd_w_kernel[(L * T,)](x, noise, zr, zi, cw, sw, T, H, W, WH,
                                    HP=HP, WP=WP, WHP=WHP, KW=min(WP, 64), PREC=prec, num_warps=warps)
-    _planes_filter_ht_kernel[(L, WH)](zr, zi, ch, sh, ct, st, table, T, H, W, WH, coef, order, 1.0 / T,
-                                      FILTER=code, HP=HP, TP=TP, PREC=prec, num_warps=4)
+    split = prec == "tf32x3"
+    if split:
+        (ch_b, sh_b, ct_b, st_b), lo = _tf32_split_matrices(H, W, T, x.device)
+    else:
+        ch_b, sh_b, ct_b, st_b = ch, sh, ct, st
+        lo = (ch, sh, ct, st)  # not read
+    _planes_filter_ht_kernel[(L, WH)](zr, zi, ch_b, sh_b, ct_b, st_b, *lo, ch_b, sh_b, lo[0], lo[1], table, T, H, W, WH, coef, order, 1.0 / T,
+                                      FILTER=code, HP=HP, TP=TP, SPLIT=split, PREC=prec, num_warps=4)
     _planes_inv_w_kernel[(L * T,)](zr, zi, noise, out, icw, isw, T, H, W, WH,
                                    HP=HP, WP=WP, WHP=WHP, PREC=prec, num_warps=warps)
     return out
