@@ -1,6 +1,6 @@
 """Triton backend of ``lowfreq_mix`` (FreeInit's low-frequency mixing).
 
-Algebra used by both paths. With D = fftn(x - noise) and the filter moved to unshifted frequency
+Algebra used by every path. With D = fftn(x - noise) and the filter moved to unshifted frequency
 indices, M'(k) = LPF[(k + n//2) % n] per axis,
 
     out = Re(ifftn(X M' + N (1 - M'))) = noise + Re(ifftn(M' D))
@@ -12,7 +12,7 @@ suffices. The filter is evaluated in-kernel from a tiny per-axis table (T + H + 
 values built once per shape and parameters by the plan layer, ``longvideo.ops.plan.lowfreq.axis_table``):
 no (T, H, W) filter tensor exists.
 
-Two paths:
+Three paths (``choose_path``):
 
 * ``single pass`` (T == 1, H and W up to 128 -- the Ouroboros tail, run every denoising step):
   one program per (..., H, W) slice loads x and noise once, computes the 2-D DFT of x - noise as

@@ -15,7 +15,8 @@ over the last three dims, LPF one of "gaussian", "butterworth", "ideal" (diffuse
 ``longvideo.reference.lowfreq_mix`` for the exact filter definitions. Returned in x's dtype.
 
 Backends: ``reference`` (torch.fft, the CPU kernel), ``triton`` (single pass for T == 1 slices up
-to 128x128, else rfftn + in-kernel analytic filter + irfftn), ``cuda`` (the same algorithm in
+to 128x128; the three-pass plane path for 1 < T <= 64 with such planes; else rfftn + in-kernel
+analytic filter + irfftn; docs/ops.md), ``cuda`` (the single pass and the rfftn path in
 csrc/lowfreq_mix*.{cu,cpp}, private op ``longvideo::_lowfreq_mix_cuda``). Not differentiable
 (FreeInit applies it to latents outside the graph).
 """
