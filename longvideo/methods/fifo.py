@@ -211,6 +211,9 @@ class FIFODiffusion:
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         self.eta = float(eta)
+        if self.ouro is not None and self.ouro.needs_processors and getattr(self.family, "two_experts", False):
+            raise ValueError("ouroboros: SACFA and self-recurrent guidance are not supported on two-expert Wan 2.2 "
+                             "pipelines yet (their processors assume one denoiser per window); tail_sampling is")
         self._ctx = None
 
     # ------------------------------------------------------------------------------------------
@@ -457,7 +460,7 @@ class FIFODiffusion:
 
     def generate(self, prompt, num_frames: int, height: Optional[int] = None, width: Optional[int] = None,
                  guidance_scale: Optional[float] = None, negative_prompt: str = "", seed: int = 0,
-                 num_inference_steps: Optional[int] = None, init_steps: Optional[int] = None, writer=None,
+                 guidance_scale_2: Optional[float] = None, num_inference_steps: Optional[int] = None, init_steps: Optional[int] = None, writer=None,
                  checkpoint_dir=None, checkpoint_every: int = 0, resume: bool = False,
                  stop_after_iterations: Optional[int] = None) -> Iterator:
         """Yield output video frames (uint8 (H, W, 3)) as they leave the queue, `num_frames` in all.
@@ -475,6 +478,8 @@ class FIFODiffusion:
             run's settings must equal the checkpoint's (ValueError listing the differences), except
             num_frames, so a finished run can also be extended.
         stop_after_iterations: stop early (for tests of interruption).
+        guidance_scale_2: the low-noise expert's guidance scale on two-expert Wan 2.2 pipelines
+            (None: guidance_scale, as WanPipeline); ValueError on other pipelines.
         """
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -487,6 +492,10 @@ class FIFODiffusion:
         height, width = height or dh, width or dw
         if guidance_scale is None:
             guidance_scale = self.family.default_guidance_scale
+        if guidance_scale_2 is not None and not getattr(self.family, "two_experts", False):
+            raise ValueError(f"guidance_scale_2 applies to two-expert Wan 2.2 pipelines, not to {self.family.name}")
+        if getattr(self.family, "two_experts", False):
+            self.family.set_guidance_scale_2(guidance_scale_2)
         device = self.family.device
         generator = torch.Generator("cpu").manual_seed(seed)
         ckpt = Path(checkpoint_dir) / "fifo_state.pt" if checkpoint_dir else None
@@ -590,7 +599,7 @@ class FIFODiffusion:
                 "height": int(height), "width": int(width), "guidance_scale": float(guidance_scale),
                 "negative_prompt": negative_prompt, "seed": int(seed), "init_steps": init_steps,
                 "prompts": list(schedule.prompts), "prompt_starts": list(schedule.latent_starts),
-                "ouroboros": repr(ouro)}
+                "ouroboros": repr(ouro), **self.family.run_settings()}
 
     def _save_checkpoint(self, ckpt: Path, state: QueueState, settings: dict) -> None:
         """Atomic write (a crash while saving leaves the previous checkpoint); rank 0 only."""

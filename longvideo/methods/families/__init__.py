@@ -18,15 +18,16 @@ from .base import TIMESTEP_GRIDS, Family, Levels, check_grid, to_uint8
 from .cogvideox import CogVideoXFamily
 from .skyreels import SkyReelsFamily
 from .wan import WanFamily, ftfy_fallback
+from .wan22 import EXPERT_ROUTINGS, Wan22Family
 
-FAMILIES = (SkyReelsFamily, WanFamily, CogVideoXFamily, AnimateDiffFamily)
+FAMILIES = (SkyReelsFamily, Wan22Family, WanFamily, CogVideoXFamily, AnimateDiffFamily)
 """Detection order: more specific first (a family whose check would also accept another's
 pipeline comes after it)."""
 
 METHOD_NAMES = {"fifo": "FIFO", "blending": "randomized blending"}
 
-__all__ = ["FAMILIES", "TIMESTEP_GRIDS", "AnimateDiffFamily", "CogVideoXFamily", "Family", "Levels",
-           "SkyReelsFamily", "WanFamily", "check_grid", "family_for", "family_of", "ftfy_fallback",
+__all__ = ["EXPERT_ROUTINGS", "FAMILIES", "TIMESTEP_GRIDS", "AnimateDiffFamily", "CogVideoXFamily", "Family", "Levels",
+           "SkyReelsFamily", "Wan22Family", "WanFamily", "check_grid", "family_for", "family_of", "ftfy_fallback",
            "per_frame_time_embedding", "to_uint8"]
 
 
@@ -36,8 +37,8 @@ def _supported(method: Optional[str]) -> str:
 
 
 def family_of(pipe) -> str:
-    """The name of `pipe`'s family ('skyreels', 'wan', 'cogvideox', 'animatediff'); ValueError
-    naming ``pipe`` when no family recognises it."""
+    """The name of `pipe`'s family ('skyreels', 'wan22', 'wan', 'cogvideox', 'animatediff');
+    ValueError naming ``pipe`` when no family recognises it."""
     for cls in FAMILIES:
         if cls.matches(pipe):
             return cls.name

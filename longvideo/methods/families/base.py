@@ -96,6 +96,11 @@ class Family:
         """Raise ValueError (naming ``pipe``) if this pipeline cannot serve `method` although the
         family can (e.g. an image-conditioned checkpoint, a scheduler the method cannot use)."""
 
+    def run_settings(self) -> dict:
+        """Family settings a FIFO checkpoint's queue depends on beyond the common ones (compared on
+        resume); none by default."""
+        return {}
+
     # devices and sizes -----------------------------------------------------------------------
     @property
     def denoiser(self) -> torch.nn.Module:

@@ -86,7 +86,11 @@ class WanFamily(Family):
                                        num_videos_per_prompt=1, device=device, **extra)
 
     def forward(self, x, timestep, embeds):
-        tr = self.denoiser
+        return self.call_transformer(self.denoiser, x, timestep, embeds)
+
+    @staticmethod
+    def call_transformer(tr, x, timestep, embeds):
+        """One call of the Wan transformer `tr` (arguments as :meth:`forward`)."""
         if per_frame_timesteps(timestep):
             _, ph, pw = tr.config.patch_size
             tokens = (x.shape[3] // ph) * (x.shape[4] // pw)
