@@ -272,3 +272,44 @@ def test_checked_option_types():
         with pytest.raises(argparse.ArgumentTypeError):
             real(0, low_open=True)(bad)
     assert one_line("resume: x differs:\n  a: 1\n  b: 2\n") == "resume: x differs: a: 1; b: 2"
+
+
+WAN22_INDEX = {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
+               "transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875}
+
+
+@pytest.mark.parametrize("index, accepted, family", [
+    (WAN22_INDEX, ("wan", "skyreels", "animatediff", "wan22"), "wan22"),            # FIFO: the two-expert family
+    (WAN22_INDEX, ("wan",), "wan"),                                                 # FreeLOC: Wan loading, both experts
+    ({**WAN22_INDEX, "transformer_2": [None, None], "boundary_ratio": None}, ("wan", "wan22"), "wan"),  # TI2V-5B shape
+    ({**WAN22_INDEX, "boundary_ratio": None}, ("wan", "wan22"), "wan"),             # no boundary: one expert runs
+])
+def test_model_index_detects_wan22(tmp_path, index, accepted, family):
+    from longvideo.cli._common import checkpoint_family
+
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    assert checkpoint_family(tmp_path, accepted, "test") == family
+
+
+def test_generate_fifo_on_a_wan22_checkpoint_folder(tmp_path, monkeypatch, capsys):
+    """`--model DIR` with a two-expert index loads the wan22 family and FIFO runs on both experts
+    with --guidance-scale-2 (the loader is the tiny two-expert pipeline: no weights offline)."""
+    import longvideo.models as models
+    from longvideo.models import wan22
+
+    folder = tmp_path / "Wan2.2-T2V-A14B-Diffusers"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps(WAN22_INDEX))
+    loaded = []
+
+    def load(family, kind="t2v", model=None, device=None, dtype=None, seed=0):
+        loaded.append((family, kind, model))
+        return wan22.tiny_pipeline()
+
+    monkeypatch.setattr(models, "load_pipeline", load)
+    out = tmp_path / "v.mp4"
+    argv = ["generate", "--method", "fifo", "--model", str(folder), "--num-frames", "5", "--height", "32",
+            "--width", "32", "--fifo-partitions", "2", "--fifo-window", "4", "--guidance-scale-2", "1.5",
+            "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert loaded == [("wan22", "t2v", str(folder))] and out.exists()

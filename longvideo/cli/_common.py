@@ -286,12 +286,17 @@ def input_file(path, option: str) -> Path:
 PIPELINE_FAMILIES = (  # (family, pipeline class-name prefix), the more specific prefix first
     ("skyreels", "SkyReelsV2"), ("wan", "Wan"), ("animatediff", "AnimateDiff"), ("cogvideox", "CogVideoX"),
     ("sdxl", "StableDiffusionXL"), ("sd15", "StableDiffusion"))
-FAMILY_NAMES = {"skyreels": "SkyReels-V2", "wan": "Wan", "animatediff": "AnimateDiff", "cogvideox": "CogVideoX",
+FAMILY_NAMES = {"skyreels": "SkyReels-V2", "wan": "Wan", "wan22": "Wan 2.2 A14B (two experts)", "animatediff": "AnimateDiff", "cogvideox": "CogVideoX",
                 "sdxl": "SDXL", "sd15": "SD1.5"}
 
 
 def pipeline_class(model, option: str = "--model") -> str:
     """The pipeline class named by the checkpoint folder's model_index.json."""
+    return str(model_index(model, option).get("_class_name") or "")
+
+
+def model_index(model, option: str = "--model") -> dict:
+    """The checkpoint folder's model_index.json as a dict (UsageError naming `option` if unreadable)."""
     folder = Path(model)
     if not folder.exists():
         raise UsageError(f"{option} {model}: no such folder (only local diffusers checkpoints are loaded)")
@@ -305,14 +310,21 @@ def pipeline_class(model, option: str = "--model") -> str:
         raise UsageError(f"{option} {model}: model_index.json is not valid JSON ({exc})") from None
     if not isinstance(index, dict):
         raise UsageError(f"{option} {model}: model_index.json is not a JSON object")
-    return str(index.get("_class_name") or "")
+    return index
 
 
 def checkpoint_family(model, accepted, command: str, option: str = "--model") -> str:
     """The family of the checkpoint folder `model` (one of `accepted`), from its model_index.json;
-    a UsageError naming what `command` runs otherwise."""
-    cls = pipeline_class(model, option)
+    a UsageError naming what `command` runs otherwise. A Wan pipeline whose index names a
+    ``transformer_2`` and a ``boundary_ratio`` is Wan 2.2 A14B ("wan22"); where `accepted` has no
+    "wan22" but has "wan", it is loaded as "wan" (the same WanPipeline loading, both experts)."""
+    from ..models.wan22 import is_two_expert_index
+
+    index = model_index(model, option)
+    cls = str(index.get("_class_name") or "")
     family = next((fam for fam, prefix in PIPELINE_FAMILIES if cls.startswith(prefix)), None)
+    if family == "wan" and is_two_expert_index(index):
+        family = "wan22" if "wan22" in accepted or "wan" not in accepted else "wan"
     if family not in accepted:
         runs = ", ".join(FAMILY_NAMES[f] for f in accepted)
         raise UsageError(f"{option} {model}: holds a {cls or 'unnamed'} pipeline; {command} runs {runs} checkpoints")

@@ -10,7 +10,7 @@ from pathlib import Path
 from ._common import (VIDEO_SUFFIXES, UsageError, check_folder, checkpoint_family, first_line, load_pipeline,
                       nonnegative_int, output_file, positive_int, real, torch_dtype, unit_interval, user_errors)
 
-FAMILIES = ("wan", "skyreels", "animatediff")
+FAMILIES = ("wan", "skyreels", "animatediff", "wan22")
 TIMESTEP_GRIDS = ("official", "scheduler")      # longvideo.methods.families.TIMESTEP_GRIDS
 LOOKAHEAD_CONTEXTS = ("official", "clean")      # longvideo.methods.fifo.LOOKAHEAD_CONTEXTS
 SACFA_TOKENS = ("paper", "official_demo")       # longvideo.methods.fifo_ouroboros.SACFA_TOKENS
@@ -20,6 +20,8 @@ def add_arguments(p) -> None:
     g = p.add_argument_group("fifo / ouroboros")
     g.add_argument("--fifo-family", choices=FAMILIES, default=None,
                    help="model family (default: wan for the tiny model, else read from the checkpoint)")
+    g.add_argument("--guidance-scale-2", type=real(0), default=None,
+                   help="Wan 2.2 A14B (wan22): guidance scale of the low-noise expert (default: --guidance-scale)")
     g.add_argument("--fifo-partitions", type=positive_int, default=4, help="n: queue of n*f latent frames")
     g.add_argument("--fifo-window", type=positive_int, default=None,
                    help="f: latent frames per model call (default: the model's trained length)")
@@ -160,6 +162,8 @@ def run(args) -> int:
     kwargs = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale, seed=args.seed or 0,
                   num_inference_steps=None, init_steps=args.fifo_init_steps, checkpoint_dir=ckpt_dir,
                   resume=args.resume, checkpoint_every=every)
+    if args.guidance_scale_2 is not None:
+        kwargs["guidance_scale_2"] = args.guidance_scale_2
     if args.steps is not None and args.steps != fifo.L:
         print(f"note: --steps ignored: {method} denoises with one level per queue slot ({fifo.L} levels)")
     t0 = time.perf_counter()

@@ -1,0 +1,161 @@
+"""Wan 2.2 A14B (two experts switched at a boundary timestep) on the tiny two-expert pipeline:
+the family against diffusers' WanPipeline, and FIFO's per-frame routing against a window written
+frame by frame (docs/methods.md, "Wan 2.2: two experts in one window")."""
+import pytest
+import torch
+
+from longvideo.methods.families import Wan22Family, WanFamily, family_for
+from longvideo.methods.fifo import FIFODiffusion, OuroborosConfig
+from longvideo.models import wan, wan22
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return wan22.tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def embeds(pipe):
+    family = family_for(pipe, "fifo")
+    with torch.no_grad():
+        return family.encode_prompt("a cat", "blurry", True, torch.device("cpu"))
+
+
+def test_detected_and_refused_where_unsupported(pipe):
+    assert isinstance(family_for(pipe, "fifo"), Wan22Family)
+    assert type(family_for(wan.tiny_pipeline(), "fifo")) is WanFamily  # Wan 2.1: no boundary_ratio
+    with pytest.raises(ValueError, match="pipe: randomized blending supports"):
+        family_for(pipe, "blending")
+    with pytest.raises(ValueError, match="sacfa|SACFA"):
+        FIFODiffusion(pipe, num_partitions=2, frames_per_window=4,
+                      ouroboros=OuroborosConfig(tail_sampling=True, sacfa=True, self_recurrent_guidance=False))
+    with pytest.raises(ValueError, match="guidance_scale_2"):
+        next(FIFODiffusion(wan.tiny_pipeline(), num_partitions=1, frames_per_window=2).generate(
+            "a cat", 1, height=32, width=32, guidance_scale_2=2.0))
+
+
+def _pipeline_run(pipe, family, steps, gs, gs2, seed):
+    """(WanPipeline's latents, ours): our loop calls the family's model_output with one timestep
+    per frame (FIFO's path), all frames at the scheduler's timestep, then the pipeline's scheduler."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    pos, neg = family.encode_prompt("a cat", "blurry", True, torch.device("cpu"))
+    ref = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, height=32, width=32, num_frames=9,
+               num_inference_steps=steps, guidance_scale=gs, guidance_scale_2=gs2,
+               generator=torch.Generator().manual_seed(seed), output_type="latent").frames.float()
+    x = randn_tensor((1, 4, 3, 8, 8), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    sched = pipe.scheduler
+    sched.set_timesteps(steps)
+    family.set_guidance_scale_2(gs2)
+    for t in sched.timesteps:
+        y = family.model_output(x, t.float().expand(3), pos, neg, gs)
+        x = sched.step(y, t, x, return_dict=False)[0]
+    return ref, x
+
+
+class _SwappedExperts(Wan22Family):
+    """Broken on purpose: the low-noise expert above the boundary."""
+
+    @property
+    def experts(self):
+        return self.pipe.transformer_2, self.pipe.transformer
+
+
+class _OneGuidanceScale(Wan22Family):
+    """Broken on purpose: guidance_scale for both experts."""
+
+    def set_guidance_scale_2(self, value):
+        self.guidance_scale_2 = None
+
+
+@pytest.mark.parametrize("family_cls", [Wan22Family, _SwappedExperts, _OneGuidanceScale])
+def test_options_off_equal_wan_pipeline_with_two_experts(pipe, family_cls):
+    """4 steps: timesteps 999 and 900 at or above the boundary (875), 750 and 500 below, so both
+    experts and both guidance scales act; the broken families must differ."""
+    with torch.no_grad():
+        ref, ours = _pipeline_run(pipe, family_cls(pipe), steps=4, gs=3.0, gs2=1.5, seed=0)
+    pipe.scheduler.set_timesteps(4)
+    assert (pipe.scheduler.timesteps >= 875).sum() == 2
+    if family_cls is Wan22Family:
+        torch.testing.assert_close(ours, ref, **TOL)
+    else:
+        assert (ours - ref).abs().max() > 1e-3
+
+
+def _guided(tr, x, t_frames, pos, neg, gs):
+    """The oracle's CFG call of one expert: per-token timesteps built here, not by the family."""
+    tokens = (x.shape[3] // 2) * (x.shape[4] // 2)
+    t = t_frames.repeat_interleave(tokens)[None]
+    y_c = tr(hidden_states=x, timestep=t, encoder_hidden_states=pos, return_dict=False)[0]
+    y_u = tr(hidden_states=x, timestep=t, encoder_hidden_states=neg, return_dict=False)[0]
+    return y_u + gs * (y_c - y_u)
+
+
+def _frame_by_frame(pipe, routing, x, t_frames, sigma_in, sigma_out, pos, neg, gs, gs2):
+    """Each frame's Euler update from its own expert (t >= boundary: transformer), written one
+    frame at a time: "select" calls the expert on the whole window, "split" on the frames of that
+    expert only."""
+    boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+    out = torch.empty_like(x)
+    for j in range(x.shape[2]):
+        high = bool(t_frames[j] >= boundary)
+        tr, scale = (pipe.transformer, gs) if high else (pipe.transformer_2, gs2)
+        if routing == "select":
+            y = _guided(tr, x, t_frames, pos, neg, scale)[:, :, j]
+        else:
+            same = [i for i in range(x.shape[2]) if bool(t_frames[i] >= boundary) == high]
+            y = _guided(tr, x[:, :, same], t_frames[same], pos, neg, scale)[:, :, same.index(j)]
+        out[:, :, j] = x[:, :, j] + (sigma_out[j] - sigma_in[j]) * y
+    return out
+
+
+@pytest.mark.parametrize("routing", ["split", "select", "broken_one_expert"])
+def test_window_across_the_boundary_routes_each_frame_to_its_expert(pipe, embeds, routing):
+    """A FIFO window (levels 3..8 of L = 8: timesteps 643..1000, three on each side of 875): the
+    family's update of every frame equals the frame-by-frame oracle's; the Wan 2.1 family (one
+    expert for all frames) must differ."""
+    fifo = FIFODiffusion(pipe, num_partitions=2, frames_per_window=6, lookahead=True)
+    lv = fifo.family.levels(8, torch.device("cpu"))
+    k = torch.arange(3, 9)
+    t_frames = lv.t_model[k]
+    assert ((t_frames >= 875).sum(), (t_frames < 875).sum()) == (3, 3)
+    x = torch.randn(1, 4, 6, 8, 8, generator=torch.Generator().manual_seed(1))
+    pos, neg = embeds
+    family = WanFamily(pipe) if routing == "broken_one_expert" else Wan22Family(pipe)
+    if routing != "broken_one_expert":
+        family.expert_routing = routing
+        family.set_guidance_scale_2(2.0)
+    with torch.no_grad():
+        ours = family.update(lv, x, family.model_output(x, t_frames, pos, neg, 4.0), k, k - 1)
+        ref = _frame_by_frame(pipe, "select" if routing == "broken_one_expert" else routing, x, t_frames,
+                              lv.sigma[k], lv.sigma[k - 1], pos, neg, 4.0, 2.0)
+    if routing == "broken_one_expert":
+        assert (ours - ref).abs().max() > 1e-3
+    else:
+        torch.testing.assert_close(ours, ref, **TOL)
+
+
+def test_split_and_select_agree_off_the_boundary_and_differ_across_it(pipe, embeds):
+    """On a window wholly on one side both routings make the same single call; across the
+    boundary the split sub-windows' attention spans fewer frames, so outputs differ."""
+    pos, neg = embeds
+    x = torch.randn(1, 4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    outs = {}
+    for routing in ("split", "select"):
+        family = Wan22Family(pipe)
+        family.expert_routing = routing
+        with torch.no_grad():
+            outs[routing] = (family.model_output(x, torch.tensor([900.0, 920.0, 950.0, 999.0]), pos, neg, 4.0),
+                             family.model_output(x, torch.tensor([700.0, 800.0, 900.0, 999.0]), pos, neg, 4.0))
+    torch.testing.assert_close(outs["split"][0], outs["select"][0], rtol=0, atol=0)
+    assert (outs["split"][1] - outs["select"][1]).abs().max() > 1e-4
+
+
+def test_fifo_runs_on_both_sides_with_guidance_scale_2(pipe):
+    """End to end: FIFO on the tiny two-expert model; guidance_scale_2 changes the video."""
+    fifo = FIFODiffusion(pipe, num_partitions=2, frames_per_window=4, coherent_tail=True)
+    a = fifo("a cat", 5, height=32, width=32, guidance_scale=3.0, guidance_scale_2=3.0)
+    b = fifo("a cat", 5, height=32, width=32, guidance_scale=3.0, guidance_scale_2=1.5)
+    assert a.shape == (5, 32, 32, 3) and (a != b).any()
