@@ -286,8 +286,8 @@ def input_file(path, option: str) -> Path:
 PIPELINE_FAMILIES = (  # (family, pipeline class-name prefix), the more specific prefix first
     ("skyreels", "SkyReelsV2"), ("wan", "Wan"), ("animatediff", "AnimateDiff"), ("cogvideox", "CogVideoX"),
     ("sdxl", "StableDiffusionXL"), ("sd15", "StableDiffusion"))
-FAMILY_NAMES = {"skyreels": "SkyReels-V2", "wan": "Wan", "wan22": "Wan 2.2 A14B (two experts)", "animatediff": "AnimateDiff", "cogvideox": "CogVideoX",
-                "sdxl": "SDXL", "sd15": "SD1.5"}
+FAMILY_NAMES = {"skyreels": "SkyReels-V2", "wan": "Wan", "wan22": "Wan 2.2 A14B (two experts)",
+                "animatediff": "AnimateDiff", "cogvideox": "CogVideoX", "sdxl": "SDXL", "sd15": "SD1.5"}
 
 
 def pipeline_class(model, option: str = "--model") -> str:

@@ -460,9 +460,9 @@ class FIFODiffusion:
 
     def generate(self, prompt, num_frames: int, height: Optional[int] = None, width: Optional[int] = None,
                  guidance_scale: Optional[float] = None, negative_prompt: str = "", seed: int = 0,
-                 guidance_scale_2: Optional[float] = None, num_inference_steps: Optional[int] = None, init_steps: Optional[int] = None, writer=None,
+                 num_inference_steps: Optional[int] = None, init_steps: Optional[int] = None, writer=None,
                  checkpoint_dir=None, checkpoint_every: int = 0, resume: bool = False,
-                 stop_after_iterations: Optional[int] = None) -> Iterator:
+                 stop_after_iterations: Optional[int] = None, guidance_scale_2: Optional[float] = None) -> Iterator:
         """Yield output video frames (uint8 (H, W, 3)) as they leave the queue, `num_frames` in all.
 
         prompt: a string, or a list of (prompt, start_video_frame) pairs (the first start must be 0).
