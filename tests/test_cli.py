@@ -291,25 +291,23 @@ def test_model_index_detects_wan22(tmp_path, index, accepted, family):
     assert checkpoint_family(tmp_path, accepted, "test") == family
 
 
-def test_generate_fifo_on_a_wan22_checkpoint_folder(tmp_path, monkeypatch, capsys):
-    """`--model DIR` with a two-expert index loads the wan22 family and FIFO runs on both experts
-    with --guidance-scale-2 (the loader is the tiny two-expert pipeline: no weights offline)."""
-    import longvideo.models as models
+def test_generate_fifo_on_a_wan22_checkpoint_folder(tmp_path, capsys):
+    """`--model DIR` on a saved two-expert checkpoint (the tiny one, written with save_pretrained):
+    the folder is detected as wan22, loaded with both experts, and FIFO runs across the boundary
+    with --guidance-scale-2; a folder without transformer_2 is refused by the Wan 2.2 loader."""
     from longvideo.models import wan22
 
-    folder = tmp_path / "Wan2.2-T2V-A14B-Diffusers"
-    folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps(WAN22_INDEX))
-    loaded = []
-
-    def load(family, kind="t2v", model=None, device=None, dtype=None, seed=0):
-        loaded.append((family, kind, model))
-        return wan22.tiny_pipeline()
-
-    monkeypatch.setattr(models, "load_pipeline", load)
+    folder = tmp_path / "Wan2.2-T2V-A14B-tiny"
+    wan22.tiny_pipeline().save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert wan22.is_two_expert_index(index) and index["boundary_ratio"] == 0.875
     out = tmp_path / "v.mp4"
-    argv = ["generate", "--method", "fifo", "--model", str(folder), "--num-frames", "5", "--height", "32",
-            "--width", "32", "--fifo-partitions", "2", "--fifo-window", "4", "--guidance-scale-2", "1.5",
-            "--device", "cpu", "--out", str(out)]
+    argv = ["generate", "--method", "fifo", "--model", str(folder), "--dtype", "float32", "--num-frames", "5",
+            "--height", "32", "--width", "32", "--fifo-partitions", "2", "--fifo-window", "4",
+            "--guidance-scale-2", "1.5", "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
-    assert loaded == [("wan22", "t2v", str(folder))] and out.exists()
+    assert out.exists()
+    index["transformer_2"] = [None, None]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="not a two-expert Wan 2.2 checkpoint"):
+        wan22.from_pretrained(folder)
