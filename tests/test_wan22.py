@@ -36,23 +36,33 @@ def test_detected_and_refused_where_unsupported(pipe):
             "a cat", 1, height=32, width=32, guidance_scale_2=2.0))
 
 
-def _pipeline_run(pipe, family, steps, gs, gs2, seed):
-    """(WanPipeline's latents, ours): our loop calls the family's model_output with one timestep
-    per frame (FIFO's path), all frames at the scheduler's timestep, then the pipeline's scheduler."""
+STEPS, GS, GS2, SEED = 4, 3.0, 1.5, 0
+
+
+@pytest.fixture(scope="module")
+def pipeline_latents(pipe, embeds):
+    """WanPipeline's own two-expert sampling (latents) of one clip: the reference, run once."""
+    pos, neg = embeds
+    with torch.no_grad():
+        return pipe(prompt_embeds=pos, negative_prompt_embeds=neg, height=32, width=32, num_frames=9,
+                    num_inference_steps=STEPS, guidance_scale=GS, guidance_scale_2=GS2,
+                    generator=torch.Generator().manual_seed(SEED), output_type="latent").frames.float()
+
+
+def _family_run(pipe, family, embeds):
+    """The same sampling with the family's model_output given one timestep per frame (FIFO's
+    path), all frames at the scheduler's timestep, stepped by the pipeline's scheduler."""
     from diffusers.utils.torch_utils import randn_tensor
 
-    pos, neg = family.encode_prompt("a cat", "blurry", True, torch.device("cpu"))
-    ref = pipe(prompt_embeds=pos, negative_prompt_embeds=neg, height=32, width=32, num_frames=9,
-               num_inference_steps=steps, guidance_scale=gs, guidance_scale_2=gs2,
-               generator=torch.Generator().manual_seed(seed), output_type="latent").frames.float()
-    x = randn_tensor((1, 4, 3, 8, 8), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+    pos, neg = embeds
+    x = randn_tensor((1, 4, 3, 8, 8), generator=torch.Generator().manual_seed(SEED), dtype=torch.float32)
     sched = pipe.scheduler
-    sched.set_timesteps(steps)
-    family.set_guidance_scale_2(gs2)
+    sched.set_timesteps(STEPS)
+    family.set_guidance_scale_2(GS2)
     for t in sched.timesteps:
-        y = family.model_output(x, t.float().expand(3), pos, neg, gs)
+        y = family.model_output(x, t.float().expand(3), pos, neg, GS)
         x = sched.step(y, t, x, return_dict=False)[0]
-    return ref, x
+    return x
 
 
 class _SwappedExperts(Wan22Family):
@@ -71,12 +81,13 @@ class _OneGuidanceScale(Wan22Family):
 
 
 @pytest.mark.parametrize("family_cls", [Wan22Family, _SwappedExperts, _OneGuidanceScale])
-def test_options_off_equal_wan_pipeline_with_two_experts(pipe, family_cls):
+def test_options_off_equal_wan_pipeline_with_two_experts(pipe, embeds, pipeline_latents, family_cls):
     """4 steps: timesteps 999 and 900 at or above the boundary (875), 750 and 500 below, so both
     experts and both guidance scales act; the broken families must differ."""
     with torch.no_grad():
-        ref, ours = _pipeline_run(pipe, family_cls(pipe), steps=4, gs=3.0, gs2=1.5, seed=0)
-    pipe.scheduler.set_timesteps(4)
+        ours = _family_run(pipe, family_cls(pipe), embeds)
+    ref = pipeline_latents
+    pipe.scheduler.set_timesteps(STEPS)
     assert (pipe.scheduler.timesteps >= 875).sum() == 2
     if family_cls is Wan22Family:
         torch.testing.assert_close(ours, ref, **TOL)
