@@ -72,13 +72,13 @@ from __future__ import annotations
 import contextlib
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 
+from .._io import OutputError
 from .families import family_for
 from .fifo_ouroboros import (
     OuroborosConfig,
@@ -573,15 +573,22 @@ class FIFODiffusion:
                     break  # the last iteration, cut short: its state must not be saved (extending re-runs it)
                 complete = state
                 if checkpoint_every and state.iteration % checkpoint_every == 0:
-                    self._save_checkpoint(ckpt, state, settings)
-                    saved_iteration = state.iteration
+                    if self._save_checkpoint(ckpt, state, settings, writer):
+                        saved_iteration = state.iteration
             if checkpoint_every and complete.iteration != saved_iteration:
-                self._save_checkpoint(ckpt, complete, settings)  # the end: a later run can extend the video
-        except BaseException:
+                # the end: a later run can extend the video
+                self._save_checkpoint(ckpt, complete, settings, writer)
+        except BaseException as exc:
             # Interrupted (Ctrl-C, SIGTERM turned into KeyboardInterrupt, the consumer closing the
-            # generator, an error): keep the work of every fully emitted iteration.
-            if checkpoint_every and complete is not None and complete.iteration != saved_iteration:
-                self._save_checkpoint(ckpt, complete, settings)
+            # generator, an error): keep the work of every fully emitted iteration -- unless the
+            # checkpoint itself could not be written (the previous one is intact; trying again
+            # would only replace this error by the same one).
+            if (checkpoint_every and complete is not None and complete.iteration != saved_iteration
+                    and not (isinstance(exc, OutputError) and exc.path == ckpt)):
+                try:
+                    self._save_checkpoint(ckpt, complete, settings, writer)
+                except OutputError:
+                    pass  # the error in flight is the one to report; the previous checkpoint stands
             raise
         finally:
             restore()
@@ -601,16 +608,33 @@ class FIFODiffusion:
                 "prompts": list(schedule.prompts), "prompt_starts": list(schedule.latent_starts),
                 "ouroboros": repr(ouro), **self.family.run_settings()}
 
-    def _save_checkpoint(self, ckpt: Path, state: QueueState, settings: dict) -> None:
-        """Atomic write (a crash while saving leaves the previous checkpoint); rank 0 only."""
+    def _save_checkpoint(self, ckpt: Path, state: QueueState, settings: dict, writer=None) -> bool:
+        """Save `state` durably (rank 0 only): the frames it claims are made durable first (the
+        writer's ``sync()``, if it has one: VideoWriter closes its open segment), then the state is
+        serialised in memory and written to a temporary file in the same folder, fsynced, renamed
+        over the checkpoint and the folder fsynced (longvideo._io.atomic_write_bytes): a crash or a
+        full disk leaves the previous checkpoint intact. Not saved (False) when the writer holds
+        fewer durable frames than the state has emitted (a video write failed): the previous
+        checkpoint, which the video does cover, stays. OutputError when the file cannot be
+        written (naming it and what was kept)."""
         if self._rank_world()[0] != 0:
-            return
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_suffix(".tmp")
+            return False
+        import io
+
+        from .._io import atomic_write_bytes
+
+        sync = getattr(writer, "sync", None)
+        if sync is not None:
+            durable = sync()
+            if isinstance(durable, int) and durable < state.frames_out:
+                return False
         data = {k.name: getattr(state, k.name) for k in dataclasses.fields(QueueState)}
         data["settings"] = settings
-        torch.save(data, tmp)
-        os.replace(tmp, ckpt)
+        buf = io.BytesIO()
+        torch.save(data, buf)
+        kept = (f"the previous checkpoint {ckpt} (unchanged)" if ckpt.exists() else "no queue checkpoint yet")
+        atomic_write_bytes(ckpt, buf.getvalue(), kept=kept)
+        return True
 
     def __call__(self, prompt, num_frames: int, **kwargs):
         """All frames at once: np.uint8 (F, H, W, 3)."""
