@@ -422,24 +422,51 @@ class RandomizedBlending:
 
     @torch.no_grad()
     def finish(self, run: "_Run", output_type: str = "np"):
-        """Stitch (baselines), decode once, cut the padding frames off."""
+        """Stitch (baselines), decode, cut the padding frames off. The decode is streamed
+        (longvideo.decode: chunk by chunk, memory flat in the length) and equals the VAE's whole
+        decode bit for bit; :meth:`iter_decoded` hands the chunks out one by one instead."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        lay = run.layout
-        x = run.x if self.mode == "blend" else stitch(run.xs, lay.starts, draw_cuts(lay.starts, lay.chunk, self.mode,
-                                                                                    None), lay.latent_frames)
+        x = self.final_latents(run)
         if output_type == "latent":
             return x
-        decoded = self.family.decode_video(x)
-        vp = self.pipe.video_processor
+        from ..decode import decode_whole
+
+        out = decode_whole(self.pipe, self._pipeline_latents(x), run.layout.num_frames, self._decode_chunk_size(),
+                           output_type="pt" if output_type == "pt" else "np")
         if output_type == "pt":
-            return vp.postprocess_video(decoded, output_type="pt")[0][:lay.num_frames]
-        out = vp.postprocess_video(decoded, output_type="np")[0][:lay.num_frames]
+            return out
         if output_type == "pil":
             from PIL import Image
 
             return [Image.fromarray((np.clip(f, 0, 1) * 255).round().astype(np.uint8)) for f in out]
         return out.astype(np.float32)
+
+    def final_latents(self, run: "_Run") -> torch.Tensor:
+        """The refined latent video (1, C, L, h, w): the blended trajectory, or the baselines'
+        chunks stitched at the middle of each overlap."""
+        lay = run.layout
+        return run.x if self.mode == "blend" else stitch(run.xs, lay.starts, draw_cuts(lay.starts, lay.chunk,
+                                                                                       self.mode, None),
+                                                         lay.latent_frames)
+
+    def iter_decoded(self, latents: torch.Tensor, num_frames: Optional[int] = None):
+        """Decode refined `latents` (1, C, L, h, w) chunk by chunk: float32 numpy chunks (n, H, W, 3)
+        in [0, 1] whose concatenation is ``finish(run, "np")`` (stop after `num_frames`: the input's
+        length, without the causal VAE's padding frames). Each chunk can be written before the
+        next is decoded (longvideo.decode.decode_to)."""
+        from ..decode import iter_frames
+
+        for frames in iter_frames(self.pipe, self._pipeline_latents(latents), num_frames,
+                                  self._decode_chunk_size()):
+            yield frames.astype(np.float32)
+
+    def _pipeline_latents(self, x: torch.Tensor) -> torch.Tensor:
+        # the blending loop keeps (1, C, L, h, w); a CogVideoX pipeline's latents are (1, L, C, h, w)
+        return x.permute(0, 2, 1, 3, 4) if self.family.name == "cogvideox" else x
+
+    def _decode_chunk_size(self) -> int:
+        return int(getattr(self.family, "decode_chunk_size", 16))
 
     @torch.no_grad()
     def __call__(self, video, prompt: str = "", negative_prompt: Optional[str] = None, height: Optional[int] = None,
