@@ -30,6 +30,11 @@ class OutputError(OSError):
     def __str__(self) -> str:
         return self.args[1]
 
+    def set_kept(self, kept: str) -> None:
+        """Say what was kept after all (e.g. once the frames kept were joined into one file)."""
+        self.kept = kept
+        self.args = (self.args[0], f"cannot write {self.path}: {self.why}; kept: {kept}")
+
 
 def reason(exc: BaseException) -> str:
     """A short why for an exception raised while writing (the OS's words where there are any)."""

@@ -28,7 +28,7 @@ def to_uint8_frames(video) -> np.ndarray:
             return np.zeros((0, 0, 0, 3), np.uint8)
         if hasattr(video[0], "convert"):  # PIL
             return np.stack([np.asarray(im.convert("RGB")) for im in video])
-        return np.concatenate([to_uint8_frames(v)[None] if np.ndim(v) == 3 else to_uint8_frames(v) for v in video])
+        return np.concatenate([to_uint8_frames(v) for v in video])  # each (n, H, W, 3), a frame as n = 1
     if torch is not None and isinstance(video, torch.Tensor):
         t = video.detach().float().cpu()
         if t.ndim == 5 and t.shape[0] == 1:
@@ -172,6 +172,7 @@ class VideoWriter:
         self._stale = not keep_frames
         self._plan = None            # resume: the old frames kept (applied at the first write)
         self._touched = False        # this writer has written or synced
+        self._failed_kept = None     # what a failed segment write said was kept
         if keep_frames:
             self._keep(keep_frames)
 
@@ -234,7 +235,7 @@ class VideoWriter:
             self._stale = False
             self.segments_dir.mkdir(parents=True, exist_ok=True)
             self._writer = _open_encoder(path, self.fps, self.quality, shape)
-        except Exception as exc:  # noqa: BLE001
+        except OSError as exc:
             raise output_error(path, exc, self.describe_kept()) from exc
         self._open_path, self._open_frames = path, 0
 
@@ -253,7 +254,7 @@ class VideoWriter:
                 self._open_segment(frame.shape)
             try:
                 self._writer.append_data(frame)
-            except Exception as exc:  # noqa: BLE001 - BrokenPipe/IOError from the encoder process
+            except OSError as exc:  # BrokenPipe/IOError: the encoder process could not write
                 writer, path = self._writer, self._open_path
                 self._writer, self._open_path, self._open_frames = None, None, 0
                 self.frames_written = self.kept_frames
@@ -262,7 +263,8 @@ class VideoWriter:
                 except Exception:  # noqa: BLE001 - it failed already
                     pass
                 _unlink(path)
-                raise output_error(path, exc, self.describe_kept()) from exc
+                self._failed_kept = self.describe_kept()
+                raise output_error(path, exc, self._failed_kept) from exc
             self._open_frames += 1
             if self.png_dir:
                 from PIL import Image
@@ -402,8 +404,14 @@ class VideoWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        from ._io import OutputError
+
         self.close()
+        if isinstance(exc, OutputError) and self.joined and exc.kept == self._failed_kept:
+            # a segment could not be written, but the frames before it could still be joined
+            exc.set_kept(f"frames {self.first_frame_index}..{self.first_frame_index + self.frames_written - 1} "
+                         f"in {self.path}")
 
 
 def _unlink(path) -> None:

@@ -16,7 +16,10 @@ diffusers checkpoint. A method's options are prefixed with its name (--fifo-*, -
 --freeloc-*, --probe-*, --story-*, --blend-*).
 
 A mistake in the command line or its inputs is reported in one line, ``longvideo: error: ...``,
-with exit status 2 (--debug adds the traceback).
+with exit status 2 (--debug adds the traceback). An output that cannot be written (a full disk, no
+permission) is reported in one line naming the file and what was kept, exit status 1. Ctrl-C
+(SIGINT) and SIGTERM stop a command the same way, saving what can be saved (the frames written so
+far, FIFO's queue state): exit status 130 and 143 (docs/outputs.md).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import argparse
 import sys
 import traceback
 
-from . import bench, enhance, generate, info, plan, probe, story
+from . import _signals, bench, enhance, generate, info, plan, probe, story
 from ._common import HelpFormatter, Parser, UsageError, one_line
 from ._common import add_common_generation as _add_common_generation  # noqa: F401  (the name tests used)
 
@@ -50,19 +53,50 @@ def build_parser() -> Parser:
 
 def main(argv=None) -> int:
     """Run the ``longvideo`` command line; returns the exit status (2: a mistake in the command
-    line or its inputs, reported in one line on stderr)."""
+    line or its inputs, reported in one line on stderr; 1: an output that cannot be written;
+    130 / 143: interrupted by SIGINT / SIGTERM)."""
     parser = build_parser()
     args = None
-    try:
-        args, extra = parser.parse_known_args(argv)
-        if extra:  # named by the command's parser, whose --help lists what it takes
-            args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return args._run(args)
-    except UsageError as exc:
-        if args is not None and args.debug:
-            traceback.print_exc()
-        print(f"longvideo: error: {one_line(exc)}", file=sys.stderr)
-        return 2
+    with _signals.interrupts_raise():
+        try:
+            args, extra = parser.parse_known_args(argv)
+            if extra:  # named by the command's parser, whose --help lists what it takes
+                args._parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            return args._run(args)
+        except UsageError as exc:
+            return _report(args, exc, f"longvideo: error: {one_line(exc)}", 2)
+        except KeyboardInterrupt as exc:
+            return _report(args, exc, f"longvideo: interrupted by {_signals.signal_name(exc)}",
+                           _signals.exit_status(exc), traceback_too=False)
+        except OSError as exc:
+            from .._io import DISK_ERRNOS, OutputError, reason
+
+            if _signals.received() is not None:
+                return _report(args, exc, f"longvideo: interrupted by {_signals.signal_name()}",
+                               _signals.exit_status(exc), traceback_too=False)
+            if isinstance(exc, OutputError):
+                return _report(args, exc, f"longvideo: error: {one_line(exc)}", 1)
+            if exc.errno in DISK_ERRNOS:
+                where = f" {exc.filename}" if exc.filename else ""
+                return _report(args, exc, f"longvideo: error: cannot write{where}: {reason(exc)}", 1)
+            raise
+        except Exception as exc:
+            if _signals.received() is not None:
+                # the consequence of an interrupt (under torchrun: a collective whose peer is gone)
+                return _report(args, exc, f"longvideo: interrupted by {_signals.signal_name()}",
+                               _signals.exit_status(exc), traceback_too=False)
+            raise
+
+
+def _report(args, exc, line: str, status: int, traceback_too: bool = True) -> int:
+    """Print `line` (and the traceback with --debug) on stderr -- on one rank only under torchrun,
+    the others exit quietly with the same status."""
+    if not _signals.reporting_rank():
+        return status
+    if args is not None and getattr(args, "debug", False) and traceback_too:
+        traceback.print_exception(exc)
+    print(line, file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
-"""``longvideo bench``: run benchmark suites and record JSON (default: benchmarks/results/ of the
-checkout, else ./benchmark-results), or only regenerate the table."""
+"""``longvideo bench``: run benchmark suites and record JSON, or only regenerate the table.
+
+Where records go without ``--out``: GPU runs into benchmarks/results/ of the checkout (the tracked
+records behind the README's tables; else ./benchmark-results); CPU runs (smoke runs, not
+performance records) into ./benchmark-results-cpu of the current folder, so they never rewrite
+the tracked results -- ``--out benchmarks/results`` asks for that explicitly. ``--table`` and
+``--update-preferences`` read benchmarks/results/ by default."""
 from __future__ import annotations
 
 import sys
@@ -21,16 +26,24 @@ def add_arguments(p) -> None:
                         "(tools/warm_triton.py runs suites so in parallel)")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--out", default=None,
-                   help="results folder (default: benchmarks/results of the checkout, else ./benchmark-results)")
+                   help="results folder (default: benchmarks/results of the checkout for GPU runs, the table and "
+                        "--update-preferences; ./benchmark-results-cpu for runs on CPU, so that CPU records never "
+                        "replace the tracked ones)")
     p.add_argument("--table", action="store_true", help="only regenerate the table from recorded results")
     p.add_argument("--update-preferences", action="store_true",
                    help="write the 'auto' backend preferences from the recorded results")
     p.add_argument("--list", action="store_true", help="list suites")
 
 
-def results_dir(arg) -> Path:
+CPU_RESULTS = "benchmark-results-cpu"  # relative to the current folder
+
+
+def results_dir(arg, device=None) -> Path:
+    """--out, else the default for `device` (a CPU run's records stay out of the tracked results)."""
     if arg:
         return Path(arg)
+    if device is not None and str(device).split(":")[0] == "cpu":
+        return Path(CPU_RESULTS)
     checkout = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
     return checkout if checkout.parent.is_dir() else Path("benchmark-results")
 
@@ -57,6 +70,7 @@ def run(args) -> int:
         if unknown:
             raise UsageError(f"--suite: unknown suite(s) {', '.join(unknown)}; available: {', '.join(suites)}")
         device = torch.device(resolve_device(args.device))
+        out = results_dir(args.out, device)
         if device.type == "cpu" and not args.quick:
             print("note: full-size suites are meant for a GPU; on CPU use --quick", file=sys.stderr)
         if args.warm:

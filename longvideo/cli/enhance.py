@@ -16,6 +16,10 @@ MODES = ("blend", "independent", "shared_noise")   # longvideo.methods.blending.
 
 def add_arguments(p) -> None:
     add_common_generation(p)
+    for action in p._actions:  # the written video keeps the input's frame rate unless told otherwise
+        if action.dest == "fps":
+            action.default = None
+            action.help = "frames per second of the video written (default: the input video's, else 8)"
     p.add_argument("input", help="input video file (mp4, gif, ...)")
     p.add_argument("--blend-family", default=None, choices=FAMILIES,
                    help="pipeline family (default: from the checkpoint's model_index.json, else wan)")
@@ -50,9 +54,11 @@ def _load_pipe(args, family):
 
 def run(args) -> int:
     """Refine a video, write it and its seam metric JSON."""
+    import numpy as np
+
     from ..methods.blending import RandomizedBlending, load_frames
     from ..methods.seam_metric import seam_metric
-    from ..video import VideoWriter
+    from ..video import VideoWriter, video_fps
 
     args.device = resolve_device(args.device)
     apply_backend(args.backend, args.device)
@@ -71,6 +77,7 @@ def run(args) -> int:
                          f"{first_line(exc)})") from exc
     if args.num_frames:
         frames = frames[:args.num_frames]
+    fps = args.fps or video_fps(src) or 8.0
     pipe = _load_pipe(args, family)
     pipe.set_progress_bar_config(disable=False)
     steps = args.steps or (10 if tiny else 50)
@@ -78,7 +85,8 @@ def run(args) -> int:
     modes = [args.blend_mode] + ([m for m in MODES if m != args.blend_mode] if args.blend_compare else [])
     report = {"input": str(args.input), "output": str(out), "family": family, "model": args.model or "tiny",
               "chunk_frames": chunk, "overlap_frames": overlap, "strength": args.blend_strength,
-              "variant": args.blend_variant, "steps": steps, "guidance_scale": guidance, "seed": args.seed}
+              "variant": args.blend_variant, "steps": steps, "guidance_scale": guidance, "seed": args.seed,
+              "fps": fps}
     results = {}
     for mode in modes:
         with user_errors():
@@ -86,11 +94,18 @@ def run(args) -> int:
                                         strength=args.blend_strength, blend=args.blend_variant, mode=mode,
                                         chunk_batch=args.blend_chunk_batch)
             lay = method.layout(len(frames))
-            result = method(frames, prompt=args.prompt, height=args.height, width=args.width,
-                            num_inference_steps=steps, guidance_scale=guidance, seed=args.seed, progress=True)
+            latents = method(frames, prompt=args.prompt, height=args.height, width=args.width,
+                             num_inference_steps=steps, guidance_scale=guidance, seed=args.seed, progress=True,
+                             output_type="latent")
         path = out if mode == args.blend_mode else out.with_suffix(f".{mode}.mp4")
-        with VideoWriter(path, fps=args.fps) as writer:
-            writer.write(result)
+        # decoded chunk by chunk, each written before the next (longvideo.decode); the frames are
+        # also kept for the seam metric
+        parts = []
+        with VideoWriter(path, fps=fps) as writer:
+            for decoded in method.iter_decoded(latents, lay.num_frames):
+                writer.write(decoded)
+                parts.append(decoded)
+        result = np.concatenate(parts)
         results[mode] = seam_metric(result, lay.seam_transitions()) if len(result) > 1 else None
         print(f"[{mode}] wrote {path}")
     report["layout"] = lay.to_dict()

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from ._signals import interrupts_raise
 from ._common import (VIDEO_SUFFIXES, UsageError, check_folder, checkpoint_family, first_line, load_pipeline,
                       nonnegative_int, output_file, positive_int, real, torch_dtype, unit_interval, user_errors)
 
@@ -173,90 +174,65 @@ def run(args) -> int:
                 for _ in fifo.generate(prompt, num_frames, **kwargs):
                     pass
             return 0
-        target = out
+        writer = open_output(out, start_frame, args)
         try:
-            target, kept = open_output(out, start_frame)
-            _write(fifo, prompt, num_frames, kwargs, target, kept, start_frame, args)
+            _write(fifo, prompt, num_frames, kwargs, writer, start_frame)
         except ValueError as exc:  # a setting the method refuses, or resume with other settings
-            if target != out:
-                target.unlink(missing_ok=True)
             raise UsageError(str(exc)) from exc
-        except KeyboardInterrupt:
-            if target != out and target.name.endswith(".resuming" + out.suffix):
-                os.replace(target, out)  # closed by the with block: every frame emitted so far
-            print(f"\ninterrupted; the queue state is saved in {ckpt_dir}: run the same command with --resume "
-                  "to continue" if every else "\ninterrupted (no checkpoint: --fifo-checkpoint-every 0)")
-            return 130
-    if target != out and target.name.endswith(".resuming" + out.suffix):
-        os.replace(target, out)  # the old frames + the new ones: one complete video again
-        target = out
+        except KeyboardInterrupt as exc:
+            from . import _signals
+
+            saved = (ckpt_dir / "fifo_state.pt").exists()
+            video = (f"{writer.path} holds frames {writer.first_frame_index}.."
+                     f"{writer.first_frame_index + writer.frames_written - 1}" if writer.joined
+                     else "no new frames were written")
+            print(f"\ninterrupted by {_signals.signal_name(exc)}; {video}; " +
+                  (f"the queue state is saved in {ckpt_dir}: run the same command with --resume to continue"
+                   if saved and every else "no queue state was saved" +
+                   (" (--fifo-checkpoint-every 0)" if not every else " (stopped before the first iteration ended)")))
+            return _signals.exit_status(exc)
     dt = time.perf_counter() - t0
     made = num_frames - start_frame
-    print(f"wrote {target} ({made} new frames, {num_frames} in all, {made / dt:.2f} frames/s)")
-    if target != out:
-        print(f"frames 0..{start_frame - 1} are in {out} (written before the interruption)")
+    print(f"wrote {writer.path} ({made} new frames, {num_frames} in all, {made / dt:.2f} frames/s)")
+    if writer.path != out and writer.first_frame_index:
+        print(f"frames before {writer.first_frame_index} are not in {writer.path} (see the note above)")
     return 0
 
 
-def _write(fifo, prompt, num_frames, kwargs, target, kept, start_frame, args) -> None:
+def _write(fifo, prompt, num_frames, kwargs, writer, start_frame) -> None:
     from tqdm import tqdm
 
-    from ..video import VideoWriter
-
-    with VideoWriter(target, fps=args.fps, png_dir=args.fifo_png_dir) as writer, \
-            tqdm(total=num_frames, initial=start_frame, unit="frame") as bar:
-        png_dir, writer.png_dir = writer.png_dir, None  # their PNGs were written by the first run
-        for frame in kept:                  # the frames before the checkpoint, from the old file
-            writer.write(frame)
-        writer.png_dir, writer.frames_written = png_dir, start_frame
+    with writer, tqdm(total=num_frames, initial=start_frame, unit="frame") as bar:
         for _ in fifo.generate(prompt, num_frames, writer=writer, **kwargs):
             bar.update(1)
 
 
-def open_output(out: Path, start_frame: int):
-    """Where a (resumed) run writes, and the frames it must copy first.
+def open_output(out: Path, start_frame: int, args):
+    """The VideoWriter a (resumed) run writes with (docs/outputs.md).
 
-    A fresh run writes `out`. A resumed run re-writes the first `start_frame` frames of the
-    interrupted `out` (decoded and encoded again once) into OUT.resuming.mp4, followed by the new
-    frames, and replaces `out` with it at the end, so `out` is one complete video. When the old file
-    cannot be read or holds fewer frames (killed before the encoder flushed), the new frames go to
-    OUT.from<N>.mp4 instead and the old file is left as it is."""
-    if start_frame == 0:
-        return out, []
-    try:
-        from ..video import read_video
+    A fresh run writes `out` (through segment files in OUT.segments/, joined into `out` at the
+    end). A resumed run keeps the first `start_frame` frames of the interrupted video as they are
+    -- its closed segments, or the file `out` itself, cut to `start_frame` frames by copying
+    packets if it holds more -- and appends: nothing is encoded again. When the old video holds
+    fewer frames (deleted, or killed before a segment was closed), those frames are lost: what it
+    holds is joined into `out`, and the new frames go to OUT.from<N>.mp4."""
+    from ..video import VideoWriter
 
-        old = read_video(out)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file means: keep it, write a part file
-        print(f"note: {out} is not readable ({exc}); writing the frames from {start_frame} on to a part file")
-        old = None
-    if old is not None and old.shape[0] >= start_frame:
-        return out.with_name(f"{out.stem}.resuming{out.suffix}"), list(old[:start_frame])
-    if old is not None:
-        print(f"note: {out} holds {old.shape[0]} frames, fewer than the {start_frame} the checkpoint emitted; "
-              "writing the new frames to a part file")
-    return out.with_name(f"{out.stem}.from{start_frame}{out.suffix}"), []
+    writer = VideoWriter(out, fps=args.fps, png_dir=args.fifo_png_dir, keep_frames=start_frame)
+    if writer.frames_written >= start_frame:
+        return writer
+    have = writer.frames_written
+    if have:  # what the old video holds, as one file again
+        writer.sync()
+        writer.close()
+    part = out.with_name(f"{out.stem}.from{start_frame}{out.suffix}")
+    held = f"holds frames 0..{have - 1}" if have else "is missing or unreadable"
+    print(f"note: {out} {held}, fewer than the {start_frame} frames the checkpoint has emitted (frames "
+          f"{have}..{start_frame - 1} are lost with the old video); the frames from {start_frame} on go to {part}")
+    return VideoWriter(part, fps=args.fps, png_dir=args.fifo_png_dir, first_frame_index=start_frame)
 
 
-class sigterm_as_interrupt:
-    """SIGTERM (a job scheduler, `timeout`, `kill`) raises KeyboardInterrupt in the main thread, so the
-    video file is closed and the queue state saved as on Ctrl-C."""
-
-    def __enter__(self):
-        import signal
-        import threading
-
-        self._old = None
-        if threading.current_thread() is threading.main_thread():
-            def handler(signum, frame):
-                raise KeyboardInterrupt(f"signal {signum}")
-
-            self._old = signal.signal(signal.SIGTERM, handler)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-        return False
+class sigterm_as_interrupt(interrupts_raise):
+    """SIGTERM (a job scheduler, `timeout`, `kill`) and SIGINT raise KeyboardInterrupt in the main
+    thread, so the video file is closed and the queue state saved (longvideo.cli._signals; the
+    same handling ``longvideo.cli.main`` installs, kept for callers of ``run`` outside main)."""
