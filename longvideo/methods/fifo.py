@@ -50,8 +50,9 @@ frame v on AnimateDiff).
 Streaming and no lost work: ``generate`` yields uint8 frames as they leave the queue (and writes them
 to ``writer`` if given); every ``checkpoint_every`` iterations the queue state (latents, context,
 iteration, frames emitted, the CPU generator's state, Ouroboros' maps and bank) is saved atomically
-(the writer's ``sync()`` first, then temporary file, fsync, rename: docs/outputs.md); ``resume=True`` continues from it and yields exactly the frames an uninterrupted run
-with the same seed yields after that point. The run's settings saved with it (and compared on
+(the writer's ``sync()`` first, then temporary file, fsync, rename: docs/outputs.md);
+``resume=True`` continues from it and yields exactly the frames an uninterrupted run with the
+same seed yields after that point. The run's settings saved with it (and compared on
 resume) include the grid in effect and the lookahead context; a checkpoint written before those
 options existed counts as ``timestep_grid="scheduler"``, ``lookahead_context="clean"``.
 
