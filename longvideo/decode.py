@@ -124,10 +124,19 @@ def _finish_wan(vae, out: torch.Tensor) -> torch.Tensor:
     return torch.clamp(out, min=-1.0, max=1.0)
 
 
+def _decoder_cache_slots(vae) -> int:
+    """One cache entry per causal convolution of the Wan decoder."""
+    counts = getattr(vae, "_cached_conv_counts", None)
+    if counts is not None:
+        return counts["decoder"]
+    vae.clear_cache()  # older diffusers: clear_cache sizes _feat_map
+    return len(vae._feat_map)
+
+
 def _iter_wan(vae, z: torch.Tensor) -> Iterator[torch.Tensor]:
     _run_offload_hook(vae)
     num_frames, height, width = z.shape[2:]
-    slots = vae._cached_conv_counts["decoder"]  # one cache entry per causal convolution of the decoder
+    slots = _decoder_cache_slots(vae)
     tiles = _wan_tiles(vae, height, width)
     if tiles is None:
         x = vae.post_quant_conv(z)  # kernel 1: per frame; latent-sized, computed once as _decode does

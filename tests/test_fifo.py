@@ -275,7 +275,8 @@ def _png_frames(folder):
 def test_cli_interrupt_then_resume_equals_uninterrupted(tmp_path, capsys, monkeypatch):
     """Ctrl-C in the middle of a run (simulated in the video writer): the CLI saves the state of the
     last fully emitted iteration, --resume continues, and the PNGs (lossless) equal an
-    uninterrupted run's; the mp4 is one complete video again (old frames re-encoded once)."""
+    uninterrupted run's; the mp4 is one complete video again (the old frames kept as coded and
+    the new ones appended, docs/outputs.md)."""
     from longvideo.cli import main
     from longvideo.video import VideoWriter, read_video
 
@@ -302,14 +303,17 @@ def test_cli_interrupt_then_resume_equals_uninterrupted(tmp_path, capsys, monkey
     saved = torch.load(run / "v.fifo_state" / "fifo_state.pt", weights_only=True)
     # saved at the interruption: the last iteration whose frames were all written, not the periodic one
     assert saved["frames_out"] == 5 and saved["iteration"] == 5
+    before = read_video(run / "v.mp4")  # the interrupted run's frames, joined into OUT at the interrupt
+    assert before.shape[0] == 5
     monkeypatch.setattr(VideoWriter, "write", write)
 
     assert main(args + ["--resume"]) == 0
     np.testing.assert_array_equal(_png_frames(run / "png"), reference)
     video, ref_video = read_video(run / "v.mp4"), read_video(ref_dir / "v.mp4")
     assert video.shape == ref_video.shape
-    # the frames before the checkpoint went through the codec twice: close, not equal
+    # lossy H.264 on both sides (the resumed video restarts the encoder at the checkpoint): close
     assert np.abs(video.astype(int) - ref_video.astype(int)).mean() < 8
+    np.testing.assert_array_equal(video[:5], before)  # kept as coded: not encoded a second time
     assert not list(run.glob("*.resuming.mp4")) and not list(run.glob("*.from*.mp4"))
 
     # extending the finished run: the end state was saved, more frames continue the same video
