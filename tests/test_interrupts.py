@@ -74,6 +74,28 @@ def test_a_real_signal_in_process_takes_the_interrupt_path(monkeypatch, capsys, 
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_second_signal_while_stopping_is_ignored(monkeypatch, capsys):
+    """torchrun forwards Ctrl-C to workers that already got it: the second signal must not cut
+    the clean-up (joining the video, saving the queue state) short."""
+    import longvideo.cli.info as info
+
+    cleaned = []
+
+    def run(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives during the clean-up
+            time.sleep(0.05)
+            cleaned.append(True)
+
+    monkeypatch.setattr(info, "run", run)
+    assert main(["info"]) == 143
+    assert cleaned == [True]
+    assert capsys.readouterr().err == "longvideo: interrupted by SIGTERM\n"
+
+
 def _interrupting(exc):
     def run(args):
         raise exc

@@ -5,9 +5,14 @@ blocks close the video (every frame written so far joined into the output file),
 queue state, and the command exits with status 128 + the signal number (130 for SIGINT, 143 for
 SIGTERM, the shell's convention).
 
+A second signal while the command is stopping is ignored (torchrun forwards the terminal's
+Ctrl-C to workers that already received it; schedulers repeat SIGTERM), so it cannot cut the
+join of the video or the saving of the queue state short; SIGKILL still ends the process.
+
 Under torchrun (``WORLD_SIZE`` > 1), one rank (``RANK`` 0) reports the interrupt; the others exit
 with the same status and print nothing -- including when what stops them is the consequence of
-the interrupt (a collective whose peer has gone), not the signal itself.
+the interrupt (a collective whose peer has gone), not the signal itself. (torchrun's own agent
+prints a traceback of its ``SignalException`` when it is interrupted; that is torchrun's.)
 """
 from __future__ import annotations
 
@@ -65,6 +70,10 @@ class interrupts_raise:
         if threading.current_thread() is threading.main_thread():
             def handler(signum, frame):
                 global _received
+                if _received is not None:
+                    # already stopping (torchrun forwards the terminal's Ctrl-C a second time, a
+                    # scheduler repeats SIGTERM): let the video be joined and the state be saved
+                    return
                 _received = signum
                 raise Interrupted(signum)
 
