@@ -7,9 +7,9 @@ import os
 import time
 from pathlib import Path
 
-from ._signals import interrupts_raise
 from ._common import (VIDEO_SUFFIXES, UsageError, check_folder, checkpoint_family, first_line, load_pipeline,
                       nonnegative_int, output_file, positive_int, real, torch_dtype, unit_interval, user_errors)
+from ._signals import interrupts_raise
 
 FAMILIES = ("wan", "skyreels", "animatediff", "wan22")
 TIMESTEP_GRIDS = ("official", "scheduler")      # longvideo.methods.families.TIMESTEP_GRIDS
