@@ -106,20 +106,27 @@ def run(args) -> int:
 
     from ..decode import decode_to
     from ..methods.freeloc import FreeLOC
+    from ..parallel import enable_context_parallel, init_from_environment
     from ..video import VideoWriter
 
     ov = overrides(args)
     path = output_file(args.out, f"{args.method}.mp4", suffixes=VIDEO_SUFFIXES)
     d = generation_defaults(args, tiny=args.model is None)
+    rank, world, args.device = init_from_environment(args.device)  # torchrun: context parallel over `world` ranks
     pipe = load_wan(args, f"`longvideo generate --method {args.method}`")
-    pipe.set_progress_bar_config(disable=False)
-    method = None
+    pipe.set_progress_bar_config(disable=rank != 0)
+    method = parallel = None
     try:
         with user_errors():
+            if world > 1:
+                parallel = enable_context_parallel(pipe)  # before FreeLOC, whose dense layers use its processor
+                if rank == 0:
+                    print(f"context parallel: the sequence split over {world} ranks (Ulysses)")
             if args.method == "freeloc":
                 method = FreeLOC(pipe, layer_config=args.freeloc_layers, trained_frames=args.freeloc_trained_frames,
                                  **ov)
-                print(method.describe(d["num_frames"]))
+                if rank == 0:
+                    print(method.describe(d["num_frames"]))
             timer = StepTimer(args.device)
             hook = pipe.transformer.register_forward_pre_hook(timer.first_call)
             generator = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -135,6 +142,10 @@ def run(args) -> int:
     finally:
         if method is not None:
             method.remove()
+        if parallel is not None:
+            parallel.remove()
+    if rank != 0:  # every rank holds the whole latent video; rank 0 decodes and writes it
+        return 0
     # The latent video decoded a few frames at a time, each chunk written before the next is
     # decoded: the same frames as the pipeline's whole decode, with memory flat in the length
     # (longvideo.decode); an interruption keeps the frames written so far (docs/outputs.md).

@@ -229,7 +229,8 @@ class WanTieredAttnProcessor:
         if encoder_hidden_states is not None:
             raise RuntimeError("WanTieredAttnProcessor is a self-attention processor; it was installed on a "
                                "cross-attention layer")
-        frames, frame_tokens = self.grid.get(hidden_states.shape[1])
+        sp = getattr(attn, "longvideo_sequence_parallel", None)  # context parallel: longvideo/parallel.py
+        frames, frame_tokens = self.grid.get(hidden_states.shape[1] * (sp.world_size if sp is not None else 1))
         settings = self.settings(self.mode, frames, frame_tokens)
         if settings is None:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
@@ -239,8 +240,10 @@ class WanTieredAttnProcessor:
         if rotary_emb is None:
             raise RuntimeError("Wan self-attention was called without rotary embeddings")
         query, key, value = project_qkv(attn, hidden_states)
-        out = attend(query, key, value, rotary_emb, self.freqs, frame_tokens, settings)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        if sp is not None:  # all tokens, H/N heads on this rank; back to S/N tokens after the op
+            query, key, value, rotary_emb = sp.full_sequence(query, key, value)
+        out = attend(query, key, value, rotary_emb, self.freqs, frame_tokens, settings).transpose(1, 2)
+        out = (sp.local_sequence(out) if sp is not None else out).flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
 

@@ -1,0 +1,259 @@
+"""Context parallelism (Ulysses sequence parallelism) for Wan transformers, with our processors.
+
+N processes (``torchrun --nproc-per-node N``, one GPU each, or CPU processes over gloo) run the
+same pipeline on the same inputs. Inside the transformer each rank holds 1/N of the token
+sequence: the sequence is split after patching (the input of ``blocks[0]``, the RoPE tables, a
+per-token timestep) and gathered again at ``proj_out``; everything between is per token except
+self-attention. Around self-attention an all-to-all turns "S/N tokens, all H heads" into "all S
+tokens, H/N heads" and back (Ulysses, Jacobs et al. 2023), so each rank runs the attention
+op -- ``tiered_sparse_attention`` for FreeLOC's layers, SDPA for the others -- on complete
+sequences, unchanged. The split points are those of diffusers' Wan context-parallel plan
+(``WanTransformer3DModel._cp_plan``); diffusers' own implementation is not used because it moves
+attention into its dispatcher, which our processors do not call, and because its mesh setup
+needs an accelerator. See docs/methods.md ("Several GPUs").
+
+Requirements: the token count S (frames x tokens per frame after patching) and the head count H
+divisible by N. Collectives: ``all_to_all_single`` and ``all_gather_single`` / ``all_gather_into_tensor`` (both
+exist on gloo: the CPU tests run the real path, checked with torch 2.13).
+
+Usage::
+
+    torch.distributed.init_process_group(...)
+    cp = enable_context_parallel(pipe)        # before FreeLOC(pipe); cp.remove() undoes it
+    with FreeLOC(pipe):
+        video = pipe(...)                      # every rank gets the whole video
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["init_from_environment", "SequenceParallel", "UlyssesAttnProcessor", "enable_context_parallel", "sequence_parallel_of",
+           "heads_to_sequence", "sequence_to_heads"]
+
+# the attribute our hooks leave on every self-attention module of a parallel transformer; the
+# processors in longvideo/processors/wan.py read it (their only dependency on this module)
+ATTR = "longvideo_sequence_parallel"
+
+
+def sequence_parallel_of(attn) -> Optional["SequenceParallel"]:
+    """The :class:`SequenceParallel` a self-attention module runs under, or None."""
+    return getattr(attn, ATTR, None)
+
+
+def init_from_environment(device: Optional[str] = None) -> tuple:
+    """Join the process group a launcher such as torchrun describes (WORLD_SIZE > 1 in the
+    environment): NCCL when CUDA is available, else gloo. Returns (rank, world_size, device), the
+    device being ``cuda:LOCAL_RANK`` on GPUs and `device` otherwise; (0, 1, device) when not
+    launched that way."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank()
+    if torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(torch.device(device))
+    return rank, dist.get_world_size(), device
+
+
+# ---------------------------------------------------------------------------------------------
+# the two all-to-alls
+def heads_to_sequence(x: torch.Tensor, group=None) -> torch.Tensor:
+    """(B, S/N, H, D) on each rank (rank r holds tokens [r S/N, (r+1) S/N)) -> (B, S, H/N, D)
+    (rank r holds heads [r H/N, (r+1) H/N) of every token). One all_to_all_single."""
+    n = dist.get_world_size(group)
+    b, s_local, h, d = x.shape
+    if h % n:
+        raise ValueError(f"context parallel: {h} attention heads are not divisible by {n} ranks")
+    # chunk j of the send buffer (heads of group j) goes to rank j; chunk i received came from
+    # rank i and holds its tokens
+    send = x.reshape(b, s_local, n, h // n, d).permute(2, 0, 1, 3, 4).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.permute(1, 0, 2, 3, 4).reshape(b, n * s_local, h // n, d)
+
+
+def sequence_to_heads(x: torch.Tensor, group=None) -> torch.Tensor:
+    """The inverse of :func:`heads_to_sequence`: (B, S, H/N, D) -> (B, S/N, H, D)."""
+    n = dist.get_world_size(group)
+    b, s, h_local, d = x.shape
+    if s % n:
+        raise ValueError(f"context parallel: {s} tokens are not divisible by {n} ranks")
+    send = x.reshape(b, n, s // n, h_local, d).permute(1, 0, 2, 3, 4).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return recv.permute(1, 2, 0, 3, 4).reshape(b, s // n, n * h_local, d)
+
+
+def _gather_sequence(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+    n = dist.get_world_size(group)
+    x = x.movedim(dim, 0).contiguous()
+    out = x.new_empty((n * x.shape[0],) + tuple(x.shape[1:]))
+    # all_gather_single is the newer name of all_gather_into_tensor (deprecated in torch 2.13)
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
+    return out.movedim(0, dim)
+
+
+# ---------------------------------------------------------------------------------------------
+class SequenceParallel:
+    """The sequence split of one Wan transformer over a process group (see the module docstring).
+
+    ``rotary_full``: the RoPE tables (cos, sin), each (1, S, 1, D), of the current call, kept
+    whole for the attention ranks (which see every token); the blocks get the local slice.
+    """
+
+    def __init__(self, transformer, group=None):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("context parallel: torch.distributed is not initialized (launch with torchrun, "
+                               "or call torch.distributed.init_process_group first)")
+        self.transformer, self.group = transformer, group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        heads = int(transformer.config.num_attention_heads)
+        if heads % self.world_size:
+            raise ValueError(f"context parallel: the transformer's {heads} attention heads are not divisible by "
+                             f"{self.world_size} ranks")
+        self.rotary_full = None
+        self._handles = []
+        self._processors = []
+
+    # hooks -----------------------------------------------------------------------------------
+    def _local(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        if x.shape[dim] % self.world_size:
+            raise ValueError(f"context parallel: a sequence of {x.shape[dim]} tokens is not divisible by "
+                             f"{self.world_size} ranks (choose frames / size so that frames x tokens per frame is)")
+        return x.chunk(self.world_size, dim=dim)[self.rank]
+
+    def _split_timestep(self, module, args, kwargs):
+        # Wan 2.2 TI2V passes a per-token timestep (B, S); a (B,) timestep is shared by every token
+        if "timestep" in kwargs and torch.is_tensor(kwargs["timestep"]) and kwargs["timestep"].ndim == 2:
+            kwargs = dict(kwargs, timestep=self._local(kwargs["timestep"], 1))
+        elif len(args) > 1 and torch.is_tensor(args[1]) and args[1].ndim == 2:
+            args = (args[0], self._local(args[1], 1)) + tuple(args[2:])
+        return args, kwargs
+
+    def _split_rope(self, module, args, output):
+        self.rotary_full = tuple(output)
+        return tuple(self._local(t, 1) for t in output)
+
+    def _split_hidden(self, module, args, kwargs):
+        if args:
+            return (self._local(args[0], 1),) + tuple(args[1:]), kwargs
+        return args, dict(kwargs, hidden_states=self._local(kwargs["hidden_states"], 1))
+
+    def _gather_output(self, module, args, output):
+        return _gather_sequence(output, 1, self.group)
+
+    def install(self) -> "SequenceParallel":
+        tr = self.transformer
+        from .processors.wan import _rope_module, self_attention_modules
+
+        rope = _rope_module(tr)
+        blocks = tr.blocks
+        self._handles = [
+            tr.register_forward_pre_hook(self._split_timestep, with_kwargs=True),
+            rope.register_forward_hook(self._split_rope),
+            blocks[0].register_forward_pre_hook(self._split_hidden, with_kwargs=True),
+            tr.proj_out.register_forward_hook(self._gather_output),
+        ]
+        for attn in self_attention_modules(tr):
+            if type(attn.processor).__name__ == "WanTieredAttnProcessor":
+                self.remove()
+                raise RuntimeError("context parallel: enable it before installing FreeLOC (FreeLOC's processors "
+                                   "keep the processor they replace for their dense layers)")
+            self._processors.append((attn, attn.processor))
+            setattr(attn, ATTR, self)
+            attn.set_processor(UlyssesAttnProcessor())
+        return self
+
+    def remove(self) -> None:
+        """Undo :meth:`install` (idempotent)."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for attn, proc in self._processors:
+            attn.set_processor(proc)
+            if hasattr(attn, ATTR):
+                delattr(attn, ATTR)
+        self._processors = []
+
+    # what the attention processors call -------------------------------------------------------
+    def full_sequence(self, query, key, value):
+        """(B, S/N, H, D) x 3 -> (B, S, H/N, D) x 3 and the whole RoPE tables (cos, sin)."""
+        if self.rotary_full is None:
+            raise RuntimeError("context parallel: RoPE tables unknown (the processor ran outside the transformer)")
+        q, k, v = (heads_to_sequence(t, self.group) for t in (query, key, value))
+        return q, k, v, self.rotary_full
+
+    def local_sequence(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, S, H/N, D) attention output -> (B, S/N, H, D)."""
+        return sequence_to_heads(out, self.group)
+
+
+class UlyssesAttnProcessor:
+    """Wan self-attention under context parallelism, computed as diffusers' ``WanAttnProcessor``
+    does it (q/k RMS norms, full 3-D RoPE, SDPA), on all tokens and H/N heads per rank. It is
+    what FreeLOC's dense layers (and every layer of a direct run) use as their processor."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 **kwargs):
+        from .processors.wan import dense_attention_reference, project_qkv
+
+        sp = sequence_parallel_of(attn)
+        if encoder_hidden_states is not None or attention_mask is not None or rotary_emb is None or sp is None:
+            raise RuntimeError("UlyssesAttnProcessor runs Wan self-attention (no mask, with rotary embeddings) "
+                               "inside a context-parallel transformer")
+        q, k, v, rotary = sp.full_sequence(*project_qkv(attn, hidden_states))
+        out = dense_attention_reference(q, k, v, rotary).transpose(1, 2)     # (B, S, H/N, D)
+        out = sp.local_sequence(out).flatten(2, 3).type_as(q)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def _transformers(pipe) -> list:
+    found = [getattr(pipe, n, None) for n in ("transformer", "transformer_2")]
+    found = [t for t in found if t is not None]
+    if not found:
+        raise ValueError(f"context parallel: {type(pipe).__name__} has no `transformer`")
+    return found
+
+
+class _PipelineParallel:
+    def __init__(self, parts):
+        self.parts = parts
+
+    @property
+    def world_size(self) -> int:
+        return self.parts[0].world_size
+
+    @property
+    def rank(self) -> int:
+        return self.parts[0].rank
+
+    def remove(self) -> None:
+        for p in self.parts:
+            p.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def enable_context_parallel(pipe, group=None) -> _PipelineParallel:
+    """Split the sequence of every Wan transformer of `pipe` (``transformer``, ``transformer_2``)
+    across the ranks of `group` (default: the world). Call before installing FreeLOC; returns an
+    object with ``remove()``, ``rank`` and ``world_size`` (also a context manager)."""
+    parts = []
+    try:
+        for tr in _transformers(pipe):
+            parts.append(SequenceParallel(tr, group).install())
+    except Exception:
+        for p in parts:
+            p.remove()
+        raise
+    return _PipelineParallel(parts)
