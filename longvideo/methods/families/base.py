@@ -109,8 +109,9 @@ class Family:
 
     @property
     def device(self) -> torch.device:
-        """The denoiser's device (FIFO runs there)."""
-        return self.denoiser.device
+        """The device FIFO runs on: the pipeline's execution device (the denoiser's parameters are
+        on the host between calls under model offload), else the denoiser's."""
+        return getattr(self.pipe, "_execution_device", None) or self.denoiser.device
 
     @property
     def execution_device(self) -> torch.device:

@@ -159,15 +159,18 @@ class WanFamily(Family):
         and the decoder cache to pass with the next one (``cache=None`` for the first frame of the
         video; module docstring). The VAE's own cache is not touched: a list of ours is handed to
         its decoder."""
+        from ...offload import onloaded
+
         vae = self.pipe.vae
         mean, std = self._latent_stats(latent.device, latent.dtype)
-        x = vae.post_quant_conv((latent * std + mean).to(vae.dtype))
         first = cache is None
         if first:
             vae.clear_cache()  # sizes the cache: one slot per causal convolution of the decoder
             cache = [None] * len(vae._feat_map)
         cache = list(cache)    # the decoder replaces entries: the state passed in stays as it was
-        video = vae.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first)
+        with onloaded(vae):    # the submodules are called below vae.decode, where model offload's hook runs
+            x = vae.post_quant_conv((latent * std + mean).to(vae.dtype))
+            video = vae.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=first)
         if getattr(vae.config, "patch_size", None) is not None:
             from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
