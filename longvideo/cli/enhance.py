@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from . import _fit
 from ._common import (VIDEO_SUFFIXES, UsageError, add_common_generation, apply_backend, checkpoint_family,
                       first_line, input_file, load_pipeline, nonnegative_int, output_file, positive_int, real,
                       resolve_device, torch_dtype, user_errors)
@@ -34,6 +35,7 @@ def add_arguments(p) -> None:
                    help="blend (StreamingT2V) or a baseline: independent chunks, shared noise without blending")
     p.add_argument("--blend-chunk-batch", type=positive_int, default=None,
                    help="chunks per model call (default: all)")
+    _fit.add_argument(p)
     p.add_argument("--blend-compare", action="store_true",
                    help="also run the two baselines and report their seam metrics (videos OUT.<mode>.mp4)")
 
@@ -78,9 +80,15 @@ def run(args) -> int:
     if args.num_frames:
         frames = frames[:args.num_frames]
     fps = args.fps or video_fps(src) or 8.0
-    pipe = _load_pipe(args, family)
-    pipe.set_progress_bar_config(disable=False)
+    with _fit.host_loading(args):
+        pipe = _load_pipe(args, family)
     steps = args.steps or (10 if tiny else 50)
+    if args.fit:  # the planner's offload / VAE / chunks-per-call choice for this video
+        st = _fit.choose(args, pipe, "enhance", height=args.height or frames.shape[1], width=args.width or frames.shape[2],
+                         num_frames=len(frames), chunk_frames=chunk, overlap_frames=overlap,
+                         chunk_batch=args.blend_chunk_batch, num_inference_steps=steps)
+        args.blend_chunk_batch = st.chunk_batch
+    pipe.set_progress_bar_config(disable=False)
     guidance = args.guidance_scale if args.guidance_scale is not None else (5.0 if family != "animatediff" else 7.5)
     modes = [args.blend_mode] + ([m for m in MODES if m != args.blend_mode] if args.blend_compare else [])
     report = {"input": str(args.input), "output": str(out), "family": family, "model": args.model or "tiny",

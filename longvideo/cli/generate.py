@@ -6,7 +6,7 @@ save the queue next to it (--resume continues); direct and FreeLOC print the tim
 # (fifo, ouroboros)
 from __future__ import annotations
 
-from . import generate_fifo, generate_freeloc
+from . import _fit, generate_fifo, generate_freeloc
 from ._common import add_common_generation, apply_backend, resolve_device
 
 HELP = "generate a long video"
@@ -20,6 +20,7 @@ def add_arguments(p) -> None:
                    help="direct: the pipeline as is; freeloc: FreeLOC; fifo: FIFO-Diffusion; ouroboros: "
                         "Ouroboros-Diffusion")
     add_common_generation(p)
+    _fit.add_argument(p)
     for module in dict.fromkeys(METHODS.values()):
         module.add_arguments(p)
 

@@ -7,6 +7,7 @@ import os
 import time
 from pathlib import Path
 
+from . import _fit
 from ._common import (VIDEO_SUFFIXES, UsageError, check_folder, checkpoint_family, first_line, load_pipeline,
                       nonnegative_int, output_file, positive_int, real, torch_dtype, unit_interval, user_errors)
 from ._signals import interrupts_raise
@@ -89,6 +90,22 @@ def prompt_schedule(args):
                          f"got {args.fifo_prompt_schedule!r}") from None
 
 
+def _fit_fifo(args, pipe, method, num_frames) -> None:
+    """--fit: the planner's settings for this queue (offload applied; a smaller window, which the
+    planner offers last as it changes the output, goes to --fifo-window)."""
+    if not args.fit:
+        return
+    from ..methods.fifo_models import make_family
+
+    dh, dw = make_family(pipe).default_size()
+    st = _fit.choose(args, pipe, method, height=args.height or dh, width=args.width or dw, num_frames=num_frames,
+                     frames_per_window=args.fifo_window, num_partitions=args.fifo_partitions,
+                     tail=not getattr(args, "ouroboros_no_tail", False), sacfa=not getattr(args, "ouroboros_no_sacfa", False),
+                     guidance=not getattr(args, "ouroboros_no_guidance", False))
+    if st.frames_per_window:
+        args.fifo_window = st.frames_per_window
+
+
 def build_from_args(args, pipe):
     """The FIFODiffusion / OuroborosDiffusion (args.method) the options describe, on `pipe`."""
     from ..methods.fifo import FIFODiffusion, OuroborosDiffusion
@@ -158,7 +175,9 @@ def run(args) -> int:
             return 0
     family = args.fifo_family or (
         checkpoint_family(args.model, FAMILIES, f"`longvideo generate --method {method}`") if args.model else "wan")
-    pipe = load_pipeline(args, family, "t2v", dtype=torch_dtype(args.dtype))
+    with _fit.host_loading(args):
+        pipe = load_pipeline(args, family, "t2v", dtype=torch_dtype(args.dtype))
+    _fit_fifo(args, pipe, method, num_frames)
     fifo = build_from_args(args, pipe)
     kwargs = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale, seed=args.seed or 0,
                   num_inference_steps=None, init_steps=args.fifo_init_steps, checkpoint_dir=ckpt_dir,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from . import _fit
 from ._common import (VIDEO_SUFFIXES, UsageError, checkpoint_family, is_cuda, load_pipeline, nonnegative_int,
                       output_file, positive_int, torch_dtype, user_errors)
 
@@ -113,7 +114,11 @@ def run(args) -> int:
     path = output_file(args.out, f"{args.method}.mp4", suffixes=VIDEO_SUFFIXES)
     d = generation_defaults(args, tiny=args.model is None)
     rank, world, args.device = init_from_environment(args.device)  # torchrun: context parallel over `world` ranks
-    pipe = load_wan(args, f"`longvideo generate --method {args.method}`")
+    with _fit.host_loading(args, cuda_dtype="bfloat16"):
+        pipe = load_wan(args, f"`longvideo generate --method {args.method}`")
+    _fit.choose(args, pipe, args.method, height=d["height"], width=d["width"], num_frames=d["num_frames"],
+                num_inference_steps=d["steps"], trained_frames=args.freeloc_trained_frames or
+                getattr(pipe, "longvideo_trained_latent_frames", None))
     pipe.set_progress_bar_config(disable=rank != 0)
     method = parallel = None
     try:

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+from . import _fit
 from ._common import (UsageError, add_common_generation, apply_backend, check_folder, checkpoint_family, input_file,
                       is_cuda, load_pipeline, nonnegative_int, output_folder, positive_int, resolve_device,
                       torch_dtype, unit_interval, user_errors)
@@ -50,6 +51,7 @@ def add_arguments(p) -> None:
     p.add_argument("--story-load-bank", default=None, help="continue a story: load id banks from this file")
     p.add_argument("--story-negative-prompt", default=None, help="negative prompt (default: none)")
     p.add_argument("--story-style", default="{prompt}", help="prompt template, e.g. 'comic book, {prompt}'")
+    _fit.add_argument(p)
     p.add_argument("--story-columns", type=positive_int, default=3, help="panels per row of the comic grid")
 
 
@@ -76,6 +78,18 @@ def _load(args):
     return load_pipeline(args, "sd", args.story_kind, dtype=dtype), 50
 
 
+def _story_plan_kwargs(args, pipe, story, steps, bank_location) -> dict:
+    """What the planner needs of this story: sizes, id images, characters, images read alone."""
+    characters = {c for p in story.prompts for c in p.characters}
+    id_images = args.story_id_length * max(1, len(characters))
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor   # the pipeline's default image size
+    return dict(height=args.height or size, width=args.width or size, id_length=args.story_id_length, num_inference_steps=steps,
+                sampling_rate=args.story_sampling_rate, start_step=args.story_start_step,
+                schedule=args.story_schedule, characters=len(characters),
+                read_images=max(0, len(story.prompts) - id_images), bank_location=bank_location,
+                bank_budget=args.story_bank_budget)
+
+
 def run(args) -> int:
     """Generate the story, write the panels, comic.png and story.json."""
     from ..methods.storydiffusion import StoryDiffusion, bank_memory_line, comic_grid, read_story_file
@@ -91,9 +105,20 @@ def run(args) -> int:
     if args.story_save_bank:
         check_folder(Path(args.story_save_bank).parent, "--story-save-bank")
     out = output_folder(args.out, "story_out")
-    pipe, steps = _load(args)
+    with _fit.host_loading(args, cuda_dtype="float16"):
+        pipe, steps = _load(args)
     steps = args.steps or steps
     bank_location = None if args.story_bank in (None, "", "none") else args.story_bank
+    if args.fit:  # the planner's offload / VAE / bank choice for this story (bank: its budget too)
+        chosen_by_user = bank_location not in ("auto", "cpu") and not str(bank_location).startswith("cuda")
+        planned = ("cpu" if chosen_by_user or bank_location is None  # a file, or none: nothing on the device
+                   else "device" if str(bank_location).startswith("cuda") else bank_location)
+        st = _fit.choose(args, pipe, "story", **_story_plan_kwargs(args, pipe, story, steps, planned))
+        if not chosen_by_user and bank_location is not None:
+            bank_location = args.device if st.bank_location == "device" else st.bank_location
+        if args.story_bank_budget is None and bank_location == "auto":
+            # the planner's budget of the auto bank: 10% of --fit unless given (not 10% of a larger card)
+            args.story_bank_budget = st.bank_budget or int(0.1 * _fit.parse_size(args.fit))
     with user_errors():
         method = StoryDiffusion(pipe, sampling_rate=args.story_sampling_rate, start_step=args.story_start_step,
                                 prob_early=args.story_prob_early, prob_late=args.story_prob_late,

@@ -1,0 +1,78 @@
+"""``--fit SIZE`` on ``longvideo generate / story / enhance``: ask the memory planner which settings
+fit a GPU of SIZE bytes (offload mode, VAE tiling / slicing, id bank location, FIFO window, chunks
+per call), apply them to the loaded pipeline and the command's options, and say so in one line;
+refuse in one line (exit status 2) when nothing the planner tries fits.
+
+The plan is made for the pipeline actually loaded (its components' configs, its dtype), at the
+command's sizes; the pipeline is loaded on the host first (so that a model larger than the card
+can still be offloaded) and then placed by the chosen offload mode. See docs/methods.md
+("Fitting a GPU").
+"""
+from __future__ import annotations
+
+import contextlib
+
+from ._common import UsageError, is_cuda, one_line
+
+
+def add_argument(p) -> None:
+    p.add_argument("--fit", default=None, metavar="SIZE",
+                   help="GPU memory to fit, e.g. 24GB (1e9 bytes) or 24GiB: the memory planner chooses offloading, "
+                        "VAE tiling, the id bank's location, FIFO's window or chunks per call, and the run uses them "
+                        "(see `longvideo plan`)")
+
+
+@contextlib.contextmanager
+def host_loading(args, cuda_dtype=None):
+    """With --fit, load on the host: args.device is "cpu" inside the block (and args.dtype, when
+    not given, the dtype the command uses on CUDA, `cuda_dtype`, if the run is on CUDA); both are
+    restored after."""
+    device, dtype = args.device, args.dtype
+    if getattr(args, "fit", None):
+        if args.dtype is None and cuda_dtype is not None and is_cuda(device):
+            args.dtype = cuda_dtype
+        args.device = "cpu"
+    try:
+        yield
+    finally:
+        args.device, args.dtype = device, dtype
+
+
+def parse_size(text) -> int:
+    """--fit's value in bytes ("24GB" = 24e9, "24GiB" = 24 * 2**30); a UsageError when malformed."""
+    from ..planner import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise UsageError(f"--fit {text}: {one_line(exc)}") from None
+
+
+def choose(args, pipe, method: str, **plan_kwargs):
+    """The planner's choice for `pipe` under --fit, applied (offload, VAE tiling / slicing); returns
+    the chosen ``Settings`` (None without --fit). Raises UsageError when nothing fits or the
+    request cannot be planned. The caller applies the method-level settings (bank location, FIFO
+    window, chunk batch) it receives."""
+    if not getattr(args, "fit", None):
+        return None
+    from ..offload import enable_offload
+    from ..planner import format_bytes, plan, spec_from_pipeline
+
+    denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
+    dtype = str(denoiser.dtype).replace("torch.", "") if denoiser is not None else "float32"
+    try:
+        p = plan(method, spec_from_pipeline(pipe, name=args.model or "tiny model"), gpu_memory=args.fit,
+                 dtype=dtype, device="cuda" if is_cuda(args.device) else "cpu", **plan_kwargs)
+    except ValueError as exc:
+        raise UsageError(f"--fit {args.fit}: {one_line(exc)}") from exc
+    if not p.fits:
+        raise UsageError(f"--fit {args.fit}: {p.choice}; see `longvideo plan --method {method} --fit {args.fit}`")
+    st = p.settings
+    enable_offload(pipe, st.offload, args.device)
+    if st.vae_tiling:
+        pipe.vae.enable_tiling()
+    if st.vae_slicing:
+        pipe.vae.enable_slicing()
+    print(f"fit {args.fit}: {st.describe()} (predicted peak {format_bytes(p.peak_bytes)} of "
+          f"{format_bytes(p.usable)} usable)")
+    return st

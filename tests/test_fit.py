@@ -1,0 +1,114 @@
+"""`--fit SIZE` on generate / story / enhance (longvideo/cli/_fit.py), through the CLI's main()
+on the tiny models: the planner's choice is printed in one line and applied; nothing fitting is
+refused in one line before anything is generated.
+
+The sizes are derived from the planner's own candidates for the same run (so a change of the
+planner's numbers moves them with it): a size between the "text offload" peak and the
+"everything resident" peak must choose text offload.
+"""
+import json
+
+import numpy as np
+import pytest
+
+from longvideo.cli import main
+
+HEADROOM = 0.95   # the planner's default: a setting fits when its peak <= 95% of --fit
+FREELOC = ["generate", "--method", "freeloc", "--device", "cpu", "--num-frames", "17", "--steps", "1"]
+
+
+@pytest.fixture
+def offload_calls(monkeypatch):
+    """The (pipe, mode) of every enable_offload call the command makes (the real function runs)."""
+    import longvideo.offload as O
+
+    calls = []
+    real = O.enable_offload
+
+    def spy(pipe, mode, device):
+        calls.append((pipe, mode))
+        return real(pipe, mode, device)
+
+    monkeypatch.setattr(O, "enable_offload", spy)
+    return calls
+
+
+def _freeloc_candidates():
+    from longvideo.models import wan
+    from longvideo.planner import plan, spec_from_pipeline
+
+    pipe = wan.tiny_pipeline("t2v")
+    p = plan("freeloc", spec_from_pipeline(pipe, name="tiny model"), 32, 32, 17, "float32", device="cpu",
+             gpu_memory=1, num_inference_steps=1, trained_frames=3)
+    return {c.settings.describe(): c.peak for c in p.candidates}
+
+
+def test_generate_fit_chooses_and_applies_text_offload(tmp_path, capsys, offload_calls):
+    from longvideo.video import read_video
+
+    peaks = _freeloc_candidates()
+    resident, text = peaks["offload=none"], peaks["offload=text, vae_tiling"]
+    assert text < resident
+    size = int((text + resident) / 2 / HEADROOM)          # fits text offload, not everything resident
+    assert main(FREELOC + ["--out", str(tmp_path / "fit.mp4"), "--fit", str(size)]) == 0
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith(f"fit {size}:")]
+    assert len(line) == 1 and "offload=text, vae_tiling" in line[0], out
+    (pipe, mode), = offload_calls
+    assert mode == "text" and pipe.vae.use_tiling and hasattr(pipe.text_encoder, "_hf_hook")
+    # the settings move weights and tile a 32x32 decode (one tile): the video is the plain run's
+    assert main(FREELOC + ["--out", str(tmp_path / "plain.mp4")]) == 0
+    np.testing.assert_array_equal(read_video(tmp_path / "fit.mp4"), read_video(tmp_path / "plain.mp4"))
+
+
+def test_generate_fit_everything_resident_when_it_fits(tmp_path, capsys, offload_calls):
+    assert main(FREELOC + ["--out", str(tmp_path / "a.mp4"), "--fit", "24GB"]) == 0
+    assert "fit 24GB: offload=none (predicted peak" in capsys.readouterr().out
+    assert [m for _, m in offload_calls] == ["none"]
+
+
+@pytest.mark.parametrize("size,message", [("1MB", "nothing tried fits in"), ("12XB", "--fit 12XB:")])
+def test_generate_fit_refused_in_one_line(tmp_path, capsys, size, message):
+    assert main(FREELOC + ["--out", str(tmp_path / "x.mp4"), "--fit", size]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("longvideo: error: --fit") and message in err and "\n" not in err
+    assert not (tmp_path / "x.mp4").exists()
+
+
+def test_fifo_fit(tmp_path, capsys, offload_calls):
+    assert main(["generate", "--method", "fifo", "--device", "cpu", "--num-frames", "5", "--out",
+                 str(tmp_path / "f.mp4"), "--fit", "24GB"]) == 0
+    assert "fit 24GB: offload=none" in capsys.readouterr().out
+    assert [m for _, m in offload_calls] == ["none"] and (tmp_path / "f.mp4").exists()
+
+
+def test_story_fit_sets_the_bank_budget(tmp_path, capsys, monkeypatch):
+    from longvideo.methods import storydiffusion as S
+
+    budgets = []
+    real = S.StoryDiffusion.__init__
+
+    def spy(self, pipe, *a, **k):
+        budgets.append((k.get("bank_location"), k.get("bank_gpu_budget")))
+        return real(self, pipe, *a, **k)
+
+    monkeypatch.setattr(S.StoryDiffusion, "__init__", spy)
+    f = tmp_path / "story.txt"
+    f.write_text("[Bob] at home\n[Bob] in a park\n[Bob] with a dog\n")
+    assert main(["story", str(f), "--out", str(tmp_path / "s"), "--steps", "1", "--story-id-length", "2",
+                 "--device", "cpu", "--fit", "24GB"]) == 0
+    assert "fit 24GB: offload=none" in capsys.readouterr().out
+    assert budgets == [("auto", int(0.1 * 24e9))]        # 10% of --fit, not of the machine's card
+    assert json.loads((tmp_path / "s" / "story.json").read_text())["panels"]
+
+
+def test_enhance_fit(tmp_path, capsys):
+    from longvideo.video import write_video
+
+    src = tmp_path / "in.mp4"
+    t = np.linspace(0, 1, 13)[:, None, None, None]
+    write_video(src, (255 * (0.5 + 0.4 * np.sin(np.arange(32)[None, None, :, None] / 4 + 3 * t))
+                      * np.ones((13, 32, 32, 3))).astype(np.uint8), fps=8)
+    assert main(["enhance", str(src), "--out", str(tmp_path / "e.mp4"), "--steps", "2", "--device", "cpu",
+                 "--fit", "24GB"]) == 0
+    assert "fit 24GB: offload=none" in capsys.readouterr().out
