@@ -1,0 +1,84 @@
+"""The README's "fit a 12 / 16 / 24 GB card" table, from the memory planner (`longvideo plan`).
+
+    python tools/fit_table.py            # print the table
+    python tools/fit_table.py --readme   # rewrite it in README.md between the fit-table markers
+
+Each row is one `longvideo plan ... --fit SIZE` (the command is in the row); the cell says what
+the planner chooses, with the predicted peak, or that nothing fits with the smallest peak it
+found. Predictions, not measurements: see docs/methods.md ("Fitting a GPU").
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SIZES = ("12GB", "16GB", "24GB")
+# (label, longvideo plan arguments, planner keyword arguments)
+CASES = [
+    ("FreeLOC, Wan2.1-1.3B, 480x832, 321 frames",
+     "--method freeloc --model wan2.1-t2v-1.3b --height 480 --width 832 --num-frames 321",
+     dict(method="freeloc", model="wan2.1-t2v-1.3b", height=480, width=832, num_frames=321)),
+    ("FreeLOC, Wan2.1-14B, 480x832, 161 frames",
+     "--method freeloc --model wan2.1-t2v-14b --height 480 --width 832 --num-frames 161",
+     dict(method="freeloc", model="wan2.1-t2v-14b", height=480, width=832, num_frames=161)),
+    ("FIFO, Wan2.1-1.3B, 480x832",
+     "--method fifo --model wan2.1-t2v-1.3b --height 480 --width 832 --num-frames 241",
+     dict(method="fifo", model="wan2.1-t2v-1.3b", height=480, width=832, num_frames=241)),
+    ("FIFO, Wan2.1-14B, 480x832",
+     "--method fifo --model wan2.1-t2v-14b --height 480 --width 832 --num-frames 241",
+     dict(method="fifo", model="wan2.1-t2v-14b", height=480, width=832, num_frames=241)),
+    ("StoryDiffusion, SDXL, 1024x1024, 4 id images",
+     "--method story --model sdxl --height 1024 --width 1024 --dtype float16",
+     dict(method="story", model="sdxl", height=1024, width=1024, num_frames=None, dtype="float16")),
+    ("enhance (blending), Wan2.1-1.3B, 480x832, 121 frames",
+     "--method enhance --model wan2.1-t2v-1.3b --height 480 --width 832 --num-frames 121",
+     dict(method="enhance", model="wan2.1-t2v-1.3b", height=480, width=832, num_frames=121)),
+]
+
+
+def cell(case: dict, size: str) -> str:
+    from longvideo.planner import format_bytes, plan
+
+    kw = dict(case)
+    method, model = kw.pop("method"), kw.pop("model")
+    dtype = kw.pop("dtype", "bfloat16")
+    p = plan(method, model, kw.pop("height"), kw.pop("width"), kw.pop("num_frames"), dtype, gpu_memory=size, **kw)
+    if not p.fits:
+        return f"nothing fits (smallest {format_bytes(min(c.peak for c in p.candidates))})"
+    return f"{p.settings.describe()} ({format_bytes(p.peak_bytes)})"
+
+
+def table() -> str:
+    lines = ["| case (`longvideo plan ...`) | " + " | ".join(f"`--fit {s}`" for s in SIZES) + " |",
+             "|---|" + "---|" * len(SIZES)]
+    for label, cmd, case in CASES:
+        lines.append(f"| {label} <br>`{cmd}` | " + " | ".join(cell(case, s) for s in SIZES) + " |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--readme", action="store_true", help="rewrite README.md's table between the markers")
+    args = ap.parse_args()
+    text = table()
+    if not args.readme:
+        print(text)
+        return 0
+    readme = ROOT / "README.md"
+    src = readme.read_text()
+    pattern = re.compile(r"(<!-- fit-table:begin -->\n).*?(<!-- fit-table:end -->)", re.S)
+    if not pattern.search(src):
+        print("README.md has no <!-- fit-table:begin --> ... <!-- fit-table:end --> markers", file=sys.stderr)
+        return 1
+    readme.write_text(pattern.sub(lambda m: m.group(1) + text + "\n" + m.group(2), src))
+    print(f"rewrote the fit table in {readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
