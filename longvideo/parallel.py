@@ -222,6 +222,9 @@ def _transformers(pipe) -> list:
 
 
 class _PipelineParallel:
+    """What :func:`enable_context_parallel` returns: one :class:`SequenceParallel` per transformer
+    (``parts``), removed together."""
+
     def __init__(self, parts):
         self.parts = parts
 

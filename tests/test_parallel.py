@@ -173,3 +173,25 @@ def test_torchrun_cli_two_ranks_equal_one(tmp_path, capsys):
     one, two = read_video(tmp_path / "one.mp4"), read_video(tmp_path / "two.mp4")
     assert one.shape == two.shape
     assert int(np.abs(one.astype(int) - two.astype(int)).max()) <= 1
+
+
+@pytest.mark.gpu
+def test_nccl_one_rank_on_cuda_equals_plain():
+    """The CUDA / NCCL path (one rank: the collectives run, the split is trivial) in bfloat16:
+    FreeLOC's latents equal the run without context parallelism (same kernels, same order)."""
+    import torch.distributed as dist
+
+    from longvideo import parallel as CP
+    from longvideo.methods.freeloc import FreeLOC
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        pipe = wan.tiny_pipeline("t2v", dtype=torch.bfloat16).to("cuda")
+        with FreeLOC(pipe):
+            ref = _run(pipe)
+        with CP.enable_context_parallel(pipe), FreeLOC(pipe):
+            out = _run(pipe)
+        assert torch.equal(out, ref)
+    finally:
+        dist.destroy_process_group()
