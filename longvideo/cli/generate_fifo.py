@@ -95,9 +95,10 @@ def _fit_fifo(args, pipe, method, num_frames) -> None:
     planner offers last as it changes the output, goes to --fifo-window)."""
     if not args.fit:
         return
-    from ..methods.fifo_models import make_family
+    from ..methods.families import family_for
 
-    dh, dw = make_family(pipe).default_size()
+    with user_errors():
+        dh, dw = family_for(pipe, "fifo").default_size()
     st = _fit.choose(args, pipe, method, height=args.height or dh, width=args.width or dw, num_frames=num_frames,
                      frames_per_window=args.fifo_window, num_partitions=args.fifo_partitions,
                      tail=not getattr(args, "ouroboros_no_tail", False), sacfa=not getattr(args, "ouroboros_no_sacfa", False),
