@@ -25,14 +25,22 @@ __version__ = "0.1.0"
 _LAZY = {
     "FreeLOC": "longvideo.methods.freeloc",
     "apply_freeloc": "longvideo.methods.freeloc",
+    "FreeLOCConfig": "longvideo.methods.freeloc",
     "probe_layers": "longvideo.methods.probe",
     "FIFODiffusion": "longvideo.methods.fifo",
     "OuroborosDiffusion": "longvideo.methods.fifo",
     "OuroborosConfig": "longvideo.methods.fifo_ouroboros",
     "StoryDiffusion": "longvideo.methods.storydiffusion",
+    "StoryDiffusionConfig": "longvideo.methods.storydiffusion",
+    "apply_storydiffusion": "longvideo.methods.storydiffusion",
     "VideoSubjectConsistency": "longvideo.methods.storydiffusion",
     "RandomizedBlending": "longvideo.methods.blending",
     "enable_fast_free_init": "longvideo.methods.free_init",
+    "disable_fast_free_init": "longvideo.methods.free_init",
+    "apply_free_init": "longvideo.methods.free_init",
+    "FreeInitConfig": "longvideo.methods.free_init",
+    "PatchHandle": "longvideo.hooks",
+    "VideoOutput": "longvideo.methods.outputs",
 }
 
 

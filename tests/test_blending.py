@@ -152,7 +152,7 @@ def test_one_chunk_equals_pipeline(request, name, frames, blend):
                output_type="np", **kw).frames[0]
     method = B.RandomizedBlending(pipe, chunk_frames=64, overlap_frames=8, strength=0.6, blend=blend)
     assert method.layout(frames).num_chunks == 1
-    out = method(video, generator=torch.Generator().manual_seed(3), **kw)
+    out = method(video, generator=torch.Generator().manual_seed(3), **kw).frames[0]
     assert out.shape == ref.shape == (frames, 32, 32, 3)
     np.testing.assert_allclose(out, ref, atol=ATOL, rtol=0)
 
@@ -171,7 +171,7 @@ def test_one_chunk_equals_pipeline_with_a_multistep_scheduler():
                output_type="np", **kw).frames[0]
     for blend in B.VARIANTS:
         out = B.RandomizedBlending(pipe, chunk_frames=64, overlap_frames=8, blend=blend)(
-            video, generator=torch.Generator().manual_seed(3), **kw)
+            video, generator=torch.Generator().manual_seed(3), **kw).frames[0]
         np.testing.assert_allclose(out, ref, atol=ATOL, rtol=0)
 
 
@@ -183,7 +183,7 @@ def test_one_chunk_equals_cogvideox_pipeline(dpm):
     ref = pipe(video=video[None], height=32, width=32, strength=0.6, generator=torch.Generator().manual_seed(3),
                output_type="np", **kw).frames[0]
     out = B.RandomizedBlending(pipe, chunk_frames=64, overlap_frames=8)(
-        video, generator=torch.Generator().manual_seed(3), **kw)
+        video, generator=torch.Generator().manual_seed(3), **kw).frames[0]
     np.testing.assert_allclose(out, ref, atol=ATOL, rtol=0)
 
 
@@ -195,10 +195,10 @@ def test_overlap_zero_equals_independent_chunks(request, name, frames, chunk):
     blend = B.RandomizedBlending(pipe, chunk_frames=chunk, overlap_frames=0, mode="blend")
     lay = blend.layout(frames)
     assert lay.num_chunks == 2 and lay.boundary_overlaps() == [0]
-    out = blend(video, **kw)
-    indep = B.RandomizedBlending(pipe, chunk_frames=chunk, overlap_frames=0, mode="independent")(video, **kw)
+    out = blend(video, **kw).frames[0]
+    indep = B.RandomizedBlending(pipe, chunk_frames=chunk, overlap_frames=0, mode="independent")(video, **kw).frames[0]
     np.testing.assert_allclose(out, indep, atol=ATOL, rtol=0)
-    shared = B.RandomizedBlending(pipe, chunk_frames=chunk, overlap_frames=0, mode="shared_noise")(video, **kw)
+    shared = B.RandomizedBlending(pipe, chunk_frames=chunk, overlap_frames=0, mode="shared_noise")(video, **kw).frames[0]
     np.testing.assert_allclose(out, shared, atol=ATOL, rtol=0)
 
 
@@ -206,10 +206,10 @@ def test_blending_reproducible_with_seed(wan):
     video = smooth_video(29)
     method = B.RandomizedBlending(wan, chunk_frames=13, overlap_frames=8)  # 4 latent frames, overlap 2
     kw = dict(prompt="a red panda", num_inference_steps=4, guidance_scale=5.0)
-    a = method(video, seed=11, **kw)
-    b = method(video, generator=torch.Generator().manual_seed(11), **kw)
+    a = method(video, seed=11, **kw).frames[0]
+    b = method(video, generator=torch.Generator().manual_seed(11), **kw).frames[0]
     np.testing.assert_array_equal(a, b)
-    c = method(video, seed=12, **kw)
+    c = method(video, seed=12, **kw).frames[0]
     assert np.abs(a - c).max() > 1e-3
 
 
@@ -218,25 +218,25 @@ def test_x0_and_xt_variants_coincide_for_flow_matching_euler(wan_euler):
     # coefficients, so blending x0 (one global step) = blending x_{t-1} (per-chunk steps).
     video = smooth_video(29)
     kw = dict(prompt="a red panda", num_inference_steps=6, guidance_scale=5.0, seed=3)
-    x0 = B.RandomizedBlending(wan_euler, chunk_frames=13, overlap_frames=8, blend="x0")(video, **kw)
-    xt = B.RandomizedBlending(wan_euler, chunk_frames=13, overlap_frames=8, blend="xt")(video, **kw)
+    x0 = B.RandomizedBlending(wan_euler, chunk_frames=13, overlap_frames=8, blend="x0")(video, **kw).frames[0]
+    xt = B.RandomizedBlending(wan_euler, chunk_frames=13, overlap_frames=8, blend="xt")(video, **kw).frames[0]
     np.testing.assert_allclose(x0, xt, atol=ATOL, rtol=0)
 
 
 def test_chunk_batch_does_not_change_the_result(animatediff):
     video = smooth_video(12)
     kw = dict(prompt="a red panda", num_inference_steps=4, guidance_scale=5.0, seed=1)
-    a = B.RandomizedBlending(animatediff, chunk_frames=6, overlap_frames=3)(video, **kw)
-    b = B.RandomizedBlending(animatediff, chunk_frames=6, overlap_frames=3, chunk_batch=1)(video, **kw)
+    a = B.RandomizedBlending(animatediff, chunk_frames=6, overlap_frames=3)(video, **kw).frames[0]
+    b = B.RandomizedBlending(animatediff, chunk_frames=6, overlap_frames=3, chunk_batch=1)(video, **kw).frames[0]
     np.testing.assert_allclose(a, b, atol=ATOL, rtol=0)
 
 
 def test_any_length_keeps_every_frame(wan):
     video = smooth_video(23)  # 23 = not 1 + 4k: padded to 25 inside, cut back
-    out = B.RandomizedBlending(wan, chunk_frames=9, overlap_frames=4)(video, num_inference_steps=3, seed=0)
+    out = B.RandomizedBlending(wan, chunk_frames=9, overlap_frames=4)(video, num_inference_steps=3, seed=0).frames[0]
     assert out.shape == (23, 32, 32, 3) and np.isfinite(out).all()
     up = B.RandomizedBlending(wan, chunk_frames=9, overlap_frames=4)(video[:9], num_inference_steps=3, seed=0,
-                                                                     height=48, width=64)
+                                                                     height=48, width=64).frames[0]
     assert up.shape == (9, 48, 64, 3)  # the enhancer's upscale
 
 
@@ -261,7 +261,7 @@ def test_randomized_blending_shrinks_seams_of_a_context_dependent_denoiser():
     for mode in B.MODES:
         method = B.RandomizedBlending(pipe, chunk_frames=21, overlap_frames=8, strength=1.0, mode=mode)
         lay = method.layout(61)
-        x = method(video, num_inference_steps=20, guidance_scale=1.0, seed=0, output_type="latent")
+        x = method(video, num_inference_steps=20, guidance_scale=1.0, seed=0, output_type="latent").frames
         step = (x[0, :, 1:] - x[0, :, :-1]).abs().mean(dim=(0, 2, 3))  # latent transition j-1 -> j at [j-1]
         # the largest step within each boundary's overlap (where either method may cut)
         per_boundary = [float(step[s - 1:s + o].max()) for s, o in zip(lay.starts[1:], lay.boundary_overlaps())]

@@ -156,8 +156,8 @@ def test_generate_streams_requested_frames(pipe):
     frames = list(fifo.generate("a cat", 5, guidance_scale=3.0, seed=0, writer=Writer()))
     assert len(frames) == 5 and frames[0].shape == (32, 32, 3) and frames[0].dtype == np.uint8
     assert len(seen) == 5 and all(a is b for a, b in zip(seen, frames))
-    again = fifo("a cat", 5, guidance_scale=3.0, seed=0)
-    assert np.array_equal(np.stack(frames), again)
+    again = fifo("a cat", 5, guidance_scale=3.0, seed=0).frames[0]  # "np": the uint8 frames / 255 in float32
+    assert np.array_equal(np.stack(frames) / np.float32(255), again)
 
 
 def test_resume_equals_uninterrupted(wan_pipe, tmp_path):
@@ -194,7 +194,8 @@ def test_resume_with_ddim_eta_equals_uninterrupted(ad_pipe, tmp_path):
     rest = list(fifo.generate("a dog", 7, guidance_scale=3.0, seed=2, checkpoint_dir=tmp_path, resume=True))
     assert len(first) == 3 and len(rest) == 5
     np.testing.assert_array_equal(np.stack(first[:2] + rest), np.stack(full))
-    deterministic = FIFODiffusion(ad_pipe, num_partitions=1, frames_per_window=4)("a dog", 7, guidance_scale=3.0, seed=2)
+    deterministic = np.stack(list(FIFODiffusion(ad_pipe, num_partitions=1, frames_per_window=4).generate(
+        "a dog", 7, guidance_scale=3.0, seed=2)))
     assert np.abs(deterministic.astype(int) - np.stack(full).astype(int)).max() > 0
 
 
@@ -399,10 +400,10 @@ def _rank_worker(rank, world, port, out_dir):
         torch.set_num_threads(1)
         fifo = FIFODiffusion(wan.tiny_pipeline(), num_partitions=2, frames_per_window=4)
         assert fifo._rank_world() == (rank, world)  # the windows really are split
-        np.save(f"{out_dir}/wan{rank}.npy", fifo("a dog", 6, guidance_scale=3.0, seed=7))
+        np.save(f"{out_dir}/wan{rank}.npy", fifo("a dog", 6, guidance_scale=3.0, seed=7).frames[0])
         ouro = OuroborosDiffusion(animatediff.tiny_pipeline(), num_partitions=1, frames_per_window=4,
                                   guided_windows=(1,), guidance_scale=5.0, eta=1.0)
-        np.save(f"{out_dir}/ouro{rank}.npy", ouro("a red cat runs", 5, guidance_scale=3.0, seed=7))
+        np.save(f"{out_dir}/ouro{rank}.npy", ouro("a red cat runs", 5, guidance_scale=3.0, seed=7).frames[0])
     finally:
         dist.destroy_process_group()
 
@@ -424,9 +425,9 @@ def test_two_gloo_ranks_equal_one_process(wan_pipe, ad_pipe, tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers: CPU kernels' reduction order depends on the thread count
     try:
-        single = FIFODiffusion(wan_pipe, num_partitions=2, frames_per_window=4)("a dog", 6, guidance_scale=3.0, seed=7)
+        single = FIFODiffusion(wan_pipe, num_partitions=2, frames_per_window=4)("a dog", 6, guidance_scale=3.0, seed=7).frames[0]
         ouro = OuroborosDiffusion(ad_pipe, num_partitions=1, frames_per_window=4, guided_windows=(1,),
-                                  guidance_scale=5.0, eta=1.0)("a red cat runs", 5, guidance_scale=3.0, seed=7)
+                                  guidance_scale=5.0, eta=1.0)("a red cat runs", 5, guidance_scale=3.0, seed=7).frames[0]
     finally:
         torch.set_num_threads(threads)
     for rank in (0, 1):
@@ -444,8 +445,8 @@ def test_multi_prompt_switches_at_the_start_frame(wan_pipe):
     with pytest.raises(ValueError, match="pairs"):
         PromptSchedule.parse([])
     fifo = FIFODiffusion(wan_pipe, num_partitions=2, frames_per_window=4)
-    single = fifo("a cat", 8, guidance_scale=3.0, seed=2)
-    same = fifo([("a cat", 0), ("a cat", 20)], 8, guidance_scale=3.0, seed=2)
-    other = fifo([("a cat", 0), ("a dog", 4)], 8, guidance_scale=3.0, seed=2)
+    single = fifo("a cat", 8, guidance_scale=3.0, seed=2).frames[0]
+    same = fifo([("a cat", 0), ("a cat", 20)], 8, guidance_scale=3.0, seed=2).frames[0]
+    other = fifo([("a cat", 0), ("a dog", 4)], 8, guidance_scale=3.0, seed=2).frames[0]
     assert np.array_equal(single, same)
     assert not np.array_equal(single, other)

@@ -163,7 +163,8 @@ def test_generate_streams_requested_frames(sky_pipe, kind):
     assert len(frames) == 6 and all(f.shape == (32, 32, 3) and f.dtype == np.uint8 for f in frames)
     assert len(seen) == 6 and all(a is b for a, b in zip(seen, frames))
     if kind == "t2v":
-        np.testing.assert_array_equal(np.stack(frames), fifo("a cat", 6, guidance_scale=3.0, seed=0))
+        np.testing.assert_array_equal(np.stack(frames) / np.float32(255),
+                                      fifo("a cat", 6, guidance_scale=3.0, seed=0).frames[0])
 
 
 def test_causal_blocks_and_unsupported_configs(sky_pipe):

@@ -500,7 +500,7 @@ def test_blending_one_chunk_equals_diffusers_with_lora(wan_v2v):
         with contextlib.nullcontext() if lora else lora_off(pipe):
             ref = pipe(video=video[None], height=32, width=32, strength=0.6, output_type="np",
                        generator=torch.Generator().manual_seed(3), **kw).frames[0]
-            ours = method(video, generator=torch.Generator().manual_seed(3), **kw)
+            ours = method(video, generator=torch.Generator().manual_seed(3), **kw).frames[0]
             out[lora] = torch.from_numpy(np.asarray(ours)), torch.from_numpy(np.asarray(ref))
     check_off_and_delta(out[True][0], out[False][0], out[True][1], out[False][1], 1e-5)
 
@@ -513,6 +513,6 @@ def test_blending_on_uses_the_lora(wan_v2v):
 
     def run():
         return method(video, prompt="a red panda", num_inference_steps=3, guidance_scale=5.0, seed=0,
-                      output_type="latent")
+                      output_type="latent").frames
 
     check_uses_lora(run, pipe, pipe.transformer, ["transformer"])

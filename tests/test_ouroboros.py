@@ -38,7 +38,7 @@ def test_every_part_off_equals_fifo(family, ad_pipe, wan_pipe):
     fifo = FIFODiffusion(pipe, num_partitions=1, frames_per_window=4)
     off = OuroborosDiffusion(pipe, num_partitions=1, frames_per_window=4, tail_sampling=False, sacfa=False,
                              self_recurrent_guidance=False)
-    a, b = fifo("a cat", 5, guidance_scale=3.0, seed=1), off("a cat", 5, guidance_scale=3.0, seed=1)
+    a, b = fifo("a cat", 5, guidance_scale=3.0, seed=1).frames[0], off("a cat", 5, guidance_scale=3.0, seed=1).frames[0]
     np.testing.assert_array_equal(a, b)
     on = OuroborosDiffusion(pipe, num_partitions=1, frames_per_window=4)
     st_on, _ = _run(pipe, 5, on)
@@ -248,13 +248,13 @@ def test_resume_equals_uninterrupted(family, ad_pipe, wan_pipe, tmp_path):
     pipe = ad_pipe if family == "animatediff" else wan_pipe
     o = OuroborosDiffusion(pipe, num_partitions=1, frames_per_window=4, guided_windows=(0, 1), guidance_scale=2.0)
     n = 7 if family == "animatediff" else 13
-    full = o(PROMPT, n, guidance_scale=3.0, seed=3)
+    full = o(PROMPT, n, guidance_scale=3.0, seed=3).frames[0]  # "np": the uint8 frames / 255
     first = list(o.generate(PROMPT, n, guidance_scale=3.0, seed=3, checkpoint_dir=tmp_path, checkpoint_every=2,
                             stop_after_iterations=3))
     saved = torch.load(tmp_path / "fifo_state.pt", weights_only=True)
     assert saved["maps"] is not None and saved["bank"] is not None
     rest = list(o.generate(PROMPT, n, guidance_scale=3.0, seed=3, checkpoint_dir=tmp_path, resume=True))
-    np.testing.assert_array_equal(np.stack(first[: saved["frames_out"]] + rest), full)
+    np.testing.assert_array_equal(np.stack(first[: saved["frames_out"]] + rest) / np.float32(255), full)
 
 
 def test_triton_kernels_agree_with_reference(ad_pipe):

@@ -7,7 +7,8 @@ import json
 from . import _fit
 from ._common import (VIDEO_SUFFIXES, UsageError, add_common_generation, apply_backend, checkpoint_family,
                       first_line, input_file, load_pipeline, nonnegative_int, output_file, positive_int, real,
-                      resolve_device, torch_dtype, user_errors)
+                      resolve_device, torch_dtype, user_errors, backend_setting,
+                      check_sizes_before_loading, print_settings)
 
 HELP = "StreamingT2V randomized-blending enhancement"
 FAMILIES = ("wan", "animatediff", "cogvideox")
@@ -80,6 +81,7 @@ def run(args) -> int:
     if args.num_frames:
         frames = frames[:args.num_frames]
     fps = args.fps or video_fps(src) or 8.0
+    check_sizes_before_loading(args, family)
     with _fit.host_loading(args):
         pipe = _load_pipe(args, family)
     steps = args.steps or (10 if tiny else 50)
@@ -102,9 +104,14 @@ def run(args) -> int:
                                         strength=args.blend_strength, blend=args.blend_variant, mode=mode,
                                         chunk_batch=args.blend_chunk_batch)
             lay = method.layout(len(frames))
+            if mode == modes[0]:
+                h, w = method._size(frames, args.height, args.width)
+                denoiser = getattr(pipe, "transformer", None) or pipe.unet
+                print_settings(size=f"{w}x{h}", frames=len(frames), steps=steps, window=f"{chunk}/{overlap}",
+                               dtype=denoiser.dtype, device=args.device, backend=backend_setting())
             latents = method(frames, prompt=args.prompt, height=args.height, width=args.width,
                              num_inference_steps=steps, guidance_scale=guidance, seed=args.seed, progress=True,
-                             output_type="latent")
+                             output_type="latent").frames
         path = out if mode == args.blend_mode else out.with_suffix(f".{mode}.mp4")
         # decoded chunk by chunk, each written before the next (longvideo.decode); the frames are
         # also kept for the seam metric

@@ -72,6 +72,15 @@ import numpy as np
 import torch
 
 from .families import family_for
+from .outputs import (
+    ProgressBarMixin,
+    VideoOutput,
+    check_callback,
+    check_output_type,
+    check_positive_int,
+    check_prompt,
+    resolve_generator,
+)
 
 VARIANTS = ("x0", "xt")
 MODES = ("blend", "independent", "shared_noise")
@@ -252,15 +261,7 @@ def load_frames(video) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _progress(total, enabled, pipe):
-    if enabled is None:
-        return pipe.progress_bar(total=total)
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc="enhance")
-
-
-class RandomizedBlending:
+class RandomizedBlending(ProgressBarMixin):
     """StreamingT2V's randomized blending around a diffusers video-to-video pipeline.
 
     Args:
@@ -272,7 +273,9 @@ class RandomizedBlending:
         mode: "blend" (shared noise + randomized blending), "independent" or "shared_noise" (baselines).
         chunk_batch: chunks per model call (None: all at once); with CFG the model batch is up to twice that.
 
-    Calling it returns the refined frames: float32 numpy (F, H, W, 3) in [0, 1] (``output_type="np"``).
+    Calling it returns a :class:`longvideo.methods.outputs.VideoOutput` (``.frames``: numpy float32
+    (1, F, H, W, 3) in [0, 1] for ``output_type="np"``). A pipeline of another family is refused
+    here (ValueError naming `pipe`).
     """
 
     def __init__(self, pipe, chunk_frames: int = 24, overlap_frames: int = 8, strength: float = 0.6,
@@ -468,34 +471,109 @@ class RandomizedBlending:
     def _decode_chunk_size(self) -> int:
         return int(getattr(self.family, "decode_chunk_size", 16))
 
+    def check_inputs(self, prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, generator,
+                     seed, eta, output_type, callback_on_step_end=None,
+                     callback_on_step_end_tensor_inputs=("latents",)) -> None:
+        """ValueError naming the first bad argument of ``__call__`` (before any work)."""
+        check_prompt(prompt, allow_empty=True)
+        if negative_prompt is not None:
+            check_prompt(negative_prompt, "negative_prompt", allow_empty=True)
+        m = self.family.size_multiple()
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and check_positive_int(value, name) % m:
+                raise ValueError(f"height/width must be multiples of {m} for this pipeline, got {name}={value}")
+        check_positive_int(num_inference_steps, "num_inference_steps")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
+        if generator is not None:
+            resolve_generator(generator, None)
+        elif seed is not None:
+            resolve_generator(None, seed)
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        check_output_type(output_type)
+        check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs,
+                       ("latents",) if self.mode == "blend" else ("latents", "chunk_latents"))
+
     @torch.no_grad()
     def __call__(self, video, prompt: str = "", negative_prompt: Optional[str] = None, height: Optional[int] = None,
                  width: Optional[int] = None, num_inference_steps: int = 50, guidance_scale: float = 5.0,
-                 generator: Optional[torch.Generator] = None, seed: Optional[int] = None, eta: float = 0.0,
-                 max_sequence_length: Optional[int] = None, output_type: str = "np", progress: Optional[bool] = None):
+                 generator=None, seed: Optional[int] = None, eta: float = 0.0,
+                 max_sequence_length: Optional[int] = None, output_type: str = "np", progress: Optional[bool] = None,
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)
+                 ) -> VideoOutput:
         """Refine `video` (path, frames (F, H, W, 3) uint8/float, tensor or PIL list).
 
         height/width: output size (the video is resized first: the "upscale" of the enhancer);
         default: the input's size rounded down to what the model accepts. Randomness: `generator`
-        (or `seed`) draws the VAE posterior samples (AnimateDiff, CogVideoX) and the noise, exactly
-        like the pipeline; the blend thresholds come from a CPU generator seeded from its seed, so a
-        seed reproduces the run on any device. `progress`: None follows the pipeline's progress-bar
-        setting, True/False force it. Returns the frames ((F, H, W, 3) float32 in [0, 1] for
-        output_type "np"; "pt": tensor (F, 3, H, W); "pil": list of images; "latent": (1, C, L, h, w)).
+        (a torch.Generator or a list of one; else `seed`, else seed 0) draws the VAE posterior
+        samples (AnimateDiff, CogVideoX) and the noise, exactly like the pipeline; the blend
+        thresholds come from a CPU generator seeded from its seed, so a seed reproduces the run on
+        any device. callback_on_step_end: ``callback(method, i, t, callback_kwargs) -> dict`` after
+        each solver step i; callback_kwargs holds "latents" (the whole latent video (1, C, L, h, w)
+        in mode "blend"; in the baselines the chunks' stitched latents, read-only) and, for the
+        baselines, "chunk_latents" (n, C, chunk, h, w); returned tensors replace them; setting
+        ``method._interrupt = True`` skips the remaining steps (the video is decoded from the
+        latents reached). `progress`: None follows ``set_progress_bar_config`` (by default the
+        pipeline's setting), True/False force it.
+
+        Returns a :class:`longvideo.methods.outputs.VideoOutput`: ``.frames`` (1, F, H, W, 3)
+        float32 in [0, 1] ("np"); (1, F, 3, H, W) tensor ("pt"); [[PIL images]] ("pil");
+        (1, C, L, h, w) latents ("latent").
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        self.check_inputs(prompt, negative_prompt, height, width, num_inference_steps, guidance_scale, generator,
+                          seed, eta, output_type, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        if generator is not None:
+            generator = resolve_generator(generator, None)[0]
         run = self.prepare(video, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                            generator=generator, seed=seed, eta=eta, max_sequence_length=max_sequence_length)
         n = run.layout.num_chunks
         calls = math.ceil(n / (self.chunk_batch or n))
-        with _progress(len(run.timesteps) * calls, progress, self.pipe) as bar:
+        self._interrupt = False
+        with self._bar(len(run.timesteps) * calls, progress) as bar:
             run.bar = bar
             for i in range(len(run.timesteps)):
+                if self._interrupt:
+                    break
                 self.step(run, i)
+                if callback_on_step_end is not None:
+                    self._step_end(callback_on_step_end, callback_on_step_end_tensor_inputs, run, i)
             run.bar = None
-        return self.finish(run, output_type)
+        out = self.finish(run, output_type)
+        if output_type == "pil":
+            return VideoOutput(frames=[out])
+        return VideoOutput(frames=out if output_type == "latent" else out[None])
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
+
+    def _bar(self, total, progress):
+        if progress is None:
+            return self.progress_bar(total=total, desc="enhance")
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, disable=not progress, desc="enhance")
+
+    def _step_end(self, callback, names, run: "_Run", i: int) -> None:
+        if self.mode == "blend":
+            tensors = {"latents": run.x}
+        else:
+            lay = run.layout
+            tensors = {"chunk_latents": run.xs,
+                       "latents": stitch(run.xs, lay.starts, draw_cuts(lay.starts, lay.chunk, self.mode, None),
+                                         lay.latent_frames)}
+        out = callback(self, i, run.timesteps[i], {k: tensors[k] for k in names}) or {}
+        target = {"latents": "x"} if self.mode == "blend" else {"chunk_latents": "xs"}
+        for key, value in out.items():
+            if key not in target:
+                raise ValueError(f"callback_on_step_end returned {key!r}; it may replace only {list(target)}")
+            old = getattr(run, target[key])
+            if not isinstance(value, torch.Tensor) or value.shape != old.shape:
+                raise ValueError(f"callback_on_step_end returned {key!r} of shape "
+                                 f"{getattr(value, 'shape', type(value).__name__)}, expected {tuple(old.shape)}")
+            setattr(run, target[key], value.to(old))
 
 
 @dataclass

@@ -75,12 +75,24 @@ import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from .._io import OutputError
 from .families import family_for
+from .outputs import (
+    ProgressBarMixin,
+    VideoOutput,
+    check_callback,
+    check_frame_count,
+    check_output_type,
+    check_positive_int,
+    check_prompt,
+    check_size,
+    resolve_generator,
+    video_output,
+)
 from .fifo_ouroboros import (
     OuroborosConfig,
     SubjectBank,
@@ -147,7 +159,17 @@ class StepOutput:
     bank_features: Optional[torch.Tensor] = None
 
 
-class FIFODiffusion:
+def _check_video_pipeline(pipe) -> None:
+    """Refuse, at construction, pipelines of a family FIFO cannot run (ValueError naming `pipe`):
+    an image UNet (UNet2DConditionModel: Stable Diffusion) passes the family test by its blocks
+    but fails much later without per-frame motion modules."""
+    unet = getattr(pipe, "unet", None)
+    if getattr(pipe, "transformer", None) is None and unet is not None and type(unet).__name__ != "UNetMotionModel":
+        raise ValueError(f"pipe: {type(pipe).__name__} has an image UNet ({type(unet).__name__}); FIFO and "
+                         "Ouroboros need a video pipeline: Wan, SkyReels-V2 or AnimateDiff (UNetMotionModel)")
+
+
+class FIFODiffusion(ProgressBarMixin):
     """FIFO-Diffusion on a diffusers Wan or AnimateDiff pipeline (see the module docstring).
 
     Args:
@@ -176,6 +198,7 @@ class FIFODiffusion:
                  coherent_tail: bool = False, tail_d_s: float = 0.25, tail_d_t: float = 1.0, distributed: bool = True,
                  ouroboros: Optional[OuroborosConfig] = None, skip_warmup: bool = True, eta: float = 0.0,
                  timestep_grid: str = "official", lookahead_context: str = "official"):
+        _check_video_pipeline(pipe)
         self.family = family_for(pipe, "fifo")
         self.timestep_grid = self.family.resolve_grid(timestep_grid)  # the grid in effect (ValueError if unknown)
         if lookahead_context not in LOOKAHEAD_CONTEXTS:
@@ -216,6 +239,19 @@ class FIFODiffusion:
             raise ValueError("ouroboros: SACFA and self-recurrent guidance are not supported on two-expert Wan 2.2 "
                              "pipelines yet (their processors assume one denoiser per window); tail_sampling is")
         self._ctx = None
+        self._interrupt = False
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``method._interrupt = True`` (e.g. in ``callback_on_step_end``) to end the run after
+        the current iteration: the frames emitted so far are the video (and the checkpoint)."""
+        return self._interrupt
+
+    def size_multiple(self) -> int:
+        """What height and width must be multiples of: the family's (Wan, SkyReels-V2: the VAE's
+        spatial factor times the transformer's patch, at least the 16 their diffusers pipelines
+        require; AnimateDiff: the VAE's factor times the UNet's down-sampling)."""
+        return int(self.family.size_multiple())
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -401,28 +437,28 @@ class FIFODiffusion:
         if self.ouro is None or not self.ouro.needs_processors:
             self._ctx = None
             return lambda: None
-        from ..processors.ouroboros import OuroborosContext, install_unet, install_wan
+        from ..processors.ouroboros import OuroborosContext, apply_ouroboros_processors
 
         model = self.family.denoiser
-        saved = dict(model.attn_processors)
         self._ctx = OuroborosContext(latent_hw)
-        self_layers = (install_wan if self.family.name in ("wan", "skyreels") else install_unet)(model, self._ctx)
-        layers = list(self.ouro.feature_layers) if self.ouro.feature_layers else default_feature_layers(
-            self.family.name, self_layers)
-        unknown = [n for n in layers if n not in self_layers]
-        if unknown:
-            raise ValueError(f"feature_layers: {unknown} are not self-attention layers of the model")
-        shapes = []
-        for n in layers:
-            attn = model.get_submodule(n[: -len(".processor")])
-            shapes.append((attn.heads, attn.to_k.out_features // attn.heads))
-        self._feature_layers, self._bank = layers, SubjectBank(layers, shapes)
-
-        def restore():
-            model.set_attn_processor(saved)
-            self._ctx = None
-
-        return restore
+        patch = apply_ouroboros_processors(model, self._ctx)
+        patch.on_remove(lambda: setattr(self, "_ctx", None))
+        try:
+            self_layers = patch.self_layers
+            layers = list(self.ouro.feature_layers) if self.ouro.feature_layers else default_feature_layers(
+                self.family.name, self_layers)
+            unknown = [n for n in layers if n not in self_layers]
+            if unknown:
+                raise ValueError(f"feature_layers: {unknown} are not self-attention layers of the model")
+            shapes = []
+            for n in layers:
+                attn = model.get_submodule(n[: -len(".processor")])
+                shapes.append((attn.heads, attn.to_k.out_features // attn.heads))
+            self._feature_layers, self._bank = layers, SubjectBank(layers, shapes)
+        except BaseException:
+            patch.remove()
+            raise
+        return patch.remove
 
     # ------------------------------------------------------------------------------------------
     def _initial_state(self, lv, prompt_embeds, negative_embeds, height, width, guidance_scale, generator,
@@ -459,17 +495,56 @@ class FIFODiffusion:
         o = self.ouro
         return torch.ops.longvideo.lowfreq_mix(z.contiguous(), eta, o.tail_filter, o.tail_d_s, o.tail_d_t, o.tail_order)
 
+    def check_inputs(self, prompt, num_frames, height, width, guidance_scale, negative_prompt, seed, generator,
+                     num_inference_steps, init_steps, checkpoint_every, checkpoint_dir,
+                     callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)) -> None:
+        """ValueError naming the first bad argument of :meth:`generate` (checked before any work)."""
+        if isinstance(prompt, str):
+            check_prompt(prompt)
+        elif not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError(f"prompt must be a string or a non-empty list of (prompt, start_frame) pairs, got "
+                             f"{type(prompt).__name__} {prompt!r}")
+        check_frame_count(num_frames)
+        m = self.size_multiple()
+        check_size(height, "height", m)
+        check_size(width, "width", m)
+        if guidance_scale is not None and (isinstance(guidance_scale, bool)
+                                           or not isinstance(guidance_scale, (int, float))):
+            raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
+        if not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        resolve_generator(generator, seed, device="cpu")
+        if num_inference_steps is not None and num_inference_steps != self.L:
+            raise ValueError(f"num_inference_steps: FIFO denoises with one level per queue slot, L = {self.L} "
+                             f"(n = {self.n}, f = {self.f}); got {num_inference_steps}")
+        if init_steps is not None:
+            check_positive_int(init_steps, "init_steps")
+        if not isinstance(checkpoint_every, int) or checkpoint_every < 0 or (checkpoint_every and not checkpoint_dir):
+            raise ValueError("checkpoint_every needs a checkpoint_dir and must be >= 0")
+        check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, ("latents", "context"))
+
     def generate(self, prompt, num_frames: int, height: Optional[int] = None, width: Optional[int] = None,
                  guidance_scale: Optional[float] = None, negative_prompt: str = "", seed: int = 0,
                  num_inference_steps: Optional[int] = None, init_steps: Optional[int] = None, writer=None,
                  checkpoint_dir=None, checkpoint_every: int = 0, resume: bool = False,
-                 stop_after_iterations: Optional[int] = None, guidance_scale_2: Optional[float] = None) -> Iterator:
+                 stop_after_iterations: Optional[int] = None, guidance_scale_2: Optional[float] = None,
+                 generator=None, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)) -> Iterator:
         """Yield output video frames (uint8 (H, W, 3)) as they leave the queue, `num_frames` in all.
 
         prompt: a string, or a list of (prompt, start_video_frame) pairs (the first start must be 0).
         num_inference_steps: FIFO's step count is the number of levels L (n f, or 2 n floor(f/2) with
             lookahead); None, or L itself. init_steps: steps of the initial clip (default L, as the
             official code).
+        seed / generator: every draw (the initial clip, the queue's noise, the tails) comes from one
+            CPU generator: `generator` (a CPU torch.Generator, or a list of one), else one seeded
+            with `seed`. Its state is part of the checkpoint.
+        callback_on_step_end: ``callback(method, iteration, timesteps, callback_kwargs) -> dict``
+            after each iteration (diffusers' convention; `timesteps` the (L,) model timesteps of the
+            slots). callback_kwargs holds the tensors named in `callback_on_step_end_tensor_inputs`:
+            "latents" (the queue (1, C, L, h, w) after the shift and the new tail), "context" (the
+            lookahead context); returned tensors replace them. ``method._interrupt = True`` ends the
+            run after this iteration's frames.
         writer: optional object with ``write(frame)`` (e.g. longvideo.video.VideoWriter), called for
             each frame before it is yielded.
         checkpoint_dir/checkpoint_every: save the queue state every K iterations (atomically), at the
@@ -481,14 +556,12 @@ class FIFODiffusion:
         stop_after_iterations: stop early (for tests of interruption).
         guidance_scale_2: the low-noise expert's guidance scale on two-expert Wan 2.2 pipelines
             (None: guidance_scale, as WanPipeline); ValueError on other pipelines.
+        Progress: a bar over the frames, configured by ``set_progress_bar_config`` (default: the
+        pipeline's setting).
         """
-        if num_frames < 1:
-            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        if checkpoint_every < 0 or (checkpoint_every and not checkpoint_dir):
-            raise ValueError("checkpoint_every needs a checkpoint_dir and must be >= 0")
-        if num_inference_steps is not None and num_inference_steps != self.L:
-            raise ValueError(f"num_inference_steps: FIFO denoises with one level per queue slot, L = {self.L} "
-                             f"(n = {self.n}, f = {self.f}); got {num_inference_steps}")
+        self.check_inputs(prompt, num_frames, height, width, guidance_scale, negative_prompt, seed, generator,
+                          num_inference_steps, init_steps, checkpoint_every, checkpoint_dir,
+                          callback_on_step_end, callback_on_step_end_tensor_inputs)
         dh, dw = self._default_size()
         height, width = height or dh, width or dw
         if guidance_scale is None:
@@ -498,10 +571,15 @@ class FIFODiffusion:
         if getattr(self.family, "two_experts", False):
             self.family.set_guidance_scale_2(guidance_scale_2)
         device = self.family.device
-        generator = torch.Generator("cpu").manual_seed(seed)
+        if generator is not None:
+            generator = resolve_generator(generator, seed, device="cpu")[0]
+            seed = generator.initial_seed()  # what the run's settings (and a resume) record
+        else:
+            generator = torch.Generator("cpu").manual_seed(seed)
         ckpt = Path(checkpoint_dir) / "fifo_state.pt" if checkpoint_dir else None
         if resume and (ckpt is None or not ckpt.exists()):
             raise FileNotFoundError(f"resume: no checkpoint at {ckpt}")
+        self._interrupt = False
         cfg = guidance_scale > 1.0
         with torch.no_grad():
             schedule = PromptSchedule.parse(prompt, self.family.temporal_compression)
@@ -519,7 +597,7 @@ class FIFODiffusion:
         vs = getattr(self.pipe, "vae_scale_factor_spatial", None) or self.pipe.vae_scale_factor
         settings = self._run_settings(schedule, height, width, guidance_scale, negative_prompt, seed, init_steps)
         restore = self._install((height // vs, width // vs))
-        complete = saved_iteration = None
+        complete = saved_iteration = bar = None
         try:
             with torch.no_grad():
                 if resume:
@@ -540,6 +618,8 @@ class FIFODiffusion:
                                 dist.broadcast(t, src=0)
             done = 0
             complete, saved_iteration = state, state.iteration  # last state whose frames were all emitted
+            if self._rank_world()[0] == 0:
+                bar = self.progress_bar(total=num_frames, initial=min(state.frames_out, num_frames), unit="frame")
             while state.frames_out < num_frames:
                 if stop_after_iterations is not None and done >= stop_after_iterations:
                     return
@@ -563,11 +643,15 @@ class FIFODiffusion:
                                        decoder_state=decoder_state, iteration=state.iteration + 1,
                                        frames_out=state.frames_out,
                                        rng_state=generator.get_state(), maps=maps, bank=bank)
+                    if callback_on_step_end is not None:
+                        state = self._step_end(callback_on_step_end, callback_on_step_end_tensor_inputs, state, lv)
                 emit = frames[: num_frames - state.frames_out]
                 for frame in emit:
                     state.frames_out += 1
                     if writer is not None:
                         writer.write(frame)
+                    if bar is not None:
+                        bar.update(1)
                     yield frame
                 done += 1
                 if len(emit) < len(frames):
@@ -576,6 +660,8 @@ class FIFODiffusion:
                 if checkpoint_every and state.iteration % checkpoint_every == 0:
                     if self._save_checkpoint(ckpt, state, settings, writer):
                         saved_iteration = state.iteration
+                if self._interrupt:
+                    break
             if checkpoint_every and complete.iteration != saved_iteration:
                 # the end: a later run can extend the video
                 self._save_checkpoint(ckpt, complete, settings, writer)
@@ -593,6 +679,24 @@ class FIFODiffusion:
             raise
         finally:
             restore()
+            if bar is not None:
+                bar.close()
+
+    def _step_end(self, callback, names, state: QueueState, lv) -> QueueState:
+        """Run ``callback_on_step_end`` on the state after an iteration; returned tensors replace the
+        queue ("latents") or the context, checked for shape."""
+        tensors = {"latents": state.queue, "context": state.context}
+        kwargs = {k: tensors[k] for k in names}
+        out = callback(self, state.iteration - 1, lv.t_model[1:], kwargs) or {}
+        for key, field in (("latents", "queue"), ("context", "context")):
+            if key in out:
+                value = out[key]
+                old = getattr(state, field)
+                if not isinstance(value, torch.Tensor) or value.shape != old.shape:
+                    raise ValueError(f"callback_on_step_end returned {key!r} of shape "
+                                     f"{getattr(value, 'shape', type(value).__name__)}, expected {tuple(old.shape)}")
+                setattr(state, field, value.to(old))
+        return state
 
     def _run_settings(self, schedule, height, width, guidance_scale, negative_prompt, seed, init_steps) -> dict:
         """What a checkpoint's queue depends on: resuming with other settings would continue a
@@ -637,11 +741,37 @@ class FIFODiffusion:
         atomic_write_bytes(ckpt, buf.getvalue(), kept=kept)
         return True
 
-    def __call__(self, prompt, num_frames: int, **kwargs):
-        """All frames at once: np.uint8 (F, H, W, 3)."""
+    def __call__(self, prompt, num_frames: int, output_type: str = "np", **kwargs) -> VideoOutput:
+        """All frames at once, as a :class:`longvideo.methods.outputs.VideoOutput`: ``.frames`` is
+        numpy float32 (1, F, H, W, 3) in [0, 1] ("np": the uint8 frames :meth:`generate` yields,
+        divided by 255), torch float32 (1, F, 3, H, W) ("pt"), [[PIL images]] ("pil"), or the
+        clean latent frames as they left the queue, (1, C, F', h, w) ("latent"; the decoder still
+        runs, its cache being part of the queue's state). Keywords: those of :meth:`generate`."""
         import numpy as np
 
-        return np.stack(list(self.generate(prompt, num_frames, **kwargs)))
+        check_output_type(output_type)
+        if output_type == "latent":
+            return VideoOutput(frames=self._latents(prompt, num_frames, **kwargs))
+        frames = np.stack(list(self.generate(prompt, num_frames, **kwargs)))
+        return video_output(frames, output_type)
+
+    def _latents(self, prompt, num_frames, **kwargs) -> torch.Tensor:
+        """The clean latent frames in the order they leave the queue (the heads, without decoding),
+        enough of them for `num_frames` video frames."""
+        heads = []
+        decode = self.family.decode
+
+        def keep_head(head, cache):
+            heads.append(head.detach().clone())
+            return decode(head, cache)
+
+        self.family.decode = keep_head  # an instance attribute over the class method, removed below
+        try:
+            for _ in self.generate(prompt, num_frames, **kwargs):
+                pass
+        finally:
+            del self.family.decode
+        return torch.cat(heads, dim=2) if heads else torch.empty(0)
 
 
 class OuroborosDiffusion(FIFODiffusion):

@@ -71,9 +71,10 @@ _ARTICLES = {"a", "an", "the", "one", "two", "some"}
 SACFA_TOKENS = ("paper", "official_demo")
 
 
-@dataclass
+@dataclass(frozen=True)
 class OuroborosConfig:
-    """Options of Ouroboros-Diffusion; every part off is exactly FIFO."""
+    """Options of Ouroboros-Diffusion; every part off is exactly FIFO. Frozen, and validated at
+    construction (ValueError naming the field)."""
 
     tail_sampling: bool = True
     tail_filter: str = "gaussian"
@@ -90,6 +91,9 @@ class OuroborosConfig:
     guided_windows: Optional[Sequence[int]] = None   # default: (1,), the window after the head window
     bank_frames: int = 1
     feature_layers: Optional[Sequence[str]] = None   # default: see default_feature_layers
+
+    def __post_init__(self):
+        self.validate()
 
     def validate(self):
         if self.tail_d_s <= 0 or self.tail_d_t <= 0:

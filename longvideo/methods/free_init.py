@@ -10,9 +10,12 @@ Everything else in ``_apply_free_init`` (the re-noising with ``scheduler.add_noi
 from the user's generator, the coarse-to-fine schedule) is untouched, so results match diffusers'
 up to floating-point rounding of the FFTs::
 
-    pipe.enable_free_init(num_iters=3, method="butterworth")
+    with apply_free_init(pipe, FreeInitConfig(num_iters=3, method="butterworth")):
+        video = pipe(...).frames[0]    # diffusers' FreeInit, its filter through lowfreq_mix
+    # leaving the block: FreeInit as it was before (disabled), diffusers' own filter code
+
+    pipe.enable_free_init(num_iters=3)  # the older form, still supported:
     enable_fast_free_init(pipe)        # same outputs, no Python-loop filter
-    ...
     disable_fast_free_init(pipe)       # back to diffusers' own code
 
 Besides diffusers' "gaussian", "butterworth" and "ideal", ``method="box"`` (the original FreeInit
@@ -21,8 +24,11 @@ repository's box filter) works once the drop-in is enabled.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from ..hooks import PatchHandle
 
 _ATTRS = ("_get_free_init_freq_filter", "_apply_freq_filter")
 _STATE = "_longvideo_fast_free_init_saved"
@@ -39,22 +45,20 @@ class FreqFilterSpec:
     shape: tuple
 
 
-def enable_fast_free_init(pipe):
-    """Make `pipe`'s FreeInit use ``lowfreq_mix`` (idempotent; returns `pipe`).
+FREE_INIT_FILTER = "FreeInit frequency filter"
 
-    `pipe` must be a diffusers pipeline with FreeInit (``FreeInitMixin``: ``_get_free_init_freq_filter``
-    and ``_apply_freq_filter``). Only this instance changes. A zero stop frequency (diffusers' all-zero
-    filter) and unknown filter names keep diffusers' own behaviour (its result, its error).
-    """
+
+def _check_free_init_pipeline(pipe) -> None:
+    if not all(callable(getattr(pipe, a, None)) for a in _ATTRS):
+        raise ValueError(f"pipe must be a diffusers FreeInit pipeline (FreeInitMixin), got {type(pipe).__name__}")
+
+
+def _patch_filter(handle, pipe) -> None:
+    """Replace `pipe`'s two FreeInit filter methods (instance attributes over the class's), in `handle`."""
     from ..ops import lowfreq_mix
     from ..reference.lowfreq_mix import FILTERS
 
-    if not all(callable(getattr(pipe, a, None)) for a in _ATTRS):
-        raise ValueError(f"pipe must be a diffusers FreeInit pipeline (FreeInitMixin), got {type(pipe).__name__}")
-    if getattr(pipe, _STATE, None) is not None:
-        return pipe
-    # What the instance held before (normally nothing: the class methods), restored by disable.
-    saved = {a: pipe.__dict__.get(a) for a in _ATTRS}
+    handle.claim(pipe, FREE_INIT_FILTER)
     original_get = pipe._get_free_init_freq_filter
     original_apply = pipe._apply_freq_filter
 
@@ -73,25 +77,103 @@ def enable_fast_free_init(pipe):
             raise ValueError(f"free init: latents {tuple(x.shape)} do not match the filter shape {spec.shape}")
         return lowfreq_mix(x, noise, spec.filter, spec.d_s, spec.d_t, spec.order)
 
-    pipe._get_free_init_freq_filter = _get_free_init_freq_filter
-    pipe._apply_freq_filter = _apply_freq_filter
-    setattr(pipe, _STATE, saved)
+    handle.set_attr(pipe, "_get_free_init_freq_filter", _get_free_init_freq_filter)
+    handle.set_attr(pipe, "_apply_freq_filter", _apply_freq_filter)
+
+
+@dataclass(frozen=True)
+class FreeInitConfig:
+    """diffusers' FreeInit settings (``FreeInitMixin.enable_free_init``'s arguments), validated at
+    construction (ValueError naming the field), plus `fast`: the ``lowfreq_mix`` drop-in.
+
+    num_iters >= 1; method "butterworth" | "gaussian" | "ideal" | "box" ("box": the original
+    FreeInit repository's filter, only with fast=True); order > 0 (butterworth); stop frequencies
+    in (0, 1]; use_fast_sampling: diffusers' coarse-to-fine schedule."""
+
+    num_iters: int = 3
+    use_fast_sampling: bool = False
+    method: str = "butterworth"
+    order: int = 4
+    spatial_stop_frequency: float = 0.25
+    temporal_stop_frequency: float = 0.25
+    fast: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.num_iters, bool) or not isinstance(self.num_iters, int) or self.num_iters < 1:
+            raise ValueError(f"num_iters must be an int >= 1, got {self.num_iters!r}")
+        methods = ("butterworth", "gaussian", "ideal") + (("box",) if self.fast else ())
+        if self.method not in methods:
+            raise ValueError(f"method must be one of {methods}, got {self.method!r}"
+                             + (" ('box' needs fast=True)" if self.method == "box" else ""))
+        if isinstance(self.order, bool) or not isinstance(self.order, (int, float)) or self.order <= 0:
+            raise ValueError(f"order must be a number > 0, got {self.order!r}")
+        for name in ("spatial_stop_frequency", "temporal_stop_frequency"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0:
+                raise ValueError(f"{name} must lie in (0, 1], got {v!r}")
+
+
+_FREE_INIT_ATTRS = {"num_iters": "_free_init_num_iters", "use_fast_sampling": "_free_init_use_fast_sampling",
+                    "method": "_free_init_method", "order": "_free_init_order",
+                    "spatial_stop_frequency": "_free_init_spatial_stop_frequency",
+                    "temporal_stop_frequency": "_free_init_temporal_stop_frequency"}
+
+
+def apply_free_init(pipe, config: Optional[FreeInitConfig] = None) -> PatchHandle:
+    """Enable FreeInit on `pipe` with `config` (diffusers' own attributes, as ``enable_free_init``
+    sets them) and, with ``config.fast``, the ``lowfreq_mix`` drop-in. Returns a
+    :class:`longvideo.hooks.PatchHandle`; ``remove()`` restores the pipeline's previous FreeInit
+    state (enabled or not, its settings) and diffusers' filter code."""
+    config = config if config is not None else FreeInitConfig()
+    if not isinstance(config, FreeInitConfig):
+        raise ValueError(f"config must be a FreeInitConfig, got {type(config).__name__}")
+    _check_free_init_pipeline(pipe)
+    handle = PatchHandle("FreeInit")
+    try:
+        handle.claim(pipe, "FreeInit settings")
+        for field, attr in _FREE_INIT_ATTRS.items():
+            handle.set_attr(pipe, attr, getattr(config, field))
+        if config.fast:
+            _patch_filter(handle, pipe)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def enable_fast_free_init(pipe):
+    """Make `pipe`'s FreeInit use ``lowfreq_mix`` (idempotent; returns `pipe`). A thin alias kept
+    for callers: the patch is a :class:`longvideo.hooks.PatchHandle` kept on the pipeline;
+    :func:`disable_fast_free_init` removes it. Prefer :func:`apply_free_init`.
+
+    `pipe` must be a diffusers pipeline with FreeInit (``FreeInitMixin``: ``_get_free_init_freq_filter``
+    and ``_apply_freq_filter``). Only this instance changes. A zero stop frequency (diffusers' all-zero
+    filter) and unknown filter names keep diffusers' own behaviour (its result, its error).
+    """
+    _check_free_init_pipeline(pipe)
+    held = pipe.__dict__.get(_STATE)
+    if held is not None and held.active:
+        return pipe
+    handle = PatchHandle("fast FreeInit")
+    try:
+        _patch_filter(handle, pipe)
+    except BaseException:
+        handle.remove()
+        raise
+    pipe.__dict__[_STATE] = handle
     return pipe
 
 
 def disable_fast_free_init(pipe):
     """Undo :func:`enable_fast_free_init` on `pipe` (no-op if it is not enabled); returns `pipe`."""
-    saved = getattr(pipe, _STATE, None)
-    if saved is None:
-        return pipe
-    for attr, prior in saved.items():
-        if prior is None:
-            pipe.__dict__.pop(attr, None)
-        else:
-            pipe.__dict__[attr] = prior
-    setattr(pipe, _STATE, None)
+    handle = pipe.__dict__.pop(_STATE, None)
+    if handle is not None:
+        handle.remove()
     return pipe
 
 
 def fast_free_init_enabled(pipe) -> bool:
-    return getattr(pipe, _STATE, None) is not None
+    """True while the ``lowfreq_mix`` drop-in is on `pipe` (by either entry point)."""
+    from ..hooks import active_patches
+
+    return FREE_INIT_FILTER in active_patches(pipe)

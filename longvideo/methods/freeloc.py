@@ -81,7 +81,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..processors.wan import MODES, TieredAttentionSettings, install, self_attention_modules
+from ..hooks import PatchHandle
+from ..processors.wan import MODES, TieredAttentionSettings, patch_tiered_processors, self_attention_modules
 
 # ---------------------------------------------------------------------------------------------
 # official values (the released code, commit af7daa8; docs/fidelity.md)
@@ -410,51 +411,117 @@ def default_layer_config(transformer) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # the method
-class FreeLOC:
-    """FreeLOC installed on a Wan-family pipeline's self-attention layers.
+@dataclass(frozen=True)
+class FreeLOCConfig:
+    """FreeLOC's settings, validated at construction (ValueError naming the field).
 
-    ``FreeLOC(pipe, layer_config=None, trained_frames=None, semantics="official", **overrides)``:
-    installs processors at
-    once; call the pipeline as usual (``pipe(prompt=..., num_frames=321)``); ``remove()`` (or
-    leaving a ``with`` block) restores the original processors. The parameters follow the video
-    length of each call (:func:`derive_params`); at or below the trained length nothing changes.
+    layer_config: the per-layer modes (see :func:`load_layer_config`: a JSON path, "wan2.1-1.3b",
+    a list of modes, a dict); None = the pipeline's ``longvideo_freeloc_layers`` if set (the tiny
+    model's), else the published list for Wan2.1-1.3B, else VRPR everywhere. A list is checked
+    here, a path for existence; layer indices are checked against the model when applied.
+    trained_frames: the model's trained length in latent frames (None: the pipeline's
+    ``longvideo_trained_latent_frames``, else 21, Wan's).
+    w1 w2 g1 g2 clip local_frames stripe_frames stripe_width stripe_fraction sink_frames: explicit
+    values replacing :func:`derive_params`' rule (None: the rule).
+    semantics: "official" (default: the released code) or "paper" (the module docstring).
+    """
 
-    trained_frames: the model's trained length in latent frames (default: the pipeline's
-    ``longvideo_trained_latent_frames`` if set -- the built-in tiny model says 3 -- else 21, Wan's).
-    layer_config: see :func:`load_layer_config`; None = the pipeline's ``longvideo_freeloc_layers``
-    if set (the tiny model's), else the published list for Wan2.1-1.3B, else VRPR everywhere. overrides: ``w1 w2 g1 g2 clip local_frames stripe_frames stripe_width
-    stripe_fraction sink_frames``.
+    layer_config: object = None
+    trained_frames: Optional[int] = None
+    w1: Optional[int] = None
+    w2: Optional[int] = None
+    g1: Optional[int] = None
+    g2: Optional[int] = None
+    clip: Optional[int] = None
+    local_frames: Optional[int] = None
+    stripe_frames: Optional[int] = None
+    stripe_width: Optional[int] = None
+    stripe_fraction: Optional[float] = None
+    sink_frames: Optional[int] = None
+    semantics: str = "official"
+
+    def __post_init__(self):
+        layers = self.layer_config
+        if isinstance(layers, list):
+            object.__setattr__(self, "layer_config", tuple(layers))
+            layers = self.layer_config
+        if isinstance(layers, tuple):
+            for i, m in enumerate(layers):
+                _mode(m, f"layer_config[{i}]")
+        elif isinstance(layers, (str, os.PathLike)):
+            if str(layers).lower() not in ("wan2.1-1.3b", "published") and not Path(layers).is_file():
+                raise ValueError(f"FreeLOCConfig.layer_config: file not found: {layers}")
+        elif layers is not None and not isinstance(layers, dict):
+            raise ValueError(f"FreeLOCConfig.layer_config must be None, a path, a list of modes or a dict, got "
+                             f"{type(layers).__name__}")
+        trained = WAN_TRAINED_LATENT_FRAMES
+        if self.trained_frames is not None:
+            trained = _check_int("trained_frames", self.trained_frames, 1)
+        # the semantics and the override values, on a length where they all apply (ValueError naming the field)
+        derive_params(trained + 1, trained, self.semantics, **self.overrides())
+
+    def overrides(self) -> dict:
+        """The explicit parameter values (the fields of :data:`_OVERRIDES` that are not None)."""
+        return {k: getattr(self, k) for k in _OVERRIDES if getattr(self, k) is not None}
+
+
+class FreeLOC(PatchHandle):
+    """FreeLOC applied to a Wan-family pipeline's self-attention layers (a :class:`PatchHandle`).
+
+    ``FreeLOC(pipe, FreeLOCConfig(...))`` or, equivalently, ``FreeLOC(pipe, layer_config=None,
+    trained_frames=None, **overrides)`` with the config's fields as keywords: installs the
+    processors at once; call the pipeline as usual (``pipe(prompt=..., num_frames=321)``, or this
+    object, which does the same); ``remove()`` (or leaving a ``with`` block) restores the original
+    processors. The parameters follow the video length of each call (:func:`derive_params`); at
+    or below the trained length nothing changes. A second FreeLOC (or any other patch of the same
+    transformer's attention processors) while this one is active raises a ValueError.
     """
 
     def __init__(self, pipe, layer_config=None, trained_frames: Optional[int] = None, semantics: str = "official",
-                 **overrides):
+                 *, config: Optional[FreeLOCConfig] = None, **overrides):
+        super().__init__("FreeLOC")
+        if isinstance(layer_config, FreeLOCConfig):
+            config, layer_config = layer_config, None
+        if config is not None:
+            if layer_config is not None or trained_frames is not None or overrides or semantics != "official":
+                raise ValueError("FreeLOC: give either a FreeLOCConfig or keyword settings, not both")
+            if not isinstance(config, FreeLOCConfig):
+                raise ValueError(f"config must be a FreeLOCConfig, got {type(config).__name__}")
+        else:
+            unknown = set(overrides) - set(_OVERRIDES)
+            if unknown:
+                raise ValueError(f"FreeLOC: unknown parameter(s) {sorted(unknown)}; known: {list(_OVERRIDES)}")
+            config = FreeLOCConfig(layer_config=layer_config, trained_frames=trained_frames, semantics=semantics,
+                                   **overrides)
+        self.config = config
         self.pipe = pipe
         self.transformers = _transformers(pipe)
+        trained_frames = config.trained_frames
         if trained_frames is None:
             trained_frames = getattr(pipe, "longvideo_trained_latent_frames", WAN_TRAINED_LATENT_FRAMES)
         self.trained_frames = _check_int("trained_frames", trained_frames, 1)
-        # validates the semantics, the override names and values once, on a length where they all apply
-        derive_params(self.trained_frames + 1, self.trained_frames, semantics, **overrides)
-        self.semantics = semantics
-        self.overrides = dict(overrides)
+        self.semantics = config.semantics
+        self.overrides = config.overrides()
+        # validates the override values once more against this model's trained length
+        derive_params(self.trained_frames + 1, self.trained_frames, self.semantics, **self.overrides)
         first = self.transformers[0]
         num_layers = len(self_attention_modules(first))
+        layer_config = config.layer_config
         if layer_config is None:
             # a pipeline may name its own default (the built-in tiny model does)
             layer_config = getattr(pipe, "longvideo_freeloc_layers", None)
         self.layer_modes = (default_layer_config(first) if layer_config is None
-                            else load_layer_config(layer_config, num_layers))
+                            else load_layer_config(list(layer_config) if isinstance(layer_config, tuple)
+                                                   else layer_config, num_layers))
         self._params_cache: dict = {}
-        self._restores = []
         self.last_params: Optional[FreeLOCParams] = None
         try:
             for tr in self.transformers:
-                modes = self.layer_modes
                 if len(self_attention_modules(tr)) != num_layers:
                     raise ValueError("FreeLOC: the pipeline's transformers have different layer counts")
-                _, restore = install(tr, [None if m == "dense" else m for m in modes], self._settings)
-                self._restores.append(restore)
-        except Exception:
+                patch_tiered_processors(self, tr, [None if m == "dense" else m for m in self.layer_modes],
+                                        self._settings)
+        except BaseException:
             self.remove()
             raise
 
@@ -476,25 +543,25 @@ class FreeLOC:
         self.last_params = p
         return None if p is None else p.settings(mode, frame_tokens)
 
-    # lifetime -------------------------------------------------------------------------------
-    @property
-    def active(self) -> bool:
-        return bool(self._restores)
+    # generation -----------------------------------------------------------------------------
+    def __call__(self, prompt=None, num_frames: int = 81, **kwargs):
+        """Run the pipeline with FreeLOC active: ``pipe(prompt=prompt, num_frames=num_frames, **kwargs)``.
 
-    def remove(self) -> None:
-        """Restore the original attention processors (idempotent)."""
-        while self._restores:
-            self._restores.pop()()
+        The diffusers conventions are the pipeline's own (``generator`` a torch.Generator or a
+        list, ``output_type`` "np" / "pil" / "pt" / "latent", ``callback_on_step_end``, the
+        progress bar of ``pipe.set_progress_bar_config``); the result is returned as a
+        :class:`longvideo.methods.outputs.VideoOutput` (``.frames``, batched as diffusers' video
+        pipelines return them). check_inputs: `prompt` a non-empty string or a list of them,
+        `num_frames` a positive int (ValueError naming the argument); the pipeline checks the rest.
+        """
+        from .outputs import VideoOutput, check_frame_count, check_prompt
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-
-    def __call__(self, *args, **kwargs):
-        """Run the pipeline (a convenience: FreeLOC acts through the installed processors)."""
-        return self.pipe(*args, **kwargs)
+        if not self.active:
+            raise RuntimeError("FreeLOC: this handle was removed; apply FreeLOC again to generate with it")
+        check_prompt(prompt, allow_list=True)
+        check_frame_count(num_frames)
+        out = self.pipe(prompt=prompt, num_frames=num_frames, **kwargs)
+        return VideoOutput(frames=out.frames if hasattr(out, "frames") else out[0])
 
     def describe(self, num_video_frames: int) -> str:
         p = self.params_for_video(num_video_frames)
@@ -508,7 +575,18 @@ class FreeLOC:
                 f"sink={p.sink_frames}; {p.semantics} semantics [{layers}]")
 
 
-def apply_freeloc(pipe, layer_config=None, trained_frames: Optional[int] = None, semantics: str = "official",
+def apply_freeloc(pipe, config=None, trained_frames: Optional[int] = None, semantics: str = "official",
                   **overrides) -> FreeLOC:
-    """Install FreeLOC on `pipe` and return the method object (``.remove()`` undoes it)."""
-    return FreeLOC(pipe, layer_config=layer_config, trained_frames=trained_frames, semantics=semantics, **overrides)
+    """Apply FreeLOC to `pipe`: ``apply_freeloc(pipe, FreeLOCConfig(...))`` returns the
+    :class:`FreeLOC` handle (``.remove()``, or use it in a ``with`` block). The older form
+    ``apply_freeloc(pipe, layer_config, trained_frames, **overrides)`` still works: a second
+    argument that is not a FreeLOCConfig is the layer configuration."""
+    if isinstance(config, FreeLOCConfig):
+        if trained_frames is not None or overrides or semantics != "official":
+            raise ValueError("apply_freeloc: give either a FreeLOCConfig or keyword settings, not both")
+        return FreeLOC(pipe, config=config)
+    if "layer_config" in overrides:
+        if config is not None:
+            raise ValueError("apply_freeloc: layer_config given twice")
+        config = overrides.pop("layer_config")
+    return FreeLOC(pipe, layer_config=config, trained_frames=trained_frames, semantics=semantics, **overrides)

@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..processors.wan import install_probe
+from ..processors.wan import apply_probe_processors
 from .freeloc import (LAYER_CONFIG_FORMAT, OFFICIAL_LOCAL_FRAMES, WAN21_1_3B_TSA_LAYERS, WAN_TRAINED_LATENT_FRAMES,
                       _check_int, _round, _transformers)
 
@@ -134,16 +134,15 @@ def probe_layers(pipe, prompt: str = "a red panda walking through a bamboo fores
         kwargs["height"] = height
     if width is not None:
         kwargs["width"] = width
-    probes, restore = install_probe(transformer, shifts, window)
     saved = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=not progress)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), apply_probe_processors(transformer, shifts, window) as patch:
+            probes = patch.probes
             pipe(prompt=prompt, num_frames=num_frames, num_inference_steps=num_inference_steps,
                  guidance_scale=guidance_scale, generator=torch.Generator("cpu").manual_seed(seed),
                  output_type="latent", **kwargs)
     finally:
-        restore()
         pipe._progress_bar_config = saved
     calls = len(probes[0].context)
     if calls == 0:

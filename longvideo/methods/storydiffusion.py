@@ -67,6 +67,7 @@ chunks) attend to a shared subject bank with the same processor and op.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from ..hooks import PatchHandle
 from ..processors.consistent import (
     SCHEDULE_START,
     ConsistentAttentionController,
@@ -87,6 +89,7 @@ from ..processors.consistent import (
     self_attention_layers,
     step_kind,
 )
+from .outputs import ProgressBarMixin, check_callback, check_output_type, check_positive_int, resolve_generator
 
 NC_TAG = "NC"
 _TAG = re.compile(r"\[([^\[\]]*)\]")
@@ -215,13 +218,25 @@ def _as_story(prompts, characters: Optional[dict]) -> Story:
 # the method
 @dataclass
 class StoryResult:
-    """images: one per prompt, in story order (PIL images, arrays or latents per output_type).
-    roles: "id" (written), "read" (attended to banks) or "nc" (no character) per prompt."""
+    """images: one per prompt, in story order, in diffusers' image convention per output_type:
+    a list of PIL images ("pil"), numpy float32 (N, H, W, 3) ("np"), torch (N, 3, H, W) ("pt"),
+    the latents (N, C, h, w) ("latent"). roles: "id" (written), "read" (attended to banks) or "nc" (no character) per prompt."""
 
     images: list
     prompts: list
     roles: list
     seeds: list
+
+
+def _stack_images(images: list, output_type: str):
+    """diffusers' image convention: a list of PIL images, or one stacked array / tensor."""
+    if output_type == "pil":
+        return list(images)
+    if output_type == "np":
+        import numpy as np
+
+        return np.stack([np.asarray(im, dtype=np.float32) for im in images])
+    return torch.stack(list(images))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,10 +382,73 @@ def bank_memory_line(summary: dict) -> str:
             + (f"; device budget {format_bytes(budget)})" if budget is not None else ")"))
 
 
-class StoryDiffusion:
+@dataclass(frozen=True)
+class StoryDiffusionConfig:
+    """StoryDiffusion's settings (the keyword arguments of :class:`StoryDiffusion`, documented
+    there), validated at construction: a ValueError names the field."""
+
+    sampling_rate: Union[float, dict] = 0.5
+    start_step: Optional[int] = None
+    prob_early: float = 0.7
+    prob_late: float = 0.9
+    late_step: int = 20
+    probability: Optional[Callable[[int], float]] = None
+    layers: object = "up"
+    bank_location: object = "auto"
+    bank_gpu_budget: object = None
+    schedule: str = "official_app"
+
+    def __post_init__(self):
+        rates = self.sampling_rate.values() if isinstance(self.sampling_rate, dict) else [self.sampling_rate]
+        for r in rates:
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= float(r) <= 1.0:
+                raise ValueError(f"sampling_rate must lie in [0, 1] (or be a dict of such rates), got "
+                                 f"{self.sampling_rate!r}")
+        for name in ("prob_early", "prob_late"):
+            p = getattr(self, name)
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {p!r}")
+        for name, value in (("start_step", self.start_step), ("late_step", self.late_step)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.probability is not None and not callable(self.probability):
+            raise ValueError(f"probability must be a callable(step) -> float or None, got "
+                             f"{type(self.probability).__name__}")
+        if isinstance(self.layers, str):
+            from ..processors.consistent import _layer_selector
+
+            _layer_selector(self.layers)  # ValueError naming `layers` for an unknown name
+        elif not callable(self.layers) and not (isinstance(self.layers, (list, tuple)) and self.layers):
+            raise ValueError(f"layers must be 'up', 'up+mid', 'all', 'spatial', a list of names or a predicate, "
+                             f"got {self.layers!r}")
+        check_schedule(self.schedule)
+        if self.bank_gpu_budget is not None:
+            parse_gpu_budget(self.bank_gpu_budget, "bank_gpu_budget")  # the error names this argument
+            if self.bank_location != "auto":
+                raise ValueError(f"bank_gpu_budget applies only to bank_location='auto', got {self.bank_location!r}")
+
+
+def _check_story_pipeline(pipe) -> None:
+    """Refuse, at construction, a pipeline of another family (ValueError naming `pipe`)."""
+    unet = getattr(pipe, "unet", None)
+    if unet is None or getattr(pipe, "vae_scale_factor", None) is None:
+        raise ValueError(f"pipe must be a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline, got "
+                         f"{type(pipe).__name__} (no .unet / .vae_scale_factor)")
+    if type(unet).__name__ == "UNetMotionModel" or getattr(pipe, "motion_adapter", None) is not None:
+        raise ValueError(f"pipe: {type(pipe).__name__} is a video pipeline; StoryDiffusion takes an image "
+                         "pipeline (SD1.5 / SDXL); for the frames of a video use VideoSubjectConsistency")
+
+
+class StoryDiffusion(PatchHandle, ProgressBarMixin):
     """Consistent self-attention on a diffusers StableDiffusion(XL)Pipeline (see module docstring).
 
-    pipe            a StableDiffusionPipeline / StableDiffusionXLPipeline (or fine-tune).
+    ``StoryDiffusion(pipe, StoryDiffusionConfig(...))``, or the config's fields as keywords
+    (``StoryDiffusion(pipe, sampling_rate=0.5, ...)``); :func:`apply_storydiffusion` is the same.
+    The object is a :class:`longvideo.hooks.PatchHandle`: the processors are installed at
+    construction; ``remove()`` (or leaving a ``with`` block) restores the UNet's own.
+
+    pipe            a StableDiffusionPipeline / StableDiffusionXLPipeline (or fine-tune); another
+                    family is refused here (ValueError naming `pipe`).
     sampling_rate   fraction of tokens each id image shares (official 0.5); float or
                     {tokens_per_image: rate}.
     schedule        "official_app" (default: app.py / predict.py; start_step 5, and before it a
@@ -397,26 +475,34 @@ class StoryDiffusion:
     :meth:`project_bank_bytes` predicts them before running anything.
     """
 
-    def __init__(self, pipe, sampling_rate: Union[float, dict] = 0.5, start_step: Optional[int] = None,
-                 prob_early: float = 0.7, prob_late: float = 0.9, late_step: int = 20,
-                 probability: Optional[Callable[[int], float]] = None, layers="up", bank_location="auto",
-                 bank_gpu_budget=None, schedule: str = "official_app"):
-        if not hasattr(pipe, "unet"):
-            raise ValueError("pipe must be a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline (no .unet)")
-        if bank_gpu_budget is not None:
-            parse_gpu_budget(bank_gpu_budget, "bank_gpu_budget")  # the error names this argument
-            if bank_location != "auto":
-                raise ValueError(f"bank_gpu_budget applies only to bank_location='auto', got {bank_location!r}")
-        self.schedule = check_schedule(schedule)
-        if start_step is None:
-            start_step = SCHEDULE_START[schedule]
+    def __init__(self, pipe, config: Optional[StoryDiffusionConfig] = None, **settings):
+        PatchHandle.__init__(self, "StoryDiffusion")
+        if config is None:
+            names = {f.name for f in dataclasses.fields(StoryDiffusionConfig)}
+            unknown = sorted(set(settings) - names)
+            if unknown:
+                raise ValueError(f"StoryDiffusion: unknown setting(s) {unknown}; known: {sorted(names)}")
+            config = StoryDiffusionConfig(**settings)
+        elif settings:
+            raise ValueError("StoryDiffusion: give either a StoryDiffusionConfig or keyword settings, not both")
+        elif not isinstance(config, StoryDiffusionConfig):
+            raise ValueError(f"config must be a StoryDiffusionConfig, got {type(config).__name__}")
+        _check_story_pipeline(pipe)
+        self.config = config
+        self.schedule = config.schedule
+        start_step = config.start_step if config.start_step is not None else SCHEDULE_START[config.schedule]
         self.pipe = pipe
-        self.bank = IdBank(bank_location, gpu_budget=bank_gpu_budget)
+        self.bank = IdBank(config.bank_location, gpu_budget=config.bank_gpu_budget)
         self.controller = ConsistentAttentionController(
-            sampling_rate=sampling_rate, start_step=start_step, prob_early=prob_early, prob_late=prob_late,
-            late_step=late_step, probability=probability, bank=self.bank,
-            full_bank_early=schedule == "official_app")
-        self.layers = self.controller.install(pipe.unet, layers)
+            sampling_rate=config.sampling_rate, start_step=start_step, prob_early=config.prob_early,
+            prob_late=config.prob_late, late_step=config.late_step, probability=config.probability, bank=self.bank,
+            full_bank_early=config.schedule == "official_app")
+        try:
+            self.layers = self.controller.install(pipe.unet, config.layers, handle=self)
+        except BaseException:
+            self.remove()
+            raise
+        self._interrupt = False
 
     # -- bank ----------------------------------------------------------------------------------------
     def save_bank(self, path) -> str:
@@ -443,35 +529,39 @@ class StoryDiffusion:
                                   start_step=self.controller.start_step, schedule=self.schedule,
                                   guidance_scale=guidance_scale, characters=characters, seed=seed)
 
-    def remove(self) -> None:
-        """Restore the pipeline's original attention processors."""
-        self.controller.uninstall()
-
     # -- generation ------------------------------------------------------------------------------------
-    def _latents(self, n: int, seed: int, height: int, width: int) -> torch.Tensor:
+    def _latents(self, n: int, seed: int, height: int, width: int, generators=None) -> torch.Tensor:
+        """(n, C, h, w) initial latents: from a CPU generator seeded with `seed`, or with
+        `generators` (one per image) image i's from generators[i]."""
         pipe = self.pipe
         f = pipe.vae_scale_factor
         shape = (n, pipe.unet.config.in_channels, height // f, width // f)
-        gen = torch.Generator().manual_seed(seed)
-        lat = torch.randn(shape, generator=gen, dtype=torch.float32)
+        if generators is None:
+            lat = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+        else:
+            lat = torch.cat([torch.randn((1,) + shape[1:], generator=g, dtype=torch.float32, device=g.device).cpu()
+                             for g in generators])
         return lat.to(device=pipe._execution_device, dtype=pipe.unet.dtype)
 
     def _call(self, texts, seed, mode, call_key, write_key=None, read_keys=(), negative_prompt=None,
-              progress=None, **kw):
+              progress=None, generators=None, callback=None, callback_inputs=("latents",), **kw):
         pipe = self.pipe
         steps = kw["num_inference_steps"]
-        cb = None
-        if progress is not None:
-            def cb(_pipe, _i, _t, cb_kwargs):
+
+        def cb(_pipe, i, t, cb_kwargs):
+            if progress is not None:
                 progress.update(1)
+            if callback is None:
                 return {}
+            return callback(self, i, t, cb_kwargs) or {}
+
         self.controller.seed = kw.pop("story_seed")
         self.controller.begin_call(mode, call_key=call_key, group_size=len(texts), write_key=write_key,
                                    read_keys=read_keys)
         try:
             out = pipe(prompt=list(texts), negative_prompt=None if negative_prompt is None else [negative_prompt] * len(texts),
-                       latents=self._latents(len(texts), seed, kw.pop("height"), kw.pop("width")),
-                       callback_on_step_end=cb, **kw)
+                       latents=self._latents(len(texts), seed, kw.pop("height"), kw.pop("width"), generators),
+                       callback_on_step_end=cb, callback_on_step_end_tensor_inputs=list(callback_inputs), **kw)
         finally:
             self.controller.end_call()
         if self.controller.step + 1 != steps:
@@ -479,24 +569,67 @@ class StoryDiffusion:
                                f"needs one batched (CFG) UNet call per step")
         return list(out.images)
 
+    def check_inputs(self, prompts, id_length, num_inference_steps, guidance_scale, height, width, seed, generator,
+                     output_type, style, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
+        """ValueError naming the first bad argument of :meth:`generate_story` (before any work)."""
+        if prompts is None or (isinstance(prompts, str) and not prompts.strip()):
+            raise ValueError(f"prompts must be story lines, a story text or a Story, got {prompts!r}")
+        check_positive_int(id_length, "id_length")
+        check_positive_int(num_inference_steps, "num_inference_steps")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+            raise ValueError(f"guidance_scale must be a number, got {guidance_scale!r}")
+        f = self.pipe.vae_scale_factor
+        for name, value in (("height", height), ("width", width)):
+            if value is not None:
+                check_positive_int(value, name)
+                if value % f:
+                    raise ValueError(f"{name} must be a multiple of {f}, got {value}")
+        if generator is None:
+            resolve_generator(None, seed)
+        check_output_type(output_type)
+        if not isinstance(style, str) or "{prompt}" not in style:
+            raise ValueError(f"style must contain '{{prompt}}', got {style!r}")
+        check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs, ("latents", "prompt_embeds"))
+
     def generate_story(self, prompts, characters: Optional[dict] = None, id_length: int = 4,
                        num_inference_steps: int = 50, guidance_scale: float = 5.0, height: Optional[int] = None,
                        width: Optional[int] = None, seed: int = 0, negative_prompt: Optional[str] = None,
-                       style: str = "{prompt}", output_type: str = "pil", progress: bool = True,
-                       rewrite: bool = False, **pipe_kwargs) -> StoryResult:
+                       style: str = "{prompt}", output_type: str = "pil", progress: Optional[bool] = True,
+                       rewrite: bool = False, generator=None, callback_on_step_end=None,
+                       callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                       **pipe_kwargs) -> StoryResult:
         """Generate a story: each character's id images together (write), the rest alone (read).
 
         prompts: story lines (``[Name]`` tags, ``[NC]``; see the module docstring), a story text,
         or a parsed :class:`Story`. characters: optional {name: description} replacing ``[Name]``.
         A character whose bank is already present (loaded, or written by an earlier call) is not
         written again unless `rewrite`; all its prompts are then read prompts. style: template
-        with ``{prompt}`` applied to every prompt. Returns a :class:`StoryResult` in story order.
+        with ``{prompt}`` applied to every prompt.
+
+        seed / generator: everything random is a function of the story seed (`seed`, or one draw
+        from `generator`) and of the prompt, so a story continued later reproduces; with a list
+        of generators (one per prompt, in story order) prompt i's initial latents come from
+        generator i instead. output_type: "pil" (default), "np", "pt" or "latent".
+        callback_on_step_end: ``callback(story, step, timestep, callback_kwargs) -> dict`` at every
+        step of every pipeline call (the pipeline's own callback: returned "latents" replace the
+        call's latents). Stopping mid-story is not offered: the id banks must be complete.
+        progress: True (default) one bar over all steps, False none, None follows
+        ``set_progress_bar_config`` (the pipeline's setting until it is called).
+
+        Returns a :class:`StoryResult` in story order; ``images`` in diffusers' image convention:
+        a list of PIL images ("pil"), numpy float32 (N, H, W, 3) in [0, 1] ("np"), torch (N, 3, H,
+        W) ("pt") or the latents (N, C, h, w) ("latent").
         """
+        self.check_inputs(prompts, id_length, num_inference_steps, guidance_scale, height, width, seed, generator,
+                          output_type, style, callback_on_step_end, callback_on_step_end_tensor_inputs)
         story = _as_story(prompts, characters)
-        if not isinstance(id_length, int) or id_length < 1:
-            raise ValueError(f"id_length must be a positive int, got {id_length!r}")
-        if "{prompt}" not in style:
-            raise ValueError(f"style must contain '{{prompt}}', got {style!r}")
+        per_prompt = None
+        if generator is not None:
+            gens = resolve_generator(generator, None, batch=len(story.prompts) if isinstance(generator, (list, tuple))
+                                     else 1)
+            # the story seed: one draw from the (first) generator, so its state decides the story
+            seed = int(torch.randint(0, 2 ** 62, (1,), generator=gens[0], device=gens[0].device))
+            per_prompt = gens if isinstance(generator, (list, tuple)) else None
         pipe = self.pipe
         default = pipe.unet.config.sample_size * pipe.vae_scale_factor
         height, width = height or default, width or default
@@ -527,11 +660,14 @@ class StoryDiffusion:
         common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                       width=width, output_type=output_type, story_seed=seed, **pipe_kwargs)
         bar = None
+        n_calls = len(writes) + sum(r != "id" for r in roles)
         if progress:
             from tqdm.auto import tqdm
 
-            n_calls = len(writes) + sum(r != "id" for r in roles)
             bar = tqdm(total=n_calls * num_inference_steps, desc="story", unit="step")
+        elif progress is None and not self._bar_config().get("disable", False):
+            bar = self.progress_bar(total=n_calls * num_inference_steps, desc="story", unit="step")
+        callback = dict(callback=callback_on_step_end, callback_inputs=tuple(callback_on_step_end_tensor_inputs))
         saved_cfg = dict(getattr(pipe, "_progress_bar_config", {}))
         pipe.set_progress_bar_config(disable=True)
         images: list = [None] * len(story.prompts)
@@ -543,7 +679,8 @@ class StoryDiffusion:
                 s = _derive_seed(seed, "latents", "write", c)
                 texts = [style.format(prompt=story.prompts[i].text) for i in idx]
                 outs = self._call(texts, s, "write", ("write", c), write_key=c, negative_prompt=negative_prompt,
-                                  progress=bar, **common)
+                                  progress=bar, generators=None if per_prompt is None else [per_prompt[i] for i in idx],
+                                  **callback, **common)
                 self.bank.flush()
                 for i, img in zip(idx, outs):
                     images[i], seeds[i] = img, s
@@ -557,13 +694,15 @@ class StoryDiffusion:
                 key = ("read", p.text, tuple(p.characters), n)
                 s = _derive_seed(seed, "latents", *key)
                 out = self._call([style.format(prompt=p.text)], s, "read", key, read_keys=p.characters,
-                                 negative_prompt=negative_prompt, progress=bar, **common)
+                                 negative_prompt=negative_prompt, progress=bar,
+                                 generators=None if per_prompt is None else [per_prompt[i]], **callback, **common)
                 images[i], seeds[i] = out[0], s
         finally:
             pipe._progress_bar_config = saved_cfg
             if bar is not None:
                 bar.close()
-        return StoryResult(images=images, prompts=story.prompts, roles=roles, seeds=seeds)
+        return StoryResult(images=_stack_images(images, output_type), prompts=story.prompts, roles=roles,
+                           seeds=seeds)
 
     def _bank_meta(self, steps, guidance_scale, story, writes) -> dict:
         meta = dict(self.bank.meta)
@@ -621,10 +760,19 @@ class StoryDiffusion:
                                  f"default)")
 
 
+def apply_storydiffusion(pipe, config: Optional[StoryDiffusionConfig] = None) -> StoryDiffusion:
+    """Apply StoryDiffusion's consistent self-attention to `pipe` (an SD1.5 / SDXL pipeline):
+    returns the :class:`StoryDiffusion` handle (``generate_story``, ``remove()``, ``with``)."""
+    return StoryDiffusion(pipe, config if config is not None else StoryDiffusionConfig())
+
+
 # ----------------------------------------------------------------------------------------------
 # video mode
-class VideoSubjectConsistency:
+class VideoSubjectConsistency(PatchHandle):
     """Frames of a long video attend to a shared subject bank with the consistent-attention op.
+
+    A :class:`longvideo.hooks.PatchHandle`: the processors are installed at construction and
+    ``remove()`` (or leaving a ``with`` block) restores the model's own.
 
     Where it applies: video models whose spatial self-attention runs frames as the batch axis,
     hidden states (batch * frames, tokens, C) in a diffusers ``Attention``: AnimateDiff
@@ -659,6 +807,7 @@ class VideoSubjectConsistency:
                  window: int = -1, layers="spatial", bank_location=None, bank_step_key: bool = True, seed: int = 0,
                  start_step: int = 0, probability: Optional[Callable[[int], float]] = None, cfg: bool = True,
                  bank_gpu_budget=None):
+        PatchHandle.__init__(self, "VideoSubjectConsistency")
         if bank_gpu_budget is not None:
             parse_gpu_budget(bank_gpu_budget, "bank_gpu_budget")
         self.bank = IdBank(bank_location, gpu_budget=bank_gpu_budget)
@@ -667,7 +816,11 @@ class VideoSubjectConsistency:
             probability=probability, window=window, bank=self.bank, seed=seed, bank_step_key=bank_step_key)
         self.controller.num_groups = 2 if cfg else 1
         self.frames_per_group = frames_per_group
-        self.layers = self.controller.install(model, layers)
+        try:
+            self.layers = self.controller.install(model, layers, handle=self)
+        except BaseException:
+            self.remove()
+            raise
         self._calls = 0
 
     @contextlib.contextmanager
@@ -699,8 +852,6 @@ class VideoSubjectConsistency:
         """Set the step counter (bank_step_key=True: entry `step + 1` is used by the next model call)."""
         self.controller.step = step
 
-    def remove(self) -> None:
-        self.controller.uninstall()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -169,8 +169,8 @@ class ConsistentAttentionController:
         self.step = -1
         self._samples: dict = {}
         self._call_gen: Optional[torch.Generator] = None
-        self._hooks: list = []
-        self._installed: dict = {}  # model -> {name: original processor}
+        self._handles: list = []  # PatchHandles install() made itself
+        self._installed: dict = {}  # id(model) -> the patched layer names (the bank prefetch reads them)
         self.trace: Optional[list] = None  # set to [] to record (step, layer, used) per call (tests)
 
     # -- per call ---------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ class ConsistentAttentionController:
         self._samples = {}
         if self.mode == "read" and self.read_keys and module is not None and self.step_kind(self.step) != "none":
             param = next(module.parameters(), None)
-            layers = self._installed.get(id(module), (None, {}))[1]
+            layers = self._installed.get(id(module), [])
             if param is not None and param.device.type == "cuda" and layers:
                 self.bank.prefetch(self.read_keys, self.step if self.bank_step_key else None, list(layers),
                                    param.device, param.dtype)
@@ -292,34 +292,45 @@ class ConsistentAttentionController:
         return None if bank.shape[1] == 0 else bank
 
     # -- installation ------------------------------------------------------------------------------
-    def install(self, model: torch.nn.Module, layers: Union[str, Sequence[str], Callable[[str], bool]] = "up") -> list:
+    def install(self, model: torch.nn.Module, layers: Union[str, Sequence[str], Callable[[str], bool]] = "up",
+                handle=None) -> list:
         """Put a ConsistentAttnProcessor on the selected self-attention layers of `model` and a
-        step-counting pre-hook on `model`. Returns the patched layer names.
+        step-counting pre-hook on `model`, recorded in `handle` (a :class:`longvideo.hooks.PatchHandle`,
+        which claims the model's attention processors; None: a handle of the controller's own,
+        removed by :meth:`uninstall`). Returns the patched layer names.
 
-        layers: "up" (attn1 of up_blocks: the official choice), "up+mid", "all" (every attn1),
-        "spatial" (every attn1 outside temporal/motion modules: video UNets), a list of layer
-        names, or a predicate on the layer name.
+        layers: "up" (attn1 of up_blocks: the official choice), "up+mid", "all", "spatial" (every
+        attn1 outside temporal/motion modules: video UNets), a list of layer names, or a predicate
+        on the layer name.
         """
-        originals, names = {}, []
-        for name, module in self_attention_layers(model, layers):
-            originals[name] = module.processor
-            module.set_processor(ConsistentAttnProcessor(self, name))
-            names.append(name)
-        if not names:
+        from ..hooks import PatchHandle
+
+        selected = self_attention_layers(model, layers)
+        if not selected:
             raise ValueError(f"layers={layers!r} selects no self-attention layer of {type(model).__name__}")
-        self._installed[id(model)] = (model, originals)
-        self._hooks.append(model.register_forward_pre_hook(self.on_model_call))
-        return names
+        own = handle is None
+        if own:
+            handle = PatchHandle("consistent self-attention")
+        try:
+            handle.claim(model)
+            for name, module in selected:
+                handle.set_processor(module, ConsistentAttnProcessor(self, name))
+            handle.add_hook(model.register_forward_pre_hook(self.on_model_call))
+            self._installed[id(model)] = [name for name, _ in selected]
+            handle.on_remove(lambda: self._installed.pop(id(model), None))
+        except BaseException:
+            if own:
+                handle.remove()
+            raise
+        if own:
+            self._handles.append(handle)
+        return [name for name, _ in selected]
 
     def uninstall(self) -> None:
-        """Restore the original processors and remove the hooks."""
-        for model, originals in self._installed.values():
-            mods = dict(model.named_modules())
-            for name, proc in originals.items():
-                mods[name].set_processor(proc)
-        for h in self._hooks:
-            h.remove()
-        self._installed, self._hooks = {}, []
+        """Restore the original processors and remove the hooks of the handles :meth:`install`
+        made itself (a handle given to install is removed by its owner)."""
+        while self._handles:
+            self._handles.pop().remove()
 
 
 def self_attention_layers(model: torch.nn.Module, layers="up") -> list:

@@ -39,6 +39,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..hooks import PatchHandle
+
 
 class OuroborosContext:
     """State shared by the processors of one model for the current window call."""
@@ -258,9 +260,9 @@ class OuroborosCrossAttnProcessor(_DiffusersAttnBase):
         return self._post(attn, out, residual, shape4)
 
 
-def install_unet(unet, ctx: OuroborosContext) -> List[str]:
-    """Install the processors on the spatial attention layers of a UNetMotionModel; returns the
-    names of the self-attention layers (the candidates for subject features)."""
+def _unet_processors(unet, ctx: OuroborosContext):
+    """({name: processor} for every layer of a UNetMotionModel, the self-attention layer names):
+    Ouroboros' processors on the spatial attention layers, the motion modules' own kept."""
     procs, self_layers = {}, []
     for name, proc in unet.attn_processors.items():
         if "motion_modules" in name:
@@ -272,6 +274,13 @@ def install_unet(unet, ctx: OuroborosContext) -> List[str]:
             procs[name] = OuroborosCrossAttnProcessor(ctx, name)
         else:
             procs[name] = proc
+    return procs, self_layers
+
+
+def install_unet(unet, ctx: OuroborosContext) -> List[str]:
+    """Thin alias kept for callers (nothing to undo it: prefer :func:`apply_ouroboros_processors`):
+    install the processors on a UNetMotionModel; returns the self-attention layer names."""
+    procs, self_layers = _unet_processors(unet, ctx)
     unet.set_attn_processor(procs)
     return self_layers
 
@@ -323,12 +332,37 @@ class OuroborosWanProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def install_wan(transformer, ctx: OuroborosContext) -> List[str]:
+def _wan_processors(transformer, ctx: OuroborosContext):
     procs, self_layers = {}, []
     for name in transformer.attn_processors:
         cross = ".attn2." in name
         procs[name] = OuroborosWanProcessor(ctx, name, cross)
         if not cross:
             self_layers.append(name)
+    return procs, self_layers
+
+
+def install_wan(transformer, ctx: OuroborosContext) -> List[str]:
+    """Thin alias kept for callers (nothing to undo it: prefer :func:`apply_ouroboros_processors`):
+    install the processors on a Wan transformer; returns the self-attention layer names."""
+    procs, self_layers = _wan_processors(transformer, ctx)
     transformer.set_attn_processor(procs)
     return self_layers
+
+
+def apply_ouroboros_processors(model, ctx: OuroborosContext) -> PatchHandle:
+    """Ouroboros' processors (SACFA, subject maps, guidance features) on every attention layer of
+    `model`: a UNetMotionModel (AnimateDiff; the motion modules keep theirs) or a Wan / SkyReels-V2
+    transformer. Returns a :class:`longvideo.hooks.PatchHandle` whose ``self_layers`` lists the
+    self-attention layers (the candidates for subject features); ``remove()`` restores every
+    previous processor. The processors read `ctx` (what the current call computes)."""
+    handle = PatchHandle("Ouroboros")
+    try:
+        handle.claim(model)
+        build = _unet_processors if hasattr(model, "down_blocks") else _wan_processors
+        procs, handle.self_layers = build(model, ctx)
+        handle.set_attn_processors(model, procs)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle

@@ -31,6 +31,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..hooks import PatchHandle
+
 MODES = ("dense", "vrpr", "tsa")
 
 
@@ -289,22 +291,29 @@ class WanProbeAttnProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def install_probe(transformer, shifts: Sequence[float], window: int):
-    """Probe processors on every self-attention layer: returns (processors, restore)."""
+def apply_probe_processors(transformer, shifts: Sequence[float], window: int) -> PatchHandle:
+    """Probe processors on every self-attention layer; the handle's ``probes`` lists them in layer
+    order and ``remove()`` restores the original processors and removes the grid hook."""
     layers = self_attention_modules(transformer)
-    grid = WanTokenGrid(transformer)
-    freqs = _TemporalFreqCache(transformer)
-    originals = [attn.processor for attn in layers]
-    probes = [WanProbeAttnProcessor(grid, freqs, shifts, window) for _ in layers]
-    for attn, proc in zip(layers, probes):
-        attn.set_processor(proc)
+    handle = PatchHandle("FreeLOC layer probe")
+    try:
+        handle.claim(transformer)
+        grid = WanTokenGrid(transformer)
+        handle.on_remove(grid.remove)
+        freqs = _TemporalFreqCache(transformer)
+        handle.probes = [WanProbeAttnProcessor(grid, freqs, shifts, window) for _ in layers]
+        for attn, proc in zip(layers, handle.probes):
+            handle.set_processor(attn, proc)
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
 
-    def restore():
-        for attn, proc in zip(layers, originals):
-            attn.set_processor(proc)
-        grid.remove()
 
-    return probes, restore
+def install_probe(transformer, shifts: Sequence[float], window: int):
+    """Thin alias of :func:`apply_probe_processors` kept for callers: returns (processors, restore)."""
+    handle = apply_probe_processors(transformer, shifts, window)
+    return handle.probes, handle.remove
 
 
 def attend(query, key, value, rotary_emb, freqs: _TemporalFreqCache, frame_tokens: int,
@@ -327,36 +336,34 @@ def attend(query, key, value, rotary_emb, freqs: _TemporalFreqCache, frame_token
                                                        **settings.op_kwargs())
 
 
-def install(transformer, modes: Sequence[str], settings: SettingsFn):
-    """Install FreeLOC processors on every self-attention layer whose mode is not None.
-
-    Returns (grid, restore) where restore() puts the original processors back and removes the
-    grid hook. ``modes[i]`` in MODES or None (leave layer i alone).
-    """
+def patch_tiered_processors(handle: PatchHandle, transformer, modes: Sequence[str], settings: SettingsFn):
+    """Add FreeLOC processors on every self-attention layer whose mode is not None to `handle`
+    (which claims the transformer's attention processors); returns the token grid.
+    ``modes[i]`` in MODES or None (leave layer i alone)."""
     layers = self_attention_modules(transformer)
     if len(modes) != len(layers):
         raise ValueError(f"got {len(modes)} layer modes for {len(layers)} self-attention layers")
+    handle.claim(transformer)
     grid = WanTokenGrid(transformer)
+    handle.on_remove(grid.remove)
     freqs = _TemporalFreqCache(transformer)
-    originals = []
+    for i, (attn, mode) in enumerate(zip(layers, modes)):
+        if mode is not None:
+            handle.set_processor(attn, WanTieredAttnProcessor(grid, freqs, mode, settings, attn.processor,
+                                                              layer_index=i))
+    return grid
+
+
+def install(transformer, modes: Sequence[str], settings: SettingsFn):
+    """Thin alias kept for callers: FreeLOC processors on one transformer, as a handle's
+    (grid, restore) pair; restore() puts the original processors back and removes the grid hook."""
+    handle = PatchHandle("FreeLOC processors")
     try:
-        for i, (attn, mode) in enumerate(zip(layers, modes)):
-            originals.append(attn.processor)
-            if mode is None:
-                continue
-            attn.set_processor(WanTieredAttnProcessor(grid, freqs, mode, settings, attn.processor, layer_index=i))
-    except Exception:
-        for attn, proc in zip(layers, originals):
-            attn.set_processor(proc)
-        grid.remove()
+        grid = patch_tiered_processors(handle, transformer, modes, settings)
+    except BaseException:
+        handle.remove()
         raise
-
-    def restore():
-        for attn, proc in zip(layers, originals):
-            attn.set_processor(proc)
-        grid.remove()
-
-    return grid, restore
+    return grid, handle.remove
 
 
 def dense_attention_reference(query, key, value, rotary_emb) -> torch.Tensor:
@@ -369,6 +376,6 @@ def dense_attention_reference(query, key, value, rotary_emb) -> torch.Tensor:
 
 
 __all__ = ["MODES", "TieredAttentionSettings", "WanTokenGrid", "WanTieredAttnProcessor", "WanProbeAttnProcessor",
-           "attend", "install", "install_probe",
+           "attend", "install", "install_probe", "apply_probe_processors", "patch_tiered_processors",
            "rope_split", "temporal_frequencies", "self_attention_modules", "project_qkv", "apply_rope_channels",
            "rotate_temporal_by", "dense_attention_reference"]
