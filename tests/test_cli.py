@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import longvideo
 from longvideo.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,12 @@ def files(tmp_path):
     (tmp_path / "text.mp4").write_text("not a video\n")
     (tmp_path / "afile").write_text("")
     (tmp_path / "story.txt").write_text("[Bob] at home\n[Bob] in a park\n")
+    wan_cfg = tmp_path / "wan_cfg"  # config files only: sizes are checked before any weight is loaded
+    (wan_cfg / "vae").mkdir(parents=True)
+    (wan_cfg / "transformer").mkdir()
+    (wan_cfg / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    (wan_cfg / "vae" / "config.json").write_text(json.dumps({"temperal_downsample": [False, True, True]}))
+    (wan_cfg / "transformer" / "config.json").write_text(json.dumps({"patch_size": [1, 2, 2]}))
     state = tmp_path / "v.fifo_state"
     state.mkdir()
     (state / "fifo_state.pt").write_bytes(b"not a checkpoint")
@@ -84,6 +91,27 @@ USER_MISTAKES = {
     "plan_partitions_zero": (["plan", "--partitions", "0"], "--partitions: must be >= 1"),
     "bench_unknown_suite": (["bench", "--suite", "nope", "--quick", "--out", "{d}/b"], "unknown suite"),
     "no_command": ([], "required"),
+    # options of another method: refused before anything is loaded
+    "fifo_option_with_direct": (_fast("--method", "direct", "--fifo-partitions", "2"),
+                                "--fifo-partitions does not apply to --method direct"),
+    "ouroboros_option_with_fifo": (_fast("--method", "fifo", "--ouroboros-no-sacfa"),
+                                   "--ouroboros-no-sacfa does not apply to --method fifo"),
+    "freeloc_option_with_ouroboros": (_fast("--method", "ouroboros", "--freeloc-layers", "x.json"),
+                                      "--freeloc-layers does not apply to --method ouroboros"),
+    "resume_with_freeloc": (_fast("--method", "freeloc", "--resume"), "--resume does not apply to --method freeloc"),
+    "coherent_tail_with_ouroboros": (_fast("--method", "ouroboros", "--fifo-coherent-tail"),
+                                     "--fifo-coherent-tail does not apply to --method ouroboros"),
+    "freeloc_option_with_direct": (_fast("--method", "direct", "--freeloc-sink-frames", "2"),
+                                   "--freeloc-sink-frames does not apply to --method direct"),
+    "story_num_frames": (["story", "{d}/story.txt", "--num-frames", "5"],
+                         "--num-frames does not apply to `longvideo story`"),
+    # sizes against the checkpoint's VAE scale x patch size, read from its config files (no weights)
+    "height_not_divisible_direct": (_fast("--method", "direct", "--model", "{d}/wan_cfg", "--height", "40",
+                                          "--device", "cpu"),
+                                    "--height 40: must be divisible by 16 for this model (VAE scale 8 x patch size 2)"),
+    "width_not_divisible_fifo": (_fast("--method", "fifo", "--model", "{d}/wan_cfg", "--width", "24",
+                                       "--device", "cpu", "--out", "{d}/w.mp4"),
+                                 "--width 24: must be divisible by 16"),
 }
 
 
@@ -111,6 +139,46 @@ def test_fifo_height_not_divisible_is_one_line(files, capsys):
     assert main(argv) == 2
     assert "divisible by 16" in _one_error_line(capsys.readouterr().err)
     assert not (files / "h.mp4").exists()
+
+
+@pytest.mark.parametrize("argv,multiple", [
+    (["generate", "--method", "direct", "--height", "40"], 16),
+    (["story", "{d}/story.txt", "--width", "{odd}"], None),
+], ids=["direct", "story"])
+def test_size_refused_after_loading_before_denoising(argv, multiple, files, capsys, monkeypatch):
+    """The built-in tiny models have no config files to read: their sizes are checked right after
+    loading, before any denoising (nothing written)."""
+    from longvideo.models import sd, wan
+
+    with capsys.disabled():  # first imports of the model stacks log warnings: keep them off the checked stderr
+        multiple = multiple or sd.tiny_pipeline("sd15").vae_scale_factor
+        wan.tiny_pipeline("t2v")
+    argv = [a.format(d=files, odd=multiple * 4 + 1) for a in argv] + ["--device", "cpu", "--out",
+                                                                       str(files / "o" / "v.mp4")]
+    assert main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"must be divisible by {multiple} for this model (VAE scale" in line, line
+    assert not (files / "o").exists() or not any((files / "o").iterdir())
+
+
+def test_settings_line_before_the_run(files, capsys):
+    """ONE line with the settings actually used, printed before the run (before the video exists)."""
+    out = files / "s.mp4"
+    argv = ["generate", "--method", "fifo", "--num-frames", "1", "--fifo-partitions", "1", "--fifo-window", "2",
+            "--device", "cpu", "--backend", "reference", "--out", str(out)]
+    try:
+        assert main(argv) == 0
+    finally:
+        longvideo.ops.set_backend("auto")  # --backend sets the process-wide setting
+    lines = capsys.readouterr().out.splitlines()
+    settings = [i for i, line in enumerate(lines) if line.startswith("settings: ")]
+    assert len(settings) == 1, lines
+    line = lines[settings[0]]
+    for piece in ("method=fifo", "size=32x32", "frames=1", "steps=2", "window=2", "partitions=1", "dtype=float32",
+                  "device=cpu", "backend=reference"):
+        assert f" {piece}" in line, line
+    wrote = [i for i, line in enumerate(lines) if line.startswith("wrote ")]
+    assert wrote and settings[0] < wrote[0] and out.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")

@@ -339,3 +339,114 @@ def load_pipeline(args, family: str, kind: str, dtype=None, seed: int = 0):
     errors = (ValueError,) if args.model is None else (ValueError, RuntimeError, OSError)
     with user_errors(*errors):
         return load(family, kind, model=args.model, device=args.device, dtype=dtype, seed=seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# what a run uses, said before it starts; options that do not apply; sizes the model accepts
+def backend_setting() -> str:
+    """The ops' backend setting in force (--backend / $LONGVIDEO_BACKEND / auto): one name, or
+    op=name pairs where the ops differ."""
+    from ..ops import _registry
+
+    ops_ = ("lowfreq_mix", "consistent_attention", "tiered_sparse_attention")
+    names = {op: _registry.current_setting(op) for op in ops_}
+    if len(set(names.values())) == 1:
+        return next(iter(names.values()))
+    return ",".join(f"{op}={name}" for op, name in names.items())
+
+
+def settings_line(**settings) -> str:
+    """ONE line with the settings a run actually uses (defaults resolved), printed before it
+    starts: ``settings: size=WxH frames=... steps=... window=... dtype=... device=... backend=...``
+    (a None value is left out)."""
+    def text(value):
+        return str(value).replace("torch.", "")
+
+    return "settings: " + " ".join(f"{k}={text(v)}" for k, v in settings.items() if v is not None)
+
+
+def print_settings(**settings) -> None:
+    print(settings_line(**settings), flush=True)
+
+
+def refuse_inapplicable(args, parser_builder, applies, what: str) -> None:
+    """UsageError for an option given with a value other than its default that does not apply.
+
+    parser_builder(p) adds the command's options to a parser p (the command's add_arguments);
+    applies(dest) -> bool says whether the option with that destination applies to the run;
+    `what` names the run in the message (e.g. "--method direct")."""
+    p = argparse.ArgumentParser(add_help=False)
+    parser_builder(p)
+    for action in p._actions:
+        if not action.option_strings or action.dest in ("help",):
+            continue
+        if getattr(args, action.dest, action.default) != action.default and not applies(action.dest):
+            raise UsageError(f"{action.option_strings[0]} does not apply to {what}")
+
+
+def check_size_multiple(height, width, multiple: int, why: str) -> None:
+    """--height / --width divisible by the model's `multiple` (VAE scale x patch size), else a
+    UsageError naming the option (before any denoising)."""
+    for option, value in (("--height", height), ("--width", width)):
+        if value is not None and value % multiple:
+            raise UsageError(f"{option} {value}: must be divisible by {multiple} for this model ({why})")
+
+
+def checkpoint_size_multiple(model, family: str) -> Optional[tuple]:
+    """(multiple, why) of a local checkpoint folder, read from its config files before any weight is
+    loaded: Wan / SkyReels-V2: 2^len(vae temperal_downsample) x transformer patch_size[1];
+    AnimateDiff / CogVideoX / SD: 2^(len(vae block_out_channels) - 1) (x the transformer's
+    patch_size where it has one). None where the files do not say."""
+    folder = Path(model)
+
+    def config(sub):
+        try:
+            return json.loads((folder / sub / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    vae = config("vae")
+    if not isinstance(vae, dict):
+        return None
+    if "temperal_downsample" in vae:
+        scale = 2 ** len(vae["temperal_downsample"])
+    elif "block_out_channels" in vae:
+        scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    else:
+        return None
+    tr = config("transformer")
+    patch = tr.get("patch_size") if isinstance(tr, dict) else None
+    return _multiple(scale, patch)
+
+
+def _multiple(scale: int, patch) -> tuple:
+    """(multiple, why) from the VAE's spatial scale and the transformer's patch size (None for a
+    UNet). Video transformers with a 3-D patch (Wan, SkyReels-V2) also need what their diffusers
+    pipelines check: multiples of 16."""
+    video_patch = isinstance(patch, (list, tuple)) and len(patch) == 3
+    if isinstance(patch, (list, tuple)):
+        patch = patch[1] if len(patch) == 3 else patch[0]
+    if not isinstance(patch, int) or patch < 1:
+        return scale, f"VAE scale {scale}"
+    why = f"VAE scale {scale} x patch size {patch}"
+    if video_patch and (scale * patch) % 16:
+        return math.lcm(16, scale * patch), why + "; the Wan pipelines take multiples of 16"
+    return scale * patch, why
+
+
+def pipeline_size_multiple(pipe) -> tuple:
+    """(multiple, why) of a loaded pipeline: the VAE's spatial scale times the transformer's spatial
+    patch size (Wan: 8 x 2 = 16), the VAE's scale for UNets."""
+    scale = int(getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", None) or 8)
+    patch = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "patch_size", None)
+    return _multiple(scale, patch)
+
+
+def check_sizes_before_loading(args, family: str) -> None:
+    """With --model, --height / --width checked against the checkpoint's config files before any
+    weight is loaded (the loaded pipeline is checked again: pipeline_size_multiple)."""
+    if args.model is None or (args.height is None and args.width is None):
+        return
+    found = checkpoint_size_multiple(args.model, family)
+    if found is not None:
+        check_size_multiple(args.height, args.width, *found)

@@ -8,8 +8,10 @@ import time
 from pathlib import Path
 
 from . import _fit
-from ._common import (VIDEO_SUFFIXES, UsageError, check_folder, checkpoint_family, first_line, load_pipeline,
-                      nonnegative_int, output_file, positive_int, real, torch_dtype, unit_interval, user_errors)
+from ._common import (VIDEO_SUFFIXES, UsageError, backend_setting, check_folder, check_size_multiple,
+                      check_sizes_before_loading, checkpoint_family, first_line, load_pipeline, nonnegative_int,
+                      output_file, pipeline_size_multiple, positive_int, print_settings, real, torch_dtype,
+                      unit_interval, user_errors)
 from ._signals import interrupts_raise
 
 FAMILIES = ("wan", "skyreels", "animatediff", "wan22")
@@ -176,10 +178,18 @@ def run(args) -> int:
             return 0
     family = args.fifo_family or (
         checkpoint_family(args.model, FAMILIES, f"`longvideo generate --method {method}`") if args.model else "wan")
+    check_sizes_before_loading(args, family)
     with _fit.host_loading(args):
         pipe = load_pipeline(args, family, "t2v", dtype=torch_dtype(args.dtype))
+    check_size_multiple(args.height, args.width, *pipeline_size_multiple(pipe))
     _fit_fifo(args, pipe, method, num_frames)
     fifo = build_from_args(args, pipe)
+    fifo.set_progress_bar_config(disable=True)  # the command's own bar counts the frames written
+    if rank == 0:
+        dh, dw = fifo.family.default_size()
+        print_settings(method=method, size=f"{args.width or dw}x{args.height or dh}", frames=num_frames,
+                       steps=fifo.L, window=fifo.f, partitions=fifo.n, dtype=fifo.family.denoiser.dtype,
+                       device=args.device, backend=backend_setting())
     kwargs = dict(height=args.height, width=args.width, guidance_scale=args.guidance_scale, seed=args.seed or 0,
                   num_inference_steps=None, init_steps=args.fifo_init_steps, checkpoint_dir=ckpt_dir,
                   resume=args.resume, checkpoint_every=every)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 
 from . import _fit
-from ._common import (VIDEO_SUFFIXES, UsageError, checkpoint_family, is_cuda, load_pipeline, nonnegative_int,
-                      output_file, positive_int, torch_dtype, user_errors)
+from ._common import (VIDEO_SUFFIXES, UsageError, backend_setting, check_size_multiple, check_sizes_before_loading,
+                      checkpoint_family, is_cuda, load_pipeline, nonnegative_int, output_file,
+                      pipeline_size_multiple, positive_int, print_settings, torch_dtype, user_errors)
 
 
 def add_arguments(p) -> None:
@@ -71,8 +72,11 @@ def load_wan(args, command: str):
     CUDA, float32 on CPU); used by generate --method freeloc|direct and by probe."""
     if args.model is not None:
         checkpoint_family(args.model, ("wan",), command)
+    check_sizes_before_loading(args, "wan")
     dtype = torch_dtype(args.dtype) or torch_dtype("bfloat16" if is_cuda(args.device) else "float32")
-    return load_pipeline(args, "wan", "t2v", dtype=dtype, seed=args.seed)
+    pipe = load_pipeline(args, "wan", "t2v", dtype=dtype, seed=args.seed)
+    check_size_multiple(args.height, args.width, *pipeline_size_multiple(pipe))
+    return pipe
 
 
 class StepTimer:
@@ -120,6 +124,9 @@ def run(args) -> int:
                 num_inference_steps=d["steps"], trained_frames=args.freeloc_trained_frames or
                 getattr(pipe, "longvideo_trained_latent_frames", None))
     pipe.set_progress_bar_config(disable=rank != 0)
+    if rank == 0:
+        print_settings(method=args.method, size=f"{d['width']}x{d['height']}", frames=d["num_frames"],
+                       steps=d["steps"], dtype=pipe.transformer.dtype, device=args.device, backend=backend_setting())
     method = parallel = None
     try:
         with user_errors():

@@ -9,7 +9,8 @@ from pathlib import Path
 from . import _fit
 from ._common import (UsageError, add_common_generation, apply_backend, check_folder, checkpoint_family, input_file,
                       is_cuda, load_pipeline, nonnegative_int, output_folder, positive_int, resolve_device,
-                      torch_dtype, unit_interval, user_errors)
+                      torch_dtype, unit_interval, user_errors, backend_setting, check_size_multiple,
+                      check_sizes_before_loading, pipeline_size_multiple, print_settings, refuse_inapplicable)
 
 HELP = "StoryDiffusion comic from a story file"
 SCHEDULES = ("official_app", "low_vram")   # longvideo.processors.consistent.SCHEDULES
@@ -94,6 +95,8 @@ def run(args) -> int:
     """Generate the story, write the panels, comic.png and story.json."""
     from ..methods.storydiffusion import StoryDiffusion, bank_memory_line, comic_grid, read_story_file
 
+    refuse_inapplicable(args, add_arguments, lambda dest: dest != "num_frames",
+                        "`longvideo story` (one image per story line)")
     args.device = resolve_device(args.device)
     apply_backend(args.backend, args.device)
     with user_errors():
@@ -105,9 +108,14 @@ def run(args) -> int:
     if args.story_save_bank:
         check_folder(Path(args.story_save_bank).parent, "--story-save-bank")
     out = output_folder(args.out, "story_out")
+    check_sizes_before_loading(args, "sd")
     with _fit.host_loading(args, cuda_dtype="float16"):
         pipe, steps = _load(args)
+    check_size_multiple(args.height, args.width, *pipeline_size_multiple(pipe))
     steps = args.steps or steps
+    default_side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    print_settings(size=f"{args.width or default_side}x{args.height or default_side}", images=len(story.prompts),
+                   steps=steps, dtype=pipe.unet.dtype, device=args.device, backend=backend_setting())
     bank_location = None if args.story_bank in (None, "", "none") else args.story_bank
     if args.fit:  # the planner's offload / VAE / bank choice for this story (bank: its budget too)
         chosen_by_user = bank_location not in ("auto", "cpu") and not str(bank_location).startswith("cuda")
