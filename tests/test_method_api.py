@@ -321,3 +321,11 @@ def test_freeloc_call_conventions(wan_pipe):
 def test_freeloc_refuses_other_families(sd_pipe):
     with pytest.raises(ValueError, match="transformer"):
         FreeLOC(sd_pipe)
+
+
+@pytest.mark.parametrize("dtype", ["fp8", "int8", torch.int32, 3])
+def test_load_pipeline_names_a_bad_dtype(dtype):
+    from longvideo.models import load_pipeline
+
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_pipeline("wan", "t2v", dtype=dtype)

@@ -23,9 +23,14 @@ def load_pipeline(family: str, kind: str = "t2v", model=None, device=None, dtype
     mod = import_module(f"longvideo.models.{family}")
     if dtype is None:
         dtype = torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}[dtype]
+        if dtype not in names:
+            raise ValueError(f"dtype must be one of {sorted(names)} or a torch floating dtype, got {dtype!r}")
+        dtype = names[dtype]
+    elif dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be one of {sorted(names)} or torch.float32 / float16 / bfloat16, got {dtype!r}")
     if model is None:
         pipe = mod.tiny_pipeline(kind=kind, seed=seed, dtype=dtype)
     else:
