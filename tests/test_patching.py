@@ -128,7 +128,7 @@ def test_a_handle_that_forgets_an_undo_step_is_caught(wan_pipe):
     (dict(w1="x"), "w1"), (dict(trained_frames=0), "trained_frames"), (dict(g2=0), "g2"),
     (dict(stripe_fraction=2.0), "stripe_fraction"), (dict(layer_config=["tsa", "bogus"]), r"layer_config\[1\]"),
     (dict(layer_config="/nonexistent/layers.json"), "layer_config"), (dict(layer_config=3), "layer_config"),
-    (dict(w1=10, w2=4), "W1"),
+    (dict(w1=10, w2=4), "W1"), (dict(semantics="bogus"), "semantics"),
 ])
 def test_freeloc_config_validated_at_construction(kwargs, field):
     with pytest.raises(ValueError, match=field):
