@@ -46,7 +46,7 @@ def _freeloc(pipe):
 def _fifo(pipe):
     from longvideo.methods.fifo import FIFODiffusion
 
-    return FIFODiffusion(pipe, num_partitions=1, frames_per_window=4)("a dog", 6, guidance_scale=3.0, seed=7)
+    return FIFODiffusion(pipe, num_partitions=1, frames_per_window=4)("a dog", 6, guidance_scale=3.0, seed=7).frames
 
 
 def _ouroboros(pipe):
@@ -54,7 +54,7 @@ def _ouroboros(pipe):
 
     # every part on: coherent tail, SACFA, self-recurrent guidance (a backward through the model)
     return OuroborosDiffusion(pipe, num_partitions=1, frames_per_window=4, guided_windows=(1,),
-                              guidance_scale=5.0)("a red cat runs", 2, guidance_scale=3.0, seed=7)
+                              guidance_scale=5.0)("a red cat runs", 2, guidance_scale=3.0, seed=7).frames
 
 
 def _story(pipe):
@@ -73,7 +73,7 @@ def _blending(pipe):
     from longvideo.methods.blending import RandomizedBlending
 
     return RandomizedBlending(pipe, chunk_frames=9, overlap_frames=4)(
-        _video(), prompt="a red panda", num_inference_steps=3, guidance_scale=5.0, seed=3)
+        _video(), prompt="a red panda", num_inference_steps=3, guidance_scale=5.0, seed=3).frames
 
 
 def _sd15():
@@ -157,10 +157,10 @@ def test_fifo_decodes_with_the_vae_onloaded_under_model_offload(monkeypatch):
         return to(self, *a, **k)
 
     monkeypatch.setattr(cls, "to", spy)
-    frames = FIFODiffusion(pipe, num_partitions=1, frames_per_window=4)("a dog", 6, guidance_scale=3.0, seed=7)
+    frames = FIFODiffusion(pipe, num_partitions=1, frames_per_window=4)("a dog", 6, guidance_scale=3.0, seed=7).frames[0]
     decoded_latents = (len(frames) - 1) // 4 + 1
     assert moves.count("cpu") >= decoded_latents
-    np.testing.assert_array_equal(frames, _reference("fifo"))
+    np.testing.assert_array_equal(frames, _reference("fifo")[0])
 
 
 def test_onloaded_moves_a_model_offloaded_module(monkeypatch):

@@ -181,7 +181,7 @@ def test_full_disk_during_a_fifo_checkpoint(tmp_path, monkeypatch):
     pipe = wan.tiny_pipeline()
     fifo = FIFODiffusion(pipe, num_partitions=1, frames_per_window=2)
     ckpt_dir = tmp_path / "v.fifo_state"
-    reference = fifo("a cat", 13, guidance_scale=1.0, seed=3)
+    reference = np.stack(list(fifo.generate("a cat", 13, guidance_scale=1.0, seed=3)))  # uint8 frames
     checkpoints = []
     real = lio._write_all
 

@@ -167,6 +167,6 @@ def test_split_and_select_agree_off_the_boundary_and_differ_across_it(pipe, embe
 def test_fifo_runs_on_both_sides_with_guidance_scale_2(pipe):
     """End to end: FIFO on the tiny two-expert model; guidance_scale_2 changes the video."""
     fifo = FIFODiffusion(pipe, num_partitions=2, frames_per_window=4, coherent_tail=True)
-    a = fifo("a cat", 5, height=32, width=32, guidance_scale=3.0, guidance_scale_2=3.0)
-    b = fifo("a cat", 5, height=32, width=32, guidance_scale=3.0, guidance_scale_2=1.5)
+    a = fifo("a cat", 5, height=32, width=32, guidance_scale=3.0, guidance_scale_2=3.0).frames[0]
+    b = fifo("a cat", 5, height=32, width=32, guidance_scale=3.0, guidance_scale_2=1.5).frames[0]
     assert a.shape == (5, 32, 32, 3) and (a != b).any()
