@@ -101,6 +101,9 @@ USER_MISTAKES = {
     "resume_with_freeloc": (_fast("--method", "freeloc", "--resume"), "--resume does not apply to --method freeloc"),
     "coherent_tail_with_ouroboros": (_fast("--method", "ouroboros", "--fifo-coherent-tail"),
                                      "--fifo-coherent-tail does not apply to --method ouroboros"),
+    "freeloc_semantics_with_direct": (_fast("--method", "direct", "--freeloc-semantics", "paper"),
+                                      "--freeloc-semantics does not apply to --method direct"),
+    "freeloc_semantics_unknown": (_fast("--method", "freeloc", "--freeloc-semantics", "exact"), "invalid choice"),
     "freeloc_option_with_direct": (_fast("--method", "direct", "--freeloc-sink-frames", "2"),
                                    "--freeloc-sink-frames does not apply to --method direct"),
     "story_num_frames": (["story", "{d}/story.txt", "--num-frames", "5"],
@@ -284,8 +287,8 @@ def test_methods_are_library_code_and_the_freeloc_probe_cycle_is_gone():
 def test_cli_choices_match_the_library():
     """The parser lists choices without importing the library; they must stay the library's."""
     from longvideo import ops
-    from longvideo.cli import _common, enhance, generate_fifo, plan, probe, story
-    from longvideo.methods import blending, families, fifo, fifo_ouroboros
+    from longvideo.cli import _common, enhance, generate_fifo, generate_freeloc, plan, probe, story
+    from longvideo.methods import blending, families, fifo, fifo_ouroboros, freeloc
     from longvideo.methods import probe as probe_method
     from longvideo.planner import METHODS, OFFLOAD_MODES
     from longvideo.processors.consistent import SCHEDULES
@@ -299,6 +302,7 @@ def test_cli_choices_match_the_library():
     assert probe.DEFAULT_TSA_FRACTION == probe_method.DEFAULT_TSA_FRACTION
     assert (plan.METHODS, plan.OFFLOAD_MODES) == (METHODS, OFFLOAD_MODES)
     assert story.SCHEDULES == SCHEDULES
+    assert generate_freeloc.SEMANTICS == freeloc.SEMANTICS
 
 
 def test_family_layer_is_library_code_and_sources_point_to_docs():

@@ -301,7 +301,7 @@ def test_cli_generate_writes_mp4(tmp_path, method, capsys):
     out = tmp_path / f"{method}.mp4"
     argv = ["generate", "--method", method, "--num-frames", "17", "--steps", "2", "--device", "cpu", "--out", str(out)]
     if method == "freeloc":
-        argv += ["--freeloc-sink-frames", "1"]
+        argv += ["--freeloc-sink-frames", "1", "--freeloc-semantics", "paper"]
     rc = main(argv)
     assert rc == 0
     frames = read_video(out)
@@ -309,7 +309,7 @@ def test_cli_generate_writes_mp4(tmp_path, method, capsys):
     text = capsys.readouterr().out
     assert "time per step" in text
     if method == "freeloc":
-        assert "FreeLOC: 5 latent frames" in text
+        assert "FreeLOC: 5 latent frames" in text and "paper semantics" in text  # --freeloc-semantics reached it
 
 
 def test_cli_probe_writes_config(tmp_path, capsys):

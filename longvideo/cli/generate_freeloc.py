@@ -10,11 +10,18 @@ from ._common import (VIDEO_SUFFIXES, UsageError, backend_setting, check_size_mu
                       pipeline_size_multiple, positive_int, print_settings, torch_dtype, user_errors)
 
 
+SEMANTICS = ("official", "paper")  # longvideo.methods.freeloc.SEMANTICS (the parser imports no method module)
+
+
 def add_arguments(p) -> None:
     g = p.add_argument_group("freeloc (--method freeloc | direct)")
     g.add_argument("--freeloc-layers", default=None,
                    help="layer configuration JSON (from `longvideo probe`) or 'wan2.1-1.3b'; default: the published "
                         "list for Wan2.1-1.3B, else VRPR on every layer")
+    g.add_argument("--freeloc-semantics", choices=SEMANTICS, default="official",
+                   help="'official': the attention layouts of FreeLOC's released code (token-granular bands and "
+                        "tiers, the published results); 'paper': the paper's frame-granular rules "
+                        "(docs/fidelity.md)")
     g.add_argument("--freeloc-trained-frames", type=positive_int, default=None,
                    help="the model's trained length in latent frames (default 21; tiny model 3)")
     g.add_argument("--freeloc-vrpr", default=None, metavar="W1,W2,G1,G2,CLIP",
@@ -136,7 +143,7 @@ def run(args) -> int:
                     print(f"context parallel: the sequence split over {world} ranks (Ulysses)")
             if args.method == "freeloc":
                 method = FreeLOC(pipe, layer_config=args.freeloc_layers, trained_frames=args.freeloc_trained_frames,
-                                 **ov)
+                                 semantics=args.freeloc_semantics, **ov)
                 if rank == 0:
                     print(method.describe(d["num_frames"]))
             timer = StepTimer(args.device)
