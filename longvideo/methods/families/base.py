@@ -231,3 +231,29 @@ class Family:
         if "generator" in params:
             kw["generator"] = generator
         return kw
+
+
+def model_fingerprint(model: torch.nn.Module, samples: int = 64) -> str:
+    """What identifies a model's outputs, the same in every process and for every spelling of its
+    path: ``Class:config:weights`` hashes of the PUBLIC config keys (diffusers' private ones such as
+    ``_use_default_values`` are lists whose order follows PYTHONHASHSEED, and ``_name_or_path`` is
+    the path as typed) and of the weights: per parameter and buffer, its name, shape, dtype and
+    `samples` values at fixed strides (their exact bits: one small device-to-host copy per run,
+    deterministic, unlike a reduction). Two different checkpoints of one architecture differ
+    in the weights part; the same checkpoint loaded from another path does not."""
+    import hashlib
+    import json
+
+    config = {k: v for k, v in dict(getattr(model, "config", {}) or {}).items() if not str(k).startswith("_")}
+    cfg = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    h = hashlib.sha1()
+    picks = []
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        flat = t.detach().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        if flat.numel():
+            idx = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+            picks.append(flat[idx].contiguous().view(torch.uint8))
+    if picks:
+        h.update(torch.cat(picks).cpu().numpy().tobytes())
+    return f"{type(model).__name__}:config {cfg}:weights {h.hexdigest()[:12]}"

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from .base import per_frame_timesteps
+from .base import model_fingerprint, per_frame_timesteps
 from .wan import WanFamily
 
 EXPERT_ROUTINGS = ("split", "select")
@@ -76,8 +76,6 @@ class Wan22Family(WanFamily):
         self.guidance_scale_2 = None if value is None else float(value)
 
     def run_settings(self) -> dict:
-        from ..fifo import model_fingerprint
-
         return {"guidance_scale_2": self.guidance_scale_2, "expert_routing": self.expert_routing,
                 "boundary_timestep": self.boundary_timestep, "model_2": model_fingerprint(self.pipe.transformer_2)}
 
