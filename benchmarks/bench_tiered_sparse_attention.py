@@ -60,11 +60,37 @@ def _rotate(x, pos, freqs):
     return torch.cat((rot, x[..., 2 * r:]), -1)
 
 
+def _op_cases(label, params, impls, device, args, kwargs, flops, extra):
+    """One Case per backend of the op (among `impls`) that is available and accepts this call;
+    the first call (timed as setup) builds and caches the block schedule and compiles the kernel."""
+    from longvideo import ops
+
+    op = torch.ops.longvideo.tiered_sparse_attention
+    for backend in ("triton", "cuda", "reference"):
+        if backend not in impls:
+            continue
+        be = ops.get_backend("tiered_sparse_attention", backend)
+        if device.type == "cuda" and not be.is_available()[0]:
+            continue
+        if be.supports is not None and be.supports(*args, **kwargs):
+            continue
+
+        def fn(backend=backend):
+            with ops.use_backend(backend, op="tiered_sparse_attention"):
+                return op(*args, **kwargs)
+
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        yield Case(SUITE, label, f"longvideo[{backend}]", fn, params, flops=flops,
+                   setup_ms=(time.perf_counter() - t0) * 1e3, extra=dict(extra))
+
+
 def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):
     """Each implementation's case, yielded as soon as it is set up (a slow setup -- a FlexAttention
     compile -- cannot cost the cases before it when the run is stopped at its time limit)."""
     ops_mod = importlib.import_module("longvideo.ops.tiered_sparse_attention")
-    from longvideo import ops
 
     S = F * T
     L, SF, SW, SK = tiers["local_frames"], tiers["stripe_frames"], tiers["stripe_width"], tiers["sink_frames"]
@@ -75,27 +101,8 @@ def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):
     params = dict(B=B, H=H, S=S, D=D, frame_tokens=T, F=F, dtype=str(dtype).replace("torch.", ""), vrpr=vrpr, **tiers)
     pair_flops = 4.0 * D * dens["pair_density"] * S * S * B * H
     extra = {k_: dens[k_] for k_ in ("pair_density", "computed_pair_density", "block_density")}
-    op = torch.ops.longvideo.tiered_sparse_attention
-
-    for backend in ("triton", "cuda", "reference"):
-        if backend not in impls:
-            continue
-        be = ops.get_backend("tiered_sparse_attention", backend)
-        if device.type == "cuda" and not be.is_available()[0]:
-            continue
-        if be.supports is not None and be.supports(q, k, v, T, L, SF, SW, SK, None, freqs, vrpr):
-            continue
-
-        def fn(backend=backend):
-            with ops.use_backend(backend, op="tiered_sparse_attention"):
-                return op(q, k, v, T, L, SF, SW, SK, None, freqs, vrpr)
-
-        t0 = time.perf_counter()
-        fn()  # builds and caches the block schedule (and compiles the kernel)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        yield (Case(SUITE, label, f"longvideo[{backend}]", fn, params, flops=pair_flops,
-                          setup_ms=(time.perf_counter() - t0) * 1e3, extra=dict(extra)))
+    yield from _op_cases(label, params, impls, device, (q, k, v, T, L, SF, SW, SK, None, freqs, vrpr), {},
+                         pair_flops, extra)
 
     if "tiles" in impls and device.type == "cuda":
         # the Triton kernel at other tiles than default_blocks (offline sm_90: no spills at these;
@@ -174,7 +181,6 @@ def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):
 def _official_cases(device, dtype, B, H, D, T, F, mode, impls, label):
     """FreeLOC's default (semantics="official") layer `mode` ("vrpr" | "tsa"): the op with the
     token-granular arguments FreeLOC hands it (docs/fidelity.md), on each available backend."""
-    from longvideo import ops
     from longvideo.methods.freeloc import derive_params
     from longvideo.ops.plan.tiered import token_pair_count
 
@@ -188,26 +194,8 @@ def _official_cases(device, dtype, B, H, D, T, F, mode, impls, label):
     params = dict(B=B, H=H, S=S, D=D, frame_tokens=T, F=F, dtype=str(dtype).replace("torch.", ""),
                   local_frames=local, stripe_frames=stripe, stripe_width=width, sink_frames=sink,
                   semantics="official", layer=mode, **kw)
-    op = torch.ops.longvideo.tiered_sparse_attention
-    for backend in ("triton", "cuda", "reference"):
-        if backend not in impls:
-            continue
-        be = ops.get_backend("tiered_sparse_attention", backend)
-        if device.type == "cuda" and not be.is_available()[0]:
-            continue
-        if be.supports is not None and be.supports(q, k, v, T, local, stripe, width, sink, None, freqs, **kw):
-            continue
-
-        def fn(backend=backend):
-            with ops.use_backend(backend, op="tiered_sparse_attention"):
-                return op(q, k, v, T, local, stripe, width, sink, None, freqs, **kw)
-
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        yield Case(SUITE, label, f"longvideo[{backend}]", fn, params, flops=4.0 * D * density * S * S * B * H,
-                   setup_ms=(time.perf_counter() - t0) * 1e3, extra={"pair_density": density})
+    yield from _op_cases(label, params, impls, device, (q, k, v, T, local, stripe, width, sink, None, freqs), kw,
+                         4.0 * D * density * S * S * B * H, {"pair_density": density})
 
 
 def cases(device: torch.device, quick: bool, profile: str = "full"):

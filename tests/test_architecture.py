@@ -16,36 +16,43 @@ LAYERS = [
 ]
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def import_graph(root: Path = ROOT / "longvideo") -> dict:
-    """module -> the package's modules it imports (at any level of the file), by absolute name."""
-    files = {_module_name(p): p for p in root.rglob("*.py")}
+def file_imports(path: Path, root: Path = ROOT) -> set:
+    """Every module name a file imports, at any level (functions included), as absolute names
+    (``from .x import y`` gives both ``pkg.x`` and ``pkg.x.y``)."""
+    name = _module_name(path, root)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return out
+
+
+def import_graph(root: Path = ROOT) -> dict:
+    """module -> the package's modules it imports, for every module of root/longvideo."""
+    files = {_module_name(p, root): p for p in (root / "longvideo").rglob("*.py")}
     graph = {}
     for name, path in files.items():
-        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
         targets = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                wanted = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parts = package.split(".")
-                    parent = ".".join(parts[: len(parts) - node.level + 1])
-                    base = f"{parent}.{base}" if base else parent
-                wanted = [base] + [f"{base}.{a.name}" for a in node.names]
-            else:
-                continue
-            for target in wanted:
-                while target and target not in files:  # a name inside a module -> that module
-                    target = target.rsplit(".", 1)[0] if "." in target else ""
-                # a module reaching its own package's __init__ (a relative `from . import x`) is no tie
-                if target and target != name and not name.startswith(target + "."):
-                    targets.add(target)
+        for target in file_imports(path, root):
+            while target and target not in files:  # a name inside a module -> that module
+                target = target.rsplit(".", 1)[0] if "." in target else ""
+            # a module reaching its own package's __init__ (a relative `from . import x`) is no tie
+            if target and target != name and not name.startswith(target + "."):
+                targets.add(target)
         graph[name] = targets
     return graph
 
@@ -88,12 +95,7 @@ def test_the_detector_finds_a_circle_and_a_lazy_import(tmp_path):
     (pkg / "fifo.py").write_text("from .fam import family_for\n")
     (pkg / "fam" / "__init__.py").write_text("from .wan22 import W\n")
     (pkg / "fam" / "wan22.py").write_text("def f():\n    from ..fifo import model_fingerprint\n")
-    global ROOT
-    saved, ROOT = ROOT, tmp_path
-    try:
-        assert circles(import_graph(pkg)) == [["longvideo.fam", "longvideo.fam.wan22", "longvideo.fifo"]]
-    finally:
-        ROOT = saved
+    assert circles(import_graph(tmp_path)) == [["longvideo.fam", "longvideo.fam.wan22", "longvideo.fifo"]]
 
 
 def test_no_import_circle():

@@ -255,20 +255,9 @@ def test_parser_imports_no_method_module():
 
 def _imports(path: Path) -> set:
     """Every module a file imports, at any level (functions included), as absolute names."""
-    package = "longvideo." + ".".join(path.relative_to(ROOT / "longvideo").with_suffix("").parts[:-1])
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                parent = ".".join(parts[: len(parts) - node.level + 1])
-                base = f"{parent}.{base}" if base else parent
-            out.add(base)
-            out.update(f"{base}.{alias.name}" for alias in node.names)
-    return out
+    from test_architecture import file_imports
+
+    return file_imports(path)
 
 
 def test_methods_are_library_code_and_the_freeloc_probe_cycle_is_gone():

@@ -18,25 +18,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SIZES = ("12GB", "16GB", "24GB")
-# (label, longvideo plan arguments, planner keyword arguments)
+# (label, planner keyword arguments: the `longvideo plan` options of the same names)
 CASES = [
     ("FreeLOC, Wan2.1-1.3B, 480x832, 321 frames",
-     "--method freeloc --model wan2.1-t2v-1.3b --height 480 --width 832 --num-frames 321",
      dict(method="freeloc", model="wan2.1-t2v-1.3b", height=480, width=832, num_frames=321)),
     ("FreeLOC, Wan2.1-14B, 480x832, 161 frames",
-     "--method freeloc --model wan2.1-t2v-14b --height 480 --width 832 --num-frames 161",
      dict(method="freeloc", model="wan2.1-t2v-14b", height=480, width=832, num_frames=161)),
     ("FIFO, Wan2.1-1.3B, 480x832",
-     "--method fifo --model wan2.1-t2v-1.3b --height 480 --width 832 --num-frames 241",
      dict(method="fifo", model="wan2.1-t2v-1.3b", height=480, width=832, num_frames=241)),
     ("FIFO, Wan2.1-14B, 480x832",
-     "--method fifo --model wan2.1-t2v-14b --height 480 --width 832 --num-frames 241",
      dict(method="fifo", model="wan2.1-t2v-14b", height=480, width=832, num_frames=241)),
     ("StoryDiffusion, SDXL, 1024x1024, 4 id images",
-     "--method story --model sdxl --height 1024 --width 1024 --dtype float16",
      dict(method="story", model="sdxl", height=1024, width=1024, num_frames=None, dtype="float16")),
     ("enhance (blending), Wan2.1-1.3B, 480x832, 121 frames",
-     "--method enhance --model wan2.1-t2v-1.3b --height 480 --width 832 --num-frames 121",
      dict(method="enhance", model="wan2.1-t2v-1.3b", height=480, width=832, num_frames=121)),
 ]
 
@@ -53,11 +47,16 @@ def cell(case: dict, size: str) -> str:
     return f"{p.settings.describe()} ({format_bytes(p.peak_bytes)})"
 
 
+def plan_command(case: dict) -> str:
+    """The `longvideo plan` options of a case (its keyword arguments, spelled as options)."""
+    return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in case.items() if value is not None)
+
+
 def table() -> str:
     lines = ["| case (`longvideo plan ...`) | " + " | ".join(f"`--fit {s}`" for s in SIZES) + " |",
              "|---|" + "---|" * len(SIZES)]
-    for label, cmd, case in CASES:
-        lines.append(f"| {label} <br>`{cmd}` | " + " | ".join(cell(case, s) for s in SIZES) + " |")
+    for label, case in CASES:
+        lines.append(f"| {label} <br>`{plan_command(case)}` | " + " | ".join(cell(case, s) for s in SIZES) + " |")
     return "\n".join(lines)
 
 
