@@ -462,18 +462,12 @@ def _cx_repr(v) -> str:
 
 
 @dataclass
-class Launch:
-    """One distinct kernel specialization and the cases that launch it."""
+class Launch(_Raw):
+    """One distinct kernel specialization (a captured compile request) and the cases that launch it."""
 
-    op: str
-    kernel: str
-    module: str
-    fn: object
-    signature: dict
-    constexprs: dict
-    attrs: dict
-    options: object
-    grid: object
+    op: str = ""
+    kernel: str = ""
+    module: str = ""
     labels: list = field(default_factory=list)
     hot: bool = False
 
@@ -560,8 +554,8 @@ def enumerate_launches(hot_only: bool = False, ops=OPS, errors: Optional[list] =
             errors.append((case.op, case.label, f"{type(exc).__name__}: {exc}"))
             continue
         for r in raws:
-            la = Launch(case.op, r.fn.fn.__name__, r.fn.fn.__module__, r.fn, r.signature, r.constexprs, r.attrs,
-                        r.options, r.grid)
+            la = Launch(r.fn, r.signature, r.constexprs, r.attrs, r.options, r.grid, op=case.op,
+                        kernel=r.fn.fn.__name__, module=r.fn.fn.__module__)
             la = by_key.setdefault(la.key, la)
             if case.label not in la.labels:
                 la.labels.append(case.label)
