@@ -595,7 +595,9 @@ def test_h200_records_are_predicted():
                    _record("fifo", "iteration_f21_n4_832x480", "ouroboros:guidance")))
     spec = load_model_spec("wan2.1-t2v-1.3b")
     for method, impl in (("freeloc", "freeloc[longvideo]"), ("direct", "dense_sdpa")):
-        d = plan(method, spec, 480, 832, 161, "bfloat16", output_type="latent").phase("denoise")
+        # the record ran FreeLOC's paper layouts (the op before the official ones existed)
+        d = plan(method, spec, 480, 832, 161, "bfloat16", output_type="latent",
+                 freeloc_semantics="paper").phase("denoise")
         checks.append((method, d.by_kind("activations") + d.by_kind("workspace"),
                        _record("freeloc", "480x832_161f", impl)))
     s = plan("story", "sdxl", 1024, 1024, None, "float16", id_length=4, num_inference_steps=8, schedule="low_vram",
@@ -620,6 +622,38 @@ def test_h200_records_are_predicted():
 
 # ---------------------------------------------------------------------------------------------
 # planner behaviour
+def test_freeloc_official_tsa_layers_hold_three_rotated_copies_not_five():
+    """The Triton op rotates 5 variants with VRPR and 3 for the official TSA layers' token tiers:
+    the simulated attention workspace of a TSA layer differs between the semantics by exactly
+    2 variants x (q, k) x B*H*S*RP elements; a VRPR layer's does not differ."""
+    spec = load_model_spec("wan2.1-t2v-1.3b")
+    arch = A.WanArch.from_config(spec.components["transformer"].config)
+    F, h, w = 41, 30, 52
+    rp = max(16, 1 << max(0, (arch.rope_t_channels - 1).bit_length()))
+
+    class WorkspaceSim(Sim):
+        largest = 0
+
+        def new(self, numel, itemsize, tag):
+            h = super().new(numel, itemsize, tag)
+            if tag == "attention workspace":
+                self.largest = max(self.largest, h.nbytes)
+            return h
+
+    def workspace(mode, semantics):
+        sim = WorkspaceSim()
+        call = A.WanCall(batch=1, frames=F, height=h, width=w, itemsize=2, self_attn="freeloc",
+                         freeloc_modes=[mode] * arch.num_layers, freeloc_semantics=semantics)
+        A.wan_call(sim, arch, call, A.CUDA)
+        return sim.largest
+
+    S = F * (h // 2) * (w // 2)   # tokens: patch 2 x 2
+    assert workspace("tsa", "paper") - workspace("tsa", "official") == 2 * 2 * arch.heads * S * rp * 2
+    assert workspace("vrpr", "paper") == workspace("vrpr", "official") > 0
+    with pytest.raises(ValueError, match="freeloc_semantics"):
+        plan("freeloc", spec, 480, 832, 81, freeloc_semantics="exact")
+
+
 def test_fit_chooses_the_fastest_setting_that_fits_and_says_why():
     p = plan("fifo", "wan2.1-t2v-1.3b", 480, 832, 241, "bfloat16", gpu_memory="24GB")
     assert p.fits and p.candidates[-1].fits and not any(c.fits for c in p.candidates[:-1])

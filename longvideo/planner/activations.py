@@ -22,7 +22,7 @@ What the kernels allocate (``Device``):
   no S x S buffer; output in the query's (B, S, H, D) layout, so Wan's ``flatten`` is a view);
   the longvideo ops' Triton backends: ``tiered_sparse_attention`` allocates pre-rotated copies
   of q's and k's temporal channels (2 x variants x B*H*S*RP, RP = next power of two >= the
-  temporal channels; 5 variants with VRPR, 1 without) -- device workspace that
+  temporal channels; 5 variants with VRPR, 3 for FreeLOC's official TSA layers, 1 without) -- device workspace that
   :class:`~longvideo.planner.tracker.LiveTensorTracker` cannot see on a CPU, reported as the
   component ``attention workspace``; ``consistent_attention`` reads the sampled tokens in place
   (output and lse only).
@@ -135,6 +135,7 @@ class WanCall:
     timestep: str = "scalar"
     self_attn: str = "sdpa"
     freeloc_modes: Optional[list] = None
+    freeloc_semantics: str = "official"   # FreeLOC's: the TSA layers' token tiers rotate 3 variants, not 5
     use_op: bool = False
     feature_layers: tuple = ()
     record_maps: bool = False
@@ -461,7 +462,10 @@ def _wan_self_attention(sim: Sim, a: WanArch, c: WanCall, dev: Device, nh, B: in
         ws = None
         if dev.kind == "cuda" and dev.tsa_backend == "triton":
             rp = max(16, 1 << max(0, (t - 1).bit_length()))
-            nv = 5 if mode in ("tsa", "vrpr") else 1
+            # the op's rotated copies: 5 variants with VRPR (the VRPR layers; the TSA layers under the
+            # paper's semantics), 3 for the official TSA layers' token tiers (re-encoded sink only), else 1
+            nv = 5 if mode == "vrpr" or (mode == "tsa" and c.freeloc_semantics == "paper") else (
+                3 if mode == "tsa" else 1)
             ws = sim.new(2 * nv * B * H * S * rp, e, "attention workspace")
         o = _attention_out(sim, qr, kr, v, X, e, "attention")     # (B, H, S, D) contiguous
         sim.free(ws, qr, kr)                                       # `attend` returns

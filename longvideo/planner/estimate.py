@@ -349,10 +349,12 @@ def _vae_scale(spec: ModelSpec) -> tuple:
 
 
 def _wan_call_sim(spec, dtype, device, batch, frames, h, w, timestep, self_attn="sdpa", grad=False, modes=None,
-                  feature_layers=(), record_maps=False, name="transformer", text_len=512) -> Sim:
+                  feature_layers=(), record_maps=False, name="transformer", text_len=512,
+                  freeloc_semantics="official") -> Sim:
     sim = Sim(grad=grad)
     call = A.WanCall(batch=batch, frames=frames, height=h, width=w, text_len=text_len, itemsize=_itemsize(dtype),
-                     timestep=timestep, self_attn=self_attn, freeloc_modes=modes, use_op=grad,
+                     timestep=timestep, self_attn=self_attn, freeloc_modes=modes,
+                     freeloc_semantics=freeloc_semantics, use_op=grad,
                      feature_layers=tuple(feature_layers), record_maps=record_maps)
     A.wan_call(sim, _wan_arch(spec, name), call, device)
     return sim
@@ -388,7 +390,7 @@ def _wan_sizes(spec, height, width, num_frames):
 
 
 def _direct_phases(spec, dtype, device, st, height, width, num_frames, method, freeloc_layers, trained,
-                   decode=True):
+                   decode=True, semantics="official"):
     F, h, w = _wan_sizes(spec, height, width, num_frames)
     e = _itemsize(dtype)
     C = spec.components["transformer"].config.get("in_channels", 16)
@@ -409,7 +411,8 @@ def _direct_phases(spec, dtype, device, st, height, width, num_frames, method, f
             self_attn = "freeloc"
     lat = C * F * h * w
     for name in spec.denoisers:
-        sim = _wan_call_sim(spec, dtype, device, 1, F, h, w, timestep, self_attn, modes=modes, name=name)
+        sim = _wan_call_sim(spec, dtype, device, 1, F, h, w, timestep, self_attn, modes=modes, name=name,
+                            freeloc_semantics=semantics)
         parts = _resident_weights(spec, dtype, st.offload, [name])
         parts += [Part("latents, noise predictions", 4 * lat * 4 + lat * e, "state",
                        "latents float32, the cond prediction kept during the uncond call, CFG combination"),
@@ -874,7 +877,8 @@ def _phases(method, spec, dtype, device, st, height, width, num_frames, opts):
         if spec.family not in ("wan", "skyreels"):
             raise ValueError(f"method {method!r} needs a Wan-family model, got {spec.family}")
         return _direct_phases(spec, dtype, device, st, height, width, num_frames, method, opts["freeloc_layers"],
-                              opts["trained"] or spec.trained_latent_frames or 21, opts["decode"])
+                              opts["trained"] or spec.trained_latent_frames or 21, opts["decode"],
+                              opts["freeloc_semantics"])
     if method in ("fifo", "ouroboros"):
         if spec.family not in ("wan", "skyreels", "animatediff"):
             raise ValueError(f"method {method!r} needs a Wan, SkyReels-V2 or AnimateDiff model, got {spec.family}")
@@ -982,7 +986,7 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
          read_images: int = 2, bank_location: str = "auto", bank_budget=None,
          story_kernel: str = "consistent", chunk_frames: int = 24, overlap_frames: int = 8,
          chunk_batch: Optional[int] = None, output_type: str = "np", headroom: float = 0.05,
-         records=None, guidance_impl: str = "prefix") -> Plan:
+         records=None, guidance_impl: str = "prefix", freeloc_semantics: str = "official") -> Plan:
     """Predicted peak GPU memory of `method` on `model` (see the module docstring).
 
     method: "direct" (the plain pipeline), "freeloc", "fifo", "ouroboros" (with ``tail``, ``sacfa``,
@@ -999,7 +1003,8 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
     decode phase (direct, freeloc, story).
     model: a known config name (``longvideo.planner.known_model_names()``), a local diffusers
     checkpoint folder, or a ModelSpec. height/width/num_frames default to the model's size and
-    trained clip. dtype: the denoiser's dtype. device: "cuda" (the kernels of a GPU run) or "cpu"
+    trained clip. freeloc_semantics: FreeLOC's "official" (default) or "paper" layouts (the TSA
+    layers' rotated copies: 3 vs 5). dtype: the denoiser's dtype. device: "cuda" (the kernels of a GPU run) or "cpu"
     (the CPU kernels: what a CPU run allocates). gpu_memory: bytes or "24GB": plan the fastest
     settings that fit (the other settings arguments are then the starting point); a setting fits
     when its peak is at most (1 - headroom) * gpu_memory (default 5% kept for the CUDA context,
@@ -1015,6 +1020,8 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
         raise ValueError(f"guidance_impl must be one of {GUIDANCE_IMPLS}, got {guidance_impl!r}")
     if bank_location not in ("auto", "device", "cpu"):
         raise ValueError(f"bank_location must be 'auto', 'device' or 'cpu', got {bank_location!r}")
+    if freeloc_semantics not in ("official", "paper"):
+        raise ValueError(f"freeloc_semantics must be 'official' or 'paper', got {freeloc_semantics!r}")
     spec = load_model_spec(model)
     dt = _DTYPES.get(str(dtype).replace("torch.", "")) if not isinstance(dtype, torch.dtype) else dtype
     if dt is None:
@@ -1032,7 +1039,8 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
     base = Settings(offload=offload, vae_tiling=vae_tiling, vae_slicing=vae_slicing, bank_location=bank_location,
                     bank_budget=budget, frames_per_window=frames_per_window, num_partitions=num_partitions,
                     chunk_batch=chunk_batch)
-    opts = dict(freeloc_layers=freeloc_layers, trained=trained_frames, parts=(tail, sacfa, guidance),
+    opts = dict(freeloc_layers=freeloc_layers, trained=trained_frames, freeloc_semantics=freeloc_semantics,
+                parts=(tail, sacfa, guidance),
                 id_length=id_length, steps=num_inference_steps, sampling_rate=sampling_rate, start_step=start_step,
                 characters=characters, read_images=read_images, gpu_memory=gpu, story_kernel=story_kernel,
                 schedule=schedule, decode=output_type != "latent",
