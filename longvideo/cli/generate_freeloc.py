@@ -129,7 +129,7 @@ def run(args) -> int:
         pipe = load_wan(args, f"`longvideo generate --method {args.method}`")
     _fit.choose(args, pipe, args.method, height=d["height"], width=d["width"], num_frames=d["num_frames"],
                 num_inference_steps=d["steps"], trained_frames=args.freeloc_trained_frames or
-                getattr(pipe, "longvideo_trained_latent_frames", None))
+                getattr(pipe, "longvideo_trained_latent_frames", None), freeloc_semantics=args.freeloc_semantics)
     pipe.set_progress_bar_config(disable=rank != 0)
     if rank == 0:
         print_settings(method=args.method, size=f"{d['width']}x{d['height']}", frames=d["num_frames"],
