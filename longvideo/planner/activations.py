@@ -406,6 +406,13 @@ def wan_guidance_pass(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> d
         gs = [sim.new(B * S * a.ffn_dim, c.itemsize, "gradients") for _ in range(2)]
         gs.append(sim.new(3 * X, F32, "gradients"))
         sim.free(*gs)
+    return _end_guidance_pass(sim, before, at_fwd, fwd, graph)
+
+
+def _end_guidance_pass(sim: Sim, before: tuple, at_fwd: tuple, fwd: int, graph: int) -> dict:
+    """Close a simulated guidance pass (forward + partial backward): free what the graph saved and
+    held, and make the call's peak the largest of `before` (the peak before the pass), the forward
+    (`at_fwd`) and the backward that just ran; returns the three phases' bytes."""
     bwd = sim.peak
     sim.where = "guidance pass done"
     sim.release_saved()
@@ -850,14 +857,7 @@ def unet_guidance_pass(sim: Sim, unet, c: UNetCall) -> dict:
     sim.where = f"backward from {c.stop_after}"
     g = sim.new(max(3 * keys * F32, sim.facts.get("ffn_backward", 0)), 1, "gradients")
     sim.free(g)
-    bwd = sim.peak
-    sim.where = "guidance pass done"
-    sim.release_saved()
-    for h in sim.held:
-        sim.free(h)
-    sim.peak, sim.peak_where, sim.peak_tags = max(before, at_fwd, (sim.peak, sim.peak_where, sim.peak_tags),
-                                                  key=lambda t: t[0])
-    return {"forward": fwd, "graph": graph, "backward": bwd}
+    return _end_guidance_pass(sim, before, at_fwd, fwd, graph)
 
 
 def _unet_walk(sim: Sim, unet, c: UNetCall) -> None:
