@@ -3,14 +3,14 @@
 ``load_pipeline(family, kind, model=None)``: with ``model=None`` the built-in tiny model of the
 family (random weights built from config: for tests, demos and CI, where no weights can be
 downloaded); otherwise a local diffusers checkpoint directory. Families: ``wan`` (t2v, v2v), ``wan22``
-(Wan 2.2 A14B, two experts: t2v),
+(Wan 2.2 A14B, two experts: t2v), ``wan22_ti2v`` (Wan 2.2 TI2V-5B: t2v, i2v),
 ``skyreels`` (SkyReels-V2 diffusion forcing: t2v, v2v), ``animatediff`` (t2v, v2v), ``sd`` (sd15, sdxl).
 """
 from __future__ import annotations
 
 from importlib import import_module
 
-FAMILIES = ("wan", "wan22", "skyreels", "animatediff", "sd")
+FAMILIES = ("wan", "wan22", "wan22_ti2v", "skyreels", "animatediff", "sd")
 
 
 def load_pipeline(family: str, kind: str = "t2v", model=None, device=None, dtype=None, seed: int = 0):
