@@ -318,21 +318,28 @@ def test_unet_call_matches_tracker(kind, grad):
     assert abs(_err(sim.peak, tk.peak)) < CALL_TOL, (sim.peak, tk.peak, sim.peak_where)
 
 
-@pytest.mark.parametrize("case", ["tiny", "tiny_tiled", "wan2.1_widths"])
+@pytest.mark.parametrize("case", ["tiny", "tiny_tiled", "wan2.1_widths", "wan2.2_tiny", "wan2.2_tiny_tiled"])
 def test_wan_vae_decode_matches_tracker(case):
+    """Wan 2.1's VAE and Wan 2.2's (residual blocks, patch 2, 4x16x16: every residual up block
+    clones its input, the decoded video is unpatchified, a tiled decode keeps tiles and rows)."""
     from diffusers import AutoencoderKLWan
 
-    from longvideo.models import wan
+    from longvideo.models import wan, wan22_ti2v
 
     if case == "wan2.1_widths":                  # the real Wan2.1 VAE (diffusers' default config), small latents
         vae, (T, h, w), tile = AutoencoderKLWan().eval(), (2, 4, 6), None
+    elif case.startswith("wan2.2"):
+        vae = wan22_ti2v.tiny_vae().eval()
+        T, h, w = (3, 4, 4) if case == "wan2.2_tiny" else (2, 8, 8)
+        tile = (4, 4, 3, 3) if case.endswith("tiled") else None
     else:
         vae = wan.tiny_pipeline().vae
         T, h, w = (3, 8, 8) if case == "tiny" else (2, 24, 24)
         tile = (16, 16, 12, 12) if case == "tiny_tiled" else None
     if tile:
-        vae.enable_tiling(tile_sample_min_height=tile[0] * 4, tile_sample_min_width=tile[1] * 4,
-                          tile_sample_stride_height=tile[2] * 4, tile_sample_stride_width=tile[3] * 4)
+        s = vae.config.scale_factor_spatial      # tiles are given in latent pixels, diffusers takes pixels
+        vae.enable_tiling(tile_sample_min_height=tile[0] * s, tile_sample_min_width=tile[1] * s,
+                          tile_sample_stride_height=tile[2] * s, tile_sample_stride_width=tile[3] * s)
     z = torch.randn(1, vae.config.z_dim, T, h, w)
     with torch.no_grad(), LiveTensorTracker() as tk:
         vae.decode(z)

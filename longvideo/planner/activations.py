@@ -1211,7 +1211,9 @@ def wan_vae_decode_chunk(sim: Sim, vae, B: int, T: int, h: int, w: int, e: int, 
     x = m
     for blk in dec.up_blocks:
         inp = x
-        copy = sim.new(x.numel, e, "vae") if getattr(blk, "avg_shortcut", None) is not None else None
+        # WanResidualUpBlock (the Wan 2.2 VAE) clones its input first, whether or not it has a
+        # DupUp3D shortcut to add it through (the last block has none); Wan 2.1's WanUpBlock does not
+        copy = sim.new(x.numel, e, "vae") if hasattr(blk, "avg_shortcut") else None
         y = sim.ref(inp)
         for res in blk.resnets:
             nxt = _wan_resblock(sim, res, y, B, T, H, W, e, cache)
@@ -1252,11 +1254,13 @@ def wan_vae_decode_chunk(sim: Sim, vae, B: int, T: int, h: int, w: int, e: int, 
             sim.free(upc, p)
             sim.free(y)
             y = o
-        if copy is not None:
+        if getattr(blk, "avg_shortcut", None) is not None:
             sc = sim.new(y.numel, e, "vae")                                 # DupUp3D(copy)
             s2 = sim.new(y.numel, e, "vae")
             sim.free(sc, y, copy)
             y = s2
+        else:
+            sim.free(copy)
         sim.free(inp)                                                       # the decoder rebinds x
         x = y
     n = _wan_rms(sim, x, e)
@@ -1280,10 +1284,16 @@ def wan_vae_decode(sim: Sim, vae, B: int, T_lat: int, h: int, w: int, e: int = F
     sim.free(z_pad)
     spatial = 2 ** sum(1 for b in vae.decoder.up_blocks if getattr(b, "upsamplers", None) or
                        getattr(b, "upsampler", None) is not None)
+    # the decoder's own output: conv_out's channels at `spatial` x the latents; a VAE with a
+    # patch_size (Wan 2.2: 12 channels at 8x) is unpatchified afterwards (3 channels at 16x: the
+    # same bytes, one more copy)
+    c_out, f_out = vae.decoder.conv_out.out_channels, 4 * (T_lat - 1) + 1
+    patched = getattr(getattr(vae, "config", None), "patch_size", None) is not None
     if tile is not None and (h > tile[0] or w > tile[1]):
         th, tw, sh, sw = tile
         sim.free(pq)
         kept = []
+        rows_numel = 0
         for i in range(0, h, sh):
             for j in range(0, w, sw):
                 cache = WanDecoderCache()
@@ -1295,8 +1305,18 @@ def wan_vae_decode(sim: Sim, vae, B: int, T_lat: int, h: int, w: int, e: int = F
                 sim.free(*frames)
                 kept.append(cat)
                 cache.free(sim)
-        res = sim.new(B * 3 * (4 * (T_lat - 1) + 1) * h * spatial * w * spatial, e, "video")
-        sim.free(*kept)
+                rows_numel += B * c_out * f_out * min(th, h - i, sh) * spatial * min(tw, w - j, sw) * spatial
+        # tiled_decode keeps every tile and every blended row (lists) to its end; the rows are
+        # concatenated, cut to size, unpatchified (a copy) and clamped (a copy)
+        rows = sim.new(rows_numel, e, "video")
+        whole = sim.new(rows_numel, e, "video")
+        video = B * c_out * f_out * h * spatial * w * spatial
+        if patched:
+            unp = sim.new(video, e, "video")
+            sim.free(whole)
+            whole = unp
+        res = sim.new(video, e, "video")
+        sim.free(whole, rows, *kept)
         sim.free(res)
         return
     cache = WanDecoderCache()
@@ -1311,6 +1331,10 @@ def wan_vae_decode(sim: Sim, vae, B: int, T_lat: int, h: int, w: int, e: int = F
             cat = sim.new(out.numel + o.numel, e, "video")
             sim.free(out)
             out, prev = cat, o
+    if patched:                            # unpatchify: a contiguous copy, `out_` and x still bound
+        unp = sim.new(out.numel, e, "video")
+        sim.free(out)
+        out = unp
     sim.free(prev, pq)
     cl = sim.new(out.numel, e, "video")                                     # clamp
     sim.free(out)
