@@ -337,6 +337,7 @@ def test_checked_option_types():
 
 WAN22_INDEX = {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"],
                "transformer_2": ["diffusers", "WanTransformer3DModel"], "boundary_ratio": 0.875}
+TI2V_INDEX = {**WAN22_INDEX, "transformer_2": [None, None], "boundary_ratio": None, "expand_timesteps": True}
 
 
 @pytest.mark.parametrize("index, accepted, family", [
@@ -344,6 +345,8 @@ WAN22_INDEX = {"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTr
     (WAN22_INDEX, ("wan",), "wan"),                                                 # FreeLOC: Wan loading, both experts
     ({**WAN22_INDEX, "transformer_2": [None, None], "boundary_ratio": None}, ("wan", "wan22"), "wan"),  # TI2V-5B shape
     ({**WAN22_INDEX, "boundary_ratio": None}, ("wan", "wan22"), "wan"),             # no boundary: one expert runs
+    (TI2V_INDEX, ("wan", "wan22", "wan22_ti2v"), "wan22_ti2v"),                     # FIFO, FreeLOC: the TI2V loader
+    (TI2V_INDEX, ("wan",), "wan"),                                                  # a command without TI2V loading
 ])
 def test_model_index_detects_wan22(tmp_path, index, accepted, family):
     from longvideo.cli._common import checkpoint_family

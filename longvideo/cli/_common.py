@@ -287,6 +287,7 @@ PIPELINE_FAMILIES = (  # (family, pipeline class-name prefix), the more specific
     ("skyreels", "SkyReelsV2"), ("wan", "Wan"), ("animatediff", "AnimateDiff"), ("cogvideox", "CogVideoX"),
     ("sdxl", "StableDiffusionXL"), ("sd15", "StableDiffusion"))
 FAMILY_NAMES = {"skyreels": "SkyReels-V2", "wan": "Wan", "wan22": "Wan 2.2 A14B (two experts)",
+                "wan22_ti2v": "Wan 2.2 TI2V-5B (per-token timesteps)",
                 "animatediff": "AnimateDiff", "cogvideox": "CogVideoX", "sdxl": "SDXL", "sd15": "SD1.5"}
 
 
@@ -317,14 +318,19 @@ def checkpoint_family(model, accepted, command: str, option: str = "--model") ->
     """The family of the checkpoint folder `model` (one of `accepted`), from its model_index.json;
     a UsageError naming what `command` runs otherwise. A Wan pipeline whose index names a
     ``transformer_2`` and a ``boundary_ratio`` is Wan 2.2 A14B ("wan22"); where `accepted` has no
-    "wan22" but has "wan", it is loaded as "wan" (the same WanPipeline loading, both experts)."""
+    "wan22" but has "wan", it is loaded as "wan" (the same WanPipeline loading, both experts). One
+    whose index has ``expand_timesteps`` true is Wan 2.2 TI2V ("wan22_ti2v"), likewise "wan" where
+    `accepted` has no "wan22_ti2v"."""
     from ..models.wan22 import is_two_expert_index
+    from ..models.wan22_ti2v import is_ti2v_index
 
     index = model_index(model, option)
     cls = str(index.get("_class_name") or "")
     family = next((fam for fam, prefix in PIPELINE_FAMILIES if cls.startswith(prefix)), None)
     if family == "wan" and is_two_expert_index(index):
         family = "wan22" if "wan22" in accepted or "wan" not in accepted else "wan"
+    elif family == "wan" and is_ti2v_index(index):
+        family = "wan22_ti2v" if "wan22_ti2v" in accepted or "wan" not in accepted else "wan"
     if family not in accepted:
         runs = ", ".join(FAMILY_NAMES[f] for f in accepted)
         raise UsageError(f"{option} {model}: holds a {cls or 'unnamed'} pipeline; {command} runs {runs} checkpoints")
@@ -394,7 +400,8 @@ def check_size_multiple(height, width, multiple: int, why: str) -> None:
 
 def checkpoint_size_multiple(model, family: str) -> Optional[tuple]:
     """(multiple, why) of a local checkpoint folder, read from its config files before any weight is
-    loaded: Wan / SkyReels-V2: 2^len(vae temperal_downsample) x transformer patch_size[1];
+    loaded: Wan / SkyReels-V2: the VAE's scale_factor_spatial (else 2^len(temperal_downsample)) x
+    transformer patch_size[1];
     AnimateDiff / CogVideoX / SD: 2^(len(vae block_out_channels) - 1) (x the transformer's
     patch_size where it has one). None where the files do not say."""
     folder = Path(model)
@@ -408,7 +415,9 @@ def checkpoint_size_multiple(model, family: str) -> Optional[tuple]:
     vae = config("vae")
     if not isinstance(vae, dict):
         return None
-    if "temperal_downsample" in vae:
+    if vae.get("scale_factor_spatial"):  # Wan 2.2's VAE: 8x in its blocks after a 2x2 patchify = 16
+        scale = int(vae["scale_factor_spatial"])
+    elif "temperal_downsample" in vae:
         scale = 2 ** len(vae["temperal_downsample"])
     elif "block_out_channels" in vae:
         scale = 2 ** (len(vae["block_out_channels"]) - 1)

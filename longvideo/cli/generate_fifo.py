@@ -14,7 +14,7 @@ from ._common import (VIDEO_SUFFIXES, UsageError, backend_setting, check_folder,
                       unit_interval, user_errors)
 from ._signals import interrupts_raise
 
-FAMILIES = ("wan", "skyreels", "animatediff", "wan22")
+FAMILIES = ("wan", "skyreels", "animatediff", "wan22", "wan22_ti2v")
 TIMESTEP_GRIDS = ("official", "scheduler")      # longvideo.methods.families.TIMESTEP_GRIDS
 LOOKAHEAD_CONTEXTS = ("official", "clean")      # longvideo.methods.fifo.LOOKAHEAD_CONTEXTS
 SACFA_TOKENS = ("paper", "official_demo")       # longvideo.methods.fifo_ouroboros.SACFA_TOKENS

@@ -76,12 +76,14 @@ def generation_defaults(args, tiny: bool) -> dict:
 
 def load_wan(args, command: str):
     """The Wan text-to-video pipeline of --model (tiny without), in --dtype (default bfloat16 on
-    CUDA, float32 on CPU); used by generate --method freeloc|direct and by probe."""
+    CUDA, float32 on CPU); used by generate --method freeloc|direct and by probe. A Wan 2.2 TI2V
+    checkpoint (expand_timesteps) loads as such (its trained length, 31 latent frames)."""
+    family = "wan"
     if args.model is not None:
-        checkpoint_family(args.model, ("wan",), command)
-    check_sizes_before_loading(args, "wan")
+        family = checkpoint_family(args.model, ("wan", "wan22_ti2v"), command)
+    check_sizes_before_loading(args, family)
     dtype = torch_dtype(args.dtype) or torch_dtype("bfloat16" if is_cuda(args.device) else "float32")
-    pipe = load_pipeline(args, "wan", "t2v", dtype=dtype, seed=args.seed)
+    pipe = load_pipeline(args, family, "t2v", dtype=dtype, seed=args.seed)
     check_size_multiple(args.height, args.width, *pipeline_size_multiple(pipe))
     return pipe
 

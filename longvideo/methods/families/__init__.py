@@ -19,16 +19,17 @@ from .cogvideox import CogVideoXFamily
 from .skyreels import SkyReelsFamily
 from .wan import WanFamily, ftfy_fallback
 from .wan22 import EXPERT_ROUTINGS, Wan22Family
+from .wan22_ti2v import Wan22TI2VFamily
 
-FAMILIES = (SkyReelsFamily, Wan22Family, WanFamily, CogVideoXFamily, AnimateDiffFamily)
+FAMILIES = (SkyReelsFamily, Wan22Family, Wan22TI2VFamily, WanFamily, CogVideoXFamily, AnimateDiffFamily)
 """Detection order: more specific first (a family whose check would also accept another's
 pipeline comes after it)."""
 
 METHOD_NAMES = {"fifo": "FIFO", "blending": "randomized blending"}
 
 __all__ = ["EXPERT_ROUTINGS", "FAMILIES", "TIMESTEP_GRIDS", "AnimateDiffFamily", "CogVideoXFamily", "Family", "Levels",
-           "SkyReelsFamily", "Wan22Family", "WanFamily", "check_grid", "family_for", "family_of", "ftfy_fallback",
-           "per_frame_time_embedding", "to_uint8"]
+           "SkyReelsFamily", "Wan22Family", "Wan22TI2VFamily", "WanFamily", "check_grid", "family_for", "family_of",
+           "ftfy_fallback", "per_frame_time_embedding", "to_uint8"]
 
 
 def _supported(method: Optional[str]) -> str:
@@ -37,7 +38,7 @@ def _supported(method: Optional[str]) -> str:
 
 
 def family_of(pipe) -> str:
-    """The name of `pipe`'s family ('skyreels', 'wan22', 'wan', 'cogvideox', 'animatediff');
+    """The name of `pipe`'s family ('skyreels', 'wan22', 'wan22_ti2v', 'wan', 'cogvideox', 'animatediff');
     ValueError naming ``pipe`` when no family recognises it."""
     for cls in FAMILIES:
         if cls.matches(pipe):
