@@ -346,12 +346,18 @@ TI2V_INDEX = {**WAN22_INDEX, "transformer_2": [None, None], "boundary_ratio": No
     ({**WAN22_INDEX, "transformer_2": [None, None], "boundary_ratio": None}, ("wan", "wan22"), "wan"),  # TI2V-5B shape
     ({**WAN22_INDEX, "boundary_ratio": None}, ("wan", "wan22"), "wan"),             # no boundary: one expert runs
     (TI2V_INDEX, ("wan", "wan22", "wan22_ti2v"), "wan22_ti2v"),                     # FIFO, FreeLOC: the TI2V loader
-    (TI2V_INDEX, ("wan",), "wan"),                                                  # a command without TI2V loading
+    (TI2V_INDEX, ("wan", "animatediff", "cogvideox"), None),                        # enhance: refused, not Wan 2.1
 ])
 def test_model_index_detects_wan22(tmp_path, index, accepted, family):
     from longvideo.cli._common import checkpoint_family
 
     (tmp_path / "model_index.json").write_text(json.dumps(index))
+    if family is None:
+        from longvideo.cli._common import UsageError
+
+        with pytest.raises(UsageError, match="holds a Wan 2.2 TI2V-5B"):
+            checkpoint_family(tmp_path, accepted, "test")
+        return
     assert checkpoint_family(tmp_path, accepted, "test") == family
 
 

@@ -320,7 +320,8 @@ def test_checkpoint_is_detected_and_loaded_as_ti2v(checkpoint):
 
     assert json.loads((checkpoint / "model_index.json").read_text())["expand_timesteps"] is True
     assert checkpoint_family(checkpoint, ("wan", "wan22_ti2v"), "test") == "wan22_ti2v"
-    assert checkpoint_family(checkpoint, ("wan",), "test") == "wan"
+    with pytest.raises(UsageError, match="TI2V"):
+        checkpoint_family(checkpoint, ("wan",), "`longvideo enhance`")
     for kind, cls in (("t2v", "WanPipeline"), ("i2v", "WanImageToVideoPipeline")):
         p = load_pipeline("wan22_ti2v", kind, model=checkpoint, dtype="float32")
         assert type(p).__name__ == cls and p.config.expand_timesteps

@@ -319,8 +319,9 @@ def checkpoint_family(model, accepted, command: str, option: str = "--model") ->
     a UsageError naming what `command` runs otherwise. A Wan pipeline whose index names a
     ``transformer_2`` and a ``boundary_ratio`` is Wan 2.2 A14B ("wan22"); where `accepted` has no
     "wan22" but has "wan", it is loaded as "wan" (the same WanPipeline loading, both experts). One
-    whose index has ``expand_timesteps`` true is Wan 2.2 TI2V ("wan22_ti2v"), likewise "wan" where
-    `accepted` has no "wan22_ti2v"."""
+    whose index has ``expand_timesteps`` true is Wan 2.2 TI2V ("wan22_ti2v"), refused where
+    `accepted` has no "wan22_ti2v" (the Wan 2.1 loaders would take it with the wrong trained length,
+    and WanVideoToVideoPipeline reads its 16x VAE as 8x)."""
     from ..models.wan22 import is_two_expert_index
     from ..models.wan22_ti2v import is_ti2v_index
 
@@ -330,10 +331,11 @@ def checkpoint_family(model, accepted, command: str, option: str = "--model") ->
     if family == "wan" and is_two_expert_index(index):
         family = "wan22" if "wan22" in accepted or "wan" not in accepted else "wan"
     elif family == "wan" and is_ti2v_index(index):
-        family = "wan22_ti2v" if "wan22_ti2v" in accepted or "wan" not in accepted else "wan"
+        family = "wan22_ti2v"
     if family not in accepted:
         runs = ", ".join(FAMILY_NAMES[f] for f in accepted)
-        raise UsageError(f"{option} {model}: holds a {cls or 'unnamed'} pipeline; {command} runs {runs} checkpoints")
+        what = f"{FAMILY_NAMES[family]} ({cls})" if family == "wan22_ti2v" else (cls or "unnamed")
+        raise UsageError(f"{option} {model}: holds a {what} pipeline; {command} runs {runs} checkpoints")
     return family
 
 
