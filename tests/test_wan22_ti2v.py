@@ -400,3 +400,36 @@ def test_streamed_decode_equals_whole_decode(pipe, tiled):
             out, cache = family.decode(latents[:, :, k:k + 1], cache)
             frames.append(out)
         assert np.array_equal(np.concatenate(frames), to_uint8(whole[0].permute(1, 0, 2, 3)))
+
+
+def test_lora_composes_on_ti2v():
+    """A tiny LoRA loaded the usual way (load_lora_weights + set_adapters) on the TI2V pipeline
+    (test_lora's helpers): the family's per-token call equals the transformer's own call with
+    the LoRA and moves with it as diffusers' does; FreeLOC's active processors project through
+    the LoRA (separate layers == fused, != off)."""
+    pytest.importorskip("peft", minversion="0.17", reason="diffusers' LoRA loading needs peft")
+    from test_lora import WAN_TARGETS, check_off_and_delta, check_uses_lora, load_tiny_lora, lora_off
+
+    from longvideo.methods.freeloc import FreeLOC
+
+    p = wan22_ti2v.tiny_pipeline("t2v")  # its own copy: the LoRA stays loaded
+    load_tiny_lora(p, p.transformer, "transformer", WAN_TARGETS)
+    family = family_for(p, "fifo")
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 48, 3, 4, 4, generator=gen)
+    emb = torch.randn(1, 16, p.transformer.config.text_dim, generator=gen)
+    t_frames = torch.tensor([0.0, 500.0, 700.0])
+    t_tokens = t_frames.repeat_interleave(4)[None]
+
+    def both():
+        with torch.no_grad():
+            return (family.forward(x, t_frames, emb),
+                    p.transformer(hidden_states=x, timestep=t_tokens, encoder_hidden_states=emb, return_dict=False)[0])
+
+    ours_on, ref_on = both()
+    with lora_off(p):
+        ours_off, ref_off = both()
+    check_off_and_delta(ours_on, ours_off, ref_on, ref_off, 1e-5)
+    with FreeLOC(p, layer_config=["tsa", "vrpr", "tsa", "vrpr"]) as method:
+        check_uses_lora(lambda: _run(p, 17), p, p.transformer, ["transformer"])
+        assert method.last_params is not None
