@@ -326,6 +326,12 @@ def test_checkpoint_is_detected_and_loaded_as_ti2v(checkpoint):
         p = load_pipeline("wan22_ti2v", kind, model=checkpoint, dtype="float32")
         assert type(p).__name__ == cls and p.config.expand_timesteps
         assert p.longvideo_trained_latent_frames == 31
+    from longvideo.planner import load_model_spec  # the planner reads the folder's configs alike
+    from longvideo.planner.estimate import _vae_scale
+
+    spec = load_model_spec(checkpoint)
+    assert spec.expand_timesteps and spec.trained_latent_frames == 31 and spec.default_size == (704, 1280)
+    assert _vae_scale(spec) == (16, 4)
     plain = checkpoint.parent / "plain"  # a Wan 2.1 index (no expand_timesteps) is refused before loading
     plain.mkdir(exist_ok=True)
     index = json.loads((checkpoint / "model_index.json").read_text())

@@ -340,6 +340,16 @@ def _family_of(pipeline_class: str) -> str:
 _TRAINED = {"wan": 21, "skyreels": 25, "animatediff": 16}
 _SIZES = {"wan": (480, 832), "skyreels": (544, 960), "animatediff": (512, 512), "sd15": (512, 512),
           "sdxl": (1024, 1024)}
+# Wan 2.2 TI2V-5B (a Wan index with expand_timesteps): 121 frames at 704 x 1280, as the known config
+_TI2V_TRAINED, _TI2V_SIZE = 31, (704, 1280)
+
+
+def _defaults(family: str, index: dict) -> tuple:
+    """(trained latent frames, default (height, width)) of a pipeline of `family` whose
+    model_index / config is `index`."""
+    if family == "wan" and index.get("expand_timesteps"):
+        return _TI2V_TRAINED, _TI2V_SIZE
+    return _TRAINED.get(family), _SIZES.get(family)
 
 
 def load_model_spec(model) -> ModelSpec:
@@ -389,7 +399,7 @@ def _from_folder(path: str) -> ModelSpec:
     spec = ModelSpec(name=os.path.basename(os.path.normpath(path)), family=family, pipeline_class=pipeline_class,
                      components=comps, source=path, boundary_ratio=index.get("boundary_ratio"),
                      expand_timesteps=bool(index.get("expand_timesteps", False)),
-                     trained_latent_frames=_TRAINED.get(family), default_size=_SIZES.get(family),
+                     trained_latent_frames=_defaults(family, index)[0], default_size=_defaults(family, index)[1],
                      text_len=512 if family in ("wan", "skyreels") else 77)
     return spec
 
@@ -413,10 +423,10 @@ def spec_from_pipeline(pipe, name: str = "pipeline") -> ModelSpec:
         else:
             cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(module.config).items()}
         comps[cname] = ComponentSpec(cname, library, class_name, copy.deepcopy(cfg))
-    trained = getattr(pipe, "longvideo_trained_latent_frames", None) or _TRAINED.get(family)
+    trained = getattr(pipe, "longvideo_trained_latent_frames", None) or _defaults(family, index)[0]
     return ModelSpec(name=name, family=family, pipeline_class=type(pipe).__name__, components=comps,
                      source="in-memory pipeline", boundary_ratio=index.get("boundary_ratio"),
                      expand_timesteps=bool(index.get("expand_timesteps", False)), trained_latent_frames=trained,
-                     default_size=_SIZES.get(family),
+                     default_size=_defaults(family, index)[1],
                      text_len=getattr(getattr(pipe, "tokenizer", None), "model_max_length", None) or
                      (512 if family in ("wan", "skyreels") else 77))
