@@ -242,10 +242,18 @@ def test_fifo_text_and_image_modes(pipe, pipe_i2v, image):
     torch.testing.assert_close(clip, clip_b, rtol=0, atol=0)
     with_image = fifo("a cat", 6, height=H, width=W, guidance_scale=GS).frames[0]
     assert with_image.shape == text.shape and (with_image != text).any()
-    assert family.run_settings()["image"] is not None
+    with_key = family.run_settings()["image"]
+    assert with_key is not None
     family.set_image(None)
     again = fifo("a cat", 6, height=H, width=W, guidance_scale=GS).frames[0]
     assert (again == text).all()
+    import PIL.Image
+
+    pil = PIL.Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy())
+    family.set_image(pil)  # a PIL image: the same picture up to its 8-bit rounding
+    assert (family.image_latents(H, W) - clip[:, :, :1]).abs().max() < 0.1
+    assert family.run_settings()["image"] not in (None, with_key)
+    family.set_image(None)
     with pytest.raises(ValueError, match="image"):
         family.set_image(torch.rand(4, H, W))
     with pytest.raises(ValueError, match="image"):
