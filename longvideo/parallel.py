@@ -32,10 +32,11 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["init_from_environment", "SequenceParallel", "UlyssesAttnProcessor", "enable_context_parallel", "sequence_parallel_of",
-           "heads_to_sequence", "sequence_to_heads"]
+           "heads_to_sequence", "sequence_to_heads", "context_parallel_groups", "ContextParallelGroups"]
 
-# the attribute our hooks leave on every self-attention module of a parallel transformer; the
-# processors in longvideo/processors/wan.py read it (their only dependency on this module)
+# the attribute our hooks leave on every attention module (self and cross) of a parallel
+# transformer, and on the transformer itself; the processors in longvideo/processors/wan.py and
+# longvideo/processors/ouroboros.py and the FIFO method read it (their only dependency on this module)
 ATTR = "longvideo_sequence_parallel"
 
 
@@ -98,6 +99,46 @@ def _gather_sequence(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
     return out.movedim(0, dim)
 
 
+class _AllToAll(torch.autograd.Function):
+    """The all-to-alls with their gradient. Both are permutations of the tensor spread over the
+    ranks, so the adjoint of each is the other: the backward of heads_to_sequence is one
+    sequence_to_heads of the incoming gradient (and vice versa). Gradients are those of the sum
+    of every rank's loss (each rank holds a part of it, as the head-sharded losses of
+    self-recurrent guidance are; docs/methods.md, "Several GPUs (context parallelism)")."""
+
+    @staticmethod
+    def forward(ctx, x, group, to_sequence: bool):
+        ctx.group, ctx.to_sequence = group, to_sequence
+        return heads_to_sequence(x, group) if to_sequence else sequence_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        back = sequence_to_heads if ctx.to_sequence else heads_to_sequence
+        return back(grad, ctx.group), None, None
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along `dim` with its adjoint as gradient: the incoming gradients of every rank
+    summed (all_reduce), this rank's slice kept."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        return _gather_sequence(x, dim, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        n, r = dist.get_world_size(ctx.group), dist.get_rank(ctx.group)
+        return grad.chunk(n, dim=ctx.dim)[r], None, None
+
+
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 # ---------------------------------------------------------------------------------------------
 class SequenceParallel:
     """The sequence split of one Wan transformer over a process group (see the module docstring).
@@ -120,6 +161,7 @@ class SequenceParallel:
         self.rotary_full = None
         self._handles = []
         self._processors = []
+        self._marked = []
 
     # hooks -----------------------------------------------------------------------------------
     def _local(self, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -146,7 +188,7 @@ class SequenceParallel:
         return args, dict(kwargs, hidden_states=self._local(kwargs["hidden_states"], 1))
 
     def _gather_output(self, module, args, output):
-        return _gather_sequence(output, 1, self.group)
+        return self.gather_sequence(output, 1)
 
     def install(self) -> "SequenceParallel":
         tr = self.transformer
@@ -160,14 +202,21 @@ class SequenceParallel:
             blocks[0].register_forward_pre_hook(self._split_hidden, with_kwargs=True),
             tr.proj_out.register_forward_hook(self._gather_output),
         ]
-        for attn in self_attention_modules(tr):
-            if type(attn.processor).__name__ == "WanTieredAttnProcessor":
+        attns = self_attention_modules(tr)
+        for attn in attns:
+            kind = type(attn.processor).__name__
+            if kind in _REFUSED_BELOW:
                 self.remove()
-                raise RuntimeError("context parallel: enable it before installing FreeLOC (FreeLOC's processors "
-                                   "keep the processor they replace for their dense layers)")
+                raise RuntimeError(f"context parallel: enable it before installing {_REFUSED_BELOW[kind]}")
+        for attn in attns:
             self._processors.append((attn, attn.processor))
             setattr(attn, ATTR, self)
             attn.set_processor(UlyssesAttnProcessor())
+        # cross-attention runs per token (no all-to-all); the attribute lets a processor that
+        # records per-token results (Ouroboros' subject maps) gather them over the ranks
+        self._marked = [b.attn2 for b in tr.blocks if hasattr(b, "attn2")] + [tr]
+        for module in self._marked:
+            setattr(module, ATTR, self)
         return self
 
     def remove(self) -> None:
@@ -180,18 +229,55 @@ class SequenceParallel:
             if hasattr(attn, ATTR):
                 delattr(attn, ATTR)
         self._processors = []
+        for module in getattr(self, "_marked", []):
+            if getattr(module, ATTR, None) is self:
+                delattr(module, ATTR)
+        self._marked = []
 
     # what the attention processors call -------------------------------------------------------
     def full_sequence(self, query, key, value):
         """(B, S/N, H, D) x 3 -> (B, S, H/N, D) x 3 and the whole RoPE tables (cos, sin)."""
         if self.rotary_full is None:
             raise RuntimeError("context parallel: RoPE tables unknown (the processor ran outside the transformer)")
-        q, k, v = (heads_to_sequence(t, self.group) for t in (query, key, value))
+        q, k, v = (self.to_sequence(t) for t in (query, key, value))
         return q, k, v, self.rotary_full
 
+    def to_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, S/N, H, D) -> (B, S, H/N, D) (:func:`heads_to_sequence`; differentiable when `x`
+        requires grad: the backward is the reverse all-to-all)."""
+        return _AllToAll.apply(x, self.group, True) if _needs_grad(x) else heads_to_sequence(x, self.group)
+
     def local_sequence(self, out: torch.Tensor) -> torch.Tensor:
-        """(B, S, H/N, D) attention output -> (B, S/N, H, D)."""
-        return sequence_to_heads(out, self.group)
+        """(B, S, H/N, D) attention output -> (B, S/N, H, D) (differentiable like :meth:`to_sequence`)."""
+        return _AllToAll.apply(out, self.group, False) if _needs_grad(out) else sequence_to_heads(out, self.group)
+
+    def gather_sequence(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's slice of a per-token tensor, concatenated along `dim` (rank order = token
+        order): the whole sequence on every rank. Differentiable (the adjoint: gradients summed
+        over the ranks, this rank's slice kept)."""
+        return _GatherSequence.apply(x, dim, self.group) if _needs_grad(x) else _gather_sequence(x, dim, self.group)
+
+    def gather_heads(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's heads [rank H/N, (rank+1) H/N) of a per-head result (along `dim`) -> all H
+        heads, on every rank (no gradient: for detached results such as subject features)."""
+        return _gather_sequence(x.detach(), dim, self.group)
+
+    def head_range(self, heads_here: int) -> tuple:
+        """(first, stop) of the heads this rank holds after :meth:`full_sequence`."""
+        return self.rank * heads_here, (self.rank + 1) * heads_here
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum of `x` over the ranks of the group (in place; returned)."""
+        dist.all_reduce(x, group=self.group)
+        return x
+
+
+# processors that must be installed after enable_context_parallel (they read its attribute),
+# by class name -> what to name in the error
+_REFUSED_BELOW = {
+    "WanTieredAttnProcessor": "FreeLOC (FreeLOC's processors keep the processor they replace for their dense layers)",
+    "OuroborosWanProcessor": "Ouroboros' processors (they run the all-to-alls themselves when they find it)",
+}
 
 
 class UlyssesAttnProcessor:
@@ -247,10 +333,59 @@ class _PipelineParallel:
         self.remove()
 
 
+class ContextParallelGroups:
+    """The world split into ``count`` contiguous groups of ``size`` ranks (ranks
+    ``[i size, (i + 1) size)`` form group ``i``): ``group`` is this rank's (a process group, or
+    None for the whole world), ``index`` its number. One video sequence is split over a group
+    (Ulysses); FIFO / Ouroboros run different windows on different groups."""
+
+    def __init__(self, group, size: int, index: int, count: int):
+        self.group, self.size, self.index, self.count = group, size, index, count
+
+    def __repr__(self):
+        return f"ContextParallelGroups(size={self.size}, index={self.index}, count={self.count})"
+
+
+def context_parallel_groups(size: int) -> ContextParallelGroups:
+    """Split the initialised world into contiguous groups of `size` ranks (every rank must call
+    this, with the same `size`: creating process groups is collective). ValueError when the
+    world size is not a multiple of `size`."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("context parallel: torch.distributed is not initialized (launch with torchrun, "
+                           "or call torch.distributed.init_process_group first)")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or world % size:
+        raise ValueError(f"context parallel: size={size!r} must be a positive divisor of the {world} ranks")
+    if size == world:
+        return ContextParallelGroups(None, size, 0, 1)
+    groups = [dist.new_group(list(range(g * size, (g + 1) * size))) for g in range(world // size)]
+    return ContextParallelGroups(groups[rank // size], size, rank // size, world // size)
+
+
+def window_groups(sp: Optional[SequenceParallel]) -> Optional[tuple]:
+    """(index, count, leader) of the contiguous group `sp` splits a sequence over: which group
+    this rank is in, how many such groups the world holds, and whether this rank is the group's
+    first (the one whose results count once when the groups' results are summed). None without
+    context parallelism (or over one rank). ValueError when the group is not contiguous ranks
+    ``[i N, (i + 1) N)`` (what :func:`context_parallel_groups` builds)."""
+    if sp is None or sp.world_size == 1:
+        return None
+    ranks = dist.get_process_group_ranks(sp.group if sp.group is not None else dist.group.WORLD)
+    n, world = sp.world_size, dist.get_world_size()
+    start = ranks[0]
+    if world % n or start % n or list(ranks) != list(range(start, start + n)):
+        raise ValueError(f"context parallel: the group of ranks {list(ranks)} is not one of the contiguous groups "
+                         f"of {n} of the {world} ranks (build it with longvideo.parallel.context_parallel_groups)")
+    return start // n, world // n, sp.rank == 0
+
+
 def enable_context_parallel(pipe, group=None) -> _PipelineParallel:
     """Split the sequence of every Wan transformer of `pipe` (``transformer``, ``transformer_2``)
-    across the ranks of `group` (default: the world). Call before installing FreeLOC; returns an
-    object with ``remove()``, ``rank`` and ``world_size`` (also a context manager)."""
+    across the ranks of `group` (default: the world; a :class:`ContextParallelGroups` gives its
+    ``group``). Call before installing FreeLOC or Ouroboros' processors; returns an object with
+    ``remove()``, ``rank`` and ``world_size`` (also a context manager)."""
+    if isinstance(group, ContextParallelGroups):
+        group = group.group
     parts = []
     try:
         for tr in _transformers(pipe):

@@ -109,6 +109,35 @@ def _fit_fifo(args, pipe, method, num_frames) -> None:
         args.fifo_window = st.frames_per_window
 
 
+def _context_parallel(args, pipe, family: str, rank: int):
+    """--context-parallel N > 1 (under torchrun): the world split into contiguous groups of N
+    ranks, each window's token sequence split over a group (Ulysses), the windows over the
+    groups. Returns the installed split (None when N is 1)."""
+    size = getattr(args, "context_parallel", None) or 1
+    if size == 1:
+        return None
+    from ..parallel import context_parallel_groups, enable_context_parallel
+
+    with user_errors(what=f"--context-parallel {size}"):
+        groups = context_parallel_groups(size)
+        parallel = enable_context_parallel(pipe, groups)
+    if rank == 0:
+        print(f"context parallel: each window's sequence split over {size} ranks (Ulysses), the windows over "
+              f"{groups.count} group{'s' if groups.count > 1 else ''} of ranks")
+    return parallel
+
+
+def _check_window_tokens(fifo, args, size: int) -> None:
+    """A window's token sequence (frames x tokens per frame) must split evenly over the ranks."""
+    dh, dw = fifo.family.default_size()
+    ph, pw = fifo.family.denoiser.config.patch_size[1:]
+    vs = fifo.family.spatial
+    tokens = fifo.f * ((args.height or dh) // vs // ph) * ((args.width or dw) // vs // pw)
+    if tokens % size:
+        raise UsageError(f"--context-parallel {size}: a window of {fifo.f} latent frames holds {tokens} tokens, not "
+                         f"divisible by {size} ranks; choose --fifo-window, --height or --width so that it is")
+
+
 def build_from_args(args, pipe):
     """The FIFODiffusion / OuroborosDiffusion (args.method) the options describe, on `pipe`."""
     from ..methods.fifo import FIFODiffusion, OuroborosDiffusion
@@ -178,12 +207,19 @@ def run(args) -> int:
             return 0
     family = args.fifo_family or (
         checkpoint_family(args.model, FAMILIES, f"`longvideo generate --method {method}`") if args.model else "wan")
+    cp = getattr(args, "context_parallel", None) or 1
+    if cp > 1 and family != "wan":
+        raise UsageError(f"--context-parallel {cp}: supported on Wan 2.1 transformers (family wan), not on "
+                         f"{family}; omit it to split only the windows over the ranks")
     check_sizes_before_loading(args, family)
     with _fit.host_loading(args):
         pipe = load_pipeline(args, family, "t2v", dtype=torch_dtype(args.dtype))
     check_size_multiple(args.height, args.width, *pipeline_size_multiple(pipe))
     _fit_fifo(args, pipe, method, num_frames)
+    parallel = _context_parallel(args, pipe, family, rank)  # noqa: F841  (installed for the whole run)
     fifo = build_from_args(args, pipe)
+    if parallel is not None:
+        _check_window_tokens(fifo, args, cp)
     fifo.set_progress_bar_config(disable=True)  # the command's own bar counts the frames written
     if rank == 0:
         dh, dw = fifo.family.default_size()

@@ -290,6 +290,27 @@ class FIFODiffusion(ProgressBarMixin):
             return dist.get_rank(), dist.get_world_size()
         return 0, 1
 
+    def _sequence_parallel(self):
+        """The ``longvideo.parallel.SequenceParallel`` splitting the denoiser's token sequence
+        (context parallelism), or None."""
+        return getattr(self.family.denoiser, "longvideo_sequence_parallel", None)
+
+    def _window_groups(self):
+        """(index, count, leader): windows run on `count` groups of ranks, window i on group
+        ``i % count``; `leader`: this rank's results count in the iteration's sum. Without context
+        parallelism a group is one rank; with it, the contiguous ranks splitting one sequence
+        (``longvideo.parallel.window_groups``), whose first rank is the leader."""
+        rank, world = self._rank_world()
+        sp = self._sequence_parallel()
+        if sp is None or sp.world_size == 1:
+            return rank, world, True
+        from ..parallel import window_groups
+
+        index, count, leader = window_groups(sp)
+        if world == 1:  # distributed=False: every rank runs every window, nothing is summed
+            return 0, 1, True
+        return index, count, leader
+
     # ------------------------------------------------------------------------------------------
     def step(self, state: QueueState, lv, prompts, negative_embeds, guidance_scale, noise=None) -> StepOutput:
         """One iteration's denoising of every window (all read the same snapshot). `noise`: DDIM's z
@@ -302,7 +323,7 @@ class FIFODiffusion(ProgressBarMixin):
         full = torch.cat([state.context, q], dim=2) if c else q
         k_full = torch.cat([torch.full((c,), self.context_level, dtype=torch.long),
                             torch.arange(1, L + 1)]).to(q.device)
-        rank, world = self._rank_world()
+        rank, world, leader = self._window_groups()
         ouro, ctx = self.ouro, self._ctx
         new_q = torch.zeros_like(q)
         new_maps = q.new_zeros(L, *q.shape[3:]) if ctx is not None else None
@@ -337,6 +358,13 @@ class FIFODiffusion(ProgressBarMixin):
         if world > 1:
             import torch.distributed as dist
 
+            if not leader:
+                # context parallel: every rank of a group computed the group's windows; the group's
+                # first rank alone contributes them to the sum, so each value is added once
+                new_q.zero_()
+                for t in (new_maps, bank_feat):
+                    if t is not None:
+                        t.zero_()
             parts = [new_q] + [t for t in (new_maps, bank_feat) if t is not None]
             flat = torch.cat([t.reshape(-1) for t in parts])
             dist.all_reduce(flat)
@@ -386,6 +414,9 @@ class FIFODiffusion(ProgressBarMixin):
                         sel = None
                         break
                     sel[name] = frame_features(keys, tm)[ok].mean(0)
+                    sp = ctx.feature_parallel.get(name)
+                    if sp is not None:  # this rank's heads -> every head, (H, D)
+                        sel[name] = sp.gather_heads(sel[name], 0)
                 if sel:
                     feats = self._bank.pack(sel)
         finally:
@@ -419,15 +450,28 @@ class FIFODiffusion(ProgressBarMixin):
                     self._model(xg, lv.t_model[kw], emb, None, 1.0)  # the conditional half only
                 except _StopForward:
                     pass
-                loss = None
+                loss, parallel = None, None
                 for name in self._feature_layers:
                     keys = ctx.features[name][a:]                      # the frames this window writes
                     tm = ctx.layer_masks(keys.shape[2])[a:]
                     ok = tm.any(1)
                     if bool(ok.any()):
-                        d = ((frame_features(keys, tm)[ok] - bank[name]) ** 2).mean()
+                        feats = frame_features(keys, tm)[ok]
+                        sp = ctx.feature_parallel.get(name)
+                        if sp is None:
+                            d = ((feats - bank[name]) ** 2).mean()
+                        else:
+                            # context parallel: this rank holds heads [h0, h1) of the layer; its part
+                            # of the mean over (frames, H, D), so the ranks' parts sum to the loss
+                            h0, h1 = sp.head_range(feats.shape[1])
+                            d = ((feats - bank[name][h0:h1]) ** 2).sum() / (feats.shape[0] * bank[name].numel())
+                            parallel = sp
                         loss = d if loss is None else loss + d
                 grad = None if loss is None else torch.autograd.grad(loss, xg)[0].detach()
+                if grad is not None and parallel is not None:
+                    # each rank's backward reached the input through its own tokens only (the
+                    # all-to-alls' backward carried every rank's loss there): the sum is the gradient
+                    grad = parallel.all_reduce(grad.contiguous())
         finally:
             ctx.record_maps = record_maps
             ctx.features = {}

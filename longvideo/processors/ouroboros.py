@@ -59,6 +59,7 @@ class OuroborosContext:
         self._maps_sum = None
         self._maps_count = 0
         self.features: Dict[str, torch.Tensor] = {}
+        self.feature_parallel: dict = {}   # layer -> SequenceParallel when its features are head-sharded
         self._idx_cache: dict = {}
 
     # -- per window ----------------------------------------------------------------------------
@@ -69,11 +70,11 @@ class OuroborosContext:
         self.sacfa_tokens = sacfa_tokens
         self.feature_layers = set(feature_layers)
         self._maps_sum, self._maps_count = None, 0
-        self.features, self._idx_cache = {}, {}
+        self.features, self.feature_parallel, self._idx_cache = {}, {}, {}
 
     def end(self):
         self.active = False
-        self.masks, self.features, self._idx_cache = None, {}, {}
+        self.masks, self.features, self.feature_parallel, self._idx_cache = None, {}, {}, {}
 
     # -- masks at a layer's resolution ---------------------------------------------------------
     def layer_hw(self, n_tokens: int):
@@ -123,10 +124,16 @@ class OuroborosContext:
         hi = m.flatten(1).amax(1).view(-1, 1, 1)
         return (m - lo) / (hi - lo).clamp_min(1e-12)
 
-    def add_features(self, name: str, keys: torch.Tensor):
-        """keys: (F, H, N, D) of the conditional half, with their graph."""
+    def add_features(self, name: str, keys: torch.Tensor, parallel=None):
+        """keys: (F, H, N, D) of the conditional half, with their graph. `parallel`: the
+        ``longvideo.parallel.SequenceParallel`` the layer ran under, whose rank then holds only
+        heads ``parallel.head_range(H)`` of the layer (None: all heads)."""
         if name in self.feature_layers:
             self.features[name] = keys
+            if parallel is not None:
+                self.feature_parallel[name] = parallel
+            else:
+                self.feature_parallel.pop(name, None)
 
 
 def _cond_rows(x: torch.Tensor, frames: int) -> torch.Tensor:
@@ -297,9 +304,22 @@ def _wan_rope(x, freqs_cos, freqs_sin):
     return out.type_as(x)
 
 
+# the attribute longvideo/parallel.py leaves on the attention modules of a context-parallel
+# transformer (its SequenceParallel); read here by name so that processors do not import it
+_SEQUENCE_PARALLEL = "longvideo_sequence_parallel"
+
+
 class OuroborosWanProcessor:
     """A WanAttention processor for both attn1 (subject keys; the op in guided calls) and attn2
-    (subject-word maps). Text-to-video only (no image-conditioning projections)."""
+    (subject-word maps). Text-to-video only (no image-conditioning projections).
+
+    Under context parallelism (``longvideo.parallel.enable_context_parallel`` before these
+    processors are installed) the layer's input holds S/N tokens: self-attention turns q, k, v into
+    all S tokens x H/N heads (Ulysses all-to-all, differentiable for the guidance's backward), so
+    the attention (SDPA or ``consistent_attention``) runs unchanged on this rank's heads, and the
+    subject keys it records are this rank's heads (``OuroborosContext.feature_parallel`` says so);
+    cross-attention runs on the local tokens and gathers the per-token subject map over the ranks.
+    """
 
     def __init__(self, ctx: OuroborosContext, name: str, cross: bool):
         self.ctx, self.name, self.cross = ctx, name, cross
@@ -308,15 +328,21 @@ class OuroborosWanProcessor:
         ctx = self.ctx
         if attn.add_k_proj is not None:
             raise RuntimeError("Ouroboros on Wan supports text-to-video transformers (no image projections)")
+        sp = getattr(attn, _SEQUENCE_PARALLEL, None)
         ctx_states = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         k = attn.norm_k(attn.to_k(ctx_states)).unflatten(2, (attn.heads, -1))
         v = attn.to_v(ctx_states).unflatten(2, (attn.heads, -1))
+        if sp is not None and not self.cross:
+            if attention_mask is not None:
+                raise RuntimeError("Ouroboros under context parallelism: self-attention with an attention mask "
+                                   "(SkyReels-V2's causal blocks) is not supported")
+            q, k, v, rotary_emb = sp.full_sequence(q, k, v)   # (B, S, H/N, D) each, the whole RoPE tables
         S = q.shape[1]
         if not self.cross and ctx.active and self.name in ctx.feature_layers:
-            # pre-RoPE keys of the conditional row, per frame: (F, H, tokens, D)
-            kc = k[-1:].reshape(ctx.frames, S // ctx.frames, attn.heads, -1).permute(0, 2, 1, 3)
-            ctx.add_features(self.name, kc)
+            # pre-RoPE keys of the conditional row, per frame: (F, H, tokens, D) (H/N heads under CP)
+            kc = k[-1:].reshape(ctx.frames, S // ctx.frames, k.shape[2], -1).permute(0, 2, 1, 3)
+            ctx.add_features(self.name, kc, parallel=sp)
         if rotary_emb is not None:
             q, k = _wan_rope(q, *rotary_emb), _wan_rope(k, *rotary_emb)
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, S, D)
@@ -326,9 +352,14 @@ class OuroborosWanProcessor:
             out = _attention(ctx, qt, kt, vt, sacfa=False)  # full 3-D attention: SACFA is the identity
         if self.cross and ctx.active and ctx.record_maps and ctx.subject_ids:
             with torch.no_grad():
-                m = _subject_map(qt[-1:], kt[-1:], ctx.subject_ids)  # (1, S)
-                ctx.add_map(m.view(ctx.frames, *ctx.layer_hw(S // ctx.frames)))
-        out = out.transpose(1, 2).flatten(2, 3).type_as(q)
+                m = _subject_map(qt[-1:], kt[-1:], ctx.subject_ids)  # (1, S) (S/N tokens under CP)
+                if sp is not None:
+                    m = sp.gather_sequence(m, 1)
+                ctx.add_map(m.view(ctx.frames, *ctx.layer_hw(m.shape[1] // ctx.frames)))
+        out = out.transpose(1, 2)
+        if sp is not None and not self.cross:
+            out = sp.local_sequence(out)                       # back to (B, S/N, H, D)
+        out = out.flatten(2, 3).type_as(q)
         return attn.to_out[1](attn.to_out[0](out))
 
 
