@@ -12,6 +12,14 @@ sequences, unchanged. The split points are those of diffusers' Wan context-paral
 attention into its dispatcher, which our processors do not call, and because its mesh setup
 needs an accelerator. See docs/methods.md ("Several GPUs").
 
+Ouroboros' Wan processors (longvideo/processors/ouroboros.py) run the same all-to-alls
+themselves when they find the split, and FIFO / Ouroboros run their windows over groups of ranks
+(:func:`context_parallel_groups`: contiguous groups of N ranks, each window's sequence over one
+group, the windows over the groups). The all-to-alls and the gather are differentiable when their
+input requires grad (self-recurrent guidance's backward): the backward of each all-to-all is the
+other, of the gather its adjoint (all_reduce, then this rank's slice); the gradients are those of
+the sum of every rank's loss.
+
 Requirements: the token count S (frames x tokens per frame after patching) and the head count H
 divisible by N. Collectives: ``all_to_all_single`` and ``all_gather_single`` / ``all_gather_into_tensor`` (both
 exist on gloo: the CPU tests run the real path, checked with torch 2.13).

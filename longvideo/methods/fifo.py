@@ -62,7 +62,13 @@ are assembled with ONE all_reduce of a buffer that is zero except where the rank
 written by exactly one window, so each sum adds zeros to one value and every rank ends with the same
 queue, bit for bit equal to a single process's. All ranks must use the same seed; the initial
 queue is broadcast from rank 0; rank 0 writes the video and the checkpoints, and ``resume`` needs
-the checkpoint directory on a filesystem every rank can read.
+the checkpoint directory on a filesystem every rank can read. With context parallelism on the
+denoiser (``longvideo.parallel.enable_context_parallel(pipe, context_parallel_groups(N))``), the
+windows are split over the world / N contiguous groups of N ranks instead (window i on group
+``i % (world / N)``), each window's sequence over its group; every rank of a group computes the
+group's windows and the group's first rank alone writes them into the all_reduce buffer.
+Self-recurrent guidance then takes its gradient through the all-to-alls (head-sharded loss,
+gradients summed over the group; docs/methods.md, "Several GPUs (context parallelism)").
 
 Ouroboros-Diffusion: ``OuroborosDiffusion`` (or ``FIFODiffusion(..., ouroboros=OuroborosConfig())``)
 adds coherent tail sampling, SACFA and self-recurrent guidance (``fifo_ouroboros``; processors in
@@ -181,7 +187,8 @@ class FIFODiffusion(ProgressBarMixin):
         lookahead: lookahead denoising.
         coherent_tail, tail_d_s, tail_d_t: shorthand for ``ouroboros=OuroborosConfig(tail_sampling=True,
             sacfa=False, self_recurrent_guidance=False, ...)``.
-        distributed: split the windows over torch.distributed ranks when a process group exists.
+        distributed: split the windows over torch.distributed ranks when a process group exists
+            (over groups of ranks when the denoiser's sequence is split: module docstring).
         ouroboros: OuroborosConfig, or None for plain FIFO.
         skip_warmup: do not emit the first L - f frames that leave the queue (copies of the initial
             clip's first frame; see the module docstring), as the official code.

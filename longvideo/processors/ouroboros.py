@@ -19,9 +19,12 @@ Self-attention (``attn1``)
     *Wan*: the window's self-attention is already full spatio-temporal (every frame attends to all
     tokens of all frames), so SACFA's cross-frame extension is the identity there; only the subject
     maps and features are used (self-recurrent guidance).
+    Under context parallelism (``longvideo.parallel``) each rank holds S/N tokens; the Wan
+    processor turns q, k, v into all tokens x H/N heads (all-to-all) and runs the attention
+    unchanged on them (see ``OuroborosWanProcessor``).
     Subject features (for self-recurrent guidance): the layer's keys (after the key norm, before
     Wan's RoPE, so they do not depend on the frame's position) of the conditional half, recorded
-    with their autograd graph. In a guided call the attention itself always goes through
+    with their autograd graph (under context parallelism: this rank's heads of every token). In a guided call the attention itself always goes through
     ``consistent_attention`` (with no sampled tokens it equals SDPA), so the guidance gradient is
     the op's backward (except in a layer called with an attention mask, e.g. SkyReels-V2's
     block-causal windows, which stays on SDPA: the op has no mask argument).
