@@ -254,3 +254,24 @@ def test_context_parallel_without_torchrun_is_a_usage_error(capsys, monkeypatch)
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["longvideo: error: --context-parallel 2: needs 2 processes or a multiple, launched by torchrun "
                    "(torchrun --nproc-per-node 2 -m longvideo generate ...)"]
+
+
+@pytest.mark.gpu
+def test_nccl_one_rank_ouroboros_equals_plain():
+    """The CUDA / NCCL path (one rank: the processors' all-to-alls and the guidance's backward
+    through them run on the GPU, the split is trivial), float32: queue, maps, bank and guidance
+    gradients equal the run without context parallelism within TOL."""
+    import torch.distributed as dist
+
+    from longvideo import parallel as CP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        pipe = wan.tiny_pipeline("t2v").to("cuda")
+        ref = _queue_run(pipe)
+        with CP.enable_context_parallel(pipe):
+            out = _queue_run(pipe)
+        _same_run(out, ref)
+    finally:
+        dist.destroy_process_group()
