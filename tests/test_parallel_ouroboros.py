@@ -275,3 +275,23 @@ def test_nccl_one_rank_ouroboros_equals_plain():
         _same_run(out, ref)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("family", ["animatediff", "skyreels", "wan22_ti2v"])
+def test_context_parallel_other_families_refused_before_loading(family, capsys, monkeypatch):
+    """Under torchrun (a world of 2, its process group stubbed: the refusal comes before any
+    collective and before the pipeline is loaded), --context-parallel with a family other than
+    Wan 2.1 is one line naming the option and the family."""
+    import torch.distributed as dist
+
+    from longvideo.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    assert main(["generate", "--method", "fifo", "--device", "cpu", "--fifo-family", family,
+                 "--context-parallel", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"longvideo: error: --context-parallel 2: supported on Wan 2.1 transformers (family wan) so far, "
+                   f"not on {family}; omit it to split only the windows over the ranks"]

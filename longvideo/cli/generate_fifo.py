@@ -209,7 +209,7 @@ def run(args) -> int:
         checkpoint_family(args.model, FAMILIES, f"`longvideo generate --method {method}`") if args.model else "wan")
     cp = getattr(args, "context_parallel", None) or 1
     if cp > 1 and family != "wan":
-        raise UsageError(f"--context-parallel {cp}: supported on Wan 2.1 transformers (family wan), not on "
+        raise UsageError(f"--context-parallel {cp}: supported on Wan 2.1 transformers (family wan) so far, not on "
                          f"{family}; omit it to split only the windows over the ranks")
     check_sizes_before_loading(args, family)
     with _fit.host_loading(args):
