@@ -96,6 +96,13 @@ def _worker(rank, world, port, out_dir):
         w_seq = torch.randn(2, 8, 5, generator=torch.Generator().manual_seed(1))
         res["grad_gather"] = torch.autograd.grad((sp.gather_sequence(x3, 1) * w_seq).sum(), x3)[0]
         res["w_heads"], res["w_seq"] = w_heads, w_seq
+        # groups of ranks that are not contiguous blocks cannot be window groups: refused
+        interleaved = [dist.new_group([0, 2]), dist.new_group([1, 3])][rank % 2]
+        try:
+            CP.window_groups(CP.SequenceParallel(SimpleNamespace(config=SimpleNamespace(num_attention_heads=4)),
+                                                 interleaved))
+        except ValueError as exc:
+            res["interleaved_error"] = str(exc)
 
         pipe = wan.tiny_pipeline("t2v")
         with CP.enable_context_parallel(pipe, groups):
@@ -185,6 +192,14 @@ def test_window_groups_times_sequence_split_equal_one_process(ranks, single):
     # every rank holds the same queue (each group's results summed once)
     for res in ranks[1:]:
         assert torch.equal(res["groups_x_sequence"]["queue"], ranks[0]["groups_x_sequence"]["queue"])
+
+
+def test_interleaved_groups_refused_as_window_groups(ranks):
+    for rank, res in enumerate(ranks):
+        group = [0, 2] if rank % 2 == 0 else [1, 3]
+        assert res["interleaved_error"] == (
+            f"context parallel: the group of ranks {group} is not one of the contiguous groups of 2 of the 4 ranks "
+            "(build it with longvideo.parallel.context_parallel_groups)")
 
 
 def test_context_parallel_after_ouroboros_processors_refused(ranks):
