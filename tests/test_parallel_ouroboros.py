@@ -310,3 +310,22 @@ def test_context_parallel_other_families_refused_before_loading(family, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"longvideo: error: --context-parallel 2: supported on Wan 2.1 transformers (family wan) so far, "
                    f"not on {family}; omit it to split only the windows over the ranks"]
+
+
+def test_context_parallel_uneven_window_refused(capsys, monkeypatch):
+    """A window whose tokens do not split evenly (16x16 on the tiny Wan: 2x2 tokens per frame, 3
+    frames = 12 tokens over 8 ranks) is one line naming the options to change, before any
+    collective (the torchrun world of 8 stubbed)."""
+    import torch.distributed as dist
+
+    from longvideo.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    assert main(["generate", "--method", "ouroboros", "--device", "cpu", "--height", "16", "--width", "16",
+                 "--context-parallel", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["longvideo: error: --context-parallel 8: a window of 3 latent frames holds 12 tokens, not divisible "
+                   "by 8 ranks; choose --fifo-window, --height or --width so that it is"]

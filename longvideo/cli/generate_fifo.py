@@ -216,10 +216,11 @@ def run(args) -> int:
         pipe = load_pipeline(args, family, "t2v", dtype=torch_dtype(args.dtype))
     check_size_multiple(args.height, args.width, *pipeline_size_multiple(pipe))
     _fit_fifo(args, pipe, method, num_frames)
-    parallel = _context_parallel(args, pipe, family, rank)  # noqa: F841  (installed for the whole run)
     fifo = build_from_args(args, pipe)
-    if parallel is not None:
+    if cp > 1:
         _check_window_tokens(fifo, args, cp)
+    # before generate installs Ouroboros' processors; installed for the whole run
+    parallel = _context_parallel(args, pipe, family, rank)  # noqa: F841
     fifo.set_progress_bar_config(disable=True)  # the command's own bar counts the frames written
     if rank == 0:
         dh, dw = fifo.family.default_size()
