@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["init_from_environment", "SequenceParallel", "UlyssesAttnProcessor", "enable_context_parallel", "sequence_parallel_of",
-           "heads_to_sequence", "sequence_to_heads", "context_parallel_groups", "ContextParallelGroups"]
+           "heads_to_sequence", "sequence_to_heads", "context_parallel_groups", "ContextParallelGroups", "window_groups"]
 
 # the attribute our hooks leave on every attention module (self and cross) of a parallel
 # transformer, and on the transformer itself; the processors in longvideo/processors/wan.py and

@@ -309,14 +309,11 @@ class FIFODiffusion(ProgressBarMixin):
         (``longvideo.parallel.window_groups``), whose first rank is the leader."""
         rank, world = self._rank_world()
         sp = self._sequence_parallel()
-        if sp is None or sp.world_size == 1:
+        if sp is None or sp.world_size == 1 or world == 1:  # world 1 (distributed=False): every window here
             return rank, world, True
         from ..parallel import window_groups
 
-        index, count, leader = window_groups(sp)
-        if world == 1:  # distributed=False: every rank runs every window, nothing is summed
-            return 0, 1, True
-        return index, count, leader
+        return window_groups(sp)
 
     # ------------------------------------------------------------------------------------------
     def step(self, state: QueueState, lv, prompts, negative_embeds, guidance_scale, noise=None) -> StepOutput:
