@@ -344,14 +344,160 @@ def test_tiered_triton_nan_rows_match_reference(name, params, where):
     _tsa_triton_nan_check(params, where)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known kernel gap (documented in the op's docstring): a partial key block computes tl.dot(p, v) "
-    "with p = 0 for its masked keys, so a NaN/inf in a masked v row of a visited block reaches every "
-    "query of the query block (0 * NaN). Zeroing it needs a finiteness reduction over every partial "
-    "V tile in the hot loop (the VRPR variant sits at 255 registers): left for the kernel rework."))
 @pytest.mark.parametrize("name,params,where", _TRITON_V_MASKED, ids=[c[0] for c in _TRITON_V_MASKED])
 def test_tiered_triton_nan_in_masked_v_row_does_not_reach(name, params, where):
+    """A NaN in a v row that some queries of a visited partial key block do not attend: those
+    queries stay finite (the kernel no longer forms p = 0 times NaN), the others get NaN."""
     _tsa_triton_nan_check(params, where)
+
+
+# Every layout with partial key blocks (interpreter blocks 16 x 16): frame tiers with a stripe and a
+# sink, VRPR with the mid band's shift M, token bands (their gap inside blocks; alone and on frame
+# tiers), token tiers with and without sink_rope. The NaN/inf goes to keys that some queries of a
+# visited block attend and others do not (_exposed_keys): the keys of partial blocks.
+# (name, frame_tokens, frames, R (RoPE pairs, 0: none), op keyword arguments)
+TSA_PARTIAL_LAYOUTS = [
+    ("frame-stripe-sink", 6, 5, 0, dict(local_frames=1, stripe_frames=3, stripe_width=2, sink_frames=1)),
+    ("vrpr-mid-shift", 4, 9, 4, dict(local_frames=1, stripe_frames=6, stripe_width=2, sink_frames=1,
+                                     vrpr=[1, 3, 1, 2, 4, 2])),
+    ("token-bands", 10, 7, 5, dict(local_frames=7, vrpr=[3, 5, 2, 3, 4, 1], token_bands=[17, 25, 44])),
+    ("token-bands-tiers", 10, 7, 5, dict(local_frames=2, stripe_frames=4, stripe_width=3, sink_frames=1,
+                                         vrpr=[2, 4, 2, 2, 3], token_bands=[9, 13, 31])),
+    ("token-tiers-sink-rope", 10, 7, 5, dict(local_frames=1, stripe_frames=0, stripe_width=2, sink_frames=0,
+                                             token_tiers=[13, 31, 12, 47], sink_rope=[2, 3])),
+    ("token-tiers-plain", 12, 6, 0, dict(local_frames=1, stripe_frames=0, stripe_width=3, sink_frames=0,
+                                         token_tiers=[19, 40, 14, 50])),
+]
+_LAYOUT_IDS = [c[0] for c in TSA_PARTIAL_LAYOUTS]
+
+
+def _exposed_keys(attended, block=16):
+    """Keys j that share a 16 x 16 block pair with an attended pair while a query of that query
+    block does not attend j: the block pair is visited (and partial), j is masked for that query."""
+    S = attended.shape[0]
+    nb = -(-S // block)
+    out = []
+    for j in range(S):
+        for qb in range(nb):
+            rows = attended[qb * block:(qb + 1) * block]
+            kb = slice((j // block) * block, (j // block + 1) * block)
+            if rows[:, kb].any() and not rows[:, j].all():
+                out.append(j)
+                break
+    return out
+
+
+def _tsa_partial_inputs(layout, tensor, value):
+    """q, k, v (1, 2, S, 16) with `value` in `tensor` at two exposed keys (head 0: the whole row,
+    head 1: channel 3 only), the op's arguments, and the attended mask (S, S) of the layout."""
+    from longvideo.reference.tiered_sparse_attention import pair_classes
+
+    _, T, F, R, kw = layout
+    kw = dict(kw)
+    args = (T, kw.pop("local_frames"), kw.pop("stripe_frames", 0), kw.pop("stripe_width", 0), kw.pop("sink_frames", 0))
+    idx = torch.arange(F * T)
+    attended = pair_classes(idx, idx, T, args[1], args[2], args[3], args[4], kw.get("vrpr"), kw.get("token_bands"),
+                            kw.get("token_tiers"))[0]
+    keys = _exposed_keys(attended)
+    assert len(keys) >= 2, "the layout must have partial blocks at the interpreter's block size"
+    torch.manual_seed(11)
+    q, k, v = (torch.randn(1, 2, F * T, 16) for _ in range(3))
+    t = dict(q=q, k=k, v=v)[tensor]
+    t[0, 0, keys[len(keys) // 3]] = value
+    t[0, 1, keys[2 * len(keys) // 3], 3] = value
+    return q, k, v, args, (_freqs(R) if R else None), kw, attended
+
+
+def _tsa_partial_run(q, k, v, args, freqs, kw, **launch):
+    if launch:  # the Triton launcher itself (test-only switches)
+        return tsa_mod.triton_module().tiered_sparse_attention_fwd(q, k, v, *args, None, freqs, **kw, **launch)
+    with ops.use_backend("triton"):
+        return tsa(q, k, v, *args, None, freqs, **kw)
+
+
+def _tsa_rule_nonfinite(q, k, v, attended):
+    """Outputs the rule makes non-finite: out[i] if q[i] or an attended k[j] is NaN; out[i, c] if an
+    attended v[j, c] is NaN or inf. (An inf in k is not covered: its sign decides.)"""
+    att = attended.double()
+    row = q.isnan().any(-1) | ((att @ k.isnan().any(-1).double()[..., None])[..., 0] > 0)
+    return row[..., None] | ((att @ (~torch.isfinite(v)).double()) > 0)
+
+
+_PARTIAL_CASES = [(layout, t, val) for layout in TSA_PARTIAL_LAYOUTS for t, val in (("v", NAN), ("v", INF), ("k", NAN))]
+_PARTIAL_CASES += [(TSA_PARTIAL_LAYOUTS[i], t, val) for i in (0, 3) for t, val in (("v", -INF), ("k", INF))]
+
+
+@pytest.mark.parametrize("layout,tensor,value", _PARTIAL_CASES,
+                         ids=[f"{c[0][0]}-{c[1]}-{c[2]}" for c in _PARTIAL_CASES])
+def test_tiered_triton_nonfinite_follows_rule_in_partial_blocks(layout, tensor, value):
+    """NaN/inf in v or k rows inside partial key blocks, every layout: a query that does not attend
+    the row stays finite and equal to the reference; a query that does gets what the reference
+    gets (NaN where it has NaN; an attended inf in v stays inf or NaN as IEEE p * inf gives)."""
+    q, k, v, args, freqs, kw, attended = _tsa_partial_inputs(layout, tensor, value)
+    out = _tsa_partial_run(q, k, v, args, freqs, kw)
+    ref = tiered_sparse_attention_reference(q, k, v, *args, None, freqs, **kw)
+    bad_rows = (~torch.isfinite(dict(k=k, v=v)[tensor])).any(-1)           # (B, H, S) keys holding NaN/inf
+    reaches = (attended.double() @ bad_rows.double()[..., None])[..., 0] > 0  # (B, H, S): query attends one
+    assert reaches.any() and not reaches.all(), "the case must have queries on both sides"
+    assert torch.isfinite(out[~reaches]).all(), "a NaN/inf row reached a query that does not attend it"
+    _assert_same_nan(out, ref)
+    if tensor == "v" or value != value:
+        assert torch.equal(~torch.isfinite(out), _tsa_rule_nonfinite(q, k, v, attended))
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(out), fin)
+    torch.testing.assert_close(out[fin], ref[fin], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(out[~fin & ~ref.isnan()], ref[~fin & ~ref.isnan()])  # the same signed infs
+
+
+@pytest.mark.parametrize("layout,value", [(c, NAN) for c in TSA_PARTIAL_LAYOUTS] + [(TSA_PARTIAL_LAYOUTS[2], INF)],
+                         ids=[f"{c[0]}-nan" for c in TSA_PARTIAL_LAYOUTS] + [f"{TSA_PARTIAL_LAYOUTS[2][0]}-inf"])
+def test_tiered_triton_without_the_guard_leaks_masked_v(layout, value):
+    """The cases above can fail: the kernel without the masked-value guard (the old p @ v over whole
+    partial blocks) puts NaN where the rule says finite, in every layout."""
+    q, k, v, args, freqs, kw, attended = _tsa_partial_inputs(layout, "v", value)
+    out = _tsa_partial_run(q, k, v, args, freqs, kw, guard_masked_v=False)
+    leaked = out.isnan() & ~_tsa_rule_nonfinite(q, k, v, attended)
+    assert leaked.any(), "the unguarded kernel should leak a masked NaN/inf through 0 * NaN here"
+    guarded = _tsa_partial_run(q, k, v, args, freqs, kw, guard_masked_v=True)
+    assert torch.equal(~torch.isfinite(guarded), _tsa_rule_nonfinite(q, k, v, attended))
+
+
+def test_tiered_triton_nonfinite_v_across_all_blocks():
+    """NaN and +-inf scattered over a tenth of v's elements (full and partial blocks, every tier):
+    the output is non-finite exactly where the rule says, NaN exactly where the reference has NaN,
+    and equal to it elsewhere."""
+    layout = TSA_PARTIAL_LAYOUTS[3]
+    q, k, v, args, freqs, kw, attended = _tsa_partial_inputs(layout, "v", 0.0)
+    g = torch.Generator().manual_seed(5)
+    pick = torch.rand(v.shape, generator=g)
+    v = torch.where(pick < 0.03, NAN, torch.where(pick < 0.06, INF, torch.where(pick < 0.09, -INF, v)))
+    out = _tsa_partial_run(q, k, v, args, freqs, kw)
+    ref = tiered_sparse_attention_reference(q, k, v, *args, None, freqs, **kw)
+    rule = _tsa_rule_nonfinite(q, k, v, attended)
+    assert rule.any() and not rule.all()
+    assert torch.equal(~torch.isfinite(out), rule)
+    _assert_same_nan(out, ref)
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(out[fin], ref[fin], atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("layout", TSA_PARTIAL_LAYOUTS, ids=_LAYOUT_IDS)
+def test_gpu_tiered_triton_nonfinite_v_follows_rule(layout, dtype):
+    """The compiled kernel (its default 128 x 64 tiles: every block of these short sequences is
+    partial) with NaN and inf in v: non-finite exactly where the rule says, NaN where the reference has it."""
+    q, k, v, args, freqs, kw, attended = _tsa_partial_inputs(layout, "v", NAN)
+    v[0, 0, _exposed_keys(attended)[-1]] = INF
+    dev = torch.device("cuda")
+    q, k, v = (x.to(dev, dtype) for x in (q, k, v))
+    freqs = freqs.to(dev) if freqs is not None else None
+    out = _tsa_partial_run(q, k, v, args, freqs, kw).float().cpu()
+    ref = tiered_sparse_attention_reference(q.float(), k.float(), v.float(), *args, None, freqs, **kw).cpu()
+    assert torch.equal(~torch.isfinite(out), _tsa_rule_nonfinite(q.cpu(), k.cpu(), v.cpu(), attended))
+    _assert_same_nan(out, ref)
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(out[fin], ref[fin], atol=2e-2, rtol=2e-2)
 
 
 def _csa_expected_nan(q, k, v, idx, g, window, bk, bv):

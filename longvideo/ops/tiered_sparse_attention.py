@@ -221,10 +221,14 @@ def tiered_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f
     key/value row that query i does not attend never reaches out[i], whatever its values. A NaN in
     q[i] or in an attended k[j] makes the whole row out[i] NaN; a NaN in channel c of an attended
     v[j] makes out[i, c] NaN (an inf there makes it inf or NaN). The reference follows it exactly
-    (where-selection over the attended keys). Known gap: the Triton and CUDA kernels compute
-    p @ v over whole key blocks, so in a *partial* block (tier, sink or band edge inside) a NaN/inf
-    of a masked v row still reaches the queries of that block through p = 0 times NaN
-    (tests/test_op_inputs.py marks it xfail until the kernels zero it); q and k NaN follow the rule.
+    (where-selection over the attended keys), and so does the Triton backend: masked scores are
+    replaced by -inf with a where (a NaN/inf in a masked k row is never summed), and in a *partial*
+    key block (tier, sink or band edge inside) NaN/inf values of v enter p @ v as 0 and the attended
+    ones are added afterwards, so no masked value meets p = 0 (tests/test_op_inputs.py, every layout).
+    Where an attended inf meets a probability that underflowed to 0 the reference gives NaN and the
+    Triton backend inf. The CUDA kernel multiplies whole partial blocks by v: it follows the rule
+    only once its GPU test of this rule passes (until then a NaN/inf of a masked v row there can
+    reach the queries of that block).
     """
     _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, scale,
            rope_t_freqs, vrpr, token_bands, token_tiers, sink_rope)
