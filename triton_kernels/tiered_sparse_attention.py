@@ -201,25 +201,18 @@ def _visit(acc, m_i, l_i, q_r, q_t0, idx_ptr, combo_ptr, e,
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     offs_v = tl.arange(0, DVP)
+    v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
+                mask=n_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
     if PARTIAL and GUARD_V:
         # A partial entry's masked keys have p = 0, and 0 * NaN (or inf) in a masked v row would
         # reach every query of the block through the dot: NaN/inf values enter the dot as 0, and
-        # _nonfinite_fixup_kernel adds the attended ones to the output afterwards.
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
-                    mask=n_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
+        # _nonfinite_fixup_kernel adds the attended ones to the output afterwards. (A full entry
+        # attends every key of its block: its plain product already follows the rule.)
         v = tl.where(_is_nonfinite(v), 0.0, v)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
-        # a full entry attends every key of its block: no p = 0 times a masked value can arise
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v[None, :] * stride_vd,
-                    mask=n_ok[:, None] & (offs_v[None, :] < DV), other=0.0)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
     return acc, m_new, l_i
 
 
@@ -418,10 +411,11 @@ def tiered_sparse_attention_fwd(q, k, v, frame_tokens, local_frames, stripe_fram
     this tile with one combo per entry, and the RoPE tables. The tile (block_m, block_n, num_warps,
     num_stages) defaults to :func:`default_blocks` (the benchmark's tile sweep passes others).
 
-    guard_masked_v: keep NaN/inf of masked v rows out of the output (the op's NaN rule): a prepass
-    (:func:`nonfinite_key_blocks`) flags the key blocks of v holding a NaN/inf, and the partial
-    visits of flagged blocks add their attended keys one by one. False only for tests: the kernel
-    without the guard, where a masked NaN/inf row of a partial block reaches its queries as 0 * NaN."""
+    guard_masked_v: keep NaN/inf of masked v rows out of the output (the op's NaN rule): partial
+    visits feed v's NaN/inf values to p @ v as 0, a prepass (:func:`nonfinite_key_blocks`) flags
+    the key blocks of v holding one, and ``_nonfinite_fixup_kernel`` adds the attended ones to the
+    output. False only for tests: the kernel without the guard, where a masked NaN/inf row of a
+    partial block reaches the block's queries as 0 * NaN."""
     B, H, S, D = q.shape
     DV = v.shape[3]
     F = S // frame_tokens
