@@ -4,6 +4,7 @@ and component, and with ``--fit SIZE`` the fastest settings that fit::
     longvideo plan --method fifo --model wan2.1-t2v-1.3b --height 480 --width 832 --num-frames 241
     longvideo plan --method freeloc --model /ckpt/Wan2.1-T2V-14B-Diffusers --num-frames 161 --fit 24GB
     longvideo plan --method story --model sdxl --dtype float16 --fit 24GiB --json
+    longvideo plan --method freeloc --model wan2.1-t2v-14b --num-frames 161 --context-parallel 4   # per rank
 
 ``--model`` is a known config name (``--list-models``) or a local diffusers checkpoint folder
 (config files only). Exit status 1 when the settings do not fit.
@@ -53,6 +54,10 @@ def add_arguments(parser) -> None:
     g.add_argument("--overlap-frames", type=nonnegative_int, default=8, help="enhance: overlap in video frames")
     g.add_argument("--chunk-batch", type=positive_int, default=None, help="enhance: chunks per transformer call")
     g.add_argument("--latent-only", action="store_true", help="direct/freeloc/story: no VAE decode")
+    g.add_argument("--context-parallel", type=positive_int, default=1, metavar="N",
+                   help="direct/freeloc/fifo/ouroboros on Wan: predict one rank of Ulysses context parallelism over "
+                        "N ranks (torchrun --nproc-per-node N for direct/freeloc; generate's --context-parallel N "
+                        "for fifo/ouroboros windows); --fit is then one rank's GPU")
     g.add_argument("--json", action="store_true", help="print the plan as JSON")
     g.add_argument("--list-models", action="store_true", help="list the known model configs and exit")
 
@@ -74,7 +79,7 @@ def run(args) -> int:
               id_length=args.id_length, read_images=args.read_images, characters=args.characters,
               bank_location=args.bank, bank_budget=args.bank_budget, schedule=args.schedule,
               story_kernel=args.story_kernel, chunk_frames=args.chunk_frames, overlap_frames=args.overlap_frames,
-              chunk_batch=args.chunk_batch, headroom=args.headroom,
+              chunk_batch=args.chunk_batch, headroom=args.headroom, context_parallel=args.context_parallel,
               output_type="latent" if args.latent_only else "np")
     if args.steps:
         kw["num_inference_steps"] = args.steps

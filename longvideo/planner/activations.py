@@ -141,6 +141,7 @@ class WanCall:
     record_maps: bool = False
     maps_frames: int = 0        # frames of the conditional half whose maps are recorded (the window)
     stop_after: Optional[int] = None   # the pass ends right after this block's attn1 (guidance pass)
+    context_parallel: int = 1   # Ulysses over N ranks (longvideo/parallel.py): one rank's share, see wan_call
 
 
 def _rms_norm(sim: Sim, x, e: int, dev: Device, tag: str, input_grad: bool = True):
@@ -260,16 +261,35 @@ def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> Optional[l
 
     ``c.stop_after``: the call ends as block ``stop_after``'s attn1 returns (Ouroboros' guidance
     pass raises there): the locals die, the graph upstream of the recorded keys stays (see
-    :func:`wan_guidance_pass`); returns the tensors that block saved (None otherwise)."""
+    :func:`wan_guidance_pass`); returns the tensors that block saved (None otherwise).
+
+    ``c.context_parallel`` N > 1: what ONE rank of ``longvideo.parallel.enable_context_parallel``
+    over N ranks allocates (Ulysses). The patch embedding and the RoPE tables are whole on every
+    rank (the split takes views); a per-token timestep is split before the condition embedder;
+    block 0's input is a view of the whole patched sequence (alive until block 0 returns); every
+    block holds S/N tokens outside self-attention; self-attention projects S/N tokens, turns q, k, v
+    into all S tokens x H/N heads (per tensor: the send copy, the receive buffer and, for a batch
+    above 1, the reshape copy), runs the attention (dense: ``UlyssesAttnProcessor``, RoPE of all
+    channels through ``apply_rope_channels``; FreeLOC: the op with an H/N-head workspace), and
+    back (send copy, receive buffer, reshape copy); ``proj_out``'s output is gathered to the whole
+    sequence. Diffusers' SDPA processor, FreeLOC's processors; not Ouroboros' processors nor
+    SkyReels-V2's per-frame timesteps (ValueError)."""
     B, e, d, T = c.batch, c.itemsize, a.dim, c.text_len
     S = a.tokens(c.frames, c.height, c.width)
+    n_cp = _check_context_parallel(a, c, S)
+    S_all, S = S, S // n_cp                          # S: the tokens this rank holds between attentions
     X = B * S * d
     token_mod = c.timestep in ("token", "frame")
     sim.where = "embed"
-    rope = [sim.new(S * a.head_dim, F32, "rope") for _ in range(2)]   # (1, S, 1, D) cos, sin
-    conv = sim.new(X, e, "hidden")                                     # patch embedding
-    hidden = sim.new(X, e, "hidden")                                   # .contiguous() copy
+    rope = [sim.new(S_all * a.head_dim, F32, "rope") for _ in range(2)]   # (1, S, 1, D) cos, sin
+    conv = sim.new(B * S_all * d, e, "hidden")                         # patch embedding
+    hidden = sim.new(B * S_all * d, e, "hidden")                       # .contiguous() copy
     sim.free(conv)
+    whole = None
+    if n_cp > 1:      # blocks[0]'s pre-hook passes a view (this rank's slice) of the whole sequence
+        whole, hidden = hidden, sim.external(X, e, "hidden")
+        if e == F32:
+            sim.save(whole)   # the first norm saves its float32 input: the view keeps the whole storage
     mask = None
     if a.skyreels and a.num_frame_per_block > 1 and c.timestep == "frame":
         mask = sim.new(S * S, 1, "attention mask")                     # block-causal (S, S) bool
@@ -325,7 +345,8 @@ def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> Optional[l
         sim.where = f"block {layer} self-attention"
         nh1 = _modulated_norm(sim, h0, X, e, token_mod, "norm")
         downstream = []
-        a1 = _wan_self_attention(sim, a, c, dev, nh1, B, S, layer, modes[layer] if modes else None, downstream)
+        a1 = _wan_self_attention(sim, a, c, dev, nh1, B, S, layer, modes[layer] if modes else None, downstream,
+                                 n_cp)
         if layer == c.stop_after:
             # the forward hook raises as attn1 returns: the graph nodes past the recorded keys (the
             # queries, the attention; this block's modulation, never multiplied by its gate) and
@@ -359,6 +380,8 @@ def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> Optional[l
         h3 = _gated_residual(sim, h2, ff, X, e, True, "hidden")
         sim.free(h2, nh3, a2, ff, mod)                 # the block returns
         sim.free(h0)                                   # the model's loop rebinds hidden_states
+        if layer == 0 and whole is not None:
+            sim.free(whole)                            # the whole patched sequence with it
         hidden = h3
     sim.where = "output"
     ss = sim.new(2 * X, F32, "timestep") if token_mod else None   # (table + temb): float32 (B, S, 2, d)
@@ -366,6 +389,11 @@ def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> Optional[l
     pt, ph, pw = a.patch
     out = _linear(sim, out_n, B * S * a.out_channels * pt * ph * pw, e, "hidden")
     sim.free(out_n)
+    if n_cp > 1:     # proj_out's hook gathers the sequence: movedim(1, 0).contiguous(), the whole output
+        moved = sim.new(out.numel, e, "hidden") if B > 1 else None
+        gathered = sim.new(out.numel * n_cp, e, "hidden")
+        sim.free(moved, out)
+        out = gathered
     final = sim.new(out.numel, e, "hidden")            # unpatchify: permute + flatten copy
     sim.free(out, ss, hidden, temb, tproj, text, mask, *rope)
     sim.free(final)
@@ -423,17 +451,56 @@ def _end_guidance_pass(sim: Sim, before: tuple, at_fwd: tuple, fwd: int, graph: 
     return {"forward": fwd, "graph": graph, "backward": bwd}
 
 
+def _check_context_parallel(a: WanArch, c: WanCall, S: int) -> int:
+    """The rank count of ``c.context_parallel`` after the checks parallel.py makes (and what the
+    walk does not model)."""
+    n = c.context_parallel
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"context_parallel must be a positive number of ranks, got {n!r}")
+    if n == 1:
+        return 1
+    if a.heads % n:
+        raise ValueError(f"context_parallel={n}: the transformer's {a.heads} attention heads are not divisible by it")
+    if S % n:
+        raise ValueError(f"context_parallel={n}: a sequence of {S} tokens is not divisible by it "
+                         "(choose frames / size so that frames x tokens per frame is)")
+    if c.self_attn not in ("sdpa", "freeloc"):
+        raise ValueError(f"context_parallel={n} is modelled for the dense (Ulysses) and FreeLOC processors, "
+                         f"not for self_attn={c.self_attn!r}")
+    if c.timestep == "frame":
+        raise ValueError(f"context_parallel={n} is not modelled for per-frame timesteps (SkyReels-V2)")
+    return n
+
+
+def _all_to_all(sim: Sim, x, B: int, n_cp: int, e: int, tag: str, reshape_copies: bool):
+    """longvideo.parallel's heads_to_sequence / sequence_to_heads on one rank: the contiguous send
+    copy, the receive buffer (both the size of `x`), the send copy dropped as the function returns;
+    the result a view of the receive buffer, or a copy of it when the final reshape cannot view
+    (``reshape_copies``). Returns the result; `x` is not freed."""
+    send = sim.new(x.numel, e, tag)
+    recv = sim.new(x.numel, e, tag)
+    if reshape_copies:
+        out = sim.new(x.numel, e, tag)
+        sim.free(send, recv)
+        return out
+    sim.free(send)
+    return recv
+
+
 def _wan_self_attention(sim: Sim, a: WanArch, c: WanCall, dev: Device, nh, B: int, S: int, layer: int, mode,
-                        downstream: Optional[list] = None):
+                        downstream: Optional[list] = None, n_cp: int = 1):
     """attn1 of one block, processor by processor; returns the to_out output (the processor's
     locals freed as it returns). downstream (Ouroboros' processor): receives the tensors saved
-    for backward that the recorded keys do not depend on (the query path, the attention)."""
+    for backward that the recorded keys do not depend on (the query path, the attention).
+    n_cp > 1: one rank of Ulysses over n_cp ranks (S: this rank's tokens; see :func:`wan_call`)."""
     e = c.itemsize
     H, D = a.heads, a.head_dim
     X = B * S * H * D
     proc = c.self_attn
     if proc == "freeloc" and mode in (None, "none"):
         proc = "sdpa"
+    if n_cp > 1:
+        return _wan_self_attention_ulysses(sim, a, c, dev, nh, B, S, mode, proc, n_cp)
     keep = []
     if proc == "ouroboros":
         m0 = sim.mark()
@@ -498,6 +565,52 @@ def _wan_self_attention(sim: Sim, a: WanArch, c: WanCall, dev: Device, nh, B: in
     if downstream is not None:
         downstream += sim.saved_since(m2)
     sim.free(out, *keep)
+    return proj
+
+
+def _wan_self_attention_ulysses(sim: Sim, a: WanArch, c: WanCall, dev: Device, nh, B: int, S: int, mode,
+                                proc: str, n_cp: int):
+    """attn1 on one rank of Ulysses over n_cp ranks: ``UlyssesAttnProcessor`` (proc "sdpa") or
+    ``WanTieredAttnProcessor`` (proc "freeloc") with the sequence split (longvideo/parallel.py).
+    Every attention tensor -- (B, S/N, H, D) before the all-to-all, (B, S, H/N, D) after -- has
+    X = B * S/N * H * D elements."""
+    e = c.itemsize
+    H, D = a.heads, a.head_dim
+    X = B * S * H * D                                 # S: this rank's S/N tokens
+    S_all, H_here = S * n_cp, H // n_cp
+    ql = _linear(sim, nh, X, e, "attention")          # project_qkv: to_q, to_k, to_v, then the norms
+    kl = _linear(sim, nh, X, e, "attention")
+    vl = _linear(sim, nh, X, e, "attention")
+    ql_n = _rms_norm(sim, ql, e, dev, "attention")
+    kl_n = _rms_norm(sim, kl, e, dev, "attention")
+    sim.free(ql, kl)
+    # full_sequence: (B, S/N, H, D) -> (B, S, H/N, D); the final reshape views the receive buffer
+    # only for a batch of 1
+    q, k, v = (_all_to_all(sim, t, B, n_cp, e, "attention", B > 1) for t in (ql_n, kl_n, vl))
+    sim.free(ql_n, kl_n, vl)                          # the processor rebinds query, key, value
+    if proc == "freeloc":
+        t = a.rope_t_channels
+        qr = _rope_channels(sim, q, B, S_all, H_here, D, t, e, "attention")
+        kr = _rope_channels(sim, k, B, S_all, H_here, D, t, e, "attention")
+        ws = None
+        if dev.kind == "cuda" and dev.tsa_backend == "triton":
+            rp = max(16, 1 << max(0, (t - 1).bit_length()))
+            nv = 5 if mode == "vrpr" or (mode == "tsa" and c.freeloc_semantics == "paper") else (
+                3 if mode == "tsa" else 1)
+            ws = sim.new(2 * nv * B * H_here * S_all * rp, e, "attention workspace")
+        o = _attention_out(sim, qr, kr, v, X, e, "attention")     # (B, H/N, S, D) contiguous
+        sim.free(ws, qr, kr)                                       # `attend` returns
+    else:                  # dense_attention_reference: RoPE on all channels (apply_rope_channels), SDPA
+        qr = _rope_channels(sim, q, B, S_all, H_here, D, 0, e, "attention")
+        kr = _rope_channels(sim, k, B, S_all, H_here, D, 0, e, "attention")
+        o = _attention_out(sim, qr, kr, v, X, e, "attention")
+        sim.free(qr, kr)
+    # local_sequence: (B, S, H/N, D) -> (B, S/N, H, D); the reshape merging the ranks' heads copies
+    # unless B * S/N is 1
+    out = _all_to_all(sim, o, B, n_cp, e, "attention", B * S > 1)
+    sim.free(o)
+    proj = _linear(sim, out, X, e, "attention")                    # to_out[0]
+    sim.free(out, q, k, v)
     return proj
 
 

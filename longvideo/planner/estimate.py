@@ -34,6 +34,14 @@ Settings (``Settings``):
   the default is the model's trained clip) and n (the queue holds 2 n floor(f/2) latent frames).
 * ``chunk_batch`` (enhance): chunks per transformer call (default: all chunks at once).
 
+Context parallelism (``plan(..., context_parallel=N)``, Wan-family direct / freeloc / fifo /
+ouroboros without its processors): the prediction is per rank, for one rank of
+``longvideo.parallel.enable_context_parallel`` over N ranks (``torchrun --nproc-per-node N``
+for direct / freeloc; ``--context-parallel N`` for FIFO's windows). Every rank holds the whole
+weights, latents, queue and VAE decode (every rank runs the pipeline and gets the whole video);
+only the transformer call is split (:func:`longvideo.planner.activations.wan_call`: S/N tokens
+outside self-attention, all S tokens of H/N heads inside it, the all-to-all buffers).
+
 Time: ``Plan.time`` quotes the benchmark records in ``benchmarks/results/*.json`` when one
 matches the case (same method, model shape and size; the FIFO records ran 6 of 30 blocks and are
 scaled by the block count, which the plan says), else None.
@@ -231,7 +239,9 @@ class Plan:
         peak = self.peak_phase
         lines = [f"{self.method} on {self.model}: " + ", ".join(f"{k}={v}" for k, v in self.sizes.items()),
                  f"settings: {self.settings.describe()}",
-                 f"predicted peak: {fb(self.peak_bytes)} in phase '{peak.name}'"
+                 ("predicted peak" + (f" per rank (one of {self.sizes['context_parallel']} context-parallel ranks)"
+                                      if self.sizes.get("context_parallel") else "")
+                  + f": {fb(self.peak_bytes)} in phase '{peak.name}'")
                  + (f" ({peak.where})" if peak.where else "")]
         for ph in self.phases:
             lines.append(f"  phase {ph.name:<22} {fb(ph.nbytes):>12}  (weights {fb(ph.by_kind('weights'))}, "
@@ -350,12 +360,13 @@ def _vae_scale(spec: ModelSpec) -> tuple:
 
 def _wan_call_sim(spec, dtype, device, batch, frames, h, w, timestep, self_attn="sdpa", grad=False, modes=None,
                   feature_layers=(), record_maps=False, name="transformer", text_len=512,
-                  freeloc_semantics="official") -> Sim:
+                  freeloc_semantics="official", context_parallel=1) -> Sim:
     sim = Sim(grad=grad)
     call = A.WanCall(batch=batch, frames=frames, height=h, width=w, text_len=text_len, itemsize=_itemsize(dtype),
                      timestep=timestep, self_attn=self_attn, freeloc_modes=modes,
                      freeloc_semantics=freeloc_semantics, use_op=grad,
-                     feature_layers=tuple(feature_layers), record_maps=record_maps)
+                     feature_layers=tuple(feature_layers), record_maps=record_maps,
+                     context_parallel=context_parallel)
     A.wan_call(sim, _wan_arch(spec, name), call, device)
     return sim
 
@@ -390,7 +401,7 @@ def _wan_sizes(spec, height, width, num_frames):
 
 
 def _direct_phases(spec, dtype, device, st, height, width, num_frames, method, freeloc_layers, trained,
-                   decode=True, semantics="official"):
+                   decode=True, semantics="official", cp=1):
     F, h, w = _wan_sizes(spec, height, width, num_frames)
     e = _itemsize(dtype)
     C = spec.components["transformer"].config.get("in_channels", 16)
@@ -412,12 +423,12 @@ def _direct_phases(spec, dtype, device, st, height, width, num_frames, method, f
     lat = C * F * h * w
     for name in spec.denoisers:
         sim = _wan_call_sim(spec, dtype, device, 1, F, h, w, timestep, self_attn, modes=modes, name=name,
-                            freeloc_semantics=semantics)
+                            freeloc_semantics=semantics, context_parallel=cp)
         parts = _resident_weights(spec, dtype, st.offload, [name])
         parts += [Part("latents, noise predictions", 4 * lat * 4 + lat * e, "state",
                        "latents float32, the cond prediction kept during the uncond call, CFG combination"),
                   Part("prompt embeddings", 2 * 512 * _text_dim(spec) * e, "state")]
-        parts += _sim_parts(sim, f"{name} call (batch 1)")
+        parts += _sim_parts(sim, f"{name} call (batch 1)" + (f", one of {cp} context-parallel ranks" if cp > 1 else ""))
         phases.append(Phase("denoise" if name == "transformer" else f"denoise ({name})", parts, sim.peak_where))
     if decode:
         phases.append(_decode_phase(spec, dtype, st, 1, F, h, w, extra_state=[Part("latents", lat * 4, "state")]))
@@ -434,7 +445,7 @@ def _decode_phase(spec, dtype, st, batch, F, h, w, extra_state=(), images=None):
 
 
 def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, parts_on, trained,
-                 guidance_impl="prefix"):
+                 guidance_impl="prefix", cp=1):
     fam = spec.family
     f = st.frames_per_window or spec.trained_latent_frames or trained or 16
     n = st.num_partitions
@@ -455,7 +466,8 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
         timestep = "frame" if fam == "skyreels" else "token"
         # initial clip: the pipeline on f latent frames, CFG as two batch-1 calls, scalar timesteps
         # (FIFO encodes prompts with encode_prompt's default of 226 tokens and passes the embeddings on)
-        sim0 = _wan_call_sim(spec, dtype, device, 1, f, h, w, "frame" if fam == "skyreels" else "scalar", text_len=226)
+        sim0 = _wan_call_sim(spec, dtype, device, 1, f, h, w, "frame" if fam == "skyreels" else "scalar", text_len=226,
+                             context_parallel=cp)
         keep = ("vae",)
         p0 = _resident_weights(spec, dtype, st.offload, ["transformer"], keep=keep) + _sim_parts(
             sim0, "transformer call (batch 1)")
@@ -463,7 +475,7 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
         feature_layers = tuple(f"blocks.{i}.attn1.processor" for i in range(max(1, arch.num_layers // 4)))
         sim = _wan_call_sim(spec, dtype, device, 2, f, h, w, timestep, "ouroboros" if processors else "sdpa",
                             feature_layers=feature_layers if (ouro and guidance) else (), record_maps=processors,
-                            text_len=226)
+                            text_len=226, context_parallel=cp)
         lat_frame = C * h * w
         state = [Part("FIFO queue + context (float32)", (L + c) * lat_frame * 4, "state"),
                  Part("iteration buffers", (2 * (L + c) + 8 * f) * lat_frame * 4 + 4 * 226 * _text_dim(spec) * e,
@@ -878,12 +890,20 @@ def _phases(method, spec, dtype, device, st, height, width, num_frames, opts):
             raise ValueError(f"method {method!r} needs a Wan-family model, got {spec.family}")
         return _direct_phases(spec, dtype, device, st, height, width, num_frames, method, opts["freeloc_layers"],
                               opts["trained"] or spec.trained_latent_frames or 21, opts["decode"],
-                              opts["freeloc_semantics"])
+                              opts["freeloc_semantics"], opts["context_parallel"])
     if method in ("fifo", "ouroboros"):
         if spec.family not in ("wan", "skyreels", "animatediff"):
             raise ValueError(f"method {method!r} needs a Wan, SkyReels-V2 or AnimateDiff model, got {spec.family}")
+        if opts["context_parallel"] > 1:
+            if spec.family not in ("wan",):
+                raise ValueError(f"context_parallel is modelled for Wan transformers, got {spec.family}")
+            if method == "ouroboros" and (opts["parts"][1] or opts["parts"][2]):
+                raise ValueError("context_parallel is not modelled with Ouroboros' processors (SACFA, guidance): "
+                                 "plan ouroboros with sacfa=False, guidance=False, or without context_parallel")
         return _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, opts["parts"], opts["trained"],
-                            opts["guidance_impl"])
+                            opts["guidance_impl"], opts["context_parallel"])
+    if opts["context_parallel"] > 1:
+        raise ValueError(f"context_parallel is modelled for direct, freeloc, fifo and ouroboros on Wan, not {method!r}")
     if method == "story":
         if spec.family not in ("sd15", "sdxl"):
             raise ValueError(f"method 'story' needs an SD1.5 or SDXL model, got {spec.family}")
@@ -986,7 +1006,8 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
          read_images: int = 2, bank_location: str = "auto", bank_budget=None,
          story_kernel: str = "consistent", chunk_frames: int = 24, overlap_frames: int = 8,
          chunk_batch: Optional[int] = None, output_type: str = "np", headroom: float = 0.05,
-         records=None, guidance_impl: str = "prefix", freeloc_semantics: str = "official") -> Plan:
+         records=None, guidance_impl: str = "prefix", freeloc_semantics: str = "official",
+         context_parallel: int = 1) -> Plan:
     """Predicted peak GPU memory of `method` on `model` (see the module docstring).
 
     method: "direct" (the plain pipeline), "freeloc", "fifo", "ouroboros" (with ``tail``, ``sacfa``,
@@ -1010,6 +1031,10 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
     when its peak is at most (1 - headroom) * gpu_memory (default 5% kept for the CUDA context,
     cuDNN/cuBLAS workspaces and allocator fragmentation, which are not modelled). "24GB" is
     24e9 bytes, "24GiB" 24 * 2**30 (the convention of the id bank's budget option).
+    context_parallel: N ranks of Ulysses context parallelism (longvideo/parallel.py; direct,
+    freeloc, fifo, ouroboros without SACFA/guidance, on Wan): the plan is then per rank (each
+    rank's peak; see the module docstring), and gpu_memory is one rank's GPU. The token count
+    and the head count must be divisible by N. No time is quoted (no record of such a run).
     """
     method = _METHOD_ALIASES.get(str(method).lower(), str(method).lower())
     if method not in METHODS:
@@ -1022,6 +1047,8 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
         raise ValueError(f"bank_location must be 'auto', 'device' or 'cpu', got {bank_location!r}")
     if freeloc_semantics not in ("official", "paper"):
         raise ValueError(f"freeloc_semantics must be 'official' or 'paper', got {freeloc_semantics!r}")
+    if isinstance(context_parallel, bool) or not isinstance(context_parallel, int) or context_parallel < 1:
+        raise ValueError(f"context_parallel must be a positive number of ranks, got {context_parallel!r}")
     spec = load_model_spec(model)
     dt = _DTYPES.get(str(dtype).replace("torch.", "")) if not isinstance(dtype, torch.dtype) else dtype
     if dt is None:
@@ -1044,18 +1071,24 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
                 id_length=id_length, steps=num_inference_steps, sampling_rate=sampling_rate, start_step=start_step,
                 characters=characters, read_images=read_images, gpu_memory=gpu, story_kernel=story_kernel,
                 schedule=schedule, decode=output_type != "latent",
-                chunk_frames=chunk_frames, overlap_frames=overlap_frames, guidance_impl=guidance_impl)
+                chunk_frames=chunk_frames, overlap_frames=overlap_frames, guidance_impl=guidance_impl,
+                context_parallel=context_parallel)
 
     def build(st: Settings) -> Plan:
         phases, sizes = _phases(method, spec, dt, dev, st, height, width, num_frames, opts)
         base_sizes = dict(height=height, width=width, dtype=str(dt).replace("torch.", ""))
         if method != "story":
             base_sizes["frames"] = num_frames
+        if context_parallel > 1:
+            base_sizes["context_parallel"] = context_parallel
         sizes = dict(**base_sizes, **sizes)
         p = Plan(method=method, model=spec.name, settings=st, phases=phases, sizes=sizes, gpu_memory=gpu)
         p.time, p.time_note = _time(method, spec, sizes, height, width, num_frames, dt, (tail, sacfa, guidance), st,
                                     records, id_length, read_images, num_inference_steps, chunk_frames,
                                     overlap_frames, guidance_impl)
+        if context_parallel > 1:
+            p.time, p.time_note = None, (f"no benchmark record of a run with context_parallel={context_parallel}: "
+                                         "no time quoted")
         if p.time is not None and st.offload != "none":
             p.time = replace(p.time, note=p.time.note + f"; measured with everything resident: offload={st.offload} "
                                                         "adds weight transfers not in the record")
