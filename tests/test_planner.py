@@ -973,3 +973,9 @@ def test_cli_hooks_plan_and_fit(capsys):
     assert data["method"] == "story" and data["peak_bytes"] > 0 and data["sizes"]["bank_bytes"] > 0
     args = parser.parse_args(["--method", "ouroboros", "--model", "wan2.1-t2v-14b", "--fit", "24GB"])
     assert run_plan(args) == 1                 # does not fit: exit status 1
+    capsys.readouterr()
+    args = parser.parse_args(["--method", "freeloc", "--model", "wan2.1-t2v-14b", "--num-frames", "161",
+                              "--context-parallel", "4", "--json"])
+    assert run_plan(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["sizes"]["context_parallel"] == 4
