@@ -472,7 +472,7 @@ def _check_context_parallel(a: WanArch, c: WanCall, S: int) -> int:
     return n
 
 
-def _all_to_all(sim: Sim, x, B: int, n_cp: int, e: int, tag: str, reshape_copies: bool):
+def _all_to_all(sim: Sim, x, e: int, tag: str, reshape_copies: bool):
     """longvideo.parallel's heads_to_sequence / sequence_to_heads on one rank: the contiguous send
     copy, the receive buffer (both the size of `x`), the send copy dropped as the function returns;
     the result a view of the receive buffer, or a copy of it when the final reshape cannot view
@@ -586,7 +586,7 @@ def _wan_self_attention_ulysses(sim: Sim, a: WanArch, c: WanCall, dev: Device, n
     sim.free(ql, kl)
     # full_sequence: (B, S/N, H, D) -> (B, S, H/N, D); the final reshape views the receive buffer
     # only for a batch of 1
-    q, k, v = (_all_to_all(sim, t, B, n_cp, e, "attention", B > 1) for t in (ql_n, kl_n, vl))
+    q, k, v = (_all_to_all(sim, t, e, "attention", B > 1) for t in (ql_n, kl_n, vl))
     sim.free(ql_n, kl_n, vl)                          # the processor rebinds query, key, value
     if proc == "freeloc":
         t = a.rope_t_channels
@@ -607,7 +607,7 @@ def _wan_self_attention_ulysses(sim: Sim, a: WanArch, c: WanCall, dev: Device, n
         sim.free(qr, kr)
     # local_sequence: (B, S, H/N, D) -> (B, S/N, H, D); the reshape merging the ranks' heads copies
     # unless B * S/N is 1
-    out = _all_to_all(sim, o, B, n_cp, e, "attention", B * S > 1)
+    out = _all_to_all(sim, o, e, "attention", B * S > 1)
     sim.free(o)
     proj = _linear(sim, out, X, e, "attention")                    # to_out[0]
     sim.free(out, q, k, v)
