@@ -5,6 +5,7 @@ Frames are numpy uint8 arrays (H, W, 3). mp4 encoding uses imageio's ffmpeg plug
 """
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Iterable, Optional, Union
@@ -79,16 +80,12 @@ def _run_ffmpeg(args, what) -> None:
 
     res = subprocess.run([_ffmpeg(), "-y", "-v", "error", *args], capture_output=True, text=True)
     if res.returncode != 0:
-        import errno
-
         code = _errno_of(res.stderr)
         raise OSError(code, os.strerror(code) if code != errno.EIO else
                       f"ffmpeg failed {what}: {' '.join(res.stderr.split())[-300:]}")
 
 
 def _errno_of(text: str) -> int:
-    import errno
-
     low = (text or "").lower()
     if "no space left" in low:
         return errno.ENOSPC
@@ -107,17 +104,85 @@ def count_frames(path) -> int:
 
 
 def _open_encoder(path: Path, fps: float, quality: int, shape):
-    """An imageio-ffmpeg H.264 writer for one segment (a separate function: tests make it fail).
+    """An H.264 encoder for one segment (a separate function: tests make it fail): an
+    :class:`_Encoder` with ``append_data(frame)`` and ``close()``.
 
     No B-frames (``-bf 0``): every frame is coded after the frames it refers to, so the first n
     packets of a segment are exactly its first n frames and a segment can be cut to a prefix by
     copying packets (``-c copy -frames:v n``) without re-encoding."""
-    import imageio
+    return _Encoder(path, fps, quality, shape)
 
-    # macro_block_size=1 keeps odd sizes (the tiny models' 32x32 etc.) without resizing.
-    return imageio.get_writer(str(path), fps=fps, codec="libx264", quality=quality, macro_block_size=1,
-                              pixelformat="yuv420p" if shape[0] % 2 == 0 and shape[1] % 2 == 0 else "yuv444p",
-                              output_params=["-bf", "0"], ffmpeg_log_level="error")
+
+class _Encoder:
+    """imageio-ffmpeg's ffmpeg binary encoding raw RGB frames from a pipe into `path` (the same
+    command line imageio's writer runs: libx264, crf from `quality` 1..10, yuv420p -- yuv444p for
+    odd sizes, which 4:2:0 cannot hold -- no resizing), with what imageio's writer does not do:
+
+    - ffmpeg's messages are captured, not printed (a full disk must be ONE line from the command,
+      not ffmpeg's "Error writing trailer" on the terminal);
+    - ``close()`` waits for ffmpeg and raises OSError (the errno its message names: ENOSPC, EACCES,
+      EROFS, else EIO) when it failed: a file whose trailer could not be written is not a playable
+      segment and must not be counted as one;
+    - a frame the dead encoder cannot take raises the same OSError (not a bare broken pipe).
+
+    ffmpeg runs in its own process group (as imageio starts it) so that the terminal's Ctrl-C
+    reaches only this process, which then closes the segment properly."""
+
+    def __init__(self, path, fps, quality, shape):
+        import subprocess
+        import tempfile
+        from fractions import Fraction
+
+        h, w = int(shape[0]), int(shape[1])
+        self.path = Path(path)
+        self.shape = (h, w)
+        pix_out = "yuv420p" if h % 2 == 0 and w % 2 == 0 else "yuv444p"
+        crf = int((1 - quality / 10.0) * 51)
+        cmd = [_ffmpeg(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}", "-pix_fmt", "rgb24",
+               "-r", str(Fraction(fps).limit_denominator()), "-i", "-", "-an", "-vcodec", "libx264",
+               "-pix_fmt", pix_out, "-crf", str(crf), "-v", "error", "-bf", "0", str(self.path)]
+        # ffmpeg's messages: an unlinked temporary file (a pipe nobody reads could fill and block it)
+        self._log = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._log,
+                                      start_new_session=True)
+
+    def _failure(self, what: str) -> OSError:
+        self._log.seek(0)
+        text = self._log.read().decode(errors="replace")
+        code = _errno_of(text)
+        detail = " ".join(text.split())[-300:]
+        return OSError(code, os.strerror(code) if code != errno.EIO else f"ffmpeg failed {what}: {detail}",
+                       str(self.path))
+
+    def append_data(self, frame) -> None:
+        arr = np.ascontiguousarray(frame, dtype=np.uint8)
+        if arr.shape != (*self.shape, 3):
+            raise ValueError(f"frame of shape {arr.shape}, the video's frames are {(*self.shape, 3)}")
+        try:
+            self._proc.stdin.write(arr.tobytes())
+        except OSError:  # the encoder has gone (a full disk, no permission): say why, in its words
+            self._proc.wait()
+            raise self._failure("encoding") from None
+
+    def close(self) -> None:
+        if self._proc is None:
+            return
+        proc, self._proc = self._proc, None
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            code = proc.wait()
+        except BaseException:  # interrupted while waiting: do not leave ffmpeg behind
+            proc.kill()
+            proc.wait()
+            raise
+        try:
+            if code != 0:
+                raise self._failure("writing the file")
+        finally:
+            self._log.close()
 
 
 class VideoWriter:
@@ -172,7 +237,9 @@ class VideoWriter:
         self._stale = not keep_frames
         self._plan = None            # resume: the old frames kept (applied at the first write)
         self._touched = False        # this writer has written or synced
-        self._failed_kept = None     # what a failed segment write said was kept
+        self._failed_kept = None     # what a failed segment or PNG write said was kept
+        self._png_first = None       # frame index of this writer's first PNG file
+        self._png_count = 0          # PNG files this writer has written completely
         if keep_frames:
             self._keep(keep_frames)
 
@@ -195,12 +262,19 @@ class VideoWriter:
         atomic_write_bytes(self._manifest(), json.dumps(data, indent=1).encode(), kept=self.describe_kept())
 
     def describe_kept(self) -> str:
-        """Where the frames written so far are, in words (for error messages)."""
-        n = self.kept_frames
-        if not n:
-            return "no frames yet"
-        return (f"frames 0..{n - 1} in {len(self.segments)} playable segment file(s) in {self.segments_dir}"
-                f" (listed in order in segments.json)")
+        """Where the frames written so far are, in words (for error messages): the closed
+        segments, and the PNG files when there are any."""
+        n, first = self.kept_frames, self.first_frame_index
+        video = (f"frames {first}..{first + n - 1} in {len(self.segments)} playable segment file(s) in "
+                 f"{self.segments_dir} (listed in order in segments.json)") if n else ""
+        return "; ".join(x for x in (video, self.describe_pngs()) if x) or "no frames yet"
+
+    def describe_pngs(self) -> str:
+        """The PNG files this writer has written, in words ("" when none)."""
+        if not self._png_count:
+            return ""
+        return (f"frames {self._png_first}..{self._png_first + self._png_count - 1} as PNG files in "
+                f"{self.png_dir}")
 
     def _next_segment(self) -> Path:
         return self.segments_dir / f"seg_{len(self.segments):06d}{self.path.suffix or '.mp4'}"
@@ -221,7 +295,8 @@ class VideoWriter:
         except Exception as exc:  # noqa: BLE001 - the encoder reports a full disk as whatever it gets
             self.frames_written = self.kept_frames
             _unlink(path)
-            raise output_error(path, exc, self.describe_kept()) from exc
+            self._failed_kept = self.describe_kept()
+            raise output_error(path, exc, self._failed_kept) from exc
         self.segments.append((path.name, frames))
         self._save_manifest()
 
@@ -266,16 +341,30 @@ class VideoWriter:
                 self._failed_kept = self.describe_kept()
                 raise output_error(path, exc, self._failed_kept) from exc
             self._open_frames += 1
-            if self.png_dir:
-                from PIL import Image
-
-                png = self.png_dir / f"frame_{self.first_frame_index + self.frames_written:06d}.png"
-                try:
-                    self.png_dir.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(frame).save(png)
-                except OSError as exc:
-                    raise output_error(png, exc, self.describe_kept()) from exc
             self.frames_written += 1
+            if self.png_dir:
+                self._write_png(frame, self.first_frame_index + self.frames_written - 1)
+
+    def _write_png(self, frame, index: int) -> None:
+        """``frame_<index>.png``, written to a temporary name and renamed: a full disk or a killed
+        process never leaves a truncated PNG under a frame's name."""
+        from PIL import Image
+
+        from ._io import output_error
+
+        png = self.png_dir / f"frame_{index:06d}.png"
+        tmp = png.with_name(f".{png.name}.tmp")
+        try:
+            self.png_dir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(frame).save(tmp, format="PNG")
+            os.replace(tmp, png)
+        except OSError as exc:
+            _unlink(tmp)
+            self._failed_kept = self.describe_kept()
+            raise output_error(png, exc, self._failed_kept) from exc
+        if self._png_first is None:
+            self._png_first = index
+        self._png_count += 1
 
     def sync(self) -> int:
         """Make every frame written so far durable (the open segment is closed; the next frame
@@ -366,9 +455,14 @@ class VideoWriter:
     def join(self) -> Optional[Path]:
         """Join the closed segments into the output file (packets copied, atomically replaced)
         and remove ``OUT.segments/``; None when there are no frames (no empty file is made)."""
-        from ._io import fsync_dir, fsync_file, output_error
+        from ._io import OutputError, fsync_dir, fsync_file, output_error
 
-        self._close_segment()
+        try:
+            self._close_segment()
+        except OutputError:
+            if not self.segments:  # the only segment could not be finished: no folder of nothing is left
+                _rmtree(self.segments_dir)
+            raise
         if not self.segments:
             if self.segments_dir.exists():
                 _rmtree(self.segments_dir)
@@ -409,9 +503,10 @@ class VideoWriter:
 
         self.close()
         if isinstance(exc, OutputError) and self.joined and exc.kept == self._failed_kept:
-            # a segment could not be written, but the frames before it could still be joined
-            exc.set_kept(f"frames {self.first_frame_index}..{self.first_frame_index + self.frames_written - 1} "
-                         f"in {self.path}")
+            # a segment or a PNG could not be written, but the frames before it could still be joined
+            video = (f"frames {self.first_frame_index}..{self.first_frame_index + self.frames_written - 1} "
+                     f"in {self.path}")
+            exc.set_kept("; ".join(x for x in (video, self.describe_pngs()) if x))
 
 
 def _unlink(path) -> None:

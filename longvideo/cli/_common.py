@@ -231,16 +231,18 @@ def apply_backend(name: Optional[str], device) -> None:
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".avi")  # containers for longvideo.video's libx264 stream
 
 
-def check_folder(folder, option: str = "--out") -> Path:
-    """`folder` exists as a writable folder or can be created (nothing is created here)."""
+def check_folder(folder, option: str = "--out", given=None) -> Path:
+    """`folder` exists as a writable folder or can be created (nothing is created here); the
+    message names `option` with `given` (what the user typed; default `folder`)."""
     folder = Path(folder)
+    given = folder if given is None else given
     probe = folder.absolute()
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise UsageError(f"{option} {folder}: {probe} is a file, not a folder")
+        raise UsageError(f"{option} {given}: {probe} is a file, not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{option} {folder}: the folder {probe} is not writable")
+        raise UsageError(f"{option} {given}: the folder {probe} is not writable")
     return folder
 
 
@@ -255,7 +257,7 @@ def output_file(out, default_name: str, suffixes=None, option: str = "--out") ->
         raise UsageError(f"{option} {path}: a video needs one of the suffixes {' '.join(suffixes)}")
     if path.is_dir():
         raise UsageError(f"{option} {path}: is a folder")
-    check_folder(path.parent, option)
+    check_folder(path.parent, option, given=path)
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"{option} {path}: the file is not writable")
     return path

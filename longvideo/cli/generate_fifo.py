@@ -12,6 +12,7 @@ from ._common import (VIDEO_SUFFIXES, UsageError, backend_setting, check_folder,
                       check_sizes_before_loading, checkpoint_family, first_line, load_pipeline, nonnegative_int,
                       output_file, pipeline_size_multiple, positive_int, print_settings, real, torch_dtype,
                       unit_interval, user_errors)
+from .._io import OutputError
 from ._signals import interrupts_raise
 
 FAMILIES = ("wan", "skyreels", "animatediff", "wan22", "wan22_ti2v")
@@ -159,6 +160,16 @@ def build_from_args(args, pipe):
         return FIFODiffusion(pipe, coherent_tail=args.fifo_coherent_tail, **common)
 
 
+def check_checkpoint_folder(out: Path, ckpt_dir: Path) -> None:
+    """The queue checkpoints' folder next to the video (OUT.fifo_state/) can be written: checked
+    before anything is loaded (an existing folder of another user's run, or a file of that name,
+    would otherwise fail only at the first checkpoint)."""
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+        raise UsageError(f"--out {out}: the checkpoint folder {ckpt_dir} is a file")
+    if ckpt_dir.exists() and not os.access(ckpt_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: the checkpoint folder {ckpt_dir} is not writable")
+
+
 def _saved_frames(ckpt: Path) -> int:
     """Frames a run's checkpoint has emitted (a checkpoint that cannot be read is a UsageError)."""
     import torch
@@ -197,6 +208,8 @@ def run(args) -> int:
     num_frames = args.num_frames or 48
     ckpt_dir = out.with_suffix(".fifo_state")
     every = args.fifo_checkpoint_every
+    if every or args.resume:
+        check_checkpoint_folder(out, ckpt_dir)
     start_frame = 0
     if args.resume:
         start_frame = _saved_frames(ckpt_dir / "fifo_state.pt")
@@ -246,6 +259,13 @@ def run(args) -> int:
             _write(fifo, prompt, num_frames, kwargs, writer, start_frame)
         except ValueError as exc:  # a setting the method refuses, or resume with other settings
             raise UsageError(str(exc)) from exc
+        except OutputError as exc:
+            if exc.path.parent == ckpt_dir and writer.joined:
+                # the checkpoint could not be written; the video was still joined: say what it holds
+                held = (f"frames {writer.first_frame_index}..{writer.first_frame_index + writer.frames_written - 1} "
+                        f"in {writer.path}")
+                exc.set_kept("; ".join(x for x in (exc.kept, held, writer.describe_pngs()) if x))
+            raise
         except KeyboardInterrupt as exc:
             from . import _signals
 
