@@ -24,6 +24,7 @@ far, FIFO's queue state): exit status 130 and 143 (docs/outputs.md).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import traceback
 
@@ -85,7 +86,29 @@ def main(argv=None) -> int:
                 # the consequence of an interrupt (under torchrun: a collective whose peer is gone)
                 return _report(args, exc, f"longvideo: interrupted by {_signals.signal_name()}",
                                _signals.exit_status(exc), traceback_too=False)
+            memory = out_of_memory(exc)
+            if memory:  # sizes the device cannot hold: the user's to change, not a bug
+                return _report(args, exc, f"longvideo: error: out of memory ({memory}); ask for less: "
+                                          "--height / --width / --num-frames, or --fit SIZE", 2)
             raise
+
+
+def out_of_memory(exc: BaseException) -> str:
+    """What ran out, in a few words, when `exc` is an allocation failure (MemoryError, CUDA's
+    OutOfMemoryError, the CPU allocator's "can't allocate memory"); "" otherwise."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, MemoryError):
+        return text[:160] or "the host's memory"
+    if not isinstance(exc, RuntimeError):
+        return ""
+    low = text.lower()
+    if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in low:
+        return "the GPU's memory: " + text.split(".")[0][:160]
+    if "can't allocate memory" in low or "cannot allocate memory" in low:
+        tried = re.search(r"allocate (\d+) bytes", text)
+        return (f"the host's memory: {int(tried.group(1)) / 2**30:.1f} GiB asked for at once" if tried
+                else "the host's memory")
+    return ""
 
 
 def _report(args, exc, line: str, status: int, traceback_too: bool = True) -> int:

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -128,6 +129,62 @@ def real(low: Optional[float] = None, high: Optional[float] = None, *, low_open:
 positive_float = real(0, low_open=True)
 nonnegative_float = real(0)
 unit_interval = real(0, 1)
+_FPS_RANGE = real(0.001, 1000)
+
+
+def frame_rate(text):
+    """argparse type: a video's frame rate, 0.001 .. 1000 frames/s (ffmpeg codes it as a fraction
+    with a bounded denominator: 1e-9 would become 0, 1e300 an overflow, after the whole run)."""
+    return _FPS_RANGE(positive_float(text))
+
+
+frame_rate.__name__ = "frame rate"
+
+def text_prompt(text):
+    """argparse type: a prompt with at least one non-blank character (an empty --prompt would
+    otherwise be replaced by a method's own default prompt, or condition on nothing, silently)."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
+
+
+text_prompt.__name__ = "prompt"
+
+SEED_MAX = 2 ** 64 - 1  # torch.Generator.manual_seed takes 64 bits
+
+
+def seed(text):
+    """argparse type: a random seed, an integer in [0, 2**64 - 1] (what torch.Generator takes;
+    a negative seed would be silently wrapped around)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**64 - 1], got {text}")
+    return value
+
+
+seed.__name__ = "seed"
+
+_SIZE = re.compile(r"\s*((?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*(b|kb|mb|gb|tb|kib|mib|gib|tib|k|m|g|t)\s*",
+                   re.IGNORECASE)
+
+
+def memory_size(text):
+    """argparse type: an amount of memory WITH its unit ("24GB" = 24e9 bytes, "24GiB" = 24 * 2**30,
+    "512MB", "1e9B"), positive and finite; returned as typed (the planner parses it). A bare number
+    is refused: "24" would be 24 bytes, never what is meant."""
+    m = _SIZE.fullmatch(str(text))
+    if m is None:
+        hint = " (bytes? write e.g. 24GB or 24GiB)" if re.fullmatch(r"\s*[\d.e+-]+\s*", str(text)) else ""
+        raise argparse.ArgumentTypeError(f"expected a size with its unit such as 24GB or 80GiB, got {text!r}{hint}")
+    if not (math.isfinite(float(m.group(1))) and float(m.group(1)) > 0):
+        raise argparse.ArgumentTypeError(f"must be positive and finite, got {text!r}")
+    return text
+
+
+memory_size.__name__ = "size"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +198,7 @@ def add_common_generation(p) -> None:
     """--model --prompt --num-frames --height --width --steps --guidance-scale --seed --device
     --dtype --out --fps --backend (each command reads those that apply to it)."""
     p.add_argument("--model", default=None, help="local diffusers checkpoint folder (default: built-in tiny model)")
-    p.add_argument("--prompt", default=DEFAULT_PROMPT, help="text prompt")
+    p.add_argument("--prompt", type=text_prompt, default=DEFAULT_PROMPT, help="text prompt")
     p.add_argument("--num-frames", type=positive_int, default=None,
                    help="video frames to generate (default: per method and model)")
     p.add_argument("--height", type=positive_int, default=None, help="height in pixels (default: per model)")
@@ -149,11 +206,12 @@ def add_common_generation(p) -> None:
     p.add_argument("--steps", type=positive_int, default=None, help="denoising steps (default: per method and model)")
     p.add_argument("--guidance-scale", type=real(), default=None, help="classifier-free guidance scale "
                                                                          "(default: per method and model)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--seed", type=seed, default=0, help="random seed, 0 .. 2**64 - 1")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=DTYPES, help="weights' dtype (default: per method and device)")
     p.add_argument("--out", default=None, help="output file or folder (default: per command)")
-    p.add_argument("--fps", type=positive_float, default=8, help="frames per second of the video written")
+    p.add_argument("--fps", type=frame_rate, default=8, help="frames per second of the video written "
+                                                               "(0.001 .. 1000)")
     p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="kernel backend of the longvideo ops (default: $LONGVIDEO_BACKEND if set, else auto)")
 

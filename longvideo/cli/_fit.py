@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import contextlib
 
-from ._common import UsageError, is_cuda, one_line
+from ._common import UsageError, is_cuda, memory_size, one_line
 
 
 def add_argument(p) -> None:
-    p.add_argument("--fit", default=None, metavar="SIZE",
+    p.add_argument("--fit", type=memory_size, default=None, metavar="SIZE",
                    help="GPU memory to fit, e.g. 24GB (1e9 bytes) or 24GiB: the memory planner chooses offloading, "
                         "VAE tiling, the id bank's location, FIFO's window or chunks per call, and the run uses them "
                         "(see `longvideo plan`)")

@@ -81,16 +81,24 @@ def guided_windows(args):
 
 
 def prompt_schedule(args):
-    """--fifo-prompt-schedule as [(prompt, start frame), ...], else the prompt."""
-    prompt = args.prompt or "a red cat walking in a garden"
+    """--fifo-prompt-schedule as [(prompt, start frame), ...], else the prompt. Checked here, before
+    anything is loaded: start frames from 0, increasing; no empty prompt."""
+    prompt = args.prompt
     if not args.fifo_prompt_schedule:
         return prompt
+    option, given = "--fifo-prompt-schedule", args.fifo_prompt_schedule
     try:
-        return [(text.strip(), int(start)) for start, text in
-                (item.split("=", 1) for item in args.fifo_prompt_schedule.split(";") if item.strip())]
+        schedule = [(text.strip(), int(start)) for start, text in
+                    (item.split("=", 1) for item in given.split(";") if item.strip())]
     except ValueError:
-        raise UsageError(f"--fifo-prompt-schedule: expected 'FRAME=prompt;FRAME=prompt', "
-                         f"got {args.fifo_prompt_schedule!r}") from None
+        raise UsageError(f"{option}: expected 'FRAME=prompt;FRAME=prompt', got {given!r}") from None
+    starts = [start for _, start in schedule]
+    if not schedule or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+        raise UsageError(f"{option}: start frames must begin at 0 and increase, got {starts}")
+    empty = [start for text, start in schedule if not text]
+    if empty:
+        raise UsageError(f"{option}: the prompt from frame {empty[0]} is empty")
+    return schedule
 
 
 def _fit_fifo(args, pipe, method, num_frames) -> None:

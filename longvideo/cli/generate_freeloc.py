@@ -64,6 +64,15 @@ def overrides(args) -> dict:
     return ov
 
 
+def check_frame_count(num_frames: int, temporal: int) -> None:
+    """Wan's causal VAE makes temporal*k + 1 frames; the pipeline would round another count with
+    only a logged warning (the settings line would then show a number that is not made)."""
+    if (num_frames - 1) % temporal:
+        lo = num_frames - (num_frames - 1) % temporal
+        raise UsageError(f"--num-frames {num_frames}: this model makes {temporal}k + 1 frames "
+                         f"(e.g. {max(lo, 1)} or {lo + temporal})")
+
+
 def generation_defaults(args, tiny: bool) -> dict:
     return dict(
         num_frames=args.num_frames or (33 if tiny else 161),
@@ -129,6 +138,7 @@ def run(args) -> int:
     rank, world, args.device = init_from_environment(args.device)  # torchrun: context parallel over `world` ranks
     with _fit.host_loading(args, cuda_dtype="bfloat16"):
         pipe = load_wan(args, f"`longvideo generate --method {args.method}`")
+    check_frame_count(d["num_frames"], int(getattr(pipe, "vae_scale_factor_temporal", None) or 4))
     _fit.choose(args, pipe, args.method, height=d["height"], width=d["width"], num_frames=d["num_frames"],
                 num_inference_steps=d["steps"], trained_frames=args.freeloc_trained_frames or
                 getattr(pipe, "longvideo_trained_latent_frames", None), freeloc_semantics=args.freeloc_semantics)

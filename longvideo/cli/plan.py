@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 
-from ._common import add_common_generation, nonnegative_int, positive_int, real, user_errors
+from ._common import add_common_generation, memory_size, nonnegative_int, positive_int, real, user_errors
 
 HELP = "predicted peak GPU memory by component, settings that fit"
 METHODS = ("direct", "freeloc", "fifo", "ouroboros", "story", "enhance")   # longvideo.planner.METHODS
@@ -27,7 +27,7 @@ def add_arguments(parser) -> None:
     g = parser.add_argument_group("plan")
     g.add_argument("--method", default="fifo", choices=METHODS + ("blending",),
                    help="what to plan (blending = enhance)")
-    g.add_argument("--fit", default=None, metavar="SIZE",
+    g.add_argument("--fit", type=memory_size, default=None, metavar="SIZE",
                    help="GPU memory to fit, e.g. 24GB (1e9 bytes) or 24GiB: choose the fastest settings that fit")
     g.add_argument("--headroom", type=real(0, 1, high_open=True), default=0.05,
                    help="fraction of --fit kept free for what is not modelled (CUDA context, workspaces, "
@@ -46,7 +46,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--read-images", type=nonnegative_int, default=2, help="story: images read alone")
     g.add_argument("--characters", type=nonnegative_int, default=1, help="story: characters with an id bank")
     g.add_argument("--bank", default="auto", choices=["auto", "device", "cpu"], help="story: id bank location")
-    g.add_argument("--bank-budget", default=None, help="story: device budget of the auto bank (default 10%% of --fit)")
+    g.add_argument("--bank-budget", type=memory_size, default=None, metavar="SIZE", help="story: device budget of the auto bank (default 10%% of --fit)")
     g.add_argument("--schedule", default="official_app", help="story: StoryDiffusion schedule")
     g.add_argument("--story-kernel", default="consistent", choices=["consistent", "dense_mask"],
                    help="story: longvideo's consistent_attention, or the official (B*N)^2 dense-mask path")

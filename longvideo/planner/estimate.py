@@ -89,8 +89,8 @@ def parse_bytes(value) -> int:
         out = float(num) * _UNITS[unit]
     except (ValueError, KeyError):
         raise ValueError(f"expected a size such as '24GB' or '80GiB', got {value!r}") from None
-    if out <= 0:
-        raise ValueError(f"a size must be positive, got {value!r}")
+    if not (out > 0 and math.isfinite(out)):
+        raise ValueError(f"a size must be positive and finite, got {value!r}")
     return int(out)
 
 
