@@ -113,6 +113,12 @@ _global_setting: dict[Optional[str], str] = {None: os.environ.get("LONGVIDEO_BAC
 _ctx_setting: contextvars.ContextVar = contextvars.ContextVar("longvideo_backend", default=None)
 
 
+class UnsupportedInput(ValueError, RuntimeError):
+    """The backend asked for (``set_backend`` / ``LONGVIDEO_BACKEND``) cannot take these inputs (a
+    head dim, dtype or stride it has no kernel for): a ValueError about the arguments, and a
+    RuntimeError as it was before it had its own class."""
+
+
 def _check_name(name: str) -> str:
     if name not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
@@ -288,7 +294,7 @@ def select(op: str, device: torch.device, *args, **kwargs) -> Backend:
             raise RuntimeError(f"longvideo.{op}: backend {setting!r} is unavailable: {why}")
         why = be.supports(*args, **kwargs)
         if why:
-            raise RuntimeError(f"longvideo.{op}: backend {setting!r} does not support this input: {why}")
+            raise UnsupportedInput(f"longvideo.{op}: backend {setting!r} does not support this input: {why}")
         return be
     if device.type != "cuda":
         return table["reference"]
