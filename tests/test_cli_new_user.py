@@ -32,6 +32,8 @@ MISTAKES = {
                                "--fifo-prompt-schedule: start frames must begin at 0", True),
     "schedule_empty_prompt": (_gen("--fifo-prompt-schedule", "0=a cat;8="),
                               "--fifo-prompt-schedule: the prompt from frame 8 is empty", True),
+    "subject_blank": (_gen("--method", "ouroboros", "--ouroboros-subject", ","),
+                      "--ouroboros-subject ',': expected comma-separated words, one of them is empty", True),
     "fit_without_unit": (_gen("--fit", "24"), "--fit: expected a size with its unit such as 24GB or 80GiB, got '24' "
                                               "(bytes? write e.g. 24GB or 24GiB)", True),
     "plan_fit_without_unit": (["plan", "--method", "fifo", "--fit", "24"], "--fit: expected a size with its unit", True),

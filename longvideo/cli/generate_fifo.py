@@ -80,6 +80,18 @@ def guided_windows(args):
                          f"got {args.ouroboros_guided_windows!r}") from None
 
 
+def subject_words(args):
+    """--ouroboros-subject as a list of words (None: from the prompt); a blank word is refused here,
+    before loading (the method would refuse it only after the model is loaded)."""
+    if args.ouroboros_subject is None:
+        return None
+    words = [w.strip() for w in args.ouroboros_subject.split(",")]
+    if not all(words):
+        raise UsageError(f"--ouroboros-subject {args.ouroboros_subject!r}: expected comma-separated words, "
+                         "one of them is empty")
+    return words
+
+
 def prompt_schedule(args):
     """--fifo-prompt-schedule as [(prompt, start frame), ...], else the prompt. Checked here, before
     anything is loaded: start frames from 0, increasing; no empty prompt."""
@@ -157,7 +169,7 @@ def build_from_args(args, pipe):
                   timestep_grid=args.fifo_timestep_grid, lookahead_context=args.fifo_lookahead_context)
     with user_errors():
         if method == "ouroboros":
-            subjects = [s.strip() for s in args.ouroboros_subject.split(",")] if args.ouroboros_subject else None
+            subjects = subject_words(args)
             return OuroborosDiffusion(pipe, tail_sampling=not args.ouroboros_no_tail,
                                       sacfa=not args.ouroboros_no_sacfa,
                                       self_recurrent_guidance=not args.ouroboros_no_guidance, subject_words=subjects,
@@ -210,6 +222,7 @@ def run(args) -> int:
     method = getattr(args, "method", "fifo")
     prompt = prompt_schedule(args)
     guided_windows(args)  # checked before anything is loaded
+    subject_words(args)
     out = output_file(args.out, f"{method}.mp4", suffixes=VIDEO_SUFFIXES)
     if args.fifo_png_dir:
         check_folder(args.fifo_png_dir, "--fifo-png-dir")
