@@ -34,6 +34,9 @@ MISTAKES = {
                               "--fifo-prompt-schedule: the prompt from frame 8 is empty", True),
     "subject_blank": (_gen("--method", "ouroboros", "--ouroboros-subject", ","),
                       "--ouroboros-subject ',': expected comma-separated words, one of them is empty", True),
+    "model_empty": (_gen("--model", ""), "--model: must not be empty", True),
+    "enhance_steps_times_strength_below_one": (["enhance", "{d}/afile", "--device", "cpu", "--steps", "1"],
+                                               "--steps 1 with --blend-strength 0.6 runs no denoising step", True),
     "fit_without_unit": (_gen("--fit", "24"), "--fit: expected a size with its unit such as 24GB or 80GiB, got '24' "
                                               "(bytes? write e.g. 24GB or 24GiB)", True),
     "plan_fit_without_unit": (["plan", "--method", "fifo", "--fit", "24"], "--fit: expected a size with its unit", True),

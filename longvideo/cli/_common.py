@@ -140,6 +140,16 @@ def frame_rate(text):
 
 frame_rate.__name__ = "frame rate"
 
+def model_path(text):
+    """argparse type: a non-empty path (an empty --model would silently mean the tiny model)."""
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("must not be empty (leave --model out for the built-in tiny model)")
+    return text
+
+
+model_path.__name__ = "path"
+
+
 def text_prompt(text):
     """argparse type: a prompt with at least one non-blank character (an empty --prompt would
     otherwise be replaced by a method's own default prompt, or condition on nothing, silently)."""
@@ -197,7 +207,8 @@ DEFAULT_PROMPT = "a red panda walking through a bamboo forest, cinematic"
 def add_common_generation(p) -> None:
     """--model --prompt --num-frames --height --width --steps --guidance-scale --seed --device
     --dtype --out --fps --backend (each command reads those that apply to it)."""
-    p.add_argument("--model", default=None, help="local diffusers checkpoint folder (default: built-in tiny model)")
+    p.add_argument("--model", type=model_path, default=None,
+                   help="local diffusers checkpoint folder (default: built-in tiny model)")
     p.add_argument("--prompt", type=text_prompt, default=DEFAULT_PROMPT, help="text prompt")
     p.add_argument("--num-frames", type=positive_int, default=None,
                    help="video frames to generate (default: per method and model)")

@@ -69,6 +69,10 @@ def run(args) -> int:
     tiny = args.model is None
     chunk = args.blend_chunk_frames or (9 if tiny else 24)
     overlap = args.blend_overlap_frames if args.blend_overlap_frames is not None else (4 if tiny else 8)
+    steps = args.steps or (10 if tiny else 50)
+    if int(steps * args.blend_strength) < 1:  # SDEdit denoises the last int(steps * strength) steps
+        raise UsageError(f"--steps {steps} with --blend-strength {args.blend_strength:g} runs no denoising step "
+                         f"(it runs int(steps x strength) = {int(steps * args.blend_strength)}): raise either")
     default_name = src.stem + "_enhanced.mp4"
     out = output_file(args.out or src.with_name(default_name), default_name, suffixes=VIDEO_SUFFIXES)
     family = args.blend_family or (checkpoint_family(args.model, FAMILIES, "`longvideo enhance`") if args.model
@@ -84,7 +88,6 @@ def run(args) -> int:
     check_sizes_before_loading(args, family)
     with _fit.host_loading(args):
         pipe = _load_pipe(args, family)
-    steps = args.steps or (10 if tiny else 50)
     if args.fit:  # the planner's offload / VAE / chunks-per-call choice for this video
         st = _fit.choose(args, pipe, "enhance", height=args.height or frames.shape[1], width=args.width or frames.shape[2],
                          num_frames=len(frames), chunk_frames=chunk, overlap_frames=overlap,
