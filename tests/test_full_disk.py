@@ -105,6 +105,7 @@ def reference(tmp_path_factory):
     return frames
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_checkpoint_then_resume_where_there_is_room(tmp_path, reference):
     """700 KB: the first queue checkpoints fit, a later one does not (the temporary file beside the
     previous checkpoint). The run stops with one line naming the checkpoint and what was kept (the
@@ -145,6 +146,7 @@ def test_full_disk_during_a_checkpoint_then_resume_where_there_is_room(tmp_path,
     assert _leftovers(roomy) == []
 
 
+@pytest.mark.slow
 def test_full_disk_during_the_video_keeps_the_png_frames(tmp_path, reference):
     """40 KB, no checkpoints: the video's one open segment cannot be finished. The line names the
     segment and says what was kept -- the PNG frames written so far, which decode to the
@@ -228,6 +230,7 @@ def test_permission_denied_is_one_line_before_generation(shared_dir, what):
     assert not out.exists() and not list(locked.iterdir())
 
 
+@pytest.mark.slow
 def test_permission_lost_during_the_run_is_one_line_and_keeps_the_frames(shared_dir):
     """The PNG folder becomes unwritable while the run is going (a real EACCES from the kernel, for
     the user nobody): one line naming the PNG file, exit 1, and the video of every frame written
