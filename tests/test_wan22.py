@@ -26,8 +26,7 @@ def embeds(pipe):
 def test_detected_and_refused_where_unsupported(pipe):
     assert isinstance(family_for(pipe, "fifo"), Wan22Family)
     assert type(family_for(wan.tiny_pipeline(), "fifo")) is WanFamily  # Wan 2.1: no boundary_ratio
-    with pytest.raises(ValueError, match="pipe: randomized blending supports"):
-        family_for(pipe, "blending")
+    assert isinstance(family_for(pipe, "blending"), Wan22Family)  # blending: SDEdit on the two experts
     with pytest.raises(ValueError, match="sacfa|SACFA"):
         FIFODiffusion(pipe, num_partitions=2, frames_per_window=4,
                       ouroboros=OuroborosConfig(tail_sampling=True, sacfa=True, self_recurrent_guidance=False))
@@ -170,3 +169,119 @@ def test_fifo_runs_on_both_sides_with_guidance_scale_2(pipe):
     a = fifo("a cat", 5, height=32, width=32, guidance_scale=3.0, guidance_scale_2=3.0).frames[0]
     b = fifo("a cat", 5, height=32, width=32, guidance_scale=3.0, guidance_scale_2=1.5).frames[0]
     assert a.shape == (5, 32, 32, 3) and (a != b).any()
+
+
+# ----------------------------------------------------------------------------------------------
+# Randomized blending (StreamingT2V enhance) on the two experts
+def _smooth_video(frames: int, size: int = 32):
+    import numpy as np
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    return np.stack([np.stack([0.5 + 0.4 * np.sin((xx - 1.5 * f) / 4.0), 0.5 + 0.4 * np.cos((yy + f) / 5.0),
+                               0.5 + 0.3 * np.sin((xx + yy - 2 * f) / 6.0)], -1) for f in range(frames)])
+
+
+BLEND = dict(prompt="a red panda", num_inference_steps=8, guidance_scale=5.0)
+BLEND_STRENGTH = 0.8  # 8 steps from 0.8: timesteps 900 (high-noise expert), 833 .. 301 (low-noise)
+
+
+def _v2v_switched_at_the_boundary(pipe, video, switch: bool = True):
+    """The oracle: diffusers' own WanVideoToVideoPipeline on the two-expert pipeline's components,
+    its `transformer` set before every step to the expert WanPipeline picks for that timestep (a
+    step-end callback sets the next one); `switch=False` keeps the high-noise expert throughout."""
+    import copy
+
+    from diffusers import WanVideoToVideoPipeline
+
+    v2v = WanVideoToVideoPipeline(tokenizer=pipe.tokenizer, text_encoder=pipe.text_encoder, vae=pipe.vae,
+                                  scheduler=copy.deepcopy(pipe.scheduler), transformer=pipe.transformer)
+    v2v.set_progress_bar_config(disable=True)
+    boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+    sched = copy.deepcopy(pipe.scheduler)
+    sched.set_timesteps(BLEND["num_inference_steps"])
+    run = sched.timesteps[BLEND["num_inference_steps"] - int(BLEND["num_inference_steps"] * BLEND_STRENGTH):]
+    assert (run >= boundary).sum() == 1 and (run < boundary).sum() == 5
+
+    def expert(t):
+        return pipe.transformer if (not switch or t >= boundary) else pipe.transformer_2
+
+    def next_expert(p, i, t, kwargs):
+        if i + 1 < len(run):
+            p.transformer = expert(run[i + 1])
+        return {}
+
+    v2v.transformer = expert(run[0])
+    return v2v(video=video[None], height=32, width=32, strength=BLEND_STRENGTH,
+               generator=torch.Generator().manual_seed(3), output_type="np", callback_on_step_end=next_expert,
+               **BLEND).frames[0]
+
+
+def test_blending_one_chunk_equals_v2v_pipeline_with_the_expert_of_each_timestep(pipe):
+    """One chunk (no blending): our SDEdit loop on the two-expert WanPipeline == diffusers'
+    WanVideoToVideoPipeline with its transformer switched at the boundary (atol 1e-5 on [0, 1]
+    frames); the same pipeline kept on the high-noise expert differs (so routing is tested)."""
+    import numpy as np
+
+    from longvideo.methods.blending import RandomizedBlending
+    from longvideo.methods.families import ftfy_fallback
+
+    ftfy_fallback(pipe)
+    video = _smooth_video(9)
+    method = RandomizedBlending(pipe, chunk_frames=64, overlap_frames=8, strength=BLEND_STRENGTH)
+    assert isinstance(method.family, Wan22Family) and method.layout(9).num_chunks == 1
+    ours = method(video, generator=torch.Generator().manual_seed(3), **BLEND).frames[0]
+    ref = _v2v_switched_at_the_boundary(pipe, video)
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
+    one_expert = _v2v_switched_at_the_boundary(pipe, video, switch=False)
+    assert np.abs(one_expert - ref).max() > 1e-3
+
+
+def test_blending_guidance_scale_2_acts_below_the_boundary_only_on_two_experts(pipe):
+    """guidance_scale_2 changes the two-expert result (5 of the 6 steps are low-noise) and equals
+    guidance_scale when left out; on a one-expert Wan pipeline it is refused, naming the argument."""
+    import numpy as np
+
+    from longvideo.methods.blending import RandomizedBlending
+
+    video = _smooth_video(9)
+    method = RandomizedBlending(pipe, chunk_frames=5, overlap_frames=4, strength=BLEND_STRENGTH)
+    assert method.layout(9).num_chunks == 2
+    kw = dict(BLEND, num_inference_steps=8, seed=1)
+    base = method(video, **kw).frames[0]
+    same = method(video, guidance_scale_2=5.0, **kw).frames[0]
+    other = method(video, guidance_scale_2=1.5, **kw).frames[0]
+    np.testing.assert_array_equal(base, same)
+    assert np.abs(other - base).max() > 1e-3
+    with pytest.raises(ValueError, match="guidance_scale_2 applies to two-expert"):
+        RandomizedBlending(wan.tiny_pipeline(kind="v2v"), chunk_frames=9, overlap_frames=4)(
+            video, guidance_scale_2=1.5, **kw)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The tiny two-expert pipeline saved as a local diffusers checkpoint folder."""
+    folder = tmp_path_factory.mktemp("ckpt") / "Wan2.2-T2V-A14B-tiny"
+    wan22.tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+def test_cli_enhance_on_a_wan22_checkpoint(checkpoint, tmp_path, capsys):
+    """`longvideo enhance --model DIR` on a two-expert checkpoint: detected as wan22, both experts
+    loaded, --guidance-scale-2 recorded; on the one-expert tiny Wan it is one line, exit 2."""
+    import json
+
+    from longvideo.cli import main
+    from longvideo.video import write_video
+
+    src = tmp_path / "in.mp4"
+    write_video(src, (_smooth_video(9) * 255).round().astype("uint8"), fps=8)
+    out = tmp_path / "out.mp4"
+    argv = ["enhance", str(src), "--model", str(checkpoint), "--dtype", "float32", "--steps", "4",
+            "--blend-chunk-frames", "5", "--blend-overlap-frames", "4", "--guidance-scale-2", "1.5",
+            "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads(out.with_suffix(".seams.json").read_text())
+    assert report["family"] == "wan22" and report["guidance_scale_2"] == 1.5 and out.exists()
+    assert main(["enhance", str(src), "--steps", "2", "--guidance-scale-2", "1.5", "--device", "cpu",
+                 "--out", str(tmp_path / "o2.mp4")]) == 2
+    assert "guidance_scale_2 applies to two-expert" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from ._common import (VIDEO_SUFFIXES, UsageError, add_common_generation, apply_b
                       check_sizes_before_loading, print_settings)
 
 HELP = "StreamingT2V randomized-blending enhancement"
-FAMILIES = ("wan", "animatediff", "cogvideox")
+FAMILIES = ("wan", "animatediff", "cogvideox", "wan22")
 VARIANTS = ("x0", "xt")                            # longvideo.methods.blending.VARIANTS
 MODES = ("blend", "independent", "shared_noise")   # longvideo.methods.blending.MODES
 
@@ -36,6 +36,8 @@ def add_arguments(p) -> None:
                    help="blend (StreamingT2V) or a baseline: independent chunks, shared noise without blending")
     p.add_argument("--blend-chunk-batch", type=positive_int, default=None,
                    help="chunks per model call (default: all)")
+    p.add_argument("--guidance-scale-2", type=real(0), default=None,
+                   help="Wan 2.2 A14B (wan22): guidance scale of the low-noise expert (default: --guidance-scale)")
     _fit.add_argument(p)
     p.add_argument("--blend-compare", action="store_true",
                    help="also run the two baselines and report their seam metrics (videos OUT.<mode>.mp4)")
@@ -98,7 +100,8 @@ def run(args) -> int:
     modes = [args.blend_mode] + ([m for m in MODES if m != args.blend_mode] if args.blend_compare else [])
     report = {"input": str(args.input), "output": str(out), "family": family, "model": args.model or "tiny",
               "chunk_frames": chunk, "overlap_frames": overlap, "strength": args.blend_strength,
-              "variant": args.blend_variant, "steps": steps, "guidance_scale": guidance, "seed": args.seed,
+              "variant": args.blend_variant, "steps": steps, "guidance_scale": guidance,
+              "guidance_scale_2": args.guidance_scale_2, "seed": args.seed,
               "fps": fps}
     results = {}
     for mode in modes:
@@ -114,7 +117,7 @@ def run(args) -> int:
                                dtype=denoiser.dtype, device=args.device, backend=backend_setting())
             latents = method(frames, prompt=args.prompt, height=args.height, width=args.width,
                              num_inference_steps=steps, guidance_scale=guidance, seed=args.seed, progress=True,
-                             output_type="latent").frames
+                             output_type="latent", guidance_scale_2=args.guidance_scale_2).frames
         path = out if mode == args.blend_mode else out.with_suffix(f".{mode}.mp4")
         # decoded chunk by chunk, each written before the next (longvideo.decode); the frames are
         # also kept for the seam metric

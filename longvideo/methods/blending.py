@@ -54,7 +54,7 @@ starts inside the video begins with a t-frame latent where the model was trained
 latent: the model sees it as an ordinary frame (its temporal positions are relative).
 
 Supported pipelines: diffusers' ``WanVideoToVideoPipeline`` (and ``WanPipeline``, same
-components), ``AnimateDiffVideoToVideoPipeline`` (and ``AnimateDiffPipeline``),
+components; Wan 2.2 A14B's two-expert ``WanPipeline``, each step on the expert of its timestep), ``AnimateDiffVideoToVideoPipeline`` (and ``AnimateDiffPipeline``),
 ``CogVideoXVideoToVideoPipeline``. The pipeline's own ``encode_prompt``, VAE, video processor,
 scheduler class and classifier-free guidance are used (through the family layer,
 ``longvideo.methods.families``); only the denoising loop is ours.
@@ -348,11 +348,12 @@ class RandomizedBlending(ProgressBarMixin):
     def prepare(self, video, prompt: str = "", negative_prompt: Optional[str] = None, height: Optional[int] = None,
                 width: Optional[int] = None, num_inference_steps: int = 50, guidance_scale: float = 5.0,
                 generator: Optional[torch.Generator] = None, seed: Optional[int] = None, eta: float = 0.0,
-                max_sequence_length: Optional[int] = None) -> "_Run":
+                max_sequence_length: Optional[int] = None, guidance_scale_2: Optional[float] = None) -> "_Run":
         """Everything before the first solver step: frames, prompt embeddings, timesteps, the encoded
         video, the noise and the noisy start latents (arguments as in ``__call__``)."""
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        self._set_guidance_scale_2(guidance_scale_2)
         frames = load_frames(video)
         lay = self.layout(frames.shape[0])
         h, w = self._size(frames, height, width)
@@ -400,6 +401,14 @@ class RandomizedBlending(ProgressBarMixin):
                         noises[k:k + 1, :, :o] = fam.draw_noise((1, x0.shape[1], o) + tuple(x0.shape[3:]), generator)
             run.xs = fam.add_noise(scheduler, run.chunks_of(x0), noises, t0)
         return run
+
+    def _set_guidance_scale_2(self, value: Optional[float]) -> None:
+        """The low-noise expert's guidance scale on a two-expert Wan 2.2 pipeline (None: the same
+        as guidance_scale, as WanPipeline); ValueError naming ``guidance_scale_2`` elsewhere."""
+        if getattr(self.family, "two_experts", False):
+            self.family.set_guidance_scale_2(value)
+        elif value is not None:
+            raise ValueError(f"guidance_scale_2 applies to two-expert Wan 2.2 pipelines, not to {self.family.name}")
 
     @torch.no_grad()
     def step(self, run: "_Run", i: int) -> None:
@@ -500,8 +509,8 @@ class RandomizedBlending(ProgressBarMixin):
                  width: Optional[int] = None, num_inference_steps: int = 50, guidance_scale: float = 5.0,
                  generator=None, seed: Optional[int] = None, eta: float = 0.0,
                  max_sequence_length: Optional[int] = None, output_type: str = "np", progress: Optional[bool] = None,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)
-                 ) -> VideoOutput:
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                 guidance_scale_2: Optional[float] = None) -> VideoOutput:
         """Refine `video` (path, frames (F, H, W, 3) uint8/float, tensor or PIL list).
 
         height/width: output size (the video is resized first: the "upscale" of the enhancer);
@@ -515,7 +524,9 @@ class RandomizedBlending(ProgressBarMixin):
         baselines, "chunk_latents" (n, C, chunk, h, w); returned tensors replace them; setting
         ``method._interrupt = True`` skips the remaining steps (the video is decoded from the
         latents reached). `progress`: None follows ``set_progress_bar_config`` (by default the
-        pipeline's setting), True/False force it.
+        pipeline's setting), True/False force it. `guidance_scale_2`: on a two-expert Wan 2.2
+        pipeline, the low-noise expert's guidance scale (None: `guidance_scale`, as WanPipeline);
+        each solver step goes to the expert of its timestep (``families.wan22``).
 
         Returns a :class:`longvideo.methods.outputs.VideoOutput`: ``.frames`` (1, F, H, W, 3)
         float32 in [0, 1] ("np"); (1, F, 3, H, W) tensor ("pt"); [[PIL images]] ("pil");
@@ -527,7 +538,8 @@ class RandomizedBlending(ProgressBarMixin):
             generator = resolve_generator(generator, None)[0]
         run = self.prepare(video, prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
                            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                           generator=generator, seed=seed, eta=eta, max_sequence_length=max_sequence_length)
+                           generator=generator, seed=seed, eta=eta, max_sequence_length=max_sequence_length,
+                           guidance_scale_2=guidance_scale_2)
         n = run.layout.num_chunks
         calls = math.ceil(n / (self.chunk_batch or n))
         self._interrupt = False

@@ -1,6 +1,8 @@
 """Wan 2.2 A14B-shaped pipelines: two experts switched at a boundary timestep.
 
-``tiny_pipeline(kind)`` builds diffusers' `WanPipeline` ("t2v", the only kind so far) with two
+``tiny_pipeline(kind)`` builds diffusers' `WanPipeline` ("t2v"; "v2v" gives the same pipeline: diffusers
+has no two-expert video-to-video pipeline, and randomized blending runs its own SDEdit loop on
+WanPipeline's components, docs/methods.md) with two
 random-weight tiny transformers, offline: ``transformer`` (the high-noise expert) and
 ``transformer_2`` (the low-noise expert), each shaped like the tiny Wan 2.1 transformer of
 ``longvideo.models.wan`` (4 layers, 2 heads of 32 channels, patch (1, 2, 2)) but with different
@@ -22,7 +24,7 @@ import torch
 
 from . import wan
 
-KINDS = ("t2v",)
+KINDS = ("t2v", "v2v")  # "v2v": the same WanPipeline (module docstring)
 TINY_BOUNDARY_RATIO = 0.875  # Wan2.2-T2V-A14B's boundary_ratio (its model_index.json)
 
 

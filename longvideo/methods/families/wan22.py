@@ -19,6 +19,13 @@ its own timestep. ``expert_routing``:
   window call wherever a window straddles the boundary.
 
 A window whose frames are all on one side costs one expert call either way.
+
+Randomized blending (docs/methods.md, "Wan 2.2"). diffusers has no two-expert video-to-video
+pipeline (``WanVideoToVideoPipeline`` has no ``transformer_2``), so blending runs its own SDEdit
+loop on the two-expert ``WanPipeline``'s components: the VAE, video processor and scheduler are Wan
+2.1's (the WanFamily hooks), and every solver step (one timestep for all chunks) goes to the expert
+WanPipeline picks for that timestep, with that expert's guidance scale -- what
+``WanVideoToVideoPipeline`` computes with its transformer switched at the boundary.
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ EXPERT_ROUTINGS = ("split", "select")
 class Wan22Family(WanFamily):
     name = "wan22"
     description = "Wan 2.2 two-expert pipelines (WanPipeline with transformer_2 and boundary_ratio)"
-    supports = frozenset({"fifo"})
+    supports = frozenset({"fifo", "blending"})
     two_experts = True
     expert_routing = "split"   # see the module docstring; "select" is the alternative
 
