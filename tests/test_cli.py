@@ -289,6 +289,7 @@ def test_cli_choices_match_the_library():
     assert (enhance.VARIANTS, enhance.MODES) == (blending.VARIANTS, blending.MODES)
     assert probe.TSA_RULES == probe_method.TSA_RULES
     assert probe.DEFAULT_TSA_FRACTION == probe_method.DEFAULT_TSA_FRACTION
+    assert probe.EXPERTS == probe_method.EXPERTS
     assert (plan.METHODS, plan.OFFLOAD_MODES) == (METHODS, OFFLOAD_MODES)
     assert story.SCHEDULES == SCHEDULES
     assert generate_freeloc.SEMANTICS == freeloc.SEMANTICS

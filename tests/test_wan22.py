@@ -285,3 +285,140 @@ def test_cli_enhance_on_a_wan22_checkpoint(checkpoint, tmp_path, capsys):
     assert main(["enhance", str(src), "--steps", "2", "--guidance-scale-2", "1.5", "--device", "cpu",
                  "--out", str(tmp_path / "o2.mp4")]) == 2
     assert "guidance_scale_2 applies to two-expert" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# FreeLOC on both experts
+def _freeloc_run(pipe, frames=17, steps=4):
+    """WanPipeline's own two-expert sampling (4 steps: 2 on each expert), latents."""
+    with torch.no_grad():
+        return pipe(prompt="a cat", num_frames=frames, height=32, width=32, num_inference_steps=steps,
+                    guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent").frames.float()
+
+
+def _self_attn_processors(tr):
+    return [b.attn1.processor for b in tr.blocks]
+
+
+def test_freeloc_installs_each_experts_own_layer_config_and_removes_both(pipe):
+    from longvideo.methods.freeloc import FreeLOC, FreeLOCConfig, apply_freeloc
+    from longvideo.processors.wan import WanTieredAttnProcessor
+
+    before = [_self_attn_processors(pipe.transformer), _self_attn_processors(pipe.transformer_2)]
+    first, second = ["tsa", "vrpr", "dense", "tsa"], ["dense", "tsa", "vrpr", "vrpr"]
+    with apply_freeloc(pipe, FreeLOCConfig(layer_config=first, layer_config_2=second)) as method:
+        assert method.layer_modes == first and method.layer_modes_2 == second
+        for tr, modes, old in zip((pipe.transformer, pipe.transformer_2), (first, second), before):
+            for proc, mode, orig in zip(_self_attn_processors(tr), modes, old):
+                if mode == "dense":
+                    assert proc is orig
+                else:
+                    assert isinstance(proc, WanTieredAttnProcessor) and proc.mode == mode
+        assert "transformer_2: dense x1, vrpr x2, tsa x1" in method.describe(17)
+    assert [_self_attn_processors(pipe.transformer), _self_attn_processors(pipe.transformer_2)] == before
+    with FreeLOC(pipe, layer_config=first) as method:  # no layer_config_2: the first expert's modes
+        assert method.layer_modes_2 == first
+        assert [getattr(p, "mode", "dense") for p in _self_attn_processors(pipe.transformer_2)] == first
+    with pytest.raises(ValueError, match="layer_config_2"):
+        FreeLOCConfig(layer_config_2=["tsa", "fast", "vrpr", "vrpr"])
+    with pytest.raises(ValueError, match="layer_config_2: WanPipeline has no transformer_2"):
+        FreeLOC(wan.tiny_pipeline(), layer_config_2=second)
+
+
+class _Recorder:
+    """Forward hook keeping every call's inputs and output of a transformer."""
+
+    def __init__(self, tr):
+        self.calls = []
+        self.handle = tr.register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs, out):
+        self.calls.append(({k: v for k, v in kwargs.items() if torch.is_tensor(v)}, out[0].detach().clone()))
+
+
+def test_freeloc_per_expert_config_acts_only_on_that_expert(pipe):
+    """FreeLOC with TSA/VRPR layers on the high-noise expert and every layer of the low-noise expert
+    dense: each call of transformer_2 returns exactly what the plain transformer_2 returns on the
+    same inputs, while transformer's calls differ from the plain transformer's (17 video frames =
+    5 latent frames > 3 trained, so FreeLOC acts). Swapping the two configurations swaps which
+    expert changes."""
+    from longvideo.methods.freeloc import FreeLOC
+
+    active = ["tsa", "vrpr", "tsa", "vrpr"]
+    for config, config_2, changed in ((active, ["dense"] * 4, 0), (["dense"] * 4, active, 1)):
+        recorders = [_Recorder(pipe.transformer), _Recorder(pipe.transformer_2)]
+        try:
+            with FreeLOC(pipe, layer_config=config, layer_config_2=config_2):
+                _freeloc_run(pipe)
+        finally:
+            for r in recorders:
+                r.handle.remove()
+        assert all(len(r.calls) == 2 for r in recorders)  # 4 steps, no CFG: two calls per expert
+        for e, (tr, rec) in enumerate(zip((pipe.transformer, pipe.transformer_2), recorders)):
+            with torch.no_grad():
+                diffs = [(tr(**inputs, return_dict=False)[0] - out).abs().max() for inputs, out in rec.calls]
+            if e == changed:
+                assert min(diffs) > 1e-4, diffs
+            else:
+                assert max(diffs) == 0, diffs
+
+
+def test_freeloc_off_equals_wan_pipeline_with_both_experts(pipe):
+    """Method off == diffusers' WanPipeline (transformer, transformer_2, boundary_ratio 0.875):
+    at the trained length the original processors run (bit-equal); active processors configured
+    to do nothing on both experts (dense tiers, W1 beyond every distance) agree within the
+    reference op's tolerance; an active configuration changes the result."""
+    import longvideo
+    from longvideo.methods.freeloc import FreeLOC
+
+    ref = _freeloc_run(pipe)
+    modes = ["tsa", "vrpr", "tsa", "vrpr"]
+    with FreeLOC(pipe, layer_config=modes, layer_config_2=modes[::-1], trained_frames=5):
+        assert torch.equal(_freeloc_run(pipe), ref)
+    with FreeLOC(pipe, layer_config=modes, layer_config_2=modes[::-1], trained_frames=1, w1=64, w2=64,
+                 local_frames=64):
+        out = _freeloc_run(pipe)
+    atol, rtol = longvideo.ops.get_backend("tiered_sparse_attention", "reference").tolerance(torch.float32)
+    torch.testing.assert_close(out, ref, atol=atol * 100, rtol=rtol * 100)
+    with FreeLOC(pipe, layer_config=modes, layer_config_2=modes[::-1]):
+        assert (_freeloc_run(pipe) - ref).abs().max() > 1e-3
+
+
+def test_probe_measures_each_expert_on_its_own_calls(pipe):
+    """probe_layers(expert=...) measures the chosen expert on the calls WanPipeline makes to it:
+    2 steps of 4 on each side of the boundary; the two experts' sensitivities differ (different
+    weights); a one-expert pipeline refuses transformer_2."""
+    from longvideo.methods.probe import probe_layers
+
+    kw = dict(num_frames=17, height=32, width=32, num_inference_steps=4, guidance_scale=1.0, shifts=(20, -20),
+              window=2)
+    high, low = probe_layers(pipe, **kw), probe_layers(pipe, expert="transformer_2", **kw)
+    assert high.calls == low.calls == 2 and low.settings["expert"] == "transformer_2"
+    assert max(abs(a - b) for a, b in zip(high.context, low.context)) > 1e-4
+    with pytest.raises(ValueError, match="expert: WanPipeline has no transformer_2"):
+        probe_layers(wan.tiny_pipeline(), expert="transformer_2", **kw)
+    with pytest.raises(RuntimeError, match="transformer_2 was never called in 1 steps"):
+        probe_layers(pipe, expert="transformer_2", **dict(kw, num_inference_steps=1))
+
+
+def test_cli_probe_each_expert_then_freeloc_with_both_configs(checkpoint, tmp_path, capsys):
+    """`longvideo probe --probe-expert transformer_2` then `generate --method freeloc
+    --freeloc-layers A --freeloc-layers-2 B` on a saved two-expert checkpoint."""
+    import json
+
+    from longvideo.cli import main
+
+    common = ["--model", str(checkpoint), "--dtype", "float32", "--num-frames", "17", "--height", "32",
+              "--width", "32", "--steps", "4", "--device", "cpu"]
+    paths = {}
+    for expert in ("transformer", "transformer_2"):
+        paths[expert] = tmp_path / f"{expert}.json"
+        assert main(["probe", *common, "--probe-expert", expert, "--probe-trained-frames", "3",
+                     "--out", str(paths[expert])]) == 0, capsys.readouterr().err
+        assert json.loads(paths[expert].read_text())["probe"]["settings"]["expert"] == expert
+    assert "--freeloc-layers-2" in capsys.readouterr().out
+    out = tmp_path / "freeloc.mp4"
+    assert main(["generate", "--method", "freeloc", *common, "--freeloc-trained-frames", "3",
+                 "--freeloc-layers", str(paths["transformer"]), "--freeloc-layers-2", str(paths["transformer_2"]),
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    assert "transformer_2:" in capsys.readouterr().out and out.exists()

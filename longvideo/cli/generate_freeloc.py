@@ -18,6 +18,9 @@ def add_arguments(p) -> None:
     g.add_argument("--freeloc-layers", default=None,
                    help="layer configuration JSON (from `longvideo probe`) or 'wan2.1-1.3b'; default: the published "
                         "list for Wan2.1-1.3B, else VRPR on every layer")
+    g.add_argument("--freeloc-layers-2", default=None,
+                   help="Wan 2.2 A14B: the low-noise expert's (transformer_2) layer configuration JSON (from "
+                        "`longvideo probe --probe-expert transformer_2`); default: the same as --freeloc-layers")
     g.add_argument("--freeloc-semantics", choices=SEMANTICS, default="official",
                    help="'official': the attention layouts of FreeLOC's released code (token-granular bands and "
                         "tiers, the published results); 'paper': the paper's frame-granular rules "
@@ -155,7 +158,7 @@ def run(args) -> int:
                     print(f"context parallel: the sequence split over {world} ranks (Ulysses)")
             if args.method == "freeloc":
                 method = FreeLOC(pipe, layer_config=args.freeloc_layers, trained_frames=args.freeloc_trained_frames,
-                                 semantics=args.freeloc_semantics, **ov)
+                                 semantics=args.freeloc_semantics, layer_config_2=args.freeloc_layers_2, **ov)
                 if rank == 0:
                     print(method.describe(d["num_frames"]))
             timer = StepTimer(args.device)

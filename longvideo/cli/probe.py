@@ -11,6 +11,7 @@ from .generate_freeloc import load_wan
 HELP = "FreeLOC layer probing -> layer configuration JSON"
 TSA_RULES = ("most_sensitive", "least_sensitive")   # longvideo.methods.probe.TSA_RULES
 DEFAULT_TSA_FRACTION = 17 / 30                      # longvideo.methods.probe.DEFAULT_TSA_FRACTION
+EXPERTS = ("transformer", "transformer_2")          # longvideo.methods.probe.EXPERTS
 
 
 def add_arguments(p) -> None:
@@ -28,6 +29,9 @@ def add_arguments(p) -> None:
                    help="non-TSA layers with position sensitivity below this stay dense (default 0: all VRPR)")
     g.add_argument("--probe-tsa-rule", default="most_sensitive", choices=TSA_RULES,
                    help="TSA for the most (the paper's rule) or the least context-sensitive layers")
+    g.add_argument("--probe-expert", default="transformer", choices=EXPERTS,
+                   help="Wan 2.2 A14B: which expert to probe (transformer_2: the low-noise expert, for "
+                        "--freeloc-layers-2)")
     g.add_argument("--probe-trained-frames", type=positive_int, default=None,
                    help="the model's trained length in latent frames (default 21; tiny model 3)")
 
@@ -54,7 +58,8 @@ def run(args) -> int:
             pipe, prompt=args.prompt, num_frames=args.num_frames, height=args.height or (32 if tiny else None),
             width=args.width or (32 if tiny else None), num_inference_steps=args.steps or (2 if tiny else 4),
             guidance_scale=args.guidance_scale if args.guidance_scale is not None else 5.0, seed=args.seed,
-            shifts=shift_list, window=args.probe_window, trained_frames=args.probe_trained_frames, progress=True)
+            shifts=shift_list, window=args.probe_window, trained_frames=args.probe_trained_frames, progress=True,
+            expert=args.probe_expert)
         write_layer_config(path, result, tsa_fraction=args.probe_tsa_fraction,
                            context_threshold=args.probe_context_threshold,
                            position_threshold=args.probe_position_threshold, tsa_rule=args.probe_tsa_rule)
@@ -63,5 +68,6 @@ def run(args) -> int:
     for i, mode in enumerate(config["layers"]):
         print(f"{i:>5} {result.position[i]:>10.4f} {result.context[i]:>10.4f}  {mode}")
     print(config["probe"]["rule"])
-    print(f"wrote {path}  (use: longvideo generate --method freeloc --freeloc-layers {path})")
+    option = "--freeloc-layers-2" if args.probe_expert == "transformer_2" else "--freeloc-layers"
+    print(f"wrote {path}  (use: longvideo generate --method freeloc {option} {path})")
     return 0

@@ -69,6 +69,13 @@ Semantics (``semantics=``; docs/fidelity.md has the measured differences):
   every key in exactly one band, VRPR positions on every TSA tier, the first frame as the sink). Layer configuration: :func:`load_layer_config` (JSON, see there); the default for a
 Wan2.1-1.3B-shaped transformer is the published list (TSA on 17 layers, VRPR on the others);
 other models default to VRPR on every layer until probed (``longvideo probe``).
+
+Wan 2.2 A14B (``transformer`` the high-noise expert, ``transformer_2`` the low-noise expert):
+both experts get FreeLOC's processors, each with its own layer configuration
+(``layer_config`` for ``transformer``, ``layer_config_2`` for ``transformer_2``; None: the first
+expert's modes), since the two experts are separately trained models whose layers need not be
+sensitive in the same places; ``longvideo probe --probe-expert transformer_2`` measures the
+second one (docs/methods.md, FreeLOC).
 """
 from __future__ import annotations
 
@@ -419,6 +426,8 @@ class FreeLOCConfig:
     a list of modes, a dict); None = the pipeline's ``longvideo_freeloc_layers`` if set (the tiny
     model's), else the published list for Wan2.1-1.3B, else VRPR everywhere. A list is checked
     here, a path for existence; layer indices are checked against the model when applied.
+    layer_config_2: the low-noise expert's (``transformer_2``, Wan 2.2 A14B) per-layer modes, in the
+    same forms; None = the modes of `layer_config`. Refused on a pipeline without transformer_2.
     trained_frames: the model's trained length in latent frames (None: the pipeline's
     ``longvideo_trained_latent_frames``, else 21, Wan's).
     w1 w2 g1 g2 clip local_frames stripe_frames stripe_width stripe_fraction sink_frames: explicit
@@ -439,26 +448,33 @@ class FreeLOCConfig:
     stripe_fraction: Optional[float] = None
     sink_frames: Optional[int] = None
     semantics: str = "official"
+    layer_config_2: object = None
 
     def __post_init__(self):
-        layers = self.layer_config
-        if isinstance(layers, list):
-            object.__setattr__(self, "layer_config", tuple(layers))
-            layers = self.layer_config
-        if isinstance(layers, tuple):
-            for i, m in enumerate(layers):
-                _mode(m, f"layer_config[{i}]")
-        elif isinstance(layers, (str, os.PathLike)):
-            if str(layers).lower() not in ("wan2.1-1.3b", "published") and not Path(layers).is_file():
-                raise ValueError(f"FreeLOCConfig.layer_config: file not found: {layers}")
-        elif layers is not None and not isinstance(layers, dict):
-            raise ValueError(f"FreeLOCConfig.layer_config must be None, a path, a list of modes or a dict, got "
-                             f"{type(layers).__name__}")
+        for field_name in ("layer_config", "layer_config_2"):
+            self._check_layers(field_name)
         trained = WAN_TRAINED_LATENT_FRAMES
         if self.trained_frames is not None:
             trained = _check_int("trained_frames", self.trained_frames, 1)
         # the semantics and the override values, on a length where they all apply (ValueError naming the field)
         derive_params(trained + 1, trained, self.semantics, **self.overrides())
+
+    def _check_layers(self, field_name: str) -> None:
+        """A layer configuration field: a list becomes a tuple; modes, file existence and type
+        checked (ValueError naming the field)."""
+        layers = getattr(self, field_name)
+        if isinstance(layers, list):
+            object.__setattr__(self, field_name, tuple(layers))
+            layers = getattr(self, field_name)
+        if isinstance(layers, tuple):
+            for i, m in enumerate(layers):
+                _mode(m, f"{field_name}[{i}]")
+        elif isinstance(layers, (str, os.PathLike)):
+            if str(layers).lower() not in ("wan2.1-1.3b", "published") and not Path(layers).is_file():
+                raise ValueError(f"FreeLOCConfig.{field_name}: file not found: {layers}")
+        elif layers is not None and not isinstance(layers, dict):
+            raise ValueError(f"FreeLOCConfig.{field_name} must be None, a path, a list of modes or a dict, got "
+                             f"{type(layers).__name__}")
 
     def overrides(self) -> dict:
         """The explicit parameter values (the fields of :data:`_OVERRIDES` that are not None)."""
@@ -478,12 +494,13 @@ class FreeLOC(PatchHandle):
     """
 
     def __init__(self, pipe, layer_config=None, trained_frames: Optional[int] = None, semantics: str = "official",
-                 *, config: Optional[FreeLOCConfig] = None, **overrides):
+                 *, config: Optional[FreeLOCConfig] = None, layer_config_2=None, **overrides):
         super().__init__("FreeLOC")
         if isinstance(layer_config, FreeLOCConfig):
             config, layer_config = layer_config, None
         if config is not None:
-            if layer_config is not None or trained_frames is not None or overrides or semantics != "official":
+            if (layer_config is not None or layer_config_2 is not None or trained_frames is not None or overrides
+                    or semantics != "official"):
                 raise ValueError("FreeLOC: give either a FreeLOCConfig or keyword settings, not both")
             if not isinstance(config, FreeLOCConfig):
                 raise ValueError(f"config must be a FreeLOCConfig, got {type(config).__name__}")
@@ -492,7 +509,7 @@ class FreeLOC(PatchHandle):
             if unknown:
                 raise ValueError(f"FreeLOC: unknown parameter(s) {sorted(unknown)}; known: {list(_OVERRIDES)}")
             config = FreeLOCConfig(layer_config=layer_config, trained_frames=trained_frames, semantics=semantics,
-                                   **overrides)
+                                   layer_config_2=layer_config_2, **overrides)
         self.config = config
         self.pipe = pipe
         self.transformers = _transformers(pipe)
@@ -513,17 +530,35 @@ class FreeLOC(PatchHandle):
         self.layer_modes = (default_layer_config(first) if layer_config is None
                             else load_layer_config(list(layer_config) if isinstance(layer_config, tuple)
                                                    else layer_config, num_layers))
+        self.expert_layer_modes = [self.layer_modes] + [self._second_expert_modes(config, tr)
+                                                        for tr in self.transformers[1:]]
+        if len(self.transformers) == 1 and config.layer_config_2 is not None:
+            raise ValueError(f"layer_config_2: {type(pipe).__name__} has no transformer_2 (a second, low-noise "
+                             "expert, as Wan 2.2 A14B); give layer_config only")
         self._params_cache: dict = {}
         self.last_params: Optional[FreeLOCParams] = None
         try:
-            for tr in self.transformers:
-                if len(self_attention_modules(tr)) != num_layers:
-                    raise ValueError("FreeLOC: the pipeline's transformers have different layer counts")
-                patch_tiered_processors(self, tr, [None if m == "dense" else m for m in self.layer_modes],
-                                        self._settings)
+            for tr, modes in zip(self.transformers, self.expert_layer_modes):
+                patch_tiered_processors(self, tr, [None if m == "dense" else m for m in modes], self._settings)
         except BaseException:
             self.remove()
             raise
+
+    @property
+    def layer_modes_2(self) -> Optional[list]:
+        """The low-noise expert's (``transformer_2``) per-layer modes; None without one."""
+        return self.expert_layer_modes[1] if len(self.expert_layer_modes) > 1 else None
+
+    def _second_expert_modes(self, config: FreeLOCConfig, transformer) -> list:
+        """``transformer_2``'s modes: `config.layer_config_2`, else the first expert's."""
+        num_layers = len(self_attention_modules(transformer))
+        layers = config.layer_config_2
+        if layers is None:
+            if num_layers != len(self.layer_modes):
+                raise ValueError("layer_config_2: the pipeline's transformers have different layer counts "
+                                 f"({len(self.layer_modes)} and {num_layers}); give transformer_2 its own list")
+            return list(self.layer_modes)
+        return load_layer_config(list(layers) if isinstance(layers, tuple) else layers, num_layers)
 
     # parameters -----------------------------------------------------------------------------
     def params(self, num_latent_frames: int) -> Optional[FreeLOCParams]:
@@ -565,8 +600,12 @@ class FreeLOC(PatchHandle):
 
     def describe(self, num_video_frames: int) -> str:
         p = self.params_for_video(num_video_frames)
-        counts = {m: self.layer_modes.count(m) for m in MODES}
-        layers = ", ".join(f"{m} x{c}" for m, c in counts.items() if c)
+        def count(modes):
+            return ", ".join(f"{m} x{modes.count(m)}" for m in MODES if modes.count(m))
+
+        layers = count(self.layer_modes)
+        if self.layer_modes_2 is not None:
+            layers = f"transformer: {layers}; transformer_2: {count(self.layer_modes_2)}"
         if p is None:
             return f"FreeLOC: {num_video_frames} frames <= trained length ({self.trained_frames} latent): no-op [{layers}]"
         return (f"FreeLOC: {p.num_frames} latent frames (trained {p.trained_frames}): VRPR W1={p.w1} W2={p.w2} "

@@ -25,6 +25,10 @@ sensitive layers get VRPR, context-sensitive layers VRPR+TSA"; docs/methods.md):
   0: all of them, as in the released list);
 - "dense" for the rest.
 
+Two-expert pipelines (Wan 2.2 A14B): ``expert="transformer_2"`` probes the low-noise expert
+instead of ``transformer``; its layers are measured on the calls WanPipeline makes to it (the
+steps below the boundary timestep), and the JSON is FreeLOC's ``layer_config_2``.
+
 The JSON written by :func:`write_layer_config` is the format ``FreeLOC(layer_config=path)``
 loads (``longvideo.methods.freeloc.load_layer_config``), with the measurements under "probe".
 """
@@ -44,6 +48,7 @@ from .freeloc import (LAYER_CONFIG_FORMAT, OFFICIAL_LOCAL_FRAMES, WAN21_1_3B_TSA
 DEFAULT_SHIFTS = (20.0, -20.0, 40.0, -40.0)
 DEFAULT_TSA_FRACTION = len(WAN21_1_3B_TSA_LAYERS) / 30.0
 TSA_RULES = ("most_sensitive", "least_sensitive")
+EXPERTS = ("transformer", "transformer_2")  # which transformer probe_layers measures
 
 
 @dataclass
@@ -112,13 +117,22 @@ def probe_layers(pipe, prompt: str = "a red panda walking through a bamboo fores
                  num_frames: Optional[int] = None, height: Optional[int] = None, width: Optional[int] = None,
                  num_inference_steps: int = 4, guidance_scale: float = 5.0, seed: int = 0,
                  shifts: Sequence[float] = DEFAULT_SHIFTS, window: Optional[int] = None,
-                 trained_frames: Optional[int] = None, progress: bool = False) -> ProbeResult:
-    """Probe every self-attention layer of the pipeline's (first) transformer during one run.
+                 trained_frames: Optional[int] = None, progress: bool = False,
+                 expert: str = "transformer") -> ProbeResult:
+    """Probe every self-attention layer of one of the pipeline's transformers during one run.
 
     num_frames: video frames of the probing run (default: the trained length, 81 for Wan); window:
     local window in latent frames (default FreeLOC's local tier scaled to the trained length).
+    expert: "transformer" (default) or, on a two-expert pipeline (Wan 2.2 A14B), "transformer_2"
+    (the low-noise expert, called on the steps below the boundary; ValueError naming ``expert``
+    elsewhere, RuntimeError if the run made no call to it).
     """
-    transformer = _transformers(pipe)[0]
+    if expert not in EXPERTS:
+        raise ValueError(f"expert must be one of {EXPERTS}, got {expert!r}")
+    transformers = _transformers(pipe)
+    if expert == "transformer_2" and getattr(pipe, "transformer_2", None) is None:
+        raise ValueError(f"expert: {type(pipe).__name__} has no transformer_2 (a low-noise expert, as Wan 2.2 A14B)")
+    transformer = transformers[EXPERTS.index(expert)]
     if trained_frames is None:
         trained_frames = getattr(pipe, "longvideo_trained_latent_frames", WAN_TRAINED_LATENT_FRAMES)
     trained_frames = _check_int("trained_frames", trained_frames, 1)
@@ -146,14 +160,16 @@ def probe_layers(pipe, prompt: str = "a red panda walking through a bamboo fores
         pipe._progress_bar_config = saved
     calls = len(probes[0].context)
     if calls == 0:
-        raise RuntimeError("probe: the transformer was never called")
+        raise RuntimeError(f"probe: {expert} was never called in {num_inference_steps} steps"
+                           + (" (no step below the boundary timestep: use more steps)"
+                              if expert == "transformer_2" else ""))
     latent = (num_frames - 1) // factor + 1
     name = getattr(getattr(transformer, "config", None), "_name_or_path", "") or type(transformer).__name__
     return ProbeResult(
         position=[sum(p.position) / max(len(p.position), 1) for p in probes],
         context=[sum(p.context) / len(p.context) for p in probes],
         shifts=[float(s) for s in shifts], window=window, num_frames=latent, calls=calls, model=str(name),
-        settings=dict(prompt=prompt, video_frames=num_frames, steps=num_inference_steps,
+        settings=dict(prompt=prompt, video_frames=num_frames, steps=num_inference_steps, expert=expert,
                       guidance_scale=guidance_scale, seed=seed, trained_frames=trained_frames, **kwargs))
 
 
