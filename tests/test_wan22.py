@@ -27,9 +27,9 @@ def test_detected_and_refused_where_unsupported(pipe):
     assert isinstance(family_for(pipe, "fifo"), Wan22Family)
     assert type(family_for(wan.tiny_pipeline(), "fifo")) is WanFamily  # Wan 2.1: no boundary_ratio
     assert isinstance(family_for(pipe, "blending"), Wan22Family)  # blending: SDEdit on the two experts
-    with pytest.raises(ValueError, match="sacfa|SACFA"):
-        FIFODiffusion(pipe, num_partitions=2, frames_per_window=4,
-                      ouroboros=OuroborosConfig(tail_sampling=True, sacfa=True, self_recurrent_guidance=False))
+    # SACFA and self-recurrent guidance run on two experts (tests below)
+    FIFODiffusion(pipe, num_partitions=2, frames_per_window=4,
+                  ouroboros=OuroborosConfig(tail_sampling=True, sacfa=True, self_recurrent_guidance=True))
     with pytest.raises(ValueError, match="guidance_scale_2"):
         next(FIFODiffusion(wan.tiny_pipeline(), num_partitions=1, frames_per_window=2).generate(
             "a cat", 1, height=32, width=32, guidance_scale_2=2.0))
@@ -422,3 +422,177 @@ def test_cli_probe_each_expert_then_freeloc_with_both_configs(checkpoint, tmp_pa
                  "--freeloc-layers", str(paths["transformer"]), "--freeloc-layers-2", str(paths["transformer_2"]),
                  "--out", str(out)]) == 0, capsys.readouterr().err
     assert "transformer_2:" in capsys.readouterr().out and out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Ouroboros (SACFA, self-recurrent guidance) on the two experts
+PROMPT = "a red cat runs in a garden"
+
+
+def _state_after(method, iterations):
+    """The queue state after `iterations` iterations (no warm-up skipped: frames from the start)."""
+    g = method.generate(PROMPT, 10 ** 6, guidance_scale=3.0, guidance_scale_2=2.0, seed=11)
+    try:
+        while True:
+            next(g)
+            state = g.gi_frame.f_locals["state"]
+            if state.iteration >= iterations:
+                return state
+    finally:
+        g.close()
+
+
+def test_subject_bank_keeps_one_part_per_expert():
+    """experts=2: each expert's part is a one-expert bank of its own (pack, unpack, validity, the
+    moving average), the other part untouched; experts=1 is the one-expert layout itself."""
+    from longvideo.methods.fifo_ouroboros import SubjectBank
+
+    one, two = SubjectBank(["l"], [(2, 3)]), SubjectBank(["l"], [(2, 3)], experts=2)
+    a, b, c = (torch.randn(2, 3, generator=torch.Generator().manual_seed(k)) for k in range(3))
+    assert (one.numel, two.numel) == (7, 14)
+    flat = two.ema(None, two.pack({"l": a}, 1), 0.9)           # expert 1 first: expert 0 still empty
+    assert not two.valid_for(flat, 0) and two.valid_for(flat, 1)
+    torch.testing.assert_close(two.part(flat, 1), one.pack({"l": a}), rtol=0, atol=0)
+    flat = two.ema(flat, two.pack({"l": b}, 0), 0.9)            # expert 0's first features: taken as they are
+    torch.testing.assert_close(two.unpack(flat, 0)["l"], b, rtol=0, atol=0)
+    flat = two.ema(flat, two.pack({"l": c}, 1), 0.9)            # expert 1 averaged, expert 0 kept
+    expected = one.ema(one.pack({"l": a}), one.pack({"l": c}), 0.9)
+    torch.testing.assert_close(two.part(flat, 1), expected, rtol=0, atol=0)
+    torch.testing.assert_close(two.unpack(flat, 0)["l"], b, rtol=0, atol=0)
+    assert two.ema(flat, torch.zeros(14), 0.9) is flat        # nothing new: the bank as it was
+
+
+QUEUE = dict(num_partitions=2, frames_per_window=4, skip_warmup=False)  # L = 8, 4 windows of 4
+
+
+@pytest.mark.parametrize("routing", ["split", "select"])
+def test_ouroboros_guidance_off_equals_fifo_and_on_moves_the_low_noise_frames(pipe, routing):
+    """Both experts' processors installed, SACFA on, self-recurrent guidance on every window with
+    scale 0: the queue after 3 iterations equals FIFO's (the same routing) within 1e-5 (the
+    processors' attention vs diffusers'); the subject maps cover the high-noise expert's slots
+    too; the bank holds the low-noise expert's features only (the bank's frame is nearly clean).
+    Scale 1 moves the queue (split)."""
+    from longvideo.methods.fifo import OuroborosDiffusion
+
+    def make(cls, **kw):
+        method = cls(pipe, **QUEUE, **kw)
+        method.family.expert_routing = routing
+        return method
+
+    plain = _state_after(make(FIFODiffusion), 3)
+    options = dict(tail_sampling=False, guided_windows=(0, 1, 2, 3))
+    off = make(OuroborosDiffusion, guidance_scale=0.0, **options)
+    state = _state_after(off, 3)
+    torch.testing.assert_close(state.queue, plain.queue, rtol=1e-4, atol=1e-5)
+    high = (off.levels("cpu").t_model[1:] >= 875).nonzero().squeeze(1)  # slots of the high-noise expert
+    assert high.numel() == 3 and (state.maps[off.context_len + high[:-1]].flatten(1).amax(1) > 0).all()
+    assert not off._bank.valid_for(state.bank, 0) and off._bank.valid_for(state.bank, 1)
+    if routing == "split":
+        on = _state_after(make(OuroborosDiffusion, guidance_scale=1.0, **options), 3)
+        assert (on.queue - plain.queue).abs().max() > 1e-4
+
+
+def _oracle_expert_window(pipe, expert, x, t_frames, masks, written, bank, layers, subject_ids, pos, neg, scale):
+    """One expert's Ouroboros call on its own frames, written here from the one-model pieces: the
+    processors on that expert alone with a fresh context; output = its CFG call (cond, uncond);
+    maps as recorded; gradient of the bank loss over the `written` rows through the WHOLE
+    conditional call (no early stop)."""
+    from longvideo.methods.fifo_ouroboros import frame_features
+    from longvideo.processors.ouroboros import OuroborosContext, apply_ouroboros_processors
+
+    tr = (pipe.transformer, pipe.transformer_2)[expert]
+    ctx = OuroborosContext(tuple(x.shape[-2:]))
+    with apply_ouroboros_processors(tr, ctx):
+        ctx.begin(frames=x.shape[2], masks=masks, sacfa=True, use_op=True, record_maps=True)
+        ctx.subject_ids = subject_ids
+        with torch.no_grad():
+            out = _guided(tr, x, t_frames, pos, neg, scale)
+        maps = ctx.maps()
+        ctx.begin(frames=x.shape[2], masks=masks, sacfa=True, use_op=True, record_maps=False, feature_layers=layers)
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            tokens = (x.shape[3] // 2) * (x.shape[4] // 2)
+            tr(hidden_states=xg, timestep=t_frames.repeat_interleave(tokens)[None], encoder_hidden_states=pos,
+               return_dict=False)
+            loss = 0
+            for name in layers:
+                keys, tm = ctx.features[name][written], ctx.layer_masks(ctx.features[name].shape[2])[written]
+                ok = tm.any(1)
+                loss = loss + ((frame_features(keys, tm)[ok] - bank[name]) ** 2).mean()
+            grad = torch.autograd.grad(loss, xg)[0]
+        ctx.end()
+    return out, maps, grad
+
+
+@pytest.fixture(scope="module")
+def window_across_the_boundary(pipe):
+    """Ouroboros' window 2 (levels 3..6) after 2 iterations, guided, both experts' banks set to
+    random features: what the method computes (run once for the tests below)."""
+    from longvideo.methods.fifo import OuroborosDiffusion
+    from longvideo.methods.fifo_ouroboros import subject_token_positions, subject_words_from_prompt
+
+    o = OuroborosDiffusion(pipe, **QUEUE, tail_sampling=False, guided_windows=(2,), guidance_scale=1.0)
+    state = _state_after(o, 2)
+    assert state.maps is not None
+    restore = o._install(tuple(state.queue.shape[-2:]))
+    try:
+        o.family.set_guidance_scale_2(2.0)
+        gen = torch.Generator().manual_seed(5)
+        banks = [{n: torch.randn(h, d, generator=gen) for n, (h, d) in zip(o._bank.layers, o._bank.shapes)}
+                 for _ in range(2)]
+        state.bank = o._bank.pack(banks[0], 0) + o._bank.pack(banks[1], 1)
+        lv = o.levels("cpu")
+        i, f, w, c = 2, o.f, o.stride, o.context_len
+        s = i * w
+        full = torch.cat([state.context, state.queue], dim=2)
+        k_full = torch.cat([torch.full((c,), o.context_level, dtype=torch.long), torch.arange(1, o.L + 1)])
+        xw, kw = full[:, :, s: s + f], k_full[s: s + f]
+        pos, neg = (e.float() for e in pipe.encode_prompt(PROMPT, "", True, 1, device="cpu")[:2])
+        ids = subject_token_positions(pipe.tokenizer, PROMPT, subject_words_from_prompt(PROMPT))
+        with torch.no_grad():
+            out, grad, maps, _ = o._ouroboros_window(i, s, xw, kw, lv, pos, neg, 3.0, state, ids)
+    finally:
+        restore()
+    return dict(xw=xw, t=lv.t_model[kw], a=f - w, masks=state.maps[s: s + f] > o.ouro.mask_threshold, banks=banks,
+                layers=o._feature_layers, ids=ids, pos=pos, neg=neg, out=out, grad=grad, maps=maps)
+
+
+@pytest.mark.parametrize("oracle_experts", ["right", "swapped"])
+def test_ouroboros_window_across_the_boundary_each_expert_as_its_own_window(pipe, window_across_the_boundary,
+                                                                           oracle_experts):
+    """Window 2 (levels 3..6: three frames below the boundary, one above; it writes levels 5 and
+    6, one per expert), guided, both experts' banks set: every frame's output, subject map and
+    guidance gradient equal the one-expert oracle run on the frames of that frame's expert with
+    that expert (rtol 1e-4, atol 1e-5); the oracle with the experts swapped must differ."""
+    r = window_across_the_boundary
+    expert_of = (r["t"] < 875).long()
+    assert expert_of.tolist() == [1, 1, 1, 0] and r["a"] == 2 and r["masks"].any()
+    for e in (0, 1):
+        frames = (expert_of == e).nonzero().squeeze(1)
+        written = (frames >= r["a"]).nonzero().squeeze(1)
+        model = e if oracle_experts == "right" else 1 - e
+        ref_out, ref_maps, ref_grad = _oracle_expert_window(
+            pipe, model, r["xw"][:, :, frames], r["t"][frames], r["masks"][frames], written, r["banks"][e],
+            r["layers"], r["ids"], r["pos"], r["neg"], 3.0 if e == 0 else 2.0)
+        got = (r["out"][:, :, frames], r["maps"][frames], r["grad"][:, :, frames])
+        assert got[2][:, :, written].abs().max() > 0  # guidance acts on the frames each expert writes
+        if oracle_experts == "right":
+            for g, ref in zip(got, (ref_out, ref_maps, ref_grad)):
+                torch.testing.assert_close(g, ref, rtol=1e-4, atol=1e-5)
+        else:
+            assert (got[0] - ref_out).abs().max() > 1e-3
+
+
+def test_cli_ouroboros_on_a_wan22_checkpoint(checkpoint, tmp_path, capsys):
+    """`longvideo generate --method ouroboros` on a saved two-expert checkpoint: every part on
+    (tail, SACFA, self-recurrent guidance on windows 1 and 2), --guidance-scale-2, writes the video."""
+    from longvideo.cli import main
+    from longvideo.video import read_video
+
+    out = tmp_path / "ouroboros.mp4"
+    argv = ["generate", "--method", "ouroboros", "--model", str(checkpoint), "--dtype", "float32",
+            "--prompt", PROMPT, "--num-frames", "5", "--height", "32", "--width", "32", "--fifo-partitions", "2",
+            "--fifo-window", "4", "--fifo-emit-warmup", "--fifo-init-steps", "2", "--guidance-scale-2", "1.5",
+            "--ouroboros-guided-windows", "1,2", "--device", "cpu", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert read_video(out).shape == (5, 32, 32, 3)

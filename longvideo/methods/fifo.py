@@ -243,9 +243,6 @@ class FIFODiffusion(ProgressBarMixin):
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         self.eta = float(eta)
-        if self.ouro is not None and self.ouro.needs_processors and getattr(self.family, "two_experts", False):
-            raise ValueError("ouroboros: SACFA and self-recurrent guidance are not supported on two-expert Wan 2.2 "
-                             "pipelines yet (their processors assume one denoiser per window); tail_sampling is")
         self._ctx = None
         self._interrupt = False
 
@@ -383,7 +380,7 @@ class FIFODiffusion(ProgressBarMixin):
     # ------------------------------------------------------------------------------------------
     # Ouroboros: one window with SACFA masks, map recording, bank features and guidance
     def _ouroboros_window(self, i, s, xw, kw, lv, emb, neg, guidance_scale, state, subject_ids):
-        ouro, ctx, f, w = self.ouro, self._ctx, self.f, self.stride
+        ouro, f, w = self.ouro, self.f, self.stride
         a = f - w
         masks = None
         if state.maps is not None:
@@ -391,8 +388,64 @@ class FIFODiffusion(ProgressBarMixin):
             masks = m if bool(m.any()) else None
         srg = ouro.self_recurrent_guidance
         bank_window = srg and i == 0
-        guided = (srg and masks is not None and SubjectBank.valid(state.bank)
-                  and i in self.guided_windows)
+        guided = srg and masks is not None and i in self.guided_windows
+        nb = min(ouro.bank_frames, w)
+        if not getattr(self.family, "two_experts", False):
+            return self._ouroboros_call(None, xw, kw, lv, emb, neg, guidance_scale, state, subject_ids, masks,
+                                        a, slice(a, a + nb), bank_window, guided)
+        return self._ouroboros_experts(xw, kw, lv, emb, neg, guidance_scale, state, subject_ids, masks, a, nb,
+                                       bank_window, guided)
+
+    def _ouroboros_experts(self, xw, kw, lv, emb, neg, guidance_scale, state, subject_ids, masks, a, nb,
+                           bank_window, guided):
+        """One window on a two-expert pipeline (Wan 2.2 A14B; docs/methods.md, "Wan 2.2"): the
+        window's expert calls (``family.expert_calls``: split sub-windows or, with "select", the
+        whole window per expert) each run as a one-expert Ouroboros window of their own frames --
+        that expert's processors record the subject maps and features of the frames it is given,
+        its self-recurrent guidance compares them with that expert's bank and its gradient flows
+        through that expert only -- and every frame takes the output, map and bank features of the
+        call that owns it; the gradient is the sum over calls (w.r.t. the window's input)."""
+        calls = self.family.expert_calls(lv.t_model[kw])
+        out = grad = maps = feats = None
+        for expert, inputs, owned in calls:
+            at = {j: p for p, j in enumerate(inputs.tolist())}
+            own_pos = torch.tensor([at[j] for j in owned.tolist()], dtype=torch.long)
+            written = own_pos[owned >= a]                    # call rows of the frames this window writes
+            banked = own_pos[(owned >= a) & (owned < a + nb)]  # ... and of the bank's frames (window 0)
+            dev = xw.device
+            y, g, m, fe = self._ouroboros_call(
+                expert, xw.index_select(2, inputs.to(dev)), kw[inputs.to(kw.device)], lv, emb, neg, guidance_scale,
+                state, subject_ids, None if masks is None else masks[inputs.to(masks.device)], written.to(dev),
+                banked.to(dev), bank_window, guided and written.numel() > 0)
+            if out is None:
+                out = y.new_empty(y.shape[:2] + xw.shape[2:])
+            out[:, :, owned.to(out.device)] = y[:, :, own_pos.to(y.device)]
+            if g is not None:
+                grad = torch.zeros_like(g.new_empty(g.shape[:2] + xw.shape[2:])) if grad is None else grad
+                grad[:, :, inputs.to(grad.device)] += g
+            if m is not None:
+                maps = m.new_zeros((xw.shape[2],) + m.shape[1:]) if maps is None else maps
+                maps[owned.to(maps.device)] = m[own_pos.to(m.device)]
+            if fe is not None:
+                feats = fe if feats is None else feats + fe  # disjoint parts of the bank
+        return out, grad, maps, feats
+
+    def _call_denoiser(self, expert, x, t, emb, neg, guidance_scale):
+        """The guided model output of the window's model (`expert` None) or of one expert."""
+        if expert is None:
+            return self._model(x, t, emb, neg, guidance_scale)
+        return self.family.expert_output(expert, x, t, emb, neg, guidance_scale)
+
+    def _ouroboros_call(self, expert, xw, kw, lv, emb, neg, guidance_scale, state, subject_ids, masks, written,
+                        banked, bank_window, guided):
+        """One model call with Ouroboros' processors: (output, guidance gradient or None, subject
+        maps (F, h, w) or None, bank features or None) for the frames `xw` (B, C, F, h, w) at levels
+        `kw`. `expert`: None (the family's model) or the index of a two-expert pipeline's expert.
+        `written`: the rows the loss of the guidance reads (an int a: rows a:, or an index tensor);
+        `banked`: the rows whose features fill the bank (a slice or an index tensor)."""
+        ouro, ctx = self.ouro, self._ctx
+        f = xw.shape[2]
+        guided = guided and self._bank.valid_for(state.bank, expert or 0)
         layers = self._feature_layers if (guided or bank_window) else ()
         ctx.begin(frames=f, masks=masks, sacfa=ouro.sacfa, use_op=guided, record_maps=True, feature_layers=layers,
                   sacfa_tokens=ouro.sacfa_tokens)
@@ -400,19 +453,19 @@ class FIFODiffusion(ProgressBarMixin):
         grad = feats = None
         try:
             if guided:
-                grad = self._guidance_gradient(xw, kw, lv, emb, state, a)
+                grad = (self._guidance_gradient(xw, kw, lv, emb, state, written) if expert is None else
+                        self._guidance_gradient(xw, kw, lv, emb, state, written, expert=expert))
                 # the window's output: the whole model without autograd, as every other window
                 ctx.begin(frames=f, masks=masks, sacfa=ouro.sacfa, use_op=guided, record_maps=True,
                           feature_layers=layers, sacfa_tokens=ouro.sacfa_tokens)
                 ctx.subject_ids = subject_ids
-            out = self._model(xw, lv.t_model[kw], emb, neg, guidance_scale)
+            out = self._call_denoiser(expert, xw, lv.t_model[kw], emb, neg, guidance_scale)
             maps = ctx.maps()
             if bank_window and masks is not None:
-                nb = min(ouro.bank_frames, w)
                 sel = {}
                 for name in self._feature_layers:
-                    keys = ctx.features[name][a: a + nb].detach()
-                    tm = ctx.layer_masks(keys.shape[2])[a: a + nb]
+                    keys = ctx.features[name][banked].detach()
+                    tm = ctx.layer_masks(keys.shape[2])[banked]
                     ok = tm.any(1)
                     if not bool(ok.any()):
                         sel = None
@@ -422,13 +475,16 @@ class FIFODiffusion(ProgressBarMixin):
                     if sp is not None:  # this rank's heads -> every head, (H, D)
                         sel[name] = sp.gather_heads(sel[name], 0)
                 if sel:
-                    feats = self._bank.pack(sel)
+                    feats = self._bank.pack(sel, expert or 0)
         finally:
             ctx.end()
         return out, grad, maps, feats
 
-    def _guidance_gradient(self, xw, kw, lv, emb, state, a):
-        """d loss / d xw of self-recurrent guidance for one window (loss: fifo_ouroboros (c)).
+    def _guidance_gradient(self, xw, kw, lv, emb, state, a, expert=None):
+        """d loss / d xw of self-recurrent guidance for one window (loss: fifo_ouroboros (c)) over
+        the frames the window writes: rows a: (an int) or the rows of an index tensor `a`.
+        `expert`: None (the family's model) or the index of the two-expert pipeline's expert
+        whose call this is (its model, its part of the bank).
 
         The loss reads the subject features of the feature layers only (Wan: the first quarter of
         the blocks; AnimateDiff: the down path), of the conditional prompt only. So this pass runs
@@ -440,8 +496,9 @@ class FIFODiffusion(ProgressBarMixin):
         depend on anything after them, nor on the other CFG half. The features are recorded by
         the processors (the context's current settings) and the context is left as found."""
         ctx = self._ctx
-        bank = self._bank.unpack(state.bank)
-        model = self.family.denoiser
+        bank = self._bank.unpack(state.bank, expert or 0)
+        model = self.family.denoiser if expert is None else self.family.experts[expert]
+        rows = slice(a, None) if isinstance(a, int) else a
         order = {name: i for i, name in enumerate(model.attn_processors)}
         last = max(self._feature_layers, key=lambda n: order.get(n, -1))
         stop_at = model.get_submodule(last[: -len(".processor")])
@@ -451,13 +508,13 @@ class FIFODiffusion(ProgressBarMixin):
             with torch.enable_grad(), _stop_after(stop_at), _frozen_parameters(model):
                 xg = xw.detach().requires_grad_(True)
                 try:
-                    self._model(xg, lv.t_model[kw], emb, None, 1.0)  # the conditional half only
+                    self._call_denoiser(expert, xg, lv.t_model[kw], emb, None, 1.0)  # the conditional half only
                 except _StopForward:
                     pass
                 loss, parallel = None, None
                 for name in self._feature_layers:
-                    keys = ctx.features[name][a:]                      # the frames this window writes
-                    tm = ctx.layer_masks(keys.shape[2])[a:]
+                    keys = ctx.features[name][rows]                    # the frames this window writes
+                    tm = ctx.layer_masks(keys.shape[2])[rows]
                     ok = tm.any(1)
                     if bool(ok.any()):
                         feats = frame_features(keys, tm)[ok]
@@ -492,7 +549,16 @@ class FIFODiffusion(ProgressBarMixin):
         self._ctx = OuroborosContext(latent_hw)
         patch = apply_ouroboros_processors(model, self._ctx)
         patch.on_remove(lambda: setattr(self, "_ctx", None))
+        experts = [model]
         try:
+            if getattr(self.family, "two_experts", False):
+                # every expert gets the processors, sharing the context (one call at a time)
+                experts = list(self.family.experts)
+                for other in experts[1:]:
+                    second = apply_ouroboros_processors(other, self._ctx)
+                    patch.on_remove(second.remove)
+                    if second.self_layers != patch.self_layers:
+                        raise ValueError("ouroboros: the pipeline's experts have different self-attention layers")
             self_layers = patch.self_layers
             layers = list(self.ouro.feature_layers) if self.ouro.feature_layers else default_feature_layers(
                 self.family.name, self_layers)
@@ -503,7 +569,7 @@ class FIFODiffusion(ProgressBarMixin):
             for n in layers:
                 attn = model.get_submodule(n[: -len(".processor")])
                 shapes.append((attn.heads, attn.to_k.out_features // attn.heads))
-            self._feature_layers, self._bank = layers, SubjectBank(layers, shapes)
+            self._feature_layers, self._bank = layers, SubjectBank(layers, shapes, experts=len(experts))
         except BaseException:
             patch.remove()
             raise

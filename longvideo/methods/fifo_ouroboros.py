@@ -164,28 +164,71 @@ def frame_features(keys: torch.Tensor, token_masks: torch.Tensor) -> torch.Tenso
 
 class SubjectBank:
     """Layout of the bank: one flat float32 vector, the (H, D) features of each layer in order,
-    plus a validity flag (so it is one tensor for all_reduce and the checkpoint)."""
+    plus a validity flag (so it is one tensor for all_reduce and the checkpoint).
 
-    def __init__(self, layers: Sequence[str], shapes: Sequence[tuple]):
+    Two-expert pipelines (Wan 2.2 A14B): ``experts=2`` keeps one such part per expert, one after the
+    other, each with its own flag: an expert's keys are its own projections, so its features are
+    compared only with a bank its own calls wrote (docs/methods.md, "Wan 2.2"). With one expert
+    the layout is the single part (as before the option existed)."""
+
+    def __init__(self, layers: Sequence[str], shapes: Sequence[tuple], experts: int = 1):
         self.layers, self.shapes = list(layers), list(shapes)
         self.sizes = [h * d for h, d in self.shapes]
+        self.experts = int(experts)
+
+    @property
+    def part_numel(self) -> int:
+        """Elements of one expert's part (features + flag)."""
+        return sum(self.sizes) + 1
 
     @property
     def numel(self) -> int:
-        return sum(self.sizes) + 1
+        return self.experts * self.part_numel
 
-    def pack(self, feats: dict) -> torch.Tensor:
-        return torch.cat([feats[n].reshape(-1).float() for n in self.layers] + [feats[self.layers[0]].new_ones(1)])
+    def part(self, flat: Optional[torch.Tensor], expert: int = 0) -> Optional[torch.Tensor]:
+        """Expert `expert`'s part of a flat bank (a view; None stays None)."""
+        if flat is None or self.experts == 1:
+            return flat
+        return flat[expert * self.part_numel: (expert + 1) * self.part_numel]
 
-    def unpack(self, flat: torch.Tensor) -> dict:
-        parts = flat[:-1].split(self.sizes)
+    def pack(self, feats: dict, expert: int = 0) -> torch.Tensor:
+        """The flat bank holding `feats` ({layer: (H, D)}) as expert `expert`'s part (valid); the
+        other experts' parts zero (invalid)."""
+        one = torch.cat([feats[n].reshape(-1).float() for n in self.layers] + [feats[self.layers[0]].new_ones(1)])
+        if self.experts == 1:
+            return one
+        flat = one.new_zeros(self.numel)
+        flat[expert * self.part_numel: (expert + 1) * self.part_numel] = one
+        return flat
+
+    def unpack(self, flat: torch.Tensor, expert: int = 0) -> dict:
+        parts = self.part(flat, expert)[:-1].split(self.sizes)
         return {n: p.view(*s) for n, p, s in zip(self.layers, parts, self.shapes)}
 
     @staticmethod
     def valid(flat: Optional[torch.Tensor]) -> bool:
+        """Whether a one-expert bank (or one part) holds features."""
         return flat is not None and float(flat[-1]) > 0.5
 
+    def valid_for(self, flat: Optional[torch.Tensor], expert: int = 0) -> bool:
+        """Whether expert `expert`'s part of `flat` holds features."""
+        return self.valid(self.part(flat, expert))
+
     def ema(self, bank: Optional[torch.Tensor], new: torch.Tensor, momentum: float) -> torch.Tensor:
+        """``momentum * bank + (1 - momentum) * new`` per part; a part `new` does not hold keeps
+        its value, a part `bank` does not hold yet takes `new`'s."""
+        if self.experts > 1:
+            if not any(self.valid_for(new, e) for e in range(self.experts)):
+                return bank
+            out = new.new_zeros(self.numel) if bank is None else bank.clone()
+            for e in range(self.experts):
+                merged = self._ema_part(self.part(bank, e), self.part(new, e), momentum)
+                if merged is not None:
+                    out[e * self.part_numel: (e + 1) * self.part_numel] = merged
+            return out
+        return self._ema_part(bank, new, momentum)
+
+    def _ema_part(self, bank, new, momentum):
         if not self.valid(new):
             return bank
         if not self.valid(bank):

@@ -20,6 +20,11 @@ its own timestep. ``expert_routing``:
 
 A window whose frames are all on one side costs one expert call either way.
 
+Ouroboros (SACFA, self-recurrent guidance) drives the same calls itself (:meth:`expert_calls`,
+:meth:`expert_output`): each expert has Ouroboros' processors, each call records the maps and
+subject keys of the frames it is given, the guidance gradient of a frame flows through its own
+expert, and the subject bank keeps one part per expert (``longvideo.methods.fifo``).
+
 Randomized blending (docs/methods.md, "Wan 2.2"). diffusers has no two-expert video-to-video
 pipeline (``WanVideoToVideoPipeline`` has no ``transformer_2``), so blending runs its own SDEdit
 loop on the two-expert ``WanPipeline``'s components: the VAE, video processor and scheduler are Wan
@@ -119,22 +124,43 @@ class Wan22Family(WanFamily):
         with `guidance_scale`, those of the low-noise expert with ``guidance_scale_2`` (None:
         `guidance_scale`), each with its expert's own conditional and unconditional calls (two
         calls, conditional first, as WanPipeline)."""
-        experts = self.experts
-        scale_2 = guidance_scale if self.guidance_scale_2 is None else self.guidance_scale_2
+        return self._route(x, timestep, lambda e, xs, ts: self.expert_output(e, xs, ts, prompt_embeds,
+                                                                             negative_embeds, guidance_scale))
+
+    def expert_output(self, expert: int, x, timestep, prompt_embeds, negative_embeds,
+                      guidance_scale: float) -> torch.Tensor:
+        """The guided output of ONE expert (0: ``transformer``, 1: ``transformer_2``) for every frame
+        of x (B, C, F, h, w), whatever the frames' timesteps: its conditional call, then (with
+        negative embeddings and guidance_scale > 1) its unconditional call, combined with the
+        expert's scale (``guidance_scale_2`` for expert 1, None: `guidance_scale`)."""
+        scale = guidance_scale if expert == 0 or self.guidance_scale_2 is None else self.guidance_scale_2
         n = x.shape[0]
-        pos = prompt_embeds.expand(n, -1, -1)
-        neg = None if negative_embeds is None else negative_embeds.expand(n, -1, -1)
+        tr = self.experts[expert]
+        y_c = self.call_transformer(tr, x, timestep, prompt_embeds.expand(n, -1, -1))
+        # WanPipeline's CFG switch is guidance_scale > 1 (the first expert's scale) for both experts
+        if negative_embeds is None or guidance_scale <= 1.0:
+            return y_c
+        y_u = self.call_transformer(tr, x, timestep, negative_embeds.expand(n, -1, -1))
+        return y_u + scale * (y_c - y_u)
 
-        def guided(e, xs, ts):
-            scale = guidance_scale if e == 0 else scale_2
-            y_c = self.call_transformer(experts[e], xs, ts, pos)
-            # WanPipeline's CFG switch is guidance_scale > 1 (the first expert's scale) for both experts
-            if neg is None or guidance_scale <= 1.0:
-                return y_c
-            y_u = self.call_transformer(experts[e], xs, ts, neg)
-            return y_u + scale * (y_c - y_u)
-
-        return self._route(x, timestep, guided)
+    def expert_calls(self, timestep: torch.Tensor) -> list:
+        """The expert calls :meth:`model_output` makes for a window with one timestep per frame
+        (F,), as a list of ``(expert, inputs, owned)``: the expert's index, the window positions of
+        the frames given to the call (in order) and the window positions whose output the call
+        gives (their positions within the call: ``inputs.tolist().index(j)``). ``"split"``: inputs
+        = owned = the expert's frames; ``"select"`` (across the boundary): inputs = every frame,
+        owned = the expert's frames; one call with every frame when the window is on one side."""
+        if self.expert_routing not in EXPERT_ROUTINGS:
+            raise ValueError(f"expert_routing must be one of {EXPERT_ROUTINGS}, got {self.expert_routing!r}")
+        expert = self.expert_of(timestep).cpu()
+        every = torch.arange(expert.numel())
+        present = [e for e in (0, 1) if bool((expert == e).any())]
+        if len(present) == 1:
+            return [(present[0], every, every)]
+        own = {e: (expert == e).nonzero().squeeze(1) for e in (0, 1)}
+        if self.expert_routing == "select":
+            return [(e, every, own[e]) for e in (0, 1)]
+        return [(e, own[e], own[e]) for e in (0, 1)]
 
     def sample_clip(self, prompt_embeds, negative_embeds, height, width, f, steps, guidance_scale, generator):
         """FIFO's initial clip: WanPipeline's own two-expert sampling (with guidance_scale_2)."""
