@@ -596,3 +596,21 @@ def test_cli_ouroboros_on_a_wan22_checkpoint(checkpoint, tmp_path, capsys):
             "--ouroboros-guided-windows", "1,2", "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0, capsys.readouterr().err
     assert read_video(out).shape == (5, 32, 32, 3)
+
+
+def test_ouroboros_resume_on_two_experts_equals_uninterrupted(tmp_path):
+    """Every Ouroboros part on both experts: the two-part bank and the maps travel in the
+    checkpoint, and a resumed run yields the uninterrupted run's frames exactly."""
+    import numpy as np
+
+    from longvideo.methods.fifo import OuroborosDiffusion
+
+    pipe = wan22.tiny_pipeline()
+    o = OuroborosDiffusion(pipe, **QUEUE, guided_windows=(1, 2), guidance_scale=2.0)
+    kw = dict(guidance_scale=3.0, guidance_scale_2=2.0, seed=3)
+    full = o(PROMPT, 13, **kw).frames[0]
+    first = list(o.generate(PROMPT, 13, checkpoint_dir=tmp_path, checkpoint_every=2, stop_after_iterations=3, **kw))
+    saved = torch.load(tmp_path / "fifo_state.pt", weights_only=True)
+    assert saved["bank"].numel() == o._bank.numel == 2 * o._bank.part_numel and saved["maps"] is not None
+    rest = list(o.generate(PROMPT, 13, checkpoint_dir=tmp_path, resume=True, **kw))
+    np.testing.assert_array_equal(np.stack(first[: saved["frames_out"]] + rest) / np.float32(255), full)
