@@ -243,6 +243,9 @@ class FIFODiffusion(ProgressBarMixin):
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
         self.eta = float(eta)
+        if self.ouro is not None and self.ouro.needs_processors and self.family.image_conditioned:
+            raise ValueError("ouroboros: SACFA and self-recurrent guidance are not supported on image-to-video "
+                             "pipelines (their processors do not take the image projections); tail_sampling is")
         self._ctx = None
         self._interrupt = False
 
@@ -329,6 +332,8 @@ class FIFODiffusion(ProgressBarMixin):
         new_q = torch.zeros_like(q)
         new_maps = q.new_zeros(L, *q.shape[3:]) if ctx is not None else None
         bank_feat = None
+        first = state.iteration - self.warmup - c  # output latent frame index of full[:, :, 0]
+        self.family.release_frames_before(first)
         if ctx is not None and ouro.self_recurrent_guidance:
             bank_feat = q.new_zeros(self._bank.numel)
         for i in range(self.num_windows):
@@ -339,6 +344,7 @@ class FIFODiffusion(ProgressBarMixin):
             # latent frame of the output video at the window's centre (negative during the warm-up)
             pidx = prompts.index(state.iteration - self.warmup + s + (f // 2 if not c else 0))
             emb = prompts.embeds[pidx]
+            self.family.set_window_start(first + s)
             if ctx is None:
                 out, grad, maps, feats = self._model(xw, lv.t_model[kw], emb, negative_embeds, guidance_scale), None, None, None
             else:
@@ -648,7 +654,7 @@ class FIFODiffusion(ProgressBarMixin):
                  num_inference_steps: Optional[int] = None, init_steps: Optional[int] = None, writer=None,
                  checkpoint_dir=None, checkpoint_every: int = 0, resume: bool = False,
                  stop_after_iterations: Optional[int] = None, guidance_scale_2: Optional[float] = None,
-                 generator=None, callback_on_step_end=None,
+                 generator=None, image=None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)) -> Iterator:
         """Yield output video frames (uint8 (H, W, 3)) as they leave the queue, `num_frames` in all.
 
@@ -676,6 +682,10 @@ class FIFODiffusion(ProgressBarMixin):
         stop_after_iterations: stop early (for tests of interruption).
         guidance_scale_2: the low-noise expert's guidance scale on two-expert Wan 2.2 pipelines
             (None: guidance_scale, as WanPipeline); ValueError on other pipelines.
+        image: image-to-video pipelines (Wan 2.1 I2V, Wan 2.2 A14B I2V): the first frame's image (a
+            PIL image or a tensor, as the pipeline's ``image``), required there and refused
+            elsewhere; it conditions the start of the video, each frame keeping the pipeline's
+            condition of its own index (docs/methods.md, "Image-to-video").
         Progress: a bar over the frames, configured by ``set_progress_bar_config`` (default: the
         pipeline's setting).
         """
@@ -690,7 +700,15 @@ class FIFODiffusion(ProgressBarMixin):
             raise ValueError(f"guidance_scale_2 applies to two-expert Wan 2.2 pipelines, not to {self.family.name}")
         if getattr(self.family, "two_experts", False):
             self.family.set_guidance_scale_2(guidance_scale_2)
+        if self.family.image_conditioned and image is None:
+            raise ValueError(f"image: {type(self.pipe).__name__} is an image-to-video pipeline; pass the first "
+                             "frame's image")
+        if image is not None and not self.family.image_conditioned:
+            raise ValueError(f"image: {type(self.pipe).__name__} is not an image-to-video pipeline")
         device = self.family.device
+        if image is not None:
+            with torch.no_grad():
+                self.family.set_image(image, height, width, device)
         if generator is not None:
             generator = resolve_generator(generator, seed, device="cpu")[0]
             seed = generator.initial_seed()  # what the run's settings (and a resume) record

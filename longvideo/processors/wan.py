@@ -22,7 +22,9 @@ Which tiers and which re-encoding a layer uses is decided by the caller through 
 callable: ``settings(mode, num_frames, frame_tokens) -> TieredAttentionSettings | None``; None
 means "attend as the model was trained" and the processor defers to the original diffusers
 processor, which makes an inactive configuration bit-for-bit the plain pipeline.
-Cross-attention (``attn2``) is never touched.
+Cross-attention (``attn2``) is never touched: on Wan 2.1 I2V that is where the image key/value
+projections (``add_k_proj`` / ``add_v_proj``) are, so image-to-video transformers keep diffusers'
+image branch as it is; a self-attention layer carrying them is refused.
 """
 from __future__ import annotations
 
@@ -343,6 +345,12 @@ def patch_tiered_processors(handle: PatchHandle, transformer, modes: Sequence[st
     layers = self_attention_modules(transformer)
     if len(modes) != len(layers):
         raise ValueError(f"got {len(modes)} layer modes for {len(layers)} self-attention layers")
+    for i, (attn, mode) in enumerate(zip(layers, modes)):
+        # Wan I2V's image projections live on the cross-attention layers (attn2), which these
+        # processors never replace; a self-attention layer with them would need its image branch
+        if mode is not None and getattr(attn, "add_k_proj", None) is not None:
+            raise ValueError(f"self-attention layer {i} has image key/value projections (add_k_proj / add_v_proj); "
+                             "FreeLOC's processors compute self-attention without them and cannot be installed there")
     handle.claim(transformer)
     grid = WanTokenGrid(transformer)
     handle.on_remove(grid.remove)

@@ -20,16 +20,19 @@ from .skyreels import SkyReelsFamily
 from .wan import WanFamily, ftfy_fallback
 from .wan22 import EXPERT_ROUTINGS, Wan22Family
 from .wan22_ti2v import Wan22TI2VFamily
+from .wan_i2v import ImageCondition, Wan22I2VFamily, WanI2VFamily, is_image_to_video
 
-FAMILIES = (SkyReelsFamily, Wan22Family, Wan22TI2VFamily, WanFamily, CogVideoXFamily, AnimateDiffFamily)
+FAMILIES = (Wan22I2VFamily, WanI2VFamily, SkyReelsFamily, Wan22Family, Wan22TI2VFamily, WanFamily, CogVideoXFamily,
+            AnimateDiffFamily)
 """Detection order: more specific first (a family whose check would also accept another's
 pipeline comes after it)."""
 
 METHOD_NAMES = {"fifo": "FIFO", "blending": "randomized blending"}
 
 __all__ = ["EXPERT_ROUTINGS", "FAMILIES", "TIMESTEP_GRIDS", "AnimateDiffFamily", "CogVideoXFamily", "Family", "Levels",
-           "SkyReelsFamily", "Wan22Family", "Wan22TI2VFamily", "WanFamily", "check_grid", "family_for", "family_of",
-           "ftfy_fallback", "per_frame_time_embedding", "to_uint8"]
+           "ImageCondition", "SkyReelsFamily", "Wan22Family", "Wan22I2VFamily", "Wan22TI2VFamily", "WanFamily",
+           "WanI2VFamily", "is_image_to_video", "check_grid", "family_for", "family_of", "ftfy_fallback",
+           "per_frame_time_embedding", "to_uint8"]
 
 
 def _supported(method: Optional[str]) -> str:
@@ -38,7 +41,8 @@ def _supported(method: Optional[str]) -> str:
 
 
 def family_of(pipe) -> str:
-    """The name of `pipe`'s family ('skyreels', 'wan22', 'wan22_ti2v', 'wan', 'cogvideox', 'animatediff');
+    """The name of `pipe`'s family ('wan22_i2v', 'wan_i2v', 'skyreels', 'wan22', 'wan22_ti2v', 'wan',
+    'cogvideox', 'animatediff');
     ValueError naming ``pipe`` when no family recognises it."""
     for cls in FAMILIES:
         if cls.matches(pipe):

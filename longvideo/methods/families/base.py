@@ -96,6 +96,16 @@ class Family:
         """Raise ValueError (naming ``pipe``) if this pipeline cannot serve `method` although the
         family can (e.g. an image-conditioned checkpoint, a scheduler the method cannot use)."""
 
+    image_conditioned = False     # the denoiser is conditioned on an image (set_image before FIFO runs)
+
+    def set_window_start(self, index: int) -> None:
+        """FIFO tells the family the output-video latent frame index of the next denoiser call's
+        first frame (negative before the video starts); used by image-conditioned families to give
+        each frame its own condition (docs/methods.md, "Image-to-video"), ignored otherwise."""
+
+    def release_frames_before(self, index: int) -> None:
+        """FIFO will not ask for frames below `index` again (per-frame state may be freed)."""
+
     def run_settings(self) -> dict:
         """Family settings a FIFO checkpoint's queue depends on beyond the common ones (compared on
         resume); none by default."""
