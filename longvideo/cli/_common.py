@@ -359,6 +359,7 @@ PIPELINE_FAMILIES = (  # (family, pipeline class-name prefix), the more specific
     ("sdxl", "StableDiffusionXL"), ("sd15", "StableDiffusion"))
 FAMILY_NAMES = {"skyreels": "SkyReels-V2", "wan": "Wan", "wan22": "Wan 2.2 A14B (two experts)",
                 "wan22_ti2v": "Wan 2.2 TI2V-5B (per-token timesteps)",
+                "wan_i2v": "Wan 2.1 I2V", "wan22_i2v": "Wan 2.2 A14B I2V",
                 "animatediff": "AnimateDiff", "cogvideox": "CogVideoX", "sdxl": "SDXL", "sd15": "SD1.5"}
 
 
@@ -392,17 +393,21 @@ def checkpoint_family(model, accepted, command: str, option: str = "--model") ->
     "wan22" but has "wan", it is loaded as "wan" (the same WanPipeline loading, both experts). One
     whose index has ``expand_timesteps`` true is Wan 2.2 TI2V ("wan22_ti2v"), refused where
     `accepted` has no "wan22_ti2v" (the Wan 2.1 loaders would take it with the wrong trained length,
-    and WanVideoToVideoPipeline reads its 16x VAE as 8x)."""
+    and WanVideoToVideoPipeline reads its 16x VAE as 8x). A
+    ``WanImageToVideoPipeline`` (without ``expand_timesteps``) is "wan_i2v" (Wan 2.1 I2V) or, with two
+    experts, "wan22_i2v"."""
     from ..models.wan22 import is_two_expert_index
     from ..models.wan22_ti2v import is_ti2v_index
 
     index = model_index(model, option)
     cls = str(index.get("_class_name") or "")
     family = next((fam for fam, prefix in PIPELINE_FAMILIES if cls.startswith(prefix)), None)
-    if family == "wan" and is_two_expert_index(index):
-        family = "wan22" if "wan22" in accepted or "wan" not in accepted else "wan"
-    elif family == "wan" and is_ti2v_index(index):
+    if family == "wan" and is_ti2v_index(index):
         family = "wan22_ti2v"
+    elif cls == "WanImageToVideoPipeline":  # image-to-video: never loaded as a text-to-video pipeline
+        family = "wan22_i2v" if is_two_expert_index(index) else "wan_i2v"
+    elif family == "wan" and is_two_expert_index(index):
+        family = "wan22" if "wan22" in accepted or "wan" not in accepted else "wan"
     if family not in accepted:
         runs = ", ".join(FAMILY_NAMES[f] for f in accepted)
         what = f"{FAMILY_NAMES[family]} ({cls})" if family == "wan22_ti2v" else (cls or "unnamed")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from . import _fit, generate_fifo, generate_freeloc
+from . import _fit, _image, generate_fifo, generate_freeloc
 from ._common import UsageError, add_common_generation, apply_backend, positive_int, refuse_inapplicable, resolve_device
 
 HELP = "generate a long video"
@@ -27,6 +27,7 @@ def add_arguments(p) -> None:
                         "ranks (Ulysses context parallelism, Wan). Default: all ranks for direct/freeloc; 1 for "
                         "fifo/ouroboros, whose windows are split over the ranks (with N > 1: over world/N groups "
                         "of N ranks)")
+    _image.add_argument(p)
     _fit.add_argument(p)
     for module in dict.fromkeys(METHODS.values()):
         module.add_arguments(p)
@@ -35,6 +36,8 @@ def add_arguments(p) -> None:
 def applies(method: str, dest: str) -> bool:
     """Whether the option with destination `dest` applies to --method `method` (the common options
     always do; --steps with fifo/ouroboros is a note, not an error: generate_fifo says so)."""
+    if dest == "image":
+        return method in _image.I2V_METHODS
     if dest == "fifo_coherent_tail":
         return method == "fifo"
     if dest.startswith("fifo_") or dest == "resume":
@@ -71,6 +74,8 @@ def context_parallel_size(args, world: int) -> int:
 def run(args) -> int:
     refuse_inapplicable(args, add_arguments, lambda dest: applies(args.method, dest), f"--method {args.method}")
     args.context_parallel = context_parallel_size(args, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    if getattr(args, "image", None) is not None and getattr(args, "fit", None):
+        raise UsageError("--fit does not apply with --image (the memory planner models text-to-video runs)")
     args.device = resolve_device(args.device)
     apply_backend(args.backend, args.device)
     return METHODS[args.method].run(args)

@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from . import _fit
+from . import _fit, _image
 from ._common import (VIDEO_SUFFIXES, UsageError, backend_setting, check_folder, check_size_multiple,
                       check_sizes_before_loading, checkpoint_family, first_line, load_pipeline, nonnegative_int,
                       output_file, pipeline_size_multiple, positive_int, print_settings, real, torch_dtype,
@@ -15,7 +15,7 @@ from ._common import (VIDEO_SUFFIXES, UsageError, backend_setting, check_folder,
 from .._io import OutputError
 from ._signals import interrupts_raise
 
-FAMILIES = ("wan", "skyreels", "animatediff", "wan22", "wan22_ti2v")
+FAMILIES = ("wan", "skyreels", "animatediff", "wan22", "wan22_ti2v", "wan_i2v", "wan22_i2v")
 TIMESTEP_GRIDS = ("official", "scheduler")      # longvideo.methods.families.TIMESTEP_GRIDS
 LOOKAHEAD_CONTEXTS = ("official", "clean")      # longvideo.methods.fifo.LOOKAHEAD_CONTEXTS
 SACFA_TOKENS = ("paper", "official_demo")       # longvideo.methods.fifo_ouroboros.SACFA_TOKENS
@@ -24,9 +24,10 @@ SACFA_TOKENS = ("paper", "official_demo")       # longvideo.methods.fifo_ourobor
 def add_arguments(p) -> None:
     g = p.add_argument_group("fifo / ouroboros")
     g.add_argument("--fifo-family", choices=FAMILIES, default=None,
-                   help="model family (default: wan for the tiny model, else read from the checkpoint)")
+                   help="model family (default: wan for the tiny model, wan_i2v with --image, else read from the "
+                        "checkpoint)")
     g.add_argument("--guidance-scale-2", type=real(0), default=None,
-                   help="Wan 2.2 A14B (wan22): guidance scale of the low-noise expert (default: --guidance-scale)")
+                   help="Wan 2.2 A14B (wan22, wan22_i2v): guidance scale of the low-noise expert (default: --guidance-scale)")
     g.add_argument("--fifo-partitions", type=positive_int, default=4, help="n: queue of n*f latent frames")
     g.add_argument("--fifo-window", type=positive_int, default=None,
                    help="f: latent frames per model call (default: the model's trained length)")
@@ -240,7 +241,9 @@ def run(args) -> int:
                   "(ask for more with --num-frames to extend the video)")
             return 0
     family = args.fifo_family or (
-        checkpoint_family(args.model, FAMILIES, f"`longvideo generate --method {method}`") if args.model else "wan")
+        checkpoint_family(args.model, FAMILIES, f"`longvideo generate --method {method}`") if args.model
+        else "wan_i2v" if getattr(args, "image", None) is not None else "wan")
+    _image.check_family(args, family, f"`longvideo generate --method {method}`")
     cp = getattr(args, "context_parallel", None) or 1
     if cp > 1 and family != "wan":
         raise UsageError(f"--context-parallel {cp}: supported on Wan 2.1 transformers (family wan) so far, not on "
@@ -256,8 +259,13 @@ def run(args) -> int:
     # before generate installs Ouroboros' processors; installed for the whole run
     parallel = _context_parallel(args, pipe, family, rank)  # noqa: F841
     fifo.set_progress_bar_config(disable=True)  # the command's own bar counts the frames written
+    dh, dw = fifo.family.default_size()
+    image = None
+    if getattr(args, "image", None) is not None:  # the first frame; the size keeps its aspect ratio
+        image = _image.load(args.image)
+        h, w = _image.video_size(image, dh * dw, fifo.size_multiple())
+        args.height, args.width = args.height or h, args.width or w
     if rank == 0:
-        dh, dw = fifo.family.default_size()
         print_settings(method=method, size=f"{args.width or dw}x{args.height or dh}", frames=num_frames,
                        steps=fifo.L, window=fifo.f, partitions=fifo.n, dtype=fifo.family.denoiser.dtype,
                        device=args.device, backend=backend_setting())
@@ -266,6 +274,10 @@ def run(args) -> int:
                   resume=args.resume, checkpoint_every=every)
     if args.guidance_scale_2 is not None:
         kwargs["guidance_scale_2"] = args.guidance_scale_2
+    if image is not None and fifo.family.name == "wan22_ti2v":
+        fifo.family.set_image(image)  # TI2V's image mode (longvideo.methods.families.wan22_ti2v)
+    elif image is not None:
+        kwargs["image"] = image
     if args.steps is not None and args.steps != fifo.L:
         print(f"note: --steps ignored: {method} denoises with one level per queue slot ({fifo.L} levels)")
     t0 = time.perf_counter()

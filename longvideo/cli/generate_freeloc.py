@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from . import _fit
+from . import _fit, _image
 from ._common import (VIDEO_SUFFIXES, UsageError, backend_setting, check_size_multiple, check_sizes_before_loading,
                       checkpoint_family, is_cuda, load_pipeline, nonnegative_int, output_file,
                       pipeline_size_multiple, positive_int, print_settings, torch_dtype, user_errors)
@@ -86,16 +86,24 @@ def generation_defaults(args, tiny: bool) -> dict:
     )
 
 
-def load_wan(args, command: str):
-    """The Wan text-to-video pipeline of --model (tiny without), in --dtype (default bfloat16 on
-    CUDA, float32 on CPU); used by generate --method freeloc|direct and by probe. A Wan 2.2 TI2V
-    checkpoint (expand_timesteps) loads as such (its trained length, 31 latent frames)."""
-    family = "wan"
+def load_wan(args, command: str, allow_image: bool = False):
+    """The Wan pipeline of --model (tiny without), in --dtype (default bfloat16 on CUDA, float32 on
+    CPU); used by generate --method freeloc|direct and by probe. A Wan 2.2 TI2V checkpoint
+    (expand_timesteps) loads as such (its trained length, 31 latent frames). With `allow_image`
+    (generate) also Wan 2.1 / 2.2 A14B image-to-video checkpoints, which need --image, and TI2V
+    takes --image as its image mode (WanImageToVideoPipeline); without --model, --image picks the
+    tiny Wan 2.1 I2V model."""
+    image = getattr(args, "image", None) if allow_image else None
+    family = "wan_i2v" if image is not None else "wan"
     if args.model is not None:
-        family = checkpoint_family(args.model, ("wan", "wan22_ti2v"), command)
+        accepted = ("wan", "wan22_ti2v") + (_image.I2V_FAMILIES if allow_image else ())
+        family = checkpoint_family(args.model, accepted, command)
+    if allow_image:
+        _image.check_family(args, family, command)
     check_sizes_before_loading(args, family)
     dtype = torch_dtype(args.dtype) or torch_dtype("bfloat16" if is_cuda(args.device) else "float32")
-    pipe = load_pipeline(args, family, "t2v", dtype=dtype, seed=args.seed)
+    kind = "i2v" if image is not None and family == "wan22_ti2v" else "t2v"  # TI2V's image mode
+    pipe = load_pipeline(args, family, kind, dtype=dtype, seed=args.seed)
     check_size_multiple(args.height, args.width, *pipeline_size_multiple(pipe))
     return pipe
 
@@ -140,7 +148,13 @@ def run(args) -> int:
     d = generation_defaults(args, tiny=args.model is None)
     rank, world, args.device = init_from_environment(args.device)  # torchrun: context parallel over `world` ranks
     with _fit.host_loading(args, cuda_dtype="bfloat16"):
-        pipe = load_wan(args, f"`longvideo generate --method {args.method}`")
+        pipe = load_wan(args, f"`longvideo generate --method {args.method}`", allow_image=True)
+    image_input = {}
+    if getattr(args, "image", None) is not None:  # the first frame; the size keeps its aspect ratio
+        image = _image.load(args.image)
+        h, w = _image.video_size(image, d["height"] * d["width"], pipeline_size_multiple(pipe)[0])
+        d["height"], d["width"] = args.height or h, args.width or w
+        image_input = {"image": image}
     check_frame_count(d["num_frames"], int(getattr(pipe, "vae_scale_factor_temporal", None) or 4))
     _fit.choose(args, pipe, args.method, height=d["height"], width=d["width"], num_frames=d["num_frames"],
                 num_inference_steps=d["steps"], trained_frames=args.freeloc_trained_frames or
@@ -166,7 +180,7 @@ def run(args) -> int:
             generator = torch.Generator(device="cpu").manual_seed(args.seed)
             t0 = time.perf_counter()
             try:
-                result = pipe(prompt=args.prompt, negative_prompt=args.freeloc_negative_prompt,
+                result = pipe(**image_input, prompt=args.prompt, negative_prompt=args.freeloc_negative_prompt,
                               num_frames=d["num_frames"], height=d["height"], width=d["width"],
                               num_inference_steps=d["steps"], guidance_scale=d["guidance_scale"], generator=generator,
                               output_type="latent", callback_on_step_end=timer)
