@@ -111,3 +111,17 @@ def test_generate_direct_and_fifo_with_an_image(tmp_path, capsys, image_path):
                  "--guidance-scale-2", "1.5", "--height", "16", "--width", "32",
                  "--device", "cpu", "--out", str(out)]) == 0, capsys.readouterr().err
     assert "size=32x16" in capsys.readouterr().out and out.exists()
+
+
+def test_generate_fifo_ti2v_image_mode(tmp_path, capsys, image_path):
+    """--image on Wan 2.2 TI2V-5B (its optional image mode, set on the family): the tiny model's
+    64x64 area and multiple of 32 give 64x32 for the 60x30 image."""
+    out = tmp_path / "t.mp4"
+    assert main(["generate", "--method", "fifo", "--fifo-family", "wan22_ti2v", "--image", str(image_path),
+                 "--num-frames", "5", "--fifo-partitions", "1", "--device", "cpu", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    assert "size=64x32" in capsys.readouterr().out and out.exists()
+    import torch
+
+    saved = torch.load(out.with_suffix(".fifo_state") / "fifo_state.pt", weights_only=True)
+    assert saved["settings"]["image"] is not None  # the run was in image mode (its image's hash)
