@@ -1,7 +1,8 @@
 """`longvideo generate --image IMG` (image-to-video): the file checked at parse time, refusals for
 text-only models and methods without image support, detection of I2V checkpoints from
 model_index.json, the video size rule, and runs end to end on the tiny I2V models (one through
-a saved checkpoint folder, i.e. the loading code path of real checkpoints)."""
+a saved checkpoint folder, i.e. the loading code path of real checkpoints) and in Wan 2.2
+TI2V-5B's image mode."""
 import json
 
 import numpy as np

@@ -282,14 +282,25 @@ def test_fifo_resume_checks_the_image(pipe21, image, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # FreeLOC on the I2V transformers
 def _run(pipe, image, frames):
-    return pipe(image=image, prompt="a cat", num_frames=frames, height=SIZE, width=SIZE, num_inference_steps=1,
+    # two steps: on the two-expert pipeline the first is the high-noise expert's, the second the low-noise one's
+    return pipe(image=image, prompt="a cat", num_frames=frames, height=SIZE, width=SIZE, num_inference_steps=2,
                 guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent").frames.float()
 
 
 @pytest.mark.parametrize("which", ["wan21", "wan22"])
 def test_freeloc_noop_equals_plain_pipeline_and_acts_beyond(pipe21, pipe22, image, which):
     pipe = pipe21 if which == "wan21" else pipe22
-    ref = _run(pipe, image, 17)
+    experts = [t for t in (pipe.transformer, getattr(pipe, "transformer_2", None)) if t is not None]
+    calls, handles = _capture(experts)
+    try:
+        ref = _run(pipe, image, 17)
+    finally:
+        for h in handles:
+            h.remove()
+    if which == "wan22":  # both experts ran (the high-noise one first)
+        timesteps = [float(c["timestep"].flatten()[0]) for c in calls]
+        boundary = pipe.config.boundary_ratio * pipe.scheduler.config.num_train_timesteps
+        assert timesteps[0] >= boundary > timesteps[-1]
     cross = [b.attn2.processor for b in pipe.transformer.blocks]
     # at or below the trained length (5 latent frames <= 5): the original processors run, exactly
     with FL.FreeLOC(pipe, layer_config=["tsa", "vrpr", "tsa", "vrpr"], trained_frames=5):

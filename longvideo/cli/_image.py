@@ -1,7 +1,8 @@
 """``longvideo generate --image IMG``: the first frame of an image-to-video run (Wan 2.1 I2V, Wan
-2.2 A14B I2V; on Wan 2.2 TI2V-5B its image mode). The file is checked while the command line is parsed (it exists, is readable and
-is an image PIL can decode: one line ``longvideo: error: argument --image: ...`` otherwise); the
-video size follows the diffusers Wan I2V example's rule (:func:`video_size`)."""
+2.2 A14B I2V; on Wan 2.2 TI2V-5B its image mode). The file is checked while the command line is
+parsed (it exists, is readable and is an image PIL can decode: one line ``longvideo: error:
+argument --image: ...`` otherwise); the video size follows the diffusers Wan I2V example's rule
+(:func:`video_size`)."""
 from __future__ import annotations
 
 import argparse
