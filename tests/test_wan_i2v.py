@@ -208,16 +208,18 @@ def test_fifo_first_window_is_the_pipeline_condition(pipe21, image):
     assert torch.equal(first["timestep"][0], levels.repeat_interleave(16))
 
 
-@pytest.mark.parametrize("which", ["wan21", "wan22"])
-def test_fifo_later_windows_follow_the_rule_frame_by_frame(pipe21, pipe22, image, which):
-    """Every window call of a run whose queue moves past frame 0: its first window index is
-    iteration - warmup + s (the queue's slot positions), and its mask / condition channels are,
-    frame by frame, those the pipeline gives latent frame k in a clip of k + 1 frames (k < 0: frame
-    0's). Wan 2.2: the frames are split between the experts, each keeping its own condition."""
+@pytest.mark.parametrize("which, lookahead", [("wan21", False), ("wan21", True), ("wan22", False)])
+def test_fifo_later_windows_follow_the_rule_frame_by_frame(pipe21, pipe22, image, which, lookahead):
+    """Every window call of a run whose queue moves past frame 0: its first frame's index is
+    iteration - warmup - c + s (the positions of [context | queue]), and its mask / condition
+    channels are, frame by frame, those the pipeline gives latent frame k in a clip of k + 1 frames
+    (k < 0, the warm-up copies and the initial context: frame 0's). Wan 2.2: the frames are split
+    between the experts, each keeping its own condition."""
     pipe = pipe21 if which == "wan21" else pipe22
-    fifo, calls, starts = _fifo_windows(pipe, image)
-    f, w, L = fifo.f, fifo.stride, fifo.L
-    expected = [it - fifo.warmup + i * w for it in range(len(starts) // (L // w)) for i in range(L // w)]
+    fifo, calls, starts = _fifo_windows(pipe, image, lookahead=lookahead)
+    f, w, L, c = fifo.f, fifo.stride, fifo.L, fifo.context_len
+    windows = L // w
+    expected = [it - fifo.warmup - c + i * w for it in range(len(starts) // windows) for i in range(windows)]
     assert starts == expected and max(starts) > 0 and min(starts) < 0
     z = pipe.vae.config.z_dim
     oracle = {}
@@ -234,16 +236,14 @@ def test_fifo_later_windows_follow_the_rule_frame_by_frame(pipe21, pipe22, image
             want = torch.cat([frame(start + j) for j in range(f)], dim=2)
             torch.testing.assert_close(call["hidden_states"][:, z:], want, atol=1e-6, rtol=1e-6)
     else:
-        # the calls of a window: one per expert present; match each call's frames to the window's
+        # the calls of a window: one per expert present, each on the frames of its expert
         fam = fifo.family
         lv = fifo.levels(torch.device("cpu"))
+        k_full = torch.cat([torch.full((c,), fifo.context_level), torch.arange(1, L + 1)])
         checked = 0
-        it = 0
-        for start in starts:
-            s = start - (it // (L // w)) + fifo.warmup
-            it += 1
-            kw = torch.arange(s + 1, s + f + 1)
-            experts = fam.expert_of(lv.t_model[kw])
+        for n, start in enumerate(starts):
+            s = (n % windows) * w
+            experts = fam.expert_of(lv.t_model[k_full[s: s + f]])
             for e in (0, 1):
                 idx = (experts == e).nonzero().squeeze(1).tolist()
                 if not idx:
