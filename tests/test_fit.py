@@ -49,8 +49,8 @@ def test_generate_fit_chooses_and_applies_text_offload(tmp_path, capsys, offload
     peaks = _freeloc_candidates()
     resident, text = peaks["offload=none"], peaks["offload=text, vae_tiling"]
     assert text < resident
-    size = int((text + resident) / 2 / HEADROOM)          # fits text offload, not everything resident
-    assert main(FREELOC + ["--out", str(tmp_path / "fit.mp4"), "--fit", str(size)]) == 0
+    size = f"{int((text + resident) / 2 / HEADROOM)}B"    # fits text offload, not everything resident
+    assert main(FREELOC + ["--out", str(tmp_path / "fit.mp4"), "--fit", size]) == 0
     out = capsys.readouterr().out
     line = [ln for ln in out.splitlines() if ln.startswith(f"fit {size}:")]
     assert len(line) == 1 and "offload=text, vae_tiling" in line[0], out
@@ -67,11 +67,15 @@ def test_generate_fit_everything_resident_when_it_fits(tmp_path, capsys, offload
     assert [m for _, m in offload_calls] == ["none"]
 
 
-@pytest.mark.parametrize("size,message", [("1MB", "nothing tried fits in"), ("12XB", "--fit 12XB:")])
+# a size nothing fits in is refused by the planner; a size without a known unit at parse time
+@pytest.mark.parametrize("size,message", [("1MB", "--fit 1MB: nothing tried fits in"),
+                                          ("12XB", "argument --fit: expected a size with its unit"),
+                                          ("16171130", "(bytes? write e.g. 24GB")])
 def test_generate_fit_refused_in_one_line(tmp_path, capsys, size, message):
     assert main(FREELOC + ["--out", str(tmp_path / "x.mp4"), "--fit", size]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("longvideo: error: --fit") and message in err and "\n" not in err
+    assert err.startswith("longvideo: error:") and message in err and repr(size) * (size != "1MB") in err
+    assert "\n" not in err
     assert not (tmp_path / "x.mp4").exists()
 
 
