@@ -14,7 +14,8 @@ extern "C" int longvideo_tsa_launch(
     const int* part_idx, const int* part_cnt, const int* part_combo, int full_w, int part_w, int num_q_blocks,
     const float* cos_t, const float* sin_t, int B, int H, int S, int head_dim, int frame_tokens,
     int local_frames, int stripe_frames, int stripe_width, int sink_frames, int rope_pairs, int w1, int w2,
-    int layout, int te0, int te1, int te2, int te3, float scale, int dtype, void* stream);
+    int layout, int te0, int te1, int te2, int te3, float scale, int dtype, int kernel, int block_m,
+    void* stream);
 
 namespace {
 
@@ -29,7 +30,8 @@ at::Tensor tsa_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const at::Tensor& part_cnt, const at::Tensor& part_combo, const at::Tensor& cos_t,
                     const at::Tensor& sin_t, int64_t frame_tokens, int64_t local_frames, int64_t stripe_frames,
                     int64_t stripe_width, int64_t sink_frames, int64_t rope_pairs, int64_t w1, int64_t w2,
-                    int64_t layout, at::IntArrayRef token_edges, double scale, int64_t stream) {
+                    int64_t layout, at::IntArrayRef token_edges, double scale, int64_t kernel, int64_t block_m,
+                    int64_t stream) {
   TORCH_CHECK(q.is_cuda(), "_tiered_sparse_attention_cuda: q must be a CUDA tensor");
   TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
               "_tiered_sparse_attention_cuda: q, k, v must share one (B, H, S, D) shape");
@@ -54,9 +56,13 @@ at::Tensor tsa_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   check_schedule(part_idx, "part_idx", q);
   check_schedule(part_cnt, "part_cnt", q);
   check_schedule(part_combo, "part_combo", q);
+  // kernel 0: the legacy kernel (64-row query blocks); 1: the pipelined kernel (128-row query blocks)
+  TORCH_CHECK((kernel == 0 && block_m == 64) || (kernel == 1 && block_m == 128),
+              "_tiered_sparse_attention_cuda: kernel 0 takes block_m 64, kernel 1 block_m 128 (got kernel ", kernel,
+              ", block_m ", block_m, ")");
   const int64_t num_q_blocks = full_cnt.numel();
-  TORCH_CHECK(num_q_blocks == (S + 63) / 64 && part_cnt.numel() == num_q_blocks,
-              "_tiered_sparse_attention_cuda: the schedule must have one row per 64-row query block");
+  TORCH_CHECK(num_q_blocks == (S + block_m - 1) / block_m && part_cnt.numel() == num_q_blocks,
+              "_tiered_sparse_attention_cuda: the schedule must have one row per ", block_m, "-row query block");
   TORCH_CHECK(full_idx.dim() == 2 && full_idx.size(0) == num_q_blocks && full_combo.sizes() == full_idx.sizes(),
               "_tiered_sparse_attention_cuda: full_idx/full_combo must be (num_q_blocks, width)");
   TORCH_CHECK(part_idx.dim() == 2 && part_idx.size(0) == num_q_blocks && part_combo.sizes() == part_idx.sizes(),
@@ -92,7 +98,8 @@ at::Tensor tsa_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       static_cast<int>(w1), static_cast<int>(w2), static_cast<int>(layout), static_cast<int>(token_edges[0]),
       static_cast<int>(token_edges[1]), static_cast<int>(token_edges[2]), static_cast<int>(token_edges[3]),
       static_cast<float>(scale),
-      q.scalar_type() == at::kHalf ? 0 : 1, reinterpret_cast<void*>(stream));
+      q.scalar_type() == at::kHalf ? 0 : 1, static_cast<int>(kernel), static_cast<int>(block_m),
+      reinterpret_cast<void*>(stream));
   TORCH_CHECK(err == 0, "_tiered_sparse_attention_cuda: kernel launch failed with CUDA error ", err);
   return out;
 }
@@ -104,7 +111,8 @@ TORCH_LIBRARY_FRAGMENT(longvideo, m) {
       "_tiered_sparse_attention_cuda(Tensor q, Tensor k, Tensor v, Tensor full_idx, Tensor full_cnt, "
       "Tensor full_combo, Tensor part_idx, Tensor part_cnt, Tensor part_combo, Tensor cos_t, Tensor sin_t, "
       "int frame_tokens, int local_frames, int stripe_frames, int stripe_width, int sink_frames, "
-      "int rope_pairs, int w1, int w2, int layout, int[] token_edges, float scale, int stream) -> Tensor");
+      "int rope_pairs, int w1, int w2, int layout, int[] token_edges, float scale, int kernel, int block_m, "
+      "int stream) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(longvideo, CUDA, m) { m.impl("_tiered_sparse_attention_cuda", &tsa_cuda); }

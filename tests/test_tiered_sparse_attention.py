@@ -616,3 +616,99 @@ def test_split_schedule_lists_each_band_of_each_block_pair_once(vrpr):
         assert len(bits) == len(set(bits)) and sum(bits) == bitmask[k], (k, bits, bitmask[k])
     for k, bits in full_s.items():
         assert k in full_p and bin(bitmask[k]).count("1") == 1
+
+
+# --------------------------------------------------------------------------------------------
+# the CUDA kernels (pipelined default and legacy, LONGVIDEO_TSA_CUDA), GPU tier: partial query
+# tiles, every layout, D 64 / 128, fp16 / bf16, and the NaN rule for masked v rows
+CUDA_LAYOUTS = ["plain", "rope", "vrpr", "official_vrpr", "official_tsa"]
+
+
+def _cuda_layout_args(layout, T, F, D, device):
+    """(positional args after q, k, v; keyword args) of one layout: the frame tiers (plain, with
+    temporal RoPE, with VRPR) or FreeLOC's official token layouts (derive_params at F frames)."""
+    freqs = _freqs(min(22, D // 4), device)  # Wan's 22 temporal pairs at D 128
+    if layout == "plain":
+        return (T, 2, 4, 3, 1, None, None, None), {}
+    if layout == "rope":
+        return (T, 2, 4, 3, 1, None, freqs, None), {}
+    if layout == "vrpr":
+        return (T, 2, 4, 3, 1, None, freqs, [2.0, 4.0, 2.0, 2.0, 5.0]), {}
+    from longvideo.methods.freeloc import derive_params
+
+    kw = derive_params(F, 21).settings(layout.split("_")[1], T).op_kwargs()
+    return (T, kw.pop("local_frames"), kw.pop("stripe_frames"), kw.pop("stripe_width"), kw.pop("sink_frames"), None,
+            freqs), kw
+
+
+def test_cuda_kernel_choice_from_environment(monkeypatch):
+    monkeypatch.delenv("LONGVIDEO_TSA_CUDA", raising=False)
+    assert tsa_mod.cuda_kernel_choice() == "pipelined"
+    assert tsa_mod.CUDA_KERNELS["pipelined"] == (1, 128) and tsa_mod.CUDA_KERNELS["legacy"] == (0, 64)
+    monkeypatch.setenv("LONGVIDEO_TSA_CUDA", "legacy")
+    assert tsa_mod.cuda_kernel_choice() == "legacy"
+    monkeypatch.setenv("LONGVIDEO_TSA_CUDA", "fast")
+    with pytest.raises(ValueError, match="LONGVIDEO_TSA_CUDA"):
+        tsa_mod.cuda_kernel_choice()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["pipelined", "legacy"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("layout", CUDA_LAYOUTS)
+def test_gpu_cuda_kernels_partial_query_tiles(require_backend, monkeypatch, kernel, dtype, D, layout):
+    """Both CUDA kernels against the reference where the last query tile is partial: S = 410 (26
+    rows of the last 128-row tile: warp 0 only, half of its second row tile empty) and S = 63 (one
+    tile, warps 2 and 3 idle), B = 2 (batch offsets). A wrong fragment layout fails the same check:
+    the output with rows g and g + 8 of every 16-row tile swapped."""
+    require_backend(OP, "cuda")
+    monkeypatch.setenv("LONGVIDEO_TSA_CUDA", kernel)
+    dev = torch.device("cuda")
+    for T, F in [(10, 41)] + ([] if layout.startswith("official") else [(7, 9)]):
+        args, kw = _cuda_layout_args(layout, T, F, D, dev)
+        q, k, v = _qkv(2, 2, F, T, D, dtype, dev)
+        with ops.use_backend("cuda", op=OP):
+            out = tsa(q, k, v, *args, **kw)
+        ref = reference(q, k, v, *args, **kw)
+        atol, rtol = _tol("cuda", dtype)
+        torch.testing.assert_close(out.float(), ref.float(), atol=atol, rtol=rtol)
+        rows = torch.arange(F * T, device=dev)
+        swapped = torch.where((rows ^ 8) < F * T, rows ^ 8, rows)
+        with pytest.raises(AssertionError):
+            torch.testing.assert_close(out[:, :, swapped].float(), ref.float(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["pipelined", "legacy"])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("layout", ["plain", "vrpr", "official_vrpr", "official_tsa"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_gpu_cuda_nan_rule_masked_v_rows(require_backend, monkeypatch, kernel, D, layout, value):
+    """The op's NaN rule (docs/ops.md) on the CUDA backend: a NaN/inf in v[j] (whole rows and single
+    channels) makes out[i, c] non-finite exactly where query i attends key j, as in the reference.
+    The pipelined kernel must match the reference's non-finite positions; the legacy kernel is the
+    deliberately wrong variant (0 * NaN inside partial blocks): its non-finite set contains the
+    reference's and, on the frame tiers (masked keys of visited partial blocks are certain there:
+    the stripe tier), is strictly larger."""
+    require_backend(OP, "cuda")
+    monkeypatch.setenv("LONGVIDEO_TSA_CUDA", kernel)
+    dev = torch.device("cuda")
+    T, F = 10, 41
+    args, kw = _cuda_layout_args(layout, T, F, D, dev)
+    q, k, v = _qkv(1, 2, F, T, D, torch.bfloat16, dev)
+    for h, tok, ch in [(0, 133, None), (0, 257, 3), (1, 390, None), (1, 14, D - 1)]:
+        v[0, h, tok, slice(None) if ch is None else ch] = value
+    with ops.use_backend("cuda", op=OP):
+        out = tsa(q, k, v, *args, **kw)
+    ref = reference(q, k, v, *args, **kw)
+    got, exp = ~torch.isfinite(out), ~torch.isfinite(ref)
+    assert exp.any() and not exp.all()
+    if kernel == "pipelined":
+        assert torch.equal(got, exp), (int((got & ~exp).sum()), int((exp & ~got).sum()))
+        atol, rtol = _tol("cuda", torch.bfloat16)
+        torch.testing.assert_close(out[~exp].float(), ref[~exp].float(), atol=atol, rtol=rtol)
+    else:
+        assert bool((got | ~exp).all()), "legacy: every non-finite output of the reference is non-finite"
+        if not layout.startswith("official"):
+            assert int((got & ~exp).sum()) > 0, "legacy: the known gap should show on the frame tiers"

@@ -12,6 +12,7 @@ dense problem it computes.
 from __future__ import annotations
 
 import math
+import os
 import weakref
 from typing import Optional
 
@@ -282,10 +283,27 @@ def _triton_impl(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_wi
     return out.to(dtype)
 
 
+# The CUDA kernels (docs/ops.md): name -> (kernel code of the private op, query rows per block of
+# the schedule). "pipelined" (default): 32 query rows per warp (128 per CTA), K/V double-buffered with
+# cp.async, the NaN rule for masked v rows; "legacy": 16 rows per warp (64 per CTA), tiles staged
+# synchronously, kept for side-by-side benchmarks (it lets a NaN/inf in a masked v row of a partial
+# block reach that block's queries). Chosen per call by the environment variable LONGVIDEO_TSA_CUDA.
+CUDA_KERNELS = {"pipelined": (1, 128), "legacy": (0, 64)}
+
+
+def cuda_kernel_choice() -> str:
+    """The CUDA kernel LONGVIDEO_TSA_CUDA selects ("pipelined" unless set), or ValueError naming it."""
+    name = os.environ.get("LONGVIDEO_TSA_CUDA", "pipelined")
+    if name not in CUDA_KERNELS:
+        raise ValueError(f"LONGVIDEO_TSA_CUDA must be one of {sorted(CUDA_KERNELS)}, got {name!r}")
+    return name
+
+
 def _cuda_impl(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0, sink_frames=1,
                scale=None, rope_t_freqs=None, vrpr=None, token_bands=None, token_tiers=None, sink_rope=None):
     B, H, S, D = q.shape
-    block_m, block_n = 64, 64
+    kernel, block_m = CUDA_KERNELS[cuda_kernel_choice()]
+    block_n = 64
     has_rope = rope_t_freqs is not None and rope_t_freqs.numel() > 0
     sched = build_schedule(S, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
                            block_m, block_n, q.device, vrpr, token_bands=token_bands, token_tiers=token_tiers,
@@ -303,7 +321,7 @@ def _cuda_impl(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_widt
         q, k, v, sched.full_idx, sched.full_cnt, sched.full_combo, sched.part_idx, sched.part_cnt,
         sched.part_combo, cos_t, sin_t, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames,
         rope_pairs, w1, w2, layout_code(token_bands, token_tiers), list(token_edges(token_bands, token_tiers)),
-        scale, stream)
+        scale, kernel, block_m, stream)
 
 
 _QKV = ("q", "k", "v")

@@ -1,0 +1,153 @@
+"""CPU emulation of the pipelined CUDA tiered_sparse_attention kernel's index math (issue 14 item 4).
+
+No GPU runs here, so the lane / fragment mapping of `tsa_fwd_pipelined_kernel`
+(csrc/tiered_sparse_attention_kernels.cu) is checked by emulating, in NumPy, the PTX semantics of
+the instructions it uses -- `ldmatrix.x4` (plain and `.trans`) and `mma.m16n8k16` (fragment layouts
+of the PTX ISA) -- with the kernel's address formulas (`pl_q_frag`, `pl_k_frag`, `pl_v_frag`), its
+row ownership (warp w, row tile mt: rows 32 w + 16 mt + lane / 4 (+ 8)), its 32-key sub-tiles, the
+reuse of the S accumulators as P's A fragments, and its epilogue. One attention tile computed that
+way must equal softmax(Q K^T) V computed directly. The formulas below are copied from the kernel;
+a change there must be mirrored here. A deliberately wrong mapping (the K fragment's matrices in
+the wrong order) must fail.
+
+The cp.async chunk ownership (thread t: key row t / 2, chunks 2 it + t % 2) must cover every
+16-byte chunk of a 64-key tile exactly once, and give every thread the same number of chunks of
+the rotated channels [0, 2R) (the in-place RoPE rotation needs no barrier and no idle threads).
+"""
+import numpy as np
+import pytest
+
+BN, BKH, NWARPS, MT = 64, 32, 4, 2
+
+
+def ldmatrix_x4(smem, addr, trans=False):
+    """regs[lane, i] = the two 16-bit elements lane receives of matrix i; matrix i's eight row
+    addresses come from lanes 8 i .. 8 i + 7 (addr(lane) = (row, col) of an 8-element row)."""
+    regs = np.zeros((32, 4, 2))
+    for i in range(4):
+        mat = np.stack([smem[r, c:c + 8] for r, c in (addr(8 * i + j) for j in range(8))])
+        if trans:
+            mat = mat.T
+        for lane in range(32):
+            regs[lane, i] = mat[lane // 4, 2 * (lane % 4):2 * (lane % 4) + 2]
+    return regs
+
+
+def mma16816(c, a, b):
+    """c[lane, 4] += A(16 x 16) B(16 x 8) from the per-lane fragments (PTX ISA, m16n8k16 .f16/.bf16):
+    a[lane, 4, 2]: a0 (row g, k 2t..2t+1), a1 (row g+8, same k), a2 (row g, k 8+2t..), a3 (row g+8, k 8+2t..);
+    b[lane, 2, 2]: b0 (k 2t..2t+1, n g), b1 (k 8+2t.., n g); c: (row g, n 2t..2t+1), (row g+8, n 2t..2t+1)."""
+    A, B = np.zeros((16, 16)), np.zeros((16, 8))
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        A[g, 2 * t:2 * t + 2], A[g + 8, 2 * t:2 * t + 2] = a[lane, 0], a[lane, 1]
+        A[g, 8 + 2 * t:10 + 2 * t], A[g + 8, 8 + 2 * t:10 + 2 * t] = a[lane, 2], a[lane, 3]
+        B[2 * t:2 * t + 2, g], B[8 + 2 * t:10 + 2 * t, g] = b[lane, 0], b[lane, 1]
+    C = A @ B
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        c[lane] += np.array([C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1]])
+
+
+def q_addr(row0, kk):  # pl_q_frag
+    return lambda lane: (row0 + lane % 16, kk * 16 + (lane // 16) * 8)
+
+
+def k_addr(n16, kk, wrong=False):  # pl_k_frag
+    def addr(lane):
+        mi = lane // 8
+        if wrong:  # the deliberately wrong variant: matrices 1 and 2 swapped
+            return n16 * 16 + (mi % 2) * 8 + lane % 8, kk * 16 + (mi // 2) * 8
+        return n16 * 16 + (mi // 2) * 8 + lane % 8, kk * 16 + (mi % 2) * 8
+    return addr
+
+
+def v_addr(kk, dn):  # pl_v_frag (.trans)
+    return lambda lane: (kk * 16 + ((lane // 8) % 2) * 8 + lane % 8, dn * 16 + (lane // 8 // 2) * 8)
+
+
+def emulate_tile(Q, K, V, wrong_k=False):
+    """One CTA tile of the pipelined kernel: Q (128, D) staged rows, K / V (64, D) one key block
+    (two 32-key sub-tiles), online softmax in log2 units as the kernel does (scale 1). Returns
+    (128, D) outputs placed by the epilogue's formula."""
+    D = Q.shape[1]
+    out = np.full((NWARPS * 16 * MT, D), np.nan)
+    for warp in range(NWARPS):
+        wrow = warp * 16 * MT
+        o = np.zeros((MT, D // 8, 32, 4))
+        m = np.full((MT, 32, 2), -1e30)
+        l = np.zeros((MT, 32, 2))
+        for half in range(BN // BKH):
+            Kh, Vh = K[half * BKH:(half + 1) * BKH], V[half * BKH:(half + 1) * BKH]
+            s = np.zeros((MT, BKH // 8, 32, 4))
+            for kk in range(D // 16):  # pl_qk
+                a = [ldmatrix_x4(Q, q_addr(wrow + mt * 16, kk)) for mt in range(MT)]
+                for n16 in range(BKH // 16):
+                    b = ldmatrix_x4(Kh, k_addr(n16, kk, wrong_k))
+                    for mt in range(MT):
+                        mma16816(s[mt, 2 * n16], a[mt], b[:, 0:2])
+                        mma16816(s[mt, 2 * n16 + 1], a[mt], b[:, 2:4])
+            s *= np.log2(np.e)
+            for mt in range(MT):  # online softmax: rows g -> x 0, 1; g + 8 -> x 2, 3; max over the quad
+                for hh in range(2):
+                    blk = s[mt][:, :, 2 * hh:2 * hh + 2]  # (NT, 32, 2)
+                    mx = np.maximum(m[mt][:, hh], blk.max(axis=(0, 2)))
+                    mx = np.array([mx[(ln // 4) * 4:(ln // 4) * 4 + 4].max() for ln in range(32)])
+                    alpha = np.exp2(m[mt][:, hh] - mx)
+                    m[mt][:, hh] = mx
+                    pe = np.exp2(blk - mx[None, :, None])
+                    s[mt][:, :, 2 * hh:2 * hh + 2] = pe
+                    l[mt][:, hh] = l[mt][:, hh] * alpha + pe.sum(axis=(0, 2))
+                    o[mt][:, :, 2 * hh:2 * hh + 2] *= alpha[None, :, None]
+            for kk in range(BKH // 16):  # O += P V
+                a = np.zeros((MT, 32, 4, 2))
+                for mt in range(MT):
+                    a[mt, :, 0] = s[mt, 2 * kk][:, 0:2]
+                    a[mt, :, 1] = s[mt, 2 * kk][:, 2:4]
+                    a[mt, :, 2] = s[mt, 2 * kk + 1][:, 0:2]
+                    a[mt, :, 3] = s[mt, 2 * kk + 1][:, 2:4]
+                for dn in range(D // 16):
+                    b = ldmatrix_x4(Vh, v_addr(kk, dn), trans=True)
+                    for mt in range(MT):
+                        mma16816(o[mt, 2 * dn], a[mt], b[:, 0:2])
+                        mma16816(o[mt, 2 * dn + 1], a[mt], b[:, 2:4])
+        for mt in range(MT):  # epilogue: quad sums, rows wrow + 16 mt + g + 8 hh, channels 8 j + 2 t4 (+1)
+            for hh in range(2):
+                for lane in range(32):
+                    g, t4 = lane // 4, lane % 4
+                    tot = l[mt][(lane // 4) * 4:(lane // 4) * 4 + 4, hh].sum()
+                    row = wrow + mt * 16 + g + 8 * hh
+                    for j in range(D // 8):
+                        out[row, j * 8 + 2 * t4:j * 8 + 2 * t4 + 2] = o[mt, j, lane, 2 * hh:2 * hh + 2] / tot
+    return out
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_emulated_fragments_compute_attention(D):
+    rng = np.random.default_rng(D)
+    Q, K, V = (rng.standard_normal((n, D)) / D ** 0.25 for n in (NWARPS * 16 * MT, BN, BN))
+    got = emulate_tile(Q, K, V)
+    logits = Q @ K.T
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    want = (p / p.sum(1, keepdims=True)) @ V
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    # the deliberately wrong K fragment mapping (matrices 1 and 2 swapped) is caught
+    bad = emulate_tile(Q, K, V, wrong_k=True)
+    assert not np.allclose(bad, want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("D,rope_pairs", [(64, 10), (128, 22), (128, 64), (64, 1)])
+def test_cp_async_chunk_ownership(D, rope_pairs):
+    """pl_load_kv / pl_rotate_k / pl_own_v_nonfinite: thread t owns row t / 2, chunks 2 it + t % 2."""
+    nthreads = 2 * BN
+    seen = np.zeros((BN, D // 8), dtype=int)
+    rope_chunks = np.zeros(nthreads, dtype=int)
+    for t in range(nthreads):
+        for it in range(D // 16):
+            c = 2 * it + t % 2
+            seen[t // 2, c] += 1
+            rope_chunks[t] += c * 8 < 2 * rope_pairs
+    assert (seen == 1).all()
+    # the rotated chunks [0, 2R) are spread over the threads: at most one chunk of difference
+    assert rope_chunks.max() - rope_chunks.min() <= 1
+    assert rope_chunks.sum() == BN * -(-2 * rope_pairs // 8)
