@@ -7,6 +7,10 @@ compiled FlexAttention call per band with that band's RoPE copies, merged by log
 SDPA on the dense problem runs on two backends, flash and cuDNN (``SDPBackend.CUDNN_ATTENTION``,
 the FA3-class kernel on Hopper): what a user would run without FreeLOC's sparsity.
 
+``cuda_legacy_kernel``: the CUDA backend with ``LONGVIDEO_TSA_CUDA=legacy`` (16 query rows per warp,
+tiles staged synchronously) beside ``longvideo[cuda]`` (the default pipelined kernel), for the
+side-by-side measurement of docs/perf_notes.md.
+
 ``flops`` counts the attended pairs only (4 * D per pair: QK^T and PV), so TFLOP/s compares
 useful work; ``extra`` records the token- and block-level density of the tiers.
 
@@ -18,6 +22,7 @@ semantics) at 41 and 81 latent frames -- then the plain tiers at 41 and 81.
 from __future__ import annotations
 
 import importlib
+import os
 import time
 
 import torch
@@ -85,6 +90,25 @@ def _op_cases(label, params, impls, device, args, kwargs, flops, extra):
             torch.cuda.synchronize(device)
         yield Case(SUITE, label, f"longvideo[{backend}]", fn, params, flops=flops,
                    setup_ms=(time.perf_counter() - t0) * 1e3, extra=dict(extra))
+        if backend == "cuda" and device.type == "cuda":
+            # the legacy CUDA kernel (LONGVIDEO_TSA_CUDA=legacy) beside the default pipelined one;
+            # not named longvideo[...]: the auto preferences compare backends, not kernels
+            def legacy(fn=fn):
+                old = os.environ.get("LONGVIDEO_TSA_CUDA")
+                os.environ["LONGVIDEO_TSA_CUDA"] = "legacy"
+                try:
+                    return fn()
+                finally:
+                    if old is None:
+                        os.environ.pop("LONGVIDEO_TSA_CUDA", None)
+                    else:
+                        os.environ["LONGVIDEO_TSA_CUDA"] = old
+
+            t0 = time.perf_counter()
+            legacy()
+            torch.cuda.synchronize(device)
+            yield Case(SUITE, label, "cuda_legacy_kernel", legacy, params, flops=flops,
+                       setup_ms=(time.perf_counter() - t0) * 1e3, extra=dict(extra, kernel="legacy"))
 
 
 def _cases_for(device, dtype, B, H, D, T, F, tiers, vrpr, impls, label):

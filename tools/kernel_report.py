@@ -99,10 +99,6 @@ ALLOW: dict = {
                   "spill): 128x64 w8 s3 at 255 regs, 0 B (3.6) and 16/16 B (3.9); 128x128 (552/600 B in 3.6) "
                   "was dropped from the sweep.",
         "spill_bytes_max": 1500},
-    "cuda/tiered_sparse_attention_kernels.cu/*tsa_fwd_kernel<*, 128>*": {
-        "reason": "CUDA TSA D=128 (mma.sync) at 255 registers, the per-thread maximum: 48 B spill stores / 44 B "
-                  "loads (nvcc 13.0).",
-        "spill_bytes_max": 128},
 }
 
 
