@@ -4,7 +4,8 @@ or token granularity (FreeLOC's released code: ``token_bands``, ``token_tiers``,
 
 Backends: ``reference`` (dense masked attention, CPU/CUDA), ``triton`` (block-sparse flash
 attention over a cached block schedule, temporal RoPE rotated in-kernel per band) and ``cuda``
-(tensor-core mma.sync kernel over the same schedule). The block schedule is built on the
+(tensor-core mma.sync kernel over the same schedule: FlashAttention-2's tiling with a cp.async
+pipeline, or the older kernel with ``LONGVIDEO_TSA_CUDA=legacy``). The block schedule is built on the
 device from the tier parameters alone by the plan layer (``longvideo.ops.plan.tiered``:
 :func:`build_schedule`, cached per shape); :func:`schedule_density` reports how much of the
 dense problem it computes.
@@ -227,9 +228,10 @@ def tiered_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f
     key block (tier, sink or band edge inside) NaN/inf values of v enter p @ v as 0 and the attended
     ones are added afterwards, so no masked value meets p = 0 (tests/test_op_inputs.py, every layout).
     Where an attended inf meets a probability that underflowed to 0 the reference gives NaN and the
-    Triton backend inf. The CUDA kernel multiplies whole partial blocks by v: it follows the rule
-    only once its GPU test of this rule passes (until then a NaN/inf of a masked v row there can
-    reach the queries of that block).
+    Triton backend inf. The CUDA backend's default kernel follows it too (non-finite v values of a
+    partial block zeroed in p @ v, then NaN where an attended key has one; not yet run on a GPU).
+    The CUDA legacy kernel (LONGVIDEO_TSA_CUDA=legacy) multiplies whole partial blocks by v: there a
+    NaN/inf of a masked v row can reach the queries of that block.
     """
     _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, scale,
            rope_t_freqs, vrpr, token_bands, token_tiers, sink_rope)
