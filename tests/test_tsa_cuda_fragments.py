@@ -8,7 +8,10 @@ row ownership (warp w, row tile mt: rows 32 w + 16 mt + lane / 4 (+ 8)), its 32-
 reuse of the S accumulators as P's A fragments, and its epilogue. One attention tile computed that
 way must equal softmax(Q K^T) V computed directly. The formulas below are copied from the kernel;
 a change there must be mirrored here. A deliberately wrong mapping (the K fragment's matrices in
-the wrong order) must fail.
+the wrong order) must fail. A partial entry's element mask and the NaN rule's path (V fragments
+with non-finite values zeroed, then pl_nonfinite_v_rule's per-key formulas) must reproduce the
+reference's where-selection; the legacy kernel's plain P V must not. (Checked by hand once: the
+rule reading channel 2 t4 instead of 8 dt + 2 t4 fails test_emulated_mask_and_nan_rule.)
 
 The cp.async chunk ownership (thread t: key row t / 2, chunks 2 it + t % 2) must cover every
 16-byte chunk of a 64-key tile exactly once, and give every thread the same number of chunks of
@@ -43,7 +46,8 @@ def mma16816(c, a, b):
         A[g, 2 * t:2 * t + 2], A[g + 8, 2 * t:2 * t + 2] = a[lane, 0], a[lane, 1]
         A[g, 8 + 2 * t:10 + 2 * t], A[g + 8, 8 + 2 * t:10 + 2 * t] = a[lane, 2], a[lane, 3]
         B[2 * t:2 * t + 2, g], B[8 + 2 * t:10 + 2 * t, g] = b[lane, 0], b[lane, 1]
-    C = A @ B
+    with np.errstate(invalid="ignore"):  # 0 * inf in the legacy variant's P V
+        C = A @ B
     for lane in range(32):
         g, t = lane // 4, lane % 4
         c[lane] += np.array([C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1]])
@@ -66,10 +70,17 @@ def v_addr(kk, dn):  # pl_v_frag (.trans)
     return lambda lane: (kk * 16 + ((lane // 8) % 2) * 8 + lane % 8, dn * 16 + (lane // 8 // 2) * 8)
 
 
-def emulate_tile(Q, K, V, wrong_k=False):
+def nonfinite_pairs(b):
+    """nonfinite_halves per element: True where a 16-bit value is inf or NaN."""
+    return ~np.isfinite(b)
+
+
+def emulate_tile(Q, K, V, wrong_k=False, mask=None, nan_rule=True):
     """One CTA tile of the pipelined kernel: Q (128, D) staged rows, K / V (64, D) one key block
-    (two 32-key sub-tiles), online softmax in log2 units as the kernel does (scale 1). Returns
-    (128, D) outputs placed by the epilogue's formula."""
+    (two 32-key sub-tiles), online softmax in log2 units as the kernel does (scale 1). mask (128, 64)
+    bool: a partial entry's element mask (query row, key), applied by the kernel's formula; with
+    nan_rule (and a V tile holding inf/NaN) P V runs on fragments with those values zeroed and
+    pl_nonfinite_v_rule's formulas set the NaNs. Returns (128, D) outputs placed by the epilogue."""
     D = Q.shape[1]
     out = np.full((NWARPS * 16 * MT, D), np.nan)
     for warp in range(NWARPS):
@@ -88,6 +99,15 @@ def emulate_tile(Q, K, V, wrong_k=False):
                         mma16816(s[mt, 2 * n16], a[mt], b[:, 0:2])
                         mma16816(s[mt, 2 * n16 + 1], a[mt], b[:, 2:4])
             s *= np.log2(np.e)
+            if mask is not None:  # s[mt][j][x] <-> (row wrow + 16 mt + g + 8 (x >> 1), key 8 j + 2 t4 + (x & 1))
+                for mt in range(MT):
+                    for j in range(BKH // 8):
+                        for lane in range(32):
+                            g, t4 = lane // 4, lane % 4
+                            for x in range(4):
+                                row, col = wrow + mt * 16 + g + 8 * (x >> 1), half * BKH + j * 8 + 2 * t4 + (x & 1)
+                                if not mask[row, col]:
+                                    s[mt, j, lane, x] = -np.inf
             for mt in range(MT):  # online softmax: rows g -> x 0, 1; g + 8 -> x 2, 3; max over the quad
                 for hh in range(2):
                     blk = s[mt][:, :, 2 * hh:2 * hh + 2]  # (NT, 32, 2)
@@ -99,6 +119,7 @@ def emulate_tile(Q, K, V, wrong_k=False):
                     s[mt][:, :, 2 * hh:2 * hh + 2] = pe
                     l[mt][:, hh] = l[mt][:, hh] * alpha + pe.sum(axis=(0, 2))
                     o[mt][:, :, 2 * hh:2 * hh + 2] *= alpha[None, :, None]
+            flagged = nan_rule and mask is not None and not np.isfinite(V).all()
             for kk in range(BKH // 16):  # O += P V
                 a = np.zeros((MT, 32, 4, 2))
                 for mt in range(MT):
@@ -108,9 +129,23 @@ def emulate_tile(Q, K, V, wrong_k=False):
                     a[mt, :, 3] = s[mt, 2 * kk + 1][:, 2:4]
                 for dn in range(D // 16):
                     b = ldmatrix_x4(Vh, v_addr(kk, dn), trans=True)
+                    if flagged:
+                        b = np.where(nonfinite_pairs(b), 0.0, b)
                     for mt in range(MT):
                         mma16816(o[mt, 2 * dn], a[mt], b[:, 0:2])
                         mma16816(o[mt, 2 * dn + 1], a[mt], b[:, 2:4])
+            if flagged:  # pl_nonfinite_v_rule: key j of the sub-tile, the thread's channel pair 8 dt + 2 t4 (+1)
+                for j in range(BKH):
+                    for lane in range(32):
+                        g, t4 = lane // 4, lane % 4
+                        for dt in range(D // 8):
+                            bad = nonfinite_pairs(Vh[j, dt * 8 + 2 * t4:dt * 8 + 2 * t4 + 2])
+                            for mt in range(MT):
+                                for hh in range(2):
+                                    if mask[wrow + mt * 16 + g + 8 * hh, half * BKH + j]:
+                                        for e in range(2):
+                                            if bad[e]:
+                                                o[mt, dt, lane, 2 * hh + e] = np.nan
         for mt in range(MT):  # epilogue: quad sums, rows wrow + 16 mt + g + 8 hh, channels 8 j + 2 t4 (+1)
             for hh in range(2):
                 for lane in range(32):
@@ -151,3 +186,32 @@ def test_cp_async_chunk_ownership(D, rope_pairs):
     # the rotated chunks [0, 2R) are spread over the threads: at most one chunk of difference
     assert rope_chunks.max() - rope_chunks.min() <= 1
     assert rope_chunks.sum() == BN * -(-2 * rope_pairs // 8)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_emulated_mask_and_nan_rule(value):
+    """A partial entry: element mask by the kernel's formula, and non-finite v values in keys that
+    some rows attend and others do not. The emulated kernel must give the reference's result (masked
+    keys never reach a row: where-selection) with non-finite outputs exactly where the rule puts them;
+    without the rule (the legacy kernel's P V) the masked rows catch them (0 * NaN) and it fails."""
+    D = 64
+    rng = np.random.default_rng(7)
+    Q, K, V = (rng.standard_normal((n, D)) / D ** 0.25 for n in (NWARPS * 16 * MT, BN, BN))
+    rows, cols = np.arange(NWARPS * 16 * MT)[:, None], np.arange(BN)[None, :]
+    mask = (np.abs(rows % 50 - cols) < 6) | (rng.random((rows.size, BN)) < 0.2)
+    mask[np.arange(BN) * 2, np.arange(BN)] = True  # every key attended by some row
+    V[5] = value              # key 5: a whole row (sub-tile 0)
+    V[40, 9] = value          # key 40, channel 9 (sub-tile 1, the second half of a pair)
+    V[33, 16] = value         # channel 16 (the first half of a pair)
+    got = emulate_tile(Q, K, V, mask=mask)
+    logits = np.where(mask, Q @ K.T, -np.inf)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = np.einsum("ij,jc->ic", p, np.where(np.isfinite(V), V, 0.0))
+    bad = (mask[:, :, None] & ~np.isfinite(V)[None]).any(1)      # the rule: attended non-finite v[., c]
+    want[bad] = np.nan
+    assert bad.any() and not bad.all()
+    np.testing.assert_array_equal(~np.isfinite(got), bad)
+    np.testing.assert_allclose(got[~bad], want[~bad], rtol=1e-10, atol=1e-12)
+    legacy = emulate_tile(Q, K, V, mask=mask, nan_rule=False)
+    assert (~np.isfinite(legacy) & ~bad).any()
