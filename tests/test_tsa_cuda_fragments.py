@@ -215,3 +215,18 @@ def test_emulated_mask_and_nan_rule(value):
     np.testing.assert_allclose(got[~bad], want[~bad], rtol=1e-10, atol=1e-12)
     legacy = emulate_tile(Q, K, V, mask=mask, nan_rule=False)
     assert (~np.isfinite(legacy) & ~bad).any()
+
+
+def test_combo_selection_bits_match_the_logit_layout():
+    """pl_qk_combo: bit i of sel[mt] is found for (row wrow + 16 mt + g + 8 ((i >> 1) & 1), key
+    8 (i >> 2) + 2 t4 + (i & 1)) and read back for s[mt][j][x] as bit 4 j + x: the same element as
+    the C fragment layout (row g + 8 (x >> 1), key 8 j + 2 t4 + (x & 1)) for every lane."""
+    for lane in range(32):
+        g, t4 = lane // 4, lane % 4
+        found = {}
+        for i in range(BKH // 2):
+            found[i] = (g + 8 * ((i >> 1) & 1), (i >> 2) * 8 + 2 * t4 + (i & 1))
+        for j in range(BKH // 8):
+            for x in range(4):
+                assert found[4 * j + x] == (g + 8 * (x >> 1), 8 * j + 2 * t4 + (x & 1))
+    assert BKH // 2 <= 32  # one 32-bit word per row tile
