@@ -12,8 +12,9 @@
 //    NaN/inf in a masked v row reaches the block's queries (0 * NaN).
 //
 // Temporal RoPE (optional): channels [0, 2R) of q and k are unrotated temporal pairs. The legacy
-// kernel rotates them while a tile is staged into shared memory (the pipelined one after the copy), with the position "variant" of the pair's
-// band (tables cos/sin: (5, F, 2R) float, channel-indexed as built by rope_tables()). A block pair
+// kernel rotates them while a tile is staged into shared memory (the pipelined one after the copy),
+// with the position "variant" of the pair's band (tables cos/sin: (5, F, 2R) float,
+// channel-indexed as built by rope_tables()). A block pair
 // whose frame distances fall in one VRPR band stages each tile once; a block pair spanning a band
 // edge computes one logit tile per band present (re-staging the rotated tiles) and selects per
 // element by the band of the pair.
@@ -185,8 +186,8 @@ __device__ __forceinline__ bool attended(int row, int col, const Params& p) {
 
 template <typename T, int D, bool PARTIAL>
 __device__ __forceinline__ void legacy_visit(int kb, int combo_bits, const Params& p, T* Qs, T* Ks, T* Vs,
-                                      const T* qh, const T* kh, const T* vh, int q0, int& cur_qv,
-                                      float (*o)[4], float* m, float* l, int warp, int lane) {
+                                             const T* qh, const T* kh, const T* vh, int q0, int& cur_qv,
+                                             float (*o)[4], float* m, float* l, int warp, int lane) {
   constexpr int PITCH = D + 8;
   const int k0 = kb * BN;
   const bool rope = p.rope_pairs > 0;
@@ -316,12 +317,12 @@ __global__ void __launch_bounds__(NTHREADS) tsa_fwd_legacy_kernel(const Params p
 
   const int nf = p.full_cnt[qb];
   for (int e = 0; e < nf; ++e)
-    legacy_visit<T, D, false>(p.full_idx[(int64_t)qb * p.full_w + e], p.full_combo[(int64_t)qb * p.full_w + e], p, Qs, Ks,
-                       Vs, qh, kh, vh, q0, cur_qv, o, m, l, warp, lane);
+    legacy_visit<T, D, false>(p.full_idx[(int64_t)qb * p.full_w + e], p.full_combo[(int64_t)qb * p.full_w + e], p,
+                              Qs, Ks, Vs, qh, kh, vh, q0, cur_qv, o, m, l, warp, lane);
   const int np = p.part_cnt[qb];
   for (int e = 0; e < np; ++e)
-    legacy_visit<T, D, true>(p.part_idx[(int64_t)qb * p.part_w + e], p.part_combo[(int64_t)qb * p.part_w + e], p, Qs, Ks,
-                      Vs, qh, kh, vh, q0, cur_qv, o, m, l, warp, lane);
+    legacy_visit<T, D, true>(p.part_idx[(int64_t)qb * p.part_w + e], p.part_combo[(int64_t)qb * p.part_w + e], p,
+                             Qs, Ks, Vs, qh, kh, vh, q0, cur_qv, o, m, l, warp, lane);
 
   const int g = lane / 4, t4 = lane % 4;
   const float inv[2] = {l[0] > 0.f ? 1.f / l[0] : 0.f, l[1] > 0.f ? 1.f / l[1] : 0.f};
@@ -340,7 +341,8 @@ __global__ void __launch_bounds__(NTHREADS) tsa_fwd_legacy_kernel(const Params p
 template <typename T, int D>
 int launch(const Params& p, int num_q_blocks, int batch_heads, cudaStream_t stream) {
   const size_t smem = size_t(BM + 2 * BN) * (D + 8) * sizeof(T);
-  cudaError_t err = cudaFuncSetAttribute(tsa_fwd_legacy_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  cudaError_t err =
+      cudaFuncSetAttribute(tsa_fwd_legacy_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return (int)err;
   dim3 grid(num_q_blocks, batch_heads);
   tsa_fwd_legacy_kernel<T, D><<<grid, NTHREADS, smem, stream>>>(p);
@@ -352,19 +354,18 @@ int launch(const Params& p, int num_q_blocks, int batch_heads, cudaStream_t stre
 // FlashAttention-2's tiling. A CTA is 4 warps x MT m16 row tiles: MT = 2 gives 32 query rows per
 // warp and 128 queries per CTA (the schedule is built with block_m = 128), so every K and V
 // fragment read from shared memory with ldmatrix feeds MT MMAs; each 64-key block is multiplied
-// as two 32-key sub-tiles (BKH). K/V tiles of the schedule's
-// 64-key blocks are double-buffered in shared memory and filled with cp.async: the next entry's
-// tile streams in while the current one is multiplied. Q is staged once (rotated with variant 0)
-// and its fragments are re-read from shared memory per key block (the registers hold the MT
-// tiles' accumulators instead).
+// as two 32-key sub-tiles (BKH). K/V tiles of the schedule's 64-key blocks are double-buffered in
+// shared memory and filled with cp.async: the next entry's tile streams in while the current one
+// is multiplied. Q is staged once (rotated with variant 0) and its fragments are re-read from
+// shared memory per sub-tile (the registers hold the MT tiles' accumulators instead).
 //
 // Temporal RoPE: K lands unrotated (cp.async cannot transform); after the wait each thread
 // rotates, in place, the 16-byte chunks of [0, 2R) it copied itself (cp.async.wait_group makes a
 // thread's own copies visible to it), before the barrier that publishes the tile. Q is re-rotated
 // from global memory (its [0, 2R) chunks only) when an entry needs another q variant. A block pair
 // spanning band edges computes its first combo's logit tile at full speed, then per further combo
-// re-rotates K's chunks from global memory and computes that combo's logits 16 keys at a time,
-// selecting per element by the pair's combo (combo_at).
+// re-rotates K's chunks from global memory and computes that combo's logits 16 rows x 16 keys at
+// a time, selecting per element by the pair's combo (combo_at).
 //
 // NaN rule (docs/ops.md): a masked key/value row never reaches a query. Logits of masked pairs are
 // -inf (so masked k rows cannot), and p = 0 for them; but 0 * NaN = NaN in O += P V. Each thread
@@ -557,8 +558,8 @@ __device__ __forceinline__ void pl_qk(float (*s)[BKH / 8][4], const T* Qs, const
 
 // A further combo c of a band-edge block pair: which of the thread's logits have combo c (bit
 // 4 j + x of sel[mt] for s[mt][j][x], found by a rolled loop: few registers while s and the
-// output tiles are live), then that combo's logits 8 keys x 16 rows at a time (Q and K fragments
-// re-read per tile: a rare path), kept where selected.
+// output tiles are live), then that combo's logits 16 rows x 16 keys at a time (two n8 tiles beside
+// s; Q and K fragments re-read per tile: a rare path), kept where selected.
 template <typename T, int D, int MT>
 __device__ __forceinline__ void pl_qk_combo(float (*s)[BKH / 8][4], const T* Qs, const T* Kst, int wrow, int lane,
                                             int c, int q0, int k0, const Params& p) {
