@@ -222,6 +222,7 @@ def _brute_blocks(S, T, L, SF, SW, SK, bm, bn):
 
 @pytest.mark.parametrize("F,T,L,SF,SW,SK,bm,bn", [
     (9, 13, 2, 5, 4, 2, 16, 16), (6, 30, 1, 4, 7, 1, 16, 32), (11, 5, 3, 7, 2, 0, 32, 16), (4, 40, 4, 0, 0, 1, 16, 16),
+    (9, 45, 2, 5, 20, 1, 128, 64), (41, 10, 2, 4, 3, 1, 64, 64),  # the CUDA kernels' blocks (pipelined, legacy)
 ])
 def test_schedule_and_density_vs_brute_force(F, T, L, SF, SW, SK, bm, bn):
     S = F * T
@@ -238,8 +239,9 @@ def test_schedule_and_density_vs_brute_force(F, T, L, SF, SW, SK, bm, bn):
         assert got_part == set(torch.nonzero(nonempty[qb] & ~full[qb]).flatten().tolist())
 
 
-def test_schedule_vrpr_combos_cover_every_pair():
-    F, T, bm, bn, vrpr = 12, 5, 16, 16, [3, 6, 2, 3, 5]
+@pytest.mark.parametrize("F,T,bm,bn", [(12, 5, 16, 16), (12, 25, 128, 64)])
+def test_schedule_vrpr_combos_cover_every_pair(F, T, bm, bn):
+    vrpr = [3, 6, 2, 3, 5]
     S = F * T
     sched = plan.build_schedule(S, T, 12, 0, 0, 0, bm, bn, "cpu", vrpr)
     f = torch.arange(S) // T
@@ -353,7 +355,7 @@ def test_wrong_token_edges_fail_the_oracle():
     dict(token_bands=[17, 25, 44], stripe_width=0, local=7),
     dict(token_bands=[9, 13, 31], stripe_width=3, local=2, stripe=4, sink=1),
 ])
-@pytest.mark.parametrize("bm,bn", [(16, 16), (32, 16), (16, 64)])
+@pytest.mark.parametrize("bm,bn", [(16, 16), (32, 16), (16, 64), (128, 64)])
 def test_token_schedule_and_pair_count_vs_brute_force(layout, bm, bn):
     """Block schedule of the token layouts: every attended pair is in a visited block with its combo
     listed, 'full' blocks are wholly attended; the pair count equals the mask's."""
