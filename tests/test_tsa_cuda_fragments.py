@@ -13,6 +13,12 @@ with non-finite values zeroed, then pl_nonfinite_v_rule's per-key formulas) must
 reference's where-selection; the legacy kernel's plain P V must not. (Checked by hand once: the
 rule reading channel 2 t4 instead of 8 dt + 2 t4 fails test_emulated_mask_and_nan_rule.)
 
+At the tile level, emulate_pipelined_op runs the kernel's algorithm (entry order, rotation variants
+of K and Q with the re-rotations of band-edge entries, 32-key sub-tiles, element mask, combo
+selection, online softmax, NaN rule) on the host inputs the op builds for it (the 128 x 64 block
+schedule, the RoPE tables, the layout code and token edges) and must equal the reference op on every
+layout, FreeLOC's official ones included, with NaN in v rows; K rotated with the q variant must fail.
+
 The cp.async chunk ownership (thread t: key row t / 2, chunks 2 it + t % 2) must cover every
 16-byte chunk of a 64-key tile exactly once, and give every thread the same number of chunks of
 the rotated channels [0, 2R) (the in-place RoPE rotation needs no barrier and no idle threads).
@@ -230,3 +236,179 @@ def test_combo_selection_bits_match_the_logit_layout():
             for x in range(4):
                 assert found[4 * j + x] == (g + 8 * (x >> 1), 8 * j + 2 * t4 + (x & 1))
     assert BKH // 2 <= 32  # one 32-bit word per row tile
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipelined kernel's algorithm, tile by tile (the lane level is checked above), on the host
+# inputs _cuda_impl builds: the 128 x 64 schedule, the RoPE tables, the layout code and edges
+def _k_variant(c):
+    return 0 if c == 0 else (c + 1 if c & 1 else c - 1)
+
+
+def emulate_pipelined_op(q, k, v, T, L, SF, SW, SK, scale, freqs, vrpr, token_bands=None, token_tiers=None,
+                         sink_rope=None, wrong=None):
+    """tsa_fwd_pipelined_kernel for one (b, h): q, k, v (S, D) float64. Mirrors the kernel's entry
+    loop (full then partial), the rotation variants (K by k_variant(c0) after the copy, Q re-rotated
+    when the entry's first combo changes, both again per further combo and per sub-tile), the 32-key
+    sub-tiles, the element mask (attended_at, unclamped frames), combo_at (clamped frames), the
+    online softmax in log2 units and the NaN rule. wrong="k_variant": K rotated with the q variant."""
+    import torch
+
+    from longvideo.ops.plan import tiered as plan
+
+    S, D = q.shape
+    F, rope = S // T, freqs is not None
+    sched = plan.build_schedule(S, T, L, SF, SW, SK, 128, 64, "cpu", vrpr, token_bands=token_bands,
+                                token_tiers=token_tiers,
+                                plain_positions=not (rope and (vrpr is not None or sink_rope is not None)))
+    if rope:
+        cos_t, sin_t = (t.double() for t in plan.rope_tables(F, freqs, vrpr, "cpu", sink_rope=sink_rope))
+        R = freqs.numel()
+    w1, w2 = plan.band_edges(vrpr)
+    layout = plan.layout_code(token_bands, token_tiers)
+    te0, te1, te2, te3 = plan.token_edges(token_bands, token_tiers)
+
+    def rotated(x, toks, variant):  # rotate_chunk on rows `toks` (< S) of x
+        out = x.clone()
+        if not rope:
+            return out
+        fr = toks // T
+        co, si = cos_t[variant, fr, 0:2 * R:2], sin_t[variant, fr, 1:2 * R:2]  # cs[ch], sn[ch + 1]
+        x0, x1 = x[:, 0:2 * R:2], x[:, 1:2 * R:2]
+        out[:, 0:2 * R:2], out[:, 1:2 * R:2] = x0 * co - x1 * si, x0 * si + x1 * co
+        return out
+
+    def attended_at(row, col):  # (n, 1) x (1, m) grids of token indices
+        fq, pq, fk, pk = row // T, row % T, col // T, col % T
+        dp, t = (pq - pk).abs(), row - col
+        at = t.abs()
+        if layout == 2:
+            return (at <= te0) | ((at <= te1) & ((dp < SW) | (col < te2))) | ((col < te2) & (t > te1)) | \
+                ((col > te3) & (-t > te1))
+        dist = (fq - fk).abs()
+        keep = (dist < L) | (fk < SK) | ((dist < SF) & (dp < SW))
+        return keep & ((at <= te0) | (at >= te1)) if layout == 1 else keep
+
+    def combo_at(row, col):
+        fq, fk = torch.clamp(row // T, max=F - 1), torch.clamp(col // T, max=F - 1)
+        t = row - col
+        at = t.abs()
+        if layout == 0:
+            d = fq - fk
+            ad = d.abs()
+            return torch.where(ad < w1, 0, torch.where(ad < w2, torch.where(d > 0, 1, 2), torch.where(d > 0, 3, 4)))
+        if layout == 1:
+            return torch.where(at <= te0, 0, torch.where(at < te2, torch.where(t > 0, 1, 2), torch.where(t > 0, 3, 4)))
+        return torch.where((col < te2) & (t > te1), 1, torch.where((col > te3) & (-t > te1), 2, 0))
+
+    out = torch.zeros(S, D, dtype=torch.float64)
+    log2e = 1.4426950408889634
+    for qb in range(sched.num_q_blocks):
+        q0 = qb * 128
+        rows = torch.arange(q0, q0 + 128)
+        qraw = torch.zeros(128, D, dtype=torch.float64)
+        qraw[:max(0, min(128, S - q0))] = q[q0:q0 + 128]
+        qtok = torch.clamp(rows, max=S - 1)
+        Qs, cur_qv = rotated(qraw, qtok, 0), 0
+        o = torch.zeros(128, D, dtype=torch.float64)
+        m = torch.full((128,), -1e30, dtype=torch.float64)
+        l = torch.zeros(128, dtype=torch.float64)
+        nf = int(sched.full_cnt[qb])
+        entries = [(int(sched.full_idx[qb, e]), int(sched.full_combo[qb, e]), False) for e in range(nf)]
+        entries += [(int(sched.part_idx[qb, e]), int(sched.part_combo[qb, e]), True)
+                    for e in range(int(sched.part_cnt[qb]))]
+        for kb, bits, partial in entries:
+            bits = bits or 1
+            k0 = kb * 64
+            n_in = max(0, min(64, S - k0))
+            kraw, vt = torch.zeros(64, D, dtype=torch.float64), torch.zeros(64, D, dtype=torch.float64)
+            kraw[:n_in], vt[:n_in] = k[k0:k0 + n_in], v[k0:k0 + n_in]
+            ktok = torch.clamp(torch.arange(k0, k0 + 64), max=S - 1)
+            c0 = (bits & -bits).bit_length() - 1
+            kvar = (lambda c: c) if wrong == "k_variant" else _k_variant
+            Kst = rotated(kraw, ktok, kvar(c0))
+            if rope and c0 != cur_qv:
+                Qs, cur_qv = rotated(qraw, qtok, c0), c0
+            vbad = partial and not torch.isfinite(vt).all()
+            multi = bits != (1 << c0)
+            for half in range(2):
+                cols = torch.arange(k0 + 32 * half, k0 + 32 * half + 32)
+                if multi and half > 0:
+                    Kst = rotated(kraw, ktok, kvar(c0))
+                    if c0 != cur_qv:
+                        Qs, cur_qv = rotated(qraw, qtok, c0), c0
+                s = Qs @ Kst[32 * half:32 * half + 32].T
+                if multi:
+                    for c in range(c0 + 1, 5):
+                        if not (bits >> c) & 1:
+                            continue
+                        Kst = rotated(kraw, ktok, kvar(c))
+                        if c != cur_qv:
+                            Qs, cur_qv = rotated(qraw, qtok, c), c
+                        t = Qs @ Kst[32 * half:32 * half + 32].T
+                        s = torch.where(combo_at(rows[:, None], cols[None, :]) == c, t, s)
+                s = s * (scale * log2e)
+                if partial:
+                    att = (cols[None, :] < S) & attended_at(rows[:, None], cols[None, :])
+                    s = torch.where(att, s, torch.tensor(-float("inf"), dtype=s.dtype))
+                mx = torch.maximum(m, s.max(1).values)
+                alpha = torch.exp2(m - mx)
+                pe = torch.exp2(s - mx[:, None])
+                l, m = l * alpha + pe.sum(1), mx
+                vh = vt[32 * half:32 * half + 32]
+                o = o * alpha[:, None] + pe @ (torch.where(torch.isfinite(vh), vh, 0.0) if vbad else vh)
+                if vbad:
+                    hit = (att.double() @ (~torch.isfinite(vh)).double()) > 0
+                    o = torch.where(hit, torch.tensor(float("nan"), dtype=o.dtype), o)
+        res = o * torch.where(l > 0, 1.0 / l, 0.0)[:, None]
+        n_rows = max(0, min(128, S - q0))
+        out[q0:q0 + n_rows] = res[:n_rows]
+    return out
+
+
+def _layout_case(layout, T, F, D):
+    import torch
+
+    freqs = 1.0 / (10000.0 ** (torch.arange(min(22, D // 4), dtype=torch.float64) / min(22, D // 4))).float()
+    if layout == "plain":
+        return (T, 2, 4, 3, 1, None, None, None), {}
+    if layout == "rope":
+        return (T, 2, 4, 3, 1, None, freqs, None), {}
+    if layout == "vrpr":
+        return (T, 2, 4, 3, 1, None, freqs, [2.0, 4.0, 2.0, 2.0, 5.0]), {}
+    from longvideo.methods.freeloc import derive_params
+
+    kw = derive_params(F, 21).settings(layout.split("_")[1], T).op_kwargs()
+    vrpr = kw.pop("vrpr")
+    return (T, kw.pop("local_frames"), kw.pop("stripe_frames"), kw.pop("stripe_width"), kw.pop("sink_frames"), None,
+            freqs, vrpr), kw
+
+
+@pytest.mark.parametrize("layout", ["plain", "rope", "vrpr", "official_vrpr", "official_tsa"])
+def test_emulated_pipelined_algorithm_matches_reference(layout):
+    """The kernel's algorithm on the real host inputs (S = 410: a partial last query tile) against the
+    reference op, with NaN in v rows (the rule) and, for the VRPR layouts, a wrong K variant that fails."""
+    import math
+
+    import torch
+
+    from longvideo.reference.tiered_sparse_attention import tiered_sparse_attention_reference as reference
+
+    T, F, D = 10, 41, 64
+    args, kw = _layout_case(layout, T, F, D)
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 1, F * T, D, generator=g, dtype=torch.float64) for _ in range(3))
+    v[0, 0, 133] = float("nan")
+    v[0, 0, 257, 3] = float("nan")
+    scale = 1 / math.sqrt(D)
+    ref = reference(q, k, v, *args, **kw)[0, 0]
+    T_, L, SF, SW, SK, _, freqs, vrpr = args
+    got = emulate_pipelined_op(q[0, 0], k[0, 0], v[0, 0], T_, L, SF, SW, SK, scale, freqs, vrpr, **kw)
+    np.testing.assert_array_equal(got.isnan().numpy(), ref.isnan().numpy())
+    fin = ~ref.isnan()
+    assert ref.isnan().any() and fin.any()
+    torch.testing.assert_close(got[fin], ref[fin].double(), atol=2e-5, rtol=2e-5)  # the reference is float32
+    if vrpr is not None or kw.get("sink_rope") is not None:
+        bad = emulate_pipelined_op(q[0, 0], k[0, 0], v[0, 0], T_, L, SF, SW, SK, scale, freqs, vrpr, wrong="k_variant",
+                                   **kw)
+        assert not torch.allclose(bad[fin], ref[fin].double(), atol=1e-3, rtol=1e-3)
