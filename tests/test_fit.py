@@ -116,3 +116,51 @@ def test_enhance_fit(tmp_path, capsys):
     assert main(["enhance", str(src), "--out", str(tmp_path / "e.mp4"), "--steps", "2", "--device", "cpu",
                  "--fit", "24GB"]) == 0
     assert "fit 24GB: offload=none" in capsys.readouterr().out
+
+
+@pytest.fixture
+def planned(monkeypatch):
+    """The keyword arguments of every planner call --fit makes (the real planner runs)."""
+    import longvideo.planner as P
+
+    calls = []
+    real = P.plan
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(P, "plan", spy)
+    return calls
+
+
+def _stub_world(monkeypatch, n):
+    """Under torchrun with a world of `n` (its process group stubbed: --fit refuses before any
+    collective runs)."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", str(n))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: n)
+
+
+@pytest.mark.parametrize("argv,world,ranks", [
+    (FREELOC, 1, 1),                                                   # one process: the whole sequence
+    (FREELOC, 2, 2),                                                   # torchrun: the sequence over the world
+    (["generate", "--method", "fifo", "--device", "cpu", "--num-frames", "5"], 2, 1),   # windows split only
+    (["generate", "--method", "fifo", "--device", "cpu", "--num-frames", "5", "--context-parallel", "2"], 2, 2),
+])
+def test_fit_plans_one_ranks_share_under_context_parallel(tmp_path, capsys, monkeypatch, planned, argv, world, ranks):
+    """--fit asks the planner for one rank's peak when the run splits the sequence (FreeLOC / direct
+    under torchrun over the whole world; FIFO with --context-parallel N), the whole sequence
+    otherwise; a size nothing fits in is then refused in one line."""
+    if world > 1:
+        _stub_world(monkeypatch, world)
+    else:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(argv + ["--out", str(tmp_path / "x.mp4"), "--fit", "1MB"]) == 2
+    assert [kw.get("context_parallel", 1) for kw in planned] == [ranks]
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("longvideo: error: --fit 1MB:") and "\n" not in err

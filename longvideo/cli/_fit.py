@@ -73,6 +73,8 @@ def choose(args, pipe, method: str, **plan_kwargs):
         pipe.vae.enable_tiling()
     if st.vae_slicing:
         pipe.vae.enable_slicing()
-    print(f"fit {args.fit}: {st.describe()} (predicted peak {format_bytes(p.peak_bytes)} of "
+    ranks = p.sizes.get("context_parallel")  # under torchrun: the plan is one rank's share
+    per_rank = f" per rank, one of {ranks} context-parallel ranks," if ranks else ""
+    print(f"fit {args.fit}: {st.describe()} (predicted peak{per_rank} {format_bytes(p.peak_bytes)} of "
           f"{format_bytes(p.usable)} usable)")
     return st

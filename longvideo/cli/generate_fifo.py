@@ -126,7 +126,9 @@ def _fit_fifo(args, pipe, method, num_frames) -> None:
     st = _fit.choose(args, pipe, method, height=args.height or dh, width=args.width or dw, num_frames=num_frames,
                      frames_per_window=args.fifo_window, num_partitions=args.fifo_partitions,
                      tail=not getattr(args, "ouroboros_no_tail", False), sacfa=not getattr(args, "ouroboros_no_sacfa", False),
-                     guidance=not getattr(args, "ouroboros_no_guidance", False))
+                     guidance=not getattr(args, "ouroboros_no_guidance", False),
+                     # one rank's share of each window under --context-parallel N (torchrun)
+                     context_parallel=getattr(args, "context_parallel", None) or 1)
     if st.frames_per_window:
         args.fifo_window = st.frames_per_window
 
