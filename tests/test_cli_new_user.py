@@ -62,6 +62,13 @@ MISTAKES = {
                                     True),
     "story_blank_prompts": (["story", "{d}/blank.txt", "--device", "cpu"], "has no prompts", True),
     "enhance_not_a_video": (["enhance", "{d}/afile", "--device", "cpu"], "cannot be read as a video", True),
+    "out_name_only_a_suffix": (_gen("--out", "{d}/.mp4"), "--out {d}/.mp4: the file name is only a suffix; name the "
+                                                          "file, e.g. {d}/video.mp4", True),
+    "direct_out_name_only_a_suffix": (_gen("--method", "direct", "--out", "{d}/.MP4"),
+                                      "the file name is only a suffix", True),
+    "png_dir_empty": (_gen("--fifo-png-dir", ""), "--fifo-png-dir: must not be empty", True),
+    "story_id_length_beyond_id_prompts": (["story", "{d}/two_lines.txt", "--device", "cpu", "--story-id-length", "3"],
+                                          "--story-id-length 3: character [Ann] has 2 id prompt(s)", True),
     # the size is only known to be too large when it is allocated: after the settings line
     "size_beyond_memory": (_gen("--method", "direct", "--steps", "1", "--height", "1000000", "--width", "1000000",
                                 "--out", "{d}/huge.mp4"),
@@ -76,6 +83,7 @@ def files(tmp_path):
     (tmp_path / "flux").mkdir()
     (tmp_path / "flux" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     (tmp_path / "blank.txt").write_text("\n  \n# only a comment\n")
+    (tmp_path / "two_lines.txt").write_text("[Ann] reads a book\n[Ann] walks home\n")
     (tmp_path / "ck.fifo_state").write_text("a file where the checkpoint folder goes")
     return tmp_path
 

@@ -320,6 +320,9 @@ def output_file(out, default_name: str, suffixes=None, option: str = "--out") ->
     suffix, gets `default_name` inside it. Checked before any work: the suffix (one of `suffixes`,
     if given) and that the file can be written."""
     path = Path(out) if out else Path(default_name)
+    if suffixes and not path.is_dir() and path.name.lower() in suffixes:  # "dir/.mp4": a name that is only a suffix
+        raise UsageError(f"{option} {out}: the file name is only a suffix; name the file, e.g. "
+                         f"{path.with_name('video' + path.name)}")
     if path.is_dir() or not path.suffix:
         path = path / default_name
     if suffixes and path.suffix.lower() not in suffixes:

@@ -227,7 +227,9 @@ def run(args) -> int:
     guided_windows(args)  # checked before anything is loaded
     subject_words(args)
     out = output_file(args.out, f"{method}.mp4", suffixes=VIDEO_SUFFIXES)
-    if args.fifo_png_dir:
+    if args.fifo_png_dir is not None:
+        if not str(args.fifo_png_dir).strip():  # "" would silently write no PNGs
+            raise UsageError("--fifo-png-dir: must not be empty (omit it to write no PNG frames)")
         check_folder(args.fifo_png_dir, "--fifo-png-dir")
     num_frames = args.num_frames or 48
     ckpt_dir = out.with_suffix(".fifo_state")

@@ -112,6 +112,12 @@ def run(args) -> int:
     with _fit.host_loading(args, cuda_dtype="float16"):
         pipe, steps = _load(args)
     check_size_multiple(args.height, args.width, *pipeline_size_multiple(pipe))
+    if not args.story_load_bank:  # each character writes its bank from its own id prompts (before the run)
+        for c in story.characters:
+            have = sum(1 for p in story.prompts if list(p.characters) == [c])
+            if have < args.story_id_length:
+                raise UsageError(f"--story-id-length {args.story_id_length}: character [{c}] has {have} id prompt(s) "
+                                 f"(lines naming only [{c}]) in {args.story_file}; lower it or add lines")
     steps = args.steps or steps
     default_side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     print_settings(size=f"{args.width or default_side}x{args.height or default_side}", images=len(story.prompts),
