@@ -981,3 +981,104 @@ def test_cli_hooks_plan_and_fit(capsys):
     assert run_plan(args) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["sizes"]["context_parallel"] == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Wan 2.2 A14B: two experts (Ouroboros with a subject bank per expert, blending's SDEdit steps)
+def _two_expert_pipe():
+    """A two-expert WanPipeline whose low-noise expert is 64x wider in its FFN than the high-noise
+    one (8192 vs 128; same attention shapes, as Ouroboros' per-expert bank needs): the run's peak
+    is then a transformer_2 call, so a plan that forgets that expert (or models it as the first)
+    misses it."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    from longvideo.models import wan
+
+    def make(**components):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(1)
+            low_noise = WanTransformer3DModel(**dict(_WAN_TINY, ffn_dim=8192))
+        return WanPipeline(**components, transformer_2=low_noise, boundary_ratio=0.875)
+
+    return wan.build_tiny_pipeline(make, lambda: WanTransformer3DModel(**_WAN_TINY), wan._scheduler, 0,
+                                   torch.float32)
+
+
+@pytest.fixture(scope="module")
+def two_expert_pipe():
+    return _two_expert_pipe()
+
+
+def _forget_second_expert(spec):
+    """The deliberately wrong model: the low-noise expert left out of the pipeline description."""
+    del spec.components["transformer_2"]
+    return spec
+
+
+def _resident_weight_bytes(pipe) -> int:
+    return sum(t.numel() * t.element_size() for name in ("transformer", "transformer_2", "vae", "text_encoder")
+               for t in list(getattr(pipe, name).parameters()) + list(getattr(pipe, name).buffers()))
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_two_expert_ouroboros_peak_within_tolerance(two_expert_pipe, wrong):
+    """Ouroboros (SACFA + self-recurrent guidance) on a two-expert Wan 2.2 pipeline, expert_routing
+    "select" (every expert call sees the whole window): each expert carries the processors, each
+    window's expert calls are two batch-1 calls (conditional, then unconditional). The run's peak
+    (a transformer_2 window) within METHOD_TOL; the plan's weights (nothing offloaded) equal the
+    pipeline's parameters and buffers exactly. The plan of the pipeline without transformer_2
+    misses both by more than METHOD_TOL."""
+    from longvideo.methods.fifo import OuroborosDiffusion
+
+    pipe = two_expert_pipe
+    fifo = OuroborosDiffusion(pipe, num_partitions=2, subject_words=["cat"])
+    fifo.family.expert_routing = "select"
+    with LiveTensorTracker() as tk:
+        for _ in fifo.generate("a red cat walking", num_frames=40, height=64, width=64, stop_after_iterations=4):
+            pass
+    spec = spec_from_pipeline(pipe)
+    p = plan("ouroboros", _forget_second_expert(spec) if wrong else spec, 64, 64, 40, torch.float32, device="cpu",
+             num_partitions=2)
+    errors = (_err(p.peak_phase.beyond_weights, tk.peak),
+              _err(p.peak_phase.by_kind("weights"), _resident_weight_bytes(pipe)))
+    if wrong:
+        assert all(abs(x) > METHOD_TOL for x in errors), (errors, p.summary())
+    else:
+        assert p.peak_phase.name.endswith("(transformer_2)") and errors[1] == 0, (errors, p.summary())
+        assert abs(errors[0]) < METHOD_TOL, (errors, p.summary())
+
+
+@pytest.mark.parametrize("wrong", [False, True])
+def test_two_expert_blending_peak_within_tolerance(two_expert_pipe, wrong):
+    """Randomized blending (StreamingT2V's enhance) on a two-expert Wan 2.2 pipeline: each SDEdit
+    step runs on its timestep's expert (8 steps from strength 0.8: 900 on transformer, the rest on
+    transformer_2). The run's peak within METHOD_TOL; under model offload the transformer_2 step's
+    phase holds exactly transformer_2's weights. Without transformer_2 the plan misses the peak by
+    more than METHOD_TOL."""
+    import numpy as np
+
+    from longvideo.methods.blending import RandomizedBlending
+    from longvideo.methods.families import ftfy_fallback
+
+    pipe = two_expert_pipe
+    ftfy_fallback(pipe)
+    yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
+    video = np.stack([np.stack([0.5 + 0.4 * np.sin((xx - 1.5 * f) / 4.0), 0.5 + 0.4 * np.cos((yy + f) / 5.0),
+                                0.5 + 0 * xx], -1) for f in range(17)])
+    method = RandomizedBlending(pipe, chunk_frames=9, overlap_frames=4, strength=0.8)
+    with LiveTensorTracker() as tk:
+        method(video, prompt="a red panda", num_inference_steps=8, guidance_scale=5.0,
+               generator=torch.Generator().manual_seed(3))
+    spec = spec_from_pipeline(pipe)
+    if wrong:
+        spec = _forget_second_expert(spec)
+    p = plan("enhance", spec, 64, 64, 17, torch.float32, device="cpu", chunk_frames=9, overlap_frames=4)
+    err = _err(p.peak_phase.beyond_weights, tk.peak)
+    if wrong:
+        assert abs(err) > METHOD_TOL, (err, p.summary())
+        return
+    assert abs(err) < METHOD_TOL, (err, p.summary())
+    low = plan("enhance", spec, 64, 64, 17, torch.float32, device="cpu", chunk_frames=9, overlap_frames=4,
+               offload="model").phase("denoise (transformer_2)")
+    assert low.by_kind("weights") == sum(t.numel() * t.element_size() for t in
+                                         list(pipe.transformer_2.parameters()) + list(pipe.transformer_2.buffers()))

@@ -469,13 +469,15 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
         sim0 = _wan_call_sim(spec, dtype, device, 1, f, h, w, "frame" if fam == "skyreels" else "scalar", text_len=226,
                              context_parallel=cp)
         keep = ("vae",)
-        p0 = _resident_weights(spec, dtype, st.offload, ["transformer"], keep=keep) + _sim_parts(
-            sim0, "transformer call (batch 1)")
-        phases.append(Phase("initial clip", p0, sim0.peak_where))
+        for name in spec.denoisers:     # Wan 2.2 A14B: WanPipeline samples the clip on both experts
+            if name != "transformer":
+                sim0 = _wan_call_sim(spec, dtype, device, 1, f, h, w, "scalar", text_len=226, context_parallel=cp,
+                                     name=name)
+            p0 = _resident_weights(spec, dtype, st.offload, [name], keep=keep) + _sim_parts(
+                sim0, f"{name} call (batch 1)")
+            phases.append(Phase("initial clip" + ("" if name == "transformer" else f" ({name})"), p0,
+                                sim0.peak_where))
         feature_layers = tuple(f"blocks.{i}.attn1.processor" for i in range(max(1, arch.num_layers // 4)))
-        sim = _wan_call_sim(spec, dtype, device, 2, f, h, w, timestep, "ouroboros" if processors else "sdpa",
-                            feature_layers=feature_layers if (ouro and guidance) else (), record_maps=processors,
-                            text_len=226, context_parallel=cp)
         lat_frame = C * h * w
         state = [Part("FIFO queue + context (float32)", (L + c) * lat_frame * 4, "state"),
                  Part("iteration buffers", (2 * (L + c) + 8 * f) * lat_frame * 4 + 4 * 226 * _text_dim(spec) * e,
@@ -496,11 +498,56 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
         decode_peak = dsim.peak - base
         cache_bytes = cache.nbytes
         vae_w = "vae"
-        it_parts = _resident_weights(spec, dtype, st.offload, ["transformer"], keep=keep) + state
-        it_parts.append(Part("VAE decoder cache (stream state)", cache_bytes, "state",
-                             "two frames of every causal conv's input, kept between iterations"))
-        it_parts += _sim_parts(sim, "transformer call (batch 2, CFG)")
-        phases.append(Phase("iteration", it_parts, sim.peak_where))
+        cache_part = Part("VAE decoder cache (stream state)", cache_bytes, "state",
+                          "two frames of every causal conv's input, kept between iterations")
+        # Wan 2.2 A14B: a window's frames go to the expert of their timestep, one expert call at a
+        # time (longvideo.methods.families.wan22); the bound is a whole window on either expert
+        # (expert_routing "select"; "split" calls each expert on a sub-window), with that expert's
+        # weights on the device under model / group / sequential offload and its own widths. Each
+        # expert carries Ouroboros' processors and its own part of the subject bank ((H, D) per
+        # feature layer, negligible next to the maps).
+        # two experts: each expert's guided output is its conditional call, then its unconditional
+        # call (two batch-1 calls, as WanPipeline; families/wan22.py expert_output) with the
+        # conditional output kept; one expert: FIFO's CFG-batched call (batch 2)
+        experts = len(spec.denoisers) > 1
+        cfg_batch, cfg_label = (1, "batch 1, CFG as two calls") if experts else (2, "batch 2, CFG")
+        if experts:
+            state.append(Part("conditional output (kept during the unconditional call)", C * f * h * w * 4, "state"))
+        guided = []
+        for name in spec.denoisers:
+            sfx = "" if name == "transformer" else f" ({name})"
+            earch = _wan_arch(spec, name)
+            sim = _wan_call_sim(spec, dtype, device, cfg_batch, f, h, w, timestep,
+                                "ouroboros" if processors else "sdpa",
+                                feature_layers=feature_layers if (ouro and guidance) else (), record_maps=processors,
+                                text_len=226, context_parallel=cp, name=name)
+            it_parts = _resident_weights(spec, dtype, st.offload, [name], keep=keep) + state + [cache_part]
+            it_parts += _sim_parts(sim, f"{name} call ({cfg_label})")
+            phases.append(Phase("iteration" + sfx, it_parts, sim.peak_where))
+            if not (ouro and guidance):
+                continue
+            g_parts = _resident_weights(spec, dtype, st.offload, [name], keep=keep) + state + [
+                Part("VAE decoder cache (stream state)", cache_bytes, "state")]
+            if guidance_impl == "whole_call":
+                gsim = _wan_call_sim(spec, dtype, device, cfg_batch, f, h, w, timestep, "ouroboros", grad=True,
+                                     feature_layers=feature_layers, record_maps=True, text_len=226, name=name)
+                X = 2 * earch.tokens(f, h, w) * earch.dim
+                g_parts += _sim_parts(gsim, f"guided {name} call with autograd (whole CFG call)")
+                g_parts.append(Part("backward through the feature layers", 3 * X * 4, "activations",
+                                    "coarse: three float32 (B, S, d) gradients"))
+                guided.append(Phase("guided window" + sfx, g_parts, gsim.peak_where))
+            else:
+                k = len(feature_layers)
+                gsim = Sim(grad=True, frozen=True)
+                res = A.wan_guidance_pass(gsim, earch, A.WanCall(
+                    batch=1, frames=f, height=h, width=w, text_len=226, itemsize=e, timestep=timestep,
+                    self_attn="ouroboros", use_op=True, feature_layers=feature_layers, stop_after=k - 1), device)
+                ph = _guided_window_phase(
+                    g_parts, gsim, res, f"guidance pass through {name} (conditional half, blocks 0-{k - 1}, autograd)",
+                    sim, f"window {name} call ({cfg_label}, no autograd)", C * f * h * w * 4,
+                    f"blocks.{k - 1}.attn1 ({k} of {earch.num_layers} blocks)")
+                ph.name += sfx
+                guided.append(ph)
         dec_parts = _resident_weights(spec, dtype, st.offload, [vae_w], keep=keep) + state
         dec_parts.append(Part("VAE decoder cache (stream state)", cache_bytes, "state"))
         dec_parts.append(Part("VAE decode of one latent frame", max(0, decode_peak), "activations"))
@@ -508,27 +555,7 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
         dec_parts.append(Part("decoded frames to uint8", 4 * t * 3 * height * width * 4, "activations",
                               "clamp, (x + 1) / 2, clamp of the frames out (float32)"))
         phases.append(Phase("decode", dec_parts))
-        if ouro and guidance:
-            g_parts = _resident_weights(spec, dtype, st.offload, ["transformer"], keep=keep) + state
-            g_parts.append(Part("VAE decoder cache (stream state)", cache_bytes, "state"))
-            if guidance_impl == "whole_call":
-                gsim = _wan_call_sim(spec, dtype, device, 2, f, h, w, timestep, "ouroboros", grad=True,
-                                     feature_layers=feature_layers, record_maps=True, text_len=226)
-                X = 2 * arch.tokens(f, h, w) * arch.dim
-                g_parts += _sim_parts(gsim, "guided call with autograd (whole CFG call)")
-                g_parts.append(Part("backward through the feature layers", 3 * X * 4, "activations",
-                                    "coarse: three float32 (B, S, d) gradients"))
-                phases.append(Phase("guided window", g_parts, gsim.peak_where))
-            else:
-                k = len(feature_layers)
-                gsim = Sim(grad=True, frozen=True)
-                res = A.wan_guidance_pass(gsim, arch, A.WanCall(
-                    batch=1, frames=f, height=h, width=w, text_len=226, itemsize=e, timestep=timestep,
-                    self_attn="ouroboros", use_op=True, feature_layers=feature_layers, stop_after=k - 1), device)
-                phases.append(_guided_window_phase(
-                    g_parts, gsim, res, f"guidance pass (conditional half, blocks 0-{k - 1}, autograd)", sim,
-                    "window call (batch 2, CFG, no autograd)", C * f * h * w * 4,
-                    f"blocks.{k - 1}.attn1 ({k} of {arch.num_layers} blocks)"))
+        phases += guided
         sizes = dict(window=f, partitions=n, queue=L, latent_hw=(h, w), tokens_per_window=arch.tokens(f, h, w))
         return phases, sizes
     # AnimateDiff
@@ -736,13 +763,16 @@ def _enhance_phases(spec, dtype, device, st, height, width, num_frames, chunk_fr
     phases.append(Phase("encode", _resident_weights(spec, dtype, st.offload, ["vae"]) + [
         Part("input video (float32)", video, "state"),
         Part("VAE encode (approximated by a decode step of the same size)", enc, "activations", "not mirrored")]))
-    sim = _wan_call_sim(spec, dtype, device, bs, chunk, h, w, "scalar")
     state = [Part("latents, noise, x0 (float32)", 3 * lat * 4, "state"),
              Part("chunk outputs (float32)", n * C * chunk * h * w * 4 * 2 + bs * C * chunk * h * w * (4 + e),
                   "state", "model outputs of the step's chunks, the cond output during the uncond call")]
-    parts = _resident_weights(spec, dtype, st.offload, ["transformer"]) + state + _sim_parts(
-        sim, f"transformer call (batch {bs} chunks)")
-    phases.append(Phase("denoise", parts, sim.peak_where))
+    # Wan 2.2 A14B: each SDEdit step runs on the expert of its timestep (families/wan22.py), one
+    # expert at a time; a denoise phase per expert, with its weights and widths
+    for name in spec.denoisers:
+        sim = _wan_call_sim(spec, dtype, device, bs, chunk, h, w, "scalar", name=name)
+        parts = _resident_weights(spec, dtype, st.offload, [name]) + state + _sim_parts(
+            sim, f"{name} call (batch {bs} chunks)")
+        phases.append(Phase("denoise" if name == "transformer" else f"denoise ({name})", parts, sim.peak_where))
     phases.append(_decode_phase(spec, dtype, st, 1, Lat, h, w, extra_state=[Part("latents", lat * 4, "state")]))
     return phases, dict(latent_frames=Lat, chunk_latent=chunk, overlap_latent=overlap, chunks=n, chunk_batch=bs,
                         latent_hw=(h, w))
@@ -930,9 +960,9 @@ def _notes(method, spec, p: Plan, opts) -> list:
         except KeyError:
             g = None
         if g is not None:
-            others = max(ph.nbytes for ph in p.phases if ph.name != "guided window")
+            others = max(ph.nbytes for ph in p.phases if not ph.name.startswith("guided window"))
             if opts["guidance_impl"] == "whole_call":
-                graph = sum(x.nbytes for x in g.parts if x.name.startswith("guided call"))
+                graph = sum(x.nbytes for x in g.parts if x.name.startswith("guided ") and "call with autograd" in x.name)
                 notes.append(f"guidance_impl='whole_call' (the implementation before the guidance pass, as the "
                              f"benchmark records ran it): the whole CFG-batched guided window call with autograd "
                              f"({format_bytes(graph)} of activations); without guidance the peak would be "
