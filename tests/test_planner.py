@@ -1082,3 +1082,19 @@ def test_two_expert_blending_peak_within_tolerance(two_expert_pipe, wrong):
                offload="model").phase("denoise (transformer_2)")
     assert low.by_kind("weights") == sum(t.numel() * t.element_size() for t in
                                          list(pipe.transformer_2.parameters()) + list(pipe.transformer_2.buffers()))
+
+
+@pytest.mark.parametrize("module,i2v", [("wan_i2v", True), ("wan22_i2v", True), ("wan", False), ("wan22", False)])
+def test_plan_of_an_image_to_video_pipeline_says_what_it_leaves_out(module, i2v):
+    """An image-to-video pipeline's plan (its weights, image encoder included, exactly as loaded)
+    says in a note that the image path is not modelled; a text-to-video pipeline's has no such note."""
+    import importlib
+
+    pipe = importlib.import_module(f"longvideo.models.{module}").tiny_pipeline()
+    p = plan("direct", spec_from_pipeline(pipe), 64, 64, 17, torch.float32, device="cpu")
+    assert any(n.startswith("image-to-video pipeline") for n in p.notes) == i2v, p.notes
+    names = [n for n in ("transformer", "transformer_2", "vae", "text_encoder", "image_encoder")
+             if getattr(pipe, n, None) is not None]
+    loaded = sum(t.numel() * t.element_size() for n in names
+                 for t in list(getattr(pipe, n).parameters()) + list(getattr(pipe, n).buffers()))
+    assert p.phase("text").by_kind("weights") == loaded

@@ -979,6 +979,16 @@ def _notes(method, spec, p: Plan, opts) -> list:
                     f"autograd, {fb(d['window call'])} with the gradient; the phase's peak is the larger, the "
                     f"{'guidance pass' if d['guidance pass'] >= d['window call'] else 'window call'}. "
                     f"Without guidance the peak would be {fb(others)}")
+    tr = spec.components.get("transformer")
+    if spec.has("image_encoder") or (tr is not None and tr.config.get("out_channels") not in (
+            None, tr.config.get("in_channels"))):
+        # an image-to-video pipeline (Wan 2.1 / 2.2 A14B I2V: condition latents and mask concatenated
+        # to the input; Wan 2.1: CLIP image features in the cross-attention): its weights are counted
+        # (the image encoder's too) but not the image path's tensors
+        notes.append("image-to-video pipeline: the weights (the image encoder's included) are counted, but not the "
+                     "image path: the image encoder's activations, the VAE encode of the condition video, the "
+                     "condition latents and mask, the image tokens in the cross-attention (a text-to-video run's peak "
+                     "at the same sizes)")
     notes.append("not modelled: the CUDA context, cuDNN/cuBLAS workspaces, allocator rounding and fragmentation "
                  "(see headroom), host memory (offloaded weights, pinned id banks)")
     return notes
