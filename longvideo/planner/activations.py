@@ -90,6 +90,7 @@ class WanArch:
     cross_attn_norm: bool = True
     skyreels: bool = False
     num_frame_per_block: int = 1
+    image_dim: int = 0          # Wan 2.1 I2V: width of the CLIP image features (config image_dim; 0: none)
 
     @property
     def dim(self) -> int:
@@ -113,7 +114,8 @@ class WanArch:
                    out_channels=int(cfg.get("out_channels") or cfg.get("in_channels", 16)),
                    patch=tuple(cfg.get("patch_size", (1, 2, 2))), text_dim=int(cfg.get("text_dim", 4096)),
                    freq_dim=int(cfg.get("freq_dim", 256)), cross_attn_norm=bool(cfg.get("cross_attn_norm", True)),
-                   skyreels=skyreels, num_frame_per_block=int(cfg.get("num_frame_per_block", 1) or 1))
+                   skyreels=skyreels, num_frame_per_block=int(cfg.get("num_frame_per_block", 1) or 1),
+                   image_dim=int(cfg.get("image_dim") or 0))
 
 
 @dataclass
@@ -142,6 +144,7 @@ class WanCall:
     maps_frames: int = 0        # frames of the conditional half whose maps are recorded (the window)
     stop_after: Optional[int] = None   # the pass ends right after this block's attn1 (guidance pass)
     context_parallel: int = 1   # Ulysses over N ranks (longvideo/parallel.py): one rank's share, see wan_call
+    image_len: int = 0          # Wan 2.1 I2V: CLIP image tokens given (257 for ViT-H/14 at 224 px); needs image_dim
 
 
 def _rms_norm(sim: Sim, x, e: int, dev: Device, tag: str, input_grad: bool = True):
@@ -230,6 +233,19 @@ def _rope_channels(sim: Sim, x, B: int, S: int, H: int, D: int, start: int, e: i
     sim.free(st)
     out = sim.new(B * S * H * D, e, tag)                 # torch.cat((x[..., :start], rot), -1)
     sim.free(cast)
+    return out
+
+
+def _fp32_layer_norm(sim: Sim, numel: int, e: int, tag: str):
+    """diffusers' FP32LayerNorm on a tensor of `numel` elements of itemsize `e`: layer_norm of the
+    float32 input, cast back to `e`; returns the output handle (the input is the caller's)."""
+    if e == F32:
+        return sim.new(numel, e, tag)
+    up = sim.new(numel, F32, tag)
+    ln = sim.new(numel, F32, tag)
+    sim.free(up)
+    out = sim.cast(ln, e, tag)
+    sim.free(ln)
     return out
 
 
@@ -330,6 +346,24 @@ def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> Optional[l
     sim.free(t1)
     text = _linear(sim, t2, B * T * d, e, "text")
     sim.free(t2)
+    image_len = c.image_len if a.image_dim else 0
+    if image_len:
+        # Wan 2.1 I2V's image embedder (FP32LayerNorm, Linear, GELU, Linear, FP32LayerNorm) on the
+        # caller's (B, I, image_dim) features, then concatenated in front of the text states
+        I, Di = B * image_len, a.image_dim
+        n1 = _fp32_layer_norm(sim, I * Di, e, "text")
+        f1 = _linear(sim, n1, I * Di, e, "text")
+        sim.free(n1)
+        g = sim.new(I * Di, e, "text")
+        sim.save(f1)
+        sim.free(f1)
+        f2 = _linear(sim, g, I * d, e, "text")
+        sim.free(g)
+        img = _fp32_layer_norm(sim, I * d, e, "text")
+        sim.free(f2)
+        both = sim.new(I * d + B * T * d, e, "text")
+        sim.free(img, text)
+        text = both
 
     modes = c.freeloc_modes if c.self_attn == "freeloc" else None
     for layer in range(a.num_layers):
@@ -635,7 +669,22 @@ def _wan_cross_attention(sim: Sim, a: WanArch, c: WanCall, dev: Device, nh, text
         sim.free(ql)
         k = _rms_norm(sim, kl, e, dev, "cross-attention", input_grad=False)
         sim.free(kl)
+    image_len = c.image_len if a.image_dim else 0
+    img_out = None
+    if image_len:
+        # Wan 2.1 I2V: the image tokens' keys (add_k_proj, norm_added_k) and values (add_v_proj),
+        # attended by the same queries before the text attention; the two outputs are added
+        Xi = B * image_len * H * D
+        kil = _linear(sim, text, Xi, e, "cross-attention")
+        vi = _linear(sim, text, Xi, e, "cross-attention")
+        ki = _rms_norm(sim, kil, e, dev, "cross-attention", input_grad=False)
+        sim.free(kil)
+        img_out = _attention_out(sim, q, ki, vi, X, e, "cross-attention")
     out = _attention_out(sim, q, k, v, X, e, "cross-attention")
+    if img_out is not None:
+        summed = sim.new(X, e, "cross-attention")
+        sim.free(out, img_out, ki, vi)
+        out = summed
     if c.self_attn == "ouroboros" and c.record_maps:
         # _subject_map of the conditional row, 4096 queries at a time (no grad): q chunk and k
         # in float32, the logits, the scaled logits, the softmax

@@ -366,9 +366,19 @@ def _wan_call_sim(spec, dtype, device, batch, frames, h, w, timestep, self_attn=
                      timestep=timestep, self_attn=self_attn, freeloc_modes=modes,
                      freeloc_semantics=freeloc_semantics, use_op=grad,
                      feature_layers=tuple(feature_layers), record_maps=record_maps,
-                     context_parallel=context_parallel)
+                     context_parallel=context_parallel, image_len=_image_tokens(spec))
     A.wan_call(sim, _wan_arch(spec, name), call, device)
     return sim
+
+
+def _image_tokens(spec: ModelSpec) -> int:
+    """CLIP image tokens a Wan 2.1 I2V transformer is given (its image encoder's patches + the class
+    token: 257 for ViT-H/14 at 224 px); 0 without an image encoder."""
+    if not spec.has("image_encoder"):
+        return 0
+    cfg = spec.components["image_encoder"].config
+    cfg = cfg.get("vision_config", cfg)
+    return (int(cfg.get("image_size", 224)) // int(cfg.get("patch_size", 14))) ** 2 + 1
 
 
 def _vae_decode_sim(spec: ModelSpec, dtype, st: Settings, batch: int, frames_lat: int, h: int, w: int) -> Sim:
@@ -985,10 +995,10 @@ def _notes(method, spec, p: Plan, opts) -> list:
         # an image-to-video pipeline (Wan 2.1 / 2.2 A14B I2V: condition latents and mask concatenated
         # to the input; Wan 2.1: CLIP image features in the cross-attention): its weights are counted
         # (the image encoder's too) but not the image path's tensors
-        notes.append("image-to-video pipeline: the weights (the image encoder's included) are counted, but not the "
-                     "image path: the image encoder's activations, the VAE encode of the condition video, the "
-                     "condition latents and mask, the image tokens in the cross-attention (a text-to-video run's peak "
-                     "at the same sizes)")
+        notes.append("image-to-video pipeline: the weights (the image encoder's included), the wider input and "
+                     "the CLIP image tokens in the transformer calls are modelled, but not the rest of the image "
+                     "path: the image encoder's activations, the VAE encode of the condition video, the condition "
+                     "latents and mask held across the steps")
     notes.append("not modelled: the CUDA context, cuDNN/cuBLAS workspaces, allocator rounding and fragmentation "
                  "(see headroom), host memory (offloaded weights, pinned id banks)")
     return notes
