@@ -164,3 +164,20 @@ def test_fit_plans_one_ranks_share_under_context_parallel(tmp_path, capsys, monk
     assert [kw.get("context_parallel", 1) for kw in planned] == [ranks]
     err = capsys.readouterr().err.strip()
     assert err.startswith("longvideo: error: --fit 1MB:") and "\n" not in err
+
+
+def test_readme_fit_table_is_the_planners():
+    """The README's fit table is what `python tools/fit_table.py` prints now (a planner change
+    that moves a prediction must regenerate it with `--readme`; it went stale once)."""
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("fit_table", root / "tools" / "fit_table.py")
+    fit_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_table)
+    readme = (root / "README.md").read_text()
+    m = re.search(r"<!-- fit-table:begin -->\n(.*?)\n<!-- fit-table:end -->", readme, re.S)
+    assert m is not None, "README.md lost its fit-table markers"
+    assert m.group(1) == fit_table.table(), "README fit table is stale: run python tools/fit_table.py --readme"
