@@ -174,6 +174,18 @@ def _checkpoint_dir(path) -> str:
     return path
 
 
+def _read_model_index(path: str):
+    """The parsed model_index.json of checkpoint folder `path` (whatever JSON it holds); a
+    RuntimeError naming the folder when it cannot be read or parsed."""
+    import json
+
+    try:
+        with open(os.path.join(path, "model_index.json")) as fh:
+            return json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"could not read {path!r}/model_index.json: {exc}") from exc
+
+
 def _load_with_float32_vae(cls, path: str, dtype: torch.dtype, what: str):
     """`cls.from_pretrained(path)` offline in `dtype`, with the Wan VAE (when the folder has one) in
     float32; any failure is a RuntimeError naming `what`. Shared by the Wan-VAE families."""

@@ -17,9 +17,6 @@ experts from it.
 """
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
 from . import wan
@@ -73,11 +70,7 @@ def from_pretrained(path, kind: str = "t2v", dtype: torch.dtype = torch.bfloat16
     downloaded. ValueError if the folder is not a two-expert checkpoint."""
     _check_kind(kind)
     path = wan._checkpoint_dir(path)
-    try:
-        with open(os.path.join(path, "model_index.json")) as fh:
-            index = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise RuntimeError(f"could not read {path!r}/model_index.json: {exc}") from exc
+    index = wan._read_model_index(path)
     if not isinstance(index, dict) or not is_two_expert_index(index):
         raise ValueError(f"model path {path!r} is not a two-expert Wan 2.2 checkpoint "
                          "(model_index.json needs transformer_2 and boundary_ratio)")

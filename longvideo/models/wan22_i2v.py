@@ -12,9 +12,6 @@ naming ``transformer_2`` and a ``boundary_ratio``).
 """
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
 from . import wan, wan22
@@ -54,11 +51,7 @@ def from_pretrained(path, kind: str = "i2v", dtype: torch.dtype = torch.bfloat16
     two-expert checkpoint."""
     check_kind(kind, "Wan 2.2 A14B image-to-video")
     path = wan._checkpoint_dir(path)
-    try:
-        with open(os.path.join(path, "model_index.json")) as fh:
-            index = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise RuntimeError(f"could not read {path!r}/model_index.json: {exc}") from exc
+    index = wan._read_model_index(path)
     if not isinstance(index, dict) or not wan22.is_two_expert_index(index):
         raise ValueError(f"model path {path!r} is not a two-expert Wan 2.2 checkpoint "
                          "(model_index.json needs transformer_2 and boundary_ratio)")

@@ -34,9 +34,6 @@ tokenizer. 9 frames at 64 x 64 give 3 latent frames of 4 x 4 = 2 x 2 = 4 tokens 
 """
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
 from . import wan
@@ -139,11 +136,7 @@ def from_pretrained(path, kind: str = "t2v", dtype: torch.dtype = torch.bfloat16
     ValueError if the folder's model_index.json does not have ``expand_timesteps`` true."""
     kind = _check_kind(kind)
     path = wan._checkpoint_dir(path)
-    try:
-        with open(os.path.join(path, "model_index.json")) as fh:
-            index = json.load(fh)
-    except (OSError, ValueError) as exc:
-        raise RuntimeError(f"could not read {path!r}/model_index.json: {exc}") from exc
+    index = wan._read_model_index(path)
     if not isinstance(index, dict) or not is_ti2v_index(index):
         raise ValueError(f"model path {path!r} is not a Wan 2.2 TI2V checkpoint (model_index.json needs a Wan "
                          "pipeline with expand_timesteps true)")

@@ -567,14 +567,7 @@ def _wan_self_attention(sim: Sim, a: WanArch, c: WanCall, dev: Device, nh, B: in
         t = a.rope_t_channels
         qr = _rope_channels(sim, q, B, S, H, D, t, e, "attention")
         kr = _rope_channels(sim, k, B, S, H, D, t, e, "attention")
-        ws = None
-        if dev.kind == "cuda" and dev.tsa_backend == "triton":
-            rp = max(16, 1 << max(0, (t - 1).bit_length()))
-            # the op's rotated copies: 5 variants with VRPR (the VRPR layers; the TSA layers under the
-            # paper's semantics), 3 for the official TSA layers' token tiers (re-encoded sink only), else 1
-            nv = 5 if mode == "vrpr" or (mode == "tsa" and c.freeloc_semantics == "paper") else (
-                3 if mode == "tsa" else 1)
-            ws = sim.new(2 * nv * B * H * S * rp, e, "attention workspace")
+        ws = _tsa_workspace(sim, c, dev, mode, B * H * S, t, e)
         o = _attention_out(sim, qr, kr, v, X, e, "attention")     # (B, H, S, D) contiguous
         sim.free(ws, qr, kr)                                       # `attend` returns
         out = sim.new(X, e, "attention")                           # transpose + flatten: a copy
@@ -602,6 +595,18 @@ def _wan_self_attention(sim: Sim, a: WanArch, c: WanCall, dev: Device, nh, B: in
     return proj
 
 
+def _tsa_workspace(sim: Sim, c: WanCall, dev: Device, mode, rows: int, rope_channels: int, e: int):
+    """The Triton tiered op's rotated (q, k) copies for `rows` = B * heads * tokens (None on other
+    backends): 5 variants with VRPR (the VRPR layers; the TSA layers under the paper's semantics),
+    3 for the official TSA layers' token tiers (re-encoded sink only), else 1; each padded to
+    at least 16 channels, a power of two."""
+    if not (dev.kind == "cuda" and dev.tsa_backend == "triton"):
+        return None
+    rp = max(16, 1 << max(0, (rope_channels - 1).bit_length()))
+    nv = 5 if mode == "vrpr" or (mode == "tsa" and c.freeloc_semantics == "paper") else (3 if mode == "tsa" else 1)
+    return sim.new(2 * nv * rows * rp, e, "attention workspace")
+
+
 def _wan_self_attention_ulysses(sim: Sim, a: WanArch, c: WanCall, dev: Device, nh, B: int, S: int, mode,
                                 proc: str, n_cp: int):
     """attn1 on one rank of Ulysses over n_cp ranks: ``UlyssesAttnProcessor`` (proc "sdpa") or
@@ -626,12 +631,7 @@ def _wan_self_attention_ulysses(sim: Sim, a: WanArch, c: WanCall, dev: Device, n
         t = a.rope_t_channels
         qr = _rope_channels(sim, q, B, S_all, H_here, D, t, e, "attention")
         kr = _rope_channels(sim, k, B, S_all, H_here, D, t, e, "attention")
-        ws = None
-        if dev.kind == "cuda" and dev.tsa_backend == "triton":
-            rp = max(16, 1 << max(0, (t - 1).bit_length()))
-            nv = 5 if mode == "vrpr" or (mode == "tsa" and c.freeloc_semantics == "paper") else (
-                3 if mode == "tsa" else 1)
-            ws = sim.new(2 * nv * B * H_here * S_all * rp, e, "attention workspace")
+        ws = _tsa_workspace(sim, c, dev, mode, B * H_here * S_all, t, e)
         o = _attention_out(sim, qr, kr, v, X, e, "attention")     # (B, H/N, S, D) contiguous
         sim.free(ws, qr, kr)                                       # `attend` returns
     else:                  # dense_attention_reference: RoPE on all channels (apply_rope_channels), SDPA
