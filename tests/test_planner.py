@@ -1085,14 +1085,20 @@ def test_two_expert_blending_peak_within_tolerance(two_expert_pipe, wrong):
 
 
 @pytest.mark.parametrize("module,i2v", [("wan_i2v", True), ("wan22_i2v", True), ("wan", False), ("wan22", False)])
-def test_plan_of_an_image_to_video_pipeline_says_what_it_leaves_out(module, i2v):
+def test_plan_of_an_image_to_video_pipeline_models_its_image_path(module, i2v):
     """An image-to-video pipeline's plan (its weights, image encoder included, exactly as loaded)
-    says in a note that the image path is not modelled; a text-to-video pipeline's has no such note."""
+    has the image path's phases -- the VAE encode of the condition video, and on Wan 2.1 I2V the
+    CLIP image encoder -- and no note saying it is left out (it is checked against the tracker in
+    tests/test_planner_i2v.py); a text-to-video pipeline's has neither."""
     import importlib
 
     pipe = importlib.import_module(f"longvideo.models.{module}").tiny_pipeline()
     p = plan("direct", spec_from_pipeline(pipe), 64, 64, 17, torch.float32, device="cpu")
-    assert any(n.startswith("image-to-video pipeline") for n in p.notes) == i2v, p.notes
+    assert not any("image" in n for n in p.notes), p.notes
+    names = [ph.name for ph in p.phases]
+    assert ("condition encode (VAE)" in names) == i2v and ("image encode (CLIP vision)" in names) == (
+        module == "wan_i2v"), names
+    assert (p.sizes.get("image") == "condition") == i2v, p.sizes
     names = [n for n in ("transformer", "transformer_2", "vae", "text_encoder", "image_encoder")
              if getattr(pipe, n, None) is not None]
     loaded = sum(t.numel() * t.element_size() for n in names

@@ -1532,3 +1532,333 @@ def text_encoder_peak(comp, batch: int, seq: int, itemsize: int) -> int:
     dff = int(cfg.get("intermediate_size", 4 * d))
     L = min(L, int(cfg.get("max_position_embeddings", 77)))
     return (layers + 1) * B * L * d * e + max(3 * B * L * d * e, 2 * B * L * dff * e) + 2 * B * L * d * e
+
+
+# ---------------------------------------------------------------------------------------------
+# image-to-video: the CLIP image encoder, the Wan VAE encoder, the pipeline's condition
+def clip_vision_call(sim: Sim, cfg: dict, batch: int, itemsize: int = F32):
+    """transformers' CLIPVisionModel(pixel_values, output_hidden_states=True), as
+    ``WanImageToVideoPipeline.encode_image`` calls it (Wan 2.1 I2V's image encoder), op by op:
+    the patch convolution, the class token and position embeddings, ``pre_layrnorm``, then per
+    layer layer_norm1, q / k / v, SDPA (flash-style: one output in the query's layout, so the
+    transpose back is a view), out_proj, the residual, layer_norm2, fc1, the activation
+    (quick_gelu: three temporaries; gelu: one), fc2, the residual. Every layer's output is kept to
+    the end (the output's ``hidden_states``: L + 1 tensors of (B, N, d)).
+
+    cfg: the encoder's config (a CLIPVisionConfig dict, or a CLIPConfig with ``vision_config``);
+    N = (image_size / patch_size)^2 + 1 tokens. Returns the handle of ``hidden_states[-2]``, what
+    the pipeline keeps (the other hidden states die with the output object). Tag "image encoder"."""
+    cfg = cfg.get("vision_config", cfg)
+    d = int(cfg.get("hidden_size", 768))
+    layers = int(cfg.get("num_hidden_layers", 12))
+    dff = int(cfg.get("intermediate_size", 4 * d))
+    grid = int(cfg.get("image_size", 224)) // int(cfg.get("patch_size", 32))
+    N, e, B, tag = grid * grid + 1, itemsize, batch, "image encoder"
+    X = B * N * d
+    quick = str(cfg.get("hidden_act", "quick_gelu")) == "quick_gelu"
+    sim.where = "image encoder embeddings"
+    patch = sim.new(B * d * (N - 1), e, tag)            # patch_embedding (conv)
+    cat = sim.new(X, e, tag)                            # cat([class token, patches])
+    pos = sim.new(N * d, e, tag)                        # position_embedding(position_ids)
+    emb = sim.new(X, e, tag)                            # + position
+    sim.free(cat, pos, patch)
+    hidden = sim.new(X, e, tag)                         # pre_layrnorm
+    sim.free(emb)
+    states = [hidden]
+    for layer in range(layers):
+        sim.where = f"image encoder layer {layer}"
+        n1 = sim.new(X, e, tag)                         # layer_norm1
+        q, k, v = (sim.new(X, e, tag) for _ in range(3))
+        o = sim.new(X, e, tag)                          # SDPA (lse: B*H*N floats, not modelled)
+        proj = sim.new(X, e, tag)                       # out_proj
+        sim.free(q, k, v, o)
+        sim.free(n1)
+        r1 = sim.new(X, e, tag)                         # residual + attention
+        sim.free(proj)
+        n2 = sim.new(X, e, tag)                         # layer_norm2
+        f1 = sim.new(B * N * dff, e, tag)               # fc1
+        if quick:                                       # x * sigmoid(1.702 * x)
+            t = sim.new(f1.numel, e, tag)
+            s = sim.new(f1.numel, e, tag)
+            sim.free(t)
+            g = sim.new(f1.numel, e, tag)
+            sim.free(s)
+        else:
+            g = sim.new(f1.numel, e, tag)
+        sim.free(f1)
+        f2 = sim.new(X, e, tag)                         # fc2
+        sim.free(g, n2)
+        out = sim.new(X, e, tag)                        # residual + mlp
+        sim.free(f2, r1)
+        states.append(out)
+    sim.where = "image encoder output"
+    keep = states[-2]
+    sim.free(*[h for h in states if h is not keep])
+    return keep
+
+
+def _wan_vae_attention(sim: Sim, C: int, B: int, T: int, H: int, W: int, e: int):
+    """WanAttentionBlock (one head over each frame's pixels); the input is the caller's."""
+    X = B * C * T * H * W
+    p = sim.new(X, e, "vae")                                            # permute + reshape copy
+    n = _wan_rms(sim, p, e)
+    sim.free(p)
+    qkv = sim.new(3 * X, e, "vae")
+    qkv2 = sim.new(3 * X, e, "vae")                                     # permute + contiguous
+    sim.free(qkv)
+    o = sim.new(X, e, "vae")
+    sim.free(n)
+    back = sim.new(X, e, "vae")                                         # squeeze/permute/reshape copy
+    sim.free(o)
+    pr = sim.new(X, e, "vae")
+    sim.free(back)
+    out = sim.new(X, e, "vae")                                          # + identity
+    sim.free(pr, qkv2)
+    return out
+
+
+def _wan_downsample(sim: Sim, rs, x, B: int, T: int, H: int, W: int, e: int, cache: WanDecoderCache):
+    """WanResample "downsample2d" / "downsample3d" of the encoder: the frames as a batch of
+    images (a copy), ZeroPad2d (a copy), the stride-2 Conv2d; downsample3d then keeps the first
+    call's output in the cache and afterwards convolves [last cached frame, x] in time with
+    stride 2. Returns (output handle, T, H, W); x is the caller's."""
+    C = rs.dim
+    p = sim.new(B * C * T * H * W, e, "vae")                            # permute + reshape copy
+    pad = sim.new(B * C * T * (H + 1) * (W + 1), e, "vae")              # ZeroPad2d((0, 1, 0, 1))
+    H, W = H // 2, W // 2
+    out = sim.new(B * C * T * H * W, e, "vae")
+    sim.free(pad, p)
+    if rs.mode == "downsample3d" and cache is not None:
+        if cache.get() is None:
+            cache.put(sim, (sim.new(out.numel, e, "vae"), T))           # x.clone(): no time conv yet
+        else:
+            keep = sim.new(B * C * H * W, e, "vae")                     # x[:, :, -1:].clone()
+            cat = sim.new(B * C * (T + 1) * H * W, e, "vae")
+            padded = sim.new(cat.numel, e, "vae")                       # F.pad with zero pads: a copy
+            T = (T + 1 - 3) // 2 + 1
+            o2 = sim.new(B * C * T * H * W, e, "vae")
+            sim.free(padded, cat, out)
+            cache.put(sim, (keep, 1))
+            out = o2
+    return out, T, H, W
+
+
+def _wan_residual_down_block(sim: Sim, blk, x, B: int, T: int, H: int, W: int, e: int, cache: WanDecoderCache):
+    """WanResidualDownBlock (the Wan 2.2 VAE): x.clone(), the residual blocks, the downsampler,
+    plus AvgDown3D of the clone (F.pad copy, permute + contiguous copy, mean). x is the caller's."""
+    copy = sim.new(x.numel, e, "vae")
+    y = sim.ref(x)
+    T0, H0, W0 = T, H, W
+    for res in blk.resnets:
+        nxt = _wan_resblock(sim, res, y, B, T, H, W, e, cache)
+        sim.free(y)
+        y = nxt
+    if blk.downsampler is not None:
+        nxt, T, H, W = _wan_downsample(sim, blk.downsampler, y, B, T, H, W, e, cache)
+        sim.free(y)
+        y = nxt
+    avg = blk.avg_shortcut
+    ft, fs = avg.factor_t, avg.factor_s
+    Tp = T0 + (ft - T0 % ft) % ft
+    padded = sim.new(B * avg.in_channels * Tp * H0 * W0, e, "vae")      # F.pad (a copy)
+    perm = sim.new(padded.numel, e, "vae")                              # permute(...).contiguous()
+    sim.free(padded)
+    mean = sim.new(B * avg.out_channels * (Tp // ft) * (H0 // fs) * (W0 // fs), e, "vae")
+    sim.free(perm)
+    out = sim.new(y.numel, e, "vae")                                    # x + avg_shortcut(x_copy)
+    sim.free(mean, y, copy)
+    return out, T, H, W
+
+
+def wan_vae_encode_chunk(sim: Sim, vae, B: int, T: int, H: int, W: int, e: int, cache: WanDecoderCache):
+    """One WanEncoder3d call on T frames (1 for the first chunk, then 4) of the encoder's input
+    (the video, patchified on the Wan 2.2 VAE), H x W pixels, with the causal feature cache
+    (``cache``, kept across chunks: the last frames of every causal conv's input). A block's input
+    lives until the block returns. Returns (output handle (B, 2 z, T', H', W'), T')."""
+    enc = vae.encoder
+    cache.idx = 0
+    x = _causal_conv(sim, enc.conv_in, None, B, T, H, W, e, cache)
+    for layer in enc.down_blocks:
+        kind = type(layer).__name__
+        if kind == "WanResidualBlock":
+            y = _wan_resblock(sim, layer, x, B, T, H, W, e, cache)
+        elif kind == "WanAttentionBlock":
+            y = _wan_vae_attention(sim, layer.dim, B, T, H, W, e)
+        elif kind == "WanResample":
+            y, T, H, W = _wan_downsample(sim, layer, x, B, T, H, W, e, cache)
+        elif kind == "WanResidualDownBlock":
+            y, T, H, W = _wan_residual_down_block(sim, layer, x, B, T, H, W, e, cache)
+        else:
+            raise ValueError(f"the Wan VAE encoder walk does not know the block {kind}")
+        sim.free(x)
+        x = y
+    mid = enc.mid_block
+    m = _wan_resblock(sim, mid.resnets[0], x, B, T, H, W, e, cache)
+    for att, res in zip(mid.attentions, mid.resnets[1:]):
+        a = _wan_vae_attention(sim, att.dim, B, T, H, W, e)
+        sim.free(m)
+        m = _wan_resblock(sim, res, a, B, T, H, W, e, cache)
+        sim.free(a)
+    sim.free(x)                                                         # the encoder rebinds x
+    n = _wan_rms(sim, m, e)
+    sim.free(m)
+    s = sim.new(n.numel, e, "vae")                                      # silu
+    sim.free(n)
+    out = _causal_conv(sim, enc.conv_out, s, B, T, H, W, e, cache)
+    sim.free(s)
+    return out, T
+
+
+def _quant_conv(sim: Sim, x, e: int):
+    """quant_conv, a 1x1x1 WanCausalConv3d (2 z -> 2 z): F.pad's copy, then the output."""
+    pad = sim.new(x.numel, e, "vae")
+    out = sim.new(x.numel, e, "vae")
+    sim.free(pad)
+    return out
+
+
+def wan_vae_encode(sim: Sim, vae, B: int, frames: int, height: int, width: int, e: int = F32,
+                   tile: Optional[tuple] = None):
+    """``AutoencoderKLWan.encode`` of a (B, 3, frames, height, width) video (the caller's tensor),
+    as diffusers 0.42 runs it: patchify (a copy, Wan 2.2's patch 2), the causal encoder on the
+    first frame and then on 4 frames per call with the feature cache, the outputs concatenated as
+    they come (the previous chunk's output alive during the next call), ``quant_conv``, the cache
+    cleared; then the ``DiagonalGaussianDistribution`` (clamped log-variance, std, variance), which
+    dies once the pipeline has taken its mode (``retrieve_latents(..., "argmax")``: a view of the
+    moments). Returns the handle of the moments (B, 2 z, 1 + (frames - 1) // 4, h, w).
+
+    tile: (tile_h, tile_w, stride_h, stride_w) in pixels of the encoder's input for
+    ``enable_tiling`` (used when the video is larger than the tile): ``tiled_encode``, every tile
+    encoded over all frames (quant_conv per chunk, the chunks concatenated per tile), all tiles kept,
+    blended in place, cropped, concatenated per row and then whole."""
+    patch = getattr(vae.config, "patch_size", None)
+    H, W = height, width
+    xp = None
+    if patch:
+        xp = sim.new(B * 3 * frames * height * width, e, "vae")         # patchify: a contiguous copy
+        H, W = height // patch, width // patch
+    chunks = 1 + (frames - 1) // 4
+    if tile is not None and (width > tile[1] or height > tile[0]):
+        th, tw, sh, sw = tile
+        s = int(vae.config.scale_factor_spatial) // (patch or 1)        # the encoder's own factor
+        tiles, time, row_numels = [], [], []
+        cache = None
+        for i in range(0, H, sh):
+            row = 0
+            for j in range(0, W, sw):
+                if cache is not None:
+                    cache.free(sim)                                     # clear_cache
+                sim.free(*time)                                         # the previous tile's chunks
+                cache, time = WanDecoderCache(), []
+                hh, ww = min(th, H - i), min(tw, W - j)
+                for k in range(chunks):
+                    o, _ = wan_vae_encode_chunk(sim, vae, B, 1 if k == 0 else 4, hh, ww, e, cache)
+                    time.append(_quant_conv(sim, o, e))
+                    sim.free(o)
+                tiles.append(sim.new(sum(t.numel for t in time), e, "vae"))   # cat over time
+                lat = tiles[-1].numel // ((hh // s) * (ww // s))
+                row += lat * min(sh // s, hh // s) * min(sw // s, ww // s)     # the tile's crop
+            row_numels.append(row)
+        cache.free(sim)
+        rows = [sim.new(n, e, "vae") for n in row_numels]               # cat of each row's crops
+        enc = sim.new(sum(row_numels), e, "vae")                        # cat of the rows
+        sim.free(*rows, *tiles, *time)
+    else:
+        cache = WanDecoderCache()
+        out = prev = None
+        for k in range(chunks):
+            o, _ = wan_vae_encode_chunk(sim, vae, B, 1 if k == 0 else 4, H, W, e, cache)
+            sim.free(prev)                                              # out_ of the previous chunk
+            if out is None:
+                out = o
+            else:
+                cat = sim.new(out.numel + o.numel, e, "vae")
+                sim.free(out)
+                out, prev = cat, o
+        enc = _quant_conv(sim, out, e)
+        cache.free(sim)                                                 # clear_cache
+        sim.free(out, prev)
+    sim.free(xp)
+    zc = enc.numel // 2
+    logvar = sim.new(zc, e, "vae")                                      # clamp(logvar)
+    half = sim.new(zc, e, "vae")                                        # 0.5 * logvar
+    std = sim.new(zc, e, "vae")                                         # exp
+    sim.free(half)
+    var = sim.new(zc, e, "vae")                                         # exp(logvar)
+    sim.free(logvar, std, var)                                          # the distribution dies
+    return enc
+
+
+def wan_vae_encode_stream_step(sim: Sim, vae, B: int, T: int, H: int, W: int, e: int, cache: WanDecoderCache):
+    """One step of ``longvideo.methods.families.wan_i2v.ImageCondition``'s streamed encoding: T
+    frames (the image, then 4 zero frames: a new float32 tensor), patchified on the Wan 2.2 VAE, one
+    encoder call with the cache carried over, quant_conv, the mode normalised ((mu - mean) / std:
+    two latent-frame tensors). The cache entries the call replaces stay alive until it returns
+    (the step compares the old and the new cache). Returns the handle of the normalised latent
+    frame (B, z, T', h, w)."""
+    patch = getattr(vae.config, "patch_size", None)
+    chunk = sim.new(B * 3 * T * H * W, F32, "vae") if T > 1 else None  # new_zeros (the image: a view)
+    if patch:
+        p = sim.new(B * 3 * T * H * W, e, "vae")
+        sim.free(chunk)
+        chunk = p
+        H, W = H // patch, W // patch
+    before = [sim.ref(v[0]) for v in cache.slots.values() if v is not None and v != "Rep"]
+    o, _ = wan_vae_encode_chunk(sim, vae, B, T, H, W, e, cache)
+    moments = _quant_conv(sim, o, e)
+    sim.free(o)
+    d = sim.new(moments.numel // 2, F32, "vae")                         # mu - mean
+    lat = sim.new(d.numel, F32, "vae")                                  # * 1 / std
+    sim.free(d, moments, chunk, *before)
+    return lat
+
+
+def wan_i2v_prepare_latents(sim: Sim, vae, B: int, frames: int, height: int, width: int, first_frame: bool,
+                            dev: Device = CUDA, e_vae: int = F32, tile: Optional[tuple] = None) -> tuple:
+    """``WanImageToVideoPipeline.prepare_latents`` (diffusers 0.42) for a (B, 3, height, width)
+    image (the caller's float32 tensor): the noise latents (B, z, F, h, w) float32; the condition
+    video -- Wan 2.1 / 2.2 A14B I2V: the image followed by ``frames - 1`` zero frames (a zeros
+    tensor and the cat, float32); ``first_frame`` (Wan 2.2 TI2V, ``expand_timesteps``): the image
+    alone -- encoded by the VAE (:func:`wan_vae_encode`); the mode repeated over the batch (a copy)
+    and normalised ((x - mean) * 1/std); then
+
+    * first_frame: the mask (1, 1, F, h, w) of ones (0 at frame 0); returns (latents, condition
+      latents (B, z, 1, h, w), mask);
+    * otherwise the mask (B, 4, F, h, w): built on the host by the pipeline (ones per video frame,
+      the first frame repeated 4 times, concatenated) and moved to the device (on "cpu" the host
+      tensors are the device's), concatenated with the condition latents; returns (latents,
+      condition (B, 4 + z, F, h, w)). The condition video dies when the function returns."""
+    z = int(vae.config.z_dim)
+    s = int(vae.config.scale_factor_spatial)
+    F = (frames - 1) // int(vae.config.scale_factor_temporal) + 1
+    h, w = height // s, width // s
+    sim.where = "prepare_latents"
+    latents = sim.new(B * z * F * h * w, F32, "latents")                # randn
+    video = None
+    if not first_frame:
+        zeros = sim.new(3 * (frames - 1) * height * width, F32, "condition video")
+        video = sim.new(3 * frames * height * width, F32, "condition video")
+        sim.free(zeros)
+    sim.where = "VAE encode of the condition"
+    enc = wan_vae_encode(sim, vae, 1, 1 if first_frame else frames, height, width, e_vae, tile)
+    sim.where = "condition latents"
+    lc = sim.new(B * enc.numel // 2, e_vae, "condition latents")         # .repeat(batch)
+    sim.free(enc)
+    d = sim.new(lc.numel, F32, "condition latents")                     # - mean
+    m = sim.new(lc.numel, F32, "condition latents")                     # * 1/std
+    sim.free(d, lc)
+    lc = m
+    if first_frame:
+        mask = sim.new(F * h * w, F32, "condition mask")
+        return latents, lc, mask
+    if dev.kind == "cpu":                                               # the host tensors are the device's
+        ones = sim.new(B * frames * h * w, F32, "condition mask")
+        rep = sim.new(B * 4 * h * w, F32, "condition mask")             # repeat_interleave of frame 0
+        mask = sim.new(B * 4 * F * h * w, F32, "condition mask")        # concat
+        sim.free(ones)
+    else:
+        rep = None
+        mask = sim.new(B * 4 * F * h * w, F32, "condition mask")        # .to(device) of the host mask
+    cond = sim.new(B * (4 + z) * F * h * w, F32, "condition latents")    # cat([mask, condition latents])
+    sim.free(rep, mask, lc, video)
+    return latents, cond

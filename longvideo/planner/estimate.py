@@ -243,13 +243,15 @@ class Plan:
                                       if self.sizes.get("context_parallel") else "")
                   + f": {fb(self.peak_bytes)} in phase '{peak.name}'")
                  + (f" ({peak.where})" if peak.where else "")]
+        wide = max([22] + [len(ph.name) for ph in self.phases])
         for ph in self.phases:
-            lines.append(f"  phase {ph.name:<22} {fb(ph.nbytes):>12}  (weights {fb(ph.by_kind('weights'))}, "
+            lines.append(f"  phase {ph.name:<{wide}} {fb(ph.nbytes):>12}  (weights {fb(ph.by_kind('weights'))}, "
                          f"beyond weights {fb(ph.beyond_weights)})")
         lines.append(f"breakdown at the peak ({peak.name}):")
+        wide = max([50] + [len(p.name) for p in peak.parts if p.nbytes])
         for p in sorted(peak.parts, key=lambda x: -x.nbytes):
             if p.nbytes:
-                lines.append(f"  {p.kind:<11} {p.name:<50} {fb(p.nbytes):>12}" + (f"  {p.note}" if p.note else ""))
+                lines.append(f"  {p.kind:<11} {p.name:<{wide}} {fb(p.nbytes):>12}" + (f"  {p.note}" if p.note else ""))
         t = self.time
         if t is not None:
             lines.append(f"time: {t.seconds_per_step:.3f} s per {t.step} (record {t.record}, case {t.case}, "
@@ -381,6 +383,113 @@ def _image_tokens(spec: ModelSpec) -> int:
     return (int(cfg.get("image_size", 224)) // int(cfg.get("patch_size", 14))) ** 2 + 1
 
 
+# ---------------------------------------------------------------------------------------------
+# image-to-video: how a run takes its image, and the phases and parts of the image path
+IMAGE_METHODS = ("direct", "freeloc", "fifo")   # longvideo.cli._image.I2V_METHODS
+
+
+def _is_condition_pipeline(spec: ModelSpec) -> bool:
+    """Wan 2.1 / 2.2 A14B image-to-video: a Wan transformer taking more input channels than it
+    outputs (latents + mask + condition latents), without TI2V's per-token timesteps."""
+    tr = spec.components.get("transformer") or spec.components.get("transformer_2")
+    if spec.family != "wan" or tr is None or spec.expand_timesteps:
+        return False
+    cin = int(tr.config.get("in_channels", 16))
+    return cin > int(tr.config.get("out_channels") or cin)
+
+
+def _image_mode(spec: ModelSpec, image, method: str) -> Optional[str]:
+    """How the planned run takes its image (``plan(image=...)``): "condition" (Wan 2.1 / 2.2 A14B
+    I2V: the VAE encoding of [image, zero frames] and a mask concatenated to every transformer
+    input, plus, on Wan 2.1, the CLIP image tokens), "first_frame" (Wan 2.2 TI2V-5B's image mode:
+    the image's latent frame in place of frame 0), or None (text to video). image None: what the
+    pipeline needs (an I2V pipeline always takes an image, others none). ValueError naming the
+    argument when the request cannot be planned."""
+    if image is not None and not isinstance(image, bool):
+        raise ValueError(f"image must be True, False or None, got {image!r}")
+    condition = _is_condition_pipeline(spec)
+    if image is None:
+        image = condition
+    if not image:
+        if condition:
+            raise ValueError(f"image=False: {spec.name} is an image-to-video pipeline ({spec.pipeline_class} with "
+                             "mask and condition-latent input channels); its runs always take an image")
+        return None
+    if method not in IMAGE_METHODS:
+        raise ValueError(f"image: method {method!r} is not planned with an image (image-to-video runs: "
+                         f"{', '.join(IMAGE_METHODS)})" + (f"; {spec.name} is an image-to-video pipeline"
+                                                           if condition else ""))
+    if condition:
+        return "condition"
+    if spec.family == "wan" and spec.expand_timesteps and len(spec.denoisers) == 1:
+        return "first_frame"
+    raise ValueError(f"image: {spec.name} is a text-to-video model ({spec.family}); images are planned on Wan 2.1 "
+                     "I2V, Wan 2.2 A14B I2V and Wan 2.2 TI2V-5B pipelines")
+
+
+def _image_embeds_parts(spec: ModelSpec, dtype) -> list:
+    """The CLIP image features a Wan 2.1 I2V run keeps for every transformer call (the image
+    encoder's penultimate hidden states, (1, I, image_dim) in the transformer's dtype)."""
+    tr = spec.components.get("transformer") or spec.components.get("transformer_2")
+    n = _image_tokens(spec)
+    dim = int(tr.config.get("image_dim") or 0) if tr is not None else 0
+    if not (n and dim):
+        return []
+    return [Part("image embeddings (CLIP features, all calls)", n * dim * _itemsize(dtype), "state")]
+
+
+def _image_encoder_phase(spec: ModelSpec, dtype, st: Settings, state=(), keep: tuple = ()) -> Phase:
+    """Wan 2.1 I2V's image encoder on the image (``encode_image``): its weights (float32, as the
+    loaders place it), the pixel values, the CLIP vision call (:func:`activations.clip_vision_call`)."""
+    comp = spec.components["image_encoder"]
+    e = _itemsize(spec.load_dtype("image_encoder", dtype))
+    cfg = comp.config.get("vision_config", comp.config)
+    size = int(cfg.get("image_size", 224))
+    sim = Sim()
+    A.clip_vision_call(sim, comp.config, 1, e)
+    parts = _resident_weights(spec, dtype, st.offload, ["image_encoder"], keep=keep) + list(state)
+    parts.append(Part("image encoder input (pixel values, float32)", 3 * size * size * 4, "state"))
+    parts += _sim_parts(sim, "image encoder (CLIP vision) call")
+    return Phase("image encode (CLIP vision)", parts, sim.peak_where)
+
+
+def _condition_phase(spec: ModelSpec, dtype, device, st: Settings, frames: int, height: int, width: int,
+                     first_frame: bool, state=(), keep: tuple = (), name: Optional[str] = None) -> Phase:
+    """``WanImageToVideoPipeline.prepare_latents``: the VAE encode of the condition video (the image
+    and ``frames - 1`` zero frames; TI2V: the image alone), the condition latents and mask
+    (:func:`activations.wan_i2v_prepare_latents`), with the VAE's weights and what the run holds."""
+    vae = spec.module("vae")
+    tile = (256, 256, 192, 192) if st.vae_tiling else None      # AutoencoderKLWan.enable_tiling's defaults
+    sim = Sim()
+    A.wan_i2v_prepare_latents(sim, vae, 1, frames, height, width, first_frame, device,
+                              _itemsize(spec.load_dtype("vae", dtype)), tile)
+    parts = _resident_weights(spec, dtype, st.offload, ["vae"], keep=keep) + list(state)
+    parts.append(Part("preprocessed image (float32)", 3 * height * width * 4, "state"))
+    what = "image" if first_frame else "condition video"
+    parts += _sim_parts(sim, f"VAE encode of the {what}")
+    return Phase(name or ("image latents encode (VAE)" if first_frame else "condition encode (VAE)"), parts,
+                 sim.peak_where)
+
+
+def _condition_parts(spec: ModelSpec, dtype, image: str, F: int, h: int, w: int, batch: int = 1) -> list:
+    """What an image-conditioned denoising step holds for its image, for F latent frames of h x w
+    (batch: the transformer call's): "condition" -- the mask + condition latents (float32, (4 + z) channels, kept
+    for every step) and the transformer's input cat([latents, mask, condition]) (2 z + 4 channels)
+    in the transformer's dtype; "first_frame" -- the image's latent frame and the first-frame mask
+    (float32, kept for every step) and the transformer's input (1 - m) c + m x (z channels) in the
+    transformer's dtype (in float32 a new tensor where the text-to-video pipeline passes its
+    latents as they are)."""
+    z = int(spec.components["vae"].config.get("z_dim", 16))
+    e = _itemsize(dtype)
+    if image == "first_frame":
+        return [Part("image latents + first-frame mask (float32, all steps)", (z + F) * h * w * 4, "state"),
+                Part("transformer input: latents with the image's frame 0", batch * z * F * h * w * e, "state",
+                     "(1 - mask) * image latents + mask * latents, cast to the transformer's dtype")]
+    return [Part("condition: mask + condition latents (float32, all steps)", (4 + z) * F * h * w * 4, "state"),
+            Part("transformer input: latents + mask + condition latents", batch * (2 * z + 4) * F * h * w * e,
+                 "state", "cat of the float32 latents and the condition, cast to the transformer's dtype")]
+
+
 def _vae_decode_sim(spec: ModelSpec, dtype, st: Settings, batch: int, frames_lat: int, h: int, w: int) -> Sim:
     sim = Sim()
     vae = spec.module("vae")
@@ -411,11 +520,24 @@ def _wan_sizes(spec, height, width, num_frames):
 
 
 def _direct_phases(spec, dtype, device, st, height, width, num_frames, method, freeloc_layers, trained,
-                   decode=True, semantics="official", cp=1):
+                   decode=True, semantics="official", cp=1, image=None):
     F, h, w = _wan_sizes(spec, height, width, num_frames)
     e = _itemsize(dtype)
-    C = spec.components["transformer"].config.get("in_channels", 16)
+    cfg = spec.components["transformer"].config
+    C = cfg.get("out_channels") or cfg.get("in_channels", 16)   # the latents' channels (I2V inputs are wider)
     phases = [_text_phase(spec, dtype, st)]
+    embeds = [Part("prompt embeddings", 2 * 512 * _text_dim(spec) * e, "state")]
+    image_state = []
+    if image:
+        # WanImageToVideoPipeline: the CLIP features of the image (Wan 2.1), then prepare_latents'
+        # VAE encode of the condition video (TI2V: of the image), before the denoising loop
+        image_state = _image_embeds_parts(spec, dtype)
+        if image_state:
+            phases.append(_image_encoder_phase(spec, dtype, st, embeds))
+        phases.append(_condition_phase(spec, dtype, device, st, num_frames, height, width, image == "first_frame",
+                                       embeds + image_state))
+        image_state = image_state + [Part("preprocessed image (float32)", 3 * height * width * 4, "state")]
+        image_state += _condition_parts(spec, dtype, image, F, h, w)
     # Wan 2.2 TI2V expands the timestep to every token; SkyReels-V2's diffusion-forcing pipelines
     # pass one timestep per latent frame
     timestep = "token" if spec.expand_timesteps else (
@@ -436,12 +558,14 @@ def _direct_phases(spec, dtype, device, st, height, width, num_frames, method, f
                             freeloc_semantics=semantics, context_parallel=cp)
         parts = _resident_weights(spec, dtype, st.offload, [name])
         parts += [Part("latents, noise predictions", 4 * lat * 4 + lat * e, "state",
-                       "latents float32, the cond prediction kept during the uncond call, CFG combination"),
-                  Part("prompt embeddings", 2 * 512 * _text_dim(spec) * e, "state")]
+                       "latents float32, the cond prediction kept during the uncond call, CFG combination")]
+        parts += embeds + image_state
         parts += _sim_parts(sim, f"{name} call (batch 1)" + (f", one of {cp} context-parallel ranks" if cp > 1 else ""))
         phases.append(Phase("denoise" if name == "transformer" else f"denoise ({name})", parts, sim.peak_where))
     if decode:
-        phases.append(_decode_phase(spec, dtype, st, 1, F, h, w, extra_state=[Part("latents", lat * 4, "state")]))
+        held = [p for p in image_state if p.name.startswith(("condition:", "image latents"))]
+        phases.append(_decode_phase(spec, dtype, st, 1, F, h, w,
+                                    extra_state=[Part("latents", lat * 4, "state")] + held))
     return phases, dict(latent_frames=F, latent_hw=(h, w), tokens=_wan_arch(spec).tokens(F, h, w))
 
 
@@ -455,7 +579,7 @@ def _decode_phase(spec, dtype, st, batch, F, h, w, extra_state=(), images=None):
 
 
 def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, parts_on, trained,
-                 guidance_impl="prefix", cp=1):
+                 guidance_impl="prefix", cp=1, image=None):
     fam = spec.family
     f = st.frames_per_window or spec.trained_latent_frames or trained or 16
     n = st.num_partitions
@@ -472,18 +596,35 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
         s, _ = _vae_scale(spec)
         h, w = height // s, width // s
         arch = _wan_arch(spec)
-        C = arch.in_channels
+        C = arch.out_channels       # the queue's latent channels (an I2V transformer's input is wider)
         timestep = "frame" if fam == "skyreels" else "token"
         # initial clip: the pipeline on f latent frames, CFG as two batch-1 calls, scalar timesteps
         # (FIFO encodes prompts with encode_prompt's default of 226 tokens and passes the embeddings on)
         sim0 = _wan_call_sim(spec, dtype, device, 1, f, h, w, "frame" if fam == "skyreels" else "scalar", text_len=226,
                              context_parallel=cp)
         keep = ("vae",)
+        clip_image, image_state = [], []
+        if image:
+            # the image path (longvideo.methods.families.wan_i2v / wan22_ti2v): set_image's CLIP
+            # features (Wan 2.1), then the initial clip sampled by WanImageToVideoPipeline from the
+            # image -- its prepare_latents encodes the clip's condition video (TI2V: the image)
+            emb = [Part("prompt embeddings (226 tokens, cond + uncond)", 2 * 226 * _text_dim(spec) * e, "state")]
+            image_state = _image_embeds_parts(spec, dtype)
+            if image_state:
+                phases.append(_image_encoder_phase(spec, dtype, st, emb, keep=keep))
+            first = image == "first_frame"
+            phases.append(_condition_phase(
+                spec, dtype, device, st, _vae_scale(spec)[1] * (f - 1) + 1, height, width, first,
+                emb + image_state, keep=keep,
+                name="initial clip: " + ("image latents encode (VAE)" if first else "condition encode (VAE)")))
+            if not first:           # the family keeps the preprocessed image (ImageCondition)
+                image_state = image_state + [Part("preprocessed image (float32)", 3 * height * width * 4, "state")]
+            clip_image = image_state + _condition_parts(spec, dtype, image, f, h, w)
         for name in spec.denoisers:     # Wan 2.2 A14B: WanPipeline samples the clip on both experts
             if name != "transformer":
                 sim0 = _wan_call_sim(spec, dtype, device, 1, f, h, w, "scalar", text_len=226, context_parallel=cp,
                                      name=name)
-            p0 = _resident_weights(spec, dtype, st.offload, [name], keep=keep) + _sim_parts(
+            p0 = _resident_weights(spec, dtype, st.offload, [name], keep=keep) + clip_image + _sim_parts(
                 sim0, f"{name} call (batch 1)")
             phases.append(Phase("initial clip" + ("" if name == "transformer" else f" ({name})"), p0,
                                 sim0.peak_where))
@@ -523,6 +664,35 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
         cfg_batch, cfg_label = (1, "batch 1, CFG as two calls") if experts else (2, "batch 2, CFG")
         if experts:
             state.append(Part("conditional output (kept during the unconditional call)", C * f * h * w * 4, "state"))
+        stream = None
+        if image == "condition":
+            # Wan 2.1 / 2.2 A14B I2V: every window's frames get their mask + condition latents
+            # (families/wan_i2v.py ImageCondition), encoded as a stream -- the image, then 4 zero
+            # frames per encoder call, the causal cache carried -- frame by frame as the windows
+            # reach them, until a frame's encoding and cache repeat the previous ones: the encoder
+            # cache lives across iterations until then (the receptive field of the encoder's causal
+            # convs spans many latent frames, so a long while), with the frames computed and not yet
+            # released (at most the queue's)
+            ssim = Sim()
+            ecache = A.WanDecoderCache()
+            for frames in (1, 4):
+                ssim.free(A.wan_vae_encode_stream_step(ssim, vae, 1, frames, height, width, 4, ecache))
+            base = ssim.current
+            ssim.peak = base
+            ssim.free(A.wan_vae_encode_stream_step(ssim, vae, 1, 4, height, width, 4, ecache))
+            state += image_state + [
+                Part("VAE encoder cache (streamed condition)", ecache.nbytes, "state",
+                     "the last frames of every causal conv's input, until the zero frames' encoding repeats"),
+                Part("condition latent frames (streamed, float32)", (L + c) * C * h * w * 4, "state")]
+            stream = Phase("condition encode (streamed)", _resident_weights(spec, dtype, st.offload, ["vae"], keep=keep)
+                           + list(state) + [cache_part, Part(
+                               "VAE encode of 4 zero frames (one streamed step)", ssim.peak - base, "activations",
+                               "the cache entries it replaces kept until it returns")])
+            win = cfg_batch * (2 * C + 4) * f * h * w
+            state.append(Part("window input: latents + mask + condition latents (float32)", win * 4, "state",
+                              "cat([x, condition]) of the window's frames"))
+            if e != 4:
+                state.append(Part("window input in the transformer's dtype", win * e, "state"))
         guided = []
         for name in spec.denoisers:
             sfx = "" if name == "transformer" else f" ({name})"
@@ -565,6 +735,8 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
         dec_parts.append(Part("decoded frames to uint8", 4 * t * 3 * height * width * 4, "activations",
                               "clamp, (x + 1) / 2, clamp of the frames out (float32)"))
         phases.append(Phase("decode", dec_parts))
+        if stream is not None:
+            phases.append(stream)
         phases += guided
         sizes = dict(window=f, partitions=n, queue=L, latent_hw=(h, w), tokens_per_window=arch.tokens(f, h, w))
         return phases, sizes
@@ -930,7 +1102,7 @@ def _phases(method, spec, dtype, device, st, height, width, num_frames, opts):
             raise ValueError(f"method {method!r} needs a Wan-family model, got {spec.family}")
         return _direct_phases(spec, dtype, device, st, height, width, num_frames, method, opts["freeloc_layers"],
                               opts["trained"] or spec.trained_latent_frames or 21, opts["decode"],
-                              opts["freeloc_semantics"], opts["context_parallel"])
+                              opts["freeloc_semantics"], opts["context_parallel"], image=opts["image"])
     if method in ("fifo", "ouroboros"):
         if spec.family not in ("wan", "skyreels", "animatediff"):
             raise ValueError(f"method {method!r} needs a Wan, SkyReels-V2 or AnimateDiff model, got {spec.family}")
@@ -941,7 +1113,7 @@ def _phases(method, spec, dtype, device, st, height, width, num_frames, opts):
                 raise ValueError("context_parallel is not modelled with Ouroboros' processors (SACFA, guidance): "
                                  "plan ouroboros with sacfa=False, guidance=False, or without context_parallel")
         return _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, opts["parts"], opts["trained"],
-                            opts["guidance_impl"], opts["context_parallel"])
+                            opts["guidance_impl"], opts["context_parallel"], image=opts["image"])
     if opts["context_parallel"] > 1:
         raise ValueError(f"context_parallel is modelled for direct, freeloc, fifo and ouroboros on Wan, not {method!r}")
     if method == "story":
@@ -989,16 +1161,6 @@ def _notes(method, spec, p: Plan, opts) -> list:
                     f"autograd, {fb(d['window call'])} with the gradient; the phase's peak is the larger, the "
                     f"{'guidance pass' if d['guidance pass'] >= d['window call'] else 'window call'}. "
                     f"Without guidance the peak would be {fb(others)}")
-    tr = spec.components.get("transformer")
-    if spec.has("image_encoder") or (tr is not None and tr.config.get("out_channels") not in (
-            None, tr.config.get("in_channels"))):
-        # an image-to-video pipeline (Wan 2.1 / 2.2 A14B I2V: condition latents and mask concatenated
-        # to the input; Wan 2.1: CLIP image features in the cross-attention): its weights are counted
-        # (the image encoder's too) but not the image path's tensors
-        notes.append("image-to-video pipeline: the weights (the image encoder's included), the wider input and "
-                     "the CLIP image tokens in the transformer calls are modelled, but not the rest of the image "
-                     "path: the image encoder's activations, the VAE encode of the condition video, the condition "
-                     "latents and mask held across the steps")
     notes.append("not modelled: the CUDA context, cuDNN/cuBLAS workspaces, allocator rounding and fragmentation "
                  "(see headroom), host memory (offloaded weights, pinned id banks)")
     return notes
@@ -1057,7 +1219,7 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
          story_kernel: str = "consistent", chunk_frames: int = 24, overlap_frames: int = 8,
          chunk_batch: Optional[int] = None, output_type: str = "np", headroom: float = 0.05,
          records=None, guidance_impl: str = "prefix", freeloc_semantics: str = "official",
-         context_parallel: int = 1) -> Plan:
+         context_parallel: int = 1, image: Optional[bool] = None) -> Plan:
     """Predicted peak GPU memory of `method` on `model` (see the module docstring).
 
     method: "direct" (the plain pipeline), "freeloc", "fifo", "ouroboros" (with ``tail``, ``sacfa``,
@@ -1085,6 +1247,15 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
     freeloc, fifo, ouroboros without SACFA/guidance, on Wan): the plan is then per rank (each
     rank's peak; see the module docstring), and gpu_memory is one rank's GPU. The token count
     and the head count must be divisible by N. No time is quoted (no record of such a run).
+    image: plan an image-to-video run (methods direct, freeloc, fifo; ``longvideo generate
+    --image``). None (default): what the pipeline needs -- Wan 2.1 / 2.2 A14B I2V pipelines always
+    take an image, the others none; True on Wan 2.2 TI2V-5B: its image mode. The image path is
+    then phases and parts of the plan: "image encode (CLIP vision)" (Wan 2.1 I2V's image
+    encoder), "condition encode (VAE)" (the VAE encode of the image followed by zero frames;
+    TI2V: "image latents encode (VAE)", the image alone), the condition latents and mask held in
+    every denoising step with the wider transformer input, and under FIFO the initial clip's
+    encode and the windows' streamed condition ("condition encode (streamed)"). ValueError on a
+    text-to-video model, with another method, or image=False on an I2V pipeline.
     """
     method = _METHOD_ALIASES.get(str(method).lower(), str(method).lower())
     if method not in METHODS:
@@ -1111,6 +1282,7 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
     if num_frames is None:
         tl = trained_frames or spec.trained_latent_frames or 16
         num_frames = 4 * (tl - 1) + 1 if spec.family in ("wan", "skyreels") else tl
+    image_mode = _image_mode(spec, image, method)
     gpu = parse_bytes(gpu_memory) if gpu_memory is not None else None
     budget = parse_bytes(bank_budget) if bank_budget is not None else None
     base = Settings(offload=offload, vae_tiling=vae_tiling, vae_slicing=vae_slicing, bank_location=bank_location,
@@ -1122,7 +1294,7 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
                 characters=characters, read_images=read_images, gpu_memory=gpu, story_kernel=story_kernel,
                 schedule=schedule, decode=output_type != "latent",
                 chunk_frames=chunk_frames, overlap_frames=overlap_frames, guidance_impl=guidance_impl,
-                context_parallel=context_parallel)
+                context_parallel=context_parallel, image=image_mode)
 
     def build(st: Settings) -> Plan:
         phases, sizes = _phases(method, spec, dt, dev, st, height, width, num_frames, opts)
@@ -1131,6 +1303,8 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
             base_sizes["frames"] = num_frames
         if context_parallel > 1:
             base_sizes["context_parallel"] = context_parallel
+        if image_mode:
+            base_sizes["image"] = image_mode
         sizes = dict(**base_sizes, **sizes)
         p = Plan(method=method, model=spec.name, settings=st, phases=phases, sizes=sizes, gpu_memory=gpu)
         p.time, p.time_note = _time(method, spec, sizes, height, width, num_frames, dt, (tail, sacfa, guidance), st,

@@ -20,6 +20,14 @@ settings, tokenizers) it is left out.
 * Wan2.2 T2V A14B -- Wan-AI/Wan2.2-T2V-A14B-Diffusers: two 14B-shaped experts ``transformer``
   (high noise) and ``transformer_2`` (low noise), ``boundary_ratio`` 0.875 in model_index.json;
   the Wan2.1 VAE and UMT5-XXL.
+* Wan2.1 I2V 14B 480P / 720P -- Wan-AI/Wan2.1-I2V-14B-480P-Diffusers, ...-720P-Diffusers
+  (WanImageToVideoPipeline): the 14B transformer with in_channels 36 (latents 16 + mask 4 +
+  condition latents 16), out 16, image_dim 1280 and added_kv_proj_dim 5120 (diffusers'
+  scripts/convert_wan_to_diffusers.py), the CLIP ViT-H/14 vision encoder (1280 wide, 32 layers,
+  16 heads, MLP 5120, 224 px / 14 px patches: 257 tokens) loaded in float32, the Wan2.1 VAE and
+  UMT5-XXL.
+* Wan2.2 I2V A14B -- Wan-AI/Wan2.2-I2V-A14B-Diffusers: two experts shaped as the 14B I2V
+  transformer without image_dim (no image encoder), ``boundary_ratio`` 0.9.
 * Wan2.2 TI2V 5B -- Wan-AI/Wan2.2-TI2V-5B-Diffusers: transformer 24 heads of 128 (dim 3072),
   ffn 14336, 30 layers, in/out 48 channels; ``expand_timesteps`` true (one timestep per token,
   hence per-token modulation); the Wan2.2 VAE (AutoencoderKLWan base_dim 160, decoder_base_dim
@@ -102,7 +110,7 @@ class ModelSpec:
 
     def weight_bytes(self, name: str, dtype: torch.dtype) -> int:
         """Bytes of the component's parameters and persistent buffers as the loaders place them:
-        the Wan-family VAEs in float32 (longvideo's loaders), diffusers' ``_keep_in_fp32_modules``
+        the Wan-family VAEs and a Wan I2V pipeline's CLIP image encoder in float32 (longvideo's loaders), diffusers' ``_keep_in_fp32_modules``
         in float32 for any dtype, transformers' only for float16; RoPE tables as built."""
         return sum(self.weight_groups(name, dtype).values())
 
@@ -133,6 +141,8 @@ class ModelSpec:
         comp = self.components[name]
         if comp.class_name == "AutoencoderKLWan":
             return torch.float32           # longvideo.models.wan loads the Wan VAE in float32
+        if name == "image_encoder" and self.family == "wan":
+            return torch.float32           # and a Wan I2V pipeline's CLIP image encoder (models.wan_i2v)
         return dtype
 
     def block_bytes(self, name: str, dtype: torch.dtype) -> tuple:
@@ -249,13 +259,22 @@ _MOTION_ADAPTER = dict(block_out_channels=[320, 640, 1280, 1280], motion_layers_
                        motion_max_seq_length=32, use_motion_mid_block=True)
 
 
+# the CLIP ViT-H/14 vision tower of Wan 2.1 I2V (Wan-AI/Wan2.1-I2V-14B-*-Diffusers image_encoder/config.json:
+# open-clip ViT-H-14, 1280 wide, 32 layers of 16 heads, MLP 5120, 224 px in 14 px patches: 257 tokens)
+_CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32,
+                   image_size=224, patch_size=14, projection_dim=1024, hidden_act="gelu", layer_norm_eps=1e-5,
+                   model_type="clip_vision_model")
+
+
 def _wan_spec(name, tr, source, family="wan", vae=_WAN21_VAE, tr_cls="WanTransformer3DModel", experts=1,
-              pipeline="WanPipeline", **kw):
+              pipeline="WanPipeline", image_encoder=None, **kw):
     comps = {"transformer": ComponentSpec("transformer", "diffusers", tr_cls, tr)}
     if experts == 2:
         comps["transformer_2"] = ComponentSpec("transformer_2", "diffusers", tr_cls, tr)
     comps["vae"] = ComponentSpec("vae", "diffusers", "AutoencoderKLWan", vae)
     comps["text_encoder"] = ComponentSpec("text_encoder", "transformers", "UMT5EncoderModel", _UMT5_XXL)
+    if image_encoder is not None:
+        comps["image_encoder"] = ComponentSpec("image_encoder", "transformers", "CLIPVisionModel", image_encoder)
     return ModelSpec(name=name, family=family, pipeline_class=pipeline, components=comps, source=source, **kw)
 
 
@@ -269,6 +288,20 @@ KNOWN_MODELS = {
     "wan2.2-t2v-a14b": lambda: _wan_spec(
         "Wan2.2-T2V-A14B", _wan_tr(40, 13824, 40), "Wan-AI/Wan2.2-T2V-A14B-Diffusers", experts=2,
         boundary_ratio=0.875, trained_latent_frames=21, default_size=(720, 1280)),
+    "wan2.1-i2v-14b-480p": lambda: _wan_spec(
+        "Wan2.1-I2V-14B-480P", _wan_tr(40, 13824, 40, in_ch=36, out_channels=16, image_dim=1280,
+                                       added_kv_proj_dim=5120), "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+        pipeline="WanImageToVideoPipeline", image_encoder=_CLIP_VIT_H, trained_latent_frames=21,
+        default_size=(480, 832)),
+    "wan2.1-i2v-14b-720p": lambda: _wan_spec(
+        "Wan2.1-I2V-14B-720P", _wan_tr(40, 13824, 40, in_ch=36, out_channels=16, image_dim=1280,
+                                       added_kv_proj_dim=5120), "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
+        pipeline="WanImageToVideoPipeline", image_encoder=_CLIP_VIT_H, trained_latent_frames=21,
+        default_size=(720, 1280)),
+    "wan2.2-i2v-a14b": lambda: _wan_spec(
+        "Wan2.2-I2V-A14B", _wan_tr(40, 13824, 40, in_ch=36, out_channels=16), "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+        experts=2, pipeline="WanImageToVideoPipeline", boundary_ratio=0.9, trained_latent_frames=21,
+        default_size=(720, 1280)),
     "wan2.2-ti2v-5b": lambda: _wan_spec(
         "Wan2.2-TI2V-5B", _wan_tr(24, 14336, 30, in_ch=48), "Wan-AI/Wan2.2-TI2V-5B-Diffusers", vae=_WAN22_VAE,
         expand_timesteps=True, trained_latent_frames=31, default_size=(704, 1280)),
@@ -311,6 +344,8 @@ _ALIASES = {
     "wan2.1-14b": "wan2.1-t2v-14b", "wan-14b": "wan2.1-t2v-14b", "wan2.1-t2v-14b-diffusers": "wan2.1-t2v-14b",
     "wan2.2-a14b": "wan2.2-t2v-a14b", "wan2.2-t2v-a14b-diffusers": "wan2.2-t2v-a14b",
     "wan2.2-5b": "wan2.2-ti2v-5b", "wan2.2-ti2v-5b-diffusers": "wan2.2-ti2v-5b",
+    "wan2.1-i2v-14b-480p-diffusers": "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p-diffusers": "wan2.1-i2v-14b-720p",
+    "wan2.2-i2v-a14b-diffusers": "wan2.2-i2v-a14b",
     "skyreels-v2-1.3b": "skyreels-v2-df-1.3b-540p", "skyreels-1.3b": "skyreels-v2-df-1.3b-540p",
     "skyreels-v2-14b": "skyreels-v2-df-14b-540p", "skyreels-14b": "skyreels-v2-df-14b-540p",
     "sd15": "sd1.5", "sd-1.5": "sd1.5", "stable-diffusion-v1-5": "sd1.5",
