@@ -2,7 +2,7 @@
 text-only models and methods without image support, detection of I2V checkpoints from
 model_index.json, the video size rule, and runs end to end on the tiny I2V models (one through
 a saved checkpoint folder, i.e. the loading code path of real checkpoints) and in Wan 2.2
-TI2V-5B's image mode."""
+TI2V-5B's image mode; with --fit, the memory planner's image-to-video plan chosen and applied."""
 import json
 
 import numpy as np
@@ -57,7 +57,6 @@ def test_model_index_detects_image_to_video(tmp_path, index, family):
     (["--method", "ouroboros"], "--image does not apply to --method ouroboros"),
     (["--method", "fifo", "--fifo-family", "wan"], "is a text-to-video model (wan)"),
     (["--method", "direct", "--model", "{t2v}"], "is a text-to-video model (wan)"),
-    (["--method", "fifo", "--fit", "24GB"], "--fit does not apply with --image"),
 ])
 def test_image_refused_where_it_does_not_apply(tmp_path, capsys, image_path, argv, message):
     t2v = tmp_path / "t2v"
@@ -126,3 +125,63 @@ def test_generate_fifo_ti2v_image_mode(tmp_path, capsys, image_path):
 
     saved = torch.load(out.with_suffix(".fifo_state") / "fifo_state.pt", weights_only=True)
     assert saved["settings"]["image"] is not None  # the run was in image mode (its image's hash)
+
+
+def _planned(monkeypatch):
+    """The keyword arguments of every planner call --fit makes (the real planner runs)."""
+    import longvideo.planner as P
+
+    calls, real = [], P.plan
+
+    def spy(*a, **kw):
+        calls.append(kw)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(P, "plan", spy)
+    return calls
+
+
+def test_generate_image_fit_plans_the_image_path_and_applies_it(tmp_path, capsys, image_path, monkeypatch):
+    """`generate --image IMG --fit SIZE` on the tiny Wan 2.1 I2V model: the planner is asked for the
+    image-to-video run at the size the image gives (32x16), with the image path in its phases, and
+    for a size between its "text offload" and "everything resident" peaks chooses text offload +
+    VAE tiling, which the run applies; the video equals the plain run's (the settings move weights
+    and tile a decode of one tile)."""
+    import torch
+
+    from longvideo.models import wan_i2v
+    from longvideo.planner import plan, spec_from_pipeline
+    from longvideo.video import read_video
+
+    p = plan("direct", spec_from_pipeline(wan_i2v.tiny_pipeline(), name="tiny model"), 16, 32, 5, torch.float32,
+             device="cpu", gpu_memory=1, num_inference_steps=1, trained_frames=3)
+    assert "condition encode (VAE)" in [ph.name for ph in p.phases]
+    peaks = {c.settings.describe(): c.peak for c in p.candidates}
+    resident, text = peaks["offload=none"], peaks["offload=text, vae_tiling"]
+    assert text < resident
+    size = f"{int((text + resident) / 2 / 0.95)}B"          # fits text offload, not everything resident
+    calls = _planned(monkeypatch)
+    argv = ["generate", "--method", "direct", "--image", str(image_path), "--num-frames", "5", "--steps", "1",
+            "--device", "cpu"]
+    assert main(argv + ["--out", str(tmp_path / "fit.mp4"), "--fit", size]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"fit {size}: offload=text, vae_tiling (predicted peak" in out and "size=32x16" in out, out
+    assert [(kw["height"], kw["width"], kw["image"]) for kw in calls] == [(16, 32, True)]
+    assert main(argv + ["--out", str(tmp_path / "plain.mp4")]) == 0
+    np.testing.assert_array_equal(read_video(tmp_path / "fit.mp4"), read_video(tmp_path / "plain.mp4"))
+
+
+@pytest.mark.parametrize("family,size", [("wan_i2v", "32x16"), ("wan22_ti2v", "64x32")])
+def test_generate_fifo_image_fit(tmp_path, capsys, image_path, monkeypatch, family, size):
+    """FIFO from an image with --fit: planned at the image's size (computed before the plan now)
+    with the image path (Wan 2.1 I2V: always; TI2V: its image mode), everything resident on 24 GB,
+    and the run goes through."""
+    calls = _planned(monkeypatch)
+    out = tmp_path / "f.mp4"
+    assert main(["generate", "--method", "fifo", "--fifo-family", family, "--image", str(image_path),
+                 "--num-frames", "5", "--fifo-partitions", "1", "--device", "cpu", "--out", str(out),
+                 "--fit", "24GB"]) == 0, capsys.readouterr().err
+    text = capsys.readouterr().out
+    assert "fit 24GB: offload=none (predicted peak" in text and f"size={size}" in text and out.exists(), text
+    h, w = (int(v) for v in size.split("x")[::-1])
+    assert [(kw["height"], kw["width"], kw["image"]) for kw in calls] == [(h, w, True)]

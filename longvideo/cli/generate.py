@@ -74,8 +74,6 @@ def context_parallel_size(args, world: int) -> int:
 def run(args) -> int:
     refuse_inapplicable(args, add_arguments, lambda dest: applies(args.method, dest), f"--method {args.method}")
     args.context_parallel = context_parallel_size(args, int(os.environ.get("WORLD_SIZE", "1") or 1))
-    if getattr(args, "image", None) is not None and getattr(args, "fit", None):
-        raise UsageError("--fit does not apply with --image (the memory planner models text-to-video runs)")
     args.device = resolve_device(args.device)
     apply_backend(args.backend, args.device)
     return METHODS[args.method].run(args)

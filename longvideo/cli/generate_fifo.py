@@ -128,7 +128,8 @@ def _fit_fifo(args, pipe, method, num_frames) -> None:
                      tail=not getattr(args, "ouroboros_no_tail", False), sacfa=not getattr(args, "ouroboros_no_sacfa", False),
                      guidance=not getattr(args, "ouroboros_no_guidance", False),
                      # one rank's share of each window under --context-parallel N (torchrun)
-                     context_parallel=getattr(args, "context_parallel", None) or 1)
+                     context_parallel=getattr(args, "context_parallel", None) or 1,
+                     image=True if getattr(args, "image", None) is not None else None)  # TI2V: its image mode
     if st.frames_per_window:
         args.fifo_window = st.frames_per_window
 
@@ -256,6 +257,16 @@ def run(args) -> int:
     with _fit.host_loading(args):
         pipe = load_pipeline(args, family, "t2v", dtype=torch_dtype(args.dtype))
     check_size_multiple(args.height, args.width, *pipeline_size_multiple(pipe))
+    image = None
+    if getattr(args, "image", None) is not None:  # the first frame; the size keeps its aspect ratio (--fit plans it)
+        from ..methods.families import family_for
+
+        with user_errors():
+            family_obj = family_for(pipe, method)
+        dh, dw = family_obj.default_size()
+        image = _image.load(args.image)
+        h, w = _image.video_size(image, dh * dw, family_obj.size_multiple())
+        args.height, args.width = args.height or h, args.width or w
     _fit_fifo(args, pipe, method, num_frames)
     fifo = build_from_args(args, pipe)
     if cp > 1:
@@ -264,11 +275,6 @@ def run(args) -> int:
     parallel = _context_parallel(args, pipe, family, rank)  # noqa: F841
     fifo.set_progress_bar_config(disable=True)  # the command's own bar counts the frames written
     dh, dw = fifo.family.default_size()
-    image = None
-    if getattr(args, "image", None) is not None:  # the first frame; the size keeps its aspect ratio
-        image = _image.load(args.image)
-        h, w = _image.video_size(image, dh * dw, fifo.size_multiple())
-        args.height, args.width = args.height or h, args.width or w
     if rank == 0:
         print_settings(method=method, size=f"{args.width or dw}x{args.height or dh}", frames=num_frames,
                        steps=fifo.L, window=fifo.f, partitions=fifo.n, dtype=fifo.family.denoiser.dtype,

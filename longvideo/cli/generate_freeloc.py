@@ -159,7 +159,8 @@ def run(args) -> int:
     _fit.choose(args, pipe, args.method, height=d["height"], width=d["width"], num_frames=d["num_frames"],
                 num_inference_steps=d["steps"], trained_frames=args.freeloc_trained_frames or
                 getattr(pipe, "longvideo_trained_latent_frames", None), freeloc_semantics=args.freeloc_semantics,
-                context_parallel=world)  # under torchrun: one rank's share of the split sequence
+                context_parallel=world,  # under torchrun: one rank's share of the split sequence
+                image=True if image_input else None)  # the image path planned (TI2V: its image mode)
     pipe.set_progress_bar_config(disable=rank != 0)
     if rank == 0:
         print_settings(method=args.method, size=f"{d['width']}x{d['height']}", frames=d["num_frames"],

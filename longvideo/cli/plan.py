@@ -5,6 +5,7 @@ and component, and with ``--fit SIZE`` the fastest settings that fit::
     longvideo plan --method freeloc --model /ckpt/Wan2.1-T2V-14B-Diffusers --num-frames 161 --fit 24GB
     longvideo plan --method story --model sdxl --dtype float16 --fit 24GiB --json
     longvideo plan --method freeloc --model wan2.1-t2v-14b --num-frames 161 --context-parallel 4   # per rank
+    longvideo plan --method direct --model wan2.1-i2v-14b-480p --num-frames 81 --image first.png --fit 24GB
 
 ``--model`` is a known config name (``--list-models``) or a local diffusers checkpoint folder
 (config files only). Exit status 1 when the settings do not fit.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 
+from . import _image
 from ._common import add_common_generation, memory_size, nonnegative_int, positive_int, real, user_errors
 
 HELP = "predicted peak GPU memory by component, settings that fit"
@@ -58,6 +60,11 @@ def add_arguments(parser) -> None:
                    help="direct/freeloc/fifo/ouroboros on Wan: predict one rank of Ulysses context parallelism over "
                         "N ranks (torchrun --nproc-per-node N for direct/freeloc; generate's --context-parallel N "
                         "for fifo/ouroboros windows); --fit is then one rank's GPU")
+    g.add_argument("--image", nargs="?", const=True, default=None, type=_image.image_file, metavar="IMG",
+                   help="direct/freeloc/fifo: plan an image-to-video run (the image encoder, the VAE encode of the "
+                        "condition, the condition held in every step): Wan 2.1 / 2.2 A14B I2V models always are, "
+                        "Wan 2.2 TI2V-5B in its image mode. With IMG and no --height/--width the video keeps the "
+                        "image's aspect ratio at the model's default area, as `generate --image IMG`")
     g.add_argument("--json", action="store_true", help="print the plan as JSON")
     g.add_argument("--list-models", action="store_true", help="list the known model configs and exit")
 
@@ -83,7 +90,26 @@ def run(args) -> int:
               output_type="latent" if args.latent_only else "np")
     if args.steps:
         kw["num_inference_steps"] = args.steps
+    height, width = args.height, args.width
     with user_errors():
-        p = plan(method, model, args.height, args.width, args.num_frames, dtype, **kw)
+        if args.image is not None:
+            kw["image"] = True
+            if isinstance(args.image, str) and height is None and width is None:
+                height, width = _image_size(model, args.image)
+        p = plan(method, model, height, width, args.num_frames, dtype, **kw)
     print(json.dumps(p.to_dict(), indent=1, default=str) if args.json else p.summary())
     return 0 if p.fits in (None, True) else 1
+
+
+def _image_size(model, path) -> tuple:
+    """(height, width) of the video for the image at `path` on `model`, as ``generate --image``
+    chooses it: the image's aspect ratio at the model's default area, each side a multiple of the
+    VAE's spatial factor times the patch size."""
+    from ..planner.estimate import _vae_scale
+    from ..planner.models import load_model_spec
+
+    spec = load_model_spec(model)
+    dh, dw = spec.default_size or (480, 832)
+    tr = spec.components.get("transformer") or spec.components.get("transformer_2")
+    patch = int((tr.config.get("patch_size") or (1, 2, 2))[1]) if tr is not None else 1
+    return _image.video_size(_image.load(path), dh * dw, _vae_scale(spec)[0] * patch)
