@@ -32,6 +32,9 @@ CASES = [
      dict(method="story", model="sdxl", height=1024, width=1024, num_frames=None, dtype="float16")),
     ("enhance (blending), Wan2.1-1.3B, 480x832, 121 frames",
      dict(method="enhance", model="wan2.1-t2v-1.3b", height=480, width=832, num_frames=121)),
+    # an I2V pipeline is always planned with its image (CLIP encoder, condition encode, condition)
+    ("image to video (direct), Wan2.1-I2V-14B-480P, 480x832, 81 frames",
+     dict(method="direct", model="wan2.1-i2v-14b-480p", height=480, width=832, num_frames=81)),
 ]
 
 

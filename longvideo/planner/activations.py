@@ -12,8 +12,12 @@ timestep, norm statistics (B, S, 1), log-sum-exps, index tensors) are left out.
 Granularity per model: the Wan-family transformer (``wan_call``), the UNets (``unet_call``: the
 module tree of a real or meta-device model is walked: resnets, Transformer2DModel blocks, motion
 modules, skip connections), the Wan causal VAE decoder (``wan_vae_decode``: per latent frame,
-with its feature cache and the growing output) and the KL VAE decoder (``kl_vae_decode``) are
-mirrored op by op; text encoders (``text_encoder_peak``) are a formula (coarse).
+with its feature cache and the growing output), its encoder (``wan_vae_encode``: the first frame,
+then 4 frames per call, with its feature cache; plain and tiled; Wan 2.2's residual down blocks),
+the KL VAE decoder (``kl_vae_decode``), and image-to-video's image path (the CLIP image encoder:
+``clip_vision_call``; ``WanImageToVideoPipeline.prepare_latents``: ``wan_i2v_prepare_latents``;
+FIFO's streamed condition: ``wan_vae_encode_stream_step``) are mirrored op by op; text encoders
+(``text_encoder_peak``) are a formula (coarse).
 
 What the kernels allocate (``Device``):
 

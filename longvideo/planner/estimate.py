@@ -4,7 +4,8 @@
 
 A run is cut into phases (text encoding, the initial clip, one denoising step / FIFO iteration /
 story call, VAE decode; Ouroboros' guided window: its guidance pass with autograd, then its
-model call). The peak of a phase is
+model call; image-to-video: the image encoder, the VAE encode of the condition, FIFO's streamed
+condition -- see ``plan(image=...)``). The peak of a phase is
 
     resident weights (by offload mode)  +  state that lives across the phase (latents, FIFO queue
     and the causal VAE's cache, id banks, ...)  +  the peak of the phase's model call
