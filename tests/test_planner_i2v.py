@@ -300,6 +300,14 @@ def test_image_option_chooses_the_image_path_and_refuses_what_it_does_not_plan()
     assert "image" not in plan("direct", "wan2.2-ti2v-5b", num_frames=121).sizes
     assert plan("fifo", "wan2.2-ti2v-5b", image=True).sizes["image"] == "first_frame"
     assert plan("fifo", "wan2.2-i2v-a14b").phase("condition encode (streamed)").nbytes > 0
+    # offload="text": longvideo.offload moves the image encoder to the device only for its call, as
+    # it does the text encoders
+    from longvideo.offload import _TEXT_ENCODERS
+
+    text = plan("direct", "wan2.1-i2v-14b-480p", num_frames=81, offload="text")
+    holds = {ph.name: any(x.name.startswith("image_encoder") for x in ph.parts) for ph in text.phases}
+    assert "image_encoder" in _TEXT_ENCODERS and holds["image encode (CLIP vision)"], holds
+    assert not any(v for k, v in holds.items() if k != "image encode (CLIP vision)"), holds
     for args, kw, message in [(("direct", "wan2.1-t2v-1.3b"), {"image": True}, "is a text-to-video model"),
                               (("direct", "wan2.1-i2v-14b-480p"), {"image": False}, "image=False"),
                               (("ouroboros", "wan2.1-i2v-14b-480p"), {}, "not planned with an image"),

@@ -290,6 +290,8 @@ def _resident_weights(spec: ModelSpec, dtype, offload: str, active: list, extra_
             on = True
         elif mode == "text":                # text encoders on the device only while encoding, the rest after
             on = (name in texts) if text_phase else (name not in texts)
+            if name == "image_encoder":     # longvideo.offload hooks an I2V image encoder as a text encoder
+                on = name in active
             mode = "none"
         else:
             on = name in active
