@@ -337,3 +337,54 @@ def test_plan_command_takes_an_image(tmp_path, capsys):
     assert main(["plan", "--method", "direct", "--model", "wan2.1-t2v-1.3b", "--image"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("longvideo: error: ") and "text-to-video model" in err and "\n" not in err
+
+
+# ---------------------------------------------------------------------------------------------
+# the GPU tier: the same walks against torch.cuda.max_memory_allocated (cuDNN / cuBLAS workspaces
+# included there, hence METHOD_TOL)
+def _cuda_peak(fn):
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["vae_encode_480p", "clip_vit_h", "prepare_latents_tiny"])
+def test_cuda_image_path_matches_max_memory_allocated(case):
+    """The real Wan 2.1 VAE encoding a 9-frame 480x832 condition video, the CLIP ViT-H/14 vision
+    tower (the known config's), and the tiny Wan 2.1 I2V pipeline's prepare_latents on CUDA (the
+    mask built on the host, then copied: the walk's "cuda" device), each within METHOD_TOL."""
+    dev = torch.device("cuda")
+    sim = Sim()
+    if case == "vae_encode_480p":
+        from diffusers import AutoencoderKLWan
+
+        vae = AutoencoderKLWan().to(dev).eval()
+        x = torch.randn(1, 3, 9, 480, 832, device=dev)
+        with torch.no_grad():
+            measured = _cuda_peak(lambda: vae.encode(x).latent_dist.mode())
+        A.wan_vae_encode(sim, vae, 1, 9, 480, 832, 4)
+    elif case == "clip_vit_h":
+        from transformers import CLIPVisionConfig, CLIPVisionModel
+
+        from longvideo.planner.models import _CLIP_VIT_H
+
+        cfg = {k: v for k, v in _CLIP_VIT_H.items() if k != "model_type"}
+        model = CLIPVisionModel(CLIPVisionConfig(**cfg)).to(dev).eval()
+        px = torch.randn(1, 3, 224, 224, device=dev)
+        with torch.no_grad():
+            measured = _cuda_peak(lambda: model(pixel_values=px, output_hidden_states=True).hidden_states[-2])
+        A.clip_vision_call(sim, cfg, 1, 4)
+    else:
+        from longvideo.models import wan_i2v
+
+        pipe = wan_i2v.tiny_pipeline().to(dev)
+        img = torch.rand(1, 3, 64, 64, device=dev) * 2 - 1
+        with torch.no_grad():
+            measured = _cuda_peak(lambda: pipe.prepare_latents(img, 1, 4, 64, 64, 17, torch.float32, dev,
+                                                               torch.Generator(dev).manual_seed(0)))
+        A.wan_i2v_prepare_latents(sim, pipe.vae, 1, 17, 64, 64, False, A.CUDA)
+    assert abs(_err(sim.peak, measured)) < METHOD_TOL, (sim.peak, measured, sim.peak_where)
