@@ -222,21 +222,27 @@ def test_image_to_video_pipeline_terms_and_peak_match_tracker(name):
 
 # ---------------------------------------------------------------------------------------------
 # FIFO from an image
-def test_fifo_image_to_video_terms_and_peak_match_tracker(monkeypatch):
-    """FIFO on the tiny Wan 2.1 I2V model from an image: the initial clip's prepare_latents (the
-    pipeline's encode of the clip's condition video) against the plan's "initial clip: condition
-    encode (VAE)"; each streamed condition step (``ImageCondition._encode_next``: one encoder call,
-    the replaced cache kept until it returns) against the plan's step, and the encoder cache it
-    carries (measured after a 4-frame step) against the plan's, each within CALL_TOL; the run's
-    peak (a frame's decode, the encoder's cache still alive: the stream has not repeated itself
-    yet) within METHOD_TOL. Without the image path (the plan of the text-to-video tiny model with
-    the same VAE and text encoder), or without the encoder cache held across the iterations, the
-    peak is missed by more than METHOD_TOL."""
+@pytest.mark.parametrize("name", ["wan_i2v", "wan22_i2v", "ti2v"])
+def test_fifo_image_to_video_terms_and_peak_match_tracker(monkeypatch, name):
+    """FIFO from an image on the tiny Wan 2.1 I2V, Wan 2.2 A14B I2V (frames routed to their expert
+    after conditioning) and Wan 2.2 TI2V (its image mode) models: the initial clip's
+    prepare_latents (the I2V pipeline's encode of the clip's condition video; TI2V: of the image)
+    against the plan's "initial clip: ... encode (VAE)"; on the I2V models each streamed condition
+    step (``ImageCondition._encode_next``: one encoder call, the replaced cache kept until it
+    returns) against the plan's step, and the encoder cache it carries (after a 4-frame step)
+    against the plan's -- each within CALL_TOL; the run's peak (a frame's decode, the encoder's
+    cache still alive: the stream has not repeated itself yet) within METHOD_TOL. On Wan 2.1 I2V,
+    without the image path (the plan of the text-to-video tiny model with the same VAE and text
+    encoder) or without the encoder cache held across the iterations, the peak is missed by more
+    than METHOD_TOL."""
+    from diffusers import WanImageToVideoPipeline
+
     from longvideo.methods.families import wan_i2v as fam
     from longvideo.methods.fifo import FIFODiffusion
-    from longvideo.models import wan_i2v
+    from longvideo.models import wan, wan22_i2v, wan22_ti2v, wan_i2v
 
-    pipe = wan_i2v.tiny_pipeline()
+    pipe = {"wan_i2v": wan_i2v.tiny_pipeline, "wan22_i2v": wan22_i2v.tiny_pipeline,
+            "ti2v": lambda: wan22_ti2v.tiny_pipeline("t2v")}[name]()
     H = W = 64
     tk, rec = LiveTensorTracker(), {}
 
@@ -261,29 +267,34 @@ def test_fifo_image_to_video_terms_and_peak_match_tracker(monkeypatch):
         return out
 
     monkeypatch.setattr(fam.ImageCondition, "_encode_next", step)
-    pipe.prepare_latents = segment("clip encode", pipe.prepare_latents)
+    monkeypatch.setattr(WanImageToVideoPipeline, "prepare_latents",
+                        segment("clip encode", WanImageToVideoPipeline.prepare_latents))
     fifo = FIFODiffusion(pipe, num_partitions=1)
+    kwargs, opts = {"image": _image(H, W)}, {}
+    if name == "ti2v":                     # TI2V's image mode is set on its family (generate --image does)
+        fifo.family.set_image(kwargs.pop("image"))
+        opts = {"image": True}
     with tk:
-        for _ in fifo.generate("a red cat walking", num_frames=16, height=H, width=W, image=_image(H, W),
-                               stop_after_iterations=3):
+        for _ in fifo.generate("a red cat walking", num_frames=16, height=H, width=W, stop_after_iterations=3,
+                               **kwargs):
             pass
-    p = plan("fifo", spec_from_pipeline(pipe), H, W, 16, torch.float32, device="cpu", num_partitions=1)
-    stream = p.phase("condition encode (streamed)")
-    checks = [("clip encode", _parts(p.phase("initial clip: condition encode (VAE)"), "VAE encode of the"),
-               rec["clip encode"]),
-              ("streamed step", _parts(stream, "VAE encode of 4 zero frames"), rec["streamed step"]),
-              ("encoder cache", _parts(stream, "VAE encoder cache"), rec["encoder cache"])]
+    p = plan("fifo", spec_from_pipeline(pipe), H, W, 16, torch.float32, device="cpu", num_partitions=1, **opts)
+    clip = "initial clip: image latents encode (VAE)" if name == "ti2v" else "initial clip: condition encode (VAE)"
+    checks = [("clip encode", _parts(p.phase(clip), "VAE encode of the"), rec["clip encode"])]
+    if name != "ti2v":
+        stream = p.phase("condition encode (streamed)")
+        checks += [("streamed step", _parts(stream, "VAE encode of 4 zero frames"), rec["streamed step"]),
+                   ("encoder cache", _parts(stream, "VAE encoder cache"), rec["encoder cache"])]
     bad = [c for c in checks if abs(_err(c[1], c[2])) >= CALL_TOL]
     assert not bad, (bad, p.summary())
     assert abs(_err(p.peak_phase.beyond_weights, tk.peak)) < METHOD_TOL, (p.peak_phase.beyond_weights, tk.peak,
                                                                           p.summary())
-    from longvideo.models import wan
-
-    t2v = plan("fifo", spec_from_pipeline(wan.tiny_pipeline()), H, W, 16, torch.float32, device="cpu",
-               num_partitions=1)
-    no_cache = p.peak_phase.beyond_weights - _parts(p.peak_phase, "VAE encoder cache")
-    for wrong in (t2v.peak_phase.beyond_weights, no_cache):
-        assert abs(_err(wrong, tk.peak)) > METHOD_TOL, (wrong, tk.peak)
+    if name == "wan_i2v":
+        t2v = plan("fifo", spec_from_pipeline(wan.tiny_pipeline()), H, W, 16, torch.float32, device="cpu",
+                   num_partitions=1)
+        no_cache = p.peak_phase.beyond_weights - _parts(p.peak_phase, "VAE encoder cache")
+        for wrong in (t2v.peak_phase.beyond_weights, no_cache):
+            assert abs(_err(wrong, tk.peak)) > METHOD_TOL, (wrong, tk.peak)
 
 
 # ---------------------------------------------------------------------------------------------
