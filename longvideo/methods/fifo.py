@@ -83,6 +83,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
+import warnings
+
 import torch
 
 from .._io import OutputError
@@ -176,6 +178,16 @@ def _check_video_pipeline(pipe) -> None:
                          "Ouroboros need a video pipeline: Wan, SkyReels-V2 or AnimateDiff (UNetMotionModel)")
 
 
+def _then(first, second):
+    """A function running `second` then `first` (undo in the reverse order of installation)."""
+    def both():
+        try:
+            second()
+        finally:
+            first()
+    return both
+
+
 class FIFODiffusion(ProgressBarMixin):
     """FIFO-Diffusion on a diffusers Wan or AnimateDiff pipeline (see the module docstring).
 
@@ -200,7 +212,14 @@ class FIFODiffusion(ProgressBarMixin):
         lookahead_context: "official" (default: context frames noised to the grid's t_0 and told
             t_0, as the official code) or "clean" (the clip's first frame, told level 0); only
             with lookahead.
+
+    ``framewise_modulation`` (class attribute, True; set False on an instance to compare):
+    Wan transformers get longvideo.processors.wan_modulation for the run -- the per-frame
+    timesteps embedded and applied per frame instead of per token (the same output, a fraction of
+    the memory: docs/methods.md, "Memory").
     """
+
+    framewise_modulation = True
 
     def __init__(self, pipe, num_partitions: int = 4, frames_per_window: Optional[int] = None, lookahead: bool = True,
                  coherent_tail: bool = False, tail_d_s: float = 0.25, tail_d_t: float = 1.0, distributed: bool = True,
@@ -544,6 +563,26 @@ class FIFODiffusion(ProgressBarMixin):
             ctx.features = {}
         return grad
 
+    def _framewise_modulation(self):
+        """Frame-wise timestep modulation (longvideo/processors/wan_modulation.py) on every Wan
+        expert not patched yet, for the run; returns the function that removes what it added.
+        Where offloading hooks already wrap a transformer's forward the per-token path stays (same
+        output, more memory) and a warning says so."""
+        if not self.framewise_modulation:
+            return lambda: None
+        from ..processors.wan_modulation import apply_framewise_modulation, framewise_active, wan_transformers
+
+        handles = []
+        for model in wan_transformers(self.pipe):
+            if framewise_active(model):
+                continue
+            try:
+                handles.append(apply_framewise_modulation(model))
+            except ValueError as exc:
+                warnings.warn(f"FIFO: {exc}; the per-token timestep modulation stays (same output, more memory)",
+                              stacklevel=3)
+        return lambda: [h.remove() for h in reversed(handles)]
+
     def _install(self, latent_hw):
         """Install Ouroboros' processors (when SACFA or guidance is on); returns a restore function."""
         if self.ouro is None or not self.ouro.needs_processors:
@@ -735,6 +774,7 @@ class FIFODiffusion(ProgressBarMixin):
         vs = getattr(self.pipe, "vae_scale_factor_spatial", None) or self.pipe.vae_scale_factor
         settings = self._run_settings(schedule, height, width, guidance_scale, negative_prompt, seed, init_steps)
         restore = self._install((height // vs, width // vs))
+        restore = _then(self._framewise_modulation(), restore)
         complete = saved_iteration = bar = None
         try:
             with torch.no_grad():

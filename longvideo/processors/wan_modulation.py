@@ -1,0 +1,242 @@
+"""Frame-wise timestep modulation for diffusers' ``WanTransformer3DModel``: the same output as a
+per-token timestep, without materialising the per-token modulation.
+
+Why: FIFO-Diffusion / Ouroboros denoise a window whose latent frames sit at different noise
+levels, so every Wan call gets a 2-D timestep ``(B, S)`` -- one value per token, the frame's value
+repeated over its H' x W' tokens (Wan 2.2 TI2V's own pipeline does the same: the image frame at
+0, the rest at t). diffusers then embeds S timesteps instead of F and every block adds its
+``scale_shift_table`` to a per-token ``(B, S, 6, dim)`` float32 tensor: for Wan2.1-14B at 480x832
+and a 21-frame window with classifier-free guidance that is 15.7 GiB per block (plus 2 x 1.9 GiB
+of per-token time embeddings), most of a FIFO call's activation memory, all of it H' x W' copies
+of F distinct rows.
+
+What the patch does: when a call's timestep is piecewise constant along the sequence (runs of
+equal values, the same boundaries in every batch row -- FIFO's frames, TI2V's image frame, a
+rank's slice of either under context parallelism), the transformer embeds one timestep per run
+(``R`` runs instead of ``S`` tokens) and each block applies its shift / scale / gate to the tokens
+of a run by broadcasting, as diffusers does for a scalar timestep. With equal run lengths (whole
+frames) the tokens are viewed as ``(B, R, L, dim)``; otherwise each run is a slice. Every
+elementwise operation is the one diffusers performs, in the same order and precision, on the
+same values, so the output equals the unpatched model's up to the time embedder's matmul, which
+runs over R rows instead of S (a row does not depend on the others, but a kernel chosen for
+another row count may round differently: 0 to 6e-7 in float32 on CPU, tests/test_wan_modulation.py).
+
+Everything else goes to diffusers' own forward unchanged: a 1-D timestep, a timestep with more
+than ``S // 2`` runs, LoRA scaling through ``attention_kwargs``, gradient checkpointing (its
+recomputation would run after the call's run table is gone). Hooks on the transformer and its
+blocks (offloading, ``longvideo.parallel``'s splits, Ouroboros' stop) fire as before: the patched
+forward calls the same submodules the same way.
+
+Use::
+
+    handle = apply_framewise_modulation(pipe.transformer)   # a PatchHandle (longvideo/hooks.py)
+    ...
+    handle.remove()
+
+The FIFO / Ouroboros methods apply it to every Wan expert for the duration of a run.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from ..hooks import PatchHandle, active_patches
+
+__all__ = ["apply_framewise_modulation", "framewise_active", "wan_transformers", "timestep_runs", "FRAMEWISE_MODULATION"]
+
+FRAMEWISE_MODULATION = "timestep modulation"   # the resource a handle claims on the transformer
+
+
+class TimestepRuns:
+    """Runs of equal timesteps along a call's token sequence.
+
+    values: (B, R) the timestep of each run; lengths: the R run lengths (sum S); uniform: the
+    common length when every run has it, else None."""
+
+    def __init__(self, values: torch.Tensor, lengths: List[int]):
+        self.values, self.lengths = values, lengths
+        self.uniform = lengths[0] if all(n == lengths[0] for n in lengths) else None
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def timestep_runs(timestep: torch.Tensor, max_runs: Optional[int] = None) -> Optional[TimestepRuns]:
+    """The runs of a 2-D timestep ``(B, S)``: maximal stretches of tokens whose timestep is the
+    same in every batch row's stretch (boundaries are the union over the rows). None when
+    `timestep` is not 2-D or has more than `max_runs` runs (default ``S // 2``: then broadcasting
+    saves nothing worth a second code path). Costs one host synchronisation."""
+    if not torch.is_tensor(timestep) or timestep.ndim != 2 or timestep.shape[1] < 1:
+        return None
+    S = timestep.shape[1]
+    changes = (timestep[:, 1:] != timestep[:, :-1]).any(dim=0).nonzero().flatten().tolist()
+    starts = [0] + [c + 1 for c in changes]
+    if len(starts) > (S // 2 if max_runs is None else max_runs):
+        return None
+    lengths = [b - a for a, b in zip(starts, starts[1:] + [S])]
+    values = timestep[:, torch.tensor(starts, device=timestep.device)]
+    return TimestepRuns(values, lengths)
+
+
+def per_run(fn: Callable, runs: TimestepRuns, tokens: Sequence[torch.Tensor], params: Sequence[torch.Tensor]):
+    """``fn(*tokens, *params)`` where each of `tokens` is (B, S, ...) per token and each of
+    `params` is (B, R, ...) per run: every token uses its run's row of the params, as if the
+    params had been repeated over the run's tokens."""
+    B, S = tokens[0].shape[:2]
+    if runs.uniform is not None:
+        R, L = len(runs), runs.uniform
+        out = fn(*(t.reshape(B, R, L, *t.shape[2:]) for t in tokens), *(p.unsqueeze(2) for p in params))
+        return out.reshape(B, S, *out.shape[3:])
+    pieces, a = [], 0
+    for r, n in enumerate(runs.lengths):
+        pieces.append(fn(*(t[:, a:a + n] for t in tokens), *(p[:, r:r + 1] for p in params)))
+        a += n
+    return torch.cat(pieces, dim=1)
+
+
+def _modulate(x, scale, shift):
+    return x * (1 + scale) + shift
+
+
+def _gate(h, y, gate):
+    return h + y * gate
+
+
+class _CallState:
+    """The run table of the call in progress (read by the patched blocks)."""
+
+    def __init__(self):
+        self.runs: Optional[TimestepRuns] = None
+
+
+def _block_forward(block, state: _CallState):
+    original = type(block).forward
+
+    def forward(hidden_states, encoder_hidden_states, temb, rotary_emb):
+        runs = state.runs
+        if runs is None or temb.ndim != 4 or temb.shape[1] != len(runs):
+            return original(block, hidden_states, encoder_hidden_states, temb, rotary_emb)
+        # (table + temb) per run: float32 (B, R, 6, dim), as diffusers' per-token branch per token
+        mod = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
+        shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (m.squeeze(2) for m in mod)
+
+        # 1. self-attention
+        norm = per_run(_modulate, runs, [block.norm1(hidden_states.float())], [scale_msa, shift_msa])
+        attn_output = block.attn1(norm.type_as(hidden_states), None, None, rotary_emb)
+        hidden_states = per_run(_gate, runs, [hidden_states.float(), attn_output], [gate_msa]).type_as(hidden_states)
+
+        # 2. cross-attention (no modulation)
+        norm = block.norm2(hidden_states.float()).type_as(hidden_states)
+        attn_output = block.attn2(norm, encoder_hidden_states, None, None)
+        hidden_states = hidden_states + attn_output
+
+        # 3. feed-forward
+        norm = per_run(_modulate, runs, [block.norm3(hidden_states.float())], [c_scale_msa, c_shift_msa])
+        ff_output = block.ffn(norm.type_as(hidden_states))
+        return per_run(_gate, runs, [hidden_states.float(), ff_output.float()], [c_gate_msa]).type_as(hidden_states)
+
+    return forward
+
+
+def _transformer_forward(tr, state: _CallState):
+    original = tr.forward   # the bound class method (with diffusers' LoRA-scale decorator)
+
+    def forward(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image=None,
+                return_dict=True, attention_kwargs=None):
+        plain = (timestep.ndim != 2 or (attention_kwargs or {}).get("scale") is not None
+                 or (torch.is_grad_enabled() and getattr(tr, "gradient_checkpointing", False)))
+        runs = None if plain else timestep_runs(timestep)
+        if runs is None:
+            return original(hidden_states, timestep, encoder_hidden_states, encoder_hidden_states_image,
+                            return_dict=return_dict, attention_kwargs=attention_kwargs)
+        batch_size, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = tr.config.patch_size
+        frames, rows, cols = num_frames // p_t, height // p_h, width // p_w
+
+        rotary_emb = tr.rope(hidden_states)
+        hidden_states = tr.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+        if hidden_states.shape[1] != sum(runs.lengths):
+            raise ValueError(f"framewise modulation: the timestep covers {sum(runs.lengths)} tokens, the video "
+                             f"{hidden_states.shape[1]}")
+        # one embedding per run: (B, R, dim) and (B, R, 6, dim)
+        temb, timestep_proj, encoder_hidden_states, encoder_hidden_states_image = tr.condition_embedder(
+            runs.values.flatten(), encoder_hidden_states, encoder_hidden_states_image, timestep_seq_len=len(runs))
+        timestep_proj = timestep_proj.unflatten(2, (6, -1))
+        if encoder_hidden_states_image is not None:
+            encoder_hidden_states = torch.concat([encoder_hidden_states_image, encoder_hidden_states], dim=1)
+
+        state.runs = runs
+        try:
+            for block in tr.blocks:
+                hidden_states = block(hidden_states, encoder_hidden_states, timestep_proj, rotary_emb)
+        finally:
+            state.runs = None
+
+        shift, scale = (tr.scale_shift_table.unsqueeze(0).to(temb.device) + temb.unsqueeze(2)).chunk(2, dim=2)
+        shift, scale = shift.squeeze(2).to(hidden_states.device), scale.squeeze(2).to(hidden_states.device)
+        hidden_states = per_run(_modulate, runs, [tr.norm_out(hidden_states.float())], [scale, shift])
+        hidden_states = tr.proj_out(hidden_states.type_as(encoder_hidden_states))
+        hidden_states = hidden_states.reshape(batch_size, frames, rows, cols, p_t, p_h, p_w, -1)
+        output = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
+        if not return_dict:
+            return (output,)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=output)
+
+    return forward
+
+
+def wan_transformers(pipe_or_model) -> list:
+    """The ``WanTransformer3DModel`` s of a pipeline (``transformer``, Wan 2.2's ``transformer_2``)
+    or the model itself; [] when there is none (SkyReels-V2, other families)."""
+    from diffusers import WanTransformer3DModel
+
+    # the class itself: SkyReels-V2's transformer has the same blocks but its own forward
+    # (per-frame timesteps natively), which this patch must not replace
+    if isinstance(pipe_or_model, WanTransformer3DModel):
+        return [pipe_or_model]
+    components = getattr(pipe_or_model, "components", None)
+    if not isinstance(components, dict):
+        return []
+    return [m for name, m in sorted(components.items()) if isinstance(m, WanTransformer3DModel)]
+
+
+def framewise_active(transformer) -> bool:
+    """Whether `transformer` carries an active framewise-modulation patch."""
+    return FRAMEWISE_MODULATION in active_patches(transformer)
+
+
+def apply_framewise_modulation(pipe_or_model) -> PatchHandle:
+    """Patch a ``WanTransformer3DModel`` (Wan 2.1 / 2.2, T2V / I2V / TI2V), or every one of a
+    pipeline's, so that a piecewise constant 2-D timestep is embedded and applied per run instead
+    of per token (module docstring: same output, a fraction of the memory). Returns the handle;
+    ``remove()`` restores the models' own forwards.
+
+    Raises TypeError when there is no Wan transformer (SkyReels-V2's has Wan's blocks but embeds
+    per-frame timesteps itself, in its own forward, and is not patched); ValueError when a
+    model's forward is already wrapped by offloading hooks (apply the patch before offloading)
+    or already patched."""
+    models = wan_transformers(pipe_or_model)
+    if not models:
+        raise TypeError(f"apply_framewise_modulation: {type(pipe_or_model).__name__} is not (and has no) Wan "
+                        "transformer (diffusers' WanTransformer3DModel)")
+    handle = PatchHandle("framewise modulation")
+    try:
+        for transformer in models:
+            handle.claim(transformer, FRAMEWISE_MODULATION)
+            parts = [("transformer", transformer)] + [(f"blocks.{i}", b) for i, b in enumerate(transformer.blocks)]
+            wrapped = [name for name, m in parts if "forward" in m.__dict__]
+            if wrapped:
+                # offloading (accelerate / diffusers hooks) wraps forward; replacing it would drop the hook
+                raise ValueError(f"apply_framewise_modulation: the forward of {wrapped[0]} is already wrapped "
+                                 "(offloading or another hook): apply it before enabling offloading")
+            state = _CallState()
+            handle.set_attr(transformer, "forward", _transformer_forward(transformer, state))
+            for block in transformer.blocks:
+                handle.set_attr(block, "forward", _block_forward(block, state))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
