@@ -133,14 +133,25 @@ def _wan_measure(tr, cfg, B, F, h, w, T, dtype, timestep, grad=False):
     x = torch.randn(B, cfg["in_channels"], F, h, w, dtype=dtype, requires_grad=grad)
     text = torch.randn(B, T, cfg["text_dim"], dtype=dtype)
     t = torch.full((B,), 500.0) if timestep == "scalar" else torch.full((B, S), 500.0)
-    with (torch.enable_grad() if grad else torch.no_grad()), LiveTensorTracker() as tk:
-        tr(x, t, text, return_dict=False)
+    patch = None
+    if timestep == "runs":    # FIFO's per-frame timesteps under frame-wise modulation
+        from longvideo.processors.wan_modulation import apply_framewise_modulation
+
+        t = torch.linspace(900, 100, F).repeat_interleave(S // F)[None].expand(B, -1)
+        patch = apply_framewise_modulation(tr)
+    try:
+        with (torch.enable_grad() if grad else torch.no_grad()), LiveTensorTracker() as tk:
+            tr(x, t, text, return_dict=False)
+    finally:
+        if patch is not None:
+            patch.remove()
     return tk.peak
 
 
 @pytest.mark.parametrize("size", ["tiny", "mid"])
 @pytest.mark.parametrize("dtype,timestep,grad", [(torch.float32, "scalar", False), (torch.bfloat16, "token", False),
-                                                 (torch.float32, "token", True)])
+                                                 (torch.float32, "token", True), (torch.bfloat16, "runs", False),
+                                                 (torch.float32, "runs", True)])
 def test_wan_call_matches_tracker(wan_models, size, dtype, timestep, grad):
     cfg, tr32, tr16 = wan_models[size]
     tr = tr32 if dtype == torch.float32 else tr16
@@ -250,7 +261,7 @@ def _measure_one_rank(monkeypatch, tr, cfg, world, B, F, h, w, dtype, timestep, 
 @pytest.mark.parametrize("attn,dtype,timestep,B,grad", [
     (attn, dtype, timestep, B, False) for attn in ("dense", "freeloc")
     for dtype, timestep, B in ((torch.float32, "scalar", 1), (torch.bfloat16, "token", 2))
-] + [("dense", torch.float32, "token", 2, True)])
+] + [("dense", torch.float32, "token", 2, True), ("dense", torch.bfloat16, "runs", 2, False)])
 def test_one_context_parallel_rank_matches_tracker(monkeypatch, size, attn, dtype, timestep, B, grad):
     """wan_call with context_parallel=2 against rank 0's tracked peak (stubbed 2-rank world):
     within CALL_TOL; the FFN as wide as the model so the self-attention (with its all-to-alls) is
@@ -711,7 +722,8 @@ def test_h200_records_are_predicted():
     planner's CUDA prediction of the same work."""
     checks = []
     spec6 = _wan_blocks(6)                    # the FIFO records ran 6 of the 30 blocks
-    p = plan("fifo", spec6, 480, 832, 81, "bfloat16")
+    # the FIFO records predate frame-wise modulation: diffusers' per-token path
+    p = plan("fifo", spec6, 480, 832, 81, "bfloat16", fifo_modulation="per_token")
     it = p.phase("iteration")                  # the benchmark iterates without a VAE (no decoder cache)
     checks.append(("fifo", it.beyond_weights - sum(x.nbytes for x in it.parts if "decoder cache" in x.name),
                    _record("fifo", "iteration_f21_n4_832x480", "fifo")))
@@ -719,7 +731,7 @@ def test_h200_records_are_predicted():
     # it): the whole CFG-batched guided window call with autograd, which guidance_impl="whole_call"
     # models; the current pass is checked against the tracker (CPU) and in the GPU tier
     p = plan("ouroboros", spec6, 480, 832, 81, "bfloat16", tail=False, sacfa=False, guidance=True,
-             guidance_impl="whole_call")
+             guidance_impl="whole_call", fifo_modulation="per_token")
     g = p.phase("guided window")
     checks.append(("guidance", g.beyond_weights - sum(x.nbytes for x in g.parts if "decoder cache" in x.name),
                    _record("fifo", "iteration_f21_n4_832x480", "ouroboros:guidance")))

@@ -125,8 +125,10 @@ class WanArch:
 @dataclass
 class WanCall:
     """One transformer call. ``timestep``: "scalar" (one per sample: the pipelines, FreeLOC),
-    "token" (Wan's per-token 2-D timestep: FIFO on Wan, Wan 2.2 TI2V) or "frame" (SkyReels-V2's
-    per-frame diffusion forcing). ``self_attn``: "sdpa" (diffusers' processor), "freeloc"
+    "token" (Wan's per-token 2-D timestep as diffusers embeds it: Wan 2.2 TI2V's pipeline), "runs"
+    (a per-token timestep constant over each frame under longvideo's frame-wise modulation,
+    processors/wan_modulation.py: one embedding per frame, broadcast: FIFO / Ouroboros on Wan) or
+    "frame" (SkyReels-V2's per-frame diffusion forcing). ``self_attn``: "sdpa" (diffusers' processor), "freeloc"
     (longvideo's tiered processor; ``freeloc_modes`` per layer: "tsa" / "vrpr" / "dense"),
     "ouroboros" (longvideo's Ouroboros processor; ``use_op``: through consistent_attention, as in
     guided calls; ``feature_layers``: layers whose keys are recorded; ``record_maps``: subject maps
@@ -318,6 +320,9 @@ def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> Optional[l
         N = B * S
     elif c.timestep == "frame":
         N = B * (c.frames // a.patch[0])
+    elif c.timestep == "runs":      # a rank's slice may cut one frame more into two runs
+        frames = c.frames // a.patch[0]
+        N = B * min(frames, -(-frames // n_cp) + (1 if n_cp > 1 else 0))
     else:
         N = B
     tp = sim.new(N * a.freq_dim, F32, "timestep")
@@ -373,7 +378,10 @@ def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> Optional[l
     for layer in range(a.num_layers):
         sim.where = f"block {layer} modulation"
         mod = None
-        if token_mod:        # (table + temb.float()): float32 (B, S, 6, d), alive for the whole block
+        if c.timestep == "runs":   # (table + temb.float()) per run: float32 (B, R, 6, d)
+            mod = sim.new(6 * N * d, F32, "modulation")
+            sim.save(mod)
+        elif token_mod:      # (table + temb.float()): float32 (B, S, 6, d), alive for the whole block
             tf = sim.cast(tproj, F32, "modulation")
             mod = sim.new(6 * X, F32, "modulation")
             sim.free(tf)

@@ -541,9 +541,10 @@ def _direct_phases(spec, dtype, device, st, height, width, num_frames, method, f
                                        embeds + image_state))
         image_state = image_state + [Part("preprocessed image (float32)", 3 * height * width * 4, "state")]
         image_state += _condition_parts(spec, dtype, image, F, h, w)
-    # Wan 2.2 TI2V expands the timestep to every token; SkyReels-V2's diffusion-forcing pipelines
-    # pass one timestep per latent frame
-    timestep = "token" if spec.expand_timesteps else (
+    # Wan 2.2 TI2V expands the timestep to every token (the CLI embeds it per run: frame-wise
+    # modulation, processors/wan_modulation.py); SkyReels-V2's diffusion-forcing pipelines pass
+    # one timestep per latent frame
+    timestep = "runs" if spec.expand_timesteps else (
         "frame" if spec.family == "skyreels" and "DiffusionForcing" in spec.pipeline_class else "scalar")
     modes = None
     self_attn = "sdpa"
@@ -582,7 +583,7 @@ def _decode_phase(spec, dtype, st, batch, F, h, w, extra_state=(), images=None):
 
 
 def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, parts_on, trained,
-                 guidance_impl="prefix", cp=1, image=None):
+                 guidance_impl="prefix", cp=1, image=None, modulation="framewise"):
     fam = spec.family
     f = st.frames_per_window or spec.trained_latent_frames or trained or 16
     n = st.num_partitions
@@ -600,7 +601,9 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
         h, w = height // s, width // s
         arch = _wan_arch(spec)
         C = arch.out_channels       # the queue's latent channels (an I2V transformer's input is wider)
-        timestep = "frame" if fam == "skyreels" else "token"
+        # FIFO applies frame-wise modulation to Wan transformers (processors/wan_modulation.py);
+        # "per_token": diffusers' own path (what FIFO ran before it, e.g. the H200 records)
+        timestep = "frame" if fam == "skyreels" else ("runs" if modulation == "framewise" else "token")
         # initial clip: the pipeline on f latent frames, CFG as two batch-1 calls, scalar timesteps
         # (FIFO encodes prompts with encode_prompt's default of 226 tokens and passes the embeddings on)
         sim0 = _wan_call_sim(spec, dtype, device, 1, f, h, w, "frame" if fam == "skyreels" else "scalar", text_len=226,
@@ -1116,7 +1119,8 @@ def _phases(method, spec, dtype, device, st, height, width, num_frames, opts):
                 raise ValueError("context_parallel is not modelled with Ouroboros' processors (SACFA, guidance): "
                                  "plan ouroboros with sacfa=False, guidance=False, or without context_parallel")
         return _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, opts["parts"], opts["trained"],
-                            opts["guidance_impl"], opts["context_parallel"], image=opts["image"])
+                            opts["guidance_impl"], opts["context_parallel"], image=opts["image"],
+                            modulation=opts["fifo_modulation"])
     if opts["context_parallel"] > 1:
         raise ValueError(f"context_parallel is modelled for direct, freeloc, fifo and ouroboros on Wan, not {method!r}")
     if method == "story":
@@ -1222,7 +1226,7 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
          story_kernel: str = "consistent", chunk_frames: int = 24, overlap_frames: int = 8,
          chunk_batch: Optional[int] = None, output_type: str = "np", headroom: float = 0.05,
          records=None, guidance_impl: str = "prefix", freeloc_semantics: str = "official",
-         context_parallel: int = 1, image: Optional[bool] = None) -> Plan:
+         context_parallel: int = 1, image: Optional[bool] = None, fifo_modulation: str = "framewise") -> Plan:
     """Predicted peak GPU memory of `method` on `model` (see the module docstring).
 
     method: "direct" (the plain pipeline), "freeloc", "fifo", "ouroboros" (with ``tail``, ``sacfa``,
@@ -1230,7 +1234,10 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
     "prefix" (longvideo's, the default: a pass of the conditional half with autograd, parameters
     frozen, stopped after the last feature layer, then the window's CFG call without autograd;
     FIFODiffusion._guidance_gradient) or "whole_call" (the implementation before it, kept to
-    check the benchmark records it ran: the whole CFG-batched call with autograd)), "story"
+    check the benchmark records it ran: the whole CFG-batched call with autograd);
+    ``fifo_modulation``: "framewise" (default: FIFO's Wan calls embed and apply the per-frame
+    timesteps per frame, processors/wan_modulation.py) or "per_token" (diffusers' per-token
+    path, what FIFO ran before and with ``framewise_modulation = False``)), "story"
     (StoryDiffusion; ``num_frames`` unused, ``id_length`` id images written together,
     ``read_images`` read alone, ``num_inference_steps``, ``sampling_rate``, ``start_step``,
     ``characters``; ``story_kernel`` "consistent" (longvideo's op) or
@@ -1265,6 +1272,8 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+    if fifo_modulation not in ("framewise", "per_token"):
+        raise ValueError(f"fifo_modulation must be 'framewise' or 'per_token', got {fifo_modulation!r}")
     if guidance_impl not in GUIDANCE_IMPLS:
         raise ValueError(f"guidance_impl must be one of {GUIDANCE_IMPLS}, got {guidance_impl!r}")
     if bank_location not in ("auto", "device", "cpu"):
@@ -1297,6 +1306,7 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
                 characters=characters, read_images=read_images, gpu_memory=gpu, story_kernel=story_kernel,
                 schedule=schedule, decode=output_type != "latent",
                 chunk_frames=chunk_frames, overlap_frames=overlap_frames, guidance_impl=guidance_impl,
+                fifo_modulation=fifo_modulation,
                 context_parallel=context_parallel, image=image_mode)
 
     def build(st: Settings) -> Plan:

@@ -6,9 +6,9 @@ levels, so every Wan call gets a 2-D timestep ``(B, S)`` -- one value per token,
 repeated over its H' x W' tokens (Wan 2.2 TI2V's own pipeline does the same: the image frame at
 0, the rest at t). diffusers then embeds S timesteps instead of F and every block adds its
 ``scale_shift_table`` to a per-token ``(B, S, 6, dim)`` float32 tensor: for Wan2.1-14B at 480x832
-and a 21-frame window with classifier-free guidance that is 15.7 GiB per block (plus 2 x 1.9 GiB
-of per-token time embeddings), most of a FIFO call's activation memory, all of it H' x W' copies
-of F distinct rows.
+and a 21-frame window with classifier-free guidance that is 15 GiB per block (the sum and temb's
+float32 copy) next to 4.4 GiB of per-token time embeddings (planner figures), most of a FIFO
+call's activation memory, all of it H' x W' copies of F distinct rows.
 
 What the patch does: when a call's timestep is piecewise constant along the sequence (runs of
 equal values, the same boundaries in every batch row -- FIFO's frames, TI2V's image frame, a
@@ -103,6 +103,10 @@ def _gate(h, y, gate):
     return h + y * gate
 
 
+def _gate_float(h, y, gate):
+    return h + y.float() * gate   # y's float32 copy dies with the product, as in diffusers
+
+
 class _CallState:
     """The run table of the call in progress (read by the patched blocks)."""
 
@@ -117,13 +121,19 @@ def _block_forward(block, state: _CallState):
         runs = state.runs
         if runs is None or temb.ndim != 4 or temb.shape[1] != len(runs):
             return original(block, hidden_states, encoder_hidden_states, temb, rotary_emb)
+        if hidden_states.shape[1] != sum(runs.lengths):   # (after a context-parallel split: the rank's slice)
+            raise ValueError(f"framewise modulation: the timestep covers {sum(runs.lengths)} tokens, the block's "
+                             f"input {hidden_states.shape[1]}")
         # (table + temb) per run: float32 (B, R, 6, dim), as diffusers' per-token branch per token
         mod = (block.scale_shift_table.unsqueeze(0) + temb.float()).chunk(6, dim=2)
         shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (m.squeeze(2) for m in mod)
 
         # 1. self-attention
-        norm = per_run(_modulate, runs, [block.norm1(hidden_states.float())], [scale_msa, shift_msa])
-        attn_output = block.attn1(norm.type_as(hidden_states), None, None, rotary_emb)
+        # (each float32 result is cast at once, as in diffusers' one expression: it must not stay
+        # alive through the attention)
+        norm = per_run(_modulate, runs, [block.norm1(hidden_states.float())], [scale_msa, shift_msa]).type_as(
+            hidden_states)
+        attn_output = block.attn1(norm, None, None, rotary_emb)
         hidden_states = per_run(_gate, runs, [hidden_states.float(), attn_output], [gate_msa]).type_as(hidden_states)
 
         # 2. cross-attention (no modulation)
@@ -132,9 +142,10 @@ def _block_forward(block, state: _CallState):
         hidden_states = hidden_states + attn_output
 
         # 3. feed-forward
-        norm = per_run(_modulate, runs, [block.norm3(hidden_states.float())], [c_scale_msa, c_shift_msa])
-        ff_output = block.ffn(norm.type_as(hidden_states))
-        return per_run(_gate, runs, [hidden_states.float(), ff_output.float()], [c_gate_msa]).type_as(hidden_states)
+        norm = per_run(_modulate, runs, [block.norm3(hidden_states.float())], [c_scale_msa, c_shift_msa]).type_as(
+            hidden_states)
+        ff_output = block.ffn(norm)
+        return per_run(_gate_float, runs, [hidden_states.float(), ff_output], [c_gate_msa]).type_as(hidden_states)
 
     return forward
 
@@ -156,9 +167,6 @@ def _transformer_forward(tr, state: _CallState):
 
         rotary_emb = tr.rope(hidden_states)
         hidden_states = tr.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
-        if hidden_states.shape[1] != sum(runs.lengths):
-            raise ValueError(f"framewise modulation: the timestep covers {sum(runs.lengths)} tokens, the video "
-                             f"{hidden_states.shape[1]}")
         # one embedding per run: (B, R, dim) and (B, R, 6, dim)
         temb, timestep_proj, encoder_hidden_states, encoder_hidden_states_image = tr.condition_embedder(
             runs.values.flatten(), encoder_hidden_states, encoder_hidden_states_image, timestep_seq_len=len(runs))
@@ -175,8 +183,8 @@ def _transformer_forward(tr, state: _CallState):
 
         shift, scale = (tr.scale_shift_table.unsqueeze(0).to(temb.device) + temb.unsqueeze(2)).chunk(2, dim=2)
         shift, scale = shift.squeeze(2).to(hidden_states.device), scale.squeeze(2).to(hidden_states.device)
-        hidden_states = per_run(_modulate, runs, [tr.norm_out(hidden_states.float())], [scale, shift])
-        hidden_states = tr.proj_out(hidden_states.type_as(encoder_hidden_states))
+        hidden_states = tr.proj_out(
+            per_run(_modulate, runs, [tr.norm_out(hidden_states.float())], [scale, shift]).type_as(hidden_states))
         hidden_states = hidden_states.reshape(batch_size, frames, rows, cols, p_t, p_h, p_w, -1)
         output = hidden_states.permute(0, 7, 1, 4, 2, 5, 3, 6).flatten(6, 7).flatten(4, 5).flatten(2, 3)
         if not return_dict:
