@@ -242,3 +242,29 @@ def test_cuda_same_output_and_less_memory():
             handle.remove()
     torch.testing.assert_close(outs[1], outs[0], rtol=2e-2, atol=2e-2)
     assert peaks[1] < 0.5 * peaks[0], peaks
+
+
+@pytest.mark.parametrize("mode", ["model", "group"])
+def test_applied_before_offloading_runs_under_the_hooks(mode):
+    """What the CLI does: the patch first, then --fit's offloading (accelerate's hook wraps the
+    patched forward under "model", diffusers' group hooks wrap the patched blocks under "group"):
+    a FIFO run goes through both the hooks and the per-run path, and gives the frames of a plain
+    resident run without the patch (host as both devices: every hook runs)."""
+    from longvideo.methods.fifo import FIFODiffusion
+    from longvideo.models import wan
+    from longvideo.offload import enable_offload, offload_mode
+
+    ref, _ = _video(FIFODiffusion, wan.tiny_pipeline(), False)
+    pipe = wan.tiny_pipeline()
+    handle = WM.apply_framewise_modulation(pipe)
+    enable_offload(pipe, mode, "cpu")
+    assert offload_mode(pipe) == mode
+    used = []
+    real = WM.per_run
+    try:
+        WM.per_run = lambda *a: used.append(1) or real(*a)
+        got, _ = _video(FIFODiffusion, pipe, True)
+    finally:
+        WM.per_run = real
+    assert used and handle.active
+    assert np.array_equal(got, ref)
