@@ -557,19 +557,24 @@ def _direct_phases(spec, dtype, device, st, height, width, num_frames, method, f
             modes = list(freeloc_layers) if freeloc_layers else (published_layer_config(n) if n == 30 else ["vrpr"] * n)
             self_attn = "freeloc"
     lat = C * F * h * w
+    # WanPipeline (text-to-video, TI2V's text mode) keeps mask = torch.ones(latents.shape) in
+    # float32 from before the loop to the end of __call__ (its expand_timesteps path reads it)
+    held_mask = [Part("timestep mask (float32, like the latents)", lat * 4, "state",
+                      "WanPipeline's ones(latents.shape), alive to the end of the call")] if (
+        spec.pipeline_class == "WanPipeline" and not image) else []
     for name in spec.denoisers:
         sim = _wan_call_sim(spec, dtype, device, 1, F, h, w, timestep, self_attn, modes=modes, name=name,
                             freeloc_semantics=semantics, context_parallel=cp)
         parts = _resident_weights(spec, dtype, st.offload, [name])
         parts += [Part("latents, noise predictions", 4 * lat * 4 + lat * e, "state",
                        "latents float32, the cond prediction kept during the uncond call, CFG combination")]
-        parts += embeds + image_state
+        parts += embeds + image_state + held_mask
         parts += _sim_parts(sim, f"{name} call (batch 1)" + (f", one of {cp} context-parallel ranks" if cp > 1 else ""))
         phases.append(Phase("denoise" if name == "transformer" else f"denoise ({name})", parts, sim.peak_where))
     if decode:
         held = [p for p in image_state if p.name.startswith(("condition:", "image latents"))]
         phases.append(_decode_phase(spec, dtype, st, 1, F, h, w,
-                                    extra_state=[Part("latents", lat * 4, "state")] + held))
+                                    extra_state=[Part("latents", lat * 4, "state")] + held + held_mask))
     return phases, dict(latent_frames=F, latent_hw=(h, w), tokens=_wan_arch(spec).tokens(F, h, w))
 
 
