@@ -134,11 +134,14 @@ def _wan_measure(tr, cfg, B, F, h, w, T, dtype, timestep, grad=False):
     text = torch.randn(B, T, cfg["text_dim"], dtype=dtype)
     t = torch.full((B,), 500.0) if timestep == "scalar" else torch.full((B, S), 500.0)
     patch = None
-    if timestep == "runs":    # FIFO's per-frame timesteps under frame-wise modulation
-        from longvideo.processors.wan_modulation import apply_framewise_modulation
+    if timestep in ("runs", "scalar_lean"):    # longvideo's Wan forward (FIFO's per-frame timesteps)
+        from longvideo.processors.wan_modulation import apply_lean_wan_forward
 
-        t = torch.linspace(900, 100, F).repeat_interleave(S // F)[None].expand(B, -1)
-        patch = apply_framewise_modulation(tr)
+        if timestep == "runs":
+            t = torch.linspace(900, 100, F).repeat_interleave(S // F)[None].expand(B, -1)
+        else:
+            t = torch.full((B,), 500.0)
+        patch = apply_lean_wan_forward(tr)
     try:
         with (torch.enable_grad() if grad else torch.no_grad()), LiveTensorTracker() as tk:
             tr(x, t, text, return_dict=False)
@@ -151,14 +154,17 @@ def _wan_measure(tr, cfg, B, F, h, w, T, dtype, timestep, grad=False):
 @pytest.mark.parametrize("size", ["tiny", "mid"])
 @pytest.mark.parametrize("dtype,timestep,grad", [(torch.float32, "scalar", False), (torch.bfloat16, "token", False),
                                                  (torch.float32, "token", True), (torch.bfloat16, "runs", False),
-                                                 (torch.float32, "runs", True)])
+                                                 (torch.float32, "runs", True), (torch.bfloat16, "scalar_lean", False),
+                                                 (torch.float32, "scalar_lean", False)])
 def test_wan_call_matches_tracker(wan_models, size, dtype, timestep, grad):
     cfg, tr32, tr16 = wan_models[size]
     tr = tr32 if dtype == torch.float32 else tr16
     B, F, h, w, T = 2, 3, 8, 16, 32
     measured = _wan_measure(tr, cfg, B, F, h, w, T, dtype, timestep, grad)
     sim = Sim(grad=grad)
-    A.wan_call(sim, A.WanArch.from_config(cfg), A.WanCall(B, F, h, w, T, dtype.itemsize, timestep), A.CPU)
+    lean = timestep in ("runs", "scalar_lean")    # "runs", "scalar_lean": with longvideo's forward
+    call = A.WanCall(B, F, h, w, T, dtype.itemsize, "scalar" if timestep == "scalar_lean" else timestep, lean=lean)
+    A.wan_call(sim, A.WanArch.from_config(cfg), call, A.CPU)
     assert abs(_err(sim.peak, measured)) < CALL_TOL, (sim.peak, measured, sim.peak_where)
 
 
@@ -291,7 +297,7 @@ def test_one_context_parallel_rank_matches_tracker(monkeypatch, size, attn, dtyp
         sim = Sim(grad=grad)
         A.wan_call(sim, arch, A.WanCall(B, F, h, w, 32, dtype.itemsize, timestep,
                                         self_attn="freeloc" if modes else "sdpa", freeloc_modes=modes,
-                                        context_parallel=n), A.CPU)
+                                        context_parallel=n, lean=timestep == "runs"), A.CPU)
         return sim
 
     sim = predict(2)
@@ -722,8 +728,8 @@ def test_h200_records_are_predicted():
     planner's CUDA prediction of the same work."""
     checks = []
     spec6 = _wan_blocks(6)                    # the FIFO records ran 6 of the 30 blocks
-    # the FIFO records predate frame-wise modulation: diffusers' per-token path
-    p = plan("fifo", spec6, 480, 832, 81, "bfloat16", fifo_modulation="per_token")
+    # the records ran diffusers' Wan forward (they predate longvideo's): wan_forward="diffusers"
+    p = plan("fifo", spec6, 480, 832, 81, "bfloat16", wan_forward="diffusers")
     it = p.phase("iteration")                  # the benchmark iterates without a VAE (no decoder cache)
     checks.append(("fifo", it.beyond_weights - sum(x.nbytes for x in it.parts if "decoder cache" in x.name),
                    _record("fifo", "iteration_f21_n4_832x480", "fifo")))
@@ -731,14 +737,14 @@ def test_h200_records_are_predicted():
     # it): the whole CFG-batched guided window call with autograd, which guidance_impl="whole_call"
     # models; the current pass is checked against the tracker (CPU) and in the GPU tier
     p = plan("ouroboros", spec6, 480, 832, 81, "bfloat16", tail=False, sacfa=False, guidance=True,
-             guidance_impl="whole_call", fifo_modulation="per_token")
+             guidance_impl="whole_call", wan_forward="diffusers")
     g = p.phase("guided window")
     checks.append(("guidance", g.beyond_weights - sum(x.nbytes for x in g.parts if "decoder cache" in x.name),
                    _record("fifo", "iteration_f21_n4_832x480", "ouroboros:guidance")))
     spec = load_model_spec("wan2.1-t2v-1.3b")
     for method, impl in (("freeloc", "freeloc[longvideo]"), ("direct", "dense_sdpa")):
         # the record ran FreeLOC's paper layouts (the op before the official ones existed)
-        d = plan(method, spec, 480, 832, 161, "bfloat16", output_type="latent",
+        d = plan(method, spec, 480, 832, 161, "bfloat16", output_type="latent", wan_forward="diffusers",
                  freeloc_semantics="paper").phase("denoise")
         checks.append((method, d.by_kind("activations") + d.by_kind("workspace"),
                        _record("freeloc", "480x832_161f", impl)))
@@ -746,7 +752,7 @@ def test_h200_records_are_predicted():
              read_images=2, bank_location="device", output_type="latent")
     checks.append(("story", max(s.phase("write").beyond_weights, s.phase("read").beyond_weights),
                    _record("storydiffusion", "story6_sdxl-shaped_1024px", "longvideo[auto]")))
-    b = plan("enhance", spec, 480, 832, 80, "bfloat16").phase("denoise")
+    b = plan("enhance", spec, 480, 832, 80, "bfloat16", wan_forward="diffusers").phase("denoise")
     chunk_outputs = sum(x.nbytes for x in b.parts if x.name.startswith("chunk"))
     checks.append(("blending step", b.by_kind("activations") + chunk_outputs, _record("blending", "step", "blend_x0")))
     # the official dense-mask path (SACFA shape, fp16): building the (B*N)^2 mask, 4 bytes a pair

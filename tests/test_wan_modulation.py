@@ -1,5 +1,5 @@
-"""Frame-wise timestep modulation (longvideo/processors/wan_modulation.py) against diffusers' own
-per-token path: the same outputs and gradients for FIFO's per-frame timesteps, TI2V's image frame,
+"""longvideo's Wan forward (longvideo/processors/wan_modulation.py) against diffusers' own
+forward, per-token timesteps included: the same outputs and gradients for FIFO's per-frame timesteps, TI2V's image frame,
 a slice that cuts frames (context parallelism), bf16 and the I2V transformer; a fraction of the
 live memory; and a deliberately wrong run table fails the comparison."""
 import numpy as np
@@ -46,21 +46,26 @@ def _call(tr, x, t, text, img=None):
               encoder_hidden_states_image=None if img is None else img.to(tr.dtype), return_dict=False)[0]
 
 
-def _both(tr, x, t, text, img=None):
-    plain = _call(tr, x, t, text, img)
-    with WM.apply_framewise_modulation(tr):
-        patched = _call(tr, x, t, text, img)
+def _both(tr, x, t, text, img=None, grad=False):
+    """diffusers' output and the patched one; grad: with autograd on (the patch's out-of-place
+    path), else under no_grad (its in-place path without float32 temporaries)."""
+    with torch.set_grad_enabled(grad):
+        plain = _call(tr, x, t, text, img)
+        with WM.apply_lean_wan_forward(tr):
+            patched = _call(tr, x, t, text, img)
     return plain, patched
 
 
 TOKENS = 4 * 3  # (8 / 2) x (6 / 2)
 
 
-@pytest.mark.parametrize("case", ["fifo", "ti2v_image_frame", "uneven", "one_run"])
-def test_equals_per_token_path(case):
-    """fp32: diffusers' per-token modulation to 1e-5 (the same elementwise operations on the same
-    values; only the time embedder's matmul runs over R rows instead of S, and a kernel chosen
-    for another row count may round differently: measured 0 for FIFO's runs, 6e-7 for one run)."""
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("case", ["fifo", "ti2v_image_frame", "uneven", "one_run", "scalar"])
+def test_equals_diffusers(case, grad):
+    """fp32, without and with autograd: diffusers' output to 1e-5 (the same elementwise
+    operations on the same values; only the time embedder's matmul runs over R rows instead of
+    S, and a kernel chosen for another row count may round differently: 6e-7 for one run),
+    exactly for FIFO's runs and a 1-D timestep."""
     tr = _transformer()
     x, text, _ = _inputs()
     if case == "fifo":
@@ -70,11 +75,16 @@ def test_equals_per_token_path(case):
     elif case == "uneven":   # a boundary inside a frame (a rank's slice under context parallelism)
         t = _per_frame([900.0, 700.0, 450.0, 120.0], TOKENS, 2).clone()
         t[:, 5:9] = 333.0
-    else:
+    elif case == "one_run":
         t = torch.full((2, 4 * TOKENS), 500.0)
-    runs = WM.timestep_runs(t)
-    assert runs is not None and sum(runs.lengths) == t.shape[1]
-    plain, patched = _both(tr, x, t, text)
+    else:                    # a 1-D timestep (FreeLOC, direct runs): diffusers' embedding itself
+        t = torch.tensor([500.0, 500.0])
+    if case != "scalar":
+        runs = WM.timestep_runs(t)
+        assert runs is not None and sum(runs.lengths) == t.shape[1]
+    plain, patched = _both(tr, x, t, text, grad=grad)
+    if case in ("fifo", "scalar"):
+        assert torch.equal(plain, patched)   # measured: every element equal
     torch.testing.assert_close(patched, plain, rtol=1e-5, atol=1e-5)
 
 
@@ -84,8 +94,9 @@ def test_bf16_and_i2v_transformer():
     tr = _transformer(torch.bfloat16, image_dim=16)
     x, text, img = _inputs(image=True)
     t = _per_frame([999.0, 500.0, 250.0, 1.0], TOKENS, 2)
-    plain, patched = _both(tr, x, t, text, img)
-    torch.testing.assert_close(patched.float(), plain.float(), rtol=8e-3, atol=8e-3)
+    for grad in (False, True):
+        plain, patched = _both(tr, x, t, text, img, grad=grad)
+        torch.testing.assert_close(patched.float(), plain.float(), rtol=8e-3, atol=8e-3)
 
 
 def test_gradients_equal():
@@ -100,7 +111,7 @@ def test_gradients_equal():
     grads = []
     for patch in (False, True):
         xi = x.clone().requires_grad_(True)
-        handle = WM.apply_framewise_modulation(tr) if patch else None
+        handle = WM.apply_lean_wan_forward(tr) if patch else None
         out = _call(tr, xi, t, text)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads.append(xi.grad)
@@ -129,9 +140,9 @@ def test_wrong_run_table_fails(monkeypatch):
 
 
 def test_memory_of_a_call_drops():
-    """Live bytes of one FIFO-like call (8 frames of 16x16 tokens, CFG batch): the per-token
-    modulation (6 x dim float32 per token and block) is gone. The patched peak is below 60% of
-    the unpatched one here (measured 4,484,928 vs 11,290,368 bytes: 0.40)."""
+    """Live bytes of one FIFO-like call (8 frames of 16x16 tokens, CFG batch, no autograd): the
+    per-token modulation (6 x dim float32 per token and block) is gone. The patched peak is below
+    60% of the unpatched one here (measured 4,222,784 vs 11,290,368 bytes: 0.37)."""
     from longvideo.planner import LiveTensorTracker
 
     tr = _transformer(layers=2)
@@ -140,7 +151,7 @@ def test_memory_of_a_call_drops():
     t = _per_frame(torch.linspace(950, 50, 8).tolist(), 256, 2)
     peaks = []
     for patch in (False, True):
-        handle = WM.apply_framewise_modulation(tr) if patch else None
+        handle = WM.apply_lean_wan_forward(tr) if patch else None
         with torch.no_grad(), LiveTensorTracker() as tracker:
             _call(tr, x, t, text)
         peaks.append(tracker.peak)
@@ -154,10 +165,10 @@ def test_falls_back_and_restores():
     restores the model's forwards; a second patch is refused; a wrapped forward is refused."""
     tr = _transformer()
     x, text, _ = _inputs()
-    handle = WM.apply_framewise_modulation(tr)
+    handle = WM.apply_lean_wan_forward(tr)
     assert "forward" in tr.__dict__ and all("forward" in b.__dict__ for b in tr.blocks)
     with pytest.raises(ValueError, match="already patched"):
-        WM.apply_framewise_modulation(tr)
+        WM.apply_lean_wan_forward(tr)
     one = _call(tr, x, torch.tensor([500.0, 500.0]), text)
     noisy = torch.rand(2, 4 * TOKENS) * 1000      # every token its own timestep: no runs
     assert WM.timestep_runs(noisy) is None
@@ -168,17 +179,17 @@ def test_falls_back_and_restores():
     assert torch.equal(many, _call(tr, x, noisy, text))
     tr.forward = tr.forward      # what an offloading hook's wrapper looks like to the patch
     with pytest.raises(ValueError, match="before enabling offloading"):
-        WM.apply_framewise_modulation(tr)
+        WM.apply_lean_wan_forward(tr)
 
 
 def test_refuses_other_models():
     with pytest.raises(TypeError, match=r"no\) Wan transformer"):
-        WM.apply_framewise_modulation(torch.nn.Linear(2, 2))
+        WM.apply_lean_wan_forward(torch.nn.Linear(2, 2))
 
 
 def _video(method_cls, pipe, framewise, **kw):
     m = method_cls(pipe, num_partitions=1, frames_per_window=4, **kw)
-    m.framewise_modulation = framewise
+    m.lean_wan_forward = framewise
     seen = []
 
     def spy(*args, **kwargs):   # the transformer's forward at call time: patched during the run?
@@ -230,7 +241,7 @@ def test_cuda_same_output_and_less_memory():
     t = _per_frame(torch.linspace(999, 20, 21).tolist(), 30 * 52, 2).to(dev)
     outs, peaks = [], []
     for patch in (False, True):
-        handle = WM.apply_framewise_modulation(tr) if patch else None
+        handle = WM.apply_lean_wan_forward(tr) if patch else None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -256,13 +267,13 @@ def test_applied_before_offloading_runs_under_the_hooks(mode):
 
     ref, _ = _video(FIFODiffusion, wan.tiny_pipeline(), False)
     pipe = wan.tiny_pipeline()
-    handle = WM.apply_framewise_modulation(pipe)
+    handle = WM.apply_lean_wan_forward(pipe)
     enable_offload(pipe, mode, "cpu")
     assert offload_mode(pipe) == mode
     used = []
     real = WM.per_run
     try:
-        WM.per_run = lambda *a: used.append(1) or real(*a)
+        WM.per_run = lambda *a, **k: used.append(1) or real(*a, **k)
         got, _ = _video(FIFODiffusion, pipe, True)
     finally:
         WM.per_run = real

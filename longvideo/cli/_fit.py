@@ -78,3 +78,14 @@ def choose(args, pipe, method: str, **plan_kwargs):
     print(f"fit {args.fit}: {st.describe()} (predicted peak{per_rank} {format_bytes(p.peak_bytes)} of "
           f"{format_bytes(p.usable)} usable)")
     return st
+
+
+def lean_wan_forward(pipe) -> None:
+    """longvideo's Wan forward (processors/wan_modulation.py: diffusers' output without the
+    per-token modulation copies and float32 temporaries) on the pipeline's Wan transformers, for
+    the whole process; called right after loading, before --fit's offloading wraps their
+    forwards (below which the patch must sit). What the planner assumes (plan's wan_forward)."""
+    from ..processors.wan_modulation import apply_lean_wan_forward, wan_transformers
+
+    if wan_transformers(pipe):
+        apply_lean_wan_forward(pipe)

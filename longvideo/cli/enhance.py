@@ -90,6 +90,7 @@ def run(args) -> int:
     check_sizes_before_loading(args, family)
     with _fit.host_loading(args):
         pipe = _load_pipe(args, family)
+    _fit.lean_wan_forward(pipe)
     if args.fit:  # the planner's offload / VAE / chunks-per-call choice for this video
         st = _fit.choose(args, pipe, "enhance", height=args.height or frames.shape[1], width=args.width or frames.shape[2],
                          num_frames=len(frames), chunk_frames=chunk, overlap_frames=overlap,

@@ -163,16 +163,6 @@ def _check_window_tokens(fifo, args, size: int) -> None:
                          f"divisible by {size} ranks; choose --fifo-window, --height or --width so that it is")
 
 
-def _framewise_modulation(pipe) -> None:
-    """Frame-wise timestep modulation on the pipeline's Wan transformers for the whole process,
-    installed before --fit's offloading wraps their forwards (FIFO installs it per run
-    otherwise, and cannot under the wrappers): the same output, no per-token modulation."""
-    from ..processors.wan_modulation import apply_framewise_modulation, wan_transformers
-
-    if wan_transformers(pipe):
-        apply_framewise_modulation(pipe)
-
-
 def build_from_args(args, pipe):
     """The FIFODiffusion / OuroborosDiffusion (args.method) the options describe, on `pipe`."""
     from ..methods.fifo import FIFODiffusion, OuroborosDiffusion
@@ -277,7 +267,7 @@ def run(args) -> int:
         image = _image.load(args.image)
         h, w = _image.video_size(image, dh * dw, family_obj.size_multiple())
         args.height, args.width = args.height or h, args.width or w
-    _framewise_modulation(pipe)
+    _fit.lean_wan_forward(pipe)
     _fit_fifo(args, pipe, method, num_frames)
     fifo = build_from_args(args, pipe)
     if cp > 1:

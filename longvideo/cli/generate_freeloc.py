@@ -149,12 +149,7 @@ def run(args) -> int:
     rank, world, args.device = init_from_environment(args.device)  # torchrun: context parallel over `world` ranks
     with _fit.host_loading(args, cuda_dtype="bfloat16"):
         pipe = load_wan(args, f"`longvideo generate --method {args.method}`", allow_image=True)
-    if getattr(pipe.config, "expand_timesteps", False):
-        # Wan 2.2 TI2V's pipeline gives every token its timestep: embedded per run instead
-        # (processors/wan_modulation.py), installed before --fit's offloading wraps forward
-        from ..processors.wan_modulation import apply_framewise_modulation
-
-        apply_framewise_modulation(pipe)
+    _fit.lean_wan_forward(pipe)
     image_input = {}
     if getattr(args, "image", None) is not None:  # the first frame; the size keeps its aspect ratio
         image = _image.load(args.image)

@@ -213,13 +213,13 @@ class FIFODiffusion(ProgressBarMixin):
             t_0, as the official code) or "clean" (the clip's first frame, told level 0); only
             with lookahead.
 
-    ``framewise_modulation`` (class attribute, True; set False on an instance to compare):
-    Wan transformers get longvideo.processors.wan_modulation for the run -- the per-frame
-    timesteps embedded and applied per frame instead of per token (the same output, a fraction of
-    the memory: docs/methods.md, "Memory").
+    ``lean_wan_forward`` (class attribute, True; set False on an instance to compare): Wan
+    transformers run longvideo's forward for the run (processors/wan_modulation.py: the
+    per-frame timesteps embedded once per frame, no float32 temporaries without autograd; the
+    same output, a fraction of the memory: docs/methods.md, "Longvideo's Wan forward").
     """
 
-    framewise_modulation = True
+    lean_wan_forward = True
 
     def __init__(self, pipe, num_partitions: int = 4, frames_per_window: Optional[int] = None, lookahead: bool = True,
                  coherent_tail: bool = False, tail_d_s: float = 0.25, tail_d_t: float = 1.0, distributed: bool = True,
@@ -563,23 +563,23 @@ class FIFODiffusion(ProgressBarMixin):
             ctx.features = {}
         return grad
 
-    def _framewise_modulation(self):
-        """Frame-wise timestep modulation (longvideo/processors/wan_modulation.py) on every Wan
-        expert not patched yet, for the run; returns the function that removes what it added.
-        Where offloading hooks already wrap a transformer's forward the per-token path stays (same
-        output, more memory) and a warning says so."""
-        if not self.framewise_modulation:
+    def _lean_wan_forward(self):
+        """longvideo's Wan forward (longvideo/processors/wan_modulation.py) on every Wan expert not
+        patched yet, for the run; returns the function that removes what it added. Where
+        offloading hooks already wrap a transformer's forward diffusers' stays (same output, more
+        memory) and a warning says so."""
+        if not self.lean_wan_forward:
             return lambda: None
-        from ..processors.wan_modulation import apply_framewise_modulation, framewise_active, wan_transformers
+        from ..processors.wan_modulation import apply_lean_wan_forward, lean_forward_active, wan_transformers
 
         handles = []
         for model in wan_transformers(self.pipe):
-            if framewise_active(model):
+            if lean_forward_active(model):
                 continue
             try:
-                handles.append(apply_framewise_modulation(model))
+                handles.append(apply_lean_wan_forward(model))
             except ValueError as exc:
-                warnings.warn(f"FIFO: {exc}; the per-token timestep modulation stays (same output, more memory)",
+                warnings.warn(f"FIFO: {exc}; diffusers' forward stays (same output, more memory)",
                               stacklevel=3)
         return lambda: [h.remove() for h in reversed(handles)]
 
@@ -774,7 +774,7 @@ class FIFODiffusion(ProgressBarMixin):
         vs = getattr(self.pipe, "vae_scale_factor_spatial", None) or self.pipe.vae_scale_factor
         settings = self._run_settings(schedule, height, width, guidance_scale, negative_prompt, seed, init_steps)
         restore = self._install((height // vs, width // vs))
-        restore = _then(self._framewise_modulation(), restore)
+        restore = _then(self._lean_wan_forward(), restore)
         complete = saved_iteration = bar = None
         try:
             with torch.no_grad():

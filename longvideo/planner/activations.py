@@ -151,6 +151,8 @@ class WanCall:
     stop_after: Optional[int] = None   # the pass ends right after this block's attn1 (guidance pass)
     context_parallel: int = 1   # Ulysses over N ranks (longvideo/parallel.py): one rank's share, see wan_call
     image_len: int = 0          # Wan 2.1 I2V: CLIP image tokens given (257 for ViT-H/14 at 224 px); needs image_dim
+    lean: bool = False          # longvideo's Wan forward (processors/wan_modulation.py): without autograd,
+    #                             modulation in place and residuals into one float32 buffer
 
 
 def _rms_norm(sim: Sim, x, e: int, dev: Device, tag: str, input_grad: bool = True):
@@ -189,6 +191,26 @@ def _modulated_norm(sim: Sim, hidden, X: int, e: int, token_mod: bool, tag: str)
     sim.free(prod)
     out = sim.cast(summ, e, tag)
     sim.free(summ)
+    return out
+
+
+def _modulated_norm_lean(sim: Sim, hidden, X: int, e: int, tag: str):
+    """longvideo's Wan forward without autograd: norm(hidden.float()).mul_(1 + scale).add_(shift),
+    cast in the same expression (processors/wan_modulation.py)."""
+    hf = sim.cast(hidden, F32, tag)
+    n = sim.new(X, F32, tag)                          # layer_norm; then in place
+    sim.free(hf)
+    out = sim.cast(n, e, tag)
+    sim.free(n)
+    return out
+
+
+def _gated_residual_lean(sim: Sim, branch, X: int, e: int, tag: str):
+    """longvideo's Wan forward without autograd: mul(branch, gate, out=buf).add_(hidden), cast:
+    one float32 buffer instead of diffusers' three (the hidden's copy, the product, the sum)."""
+    buf = sim.new(X, F32, "residual (float32)" if e != F32 else tag)
+    out = sim.cast(buf, e, tag)
+    sim.free(buf)
     return out
 
 
@@ -302,6 +324,7 @@ def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> Optional[l
     S_all, S = S, S // n_cp                          # S: the tokens this rank holds between attentions
     X = B * S * d
     token_mod = c.timestep in ("token", "frame")
+    lean = c.lean and not sim.grad      # the patch's in-place path runs without autograd only
     sim.where = "embed"
     rope = [sim.new(S_all * a.head_dim, F32, "rope") for _ in range(2)]   # (1, S, 1, D) cos, sin
     conv = sim.new(B * S_all * d, e, "hidden")                         # patch embedding
@@ -389,7 +412,8 @@ def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> Optional[l
         h0 = hidden
         block_mark = sim.mark()
         sim.where = f"block {layer} self-attention"
-        nh1 = _modulated_norm(sim, h0, X, e, token_mod, "norm")
+        nh1 = (_modulated_norm_lean(sim, h0, X, e, "norm") if lean
+               else _modulated_norm(sim, h0, X, e, token_mod, "norm"))
         downstream = []
         a1 = _wan_self_attention(sim, a, c, dev, nh1, B, S, layer, modes[layer] if modes else None, downstream,
                                  n_cp)
@@ -401,7 +425,11 @@ def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> Optional[l
             sim.unsave(mod, *downstream)
             sim.unwind()
             return sim.saved_since(block_mark)
-        h1 = _gated_residual(sim, h0, a1, X, e, False, "hidden")
+        if lean:         # the lean forward drops its norm as attn1 returns
+            sim.free(nh1)
+            nh1 = None
+        h1 = (_gated_residual_lean(sim, a1, X, e, "hidden") if lean
+              else _gated_residual(sim, h0, a1, X, e, False, "hidden"))
         sim.where = f"block {layer} cross-attention"
         hf = sim.cast(h1, F32, "norm")
         n2 = sim.new(X, F32, "norm")
@@ -412,10 +440,17 @@ def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> Optional[l
         sim.free(nh1)                                  # norm_hidden_states rebound
         a2 = _wan_cross_attention(sim, a, c, dev, nh2, text, B, S, T)
         sim.free(a1)                                   # attn_output rebound
+        if lean:         # its cross-attention input is a temporary of the attn2 call
+            sim.free(nh2)
+            nh2 = None
         h2 = sim.new(X, e, "hidden")                   # hidden_states + attn_output
         sim.free(h1)
+        if lean:         # ... and it drops the cross-attention output once added
+            sim.free(a2)
+            a2 = None
         sim.where = f"block {layer} ffn"
-        nh3 = _modulated_norm(sim, h2, X, e, token_mod, "norm")
+        nh3 = (_modulated_norm_lean(sim, h2, X, e, "norm") if lean
+               else _modulated_norm(sim, h2, X, e, token_mod, "norm"))
         sim.free(nh2)
         proj = _linear(sim, nh3, B * S * a.ffn_dim, e, "ffn")
         g = sim.new(B * S * a.ffn_dim, e, "ffn")       # gelu(tanh)
@@ -423,7 +458,11 @@ def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> Optional[l
         sim.free(proj)
         ff = _linear(sim, g, X, e, "ffn")
         sim.free(g)
-        h3 = _gated_residual(sim, h2, ff, X, e, True, "hidden")
+        if lean:         # ... and the FFN's input as the FFN returns
+            sim.free(nh3)
+            nh3 = None
+        h3 = (_gated_residual_lean(sim, ff, X, e, "hidden") if lean
+              else _gated_residual(sim, h2, ff, X, e, True, "hidden"))
         sim.free(h2, nh3, a2, ff, mod)                 # the block returns
         sim.free(h0)                                   # the model's loop rebinds hidden_states
         if layer == 0 and whole is not None:
@@ -431,7 +470,8 @@ def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> Optional[l
         hidden = h3
     sim.where = "output"
     ss = sim.new(2 * X, F32, "timestep") if token_mod else None   # (table + temb): float32 (B, S, 2, d)
-    out_n = _modulated_norm(sim, hidden, X, e, token_mod, "norm")
+    out_n = (_modulated_norm_lean(sim, hidden, X, e, "norm") if lean
+             else _modulated_norm(sim, hidden, X, e, token_mod, "norm"))
     pt, ph, pw = a.patch
     out = _linear(sim, out_n, B * S * a.out_channels * pt * ph * pw, e, "hidden")
     sim.free(out_n)

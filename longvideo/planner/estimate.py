@@ -49,6 +49,7 @@ scaled by the block count, which the plan says), else None.
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import math
 import os
@@ -73,6 +74,10 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+# which forward the Wan transformers run while a plan is built (plan's wan_forward): "longvideo"
+# (processors/wan_modulation.py, installed by the CLI and FIFO) or "diffusers"
+_WAN_FORWARD: contextvars.ContextVar = contextvars.ContextVar("wan_forward", default="longvideo")
 
 
 def parse_bytes(value) -> int:
@@ -368,6 +373,7 @@ def _wan_call_sim(spec, dtype, device, batch, frames, h, w, timestep, self_attn=
                   freeloc_semantics="official", context_parallel=1) -> Sim:
     sim = Sim(grad=grad)
     call = A.WanCall(batch=batch, frames=frames, height=h, width=w, text_len=text_len, itemsize=_itemsize(dtype),
+                     lean=_WAN_FORWARD.get() == "longvideo",
                      timestep=timestep, self_attn=self_attn, freeloc_modes=modes,
                      freeloc_semantics=freeloc_semantics, use_op=grad,
                      feature_layers=tuple(feature_layers), record_maps=record_maps,
@@ -544,7 +550,7 @@ def _direct_phases(spec, dtype, device, st, height, width, num_frames, method, f
     # Wan 2.2 TI2V expands the timestep to every token (the CLI embeds it per run: frame-wise
     # modulation, processors/wan_modulation.py); SkyReels-V2's diffusion-forcing pipelines pass
     # one timestep per latent frame
-    timestep = "runs" if spec.expand_timesteps else (
+    timestep = ("runs" if _WAN_FORWARD.get() == "longvideo" else "token") if spec.expand_timesteps else (
         "frame" if spec.family == "skyreels" and "DiffusionForcing" in spec.pipeline_class else "scalar")
     modes = None
     self_attn = "sdpa"
@@ -588,7 +594,7 @@ def _decode_phase(spec, dtype, st, batch, F, h, w, extra_state=(), images=None):
 
 
 def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, parts_on, trained,
-                 guidance_impl="prefix", cp=1, image=None, modulation="framewise"):
+                 guidance_impl="prefix", cp=1, image=None):
     fam = spec.family
     f = st.frames_per_window or spec.trained_latent_frames or trained or 16
     n = st.num_partitions
@@ -606,9 +612,9 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
         h, w = height // s, width // s
         arch = _wan_arch(spec)
         C = arch.out_channels       # the queue's latent channels (an I2V transformer's input is wider)
-        # FIFO applies frame-wise modulation to Wan transformers (processors/wan_modulation.py);
-        # "per_token": diffusers' own path (what FIFO ran before it, e.g. the H200 records)
-        timestep = "frame" if fam == "skyreels" else ("runs" if modulation == "framewise" else "token")
+        # FIFO runs longvideo's Wan forward (processors/wan_modulation.py: a frame's timestep
+        # embedded once); wan_forward="diffusers": the per-token path (e.g. the H200 records)
+        timestep = "frame" if fam == "skyreels" else ("runs" if _WAN_FORWARD.get() == "longvideo" else "token")
         # initial clip: the pipeline on f latent frames, CFG as two batch-1 calls, scalar timesteps
         # (FIFO encodes prompts with encode_prompt's default of 226 tokens and passes the embeddings on)
         sim0 = _wan_call_sim(spec, dtype, device, 1, f, h, w, "frame" if fam == "skyreels" else "scalar", text_len=226,
@@ -1124,8 +1130,7 @@ def _phases(method, spec, dtype, device, st, height, width, num_frames, opts):
                 raise ValueError("context_parallel is not modelled with Ouroboros' processors (SACFA, guidance): "
                                  "plan ouroboros with sacfa=False, guidance=False, or without context_parallel")
         return _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, opts["parts"], opts["trained"],
-                            opts["guidance_impl"], opts["context_parallel"], image=opts["image"],
-                            modulation=opts["fifo_modulation"])
+                            opts["guidance_impl"], opts["context_parallel"], image=opts["image"])
     if opts["context_parallel"] > 1:
         raise ValueError(f"context_parallel is modelled for direct, freeloc, fifo and ouroboros on Wan, not {method!r}")
     if method == "story":
@@ -1231,7 +1236,7 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
          story_kernel: str = "consistent", chunk_frames: int = 24, overlap_frames: int = 8,
          chunk_batch: Optional[int] = None, output_type: str = "np", headroom: float = 0.05,
          records=None, guidance_impl: str = "prefix", freeloc_semantics: str = "official",
-         context_parallel: int = 1, image: Optional[bool] = None, fifo_modulation: str = "framewise") -> Plan:
+         context_parallel: int = 1, image: Optional[bool] = None, wan_forward: str = "longvideo") -> Plan:
     """Predicted peak GPU memory of `method` on `model` (see the module docstring).
 
     method: "direct" (the plain pipeline), "freeloc", "fifo", "ouroboros" (with ``tail``, ``sacfa``,
@@ -1240,9 +1245,10 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
     frozen, stopped after the last feature layer, then the window's CFG call without autograd;
     FIFODiffusion._guidance_gradient) or "whole_call" (the implementation before it, kept to
     check the benchmark records it ran: the whole CFG-batched call with autograd);
-    ``fifo_modulation``: "framewise" (default: FIFO's Wan calls embed and apply the per-frame
-    timesteps per frame, processors/wan_modulation.py) or "per_token" (diffusers' per-token
-    path, what FIFO ran before and with ``framewise_modulation = False``)), "story"
+    ``wan_forward``: "longvideo" (default: the Wan transformers run longvideo's forward,
+    processors/wan_modulation.py, as the CLI and FIFO install it: per-frame timesteps embedded
+    once per frame, no float32 temporaries without autograd) or "diffusers" (diffusers' own
+    forward: a plain pipeline from Python, or ``FIFODiffusion.lean_modulation = False``)), "story"
     (StoryDiffusion; ``num_frames`` unused, ``id_length`` id images written together,
     ``read_images`` read alone, ``num_inference_steps``, ``sampling_rate``, ``start_step``,
     ``characters``; ``story_kernel`` "consistent" (longvideo's op) or
@@ -1277,8 +1283,8 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
-    if fifo_modulation not in ("framewise", "per_token"):
-        raise ValueError(f"fifo_modulation must be 'framewise' or 'per_token', got {fifo_modulation!r}")
+    if wan_forward not in ("longvideo", "diffusers"):
+        raise ValueError(f"wan_forward must be 'longvideo' or 'diffusers', got {wan_forward!r}")
     if guidance_impl not in GUIDANCE_IMPLS:
         raise ValueError(f"guidance_impl must be one of {GUIDANCE_IMPLS}, got {guidance_impl!r}")
     if bank_location not in ("auto", "device", "cpu"):
@@ -1311,11 +1317,14 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
                 characters=characters, read_images=read_images, gpu_memory=gpu, story_kernel=story_kernel,
                 schedule=schedule, decode=output_type != "latent",
                 chunk_frames=chunk_frames, overlap_frames=overlap_frames, guidance_impl=guidance_impl,
-                fifo_modulation=fifo_modulation,
                 context_parallel=context_parallel, image=image_mode)
 
     def build(st: Settings) -> Plan:
-        phases, sizes = _phases(method, spec, dt, dev, st, height, width, num_frames, opts)
+        token = _WAN_FORWARD.set(wan_forward)
+        try:
+            phases, sizes = _phases(method, spec, dt, dev, st, height, width, num_frames, opts)
+        finally:
+            _WAN_FORWARD.reset(token)
         base_sizes = dict(height=height, width=width, dtype=str(dt).replace("torch.", ""))
         if method != "story":
             base_sizes["frames"] = num_frames
