@@ -897,13 +897,15 @@ def _cuda_peak(fn):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", ["fifo_call", "guided_call", "guidance_pass", "freeloc_call", "vae_decode"])
+@pytest.mark.parametrize("case", ["fifo_call", "guided_call", "guidance_pass", "freeloc_call", "vae_decode",
+                                  "fifo_call_lean", "freeloc_call_lean"])
 def test_cuda_predictions_match_max_memory_allocated(case):
     """Wan2.1-1.3B widths with 2 of the 30 blocks at 480p (the planner's CUDA kernels: fused
     RMSNorm, flash SDPA, the Triton tiered_sparse_attention workspace), and the Wan2.1 VAE.
     "guided_call": one call with autograd, parameters requiring grad (the whole-call guidance
     before the guidance pass); "guidance_pass": Ouroboros' guidance pass on 8 blocks (feature
-    layers 0-1), its forward, graph and backward."""
+    layers 0-1), its forward, graph and backward. "*_lean": the same call under longvideo's Wan
+    forward (processors/wan_modulation.py; FIFO's per-frame timesteps as runs)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     from longvideo.models.wan import _cast_transformer
@@ -946,6 +948,8 @@ def test_cuda_predictions_match_max_memory_allocated(case):
     with torch.device(dev):
         tr = WanTransformer3DModel(**cfg).eval()
     _cast_transformer(tr, torch.bfloat16)
+    lean = case.endswith("_lean")         # longvideo's Wan forward (processors/wan_modulation.py)
+    case = case.replace("_lean", "")
     B, F, h, w = (2, 21, 60, 104) if case != "freeloc_call" else (1, 41, 60, 104)
     a = A.WanArch.from_config(cfg)
     S = a.tokens(F, h, w)
@@ -955,6 +959,13 @@ def test_cuda_predictions_match_max_memory_allocated(case):
     t = torch.full((B, S), 500.0, device=dev) if token else torch.full((B,), 500.0, device=dev)
     call = A.WanCall(B, F, h, w, 226, 2, "token" if token else "scalar")
     restore = None
+    if lean:   # FIFO's per-frame timesteps: one run per frame
+        from longvideo.processors.wan_modulation import apply_lean_wan_forward
+
+        if token:
+            t = torch.linspace(999, 20, F, device=dev).repeat_interleave(S // F)[None].expand(B, -1)
+        call = A.WanCall(B, F, h, w, 226, 2, "runs" if token else "scalar", lean=True)
+        apply_lean_wan_forward(tr)
     if case == "freeloc_call":
         from longvideo.methods.freeloc import FreeLOC
 
