@@ -62,6 +62,10 @@ class Case:
     setup_ms    one-off cost reported separately (e.g. FlexAttention block-mask build).
     timing      per-case overrides of the timing loop (warmup, repeats, min_time_s).
     extra       anything else worth recording (density, ...).
+    report      optional zero-argument callable, called once after the timed calls (also when
+                they raised): its dict is merged into the case's record row -- its "extra" into
+                the row's extra, any other key replacing the row's own. For cases that measure
+                more than one call's time in `fn` (the memory suite's phases and peaks).
     graph_calls on CUDA, also time `graph_calls` back-to-back calls captured in one CUDA graph and
                 record the device time per call (``graph_ms``): for kernels that run for a few
                 microseconds, the event timing of a single call measures the host's launch path
@@ -81,6 +85,7 @@ class Case:
     timing: Optional[dict] = None  # overrides of time_fn's warmup/repeats/min_time_s (e.g. whole-video runs)
     graph_calls: int = 0
     kernel_profile: bool = False
+    report: Optional[Callable[[], dict]] = None
 
 
 def _sync(device: torch.device):
@@ -242,14 +247,16 @@ def case_timing(profile: str, case_timing_: Optional[dict] = None, **overrides) 
 
 def run_case(case: Case, device: torch.device, profile: str = "full", **timing) -> dict:
     row = {k: v for k, v in dataclasses.asdict(case).items()
-           if k not in ("fn", "timing", "graph_calls", "kernel_profile")}
+           if k not in ("fn", "timing", "graph_calls", "kernel_profile", "report")}
     try:
         row.update(time_fn(case.fn, device, **case_timing(profile, case.timing, **timing)))
     except Exception as exc:  # recorded, not fatal: one failing peer must not lose the run
         row["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        _merge_report(row, case)
         return row
+    _merge_report(row, case)
     sec = row["median_ms"] / 1e3
     peaks = _device_peaks(device)
     if case.flops:
@@ -276,6 +283,21 @@ def run_case(case: Case, device: torch.device, profile: str = "full", **timing) 
                 if "copy_GBps" in peaks:
                     row["graph_frac_peak_bw"] = row["graph_GBps"] / peaks["copy_GBps"]
     return row
+
+
+def _merge_report(row: dict, case: Case) -> None:
+    if case.report is None:
+        return
+    try:
+        extra = case.report()
+    except Exception as exc:  # noqa: BLE001 - recorded; the timing stands
+        row["report_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        return
+    for key, value in (extra or {}).items():
+        if key == "extra":
+            row.setdefault("extra", {}).update(value)
+        else:
+            row[key] = value
 
 
 def environment(device: torch.device) -> dict:

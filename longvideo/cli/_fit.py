@@ -48,6 +48,19 @@ def parse_size(text) -> int:
         raise UsageError(f"--fit {text}: {one_line(exc)}") from None
 
 
+def apply_settings(pipe, settings, device) -> None:
+    """Apply the pipeline-level part of the planner's `settings` (a ``planner.Settings``) to `pipe`:
+    the offload mode (computing on `device`), VAE tiling and slicing. The method-level settings
+    (bank location, FIFO window, chunks per call) are the caller's."""
+    from ..offload import enable_offload
+
+    enable_offload(pipe, settings.offload, device)
+    if settings.vae_tiling:
+        pipe.vae.enable_tiling()
+    if settings.vae_slicing:
+        pipe.vae.enable_slicing()
+
+
 def choose(args, pipe, method: str, **plan_kwargs):
     """The planner's choice for `pipe` under --fit, applied (offload, VAE tiling / slicing); returns
     the chosen ``Settings`` (None without --fit). Raises UsageError when nothing fits or the
@@ -55,7 +68,6 @@ def choose(args, pipe, method: str, **plan_kwargs):
     window, chunk batch) it receives."""
     if not getattr(args, "fit", None):
         return None
-    from ..offload import enable_offload
     from ..planner import format_bytes, plan, spec_from_pipeline
 
     denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
@@ -68,11 +80,7 @@ def choose(args, pipe, method: str, **plan_kwargs):
     if not p.fits:
         raise UsageError(f"--fit {args.fit}: {p.choice}; see `longvideo plan --method {method} --fit {args.fit}`")
     st = p.settings
-    enable_offload(pipe, st.offload, args.device)
-    if st.vae_tiling:
-        pipe.vae.enable_tiling()
-    if st.vae_slicing:
-        pipe.vae.enable_slicing()
+    apply_settings(pipe, st, args.device)
     ranks = p.sizes.get("context_parallel")  # under torchrun: the plan is one rank's share
     per_rank = f" per rank, one of {ranks} context-parallel ranks," if ranks else ""
     print(f"fit {args.fit}: {st.describe()} (predicted peak{per_rank} {format_bytes(p.peak_bytes)} of "
