@@ -44,8 +44,9 @@ Each case's record row carries, under ``memory``: the target (bytes, the fit siz
 settings, the predicted peak (the plan of the run made; and of the target run), the measured
 peak, their ratio (predicted / measured) and whether it is within ``TOLERANCE`` (issue 18:
 10%), ``fits``, the time per step, the phases (predicted and measured bytes, calls, seconds),
-the build time, and a ``status``: "ok", "out of memory" (``torch.OutOfMemoryError``: fits
-false), "interrupted" (the suite's time limit; no later case runs) or "error: ...". The row's
+the build time, and a ``status``: "ok", "out of memory" (``torch.OutOfMemoryError`` in the run:
+fits false; one while building the random-weight models on the device says so and leaves fits
+unset), "interrupted" (the suite's time limit; no later case runs) or "error: ...". The row's
 ``peak_mem_bytes`` is the measured peak; ``median_ms`` is the whole case (build included).
 See docs/architecture.md ("Benchmarks and records") and docs/methods.md ("Fitting a GPU").
 """
@@ -367,7 +368,9 @@ def _run_freeloc(ctx) -> dict:
             "decoded_frames": sink.frames, "decode_seconds": meter.phases["decode"]["seconds"],
             "compared_phases": ["text", "denoise", "decode"],
             "notes": ["decode: the CLI's streamed decode (longvideo.decode.decode_to, tiled when chosen); the "
-                      "planner's decode phase models diffusers' whole (tiled) vae.decode"]}
+                      "planner's decode phase models diffusers' whole (tiled) vae.decode",
+                      "the timed call is the run's first: it includes any kernel compile and FreeLOC's one-off "
+                      "schedule build for this length"]}
 
 
 def _run_story(ctx) -> dict:
@@ -548,8 +551,10 @@ def _measure(target: Target, device: torch.device, quick: bool, result: dict, fl
     from longvideo.planner import format_bytes, load_model_spec, parse_bytes, spec_from_pipeline
 
     cuda = device.type == "cuda"
-    result.update(target=target.key, label=target.label, method=target.method, status="started")
+    result.update(target=target.key, label=target.label, method=target.method, status="started",
+                  target_plan={"method": target.method, **target.plan_kwargs, "fit": target.size or None})
     pipe = ctx = meter = None
+    stage = "plan"
     t_case = time.perf_counter()
     try:
         if quick:
@@ -582,21 +587,26 @@ def _measure(target: Target, device: torch.device, quick: bool, result: dict, fl
         run_kwargs = {**target.plan_kwargs, **target.run_plan_kwargs}
         result["run"] = {k: v for k, v in run_kwargs.items() if k != "model"}
         meter = Meter(device)
+        stage = "build"
         if not quick:
             builder = _sdxl_pipeline if spec.family == "sdxl" else _wan_pipeline
             dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[target.plan_kwargs["dtype"]]
             pipe, build = builder(spec, device, dt)
             result["weights_bytes"] = {n: _weights_bytes(getattr(pipe, n)) for n in spec.components}
             result["planner_weights_bytes"] = {n: spec.weight_bytes(n, dt) for n in spec.components}
+        stage = "place"
         t0 = time.perf_counter()
         apply_settings(pipe, st, device)
         build["place (apply_settings)"] = time.perf_counter() - t0
         result["build_seconds"] = {k: round(v, 3) for k, v in build.items()}
         ctx = types.SimpleNamespace(pipe=pipe, meter=meter, settings=st, device=device, run_kwargs=run_kwargs)
+        stage = "run"
         result.update(target.run(ctx))
         result["status"] = "ok"
     except torch.OutOfMemoryError as exc:
-        result["status"] = "out of memory"
+        # only the run says whether the target fits: the benchmark builds its random-weight
+        # models on the device first (in float32 before the cast), which a small card may refuse
+        result["status"] = "out of memory" if stage == "run" else f"out of memory in the {stage} step, before the run"
         result["error"] = str(exc)[:400]
     except KeyboardInterrupt:
         result["status"] = "interrupted"

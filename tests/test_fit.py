@@ -181,3 +181,40 @@ def test_readme_fit_table_is_the_planners():
     m = re.search(r"<!-- fit-table:begin -->\n(.*?)\n<!-- fit-table:end -->", readme, re.S)
     assert m is not None, "README.md lost its fit-table markers"
     assert m.group(1) == fit_table.table(), "README fit table is stale: run python tools/fit_table.py --readme"
+
+
+def test_fit_table_adds_the_measured_peak_of_a_memory_record(tmp_path):
+    """A GPU record of the memory suite (benchmarks/bench_memory.py) puts its measured peak in the
+    fit-table cell of its target and size, and only there; CPU / quick records and unfinished
+    cases are not used."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from longvideo.benchmarks import bench_memory
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("fit_table", root / "tools" / "fit_table.py")
+    fit_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fit_table)
+    target = {t.method: t for t in bench_memory.targets(False)}["story"]
+    plan_of = {"method": target.method, **target.plan_kwargs, "fit": target.size}
+    case = next(c for label, c in fit_table.CASES if c["method"] == "story")
+    settings = fit_table.cell(case, target.size).split(" (")[0]
+
+    def record(name, device_type, quick, status, peak):
+        row = {"name": target.key, "memory": {"target_plan": plan_of, "status": status, "measured_peak_bytes": peak,
+                                              "fits": True, "settings_described": settings}}
+        rec = {"suite": "memory", "quick": quick, "cases": [row],
+               "environment": {"device_type": device_type, "device": "NVIDIA H200", "date": name}}
+        (tmp_path / f"memory_{name}.json").write_text(json.dumps(rec))
+
+    record("2026-01-01", "cuda", False, "ok", 9 * 2**30)
+    record("2026-01-02", "cpu", True, "ok", 1)                 # quick CPU run: ignored
+    record("2026-01-03", "cuda", False, "interrupted", 5)     # unfinished: ignored
+    measured = fit_table.measured_targets(tmp_path)
+    assert len(measured) == 1
+    got = fit_table.cell(case, target.size, measured)
+    assert got.endswith("; measured 9.00 GiB on NVIDIA H200, fits)") and got.startswith(settings), got
+    other = "24GB" if target.size != "24GB" else "16GB"
+    assert "measured" not in fit_table.cell(case, other, measured)

@@ -4,6 +4,7 @@ leaves in $OUT (at most 8: the device returns no more) -- is exercised here, so 
 caught in CI and not on the GPU machine (GPU_RUN_REHEARSAL=1: quick CPU suites, a CPU test
 selection instead of the GPU tier)."""
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -32,7 +33,7 @@ def _rehearse(tmp_path, **env):
 
 
 def test_rehearsal_runs_every_step_and_leaves_at_most_8_files(tmp_path):
-    out, res, steps = _rehearse(tmp_path, DEADLINE="200", SUITES="lowfreq_mix tiered_sparse_attention",
+    out, res, steps = _rehearse(tmp_path, DEADLINE="200", SUITES="lowfreq_mix tiered_sparse_attention memory",
                                 WARM_SUITES="lowfreq_mix")
     files = {p.name for p in out.iterdir()}
     assert files <= OUT_FILES and len(files) <= 8, files
@@ -43,13 +44,20 @@ def test_rehearsal_runs_every_step_and_leaves_at_most_8_files(tmp_path):
     assert any(n.startswith("tests(limit") for n in names), names
     assert steps["warm"][2] == "0" and "extension_build" in names
     assert [n.split("(")[0] for n in names if n.startswith("bench:")] == ["bench:lowfreq_mix",
-                                                                          "bench:tiered_sparse_attention"]
+                                                                          "bench:tiered_sparse_attention",
+                                                                          "bench:memory"]
     assert all(steps[n][2] == "0" for n in names if n.startswith("bench:")), steps
     assert steps["total"][1] < 200
     assert 'failures="0"' in (out / "junit.xml").read_text() and 'errors="0"' in (out / "junit.xml").read_text()
     with tarfile.open(out / "results.tar.gz") as tar:
         records = [n for n in tar.getnames() if n.endswith(".json")]
-    assert sorted(re.sub(r"_cpu_.*", "", Path(n).name) for n in records) == ["lowfreq_mix", "tiered_sparse_attention"]
+    assert sorted(re.sub(r"_cpu_.*", "", Path(n).name) for n in records) == ["lowfreq_mix", "memory",
+                                                                            "tiered_sparse_attention"]
+    # the memory suite's targets ran in the job's structure (planned, run, measured)
+    with tarfile.open(out / "results.tar.gz") as tar:
+        name, = [n for n in records if Path(n).name.startswith("memory_")]
+        memory = json.load(tar.extractfile(name))
+    assert [c["memory"]["status"] for c in memory["cases"]] == ["ok"] * 3
 
 
 def test_deadline_skips_what_does_not_fit_and_ends_in_time(tmp_path):
