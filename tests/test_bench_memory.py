@@ -67,7 +67,7 @@ def test_table_renders_the_rows(record, tmp_path):
 def test_quick_settings_carry_the_offload_and_bank_paths(record):
     by = {c["name"]: c["memory"] for c in record["cases"]}
     assert by["fifo_tiny_wan_32"]["settings"]["offload"] == "group"
-    assert by["story_tiny_sdxl_64_4ids"]["settings"]["bank_location"] == "cpu"
+    assert by["story_tiny_sdxl_32_4ids"]["settings"]["bank_location"] == "cpu"
     assert by["freeloc_tiny_17f"]["settings"]["vae_tiling"] is True
 
 
