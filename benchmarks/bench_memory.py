@@ -103,6 +103,7 @@ class Meter:
         self.overall_reserved = 0
         self.base = self.base_reserved = 0
         self.tracker = None
+        self.started = False
         self._open: Optional[tuple] = None
         if self.cuda:
             torch.cuda.synchronize(device)
@@ -113,10 +114,10 @@ class Meter:
     def start(self) -> None:
         """After the models are built and placed: measuring starts (CUDA: the build's transient
         peak is forgotten; CPU: the tracker starts, the weights are not counted)."""
-        if self.cuda:
+        self.started = True
+        if self.cuda:   # the build's transient peak (float32 before the cast) is not the run's
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
-            self._fold()
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
             from longvideo.planner import LiveTensorTracker
@@ -618,11 +619,12 @@ def _measure(target: Target, device: torch.device, quick: bool, result: dict, fl
             if meter.tracker is not None:
                 meter.stop()
             meter._open = None
-            if cuda:
+            if cuda and meter.started:
                 meter._fold()
             phases = meter.phases
-            result["measured_peak_bytes"] = meter.overall if (phases or result["status"] == "ok") else None
-            result["measured_peak_reserved_bytes"] = meter.overall_reserved if cuda else None
+            measured = meter.started and (phases or result["status"] == "ok")
+            result["measured_peak_bytes"] = meter.overall if measured else None
+            result["measured_peak_reserved_bytes"] = meter.overall_reserved if (cuda and measured) else None
             if "plan_run" in locals():
                 result["phases"] = _phase_rows(plan_run, phases, cuda)
                 compared = [r for r in result["phases"] if r["name"] in result.get("compared_phases", ())]
