@@ -148,3 +148,52 @@ def test_gpu_targets_plan_on_cuda_without_a_gpu():
         assert p.fits and p.peak_bytes <= 0.95 * parse_bytes(t.size), (t.key, p.choice)
     assert [t.key for t in bm.targets(False)][0] == "freeloc_wan1.3b_321f_480p"
     assert got["fifo_wan14b_480p"].settings.offload in ("group", "sequential", "model")
+
+
+class _FakeAllocator:
+    """torch.cuda's allocator statistics for the Meter's CUDA path, without a GPU: alloc / free
+    move the current bytes, the peak follows, reset_peak_memory_stats starts it anew; reserved =
+    allocated + a fixed cache."""
+
+    def __init__(self, start=100):
+        self.current = self.peak = start
+
+    def alloc(self, n):
+        self.current += n
+        self.peak = max(self.peak, self.current)
+
+    def free(self, n):
+        self.current -= n
+
+    def install(self, monkeypatch):
+        cuda = torch.cuda
+        for name, fn in {"synchronize": lambda *a: None, "empty_cache": lambda: None,
+                         "memory_allocated": lambda *a: self.current, "max_memory_allocated": lambda *a: self.peak,
+                         "memory_reserved": lambda *a: self.current + 10,
+                         "max_memory_reserved": lambda *a: self.peak + 10,
+                         "reset_peak_memory_stats": lambda *a: setattr(self, "peak", self.current)}.items():
+            monkeypatch.setattr(cuda, name, fn)
+
+
+def test_cuda_meter_counts_from_the_case_start_and_forgets_the_build_transient(monkeypatch):
+    fake = _FakeAllocator(start=100)             # 100 bytes left by an earlier case: not this case's
+    fake.install(monkeypatch)
+    meter = bm.Meter(torch.device("cuda"))
+    fake.alloc(1000)                             # float32 build ...
+    fake.free(500)                               # ... cast: 500 bytes of weights stay
+    meter.start()
+    with meter.phase("text"):
+        fake.alloc(50)
+        fake.free(50)
+    fake.alloc(20)                               # state between the phases (prompt embeddings)
+    with meter.phase("denoise"):
+        fake.alloc(300)
+        fake.free(300)
+    with meter.phase("denoise"):                 # a second call: the larger peak is kept
+        fake.alloc(200)
+        fake.free(200)
+    meter.stop()
+    assert meter.phases["text"]["measured_bytes"] == 550
+    assert meter.phases["denoise"]["measured_bytes"] == 820 and meter.phases["denoise"]["calls"] == 2
+    assert meter.phases["denoise"]["measured_reserved_bytes"] == 820
+    assert meter.overall == 820                  # not the build's 1000
