@@ -46,7 +46,8 @@ def test_rehearsal_runs_every_step_and_leaves_at_most_8_files(tmp_path):
     assert [n.split("(")[0] for n in names if n.startswith("bench:")] == ["bench:lowfreq_mix",
                                                                           "bench:tiered_sparse_attention",
                                                                           "bench:memory"]
-    assert all(steps[n][2] == "0" for n in names if n.startswith("bench:")), steps
+    assert all(steps[n][2] == "0" for n in names if n.startswith("bench:")), \
+        [(n, steps[n]) for n in names if n.startswith("bench:")] + [(out / "bench.log").read_text()[-1500:]]
     assert steps["total"][1] < 200
     assert 'failures="0"' in (out / "junit.xml").read_text() and 'errors="0"' in (out / "junit.xml").read_text()
     with tarfile.open(out / "results.tar.gz") as tar:
