@@ -595,6 +595,13 @@ def _measure(target: Target, device: torch.device, quick: bool, result: dict, fl
             pipe, build = builder(spec, device, dt)
             result["weights_bytes"] = {n: _weights_bytes(getattr(pipe, n)) for n in spec.components}
             result["planner_weights_bytes"] = {n: spec.weight_bytes(n, dt) for n in spec.components}
+            # what `--fit` itself does: plan for the pipeline loaded (its modules' configs); the
+            # same choice and peak as the known config's, unless the two descriptions differ
+            loaded = _plan(target, spec_from_pipeline(pipe, name=spec.name), device_kind, size=size)
+            result["loaded_pipeline_choice"] = {"settings": loaded.settings.describe(),
+                                                "predicted_peak_bytes": loaded.peak_bytes,
+                                                "same_as_known_config": loaded.settings == st
+                                                and loaded.peak_bytes == chosen.peak_bytes}
         stage = "place"
         t0 = time.perf_counter()
         apply_settings(pipe, st, device)
