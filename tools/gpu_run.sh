@@ -133,13 +133,14 @@ step wait_build "$s" $?
 # suite is never given more than the time left minus the floors promised to those after it.
 # (from the first H200 run: lowfreq_mix 29 s, consistent_attention 31, tiered_sparse_attention 66,
 # freeloc 133 -- now 161 frames only --, storydiffusion 57, fifo > 80, blending 41; memory not yet
-# run: estimated 80-130 s from those records -- a 321-frame FreeLOC call ~15-40 s (the 161-frame one
-# took 10.7 s), the streamed tiled decode of 81 latent frames ~20 s (blending's 21-frame decode:
-# 3.3 s), the 14B model placed in pinned host memory ~20 s, one 14B window ~5 s, the story ~10 s,
-# process start and builds ~15 s). memory runs right after the kernels: issue 18's targets are the
-# evidence still missing; a case cut short records that it was interrupted.
-declare -A CAP=([lowfreq_mix]=35 [consistent_attention]=40 [tiered_sparse_attention]=75 [memory]=120
-                [freeloc]=90 [storydiffusion]=60 [fifo]=70 [blending]=45)
+# run: estimated 90-140 s from those records -- a 321-frame FreeLOC call ~15-32 s (2040 TFLOP at the
+# 161-frame call's 65 TFLOP/s: 10.7 s for 691), the streamed tiled decode of 81 latent frames ~20 s
+# (blending's 21-frame decode: 3.3 s), the 14B model moved to pinned host memory by group offload
+# ~25 s, one 14B window of 21 frames ~8 s, the story ~12 s, process start and builds ~15 s). memory
+# runs right after the kernels: issue 18's targets are the evidence still missing; a case cut short
+# records that it was interrupted, and the cases before it stay recorded.
+declare -A CAP=([lowfreq_mix]=35 [consistent_attention]=40 [tiered_sparse_attention]=75 [memory]=130
+                [freeloc]=90 [storydiffusion]=60 [fifo]=70 [blending]=40)
 set -- $SUITES
 n=$#
 i=0
