@@ -382,7 +382,10 @@ def _run_story(ctx) -> dict:
     pipe, meter, kw, st = ctx.pipe, ctx.meter, ctx.run_kwargs, ctx.settings
     ids = kw["id_length"]
     bank = {"device": str(ctx.device), "cpu": "cpu"}.get(st.bank_location, st.bank_location)
-    method = StoryDiffusion(pipe, bank_location=bank, bank_gpu_budget=st.bank_budget)
+    budget = st.bank_budget
+    if bank == "auto" and budget is None:   # the CLI's (and the planner's) default: 10% of --fit
+        budget = int(0.1 * ctx.target_bytes)
+    method = StoryDiffusion(pipe, bank_location=bank, bank_gpu_budget=budget if bank == "auto" else None)
     prompts = ["[Hero] reading a book at home", "[Hero] walking in a park", "[Hero] cooking dinner",
                "[Hero] riding a bicycle", "[Hero] on a boat at sunset", "[Hero] sleeping under a tree"]
     prompts = prompts[:ids] + prompts[ids: ids + kw["read_images"]]
@@ -619,7 +622,8 @@ def _measure(target: Target, device: torch.device, quick: bool, result: dict, fl
         apply_settings(pipe, st, device)
         build["place (apply_settings)"] = time.perf_counter() - t0
         result["build_seconds"] = {k: round(v, 3) for k, v in build.items()}
-        ctx = types.SimpleNamespace(pipe=pipe, meter=meter, settings=st, device=device, run_kwargs=run_kwargs)
+        ctx = types.SimpleNamespace(pipe=pipe, meter=meter, settings=st, device=device, run_kwargs=run_kwargs,
+                                    target_bytes=size)
         stage = "run"
         result.update(target.run(ctx))
         result["status"] = "ok"
