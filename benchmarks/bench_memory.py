@@ -82,7 +82,6 @@ class Target:
     run: Callable
     quick_marker: str = ""          # quick mode: the setting the tiny target size is chosen to need
     run_plan_kwargs: dict = field(default_factory=dict)   # the run made, where it differs from the target's
-    prepare: Optional[Callable] = None  # prepare(pipe) before the settings are applied, as the CLI does
 
 
 class _Interrupted(Exception):
@@ -422,12 +421,13 @@ def _run_story(ctx) -> dict:
             "compared_phases": ["text", "write", "read", "decode"]}
 
 
-def _prepare_fifo(pipe) -> None:
-    """The CLI's order (longvideo/cli/generate_fifo.py): frame-wise timestep modulation on the Wan
-    transformers before --fit's offloading wraps their forwards."""
-    from longvideo.cli.generate_fifo import _framewise_modulation
+def _prepare_wan(pipe) -> None:
+    """The CLI's order (longvideo/cli/_fit.py: lean_wan_forward, right after loading): longvideo's
+    Wan forward on the Wan transformers before --fit's offloading wraps their forwards; the
+    planner's default (wan_forward="longvideo") assumes it. Nothing on other pipelines."""
+    from longvideo.cli._fit import lean_wan_forward
 
-    _framewise_modulation(pipe)
+    lean_wan_forward(pipe)
 
 
 def _run_fifo(ctx) -> dict:
@@ -501,7 +501,7 @@ def targets(quick: bool) -> list:
                    run_plan_kwargs=dict(num_inference_steps=2, read_images=1)),
             Target("fifo_tiny_wan_32", "FIFO, tiny Wan, 32x32", "fifo", "",
                    dict(model="tiny-wan", height=32, width=32, num_frames=33, dtype="float32"),
-                   _run_fifo, quick_marker="offload=group", prepare=_prepare_fifo),
+                   _run_fifo, quick_marker="offload=group"),
         ]
     return [
         Target("freeloc_wan1.3b_321f_480p", "FreeLOC, Wan2.1-T2V-1.3B, 480x832, 321 frames, within 24 GB", "freeloc",
@@ -514,7 +514,7 @@ def targets(quick: bool) -> list:
                _run_story, run_plan_kwargs=dict(num_inference_steps=2, read_images=1)),
         Target("fifo_wan14b_480p", "FIFO, Wan2.1-T2V-14B, 480x832, within 24 GB with offloading", "fifo", "24GB",
                dict(model="wan2.1-t2v-14b", height=480, width=832, num_frames=241, dtype="bfloat16"),
-               _run_fifo, prepare=_prepare_fifo),
+               _run_fifo),
     ]
 
 
@@ -617,8 +617,7 @@ def _measure(target: Target, device: torch.device, quick: bool, result: dict, fl
                                                 and loaded.peak_bytes == chosen.peak_bytes}
         stage = "place"
         t0 = time.perf_counter()
-        if target.prepare is not None:
-            target.prepare(pipe)
+        _prepare_wan(pipe)
         apply_settings(pipe, st, device)
         build["place (apply_settings)"] = time.perf_counter() - t0
         result["build_seconds"] = {k: round(v, 3) for k, v in build.items()}
