@@ -1,5 +1,14 @@
 """Context parallelism (Ulysses sequence parallelism) for Wan transformers, with our processors.
 
+Transformers split: diffusers' ``WanTransformer3DModel``, i.e. Wan 2.1 (T2V and I2V), Wan 2.2
+A14B (both experts, ``transformer`` and ``transformer_2``, each split over the same ranks), Wan
+2.2 TI2V-5B (its per-token timesteps split with the tokens) and Wan 2.2 A14B I2V. Only
+self-attention runs Ulysses: cross-attention (text keys/values, and the I2V models' image
+keys/values from ``add_k_proj`` / ``add_v_proj``) is computed per query token, so each rank runs
+it on its own tokens against the whole, unsplit, text and image states. SkyReels-V2's
+``SkyReelsV2Transformer3DModel`` is refused: it expands its per-frame timesteps to every token
+and builds its attention mask inside its forward, past the split points below.
+
 N processes (``torchrun --nproc-per-node N``, one GPU each, or CPU processes over gloo) run the
 same pipeline on the same inputs. Inside the transformer each rank holds 1/N of the token
 sequence: the sequence is split after patching (the input of ``blocks[0]``, the RoPE tables, a
@@ -199,7 +208,14 @@ class SequenceParallel:
         return self.gather_sequence(output, 1)
 
     def install(self) -> "SequenceParallel":
+        """Install the split (hooks and Ulysses processors); returns self. ValueError for a
+        transformer other than diffusers' ``WanTransformer3DModel`` (module docstring)."""
         tr = self.transformer
+        if not any(c.__name__ == "WanTransformer3DModel" for c in type(tr).__mro__):
+            raise ValueError(f"context parallel: {type(tr).__name__} is not split (Ulysses runs diffusers' "
+                             "WanTransformer3DModel: Wan 2.1, Wan 2.2 A14B / TI2V-5B and their image-to-video "
+                             "models; SkyReels-V2 expands its per-frame timesteps and attention mask inside its "
+                             "forward)")
         from .processors.wan import _rope_module, self_attention_modules
 
         rope = _rope_module(tr)
@@ -388,10 +404,12 @@ def window_groups(sp: Optional[SequenceParallel]) -> Optional[tuple]:
 
 
 def enable_context_parallel(pipe, group=None) -> _PipelineParallel:
-    """Split the sequence of every Wan transformer of `pipe` (``transformer``, ``transformer_2``)
-    across the ranks of `group` (default: the world; a :class:`ContextParallelGroups` gives its
-    ``group``). Call before installing FreeLOC or Ouroboros' processors; returns an object with
-    ``remove()``, ``rank`` and ``world_size`` (also a context manager)."""
+    """Split the sequence of every Wan transformer of `pipe` (``transformer``, and Wan 2.2 A14B's
+    low-noise expert ``transformer_2``: each its own :class:`SequenceParallel` over the same
+    ranks) across the ranks of `group` (default: the world; a :class:`ContextParallelGroups`
+    gives its ``group``). Call before installing FreeLOC or Ouroboros' processors; returns an
+    object with ``remove()``, ``rank`` and ``world_size`` (also a context manager). ValueError for
+    a transformer that is not a ``WanTransformer3DModel`` (SkyReels-V2's), nothing installed."""
     if isinstance(group, ContextParallelGroups):
         group = group.group
     parts = []

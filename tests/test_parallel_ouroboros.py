@@ -292,11 +292,11 @@ def test_nccl_one_rank_ouroboros_equals_plain():
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("family", ["animatediff", "skyreels", "wan22_ti2v"])
+@pytest.mark.parametrize("family", ["animatediff", "skyreels"])
 def test_context_parallel_other_families_refused_before_loading(family, capsys, monkeypatch):
     """Under torchrun (a world of 2, its process group stubbed: the refusal comes before any
-    collective and before the pipeline is loaded), --context-parallel with a family other than
-    Wan 2.1 is one line naming the option and the family."""
+    collective and before the pipeline is loaded), --context-parallel with a family whose denoiser
+    is not a WanTransformer3DModel is one line naming the option and the family."""
     import torch.distributed as dist
 
     from longvideo.cli import main
@@ -308,8 +308,8 @@ def test_context_parallel_other_families_refused_before_loading(family, capsys, 
     assert main(["generate", "--method", "fifo", "--device", "cpu", "--fifo-family", family,
                  "--context-parallel", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"longvideo: error: --context-parallel 2: supported on Wan 2.1 transformers (family wan) so far, "
-                   f"not on {family}; omit it to split only the windows over the ranks"]
+    assert err == [f"longvideo: error: --context-parallel 2: runs on Wan transformers (wan, wan22, wan22_ti2v, wan_i2v, "
+                   f"wan22_i2v), not on {family}; omit it to split only the windows over the ranks"]
 
 
 def test_context_parallel_uneven_window_refused(capsys, monkeypatch):
@@ -329,3 +329,24 @@ def test_context_parallel_uneven_window_refused(capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["longvideo: error: --context-parallel 8: a window of 3 latent frames holds 12 tokens, not divisible "
                    "by 8 ranks; choose --fifo-window, --height or --width so that it is"]
+
+
+def test_context_parallel_two_expert_frame_tokens_refused(capsys, monkeypatch):
+    """On the two-expert Wan 2.2 A14B a window across the boundary runs each expert on a sub-window
+    of any frame count, so a latent frame's tokens must split evenly: 16x16 on the tiny model (2x2
+    tokens per frame) over 8 ranks is refused in one line although the 4-frame window's 16 tokens
+    would split (the torchrun world of 8 stubbed, before any collective)."""
+    import torch.distributed as dist
+
+    from longvideo.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    assert main(["generate", "--method", "fifo", "--fifo-family", "wan22", "--device", "cpu", "--height", "16",
+                 "--width", "16", "--fifo-window", "4", "--context-parallel", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["longvideo: error: --context-parallel 8: a latent frame holds 4 tokens, not divisible by 8 ranks "
+                   "(a two-expert window runs each expert on a sub-window of any frame count); choose --height or "
+                   "--width so that it is"]

@@ -614,19 +614,3 @@ def test_ouroboros_resume_on_two_experts_equals_uninterrupted(tmp_path):
     assert saved["bank"].numel() == o._bank.numel == 2 * o._bank.part_numel and saved["maps"] is not None
     rest = list(o.generate(PROMPT, 13, checkpoint_dir=tmp_path, resume=True, **kw))
     np.testing.assert_array_equal(np.stack(first[: saved["frames_out"]] + rest) / np.float32(255), full)
-
-
-def test_ouroboros_on_two_experts_under_context_parallelism_is_refused(pipe):
-    """Not run under the sequence split yet: refused with one clear error (a stand-in marks the
-    transformer as split, as enable_context_parallel does), nothing left installed."""
-    from longvideo.methods.fifo import OuroborosDiffusion
-
-    o = OuroborosDiffusion(pipe, **QUEUE)
-    before = dict(pipe.transformer.attn_processors)
-    pipe.transformer.longvideo_sequence_parallel = object()
-    try:
-        with pytest.raises(ValueError, match="context parallelism"):
-            o._install((8, 8))
-    finally:
-        del pipe.transformer.longvideo_sequence_parallel
-    assert dict(pipe.transformer.attn_processors) == before

@@ -16,6 +16,10 @@ from .._io import OutputError
 from ._signals import interrupts_raise
 
 FAMILIES = ("wan", "skyreels", "animatediff", "wan22", "wan22_ti2v", "wan_i2v", "wan22_i2v")
+# the families whose denoiser is diffusers' WanTransformer3DModel, which longvideo.parallel splits
+# (SkyReels-V2's transformer builds per-token timesteps and its mask inside its forward; AnimateDiff
+# is a UNet): --context-parallel N > 1 is refused on the others
+CONTEXT_PARALLEL_FAMILIES = ("wan", "wan22", "wan22_ti2v", "wan_i2v", "wan22_i2v")
 TIMESTEP_GRIDS = ("official", "scheduler")      # longvideo.methods.families.TIMESTEP_GRIDS
 LOOKAHEAD_CONTEXTS = ("official", "clean")      # longvideo.methods.fifo.LOOKAHEAD_CONTEXTS
 SACFA_TOKENS = ("paper", "official_demo")       # longvideo.methods.fifo_ouroboros.SACFA_TOKENS
@@ -153,11 +157,18 @@ def _context_parallel(args, pipe, family: str, rank: int):
 
 
 def _check_window_tokens(fifo, args, size: int) -> None:
-    """A window's token sequence (frames x tokens per frame) must split evenly over the ranks."""
+    """A window's token sequence (frames x tokens per frame) must split evenly over the ranks. On
+    two-expert pipelines (Wan 2.2 A14B) a window straddling the boundary is split into the experts'
+    sub-windows of any frame count, so a frame's tokens must split evenly."""
     dh, dw = fifo.family.default_size()
     ph, pw = fifo.family.denoiser.config.patch_size[1:]
     vs = fifo.family.spatial
-    tokens = fifo.f * ((args.height or dh) // vs // ph) * ((args.width or dw) // vs // pw)
+    per_frame = ((args.height or dh) // vs // ph) * ((args.width or dw) // vs // pw)
+    if getattr(fifo.family, "two_experts", False) and per_frame % size:
+        raise UsageError(f"--context-parallel {size}: a latent frame holds {per_frame} tokens, not divisible by "
+                         f"{size} ranks (a two-expert window runs each expert on a sub-window of any frame count); "
+                         "choose --height or --width so that it is")
+    tokens = fifo.f * per_frame
     if tokens % size:
         raise UsageError(f"--context-parallel {size}: a window of {fifo.f} latent frames holds {tokens} tokens, not "
                          f"divisible by {size} ranks; choose --fifo-window, --height or --width so that it is")
@@ -250,9 +261,9 @@ def run(args) -> int:
         else "wan_i2v" if getattr(args, "image", None) is not None else "wan")
     _image.check_family(args, family, f"`longvideo generate --method {method}`")
     cp = getattr(args, "context_parallel", None) or 1
-    if cp > 1 and family != "wan":
-        raise UsageError(f"--context-parallel {cp}: supported on Wan 2.1 transformers (family wan) so far, not on "
-                         f"{family}; omit it to split only the windows over the ranks")
+    if cp > 1 and family not in CONTEXT_PARALLEL_FAMILIES:
+        raise UsageError(f"--context-parallel {cp}: runs on Wan transformers ({', '.join(CONTEXT_PARALLEL_FAMILIES)}), "
+                         f"not on {family}; omit it to split only the windows over the ranks")
     check_sizes_before_loading(args, family)
     with _fit.host_loading(args):
         pipe = load_pipeline(args, family, "t2v", dtype=torch_dtype(args.dtype))

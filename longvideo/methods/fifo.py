@@ -590,11 +590,6 @@ class FIFODiffusion(ProgressBarMixin):
             return lambda: None
         from ..processors.ouroboros import OuroborosContext, apply_ouroboros_processors
 
-        if getattr(self.family, "two_experts", False) and self._sequence_parallel() is not None:
-            # the two-expert window path (per-expert calls, bank parts) has not been run under the
-            # sequence split; refused rather than trusted untested
-            raise ValueError("ouroboros: SACFA and self-recurrent guidance on a two-expert Wan 2.2 pipeline do not "
-                             "run under context parallelism yet; remove it, or use tail_sampling alone")
         model = self.family.denoiser
         self._ctx = OuroborosContext(latent_hw)
         patch = apply_ouroboros_processors(model, self._ctx)
