@@ -1212,3 +1212,40 @@ def test_wan_i2v_pipeline_transformer_call_matches_tracker(monkeypatch, wrong):
     pred = sum(x.nbytes for x in p.phase("denoise").parts if x.name.startswith("transformer call"))
     err = _err(pred, rec["call"])
     assert (abs(err) > CALL_TOL) if wrong else (abs(err) < CALL_TOL), (err, pred, rec["call"])
+
+
+@pytest.mark.parametrize("wrong", [None, "whole_sequence", "no_image"])
+def test_wan_i2v_call_one_context_parallel_rank_matches_tracker(monkeypatch, wrong):
+    """One Wan 2.1 I2V transformer call (257 CLIP image tokens, the cross-attention's added image
+    keys / values) on rank 0 of 2 context-parallel ranks (stubbed world, as above): wan_call with
+    context_parallel=2 and the image tokens within CALL_TOL of the tracker (the image and text
+    keys are whole on every rank, the queries this rank's tokens). Broken variants miss by more
+    than CALL_TOL: the whole sequence (context_parallel=1) and the image path left out."""
+    from diffusers import WanTransformer3DModel
+
+    from longvideo import parallel as CP
+
+    heads, head_dim = 2, 32
+    cfg = dict(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=36,
+               out_channels=16, text_dim=64, freq_dim=32, ffn_dim=heads * head_dim, num_layers=1,
+               cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=96,
+               added_kv_proj_dim=heads * head_dim, rope_max_seq_len=1024)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tr = WanTransformer3DModel(**cfg).eval()
+    B, F, h, w, T, I = 1, 5, 32, 32, 512, 257
+    x = torch.randn(B, 36, F, h, w)
+    text, img = torch.randn(B, T, 64), torch.randn(B, I, 96)
+    monkeypatch.setattr(CP, "dist", _StubWorld(2))
+    sp = CP.SequenceParallel(tr).install()
+    try:
+        with torch.no_grad(), LiveTensorTracker() as tk:
+            tr(x, torch.full((B,), 500.0), text, encoder_hidden_states_image=img, return_dict=False)
+    finally:
+        sp.remove()
+    n, image_len = (1 if wrong == "whole_sequence" else 2), (0 if wrong == "no_image" else I)
+    sim = Sim()
+    A.wan_call(sim, A.WanArch.from_config(cfg), A.WanCall(B, F, h, w, T, 4, "scalar", image_len=image_len,
+                                                           context_parallel=n), A.CPU)
+    err = _err(sim.peak, tk.peak)
+    assert (abs(err) > CALL_TOL) if wrong else (abs(err) < CALL_TOL), (err, sim.peak, tk.peak, sim.peak_where)

@@ -36,7 +36,8 @@ Settings (``Settings``):
 * ``chunk_batch`` (enhance): chunks per transformer call (default: all chunks at once).
 
 Context parallelism (``plan(..., context_parallel=N)``, Wan-family direct / freeloc / fifo /
-ouroboros without its processors): the prediction is per rank, for one rank of
+ouroboros without its processors; Wan 2.1, Wan 2.2 A14B (each expert's call), TI2V-5B and the
+I2V models, whose image tokens are whole on every rank): the prediction is per rank, for one rank of
 ``longvideo.parallel.enable_context_parallel`` over N ranks (``torchrun --nproc-per-node N``
 for direct / freeloc; ``--context-parallel N`` for FIFO's windows). Every rank holds the whole
 weights, latents, queue and VAE decode (every rank runs the pipeline and gets the whole video);
