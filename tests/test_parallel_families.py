@@ -301,3 +301,36 @@ def test_torchrun_cli_ouroboros_on_two_experts_equals_one_process(tmp_path, caps
     one, two = read_video(tmp_path / "one.mp4"), read_video(tmp_path / "two.mp4")
     assert one.shape == two.shape == (13, 32, 32, 3)
     assert int(np.abs(one.astype(int) - two.astype(int)).max()) <= 1
+
+
+@pytest.mark.gpu
+def test_nccl_one_rank_on_cuda_two_experts_equals_plain():
+    """The CUDA / NCCL path on both A14B experts (one rank: the collectives run, the split is
+    trivial), bfloat16: FreeLOC's latents equal the run without context parallelism (same
+    kernels, same order), and Ouroboros' queue, maps and bank within TOL (float32)."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    from longvideo import parallel as CP
+    from longvideo.methods.freeloc import FreeLOC
+    from longvideo.models import wan22
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        pipe = wan22.tiny_pipeline(boundary_ratio=BOUNDARY, dtype=torch.bfloat16).to("cuda")
+        with FreeLOC(pipe):
+            ref = _pipeline_latents(pipe)
+        with CP.enable_context_parallel(pipe), FreeLOC(pipe):
+            out = _pipeline_latents(pipe)
+        assert torch.equal(out, ref)
+        pipe = wan22.tiny_pipeline(boundary_ratio=BOUNDARY).to("cuda")
+        runs = {}
+        for name, split in (("plain", contextlib.nullcontext), ("split", CP.enable_context_parallel)):
+            with split(pipe) if name == "split" else split():
+                runs[name] = _ouroboros_state(pipe)
+        for key in ("queue", "maps", "bank"):
+            assert _close(runs["split"][key], runs["plain"][key]), key
+    finally:
+        dist.destroy_process_group()
