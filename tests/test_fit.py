@@ -151,6 +151,9 @@ def _stub_world(monkeypatch, n):
     (FREELOC, 2, 2),                                                   # torchrun: the sequence over the world
     (["generate", "--method", "fifo", "--device", "cpu", "--num-frames", "5"], 2, 1),   # windows split only
     (["generate", "--method", "fifo", "--device", "cpu", "--num-frames", "5", "--context-parallel", "2"], 2, 2),
+    # Wan 2.2 A14B: both experts split the same way
+    (["generate", "--method", "fifo", "--fifo-family", "wan22", "--device", "cpu", "--num-frames", "5",
+      "--context-parallel", "2"], 2, 2),
 ])
 def test_fit_plans_one_ranks_share_under_context_parallel(tmp_path, capsys, monkeypatch, planned, argv, world, ranks):
     """--fit asks the planner for one rank's peak when the run splits the sequence (FreeLOC / direct
