@@ -211,11 +211,7 @@ class SequenceParallel:
         """Install the split (hooks and Ulysses processors); returns self. ValueError for a
         transformer other than diffusers' ``WanTransformer3DModel`` (module docstring)."""
         tr = self.transformer
-        if not any(c.__name__ == "WanTransformer3DModel" for c in type(tr).__mro__):
-            raise ValueError(f"context parallel: {type(tr).__name__} is not split (Ulysses runs diffusers' "
-                             "WanTransformer3DModel: Wan 2.1, Wan 2.2 A14B / TI2V-5B and their image-to-video "
-                             "models; SkyReels-V2 expands its per-frame timesteps and attention mask inside its "
-                             "forward)")
+        _check_wan_transformer(tr)
         from .processors.wan import _rope_module, self_attention_modules
 
         rope = _rope_module(tr)
@@ -294,6 +290,16 @@ class SequenceParallel:
         """Sum of `x` over the ranks of the group (in place; returned)."""
         dist.all_reduce(x, group=self.group)
         return x
+
+
+def _check_wan_transformer(tr) -> None:
+    """ValueError unless `tr` is diffusers' WanTransformer3DModel (or a subclass): the split points
+    and the Ulysses processor are that model's (module docstring)."""
+    if not any(c.__name__ == "WanTransformer3DModel" for c in type(tr).__mro__):
+        raise ValueError(f"context parallel: {type(tr).__name__} is not split (Ulysses runs diffusers' "
+                         "WanTransformer3DModel: Wan 2.1, Wan 2.2 A14B / TI2V-5B and their image-to-video "
+                         "models; SkyReels-V2 expands its per-frame timesteps and attention mask inside its "
+                         "forward)")
 
 
 # processors that must be installed after enable_context_parallel (they read its attribute),
@@ -413,8 +419,11 @@ def enable_context_parallel(pipe, group=None) -> _PipelineParallel:
     if isinstance(group, ContextParallelGroups):
         group = group.group
     parts = []
+    found = _transformers(pipe)
+    for tr in found:  # before any hook goes in (and before the head count is checked against the ranks)
+        _check_wan_transformer(tr)
     try:
-        for tr in _transformers(pipe):
+        for tr in found:
             parts.append(SequenceParallel(tr, group).install())
     except Exception:
         for p in parts:
