@@ -12,8 +12,9 @@ group: every window's sequence split in two), runs
   experts' layers);
 - Wan 2.2 TI2V-5B: FIFO's and Ouroboros' (every part on) videos and the pipeline's loop
   (per-token timesteps split with the tokens);
-- Wan 2.1 I2V: FIFO's video from an image and the pipeline's loop (the cross-attention's image
-  keys / values not split); Wan 2.2 A14B I2V: FIFO's video from an image;
+- Wan 2.1 I2V: FIFO's video from an image and the pipeline's loop without and with FreeLOC (the
+  cross-attention's image keys / values not split); Wan 2.2 A14B I2V: FIFO's video from an image
+  and the pipeline's loop (both experts);
 
 and a deliberately broken variant (the low-noise expert's all-to-all without the head-group
 permutation), which must differ. The parent computes the same without parallelism and compares.
@@ -21,7 +22,8 @@ permutation), which must differ. The parent computes the same without parallelis
 Tolerance: 1e-4 relative to each tensor's scale, as tests/test_parallel.py (the split does the
 same float32 arithmetic on fewer rows per matmul). Measured (torch 2.13, CPU): max |diff| 0.0 for
 every compared tensor here but the Wan 2.1 I2V ones: 1.5e-6 for FIFO's video (scale 3.2), 1.4e-6
-for the pipeline's loop (scale 4.7). The broken variant is off by 0.056.
+and 1.2e-6 for the pipeline's loop without and with FreeLOC (scale 4.7). The broken variant is off
+by 0.056.
 
 The workers use one thread each: 2 processes x the default thread count on a 2-core machine ran
 the same work 5-10x slower. The module takes 50-80 s of CPU time (3 processes importing diffusers
@@ -127,9 +129,12 @@ def _all_runs(wrap):
     with wrap(pipe):
         res["i2v_fifo"] = _fifo_video(pipe, frames_per_window=3, lookahead=False)
         res["i2v_direct"] = _pipeline_latents(pipe, image=_image())
+        with FreeLOC(pipe):
+            res["i2v_freeloc"] = _pipeline_latents(pipe, image=_image())
     pipe = wan22_i2v.tiny_pipeline()
     with wrap(pipe):
         res["i2v22_fifo"] = _fifo_video(pipe, frames_per_window=3, lookahead=False)
+        res["i2v22_direct"] = _pipeline_latents(pipe, image=_image())   # 857 < 875: both experts
     return res
 
 
@@ -206,7 +211,8 @@ def _close(a, b):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["wan22_fifo", "wan22_direct", "wan22_freeloc", "ti2v_fifo", "ti2v_ouroboros",
-                                 "ti2v_direct", "i2v_fifo", "i2v_direct", "i2v22_fifo"])
+                                 "ti2v_direct", "i2v_fifo", "i2v_direct", "i2v_freeloc", "i2v22_fifo",
+                                 "i2v22_direct"])
 def test_two_ranks_equal_one(ranks, single, run):
     ref = single[run]
     for res in ranks:
