@@ -3,6 +3,8 @@ tests/test_op_inputs.py): tensors on different devices or of mixed / integer / b
 shapes that disagree, head dims a forced backend has no kernel for -- each a ValueError naming the
 argument -- and strided inputs (non-contiguous, zero-stride expanded) giving exactly what their
 contiguous copies give, on the reference and the Triton kernels (interpreter)."""
+import re
+
 import pytest
 import torch
 
@@ -130,3 +132,115 @@ def test_strided_inputs_equal_their_contiguous_copies(index, backend):
     # the comparison can fail: the same values laid out contiguously in another order differ
     wrong = fn(*(a.contiguous().flip(-2) if i == 0 else a for i, a in enumerate(args)))
     assert not torch.allclose(wrong, want, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Python types of the non-tensor arguments at the public functions (longvideo.ops.*): a float
+# where an int is expected used to reach torch's schema parser (a RuntimeError of six lines:
+# position, value, declaration, a pybind11 note), and a bool was converted to 0 / 1 before any
+# check ran (lowfreq_mix(d_s=True) computed with d_s = 1.0; group_size=True was group size 1).
+# Now: one ValueError line naming the argument, the type it must have and the type it got.
+np = pytest.importorskip("numpy")
+FREQS = torch.tensor([1.0, 0.5])
+VRPR = [1.0, 2.0, 1.0, 1.0, 3.0]
+
+
+def _tsa_kw(**kw):
+    args = dict(frame_tokens=6, local_frames=1, **TSA_KW)
+    args.update(kw)
+    return lambda: ops.tiered_sparse_attention(Q, K, V, **args)
+
+
+def _csa_kw(**kw):
+    args = dict(sample_idx=torch.tensor([1, 9, 20, 30]), group_size=2, window=-1)
+    args.update(kw)
+    return lambda: ops.consistent_attention(CQ, CK, CV, **args)
+
+
+def _lfm_kw(**kw):
+    return lambda: ops.lowfreq_mix(X, N, **kw)
+
+
+INT, NUM = "an int", r"a number \(int or float\)"
+BAD_TYPES = {  # name: (call, argument, what it must be, what it got)
+    "tsa_frame_tokens_float": (_tsa_kw(frame_tokens=6.0), "frame_tokens", INT, "float 6.0"),
+    "tsa_frame_tokens_bool": (_tsa_kw(frame_tokens=True), "frame_tokens", INT, "bool True"),
+    "tsa_frame_tokens_tensor": (_tsa_kw(frame_tokens=torch.tensor(6)), "frame_tokens", INT, r"Tensor tensor\(6\)"),
+    "tsa_local_frames_bool": (_tsa_kw(local_frames=True), "local_frames", INT, "bool True"),
+    "tsa_local_frames_numpy_float": (_tsa_kw(local_frames=np.float64(2)), "local_frames", INT, "float64"),
+    "tsa_stripe_frames_float": (_tsa_kw(stripe_frames=2.0), "stripe_frames", INT, "float 2.0"),
+    "tsa_stripe_width_str": (_tsa_kw(stripe_width="2"), "stripe_width", INT, "str '2'"),
+    "tsa_sink_frames_half": (_tsa_kw(sink_frames=1.5), "sink_frames", INT, "float 1.5"),
+    "tsa_scale_bool": (_tsa_kw(scale=True), "scale", NUM, "bool True"),
+    "tsa_scale_str": (_tsa_kw(scale="0.25"), "scale", NUM, "str '0.25'"),
+    "tsa_scale_tensor": (_tsa_kw(scale=torch.tensor(0.25)), "scale", NUM, "Tensor"),
+    "tsa_vrpr_bool_entry": (_tsa_kw(rope_t_freqs=FREQS, vrpr=[True, 2.0, 1.0, 1.0, 3.0]), "vrpr",
+                            "a list of numbers", r"\[True, 2.0, 1.0, 1.0, 3.0\] \(True is a bool\)"),
+    "tsa_vrpr_str": (_tsa_kw(rope_t_freqs=FREQS, vrpr="12113"), "vrpr", "a list of numbers", "str '12113'"),
+    "tsa_token_tiers_float_entry": (_tsa_kw(local_frames=1, stripe_frames=0, sink_frames=0, token_tiers=[1.0, 2, 3, 4]),
+                                    "token_tiers", "a list of ints", r"\[1.0, 2, 3, 4\] \(1.0 is a float\)"),
+    "tsa_token_bands_bool_entry": (_tsa_kw(rope_t_freqs=FREQS, vrpr=VRPR, token_bands=[0, True, 3]), "token_bands",
+                                   "a list of ints", r"\[0, True, 3\] \(True is a bool\)"),
+    "tsa_sink_rope_int": (_tsa_kw(local_frames=1, stripe_frames=0, sink_frames=0, token_tiers=[1, 2, 3, 4],
+                                  rope_t_freqs=FREQS, sink_rope=2), "sink_rope", "a list of ints", "int 2"),
+    "tsa_rope_t_freqs_list": (_tsa_kw(rope_t_freqs=[1.0, 0.5]), "rope_t_freqs", "a tensor", r"list \[1.0, 0.5\]"),
+    "csa_group_size_float": (_csa_kw(group_size=2.0), "group_size", INT, "float 2.0"),
+    "csa_group_size_bool": (_csa_kw(group_size=True), "group_size", INT, "bool True"),
+    "csa_window_float": (_csa_kw(window=1.0), "window", INT, "float 1.0"),
+    "csa_window_bool": (_csa_kw(window=False), "window", INT, "bool False"),
+    "csa_scale_bool": (_csa_kw(scale=True), "scale", NUM, "bool True"),
+    "csa_sample_idx_list": (_csa_kw(sample_idx=[1, 9]), "sample_idx", "a tensor", r"list \[1, 9\]"),
+    "lfm_d_s_bool": (_lfm_kw(d_s=True), "d_s", NUM, "bool True"),
+    "lfm_d_t_bool": (_lfm_kw(d_t=False), "d_t", NUM, "bool False"),
+    "lfm_order_bool": (_lfm_kw(filter="butterworth", order=True), "order", NUM, "bool True"),
+    "lfm_d_s_numpy_bool": (_lfm_kw(d_s=np.bool_(True)), "d_s", NUM, "bool"),
+    "lfm_d_s_str": (_lfm_kw(d_s="0.25"), "d_s", NUM, "str '0.25'"),
+    "lfm_d_s_tensor": (_lfm_kw(d_s=torch.tensor(0.25)), "d_s", NUM, "Tensor"),
+    "lfm_filter_int": (_lfm_kw(filter=3), "filter", "a string", "int 3"),
+    "lfm_filter_none": (_lfm_kw(filter=None), "filter", "a string", "None"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TYPES))
+def test_wrong_argument_type_is_one_line_naming_it(case):
+    call, name, must, got = BAD_TYPES[case]
+    op = {"tsa": "tiered_sparse_attention", "csa": "consistent_attention", "lfm": "lowfreq_mix"}[case[:3]]
+    with pytest.raises(ValueError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message and len(message) < 160, message
+    assert re.match(rf"{op}: {name} must be {must}, got {got}", message), message
+
+
+# What the checks accept is what the functions always accepted: an int where a float is expected,
+# NumPy scalars, tuples for lists; each gives what the plain Python values give.
+GOOD_TYPES = {  # name: (call with other accepted types, the same call with plain Python values)
+    "tsa_numpy_ints_tuple_vrpr_int_scale": (
+        lambda: ops.tiered_sparse_attention(Q, K, V, np.int64(6), np.int32(2), np.int16(2), 2, 1, 1,
+                                            rope_t_freqs=FREQS, vrpr=(1, 2, 1, np.int64(1), 3.0)),
+        lambda: ops.tiered_sparse_attention(Q, K, V, 6, 2, 2, 2, 1, 1.0, rope_t_freqs=FREQS, vrpr=VRPR)),
+    "tsa_token_tiers_tuple": (
+        lambda: ops.tiered_sparse_attention(Q, K, V, 6, 1, 0, 2, 0, token_tiers=(3, 8, 2, 20)),
+        lambda: ops.tiered_sparse_attention(Q, K, V, 6, 1, 0, 2, 0, token_tiers=[3, 8, 2, 20])),
+    "csa_numpy_group_window_scale": (
+        lambda: ops.consistent_attention(CQ, CK, CV, torch.tensor([1, 9]), np.int64(2), np.int64(1),
+                                         scale=np.float32(0.25)),
+        lambda: ops.consistent_attention(CQ, CK, CV, torch.tensor([1, 9]), 2, 1, scale=0.25)),
+    "lfm_int_and_numpy_numbers": (
+        lambda: ops.lowfreq_mix(X, N, "butterworth", np.float64(0.5), 1, np.int64(2)),
+        lambda: ops.lowfreq_mix(X, N, "butterworth", 0.5, 1.0, 2.0)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GOOD_TYPES))
+def test_accepted_argument_types_equal_plain_python_values(case):
+    other, plain = GOOD_TYPES[case]
+    torch.testing.assert_close(other(), plain(), rtol=0, atol=0)
+
+
+def test_bool_is_no_longer_taken_as_one():
+    """The silently wrong case: d_s=True was d_s=1.0, a result different from the default's."""
+    noise = torch.randn(X.shape, generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match=r"lowfreq_mix: d_s must be a number"):
+        ops.lowfreq_mix(X, noise, d_s=True)
+    assert not torch.allclose(ops.lowfreq_mix(X, noise, d_s=1.0), ops.lowfreq_mix(X, noise, d_s=0.25), atol=1e-2)

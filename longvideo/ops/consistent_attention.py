@@ -33,7 +33,7 @@ import torch
 
 from . import _registry as R
 from ._constraints import HALF_DTYPES, aligned, dtype_in, head_dim_in, on_device, requires, strides_multiple_of
-from ._constraints import unit_last_stride
+from ._constraints import ArgumentTypes, unit_last_stride
 from .plan.consistent import segment_table
 from ..reference.consistent_attention import (
     consistent_attention_backward_reference,
@@ -155,6 +155,7 @@ def _consistent_attention_composite(q, k, v, sample_idx, group_size, window=-1, 
 
 
 _lib.impl("consistent_attention", _consistent_attention_composite, "CompositeImplicitAutograd")
+_argument_types = ArgumentTypes(torch.ops.longvideo.consistent_attention.default)
 
 
 def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sample_idx: torch.Tensor,
@@ -166,8 +167,12 @@ def consistent_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, samp
     int64 (M,) flat token indices into [0, B*N), M may be 0. group_size divides B. window -1
     (whole group) or >= 0. bank_k/bank_v: (H, E, D) or (B // group_size, H, E, D). scale defaults
     to 1/sqrt(D). Returns (B, H, N, D) in q's dtype (laid out like q). Differentiable in q, k, v,
-    bank_k, bank_v.
+    bank_k, bank_v. Bad arguments raise ValueError naming them, wrong Python types included (a
+    float or a bool for group_size or window, a bool for scale), checked before torch's schema
+    parser would refuse or convert them.
     """
+    _argument_types({"q": q, "k": k, "v": v, "sample_idx": sample_idx, "group_size": group_size,
+                     "window": window, "bank_k": bank_k, "bank_v": bank_v, "scale": scale})
     return torch.ops.longvideo.consistent_attention.default(q, k, v, sample_idx, group_size, window,
                                                             bank_k, bank_v, scale)
 

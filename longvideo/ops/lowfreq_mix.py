@@ -27,7 +27,7 @@ import math
 import torch
 
 from . import _registry as R
-from ._constraints import FLOAT_DTYPES, dtype_in, on_device
+from ._constraints import FLOAT_DTYPES, ArgumentTypes, dtype_in, on_device
 from .plan.lowfreq import FILTER_CODES, axis_table, filter_coef
 from ..reference.lowfreq_mix import FILTERS, lowfreq_mix_reference
 
@@ -104,6 +104,7 @@ _lib.impl("lowfreq_mix", _lowfreq_mix_kernel, "CPU")
 _lib.impl("lowfreq_mix", _lowfreq_mix_kernel, "CUDA")
 torch.library.register_fake("longvideo::lowfreq_mix", _lowfreq_mix_fake, lib=_lib)
 _OP = torch.ops.longvideo.lowfreq_mix.default
+_argument_types = ArgumentTypes(_OP)
 
 
 def lowfreq_mix(x: torch.Tensor, noise: torch.Tensor, filter: str = "gaussian", d_s: float = 0.25,
@@ -112,10 +113,13 @@ def lowfreq_mix(x: torch.Tensor, noise: torch.Tensor, filter: str = "gaussian", 
 
     out = Re(ifftn(ifftshift(X_s * LPF + N_s * (1 - LPF)))), X_s = fftshift(fftn(x)) over (T, H, W).
     The result is contiguous. Calls ``torch.ops.longvideo.lowfreq_mix``; not differentiable.
-    Bad arguments (NaN/inf d_s, d_t or order included) raise ValueError naming them; empty input
-    gives an empty result on every backend. A NaN or inf in x or noise makes its whole (T, H, W)
+    Bad arguments (NaN/inf d_s, d_t or order included) raise ValueError naming them, and so do
+    arguments of the wrong Python type (a bool or a string for d_s, d_t or order, a non-string
+    filter), before torch's schema parser would convert or refuse them; empty input gives an empty
+    result on every backend. A NaN or inf in x or noise makes its whole (T, H, W)
     output slice NaN on every backend (the transforms mix all elements of a slice), no other slice.
     """
+    _argument_types({"x": x, "noise": noise, "filter": filter, "d_s": d_s, "d_t": d_t, "order": order})
     return _OP(x, noise, filter, d_s, d_t, order)
 
 

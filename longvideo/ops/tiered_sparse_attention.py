@@ -21,7 +21,7 @@ import torch
 
 from . import _registry as R
 from ._constraints import HALF_DTYPES, aligned, dtype_in, head_dim_in, on_device, requires, strides_multiple_of
-from ._constraints import unit_last_stride
+from ._constraints import ArgumentTypes, unit_last_stride
 from .plan.tiered import band_edges, build_schedule, layout_code, rope_tables, token_edges
 from .plan.tiered import schedule_density  # noqa: F401  (part of this module's interface)
 from ..reference.tiered_sparse_attention import tiered_sparse_attention_reference
@@ -179,6 +179,43 @@ def _empty_result(q, v):
     schema="(Tensor q, Tensor k, Tensor v, int frame_tokens, int local_frames, int stripe_frames=0, "
            "int stripe_width=0, int sink_frames=1, float? scale=None, Tensor? rope_t_freqs=None, "
            "float[]? vrpr=None, int[]? token_bands=None, int[]? token_tiers=None, int[]? sink_rope=None) -> Tensor")
+def _tiered_sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_tokens: int,
+                                local_frames: int, stripe_frames: int = 0, stripe_width: int = 0,
+                                sink_frames: int = 1, scale: Optional[float] = None,
+                                rope_t_freqs: Optional[torch.Tensor] = None,
+                                vrpr: Optional[list[float]] = None, token_bands: Optional[list[int]] = None,
+                                token_tiers: Optional[list[int]] = None,
+                                sink_rope: Optional[list[int]] = None) -> torch.Tensor:
+    """The registered op (what ``torch.ops.longvideo.tiered_sparse_attention`` runs): the checks
+    on values, then the backend. Documented at :func:`tiered_sparse_attention`."""
+    _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, scale,
+           rope_t_freqs, vrpr, token_bands, token_tiers, sink_rope)
+    _check_rope_values(rope_t_freqs)
+    if q.shape[0] * q.shape[1] * q.shape[2] * v.shape[3] == 0:
+        return _empty_result(q, v)  # before dispatch: uniform over backends, as the fake kernel
+    return R.dispatch(OP, q.device, q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width,
+                      sink_frames, scale, rope_t_freqs, vrpr, token_bands, token_tiers, sink_rope)
+
+
+@_tiered_sparse_attention_op.register_fake
+def _(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0, sink_frames=1, scale=None,
+      rope_t_freqs=None, vrpr=None, token_bands=None, token_tiers=None, sink_rope=None):
+    _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, scale,
+           rope_t_freqs, vrpr, token_bands, token_tiers, sink_rope)
+    return _empty_result(q, v)
+
+
+def _no_backward(ctx, grad_out):
+    raise RuntimeError("tiered_sparse_attention is not differentiable (no backward kernel): a forward under "
+                       "grad mode works, a backward through it does not")
+
+
+_tiered_sparse_attention_op.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
+
+_OP = torch.ops.longvideo.tiered_sparse_attention.default
+_argument_types = ArgumentTypes(_OP)
+
+
 def tiered_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, frame_tokens: int,
                             local_frames: int, stripe_frames: int = 0, stripe_width: int = 0,
                             sink_frames: int = 1, scale: Optional[float] = None,
@@ -215,7 +252,10 @@ def tiered_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f
       pos_k = f(j)//G + M).
     ``longvideo.reference.tiered_sparse_attention.pair_classes`` is the readable definition.
 
-    Bad arguments raise ValueError naming them, NaN/inf in scale, vrpr and rope_t_freqs included.
+    Bad arguments raise ValueError naming them, NaN/inf in scale, vrpr and rope_t_freqs included,
+    and so do arguments of the wrong Python type (a float or a bool for frame_tokens and the other
+    int arguments or inside token_bands / token_tiers / sink_rope, a bool for scale or inside vrpr),
+    checked here before torch's schema parser would refuse them in several lines or convert them.
     Empty input (B, H or S zero, or Dv zero) returns an empty (B, H, S, Dv) tensor on every backend.
     Not differentiable: a backward through the result raises a RuntimeError saying so.
 
@@ -233,29 +273,12 @@ def tiered_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, f
     The CUDA legacy kernel (LONGVIDEO_TSA_CUDA=legacy) multiplies whole partial blocks by v: there a
     NaN/inf of a masked v row can reach the queries of that block.
     """
-    _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, scale,
-           rope_t_freqs, vrpr, token_bands, token_tiers, sink_rope)
-    _check_rope_values(rope_t_freqs)
-    if q.shape[0] * q.shape[1] * q.shape[2] * v.shape[3] == 0:
-        return _empty_result(q, v)  # before dispatch: uniform over backends, as the fake kernel
-    return R.dispatch(OP, q.device, q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width,
-                      sink_frames, scale, rope_t_freqs, vrpr, token_bands, token_tiers, sink_rope)
-
-
-@tiered_sparse_attention.register_fake
-def _(q, k, v, frame_tokens, local_frames, stripe_frames=0, stripe_width=0, sink_frames=1, scale=None,
-      rope_t_freqs=None, vrpr=None, token_bands=None, token_tiers=None, sink_rope=None):
-    _check(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, scale,
-           rope_t_freqs, vrpr, token_bands, token_tiers, sink_rope)
-    return _empty_result(q, v)
-
-
-def _no_backward(ctx, grad_out):
-    raise RuntimeError("tiered_sparse_attention is not differentiable (no backward kernel): a forward under "
-                       "grad mode works, a backward through it does not")
-
-
-tiered_sparse_attention.register_autograd(_no_backward, setup_context=lambda ctx, inputs, output: None)
+    _argument_types({"q": q, "k": k, "v": v, "frame_tokens": frame_tokens, "local_frames": local_frames,
+                     "stripe_frames": stripe_frames, "stripe_width": stripe_width, "sink_frames": sink_frames,
+                     "scale": scale, "rope_t_freqs": rope_t_freqs, "vrpr": vrpr, "token_bands": token_bands,
+                     "token_tiers": token_tiers, "sink_rope": sink_rope})
+    return _OP(q, k, v, frame_tokens, local_frames, stripe_frames, stripe_width, sink_frames, scale, rope_t_freqs,
+               vrpr, token_bands, token_tiers, sink_rope)
 
 
 # ---------------------------------------------------------------------------------------------
