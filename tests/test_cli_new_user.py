@@ -69,6 +69,69 @@ MISTAKES = {
     "png_dir_empty": (_gen("--fifo-png-dir", ""), "--fifo-png-dir: must not be empty", True),
     "story_id_length_beyond_id_prompts": (["story", "{d}/two_lines.txt", "--device", "cpu", "--story-id-length", "3"],
                                           "--story-id-length 3: character [Ann] has 2 id prompt(s)", True),
+    # FIFO's window and queue, checked before the model is loaded ({d}/wan: a Wan checkpoint folder
+    # without weights, so reaching the loader would fail differently)
+    "fifo_window_beyond_trained_clip_and_video": (
+        _gen("--fifo-window", "1000", "--out", "{d}/v.mp4"),
+        "--fifo-window 1000: longer than the model's trained clip (3 latent frames) and than the whole video "
+        "(--num-frames 48 = 13 latent frames)", True),
+    "ouroboros_window_one_beyond_the_video": (
+        _gen("--method", "ouroboros", "--fifo-window", "14", "--out", "{d}/v.mp4"),
+        "--fifo-window 14: longer than the model's trained clip", True),
+    "fifo_window_beyond_checkpoint_trained_clip": (
+        _gen("--model", "{d}/wan", "--fifo-window", "22", "--num-frames", "81", "--out", "{d}/v.mp4"),
+        "--fifo-window 22: longer than the model's trained clip (21 latent frames) and than the whole video "
+        "(--num-frames 81 = 21 latent frames)", True),
+    "fifo_window_one_with_lookahead": (
+        _gen("--fifo-window", "1", "--out", "{d}/v.mp4"),
+        "--fifo-window 1: lookahead denoising needs windows of at least 2 latent frames", True),
+    "fifo_partitions_beyond_timesteps": (
+        _gen("--fifo-partitions", "1000000", "--out", "{d}/v.mp4"),
+        "--fifo-partitions 1000000 with a window of 3 latent frames: a queue of 2000000 levels, i.e. 2000000 "
+        "denoising steps per frame, more than the scheduler's 1000 training timesteps", True),
+    "fifo_queue_beyond_checkpoint_timesteps": (
+        _gen("--model", "{d}/wan", "--fifo-partitions", "6", "--out", "{d}/v.mp4"),
+        "a queue of 120 levels, i.e. 120 denoising steps per frame, more than the scheduler's 100 training", True),
+    "fifo_window_beyond_motion_modules": (
+        _gen("--fifo-family", "animatediff", "--fifo-window", "33", "--num-frames", "48", "--out", "{d}/v.mp4"),
+        "--fifo-window 33: AnimateDiff's motion modules take clips of at most 32 frames", True),
+    # `longvideo plan`: what generate would refuse, refused too; nothing silently ignored
+    "plan_overlap_not_below_chunk": (["plan", "--method", "enhance", "--overlap-frames", "30"],
+                                     "--overlap-frames 30: must be smaller than --chunk-frames 24", True),
+    "plan_overlap_latent_not_below_chunk": (
+        ["plan", "--method", "blending", "--overlap-frames", "21"],
+        "--overlap-frames 21 is 6 latent frames, not less than the 6 latent frames of --chunk-frames 24", True),
+    "plan_window_beyond_trained_clip_and_video": (
+        ["plan", "--window", "1000", "--num-frames", "241"],
+        "--window 1000: longer than the model's trained clip (21 latent frames) and than the whole video "
+        "(--num-frames 241 = 61 latent frames)", True),
+    "plan_window_one": (["plan", "--window", "1"], "--window 1: lookahead denoising needs windows of at least 2", True),
+    "plan_partitions_beyond_timesteps": (["plan", "--partitions", "1000000"],
+                                         "--partitions 1000000 with a window of 21 latent frames: a queue of 20000000 "
+                                         "levels", True),
+    "plan_window_beyond_motion_modules": (["plan", "--model", "animatediff", "--window", "33", "--num-frames", "100"],
+                                          "--window 33: AnimateDiff's motion modules take clips of at most 32", True),
+    "plan_height_not_a_multiple": (["plan", "--height", "33"],
+                                   "--height 33: must be divisible by 16 for this model (VAE scale 8 x patch size 2)",
+                                   True),
+    "plan_sdxl_width_not_a_multiple": (["plan", "--method", "story", "--width", "1001"],
+                                       "--width 1001: must be divisible by 8 for this model", True),
+    "plan_window_with_direct": (["plan", "--method", "direct", "--window", "4"],
+                                "--window does not apply to --method direct", True),
+    "plan_bank_with_fifo": (["plan", "--bank", "cpu"], "--bank does not apply to --method fifo", True),
+    "plan_no_tail_with_fifo": (["plan", "--no-tail"], "--no-tail does not apply to --method fifo", True),
+    "plan_chunk_frames_with_story": (["plan", "--method", "story", "--chunk-frames", "30"],
+                                     "--chunk-frames does not apply to --method story", True),
+    "plan_latent_only_with_fifo": (["plan", "--latent-only"], "--latent-only does not apply to --method fifo", True),
+    "plan_device": (["plan", "--device", "cuda"], "--device does not apply to `longvideo plan` (it predicts memory "
+                                                  "and runs nothing; --kernels says whose", True),
+    "plan_guidance_scale": (["plan", "--guidance-scale", "1"], "--guidance-scale does not apply to `longvideo plan` "
+                                                               "(it predicts memory and runs nothing; the plan assumes "
+                                                               "classifier-free guidance", True),
+    "plan_seed": (["plan", "--seed", "3"], "--seed does not apply to `longvideo plan`", True),
+    "plan_out": (["plan", "--out", "{d}/p.json"], "--out does not apply to `longvideo plan`", True),
+    "plan_list_models_with_fit": (["plan", "--list-models", "--fit", "24GB"], "--fit does not apply to --list-models",
+                                  True),
     # the size is only known to be too large when it is allocated: after the settings line
     "size_beyond_memory": (_gen("--method", "direct", "--steps", "1", "--height", "1000000", "--width", "1000000",
                                 "--out", "{d}/huge.mp4"),
@@ -85,6 +148,9 @@ def files(tmp_path):
     (tmp_path / "blank.txt").write_text("\n  \n# only a comment\n")
     (tmp_path / "two_lines.txt").write_text("[Ann] reads a book\n[Ann] walks home\n")
     (tmp_path / "ck.fifo_state").write_text("a file where the checkpoint folder goes")
+    (tmp_path / "wan" / "scheduler").mkdir(parents=True)
+    (tmp_path / "wan" / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
+    (tmp_path / "wan" / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": 100}))
     return tmp_path
 
 
@@ -141,3 +207,89 @@ def test_other_runtime_errors_stay_bugs(monkeypatch):
     assert out_of_memory(RuntimeError("shape mismatch in a kernel")) == ""
     with pytest.raises(RuntimeError, match="shape mismatch"):
         main(["info"])
+
+
+class _Loaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("argv,note", [
+    (["--fifo-window", "2", "--num-frames", "1"], False),             # within the trained clip, longer than the video
+    (["--fifo-window", "3"], False),                                   # the trained clip (the default)
+    (["--fifo-window", "4"], True),                                    # beyond the trained clip, within the video
+    (["--fifo-window", "13", "--num-frames", "48"], True),             # the whole video (13 latent frames)
+    (["--fifo-window", "1", "--fifo-no-lookahead"], False),
+    (["--fifo-partitions", "333"], False),                             # 2 * 333 * 1 = 666 levels
+    (["--fifo-partitions", "1000", "--fifo-window", "1", "--fifo-no-lookahead"], False),  # 1000 levels
+    (["--fifo-family", "animatediff", "--fifo-window", "32", "--num-frames", "48"], True),
+    (["--method", "ouroboros", "--fifo-window", "4"], True),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
+def test_fifo_queue_accepted_reaches_the_loader(argv, note, tmp_path, monkeypatch, capsys):
+    """The valid side of the window / queue checks: the run goes on to load the model (stopped
+    there), with a note exactly when the window is longer than the model's trained clip."""
+    import longvideo.cli.generate_fifo as generate_fifo
+
+    def loader(*args, **kwargs):
+        raise _Loaded
+
+    monkeypatch.setattr(generate_fifo, "load_pipeline", loader)
+    with pytest.raises(_Loaded):
+        main(_gen("--method", "fifo", *argv, "--out", str(tmp_path / "v.mp4")))
+    out = capsys.readouterr().out
+    assert ("note: --fifo-window" in out and "longer than the model's trained clip" in out) == note, out
+
+
+def test_animatediff_window_beyond_motion_modules_refused_by_the_family():
+    """The Python API refuses what the CLI refuses before loading (the motion modules' positional
+    embedding has 32 rows; 33 frames failed deep inside the UNet with a shape error)."""
+    from longvideo import FIFODiffusion, RandomizedBlending
+    from longvideo.models import animatediff
+
+    pipe = animatediff.tiny_pipeline()
+    assert FIFODiffusion(pipe, num_partitions=1, frames_per_window=32).f == 32
+    with pytest.raises(ValueError, match=r"^frames_per_window: AnimateDiff's motion modules take clips of at most "
+                                         r"motion_max_seq_length = 32 frames .*got 33$"):
+        FIFODiffusion(pipe, num_partitions=1, frames_per_window=33)
+    blending = RandomizedBlending(pipe, chunk_frames=40, overlap_frames=8)
+    assert blending.layout(20).chunk == 20  # a video shorter than the chunk: one chunk of its length
+    with pytest.raises(ValueError, match=r"^chunk_frames: AnimateDiff's motion modules .* got 40$"):
+        blending.layout(100)
+
+
+@pytest.mark.parametrize("argv,note", [
+    (["--window", "22", "--num-frames", "200"], True),   # beyond the trained clip, within the video
+    (["--window", "22"], True),                          # no --num-frames: FIFO's memory does not depend on it
+    (["--partitions", "47"], False),                     # 2 * 47 * 10 = 940 levels
+    (["--method", "ouroboros", "--no-tail", "--no-sacfa"], False),
+    (["--method", "blending", "--chunk-frames", "9", "--overlap-frames", "4"], False),
+    (["--method", "story", "--id-length", "2", "--bank", "cpu", "--height", "1024"], False),
+    (["--method", "direct", "--latent-only", "--height", "480", "--width", "832"], False),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
+def test_plan_accepted_options_run(argv, note, capsys):
+    """The valid side of plan's checks: a plan is printed (exit 0), with the window note exactly
+    when the window is longer than the model's trained clip."""
+    assert main(["plan", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "predicted peak" in out
+    assert ("note: --window" in out) == note, out
+
+
+def test_blending_chunk_starts_refuses_an_overlap_that_does_not_advance():
+    """chunk_starts looped forever when the overlap was not shorter than the chunk (`plan --method
+    enhance --overlap-frames 30` hung): now a ValueError (an alarm turns a hang into a failure)."""
+    import signal
+
+    from longvideo.methods.blending import chunk_starts
+
+    def hung(signum, frame):
+        raise AssertionError("chunk_starts did not return")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        assert chunk_starts(10, 4, 3) == [0, 1, 2, 3, 4, 5, 6]
+        with pytest.raises(ValueError, match=r"overlap \(3 latent frames\) must be smaller than the chunk \(3"):
+            chunk_starts(10, 3, 3)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

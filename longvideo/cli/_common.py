@@ -493,7 +493,13 @@ def checkpoint_size_multiple(model, family: str) -> Optional[tuple]:
         except (OSError, ValueError):
             return None
 
-    vae = config("vae")
+    tr = config("transformer")
+    return config_size_multiple(config("vae"), tr if isinstance(tr, dict) else None)
+
+
+def config_size_multiple(vae, transformer=None) -> Optional[tuple]:
+    """(multiple, why) from a VAE's config dict and the transformer's (None for a UNet), as
+    :func:`checkpoint_size_multiple` reads them; None where the VAE config does not say."""
     if not isinstance(vae, dict):
         return None
     if vae.get("scale_factor_spatial"):  # Wan 2.2's VAE: 8x in its blocks after a 2x2 patchify = 16
@@ -504,8 +510,7 @@ def checkpoint_size_multiple(model, family: str) -> Optional[tuple]:
         scale = 2 ** (len(vae["block_out_channels"]) - 1)
     else:
         return None
-    tr = config("transformer")
-    patch = tr.get("patch_size") if isinstance(tr, dict) else None
+    patch = transformer.get("patch_size") if isinstance(transformer, dict) else None
     return _multiple(scale, patch)
 
 

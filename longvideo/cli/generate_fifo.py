@@ -3,6 +3,7 @@ command line: options (``--fifo-*``, ``--ouroboros-*``, ``--resume``), the outpu
 checkpoints next to it (OUT.fifo_state/), Ctrl-C / SIGTERM, resume and torchrun."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -174,6 +175,107 @@ def _check_window_tokens(fifo, args, size: int) -> None:
                          f"divisible by {size} ranks; choose --fifo-window, --height or --width so that it is")
 
 
+# Every scheduler of the supported checkpoints (and of the tiny models) has 1000 training timesteps.
+DEFAULT_TRAIN_TIMESTEPS = 1000
+
+
+def trained_latent_frames(model, family: str) -> int:
+    """The latent frames of the clips the model was trained on, known before loading it: the
+    built-in tiny models' (3; the tiny AnimateDiff's 4), else the family's (Wan 2.1 / 2.2 A14B 21,
+    Wan 2.2 TI2V 31, SkyReels-V2 25, AnimateDiff 16): what FIFO's default window is."""
+    if model is None:
+        from ..models import animatediff, wan
+
+        return animatediff.TINY_TRAINED_FRAMES if family == "animatediff" else wan.TINY_TRAINED_LATENT_FRAMES
+    from ..methods.families import FAMILIES as FAMILY_CLASSES
+
+    return next(cls.trained_latent_frames for cls in FAMILY_CLASSES if cls.name == family)
+
+
+def train_timesteps(model) -> int:
+    """The scheduler's num_train_timesteps (from scheduler/scheduler_config.json; 1000 where the
+    checkpoint does not say, and for the tiny models)."""
+    if model is None:
+        return DEFAULT_TRAIN_TIMESTEPS
+    try:
+        config = json.loads((Path(model) / "scheduler" / "scheduler_config.json").read_text())
+        return int(config.get("num_train_timesteps") or DEFAULT_TRAIN_TIMESTEPS)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return DEFAULT_TRAIN_TIMESTEPS
+
+
+def longest_window(model, family: str):
+    """The longest clip the denoiser takes at all, known before loading, or None where no limit
+    applies (Wan's RoPE covers 1024 latent frames, beyond the level limit below): AnimateDiff's
+    motion modules' ``motion_max_seq_length`` (the unet's config.json; the tiny model's 32)."""
+    if family != "animatediff":
+        return None
+    if model is None:
+        from ..models.animatediff import TINY_MOTION_MAX_SEQ_LENGTH
+
+        return TINY_MOTION_MAX_SEQ_LENGTH
+    try:
+        return int(json.loads((Path(model) / "unet" / "config.json").read_text())["motion_max_seq_length"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None  # checked on the loaded pipeline (AnimateDiffFamily.check_window)
+
+
+def check_queue(window, partitions: int, *, lookahead: bool, trained: int, num_frames, per_latent: int,
+                longest=None, timesteps: int = DEFAULT_TRAIN_TIMESTEPS, family: str = "",
+                options=("--fifo-window", "--fifo-partitions")):
+    """FIFO's window f (None: the trained clip) and partitions n against what the method needs
+    (docs/methods.md, "The queue"): a UsageError naming `options` for what cannot be right, else
+    the text of a note to print (or None). The window is the latent frames of one model call,
+    meant to be the model's trained clip (`trained`, the default). Refused: f < 2 with lookahead
+    (half of a window is context); f beyond the longest clip the denoiser takes at all
+    (`longest`); f longer than both the trained clip and the whole video (`num_frames` video
+    frames, None: not known; `per_latent` video frames per latent frame: one call would cover more
+    than the video, beyond what the model was trained on); a queue of more levels L (= denoising steps per frame:
+    2 n floor(f/2) with lookahead, n f without) than the scheduler's training `timesteps`. A
+    window longer than the trained clip but within those limits gets the note."""
+    window_option, partitions_option = options
+    f, note = window, None
+    if f is not None and lookahead and f < 2:
+        hint = ", or add --fifo-no-lookahead" if window_option == "--fifo-window" else ""
+        raise UsageError(f"{window_option} {f}: lookahead denoising needs windows of at least 2 latent frames (the "
+                         f"first half of a window is context); give 2 or more{hint}")
+    if f is not None and longest is not None and f > longest:
+        raise UsageError(f"{window_option} {f}: AnimateDiff's motion modules take clips of at most {longest} frames "
+                         f"(motion_max_seq_length); the model was trained on {trained}: give at most {trained} "
+                         "(the default)")
+    if f is not None and f > trained:
+        # latent frames FIFO emits for the video (None: no video length given, as in `plan`)
+        video_latents = None if num_frames is None else -(-(num_frames - 1) // per_latent) + 1
+        if video_latents is not None and f > video_latents:
+            video = f"--num-frames {num_frames}" + (f" = {video_latents} latent frames" if per_latent > 1 else "")
+            raise UsageError(f"{window_option} {f}: longer than the model's trained clip ({trained} latent frames) "
+                             f"and than the whole video ({video}); FIFO calls the model on windows of its trained "
+                             f"length: give at most {trained} (the default)")
+        note = (f"note: {window_option} {f} is longer than the model's trained clip of {trained} latent frames: every "
+                "model call runs beyond the length it was trained on (what FIFO's windows are meant to avoid; right "
+                "only for a checkpoint trained on longer clips)")
+    window = f if f is not None else max(trained, 2 if lookahead else 1)
+    levels = 2 * partitions * (window // 2) if lookahead else partitions * window
+    if levels > timesteps:
+        raise UsageError(f"{partitions_option} {partitions} with a window of {window} latent frame"
+                         f"{'s' * (window != 1)}: a queue of {levels} levels, i.e. {levels} denoising steps per "
+                         f"frame, more than the scheduler's {timesteps} training timesteps; use fewer partitions "
+                         "(default 4) or a smaller window")
+    return note
+
+
+def check_queue_before_loading(args, family: str, num_frames: int, rank: int = 0) -> None:
+    """:func:`check_queue` for the generate options, before the model is loaded: the trained clip,
+    the longest clip and the scheduler's timesteps read from the checkpoint's files (or the tiny
+    models' constants); the note printed (rank 0)."""
+    note = check_queue(args.fifo_window, args.fifo_partitions, lookahead=not args.fifo_no_lookahead,
+                       trained=trained_latent_frames(args.model, family), num_frames=num_frames,
+                       per_latent=1 if family == "animatediff" else 4,  # video frames per latent (Wan's VAEs: 4)
+                       longest=longest_window(args.model, family), timesteps=train_timesteps(args.model))
+    if note and rank == 0:
+        print(note)
+
+
 def build_from_args(args, pipe):
     """The FIFODiffusion / OuroborosDiffusion (args.method) the options describe, on `pipe`."""
     from ..methods.fifo import FIFODiffusion, OuroborosDiffusion
@@ -265,6 +367,7 @@ def run(args) -> int:
         raise UsageError(f"--context-parallel {cp}: runs on Wan transformers ({', '.join(CONTEXT_PARALLEL_FAMILIES)}), "
                          f"not on {family}; omit it to split only the windows over the ranks")
     check_sizes_before_loading(args, family)
+    check_queue_before_loading(args, family, num_frames, rank)
     with _fit.host_loading(args):
         pipe = load_pipeline(args, family, "t2v", dtype=torch_dtype(args.dtype))
     check_size_multiple(args.height, args.width, *pipeline_size_multiple(pipe))

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 
 from . import _image
-from ._common import add_common_generation, memory_size, nonnegative_int, positive_int, real, user_errors
+from ._common import (UsageError, add_common_generation, check_size_multiple, config_size_multiple, memory_size,
+                      nonnegative_int, positive_int, real, refuse_inapplicable, user_errors)
 
 HELP = "predicted peak GPU memory by component, settings that fit"
 METHODS = ("direct", "freeloc", "fifo", "ouroboros", "story", "enhance")   # longvideo.planner.METHODS
@@ -69,16 +70,84 @@ def add_arguments(parser) -> None:
     g.add_argument("--list-models", action="store_true", help="list the known model configs and exit")
 
 
+# the plan options that describe one method's run: refused with another --method
+METHOD_OPTIONS = {
+    "window": ("fifo", "ouroboros"), "partitions": ("fifo", "ouroboros"),
+    "no_tail": ("ouroboros",), "no_sacfa": ("ouroboros",), "no_guidance": ("ouroboros",),
+    "id_length": ("story",), "read_images": ("story",), "characters": ("story",), "bank": ("story",),
+    "bank_budget": ("story",), "schedule": ("story",), "story_kernel": ("story",),
+    "chunk_frames": ("enhance",), "overlap_frames": ("enhance",), "chunk_batch": ("enhance",),
+    "latent_only": ("direct", "freeloc", "story"),
+    "image": ("direct", "freeloc", "fifo"),
+}
+# generation options `plan` shares with generate but does not read: refused rather than ignored
+NOT_PLANNED = {
+    "prompt": "", "seed": "", "fps": "", "out": "", "backend": "",
+    "device": "; --kernels says whose kernels' allocations are modelled",
+    "guidance_scale": "; the plan assumes classifier-free guidance, as the pipelines run it",
+}
+
+
+def check_options(args, method: str) -> None:
+    """Options that do not apply to this plan refused in one line (a plan that silently ignored
+    --window under --method direct, or --device, would look like an answer to another question)."""
+    if args.list_models:
+        refuse_inapplicable(args, add_arguments, lambda dest: dest in ("list_models", "debug"), "--list-models")
+    for dest, why in NOT_PLANNED.items():
+        refuse_inapplicable(args, add_arguments, lambda d, dest=dest: d != dest,
+                            f"`longvideo plan` (it predicts memory and runs nothing{why})")
+    refuse_inapplicable(args, add_arguments, lambda d: method in METHOD_OPTIONS.get(d, (method,)),
+                        f"--method {args.method}")
+
+
+def check_sizes(args, method: str, spec) -> None:
+    """What `generate` would refuse before running, refused here too: --height / --width not
+    multiples of the model's (VAE scale x patch), FIFO's window and queue (generate_fifo's
+    check_queue), blending's overlap not shorter than its chunk (the planner would loop)."""
+    comps = spec.components
+    vae = comps["vae"].config if "vae" in comps else None
+    transformer = comps["transformer"].config if "transformer" in comps else None
+    found = config_size_multiple(vae, transformer)
+    if found is not None:
+        check_size_multiple(args.height, args.width, *found)
+    per_latent = 1 if spec.family == "animatediff" else 4  # video frames per latent frame (Wan's VAEs: 4)
+    if method in ("fifo", "ouroboros"):
+        from .generate_fifo import check_queue
+
+        trained = int(spec.trained_latent_frames)
+        unet = comps["unet"].config if "unet" in comps else {}
+        longest = unet.get("motion_max_seq_length") if spec.family == "animatediff" else None
+        note = check_queue(args.window, args.partitions, lookahead=True, trained=trained,
+                           num_frames=args.num_frames, per_latent=per_latent,  # FIFO's memory: any length
+                           longest=longest, options=("--window", "--partitions"))
+        if note:
+            print(note)
+    if method == "enhance":
+        from ..methods.blending import latent_sizes
+
+        chunk, overlap = args.chunk_frames, args.overlap_frames
+        if overlap >= chunk:
+            raise UsageError(f"--overlap-frames {overlap}: must be smaller than --chunk-frames {chunk}")
+        chunk_latent, overlap_latent = latent_sizes(chunk, overlap, per_latent, True)
+        if overlap_latent >= chunk_latent:
+            raise UsageError(f"--overlap-frames {overlap} is {overlap_latent} latent frames, not less than the "
+                             f"{chunk_latent} latent frames of --chunk-frames {chunk}; use a longer chunk")
+
+
 def run(args) -> int:
     """Print the plan (exit status 1 when it does not fit --fit)."""
     from ..planner.estimate import plan
-    from ..planner.models import known_model_names
+    from ..planner.models import known_model_names, load_model_spec
 
+    method = "enhance" if args.method == "blending" else args.method
+    check_options(args, method)
     if args.list_models:
         print("\n".join(known_model_names()))
         return 0
-    method = "enhance" if args.method == "blending" else args.method
     model = args.model or _DEFAULT_MODEL[method]
+    with user_errors():
+        spec = load_model_spec(model)
+    check_sizes(args, method, spec)
     dtype = args.dtype or ("float16" if method == "story" else "bfloat16")
     kw = dict(gpu_memory=args.fit, device=args.kernels, offload=args.offload, vae_tiling=args.vae_tiling,
               vae_slicing=args.vae_slicing, frames_per_window=args.window, num_partitions=args.partitions,
@@ -96,7 +165,7 @@ def run(args) -> int:
             kw["image"] = True
             if isinstance(args.image, str) and height is None and width is None:
                 height, width = _image_size(model, args.image)
-        p = plan(method, model, height, width, args.num_frames, dtype, **kw)
+        p = plan(method, spec, height, width, args.num_frames, dtype, **kw)
     print(json.dumps(p.to_dict(), indent=1, default=str) if args.json else p.summary())
     return 0 if p.fits in (None, True) else 1
 

@@ -107,6 +107,8 @@ def chunk_starts(latent_frames: int, chunk: int, overlap: int) -> list[int]:
     if latent_frames <= chunk:
         return [0]
     stride = chunk - overlap
+    if stride < 1:  # the chunks would not advance (the loop below would never end)
+        raise ValueError(f"overlap ({overlap} latent frames) must be smaller than the chunk ({chunk} latent frames)")
     starts = [0]
     while starts[-1] + chunk < latent_frames:
         starts.append(min(starts[-1] + stride, latent_frames - chunk))

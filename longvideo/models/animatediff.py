@@ -19,6 +19,7 @@ import torch
 
 KINDS = ("t2v", "v2v")
 TINY_TRAINED_FRAMES = 4
+TINY_MOTION_MAX_SEQ_LENGTH = 32  # rows of the motion modules' positional embedding: the longest clip
 
 # Tiny sizes. Text width 32 = cross_attention_dim. UNet channels (32, 64) with 2 / 4 heads of 16
 # channels (diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads; the
@@ -58,7 +59,8 @@ def _tiny_motion_adapter():
 
     return MotionAdapter(block_out_channels=_UNET_CHANNELS, motion_layers_per_block=1,
                          motion_mid_block_layers_per_block=1, motion_num_attention_heads=2,
-                         motion_norm_num_groups=_GROUPS, motion_max_seq_length=32, use_motion_mid_block=True)
+                         motion_norm_num_groups=_GROUPS, motion_max_seq_length=TINY_MOTION_MAX_SEQ_LENGTH,
+                         use_motion_mid_block=True)
 
 
 def _tiny_vae():

@@ -87,6 +87,16 @@ class AnimateDiffFamily(Family):
     def size_multiple(self):
         return int(self.pipe.vae_scale_factor) * 2 ** (len(self.denoiser.config.block_out_channels) - 1)
 
+    def check_window(self, frames: int, name: str = "frames_per_window") -> int:
+        """`frames` if the motion modules take a clip that long, else ValueError naming `name`: their
+        learned positional embedding has ``motion_max_seq_length`` rows (32 in AnimateDiff's
+        adapters), and a longer clip fails deep inside the UNet with a shape error."""
+        limit = getattr(self.denoiser.config, "motion_max_seq_length", None)
+        if limit is not None and frames > int(limit):
+            raise ValueError(f"{name}: AnimateDiff's motion modules take clips of at most motion_max_seq_length = "
+                             f"{int(limit)} frames (their positional embedding has that many rows); got {frames}")
+        return frames
+
     # prompts and the denoiser ------------------------------------------------------------------
     def encode_prompt(self, prompt, negative_prompt, cfg, device, max_sequence_length=None):
         """(CLIP's fixed prompt length: `max_sequence_length` does not apply.)"""
