@@ -6,6 +6,10 @@ import json
 
 import pytest
 import torch
+# transformers binds its log handler to the stderr of its first import: importing it here (not
+# inside a test whose captured stderr is closed afterwards) keeps its notes about a missing
+# torchvision, logged once whichever case first loads a CLIP model, out of the checked stderr
+import transformers  # noqa: F401
 
 from longvideo.cli import main, out_of_memory
 
@@ -95,6 +99,15 @@ MISTAKES = {
     "fifo_window_beyond_motion_modules": (
         _gen("--fifo-family", "animatediff", "--fifo-window", "33", "--num-frames", "48", "--out", "{d}/v.mp4"),
         "--fifo-window 33: AnimateDiff's motion modules take clips of at most 32 frames", True),
+    # direct / FreeLOC: beyond the transformer's RoPE table diffusers failed with a shape-error traceback
+    "direct_frames_beyond_rope_table": (
+        _gen("--method", "direct", "--num-frames", "100001", "--out", "{d}/v.mp4"),
+        "--num-frames 100001: 25001 latent frames, more than the 1024 the transformer's RoPE table covers "
+        "(rope_max_seq_len = 1024); at most 4093 frames", True),
+    "freeloc_frames_beyond_checkpoint_rope_table": (
+        _gen("--method", "freeloc", "--model", "{d}/wan", "--num-frames", "45", "--out", "{d}/v.mp4"),
+        "--num-frames 45: 12 latent frames, more than the 10 the transformer's RoPE table covers (rope_max_seq_len = "
+        "10); at most 37 frames", True),
     # `longvideo plan`: what generate would refuse, refused too; nothing silently ignored
     "plan_overlap_not_below_chunk": (["plan", "--method", "enhance", "--overlap-frames", "30"],
                                      "--overlap-frames 30: must be smaller than --chunk-frames 24", True),
@@ -151,6 +164,9 @@ def files(tmp_path):
     (tmp_path / "wan" / "scheduler").mkdir(parents=True)
     (tmp_path / "wan" / "model_index.json").write_text(json.dumps({"_class_name": "WanPipeline"}))
     (tmp_path / "wan" / "scheduler" / "scheduler_config.json").write_text(json.dumps({"num_train_timesteps": 100}))
+    (tmp_path / "wan" / "transformer").mkdir()
+    (tmp_path / "wan" / "transformer" / "config.json").write_text(json.dumps({"rope_max_seq_len": 10,
+                                                                              "patch_size": [1, 2, 2]}))
     return tmp_path
 
 
@@ -293,3 +309,20 @@ def test_blending_chunk_starts_refuses_an_overlap_that_does_not_advance():
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("frames,ok", [(4093, True), (4097, False), (None, True)])
+def test_direct_frame_limit_is_the_rope_table(frames, ok):
+    """The last frame count the tiny Wan transformer's 1024 RoPE positions take is 4093 (1024
+    latent frames); 4097 is one latent frame more."""
+    import argparse
+
+    from longvideo.cli._common import UsageError
+    from longvideo.cli.generate_freeloc import check_frames_before_loading
+
+    args = argparse.Namespace(num_frames=frames, model=None)
+    if ok:
+        check_frames_before_loading(args)
+    else:
+        with pytest.raises(UsageError, match="1025 latent frames, more than the 1024"):
+            check_frames_before_loading(args)

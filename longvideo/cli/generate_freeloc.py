@@ -2,7 +2,9 @@
 (``--freeloc-*``) or without it; prints the time per step."""
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from . import _fit, _image
 from ._common import (VIDEO_SUFFIXES, UsageError, backend_setting, check_size_multiple, check_sizes_before_loading,
@@ -76,6 +78,30 @@ def check_frame_count(num_frames: int, temporal: int) -> None:
                          f"(e.g. {max(lo, 1)} or {lo + temporal})")
 
 
+WAN_ROPE_MAX_SEQ_LEN = 1024  # diffusers' WanTransformer3DModel default (rope_max_seq_len), the tiny models'
+
+
+def check_frames_before_loading(args) -> None:
+    """--num-frames within the positions of the transformer's RoPE table (``rope_max_seq_len`` of
+    --model's transformer/config.json, else diffusers' default 1024, over patch_size[0] latent
+    frames per position): beyond it diffusers fails inside the transformer with a shape error."""
+    if not args.num_frames:
+        return
+    limit, patch = WAN_ROPE_MAX_SEQ_LEN, 1
+    if args.model is not None:
+        try:
+            config = json.loads((Path(args.model) / "transformer" / "config.json").read_text())
+            limit = int(config.get("rope_max_seq_len") or limit)
+            patch = int((config.get("patch_size") or [1])[0])
+        except (OSError, ValueError, TypeError, AttributeError, IndexError):
+            pass  # the loader says what is wrong with the folder
+    latent = (args.num_frames - 1) // 4 + 1  # Wan's VAEs: 4 frames per latent frame after the first
+    if -(-latent // patch) > limit:
+        most = 4 * (limit * patch - 1) + 1
+        raise UsageError(f"--num-frames {args.num_frames}: {latent} latent frames, more than the {limit * patch} the "
+                         f"transformer's RoPE table covers (rope_max_seq_len = {limit}); at most {most} frames")
+
+
 def generation_defaults(args, tiny: bool) -> dict:
     return dict(
         num_frames=args.num_frames or (33 if tiny else 161),
@@ -101,6 +127,7 @@ def load_wan(args, command: str, allow_image: bool = False):
     if allow_image:
         _image.check_family(args, family, command)
     check_sizes_before_loading(args, family)
+    check_frames_before_loading(args)
     dtype = torch_dtype(args.dtype) or torch_dtype("bfloat16" if is_cuda(args.device) else "float32")
     kind = "i2v" if image is not None and family == "wan22_ti2v" else "t2v"  # TI2V's image mode
     pipe = load_pipeline(args, family, kind, dtype=dtype, seed=args.seed)
