@@ -108,6 +108,17 @@ MISTAKES = {
         _gen("--method", "freeloc", "--model", "{d}/wan", "--num-frames", "45", "--out", "{d}/v.mp4"),
         "--num-frames 45: 12 latent frames, more than the 10 the transformer's RoPE table covers (rope_max_seq_len = "
         "10); at most 37 frames", True),
+    # story's id bank options, before anything is loaded (they were refused after the settings line,
+    # naming the library's arguments, and a bare number was taken as bytes)
+    "story_bank_budget_bare_number": (["story", "{d}/two_lines.txt", "--device", "cpu", "--story-bank-budget", "24"],
+                                      "--story-bank-budget: expected a size with its unit", True),
+    "story_bank_budget_percent_beyond": (["story", "{d}/two_lines.txt", "--device", "cpu", "--story-bank-budget",
+                                          "200%"], "a percentage of the GPU's memory must be in [0, 100]", True),
+    "story_bank_unknown": (["story", "{d}/two_lines.txt", "--device", "cpu", "--story-bank", "bogus"],
+                           "--story-bank 'bogus': expected auto, cpu, cuda, cuda:N, none or a .safetensors file", True),
+    "story_bank_budget_without_auto": (["story", "{d}/two_lines.txt", "--device", "cpu", "--story-bank", "cpu",
+                                        "--story-bank-budget", "1GB"],
+                                       "--story-bank-budget applies to --story-bank auto only", True),
     # `longvideo plan`: what generate would refuse, refused too; nothing silently ignored
     "plan_overlap_not_below_chunk": (["plan", "--method", "enhance", "--overlap-frames", "30"],
                                      "--overlap-frames 30: must be smaller than --chunk-frames 24", True),

@@ -2,6 +2,7 @@
 comic.png and story.json in --out (default story_out/)."""
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from pathlib import Path
@@ -10,11 +11,52 @@ from . import _fit
 from ._common import (UsageError, add_common_generation, apply_backend, check_folder, checkpoint_family, input_file,
                       is_cuda, load_pipeline, nonnegative_int, output_folder, positive_int, resolve_device,
                       torch_dtype, unit_interval, user_errors, backend_setting, check_size_multiple,
-                      check_sizes_before_loading, pipeline_size_multiple, print_settings, refuse_inapplicable)
+                      check_sizes_before_loading, memory_size, pipeline_size_multiple, print_settings,
+                      refuse_inapplicable)
 
 HELP = "StoryDiffusion comic from a story file"
 SCHEDULES = ("official_app", "low_vram")   # longvideo.processors.consistent.SCHEDULES
 LAYERS = ("up", "up+mid", "all")
+
+
+_PERCENT = re.compile(r"\s*((?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?)\s*%\s*", re.IGNORECASE)
+_ZERO_SIZE = re.compile(r"\s*0*\.?0*\s*(b|kb|mb|gb|tb|kib|mib|gib|tib)\s*", re.IGNORECASE)  # memory_size: > 0
+
+
+def bank_budget(text):
+    """argparse type: the auto id bank's GPU budget, a size with its unit ("2GiB", "512MB"; 0 keeps
+    every entry in host memory) or a percentage of the GPU's memory in [0, 100] ("10%"); a bare
+    number is refused (it would be bytes, never what is meant: the --fit rule)."""
+    m = _PERCENT.fullmatch(str(text))
+    if m is not None:
+        if not 0 <= float(m.group(1)) <= 100:
+            raise argparse.ArgumentTypeError(f"a percentage of the GPU's memory must be in [0, 100], got {text!r} "
+                                             "(StoryDiffusion's bank_gpu_budget)")
+        return text
+    if _ZERO_SIZE.fullmatch(str(text)):
+        return text
+    try:
+        return memory_size(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, or a percentage such as 10% (StoryDiffusion's "
+                                         "bank_gpu_budget)") from None
+
+
+bank_budget.__name__ = "budget"
+
+
+def check_bank_options(args) -> None:
+    """--story-bank is auto, none, a device or a .safetensors file, and --story-bank-budget goes
+    with auto only: refused before loading (the library refused them after the settings line,
+    naming its own arguments)."""
+    bank = str(args.story_bank).strip()
+    device = re.fullmatch(r"cpu|cuda(:\d+)?", bank)
+    if not (bank in ("auto", "none", "") or device or bank.lower().endswith(".safetensors")):
+        raise UsageError(f"--story-bank {args.story_bank!r}: expected auto, cpu, cuda, cuda:N, none or a "
+                         ".safetensors file")
+    if args.story_bank_budget is not None and bank != "auto":
+        raise UsageError(f"--story-bank-budget applies to --story-bank auto only (the budget of its GPU part), "
+                         f"not to --story-bank {args.story_bank}")
 
 
 def add_arguments(p) -> None:
@@ -45,9 +87,9 @@ def add_arguments(p) -> None:
     p.add_argument("--story-bank", default="auto",
                    help="where id banks live: auto (default: on the GPU up to --story-bank-budget, the rest "
                         "in pinned host memory), cuda, cpu, or a .safetensors file")
-    p.add_argument("--story-bank-budget", default=None,
-                   help="GPU budget of the auto id bank: bytes, e.g. 2GiB / 512MiB, or a percentage of the "
-                        "GPU's memory, e.g. 10%% (default 10%%)")
+    p.add_argument("--story-bank-budget", type=bank_budget, default=None,
+                   help="GPU budget of the auto id bank: a size with its unit, e.g. 2GiB / 512MB, or a percentage "
+                        "of the GPU's memory, e.g. 10%% (default 10%%)")
     p.add_argument("--story-save-bank", default=None, help="save the id banks here (.safetensors)")
     p.add_argument("--story-load-bank", default=None, help="continue a story: load id banks from this file")
     p.add_argument("--story-negative-prompt", default=None, help="negative prompt (default: none)")
@@ -97,6 +139,7 @@ def run(args) -> int:
 
     refuse_inapplicable(args, add_arguments, lambda dest: dest != "num_frames",
                         "`longvideo story` (one image per story line)")
+    check_bank_options(args)
     args.device = resolve_device(args.device)
     apply_backend(args.backend, args.device)
     with user_errors():
