@@ -58,6 +58,13 @@ def user_errors(*types, what: Optional[str] = None):
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are UsageErrors (one line, exit status 2, via main)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # argparse takes only plain negative numbers as values: `--fit -24GB` or `--story-bank-budget
+        # -5%` were "expected one argument". No option here starts with a dash and a digit, so
+        # such a word is a value, and the option's own check says what is wrong with it.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
     def error(self, message):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
