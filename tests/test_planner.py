@@ -6,6 +6,10 @@ Four levels, each with a stated tolerance:
   catches a deliberately doubled allocation;
 * one model call (activations.*) against the tracker on CPU, tiny and mid-size models (real
   Wan2.1-1.3B widths for one layer, the real Wan2.1 VAE widths): within CALL_TOL (5%);
+* one rank of context parallelism (a stubbed 2-rank world in one process): the Wan call with
+  the dense and FreeLOC processors within CALL_TOL; Ouroboros' processors (a window call, the
+  initial clip's call) within CP_CALL_TOL (2%), its guidance pass within CALL_TOL, and whole
+  Ouroboros runs (SACFA, guidance, both) within CALL_TOL;
 * whole methods (plan(...)) against the tracker on CPU: FIFO, Ouroboros with self-recurrent
   guidance, StoryDiffusion with its id bank, FreeLOC: within METHOD_TOL (15%, the target);
   Ouroboros' guidance pass (the conditional half with autograd, parameters frozen, stopped after
@@ -46,6 +50,7 @@ def _one_thread():
 
 CALL_TOL = 0.05
 METHOD_TOL = 0.15
+CP_CALL_TOL = 0.02
 MiB = 2 ** 20
 
 
@@ -241,6 +246,9 @@ class _StubWorld:
 
     all_gather_single = all_gather_into_tensor
 
+    def all_reduce(self, x, group=None):
+        """In place (the sum over ranks; allocates nothing): Ouroboros' guidance gradient."""
+
 
 def _measure_one_rank(monkeypatch, tr, cfg, world, B, F, h, w, dtype, timestep, freeloc_modes=None, grad=False):
     """Tracker peak of rank 0 of `world` context-parallel ranks running `tr` (FreeLOC's processors
@@ -307,7 +315,8 @@ def test_one_context_parallel_rank_matches_tracker(monkeypatch, size, attn, dtyp
     assert abs(_err(predict(1).peak, measured)) > METHOD_TOL
     if timestep == "scalar":
         # broken: the all-to-alls' send copies and receive buffers left out (the result only)
-        monkeypatch.setattr(A, "_all_to_all", lambda sim, x, e, tag, copies: sim.new(x.numel, e, tag))
+        monkeypatch.setattr(A, "_all_to_all", lambda sim, x, e, tag, copies, send_copies=True:
+                            sim.new(x.numel, e, tag))
         assert abs(_err(predict(2).peak, measured)) > CALL_TOL
 
 
@@ -326,10 +335,198 @@ def test_context_parallel_plan_is_per_rank_and_refuses_what_it_does_not_model():
         plan("direct", "wan2.1-t2v-1.3b", 480, 832, 81, context_parallel=5)
     with pytest.raises(ValueError, match="context_parallel must be a positive"):
         plan("direct", "wan2.1-t2v-1.3b", 480, 832, 81, context_parallel=0)
-    with pytest.raises(ValueError, match="Ouroboros' processors"):
-        plan("ouroboros", "wan2.1-t2v-1.3b", 480, 832, 81, context_parallel=2)
+    # Ouroboros with its processors: per rank too (the guided window's guidance pass and window
+    # call shrink; the queue, its subject maps and the VAE cache are every rank's)
+    o1 = plan("ouroboros", "wan2.1-t2v-1.3b", 480, 832, 81)
+    o2 = plan("ouroboros", "wan2.1-t2v-1.3b", 480, 832, 81, context_parallel=2)
+    g1, g2 = o1.phase("guided window"), o2.phase("guided window")
+    assert g2.by_kind("state") == g1.by_kind("state") and g2.by_kind("weights") == g1.by_kind("weights")
+    assert g2.detail["guidance pass"] < 0.7 * g1.detail["guidance pass"]
+    assert g2.detail["window call"] < 0.7 * g1.detail["window call"]
+    # two experts (Wan 2.2 A14B): each expert's guided window per rank
+    e1 = plan("ouroboros", "wan2.2-t2v-a14b", 480, 832, 81)
+    e2 = plan("ouroboros", "wan2.2-t2v-a14b", 480, 832, 81, context_parallel=2)
+    for name in ("guided window", "guided window (transformer_2)"):
+        assert e2.phase(name).detail["guidance pass"] < 0.7 * e1.phase(name).detail["guidance pass"]
     with pytest.raises(ValueError, match="not 'story'"):
         plan("story", "sdxl", 1024, 1024, context_parallel=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ouroboros' processors on one rank of context parallelism (the stubbed 2-rank world above):
+# CP_CALL_TOL (2%) for one call through them: their send / receive buffers are ~5% of these
+# small calls' peaks, so a tolerance of 5% could not tell a walk without them (measured: every
+# call within 0.7%)
+# its window call (CFG batch 2, subject maps of every cross-attention layer, the subject keys of
+# the feature layers recorded: SACFA's and the bank window's call), its guidance pass (autograd
+# through the all-to-alls) and whole runs
+def _ouroboros_call_one_rank(monkeypatch, tr, cfg, world, B, F, h, w, dtype, timestep, window, feats):
+    """Tracker peak of rank 0 of `world` ranks running `tr` with Ouroboros' processors: a window
+    call (`window`: subject maps recorded, the keys of `feats` recorded) or a call with the
+    processors inactive (the initial clip's)."""
+    from longvideo import parallel as CP
+    from longvideo.processors.ouroboros import OuroborosContext, apply_ouroboros_processors
+
+    monkeypatch.setattr(CP, "dist", _StubWorld(world))
+    sp = CP.SequenceParallel(tr).install()
+    ctx = OuroborosContext((h, w))
+    patch = apply_ouroboros_processors(tr, ctx)
+    if window:
+        ctx.begin(frames=F, masks=torch.ones(F, h, w, dtype=torch.bool), sacfa=True, use_op=False, record_maps=True,
+                  feature_layers=feats)
+        ctx.subject_ids = [1, 2]
+    try:
+        return _wan_measure(tr, cfg, B, F, h, w, 32, dtype, timestep)
+    finally:
+        ctx.end()
+        patch.remove()
+        sp.remove()
+
+
+@pytest.mark.parametrize("size", ["tiny", "mid"])
+@pytest.mark.parametrize("call,dtype", [("window", torch.float32), ("window", torch.bfloat16),
+                                        ("clip", torch.float32)])
+def test_ouroboros_call_one_context_parallel_rank_matches_tracker(monkeypatch, size, call, dtype):
+    """Ouroboros' processors on rank 0 of 2 (OuroborosWanProcessor's own all-to-alls), within
+    CP_CALL_TOL of the tracker: a window call ("window": CFG batch 2, per-token timesteps, subject
+    maps, block 0's keys recorded) and a call with the processors inactive ("clip": the initial
+    clip's, batch 1, one timestep); the FFN as wide as the model so self-attention can lead. The
+    whole-sequence prediction misses by more than METHOD_TOL; in float32, where the peak falls at
+    block 0's all-to-alls, a walk without their send and receive buffers by more than CP_CALL_TOL
+    (it misses by 4.6-5.3% here: the buffers are that share of these small calls' peaks)."""
+    from diffusers import WanTransformer3DModel
+
+    from longvideo.models.wan import _cast_transformer
+
+    base = _WAN_TINY if size == "tiny" else _WAN_MID
+    cfg = dict(base, ffn_dim=base["num_attention_heads"] * base["attention_head_dim"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tr = WanTransformer3DModel(**cfg).eval()
+    if dtype != torch.float32:
+        _cast_transformer(tr, dtype)
+    window = call == "window"
+    B, F, h, w = (2 if window else 1), 5, 8, 16
+    timestep = "token" if window else "scalar"
+    feats = ("blocks.0.attn1.processor",) if window else ()
+    measured = _ouroboros_call_one_rank(monkeypatch, tr, cfg, 2, B, F, h, w, dtype, timestep, window, feats)
+    arch = A.WanArch.from_config(cfg)
+
+    def predict(n):
+        sim = Sim()
+        A.wan_call(sim, arch, A.WanCall(B, F, h, w, 32, dtype.itemsize, timestep, self_attn="ouroboros",
+                                        feature_layers=feats, record_maps=window, context_parallel=n), A.CPU)
+        return sim
+
+    sim = predict(2)
+    assert abs(_err(sim.peak, measured)) < CP_CALL_TOL, (sim.peak, measured, sim.peak_where)
+    assert abs(_err(predict(1).peak, measured)) > METHOD_TOL
+    if dtype == torch.float32:      # bfloat16's window call peaks at the modulation, past the all-to-alls
+        assert "block 0 self-attention" in sim.peak_where
+        monkeypatch.setattr(A, "_all_to_all", lambda sim, x, e, tag, copies, send_copies=True:
+                            sim.new(x.numel, e, tag))
+        assert abs(_err(predict(2).peak, measured)) > CP_CALL_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ouroboros_guidance_pass_one_context_parallel_rank_matches_tracker(monkeypatch, dtype):
+    """The guidance pass (test_wan_guidance_pass_matches_tracker's: 8 blocks, 8 heads of 64,
+    feature layers blocks 0-1) on rank 0 of 2: the forward through the all-to-alls with autograd,
+    the graph left for the backward (this rank's heads of the recorded keys and what the layers
+    before saved) and the backward (coarse; through the keys' all-to-all and block 0's FFN, S/N
+    tokens) each within CALL_TOL (measured: forward -0.1% / -0.5%, graph -1.7% / -2.8%, backward
+    +3.7% / -4.0% in float32 / bfloat16). A call of the transformer first, as in a run: the
+    SequenceParallel then holds the previous call's RoPE tables, which the pass's replace. The
+    whole-sequence forward misses by more than METHOD_TOL."""
+    from diffusers import WanTransformer3DModel
+
+    from longvideo import parallel as CP
+    from longvideo.models.wan import _cast_transformer
+
+    cfg = dict(_WAN_TINY, num_attention_heads=8, attention_head_dim=64, ffn_dim=2048, num_layers=8, in_channels=16,
+               out_channels=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tr = WanTransformer3DModel(**cfg).eval()
+    if dtype != torch.float32:
+        _cast_transformer(tr, dtype)
+    F, h, w, T = 3, 8, 16, 32
+    monkeypatch.setattr(CP, "dist", _StubWorld(2))
+    sp = CP.SequenceParallel(tr).install()
+    got = {}
+    tk = LiveTensorTracker()
+
+    def mark(stage):
+        if stage == "start":
+            got["base"] = tk.current
+        elif stage == "stopped":
+            got["forward"], got["graph"] = tk.peak - got["base"], tk.current - got["base"]
+        else:
+            got["backward"] = tk.peak - got["base"]
+        tk.reset_peak()
+
+    try:
+        _wan_measure(tr, cfg, 1, F, h, w, T, dtype, "token")
+        with tk:
+            feats = _wan_guidance_pass(tr, F, h, w, T, mark)
+    finally:
+        sp.remove()
+    arch = A.WanArch.from_config(cfg)
+
+    def predict(n):
+        return A.wan_guidance_pass(Sim(grad=True, frozen=True), arch, A.WanCall(
+            1, F, h, w, T, dtype.itemsize, "token", self_attn="ouroboros", use_op=True, feature_layers=tuple(feats),
+            stop_after=len(feats) - 1, context_parallel=n), A.CPU)
+
+    pred = predict(2)
+    tol = {"forward": CALL_TOL, "graph": CALL_TOL, "backward": CALL_TOL}
+    bad = [(k, pred[k], got[k]) for k in tol if abs(_err(pred[k], got[k])) > tol[k]]
+    assert not bad, (bad, pred, got)
+    assert abs(_err(predict(1)["forward"], got["forward"])) > METHOD_TOL
+
+
+@pytest.mark.parametrize("sacfa,guidance", [(True, False), (False, True), (True, True)])
+def test_ouroboros_run_on_one_context_parallel_rank_matches_tracker(wan_pipes, monkeypatch, sacfa, guidance):
+    """Ouroboros runs (the mid Wan pipeline, 2 partitions, 4 iterations: the subject maps from the
+    first, guidance with its gradient from the third) on rank 0 of 2 ranks splitting every
+    window's sequence (enable_context_parallel under the stubbed world; distributed=False: every
+    window on this rank, as one Ulysses group runs them): the run's peak -- a window call, or the
+    guided window -- against plan(context_parallel=2) within CALL_TOL; with guidance the guided
+    window, the guidance pass's forward, the graph it leaves and its backward each within CALL_TOL
+    too. The whole-sequence plan misses the run's peak by more than METHOD_TOL. (At these sizes the
+    peak falls in block 0's cross-attention, at the subject maps of 226 text tokens x every head,
+    not at the all-to-alls: their buffers are checked per call above.)"""
+    from longvideo import parallel as CP
+    from longvideo.methods.fifo import OuroborosDiffusion
+
+    pipe = wan_pipes["mid"]
+    monkeypatch.setattr(CP, "dist", _StubWorld(2))
+    cp = CP.enable_context_parallel(pipe)
+    try:
+        fifo = OuroborosDiffusion(pipe, num_partitions=2, subject_words=["cat"], sacfa=sacfa,
+                                  self_recurrent_guidance=guidance, distributed=False)
+        rec = _run_measuring_guidance(fifo, monkeypatch, prompt="a red cat walking", num_frames=40, height=64,
+                                      width=64, stop_after_iterations=4)
+    finally:
+        cp.remove()
+    assert (rec["passes"] > 0 and "backward" in rec) == guidance, rec
+
+    def predict(n):
+        return plan("ouroboros", spec_from_pipeline(pipe), 64, 64, 40, torch.float32, device="cpu", num_partitions=2,
+                    sacfa=sacfa, guidance=guidance, context_parallel=n)
+
+    p = predict(2)
+    assert p.peak_phase.name in ("iteration", "guided window"), p.summary()
+    checks = [("run", p.peak_phase.beyond_weights, rec["overall"], CALL_TOL)]
+    if guidance:
+        d = p.phase("guided window").detail
+        checks += [("guided window", max(d["guidance pass"], d["window call"]), rec["guided window"], CALL_TOL),
+                   ("pass", d["guidance pass"], rec["pass"], CALL_TOL),
+                   ("graph", d["guidance pass graph"], rec["graph"], CALL_TOL),
+                   ("backward", d["guidance pass backward"], rec["backward"], CALL_TOL)]
+    bad = [(name, pred, measured) for name, pred, measured, tol in checks if abs(_err(pred, measured)) > tol]
+    assert not bad, (bad, p.summary())
+    assert abs(_err(predict(1).peak_phase.beyond_weights, rec["overall"])) > METHOD_TOL
 
 
 def _wan_guidance_pass(tr, F, h, w, T, mark):
@@ -1010,6 +1207,11 @@ def test_cli_hooks_plan_and_fit(capsys):
     assert run_plan(args) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["sizes"]["context_parallel"] == 4
+    args = parser.parse_args(["--method", "ouroboros", "--model", "wan2.1-t2v-1.3b", "--context-parallel", "2",
+                              "--json"])
+    assert run_plan(args) == 0                 # SACFA and guidance on by default: planned per rank
+    data = json.loads(capsys.readouterr().out)
+    assert data["sizes"]["context_parallel"] == 2 and "guided window" in [ph["name"] for ph in data["phases"]]
 
 
 # ---------------------------------------------------------------------------------------------

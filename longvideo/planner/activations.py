@@ -314,10 +314,13 @@ def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> Optional[l
     block holds S/N tokens outside self-attention; self-attention projects S/N tokens, turns q, k, v
     into all S tokens x H/N heads (per tensor: the send copy, the receive buffer and, for a batch
     above 1, the reshape copy), runs the attention (dense: ``UlyssesAttnProcessor``, RoPE of all
-    channels through ``apply_rope_channels``; FreeLOC: the op with an H/N-head workspace), and
-    back (send copy, receive buffer, reshape copy); ``proj_out``'s output is gathered to the whole
-    sequence. Diffusers' SDPA processor, FreeLOC's processors; not Ouroboros' processors nor
-    SkyReels-V2's per-frame timesteps (ValueError)."""
+    channels through ``apply_rope_channels``; FreeLOC: the op with an H/N-head workspace;
+    Ouroboros: :func:`_wan_self_attention_ouroboros_ulysses`, its recorded keys this rank's H/N
+    heads), and back (send copy -- none for SDPA's output at batch 1, already in the send layout --,
+    receive buffer, reshape copy); cross-attention per token on S/N tokens (Ouroboros' subject map
+    of the rank's tokens); ``proj_out``'s output is gathered to the whole sequence. Diffusers' SDPA
+    processor, FreeLOC's and Ouroboros' processors; not SkyReels-V2's per-frame timesteps
+    (ValueError)."""
     B, e, d, T = c.batch, c.itemsize, a.dim, c.text_len
     S = a.tokens(c.frames, c.height, c.width)
     n_cp = _check_context_parallel(a, c, S)
@@ -326,15 +329,20 @@ def wan_call(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> Optional[l
     token_mod = c.timestep in ("token", "frame")
     lean = c.lean and not sim.grad      # the patch's in-place path runs without autograd only
     sim.where = "embed"
-    rope = [sim.new(S_all * a.head_dim, F32, "rope") for _ in range(2)]   # (1, S, 1, D) cos, sin
+    # (1, S, 1, D) cos, sin; under context parallelism the SequenceParallel keeps the whole tables
+    # (rotary_full) until the next call's replace them: counted here, inside each call, as in a
+    # run's steady state (a process's first call, or one stopped part-way, leaves them alive after)
+    rope = [sim.new(S_all * a.head_dim, F32, "rope") for _ in range(2)]
     conv = sim.new(B * S_all * d, e, "hidden")                         # patch embedding
     hidden = sim.new(B * S_all * d, e, "hidden")                       # .contiguous() copy
     sim.free(conv)
     whole = None
     if n_cp > 1:      # blocks[0]'s pre-hook passes a view (this rank's slice) of the whole sequence
-        whole, hidden = hidden, sim.external(X, e, "hidden")
-        if e == F32:
-            sim.save(whole)   # the first norm saves its float32 input: the view keeps the whole storage
+        whole = hidden
+        # float32: block 0's `.float()` of the slice is the slice itself, so what its norm saves
+        # (and its residual adds) is the view, which keeps the whole storage: an alias of it here;
+        # other dtypes: block 0's float32 copies are the slice's size (an uncounted input)
+        hidden = sim.ref(whole) if e == F32 else sim.external(X, e, "hidden")
     mask = None
     if a.skyreels and a.num_frame_per_block > 1 and c.timestep == "frame":
         mask = sim.new(S * S, 1, "attention mask")                     # block-causal (S, S) bool
@@ -493,7 +501,10 @@ def wan_guidance_pass(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> d
 
     The forward is mirrored op by op (``wan_call``). The backward is coarse, two points: (1) the
     stop block's backward with the whole graph alive and five float32 (B, S, d) gradients in
-    flight (the keys', the RMSNorm's, the norm's: CPU's composite RMSNorm backward); (2) the FFN
+    flight (the keys', the RMSNorm's, the norm's: CPU's composite RMSNorm backward; under
+    ``c.context_parallel`` N, S is this rank's S/N tokens, and before them the keys' gradient
+    goes back through the all-to-all: its receive buffer and reshape copy, a send copy for a batch
+    above 1); (2) the FFN
     of the block before (when there is one), the stop block's saved tensors freed, with the two
     (B, S, ffn) gradients of its hidden layer and three float32 (B, S, d) ones (the residual
     stream's). On CPU (tiny and mid widths, float32 and bfloat16) both within 5% of the tracker.
@@ -509,9 +520,15 @@ def wan_guidance_pass(sim: Sim, a: WanArch, c: WanCall, dev: Device = CUDA) -> d
     at_fwd = (sim.peak, sim.peak_where, sim.peak_tags)
     sim.peak = sim.current
     B = c.batch
-    S = a.tokens(c.frames, c.height, c.width)
+    S = a.tokens(c.frames, c.height, c.width) // max(1, c.context_parallel)   # this rank's tokens
     X = B * S * a.dim
     sim.where = f"backward through block {c.stop_after} attn1"
+    if c.context_parallel > 1:
+        # the keys' gradient (all S tokens x H/N heads) back through the all-to-all's backward
+        # (sequence_to_heads: send copy, receive buffer, reshape copy unless B * S/N is 1)
+        gk = sim.new(X, c.itemsize, "gradients")
+        gl = _all_to_all(sim, gk, c.itemsize, "gradients", B * S > 1, send_copies=B > 1)
+        sim.free(gk, gl)
     g = sim.new(5 * X, F32, "gradients")
     sim.free(g)
     if c.stop_after >= 1:
@@ -550,20 +567,23 @@ def _check_context_parallel(a: WanArch, c: WanCall, S: int) -> int:
     if S % n:
         raise ValueError(f"context_parallel={n}: a sequence of {S} tokens is not divisible by it "
                          "(choose frames / size so that frames x tokens per frame is)")
-    if c.self_attn not in ("sdpa", "freeloc"):
-        raise ValueError(f"context_parallel={n} is modelled for the dense (Ulysses) and FreeLOC processors, "
-                         f"not for self_attn={c.self_attn!r}")
+    if c.self_attn not in ("sdpa", "freeloc", "ouroboros"):
+        raise ValueError(f"context_parallel={n} is modelled for the dense (Ulysses), FreeLOC and Ouroboros "
+                         f"processors, not for self_attn={c.self_attn!r}")
     if c.timestep == "frame":
         raise ValueError(f"context_parallel={n} is not modelled for per-frame timesteps (SkyReels-V2)")
     return n
 
 
-def _all_to_all(sim: Sim, x, e: int, tag: str, reshape_copies: bool):
+def _all_to_all(sim: Sim, x, e: int, tag: str, reshape_copies: bool, send_copies: bool = True):
     """longvideo.parallel's heads_to_sequence / sequence_to_heads on one rank: the contiguous send
     copy, the receive buffer (both the size of `x`), the send copy dropped as the function returns;
     the result a view of the receive buffer, or a copy of it when the final reshape cannot view
-    (``reshape_copies``). Returns the result; `x` is not freed."""
-    send = sim.new(x.numel, e, tag)
+    (``reshape_copies``). ``send_copies`` False: the permuted input is contiguous already, so
+    ``.contiguous()`` returns it (sequence_to_heads of an attention output laid out (B, S, H, D)
+    in memory, as SDPA and consistent_attention return it, for a batch of 1). Returns the result;
+    `x` is not freed."""
+    send = sim.new(x.numel, e, tag) if send_copies else None
     recv = sim.new(x.numel, e, tag)
     if reshape_copies:
         out = sim.new(x.numel, e, tag)
@@ -585,6 +605,8 @@ def _wan_self_attention(sim: Sim, a: WanArch, c: WanCall, dev: Device, nh, B: in
     proc = c.self_attn
     if proc == "freeloc" and mode in (None, "none"):
         proc = "sdpa"
+    if n_cp > 1 and proc == "ouroboros":
+        return _wan_self_attention_ouroboros_ulysses(sim, a, c, dev, nh, B, S, layer, downstream, n_cp)
     if n_cp > 1:
         return _wan_self_attention_ulysses(sim, a, c, dev, nh, B, S, mode, proc, n_cp)
     keep = []
@@ -692,11 +714,62 @@ def _wan_self_attention_ulysses(sim: Sim, a: WanArch, c: WanCall, dev: Device, n
         o = _attention_out(sim, qr, kr, v, X, e, "attention")
         sim.free(qr, kr)
     # local_sequence: (B, S, H/N, D) -> (B, S/N, H, D); the reshape merging the ranks' heads copies
-    # unless B * S/N is 1
-    out = _all_to_all(sim, o, e, "attention", B * S > 1)
+    # unless B * S/N is 1; SDPA's output is laid out (B, S, H/N, D) in memory, so for a batch of 1
+    # the send buffer is the output itself (the op's is (B, H/N, S, D): a send copy)
+    out = _all_to_all(sim, o, e, "attention", B * S > 1, send_copies=proc == "freeloc" or B > 1)
     sim.free(o)
     proj = _linear(sim, out, X, e, "attention")                    # to_out[0]
     sim.free(out, q, k, v)
+    return proj
+
+
+def _wan_self_attention_ouroboros_ulysses(sim: Sim, a: WanArch, c: WanCall, dev: Device, nh, B: int, S: int,
+                                          layer: int, downstream: Optional[list], n_cp: int):
+    """attn1 through ``OuroborosWanProcessor`` on one rank of Ulysses over n_cp ranks
+    (longvideo/processors/ouroboros.py with longvideo/parallel.py's split): q, k, v projected and
+    normed on this rank's S/N tokens, the three all-to-alls to all S tokens x H/N heads (each:
+    send copy, receive buffer, a reshape copy for a batch above 1; under autograd the all-to-all
+    is a ``torch.autograd.Function`` that saves nothing, so the local q, k, v die with the
+    processor's rebinding), the recorded subject keys of a feature layer = this rank's H/N heads
+    of every token (a view of the gathered k, held by the context), Wan's interleaved RoPE on the
+    gathered q, k, the attention (SDPA, or ``consistent_attention`` in guided calls) on H/N heads,
+    the all-to-all back (reshape copy unless B * S/N is 1) and ``to_out``. downstream: as in
+    :func:`_wan_self_attention` (the saved tensors the recorded keys do not depend on)."""
+    e = c.itemsize
+    H, D = a.heads, a.head_dim
+    X = B * S * H * D                                 # S: this rank's S/N tokens; every tensor here has X elements
+    m0 = sim.mark()
+    ql = _linear(sim, nh, X, e, "attention")
+    q = _rms_norm(sim, ql, e, dev, "attention")
+    sim.free(ql)
+    q_saved = sim.saved_since(m0)
+    kl = _linear(sim, nh, X, e, "attention")
+    k = _rms_norm(sim, kl, e, dev, "attention")
+    sim.free(kl)
+    v = _linear(sim, nh, X, e, "attention")
+    # sp.full_sequence: (B, S/N, H, D) -> (B, S, H/N, D), q, k, v in turn; the processor holds the
+    # local tensors until all three return
+    qa, ka, va = (_all_to_all(sim, t, e, "attention", B > 1) for t in (q, k, v))
+    sim.free(q, k, v)
+    if f"blocks.{layer}.attn1.processor" in c.feature_layers:
+        sim.hold(ka)             # this rank's heads of the pre-RoPE keys (a view of the gathered k)
+        sim.save(ka)
+    m1 = sim.mark()
+    qr = _wan_rope_diffusers(sim, qa, X, e, "attention")
+    kr = _wan_rope_diffusers(sim, ka, X, e, "attention")
+    sim.free(qa, ka)
+    o = _attention_out(sim, qr, kr, va, X, e, "attention")       # (B, H/N, S, D), laid out (B, S, H/N, D)
+    # sp.local_sequence: back to (B, S/N, H, D); the send buffer is the output itself for a batch
+    # of 1; the reshape merging the ranks' heads copies unless B * S/N is 1
+    out = _all_to_all(sim, o, e, "attention", B * S > 1, send_copies=B > 1)
+    if downstream is not None:
+        downstream += q_saved + sim.saved_since(m1)
+    sim.free(o)
+    m2 = sim.mark()
+    proj = _linear(sim, out, X, e, "attention")                    # to_out[0]
+    if downstream is not None:
+        downstream += sim.saved_since(m2)
+    sim.free(out, qr, kr, va)
     return proj
 
 
@@ -739,10 +812,12 @@ def _wan_cross_attention(sim: Sim, a: WanArch, c: WanCall, dev: Device, nh, text
         out = summed
     if c.self_attn == "ouroboros" and c.record_maps:
         # _subject_map of the conditional row, 4096 queries at a time (no grad): q chunk and k
-        # in float32, the logits, the scaled logits, the softmax
+        # in float32 (copies unless they are float32 already), the logits, the scaled logits, the
+        # softmax; under context parallelism the rank's S/N tokens (the (1, S) map gathered after:
+        # S floats, below this walk's granularity)
         chunk = min(4096, S)
-        kf = sim.new(H * T * D, F32, "maps")
-        qf = sim.new(H * chunk * D, F32, "maps")
+        kf = sim.new(H * T * D, F32, "maps") if e != F32 else None
+        qf = sim.new(H * chunk * D, F32, "maps") if e != F32 else None
         m1 = sim.new(H * chunk * T, F32, "maps")
         m2 = sim.new(H * chunk * T, F32, "maps")
         sim.free(m1)

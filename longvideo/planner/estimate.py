@@ -36,13 +36,18 @@ Settings (``Settings``):
 * ``chunk_batch`` (enhance): chunks per transformer call (default: all chunks at once).
 
 Context parallelism (``plan(..., context_parallel=N)``, Wan-family direct / freeloc / fifo /
-ouroboros without its processors; Wan 2.1, Wan 2.2 A14B (each expert's call), TI2V-5B and the
-I2V models, whose image tokens are whole on every rank): the prediction is per rank, for one rank of
+ouroboros; Wan 2.1, Wan 2.2 A14B (each expert's call), TI2V-5B and the I2V models, whose image
+tokens are whole on every rank): the prediction is per rank, for one rank of
 ``longvideo.parallel.enable_context_parallel`` over N ranks (``torchrun --nproc-per-node N``
-for direct / freeloc; ``--context-parallel N`` for FIFO's windows). Every rank holds the whole
-weights, latents, queue and VAE decode (every rank runs the pipeline and gets the whole video);
-only the transformer call is split (:func:`longvideo.planner.activations.wan_call`: S/N tokens
-outside self-attention, all S tokens of H/N heads inside it, the all-to-all buffers).
+for direct / freeloc; ``--context-parallel N`` for FIFO's and Ouroboros' windows). Every rank
+holds the whole weights, latents, queue (Ouroboros: its subject maps and bank too) and VAE
+decode (every rank runs the pipeline and gets the whole video); only the transformer call is
+split (:func:`longvideo.planner.activations.wan_call`: S/N tokens outside self-attention, all S
+tokens of H/N heads inside it, the all-to-all buffers). Ouroboros' processors run the
+all-to-alls themselves: its window calls record the subject maps on the rank's S/N tokens and
+the subject keys of this rank's H/N heads; its guidance pass runs with autograd through the
+all-to-alls, its backward on S/N tokens (the keys' gradient back through the all-to-all); the
+initial clip runs through its processors, inactive (on two-expert Wan 2.2, each expert's calls).
 
 Time: ``Plan.time`` quotes the benchmark records in ``benchmarks/results/*.json`` when one
 matches the case (same method, model shape and size; the FIFO records ran 6 of 30 blocks and are
@@ -618,8 +623,11 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
         timestep = "frame" if fam == "skyreels" else ("runs" if _WAN_FORWARD.get() == "longvideo" else "token")
         # initial clip: the pipeline on f latent frames, CFG as two batch-1 calls, scalar timesteps
         # (FIFO encodes prompts with encode_prompt's default of 226 tokens and passes the embeddings on)
-        sim0 = _wan_call_sim(spec, dtype, device, 1, f, h, w, "frame" if fam == "skyreels" else "scalar", text_len=226,
-                             context_parallel=cp)
+        # Ouroboros installs its processors before the clip: under context parallelism their
+        # attention (inactive: no maps, no features) differs from Ulysses' dense processor
+        clip_attn = "ouroboros" if processors and cp > 1 else "sdpa"
+        sim0 = _wan_call_sim(spec, dtype, device, 1, f, h, w, "frame" if fam == "skyreels" else "scalar", clip_attn,
+                             text_len=226, context_parallel=cp)
         keep = ("vae",)
         clip_image, image_state = [], []
         if image:
@@ -640,8 +648,8 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
             clip_image = image_state + _condition_parts(spec, dtype, image, f, h, w)
         for name in spec.denoisers:     # Wan 2.2 A14B: WanPipeline samples the clip on both experts
             if name != "transformer":
-                sim0 = _wan_call_sim(spec, dtype, device, 1, f, h, w, "scalar", text_len=226, context_parallel=cp,
-                                     name=name)
+                sim0 = _wan_call_sim(spec, dtype, device, 1, f, h, w, "scalar", clip_attn, text_len=226,
+                                     context_parallel=cp, name=name)
             p0 = _resident_weights(spec, dtype, st.offload, [name], keep=keep) + clip_image + _sim_parts(
                 sim0, f"{name} call (batch 1)")
             phases.append(Phase("initial clip" + ("" if name == "transformer" else f" ({name})"), p0,
@@ -728,8 +736,9 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
                 Part("VAE decoder cache (stream state)", cache_bytes, "state")]
             if guidance_impl == "whole_call":
                 gsim = _wan_call_sim(spec, dtype, device, cfg_batch, f, h, w, timestep, "ouroboros", grad=True,
-                                     feature_layers=feature_layers, record_maps=True, text_len=226, name=name)
-                X = 2 * earch.tokens(f, h, w) * earch.dim
+                                     feature_layers=feature_layers, record_maps=True, text_len=226, name=name,
+                                     context_parallel=cp)
+                X = 2 * earch.tokens(f, h, w) // cp * earch.dim
                 g_parts += _sim_parts(gsim, f"guided {name} call with autograd (whole CFG call)")
                 g_parts.append(Part("backward through the feature layers", 3 * X * 4, "activations",
                                     "coarse: three float32 (B, S, d) gradients"))
@@ -739,7 +748,8 @@ def _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, par
                 gsim = Sim(grad=True, frozen=True)
                 res = A.wan_guidance_pass(gsim, earch, A.WanCall(
                     batch=1, frames=f, height=h, width=w, text_len=226, itemsize=e, timestep=timestep,
-                    self_attn="ouroboros", use_op=True, feature_layers=feature_layers, stop_after=k - 1), device)
+                    self_attn="ouroboros", use_op=True, feature_layers=feature_layers, stop_after=k - 1,
+                    context_parallel=cp), device)
                 ph = _guided_window_phase(
                     g_parts, gsim, res, f"guidance pass through {name} (conditional half, blocks 0-{k - 1}, autograd)",
                     sim, f"window {name} call ({cfg_label}, no autograd)", C * f * h * w * 4,
@@ -1127,9 +1137,6 @@ def _phases(method, spec, dtype, device, st, height, width, num_frames, opts):
         if opts["context_parallel"] > 1:
             if spec.family not in ("wan",):
                 raise ValueError(f"context_parallel is modelled for Wan transformers, got {spec.family}")
-            if method == "ouroboros" and (opts["parts"][1] or opts["parts"][2]):
-                raise ValueError("context_parallel is not modelled with Ouroboros' processors (SACFA, guidance): "
-                                 "plan ouroboros with sacfa=False, guidance=False, or without context_parallel")
         return _fifo_phases(spec, dtype, device, st, height, width, num_frames, method, opts["parts"], opts["trained"],
                             opts["guidance_impl"], opts["context_parallel"], image=opts["image"])
     if opts["context_parallel"] > 1:
@@ -1266,9 +1273,9 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
     cuDNN/cuBLAS workspaces and allocator fragmentation, which are not modelled). "24GB" is
     24e9 bytes, "24GiB" 24 * 2**30 (the convention of the id bank's budget option).
     context_parallel: N ranks of Ulysses context parallelism (longvideo/parallel.py; direct,
-    freeloc, fifo, ouroboros without SACFA/guidance, on Wan): the plan is then per rank (each
-    rank's peak; see the module docstring), and gpu_memory is one rank's GPU. The token count
-    and the head count must be divisible by N. No time is quoted (no record of such a run).
+    freeloc, fifo, ouroboros (SACFA and guidance included) on Wan): the plan is then per rank
+    (each rank's peak; see the module docstring), and gpu_memory is one rank's GPU. The token
+    count and the head count must be divisible by N. No time is quoted (no record of such a run).
     image: plan an image-to-video run (methods direct, freeloc, fifo; ``longvideo generate
     --image``). None (default): what the pipeline needs -- Wan 2.1 / 2.2 A14B I2V pipelines always
     take an image, the others none; True on Wan 2.2 TI2V-5B: its image mode. The image path is
