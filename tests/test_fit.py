@@ -169,6 +169,36 @@ def test_fit_plans_one_ranks_share_under_context_parallel(tmp_path, capsys, monk
     assert err.startswith("longvideo: error: --fit 1MB:") and "\n" not in err
 
 
+OUROBOROS_CP = ["generate", "--method", "ouroboros", "--device", "cpu", "--num-frames", "5", "--context-parallel", "2"]
+
+
+def test_fit_plans_ouroboros_processors_per_rank_under_context_parallel(tmp_path, capsys, monkeypatch, planned):
+    """Ouroboros with SACFA and self-recurrent guidance under `torchrun ... --context-parallel 2`
+    (a stubbed world of 2): --fit plans one rank's share with the processors on (it refused them
+    before the planner modelled them) -- a size nothing fits in is refused as not fitting, not as
+    unplannable; a size that fits is chosen and said to be per rank, and the run goes on to split
+    the windows (stopped there: the stub has no collectives)."""
+    from longvideo.cli import generate_fifo
+
+    class Stopped(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stopped
+
+    _stub_world(monkeypatch, 2)
+    assert main(OUROBOROS_CP + ["--out", str(tmp_path / "x.mp4"), "--fit", "1MB"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("longvideo: error: --fit 1MB: nothing tried fits") and "\n" not in err, err
+    monkeypatch.setattr(generate_fifo, "_context_parallel", stop)
+    with pytest.raises(Stopped):
+        main(OUROBOROS_CP + ["--out", str(tmp_path / "x.mp4"), "--fit", "1TB"])
+    out = capsys.readouterr().out
+    assert "fit 1TB: offload=none (predicted peak per rank, one of 2 context-parallel ranks," in out, out
+    assert len(planned) == 2
+    assert all(kw["context_parallel"] == 2 and kw["sacfa"] and kw["guidance"] for kw in planned), planned
+
+
 def test_readme_fit_table_is_the_planners():
     """The README's fit table is what `python tools/fit_table.py` prints now (a planner change
     that moves a prediction must regenerate it with `--readme`; it went stale once)."""
