@@ -1181,6 +1181,79 @@ def test_cuda_predictions_match_max_memory_allocated(case):
     assert abs(_err(sim.peak, measured)) < METHOD_TOL, (sim.peak, measured, sim.peak_where)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["window_call", "guidance_pass"])
+def test_cuda_ouroboros_context_parallel_rank_matches_max_memory_allocated(monkeypatch, case):
+    """Ouroboros' processors on rank 0 of 2 context-parallel ranks (the stubbed world above, on
+    one GPU: its collectives write into the real receive / output buffers) at Wan2.1-1.3B widths,
+    480p, a 21-frame window, bfloat16: "window_call" (2 blocks: CFG batch 2, per-token timesteps,
+    subject maps, block 0's keys recorded) and "guidance_pass" (8 blocks, feature layers 0-1; a
+    call first, as in a run, so the previous RoPE tables are held) against
+    torch.cuda.max_memory_allocated within METHOD_TOL (the GPU tier's tolerance)."""
+    from diffusers import WanTransformer3DModel
+
+    from longvideo import parallel as CP
+    from longvideo.models.wan import _cast_transformer
+    from longvideo.processors.ouroboros import OuroborosContext, apply_ouroboros_processors
+
+    dev = torch.device("cuda")
+    cfg = dict(_WAN_MID, num_layers=2 if case == "window_call" else 8)
+    with torch.device(dev):
+        tr = WanTransformer3DModel(**cfg).eval()
+    _cast_transformer(tr, torch.bfloat16)
+    F, h, w, T = 21, 60, 104, 226
+    a = A.WanArch.from_config(cfg)
+    S = a.tokens(F, h, w)
+    monkeypatch.setattr(CP, "dist", _StubWorld(2))
+    sp = CP.SequenceParallel(tr).install()
+    try:
+        if case == "guidance_pass":
+            x = torch.randn(1, 16, F, h, w, device=dev, dtype=torch.bfloat16)
+            with torch.no_grad():
+                tr(x, torch.full((1, S), 500.0, device=dev), torch.randn(1, T, 4096, device=dev, dtype=torch.bfloat16),
+                   return_dict=False)
+            del x
+            got = {}
+
+            def mark(stage):
+                torch.cuda.synchronize()
+                if stage == "start":
+                    got["base"] = torch.cuda.memory_allocated()
+                elif stage == "stopped":
+                    got["forward"] = torch.cuda.max_memory_allocated() - got["base"]
+                    got["graph"] = torch.cuda.memory_allocated() - got["base"]
+                else:
+                    got["backward"] = torch.cuda.max_memory_allocated() - got["base"]
+                torch.cuda.reset_peak_memory_stats()
+
+            feats = _wan_guidance_pass(tr, F, h, w, T, mark)
+            pred = A.wan_guidance_pass(Sim(grad=True, frozen=True), a, A.WanCall(
+                1, F, h, w, T, 2, "token", self_attn="ouroboros", use_op=True, feature_layers=tuple(feats),
+                stop_after=len(feats) - 1, context_parallel=2), A.CUDA)
+            bad = [(k, pred[k], got[k]) for k in ("forward", "graph", "backward")
+                   if abs(_err(pred[k], got[k])) > METHOD_TOL]
+            assert not bad, (bad, pred, got)
+            return
+        B, feats = 2, ("blocks.0.attn1.processor",)
+        ctx = OuroborosContext((h, w))
+        with apply_ouroboros_processors(tr, ctx):
+            ctx.begin(frames=F, masks=torch.ones(F, h, w, dtype=torch.bool, device=dev), sacfa=True, use_op=False,
+                      record_maps=True, feature_layers=feats)
+            ctx.subject_ids = [1, 2]
+            x = torch.randn(B, 16, F, h, w, device=dev, dtype=torch.bfloat16)
+            text = torch.randn(B, T, 4096, device=dev, dtype=torch.bfloat16)
+            t = torch.full((B, S), 500.0, device=dev)
+            with torch.no_grad():
+                measured = _cuda_peak(lambda: tr(x, t, text, return_dict=False))
+            ctx.end()
+    finally:
+        sp.remove()
+    sim = Sim()
+    A.wan_call(sim, a, A.WanCall(B, F, h, w, T, 2, "token", self_attn="ouroboros", feature_layers=feats,
+                                 record_maps=True, context_parallel=2), A.CUDA)
+    assert abs(_err(sim.peak, measured)) < METHOD_TOL, (sim.peak, measured, sim.peak_where)
+
+
 def test_cli_hooks_plan_and_fit(capsys):
     """`longvideo plan`'s options (the common generation options included) and run."""
     import argparse
