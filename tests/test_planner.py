@@ -519,9 +519,15 @@ def test_ouroboros_run_on_one_context_parallel_rank_matches_tracker(wan_pipes, m
     assert p.peak_phase.name in ("iteration", "guided window"), p.summary()
     checks = [("run", p.peak_phase.beyond_weights, rec["overall"], CALL_TOL)]
     if guidance:
+        # the guided window and its pass are measured from their start, when the split already
+        # holds the previous call's whole RoPE tables (cos, sin; replaced by the call's own): the
+        # plan counts one set inside each call, so those two are compared net of it (the run's
+        # peak, an absolute, is not)
+        tables = 2 * p.sizes["tokens_per_window"] * pipe.transformer.config.attention_head_dim * 4
         d = p.phase("guided window").detail
-        checks += [("guided window", max(d["guidance pass"], d["window call"]), rec["guided window"], CALL_TOL),
-                   ("pass", d["guidance pass"], rec["pass"], CALL_TOL),
+        checks += [("guided window", max(d["guidance pass"], d["window call"]) - tables, rec["guided window"],
+                    CALL_TOL),
+                   ("pass", d["guidance pass"] - tables, rec["pass"], CALL_TOL),
                    ("graph", d["guidance pass graph"], rec["graph"], CALL_TOL),
                    ("backward", d["guidance pass backward"], rec["backward"], CALL_TOL)]
     bad = [(name, pred, measured) for name, pred, measured, tol in checks if abs(_err(pred, measured)) > tol]
