@@ -1,6 +1,6 @@
 """The memory planner (longvideo.planner) against measurements.
 
-Four levels, each with a stated tolerance:
+Five levels, each with a stated tolerance:
 
 * the tracker itself (LiveTensorTracker): exact byte counts on hand-made allocations, and it
   catches a deliberately doubled allocation;
