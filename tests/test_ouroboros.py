@@ -371,3 +371,16 @@ def _wan_schedule(o, pipe):
     sched.embeds = [pipe.encode_prompt(PROMPT, "", True, 1, device="cpu")[0]]
     sched.subject_ids = [subject_token_positions(pipe.tokenizer, PROMPT, subject_words_from_prompt(PROMPT))]
     return sched
+
+
+@pytest.mark.parametrize("field,value", [("tail_d_s", True), ("tail_d_t", "1.0"), ("momentum", None),
+                                         ("tail_order", 4.0), ("bank_frames", True), ("sacfa", 1),
+                                         ("guidance_scale", False)])
+def test_config_refuses_wrong_types(field, value):
+    """A bool where a number goes (True ran as 1.0 before), a float where an int goes, a non-bool
+    switch: one ValueError naming the field; the same values of the right type are accepted."""
+    from longvideo.methods.fifo_ouroboros import OuroborosConfig
+
+    with pytest.raises(ValueError, match=field):
+        OuroborosConfig(**{field: value})
+    OuroborosConfig(tail_d_s=1, tail_d_t=1.0, momentum=0.5, tail_order=4, bank_frames=1, sacfa=True, guidance_scale=0)

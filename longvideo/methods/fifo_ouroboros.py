@@ -96,6 +96,18 @@ class OuroborosConfig:
         self.validate()
 
     def validate(self):
+        # types first: a bool is an int to Python (True would run as 1.0), a string compares badly
+        for name in ("tail_d_s", "tail_d_t", "mask_threshold", "guidance_scale", "momentum"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number (int or float), got {type(value).__name__} {value!r}")
+        for name in ("tail_order", "bank_frames"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        for name in ("tail_sampling", "sacfa", "self_recurrent_guidance"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.tail_d_s <= 0 or self.tail_d_t <= 0:
             raise ValueError(f"tail_d_s and tail_d_t must be > 0, got {self.tail_d_s}, {self.tail_d_t}")
         if self.tail_filter not in ("gaussian", "butterworth", "ideal", "box"):
