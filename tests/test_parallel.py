@@ -10,13 +10,12 @@ may differ in the last bits: 1e-4 relative to the output's scale (a wrong all-to
 is off by O(1)).
 """
 import os
-import socket
-from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from _distributed import free_port, torchrun_cli, wrong_heads_to_sequence
 from longvideo.models import wan
 
 WORLD = 2
@@ -24,28 +23,10 @@ TOL = 1e-4
 FRAMES = 33  # 9 latent frames: beyond the tiny model's trained 3, so FreeLOC's tiers and VRPR are active
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(pipe, frames=FRAMES):
     out = pipe(prompt="a cat", num_frames=frames, height=32, width=32, num_inference_steps=2, guidance_scale=1.0,
                generator=torch.Generator().manual_seed(0), output_type="latent")
     return out.frames.float()
-
-
-def _wrong_heads_to_sequence(x, group=None):
-    """A plausible mistake: all_to_all without the head-group permutation (tokens and heads mixed)."""
-    import torch.distributed as dist
-
-    n = dist.get_world_size(group)
-    b, s, h, d = x.shape
-    send = x.contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return recv.reshape(b, n * s, h // n, d)
 
 
 def _worker(rank, port, out_dir):
@@ -61,7 +42,7 @@ def _worker(rank, port, out_dir):
         full = torch.randn(2, 6, 4, 3)                                 # (B, S, H, D), same on every rank
         local = full.chunk(WORLD, dim=1)[rank]
         res = {"a2a": CP.heads_to_sequence(local), "a2a_back": CP.sequence_to_heads(CP.heads_to_sequence(local)),
-               "a2a_wrong": _wrong_heads_to_sequence(local), "full": full, "local": local}
+               "a2a_wrong": wrong_heads_to_sequence(local), "full": full, "local": local}
         pipe = wan.tiny_pipeline("t2v")
         with CP.enable_context_parallel(pipe):
             res["direct"] = _run(pipe)
@@ -80,7 +61,7 @@ def _worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("cp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -133,7 +114,7 @@ def test_freeloc_before_context_parallel_refused():
     from longvideo import parallel as CP
     from longvideo.methods.freeloc import FreeLOC
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         pipe = wan.tiny_pipeline("t2v")
@@ -151,8 +132,6 @@ def test_torchrun_cli_two_ranks_equal_one(tmp_path, capsys):
     """`torchrun --nproc-per-node 2 -m longvideo generate --method freeloc` writes the video one
     process writes (decoded frames within 1 uint8 level: the float results agree to ~1e-6, a
     rounding boundary may still flip a level), once, with the settings printed once."""
-    import subprocess
-    import sys
 
     import numpy as np
 
@@ -162,11 +141,7 @@ def test_torchrun_cli_two_ranks_equal_one(tmp_path, capsys):
     common = ["generate", "--method", "freeloc", "--device", "cpu", "--num-frames", str(FRAMES), "--steps", "2"]
     assert main(common + ["--out", str(tmp_path / "one.mp4")]) == 0
     capsys.readouterr()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
-                           "--master-port", str(_free_port()), "-m", "longvideo"] + common
-                          + ["--out", str(tmp_path / "two.mp4")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun_cli(common + ["--out", str(tmp_path / "two.mp4")], nproc=WORLD)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("wrote ") == 1 and proc.stdout.count("FreeLOC: 9 latent frames") == 1
     assert f"split over {WORLD} ranks" in proc.stdout
@@ -184,7 +159,7 @@ def test_nccl_one_rank_on_cuda_equals_plain():
     from longvideo import parallel as CP
     from longvideo.methods.freeloc import FreeLOC
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("nccl", rank=0, world_size=1)
     try:
         pipe = wan.tiny_pipeline("t2v", dtype=torch.bfloat16).to("cuda")

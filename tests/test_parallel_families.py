@@ -30,7 +30,6 @@ the same work 5-10x slower. The module takes 50-80 s of CPU time (3 processes im
 and every tiny model): its multi-process tests are marked slow.
 """
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -38,18 +37,14 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from _distributed import free_port, torchrun_cli, wrong_heads_to_sequence
+
 TOL = 1e-4
 WORLD = 2
 PROMPT = "a red cat runs in a garden"
 BOUNDARY = 0.4      # tiny A14B: levels 1.. of L = 8 are at t = 302, 501, ...: the boundary t = 400 in between
 QUEUE = dict(num_partitions=2, frames_per_window=4, skip_warmup=False)   # L = 8, 4 windows of 4
 ITERATIONS = 4      # masks from iteration 1, the bank from 2: guided windows in iterations 3 and 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _image():
@@ -138,18 +133,6 @@ def _all_runs(wrap):
     return res
 
 
-def _wrong_heads_to_sequence(x, group=None):
-    """A plausible mistake: all_to_all without the head-group permutation (tokens and heads mixed)."""
-    import torch.distributed as dist
-
-    n = dist.get_world_size(group)
-    b, s, h, d = x.shape
-    send = x.contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return recv.reshape(b, n * s, h // n, d)
-
-
 def _worker(rank, port, out_dir):
     import torch.distributed as dist
 
@@ -184,7 +167,7 @@ def _worker(rank, port, out_dir):
         pipe = wan22.tiny_pipeline(boundary_ratio=BOUNDARY)
         with CP.enable_context_parallel(pipe) as cp:
             low = cp.parts[1]
-            low.to_sequence = lambda x: _wrong_heads_to_sequence(x, low.group)
+            low.to_sequence = lambda x: wrong_heads_to_sequence(x, low.group)
             res["wan22_direct_broken"] = _pipeline_latents(pipe)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -194,7 +177,7 @@ def _worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("cp_families")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -264,7 +247,7 @@ def test_skyreels_refused():
     from longvideo import parallel as CP
     from longvideo.models import skyreels
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         pipe = skyreels.tiny_pipeline()
@@ -284,9 +267,6 @@ def test_torchrun_cli_ouroboros_on_two_experts_equals_one_process(tmp_path, caps
     --context-parallel 2` (the tiny A14B: both experts' sequences split in two, every Ouroboros
     part on) writes the video one process writes (decoded frames within 1 uint8 level, as the
     Wan 2.1 command's check), once."""
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from longvideo.cli import main
     from longvideo.video import read_video
@@ -295,12 +275,8 @@ def test_torchrun_cli_ouroboros_on_two_experts_equals_one_process(tmp_path, caps
               "--fifo-partitions", "1", "--fifo-checkpoint-every", "0"]
     assert main(common + ["--out", str(tmp_path / "one.mp4")]) == 0
     capsys.readouterr()
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(_free_port()), "-m", "longvideo"] + common
-                          + ["--context-parallel", "2", "--out", str(tmp_path / "two.mp4")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun_cli(common + ["--context-parallel", "2", "--out", str(tmp_path / "two.mp4")],
+                        OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("wrote ") == 1
     assert "each window's sequence split over 2 ranks (Ulysses)" in proc.stdout
@@ -322,7 +298,7 @@ def test_nccl_one_rank_on_cuda_two_experts_equals_plain():
     from longvideo.methods.freeloc import FreeLOC
     from longvideo.models import wan22
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("nccl", rank=0, world_size=1)
     try:
         pipe = wan22.tiny_pipeline(boundary_ratio=BOUNDARY, dtype=torch.bfloat16).to("cuda")

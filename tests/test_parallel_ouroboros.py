@@ -15,12 +15,12 @@ may differ in the last bits: 1e-4 relative to each tensor's scale (a missing gra
 is off by O(1)). The all-to-alls' own gradients are exact (permutations): compared bit for bit.
 """
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from _distributed import free_port, torchrun_cli
 from longvideo.models import wan
 
 TOL = 1e-4
@@ -28,12 +28,6 @@ WORLD, CP_SIZE = 4, 2   # the tiny Wan has 2 heads: Ulysses groups of 2
 PROMPT = "a red cat runs in a garden"
 ITERATIONS = 3          # masks from iteration 1, the bank from 2: guidance runs in iteration 3 (both windows)
 LAYERS = ("blocks.0.attn1.processor", "blocks.1.attn1.processor")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ouroboros(pipe, distributed=True):
@@ -132,7 +126,7 @@ def _worker(rank, world, port, out_dir):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("cp")
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -212,9 +206,6 @@ def test_torchrun_cli_ouroboros_context_parallel_equals_one_process(tmp_path, ca
     (one Ulysses group: every window's sequence split in two; guidance runs from the third
     iteration) writes the video one process writes (decoded frames within 1 uint8 level, as the
     FreeLOC command's check), once."""
-    import subprocess
-    import sys
-    from pathlib import Path
 
     import numpy as np
 
@@ -225,12 +216,7 @@ def test_torchrun_cli_ouroboros_context_parallel_equals_one_process(tmp_path, ca
               "--fifo-checkpoint-every", "0"]
     assert main(common + ["--out", str(tmp_path / "one.mp4")]) == 0
     capsys.readouterr()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", str(_free_port()), "-m", "longvideo"] + common
-                          + ["--context-parallel", "2", "--out", str(tmp_path / "two.mp4")],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = torchrun_cli(common + ["--context-parallel", "2", "--out", str(tmp_path / "two.mp4")])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("wrote ") == 1
     assert "each window's sequence split over 2 ranks (Ulysses), the windows over 1 group of ranks" in proc.stdout
@@ -280,7 +266,7 @@ def test_nccl_one_rank_ouroboros_equals_plain():
 
     from longvideo import parallel as CP
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     dist.init_process_group("nccl", rank=0, world_size=1)
     try:
         pipe = wan.tiny_pipeline("t2v").to("cuda")

@@ -20,7 +20,6 @@ stdout and stderr apart):
 """
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from _distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,17 +54,11 @@ FIFO = ["generate", "--method", "fifo", "--fifo-partitions", "1", "--fifo-window
 FREELOC = ["generate", "--method", "freeloc", "--device", "cpu", "--num-frames", "33", "--steps", "500"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(work: Path, args, log_dir: Path) -> subprocess.Popen:
     wrapper = work / "rank_main.py"
     wrapper.write_text(_WRAPPER)
     env = dict(os.environ, PYTHONPATH=str(ROOT), LV_TEST_DIR=str(work))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "--log-dir", str(log_dir), "--redirects", "3", str(wrapper), *args]
     # its own process group: the signal goes to torchrun as a terminal's Ctrl-C would
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=work,
