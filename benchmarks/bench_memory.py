@@ -369,8 +369,8 @@ def _run_freeloc(ctx) -> dict:
             "step": "denoising step = 2 transformer calls (CFG); 2 x the measured unconditional call",
             "decoded_frames": sink.frames, "decode_seconds": meter.phases["decode"]["seconds"],
             "compared_phases": ["text", "denoise", "decode"],
-            "notes": ["decode: the CLI's streamed decode (longvideo.decode.decode_to, tiled when chosen); the "
-                      "planner's decode phase models diffusers' whole (tiled) vae.decode",
+            "notes": ["decode: the CLI's streamed decode (longvideo.decode.decode_to, tiled when chosen), which "
+                      "the planner's decode phase models (plan's decode='streamed')",
                       "the timed call is the run's first: it includes any kernel compile and FreeLOC's one-off "
                       "schedule build for this length"]}
 

@@ -902,8 +902,10 @@ def test_freeloc_pipeline_peak_within_tolerance(wan_pipes):
                  generator=torch.Generator().manual_seed(0), output_type="np")
     finally:
         method.remove()
+    # the pipeline's own output_type="np" decode: diffusers' whole vae.decode (decode="whole")
     p = plan("freeloc", spec_from_pipeline(pipe), 96, 96, 17, torch.float32, device="cpu",
-             freeloc_layers=pipe.longvideo_freeloc_layers, trained_frames=pipe.longvideo_trained_latent_frames)
+             freeloc_layers=pipe.longvideo_freeloc_layers, trained_frames=pipe.longvideo_trained_latent_frames,
+             decode="whole")
     pred = p.peak_phase.beyond_weights
     assert abs(_err(pred, tk.peak)) < METHOD_TOL, (pred, tk.peak, p.summary())
 

@@ -57,6 +57,11 @@ def add_arguments(parser) -> None:
     g.add_argument("--overlap-frames", type=nonnegative_int, default=8, help="enhance: overlap in video frames")
     g.add_argument("--chunk-batch", type=positive_int, default=None, help="enhance: chunks per transformer call")
     g.add_argument("--latent-only", action="store_true", help="direct/freeloc/story: no VAE decode")
+    g.add_argument("--decode", default="streamed", choices=["streamed", "whole"],
+                   help="direct/freeloc/enhance on Wan: how the video is decoded -- streamed (default, what "
+                        "`longvideo generate` / `enhance` run: one latent frame per VAE call, each chunk written "
+                        "before the next, flat in the length) or whole (diffusers' vae.decode of the whole video, "
+                        "a pipeline called from Python)")
     g.add_argument("--context-parallel", type=positive_int, default=1, metavar="N",
                    help="direct/freeloc/fifo/ouroboros on Wan: predict one rank of Ulysses context parallelism over "
                         "N ranks (torchrun --nproc-per-node N for direct/freeloc; generate's --context-parallel N "
@@ -156,7 +161,7 @@ def run(args) -> int:
               bank_location=args.bank, bank_budget=args.bank_budget, schedule=args.schedule,
               story_kernel=args.story_kernel, chunk_frames=args.chunk_frames, overlap_frames=args.overlap_frames,
               chunk_batch=args.chunk_batch, headroom=args.headroom, context_parallel=args.context_parallel,
-              output_type="latent" if args.latent_only else "np")
+              output_type="latent" if args.latent_only else "np", decode=args.decode)
     if args.steps:
         kw["num_inference_steps"] = args.steps
     height, width = args.height, args.width

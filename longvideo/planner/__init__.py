@@ -16,11 +16,11 @@
 
 On the command line: ``longvideo plan`` (longvideo/cli/plan.py).
 """
-from .estimate import (METHODS, OFFLOAD_MODES, Part, Phase, Plan, Settings, TimeEstimate, format_bytes,
+from .estimate import (DECODE_MODES, METHODS, OFFLOAD_MODES, Part, Phase, Plan, Settings, TimeEstimate, format_bytes,
                        parse_bytes, plan)
 from .models import KNOWN_MODELS, ModelSpec, known_model_names, load_model_spec, spec_from_pipeline
 from .tracker import LiveTensorTracker, track_peak
 
-__all__ = ["plan", "Plan", "Phase", "Part", "Settings", "TimeEstimate", "METHODS", "OFFLOAD_MODES", "parse_bytes",
-           "format_bytes", "ModelSpec", "KNOWN_MODELS", "known_model_names", "load_model_spec", "spec_from_pipeline",
+__all__ = ["plan", "Plan", "Phase", "Part", "Settings", "TimeEstimate", "METHODS", "OFFLOAD_MODES", "DECODE_MODES",
+           "parse_bytes", "format_bytes", "ModelSpec", "KNOWN_MODELS", "known_model_names", "load_model_spec", "spec_from_pipeline",
            "LiveTensorTracker", "track_peak"]

@@ -1631,6 +1631,130 @@ def wan_vae_decode(sim: Sim, vae, B: int, T_lat: int, h: int, w: int, e: int = F
     sim.free(cl)
 
 
+def _wan_decoder_geometry(vae):
+    """(decoder output channels, its spatial factor over the latents, whether the output is
+    unpatchified): Wan 2.1 3 channels at 8x; Wan 2.2 12 channels at 8x, unpatchified to 3 at 16x."""
+    spatial = 2 ** sum(1 for b in vae.decoder.up_blocks if getattr(b, "upsamplers", None) or
+                       getattr(b, "upsampler", None) is not None)
+    patched = getattr(getattr(vae, "config", None), "patch_size", None) is not None
+    return vae.decoder.conv_out.out_channels, spatial, patched
+
+
+def _stream_chunk_out(sim: Sim, out, patched: bool, e: int, held=None):
+    """What happens to one decoded chunk after the decoder returns it (longvideo.decode's
+    _finish_wan, then iter_frames' postprocess_video, np): unpatchify (a contiguous copy, Wan 2.2),
+    clamp; then ``(x * 0.5 + 0.5).clamp(0, 1)`` (three temporaries, two alive at a time) and
+    ``.cpu()`` (on a GPU the frames leave the device; on a CPU the float32 tensor is shared with
+    numpy, whose np.stack copy is not a torch tensor). `held`: the previous chunk's clamped output,
+    which ``torch.no_grad``'s generator wrapper around ``iter_decoded`` keeps (its ``response``)
+    until this chunk replaces it. Returns this chunk's clamped output (held in turn)."""
+    unp = sim.new(out.numel, e, "video") if patched else None
+    cl = sim.new(out.numel, e, "video")
+    sim.free(unp)
+    sim.free(held)
+    t1 = sim.new(out.numel, e, "video")
+    t2 = sim.new(out.numel, e, "video")
+    sim.free(t1)
+    t3 = sim.new(out.numel, e, "video")
+    sim.free(t2)
+    sim.free(t3)
+    return cl
+
+
+# the latent frames a streamed decode walks: frame 0 (one video frame, the upsamplers' "Rep"),
+# frame 1 (the caches filled), frame 2 (the first steady-state frame: every cache entry two
+# frames, the previous chunk four frames) and frame 3, identical to frame 2 -- as is every later
+# frame, so the peak does not depend on the length
+STREAM_FRAMES_WALKED = 4
+
+
+def wan_vae_decode_streamed(sim: Sim, vae, B: int, T_lat: int, h: int, w: int, e: int = F32,
+                            tile: Optional[tuple] = None) -> int:
+    """longvideo.decode.decode_to of a (B=1, z, T_lat, h, w) latent video on AutoencoderKLWan (what
+    ``longvideo generate --method freeloc|direct`` and ``longvideo enhance`` run): the pipeline's
+    latents mapped to the VAE's space (``latents / (1 / std) + mean``: a copy, kept to the end),
+    then one latent frame per decoder call with the feature cache, each chunk clamped,
+    post-processed and handed to the writer before the next call. The generator keeps the
+    previous call's output (its variable) until the next call returns.
+
+    Untiled: post_quant_conv of the whole latent video once (a copy, kept to the end), one cache.
+    tile: (tile_h, tile_w, stride_h, stride_w) in latent pixels (``enable_tiling``): every tile's
+    post_quant_conv and decoder call per frame, one cache per tile (all alive to the end), the
+    frame's tiles kept until blended (in place), cropped, concatenated by rows and then into the
+    frame; the last row's tiles of a frame stay referenced (the loop's variables) until the next
+    frame's blend. The walk stops after STREAM_FRAMES_WALKED frames (later frames repeat the
+    steady state: the same bytes). Returns the number of latent frames walked."""
+    if B != 1:
+        raise ValueError(f"B: the streamed decode decodes one video (batch 1), got {B}")
+    C = vae.decoder.conv_in.in_channels
+    lat = B * C * T_lat * h * w
+    d = sim.new(lat, e, "vae")                                   # vae_latents: latents / inv_std
+    z = sim.new(lat, e, "vae")                                   # ... + mean
+    sim.free(d)
+    c_out, spatial, patched = _wan_decoder_geometry(vae)
+    walk = min(T_lat, STREAM_FRAMES_WALKED)
+    if tile is None or not (h > tile[0] or w > tile[1]):
+        zp = sim.new(lat, e, "vae")                              # post_quant_conv: F.pad copy
+        x = sim.new(lat, e, "vae")
+        sim.free(zp)
+        cache = WanDecoderCache()
+        prev = held = None
+        for _ in range(walk):
+            o, _n = wan_vae_decode_chunk(sim, vae, B, 1, h, w, e, cache)
+            sim.free(prev)                                       # `out` rebound after the call
+            prev = o
+            held = _stream_chunk_out(sim, o, patched, e, held)
+        sim.free(prev, held, x, z)
+        cache.free(sim)
+        return walk
+    th, tw, sh, sw = tile
+    rows, cols = list(range(0, h, sh)), list(range(0, w, sw))
+    caches = {(i, j): WanDecoderCache() for i in rows for j in cols}
+    prev_out, prev_last_row, held = None, [], None
+    for _ in range(walk):
+        tiles, pq = {}, None
+        for i in rows:
+            for j in cols:
+                hh, ww = min(th, h - i), min(tw, w - j)
+                pad = sim.new(B * C * hh * ww, e, "vae")         # post_quant_conv of the tile: F.pad copy
+                nxt = sim.new(pad.numel, e, "vae")
+                sim.free(pad)
+                sim.free(pq)                                     # `tile` rebound
+                pq = nxt
+                tiles[(i, j)], n = wan_vae_decode_chunk(sim, vae, B, 1, hh, ww, e, caches[(i, j)])
+        sim.free(pq)                                             # `tile` rebound by the blend loop
+        sim.free(*prev_last_row)                                 # `result_row` rebound: the last frame's row
+        row_cats = []
+        for a, i in enumerate(rows):
+            kept = 0
+            for b, j in enumerate(cols):
+                hh, ww = min(th, h - i), min(tw, w - j)
+                for blend, side in ((a > 0, ww), (b > 0, hh)):  # blend_v, blend_h: per line, in place
+                    if blend:
+                        tmp = [sim.new(B * c_out * n * side * spatial, e, "video") for _ in range(3)]
+                        sim.free(*tmp)
+                kept += B * c_out * n * min(sh, hh) * spatial * min(sw, ww) * spatial
+            row_cats.append(sim.new(kept, e, "video"))           # torch.cat(result_row, dim=-1)
+        last = [tiles[(rows[-1], j)] for j in cols]
+        sim.free(*[v for k_, v in tiles.items() if k_[0] != rows[-1]])   # del rows
+        out = sim.new(sum(r.numel for r in row_cats), e, "video")        # torch.cat(result_rows, dim=3)
+        sim.free(prev_out)                                       # `out` rebound
+        sim.free(*row_cats)                                      # del result_rows
+        prev_out, prev_last_row = out, last
+        held = _stream_chunk_out(sim, _CropView(B * c_out * n * h * spatial * w * spatial), patched, e, held)
+    sim.free(prev_out, held, *prev_last_row, z)
+    for c in caches.values():
+        c.free(sim)
+    return walk
+
+
+class _CropView:
+    """A view's element count (the crop of the concatenated frame), for _stream_chunk_out."""
+
+    def __init__(self, numel: int):
+        self.numel = numel
+
+
 # ---------------------------------------------------------------------------------------------
 # text encoders (coarse: a formula per encoder type, not an op-by-op walk)
 def text_encoder_peak(comp, batch: int, seq: int, itemsize: int) -> int:

@@ -35,6 +35,13 @@ Settings (``Settings``):
   the default is the model's trained clip) and n (the queue holds 2 n floor(f/2) latent frames).
 * ``chunk_batch`` (enhance): chunks per transformer call (default: all chunks at once).
 
+The decode phase of direct / freeloc / enhance on a Wan VAE (``plan(..., decode=...)``):
+"streamed" (default) models what the CLI runs, longvideo.decode's one latent frame per decoder
+call with the causal cache (one cache per tile with ``vae_tiling``), each chunk written before
+the next (:func:`longvideo.planner.activations.wan_vae_decode_streamed`: flat in the length,
+plus the latent video); "whole" models diffusers' ``vae.decode`` of the whole video, for a
+pipeline called from Python (:func:`longvideo.planner.activations.wan_vae_decode`).
+
 Context parallelism (``plan(..., context_parallel=N)``, Wan-family direct / freeloc / fifo /
 ouroboros; Wan 2.1, Wan 2.2 A14B (each expert's call), TI2V-5B and the I2V models, whose image
 tokens are whole on every rank): the prediction is per rank, for one rank of
@@ -75,6 +82,7 @@ __all__ = ["plan", "Plan", "Phase", "Part", "Settings", "TimeEstimate", "parse_b
 METHODS = ("direct", "freeloc", "fifo", "ouroboros", "story", "enhance")
 OFFLOAD_MODES = ("none", "text", "model", "group", "sequential")
 GUIDANCE_IMPLS = ("prefix", "whole_call")
+DECODE_MODES = ("streamed", "whole")   # plan(decode=...): longvideo.decode's streamed decode, or vae.decode
 _METHOD_ALIASES = {"blending": "enhance", "streamingt2v": "enhance", "storydiffusion": "story", "plain": "direct"}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -505,7 +513,12 @@ def _condition_parts(spec: ModelSpec, dtype, image: str, F: int, h: int, w: int,
                  "state", "cat of the float32 latents and the condition, cast to the transformer's dtype")]
 
 
-def _vae_decode_sim(spec: ModelSpec, dtype, st: Settings, batch: int, frames_lat: int, h: int, w: int) -> Sim:
+def _vae_decode_sim(spec: ModelSpec, dtype, st: Settings, batch: int, frames_lat: int, h: int, w: int,
+                    streamed: bool = False) -> Sim:
+    """The VAE decode's activations. streamed (Wan VAEs, batch 1): longvideo.decode.decode_to, as
+    the CLI decodes direct / FreeLOC / enhance videos (one latent frame per decoder call, one
+    cache per tile, each chunk to the writer); otherwise the VAE's whole ``decode`` (a pipeline's
+    own decode, output_type="np" from Python)."""
     sim = Sim()
     vae = spec.module("vae")
     if spec.components["vae"].class_name == "AutoencoderKLWan":
@@ -513,7 +526,10 @@ def _vae_decode_sim(spec: ModelSpec, dtype, st: Settings, batch: int, frames_lat
         if st.vae_tiling:
             s = _vae_scale(spec)[0]
             tile = (256 // s, 256 // s, 192 // s, 192 // s)
-        A.wan_vae_decode(sim, vae, batch, frames_lat, h, w, 4, tile=tile)
+        if streamed:
+            A.wan_vae_decode_streamed(sim, vae, batch, frames_lat, h, w, 4, tile=tile)
+        else:
+            A.wan_vae_decode(sim, vae, batch, frames_lat, h, w, 4, tile=tile)
     else:
         upcast = bool(spec.components["vae"].config.get("force_upcast")) and dtype == torch.float16
         e = _itemsize(torch.float32 if upcast else dtype)
@@ -535,7 +551,7 @@ def _wan_sizes(spec, height, width, num_frames):
 
 
 def _direct_phases(spec, dtype, device, st, height, width, num_frames, method, freeloc_layers, trained,
-                   decode=True, semantics="official", cp=1, image=None):
+                   decode=True, semantics="official", cp=1, image=None, decode_mode="streamed"):
     F, h, w = _wan_sizes(spec, height, width, num_frames)
     e = _itemsize(dtype)
     cfg = spec.components["transformer"].config
@@ -586,16 +602,19 @@ def _direct_phases(spec, dtype, device, st, height, width, num_frames, method, f
     if decode:
         held = [p for p in image_state if p.name.startswith(("condition:", "image latents"))]
         phases.append(_decode_phase(spec, dtype, st, 1, F, h, w,
-                                    extra_state=[Part("latents", lat * 4, "state")] + held + held_mask))
+                                    extra_state=[Part("latents", lat * 4, "state")] + held + held_mask,
+                                    streamed=decode_mode == "streamed"))
     return phases, dict(latent_frames=F, latent_hw=(h, w), tokens=_wan_arch(spec).tokens(F, h, w))
 
 
-def _decode_phase(spec, dtype, st, batch, F, h, w, extra_state=(), images=None):
+def _decode_phase(spec, dtype, st, batch, F, h, w, extra_state=(), images=None, streamed=False):
     upcast = bool(spec.components["vae"].config.get("force_upcast")) and dtype == torch.float16
     parts = _resident_weights(spec, dtype, st.offload, ["vae"], extra_fp32="vae" if upcast else None)
     parts += list(extra_state)
-    sim = _vae_decode_sim(spec, dtype, st, batch, F, h, w)
-    parts += _sim_parts(sim, "VAE decode")
+    streamed = streamed and spec.components["vae"].class_name == "AutoencoderKLWan"
+    sim = _vae_decode_sim(spec, dtype, st, batch, F, h, w, streamed=streamed)
+    parts += _sim_parts(sim, "VAE decode, streamed (longvideo.decode: one latent frame per call)" if streamed
+                        else "VAE decode")
     return Phase("decode", parts, sim.peak_where)
 
 
@@ -946,7 +965,8 @@ def _story_phases(spec, dtype, device, st, height, width, id_length, steps, samp
                         steps=steps, schedule=schedule or "official_app")
 
 
-def _enhance_phases(spec, dtype, device, st, height, width, num_frames, chunk_frames, overlap_frames):
+def _enhance_phases(spec, dtype, device, st, height, width, num_frames, chunk_frames, overlap_frames,
+                    decode_mode="streamed"):
     from ..methods.blending import chunk_starts, latent_sizes
 
     s, t = _vae_scale(spec)
@@ -983,7 +1003,8 @@ def _enhance_phases(spec, dtype, device, st, height, width, num_frames, chunk_fr
         parts = _resident_weights(spec, dtype, st.offload, [name]) + state + _sim_parts(
             sim, f"{name} call (batch {bs} chunks)")
         phases.append(Phase("denoise" if name == "transformer" else f"denoise ({name})", parts, sim.peak_where))
-    phases.append(_decode_phase(spec, dtype, st, 1, Lat, h, w, extra_state=[Part("latents", lat * 4, "state")]))
+    phases.append(_decode_phase(spec, dtype, st, 1, Lat, h, w, extra_state=[Part("latents", lat * 4, "state")],
+                                streamed=decode_mode == "streamed"))
     return phases, dict(latent_frames=Lat, chunk_latent=chunk, overlap_latent=overlap, chunks=n, chunk_batch=bs,
                         latent_hw=(h, w))
 
@@ -1130,7 +1151,8 @@ def _phases(method, spec, dtype, device, st, height, width, num_frames, opts):
             raise ValueError(f"method {method!r} needs a Wan-family model, got {spec.family}")
         return _direct_phases(spec, dtype, device, st, height, width, num_frames, method, opts["freeloc_layers"],
                               opts["trained"] or spec.trained_latent_frames or 21, opts["decode"],
-                              opts["freeloc_semantics"], opts["context_parallel"], image=opts["image"])
+                              opts["freeloc_semantics"], opts["context_parallel"], image=opts["image"],
+                              decode_mode=opts["decode_mode"])
     if method in ("fifo", "ouroboros"):
         if spec.family not in ("wan", "skyreels", "animatediff"):
             raise ValueError(f"method {method!r} needs a Wan, SkyReels-V2 or AnimateDiff model, got {spec.family}")
@@ -1151,7 +1173,7 @@ def _phases(method, spec, dtype, device, st, height, width, num_frames, opts):
         if spec.family not in ("wan",):
             raise ValueError(f"method 'enhance' is planned for Wan pipelines, got {spec.family}")
         return _enhance_phases(spec, dtype, device, st, height, width, num_frames, opts["chunk_frames"],
-                               opts["overlap_frames"])
+                               opts["overlap_frames"], opts["decode_mode"])
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
@@ -1244,7 +1266,8 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
          story_kernel: str = "consistent", chunk_frames: int = 24, overlap_frames: int = 8,
          chunk_batch: Optional[int] = None, output_type: str = "np", headroom: float = 0.05,
          records=None, guidance_impl: str = "prefix", freeloc_semantics: str = "official",
-         context_parallel: int = 1, image: Optional[bool] = None, wan_forward: str = "longvideo") -> Plan:
+         context_parallel: int = 1, image: Optional[bool] = None, wan_forward: str = "longvideo",
+         decode: str = "streamed") -> Plan:
     """Predicted peak GPU memory of `method` on `model` (see the module docstring).
 
     method: "direct" (the plain pipeline), "freeloc", "fifo", "ouroboros" (with ``tail``, ``sacfa``,
@@ -1263,6 +1286,15 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
     "dense_mask" (the official path's (B*N)^2 mask)), "enhance" (StreamingT2V randomized
     blending; ``chunk_frames``, ``overlap_frames``, ``chunk_batch``). output_type "latent": no VAE
     decode phase (direct, freeloc, story).
+    decode: how direct, freeloc and enhance decode the latent video on a Wan VAE. "streamed"
+    (default: what ``longvideo generate`` and ``longvideo enhance`` run, longvideo.decode.decode_to
+    / RandomizedBlending.iter_decoded): one latent frame per decoder call with the causal
+    convolutions' cache, each chunk handed to the writer before the next -- the peak is one
+    chunk's plus the caches (one per tile with vae_tiling) and the latent video, flat in the
+    length. "whole": the VAE's own ``decode`` of the whole video (a plain diffusers pipeline
+    called from Python with output_type="np"), whose decoded video grows with the length (with
+    vae_tiling every tile is kept to the end). FIFO and story are unaffected (docs/methods.md,
+    "Fitting a GPU").
     model: a known config name (``longvideo.planner.known_model_names()``), a local diffusers
     checkpoint folder, or a ModelSpec. height/width/num_frames default to the model's size and
     trained clip. freeloc_semantics: FreeLOC's "official" (default) or "paper" layouts (the TSA
@@ -1291,6 +1323,8 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"offload must be one of {OFFLOAD_MODES}, got {offload!r}")
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode must be one of {DECODE_MODES}, got {decode!r}")
     if wan_forward not in ("longvideo", "diffusers"):
         raise ValueError(f"wan_forward must be 'longvideo' or 'diffusers', got {wan_forward!r}")
     if guidance_impl not in GUIDANCE_IMPLS:
@@ -1325,7 +1359,7 @@ def plan(method: str, model, height: Optional[int] = None, width: Optional[int] 
                 characters=characters, read_images=read_images, gpu_memory=gpu, story_kernel=story_kernel,
                 schedule=schedule, decode=output_type != "latent",
                 chunk_frames=chunk_frames, overlap_frames=overlap_frames, guidance_impl=guidance_impl,
-                context_parallel=context_parallel, image=image_mode)
+                context_parallel=context_parallel, image=image_mode, decode_mode=decode)
 
     def build(st: Settings) -> Plan:
         token = _WAN_FORWARD.set(wan_forward)
