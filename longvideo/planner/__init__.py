@@ -22,5 +22,5 @@ from .models import KNOWN_MODELS, ModelSpec, known_model_names, load_model_spec,
 from .tracker import LiveTensorTracker, track_peak
 
 __all__ = ["plan", "Plan", "Phase", "Part", "Settings", "TimeEstimate", "METHODS", "OFFLOAD_MODES", "DECODE_MODES",
-           "parse_bytes", "format_bytes", "ModelSpec", "KNOWN_MODELS", "known_model_names", "load_model_spec", "spec_from_pipeline",
-           "LiveTensorTracker", "track_peak"]
+           "parse_bytes", "format_bytes", "ModelSpec", "KNOWN_MODELS", "known_model_names", "load_model_spec",
+           "spec_from_pipeline", "LiveTensorTracker", "track_peak"]

@@ -1640,22 +1640,23 @@ def _wan_decoder_geometry(vae):
     return vae.decoder.conv_out.out_channels, spatial, patched
 
 
-def _stream_chunk_out(sim: Sim, out, patched: bool, e: int, held=None):
+def _stream_chunk_out(sim: Sim, numel: int, patched: bool, e: int, held=None):
     """What happens to one decoded chunk after the decoder returns it (longvideo.decode's
     _finish_wan, then iter_frames' postprocess_video, np): unpatchify (a contiguous copy, Wan 2.2),
     clamp; then ``(x * 0.5 + 0.5).clamp(0, 1)`` (three temporaries, two alive at a time) and
     ``.cpu()`` (on a GPU the frames leave the device; on a CPU the float32 tensor is shared with
-    numpy, whose np.stack copy is not a torch tensor). `held`: the previous chunk's clamped output,
+    numpy, whose np.stack copy is not a torch tensor). `numel`: the chunk's elements (B, C, n, H, W
+    as the decoder returns it). `held`: the previous chunk's clamped output,
     which ``torch.no_grad``'s generator wrapper around ``iter_decoded`` keeps (its ``response``)
     until this chunk replaces it. Returns this chunk's clamped output (held in turn)."""
-    unp = sim.new(out.numel, e, "video") if patched else None
-    cl = sim.new(out.numel, e, "video")
+    unp = sim.new(numel, e, "video") if patched else None
+    cl = sim.new(numel, e, "video")
     sim.free(unp)
     sim.free(held)
-    t1 = sim.new(out.numel, e, "video")
-    t2 = sim.new(out.numel, e, "video")
+    t1 = sim.new(numel, e, "video")
+    t2 = sim.new(numel, e, "video")
     sim.free(t1)
-    t3 = sim.new(out.numel, e, "video")
+    t3 = sim.new(numel, e, "video")
     sim.free(t2)
     sim.free(t3)
     return cl
@@ -1703,7 +1704,7 @@ def wan_vae_decode_streamed(sim: Sim, vae, B: int, T_lat: int, h: int, w: int, e
             o, _n = wan_vae_decode_chunk(sim, vae, B, 1, h, w, e, cache)
             sim.free(prev)                                       # `out` rebound after the call
             prev = o
-            held = _stream_chunk_out(sim, o, patched, e, held)
+            held = _stream_chunk_out(sim, o.numel, patched, e, held)
         sim.free(prev, held, x, z)
         cache.free(sim)
         return walk
@@ -1741,18 +1742,11 @@ def wan_vae_decode_streamed(sim: Sim, vae, B: int, T_lat: int, h: int, w: int, e
         sim.free(prev_out)                                       # `out` rebound
         sim.free(*row_cats)                                      # del result_rows
         prev_out, prev_last_row = out, last
-        held = _stream_chunk_out(sim, _CropView(B * c_out * n * h * spatial * w * spatial), patched, e, held)
+        held = _stream_chunk_out(sim, B * c_out * n * h * spatial * w * spatial, patched, e, held)   # the crop
     sim.free(prev_out, held, *prev_last_row, z)
     for c in caches.values():
         c.free(sim)
     return walk
-
-
-class _CropView:
-    """A view's element count (the crop of the concatenated frame), for _stream_chunk_out."""
-
-    def __init__(self, numel: int):
-        self.numel = numel
 
 
 # ---------------------------------------------------------------------------------------------
