@@ -138,8 +138,9 @@ def test_plan_decode_phase_is_the_streamed_walk_by_default():
         assert abs(_err(pred, measured)) < CALL_TOL, (method, pred, measured)
         assert _decode_vae_parts(whole, streamed_label) == 0
         assert _err(_decode_vae_parts(whole, "VAE decode"), measured) > CALL_TOL, method
-        for p in (default, whole):
+        for p, said in ((default, "decode: streamed"), (whole, "decode: the VAE's whole decode")):
             assert any(x.name == "latents" for x in p.phase("decode").parts)
+            assert any(n.startswith(said) for n in p.notes), p.notes
     for method in ("fifo", "ouroboros"):     # FIFO streams its own decode; the option does not apply
         a = plan(method, spec, H, W, frames, "float32", device="cpu")
         b = plan(method, spec, H, W, frames, "float32", device="cpu", decode="whole")

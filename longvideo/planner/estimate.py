@@ -600,9 +600,15 @@ def _direct_phases(spec, dtype, device, st, height, width, num_frames, method, f
         parts += _sim_parts(sim, f"{name} call (batch 1)" + (f", one of {cp} context-parallel ranks" if cp > 1 else ""))
         phases.append(Phase("denoise" if name == "transformer" else f"denoise ({name})", parts, sim.peak_where))
     if decode:
-        held = [p for p in image_state if p.name.startswith(("condition:", "image latents"))]
+        if decode_mode == "streamed":
+            # the CLI calls the pipeline with output_type="latent" and decodes after it returns:
+            # only the returned latents are left (the pipeline's condition and mask died with it)
+            held = []
+        else:
+            # the pipeline's own decode, inside __call__: its condition latents and mask still alive
+            held = [p for p in image_state if p.name.startswith(("condition:", "image latents"))] + held_mask
         phases.append(_decode_phase(spec, dtype, st, 1, F, h, w,
-                                    extra_state=[Part("latents", lat * 4, "state")] + held + held_mask,
+                                    extra_state=[Part("latents", lat * 4, "state")] + held,
                                     streamed=decode_mode == "streamed"))
     return phases, dict(latent_frames=F, latent_hw=(h, w), tokens=_wan_arch(spec).tokens(F, h, w))
 
@@ -1208,6 +1214,13 @@ def _notes(method, spec, p: Plan, opts) -> list:
                     f"autograd, {fb(d['window call'])} with the gradient; the phase's peak is the larger, the "
                     f"{'guidance pass' if d['guidance pass'] >= d['window call'] else 'window call'}. "
                     f"Without guidance the peak would be {fb(others)}")
+    if method in ("direct", "freeloc", "enhance") and any(ph.name == "decode" for ph in p.phases) and \
+            spec.components["vae"].class_name == "AutoencoderKLWan":
+        notes.append("decode: streamed, as `longvideo generate` / `enhance` run it (longvideo.decode: one latent frame "
+                     "per VAE decoder call with its causal cache, each chunk written before the next; flat in the "
+                     "length)" if opts["decode_mode"] == "streamed" else
+                     "decode: the VAE's whole decode (decode='whole': a pipeline's own output_type='np' decode); "
+                     "the CLI streams it (decode='streamed')")
     notes.append("not modelled: the CUDA context, cuDNN/cuBLAS workspaces, allocator rounding and fragmentation "
                  "(see headroom), host memory (offloaded weights, pinned id banks)")
     return notes
