@@ -279,3 +279,21 @@ def test_applied_before_offloading_runs_under_the_hooks(mode):
         WM.per_run = real
     assert used and handle.active
     assert np.array_equal(got, ref)
+
+
+def test_freeloc_handle_carries_the_lean_forward():
+    """FreeLOC from Python gets longvideo's Wan forward with its handle (what the planner assumes),
+    with the same video as without it (tiny Wan, FreeLOC active: 9 latent frames > the trained 3),
+    and remove() takes both away."""
+    from longvideo.methods.freeloc import FreeLOC
+    from longvideo.models import wan
+
+    pipe = wan.tiny_pipeline()
+    videos = []
+    for lean in (False, True):
+        with FreeLOC(pipe, lean_wan_forward=lean) as handle:
+            assert ("forward" in pipe.transformer.__dict__) == lean
+            videos.append(handle("a cat", num_frames=33, height=32, width=32, num_inference_steps=2,
+                                 generator=torch.Generator().manual_seed(0), output_type="latent").frames)
+        assert "forward" not in pipe.transformer.__dict__
+    assert torch.equal(videos[0], videos[1])

@@ -83,8 +83,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-import warnings
-
 import torch
 
 from .._io import OutputError
@@ -565,22 +563,13 @@ class FIFODiffusion(ProgressBarMixin):
 
     def _lean_wan_forward(self):
         """longvideo's Wan forward (longvideo/processors/wan_modulation.py) on every Wan expert not
-        patched yet, for the run; returns the function that removes what it added. Where
-        offloading hooks already wrap a transformer's forward diffusers' stays (same output, more
-        memory) and a warning says so."""
+        patched yet, for the run; returns the function that removes what it added (offloading
+        hooks already in place: diffusers' forward stays, with a warning)."""
         if not self.lean_wan_forward:
             return lambda: None
-        from ..processors.wan_modulation import apply_lean_wan_forward, lean_forward_active, wan_transformers
+        from ..processors.wan_modulation import lean_wan_forward_where_possible
 
-        handles = []
-        for model in wan_transformers(self.pipe):
-            if lean_forward_active(model):
-                continue
-            try:
-                handles.append(apply_lean_wan_forward(model))
-            except ValueError as exc:
-                warnings.warn(f"FIFO: {exc}; diffusers' forward stays (same output, more memory)",
-                              stacklevel=3)
+        handles = lean_wan_forward_where_possible(self.pipe, "FIFO")
         return lambda: [h.remove() for h in reversed(handles)]
 
     def _install(self, latent_hw):

@@ -491,10 +491,15 @@ class FreeLOC(PatchHandle):
     processors. The parameters follow the video length of each call (:func:`derive_params`); at
     or below the trained length nothing changes. A second FreeLOC (or any other patch of the same
     transformer's attention processors) while this one is active raises a ValueError.
+    ``lean_wan_forward`` (default True): the handle also gives the Wan transformers longvideo's
+    forward (processors/wan_modulation.py: diffusers' output, less memory) until ``remove()``,
+    where no offloading hook wraps their forward yet (else a warning; apply FreeLOC, or
+    ``apply_lean_wan_forward``, before offloading).
     """
 
     def __init__(self, pipe, layer_config=None, trained_frames: Optional[int] = None, semantics: str = "official",
-                 *, config: Optional[FreeLOCConfig] = None, layer_config_2=None, **overrides):
+                 *, config: Optional[FreeLOCConfig] = None, layer_config_2=None, lean_wan_forward: bool = True,
+                 **overrides):
         super().__init__("FreeLOC")
         if isinstance(layer_config, FreeLOCConfig):
             config, layer_config = layer_config, None
@@ -540,6 +545,13 @@ class FreeLOC(PatchHandle):
         try:
             for tr, modes in zip(self.transformers, self.expert_layer_modes):
                 patch_tiered_processors(self, tr, [None if m == "dense" else m for m in modes], self._settings)
+            if lean_wan_forward:
+                # longvideo's Wan forward while the handle is active (the same output, less memory;
+                # what the planner assumes): processors/wan_modulation.py
+                from ..processors.wan_modulation import lean_wan_forward_where_possible
+
+                for handle in lean_wan_forward_where_possible(pipe, "FreeLOC"):
+                    self.on_remove(handle.remove)
         except BaseException:
             self.remove()
             raise

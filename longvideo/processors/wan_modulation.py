@@ -57,7 +57,8 @@ import torch
 
 from ..hooks import PatchHandle, active_patches
 
-__all__ = ["apply_lean_wan_forward", "lean_forward_active", "wan_transformers", "timestep_runs", "LEAN_WAN_FORWARD"]
+__all__ = ["apply_lean_wan_forward", "lean_wan_forward_where_possible", "lean_forward_active", "wan_transformers",
+           "timestep_runs", "LEAN_WAN_FORWARD"]
 
 LEAN_WAN_FORWARD = "forward"   # the resource a handle claims on the transformer
 
@@ -320,3 +321,21 @@ def apply_lean_wan_forward(pipe_or_model) -> PatchHandle:
         handle.remove()
         raise
     return handle
+
+
+def lean_wan_forward_where_possible(pipe_or_model, who: str) -> List[PatchHandle]:
+    """What a method does for the duration of its patch (FIFO's run, a FreeLOC handle): longvideo's
+    Wan forward on every Wan transformer of `pipe_or_model` that does not have it yet; where
+    offloading hooks already wrap a forward, diffusers' forward stays (the same output, more
+    memory) and a warning naming `who` says so. Returns the handles it added (remove them to undo)."""
+    import warnings
+
+    handles = []
+    for model in wan_transformers(pipe_or_model):
+        if lean_forward_active(model):
+            continue
+        try:
+            handles.append(apply_lean_wan_forward(model))
+        except ValueError as exc:
+            warnings.warn(f"{who}: {exc}; diffusers' forward stays (same output, more memory)", stacklevel=3)
+    return handles
