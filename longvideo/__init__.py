@@ -39,6 +39,7 @@ _LAZY = {
     "disable_fast_free_init": "longvideo.methods.free_init",
     "apply_free_init": "longvideo.methods.free_init",
     "FreeInitConfig": "longvideo.methods.free_init",
+    "apply_lean_wan_forward": "longvideo.processors.wan_modulation",
     "PatchHandle": "longvideo.hooks",
     "VideoOutput": "longvideo.methods.outputs",
 }

@@ -297,3 +297,9 @@ def test_freeloc_handle_carries_the_lean_forward():
                                  generator=torch.Generator().manual_seed(0), output_type="latent").frames)
         assert "forward" not in pipe.transformer.__dict__
     assert torch.equal(videos[0], videos[1])
+
+
+def test_exported_at_the_top_level():
+    import longvideo
+
+    assert longvideo.apply_lean_wan_forward is WM.apply_lean_wan_forward
