@@ -1092,6 +1092,22 @@ def test_time_from_records_or_none():
 
 # ---------------------------------------------------------------------------------------------
 # GPU tier: the CUDA predictions against torch.cuda.max_memory_allocated (run with LONGVIDEO_TEST_GPU=1)
+def _cuda_stage_marker(got: dict):
+    """mark(stage) for _wan_guidance_pass on CUDA: got["forward"] (peak to the stop), "graph" (alive
+    after it) and "backward" (peak of the backward), each beyond the bytes alive at "start"."""
+    def mark(stage):
+        torch.cuda.synchronize()
+        if stage == "start":
+            got["base"] = torch.cuda.memory_allocated()
+        elif stage == "stopped":
+            got["forward"] = torch.cuda.max_memory_allocated() - got["base"]
+            got["graph"] = torch.cuda.memory_allocated() - got["base"]
+        else:
+            got["backward"] = torch.cuda.max_memory_allocated() - got["base"]
+        torch.cuda.reset_peak_memory_stats()
+    return mark
+
+
 def _cuda_peak(fn):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -1124,16 +1140,7 @@ def test_cuda_predictions_match_max_memory_allocated(case):
         _cast_transformer(tr, torch.bfloat16)
         got = {}
 
-        def mark(stage):
-            torch.cuda.synchronize()
-            if stage == "start":
-                got["base"] = torch.cuda.memory_allocated()
-            elif stage == "stopped":
-                got["forward"] = torch.cuda.max_memory_allocated() - got["base"]
-                got["graph"] = torch.cuda.memory_allocated() - got["base"]
-            else:
-                got["backward"] = torch.cuda.max_memory_allocated() - got["base"]
-            torch.cuda.reset_peak_memory_stats()
+        mark = _cuda_stage_marker(got)
 
         feats = _wan_guidance_pass(tr, 21, 60, 104, 226, mark)
         pred = _guidance_pass_sim(cfg, 21, 60, 104, 226, 2, feats, A.CUDA)
@@ -1223,16 +1230,7 @@ def test_cuda_ouroboros_context_parallel_rank_matches_max_memory_allocated(monke
             del x
             got = {}
 
-            def mark(stage):
-                torch.cuda.synchronize()
-                if stage == "start":
-                    got["base"] = torch.cuda.memory_allocated()
-                elif stage == "stopped":
-                    got["forward"] = torch.cuda.max_memory_allocated() - got["base"]
-                    got["graph"] = torch.cuda.memory_allocated() - got["base"]
-                else:
-                    got["backward"] = torch.cuda.max_memory_allocated() - got["base"]
-                torch.cuda.reset_peak_memory_stats()
+            mark = _cuda_stage_marker(got)
 
             feats = _wan_guidance_pass(tr, F, h, w, T, mark)
             pred = A.wan_guidance_pass(Sim(grad=True, frozen=True), a, A.WanCall(

@@ -122,13 +122,9 @@ def test_wan_vae_encode_matches_tracker(case):
 
 # ---------------------------------------------------------------------------------------------
 # whole pipeline runs: every term in its place, and the run's peak
-def _measure(pipe, height, width, frames, image=True):
-    """Run `pipe` (one step, latents out) under the tracker; returns {"image encode": the peak of
-    encode_image above the bytes alive when it started, "condition encode": the same for
-    prepare_latents, "call start": the most bytes alive when a transformer call starts,
-    "overall": the run's peak}."""
-    tk, rec = LiveTensorTracker(), {"call start": 0}
-
+def _segmenter(tk, rec):
+    """segment(key, fn): fn wrapped so that rec[key] is the most bytes it allocated beyond what
+    was alive when it started (over all its calls), the tracker's overall peak kept."""
     def segment(key, fn):
         def wrapped(*a, **k):
             start, outer = tk.current, tk.peak
@@ -139,6 +135,17 @@ def _measure(pipe, height, width, frames, image=True):
                 rec[key] = max(rec.get(key, 0), tk.peak - start)
                 tk.peak = max(outer, tk.peak)
         return wrapped
+    return segment
+
+
+def _measure(pipe, height, width, frames, image=True):
+    """Run `pipe` (one step, latents out) under the tracker; returns {"image encode": the peak of
+    encode_image above the bytes alive when it started, "condition encode": the same for
+    prepare_latents, "call start": the most bytes alive when a transformer call starts,
+    "overall": the run's peak}."""
+    tk, rec = LiveTensorTracker(), {"call start": 0}
+
+    segment = _segmenter(tk, rec)
 
     def at_call(module, args, kwargs):
         rec["call start"] = max(rec["call start"], tk.current)
@@ -246,16 +253,7 @@ def test_fifo_image_to_video_terms_and_peak_match_tracker(monkeypatch, name):
     H = W = 64
     tk, rec = LiveTensorTracker(), {}
 
-    def segment(key, fn):
-        def wrapped(*a, **k):
-            start, outer = tk.current, tk.peak
-            tk.reset_peak()
-            try:
-                return fn(*a, **k)
-            finally:
-                rec[key] = max(rec.get(key, 0), tk.peak - start)
-                tk.peak = max(outer, tk.peak)
-        return wrapped
+    segment = _segmenter(tk, rec)
 
     real_step = fam.ImageCondition._encode_next
 

@@ -593,6 +593,21 @@ def _all_to_all(sim: Sim, x, e: int, tag: str, reshape_copies: bool, send_copies
     return recv
 
 
+def _project_qkv_normed(sim: Sim, nh, X: int, e: int, dev: Device):
+    """to_q + RMSNorm, to_k + RMSNorm, to_v on `nh` (X elements each, as Ouroboros' processors
+    project them); returns q, k, v and what autograd saved for q (before k exists)."""
+    m0 = sim.mark()
+    ql = _linear(sim, nh, X, e, "attention")
+    q = _rms_norm(sim, ql, e, dev, "attention")
+    sim.free(ql)
+    q_saved = sim.saved_since(m0)
+    kl = _linear(sim, nh, X, e, "attention")
+    k = _rms_norm(sim, kl, e, dev, "attention")
+    sim.free(kl)
+    v = _linear(sim, nh, X, e, "attention")
+    return q, k, v, q_saved
+
+
 def _wan_self_attention(sim: Sim, a: WanArch, c: WanCall, dev: Device, nh, B: int, S: int, layer: int, mode,
                         downstream: Optional[list] = None, n_cp: int = 1):
     """attn1 of one block, processor by processor; returns the to_out output (the processor's
@@ -611,15 +626,7 @@ def _wan_self_attention(sim: Sim, a: WanArch, c: WanCall, dev: Device, nh, B: in
         return _wan_self_attention_ulysses(sim, a, c, dev, nh, B, S, mode, proc, n_cp)
     keep = []
     if proc == "ouroboros":
-        m0 = sim.mark()
-        ql = _linear(sim, nh, X, e, "attention")
-        q = _rms_norm(sim, ql, e, dev, "attention")
-        sim.free(ql)
-        q_saved = sim.saved_since(m0)
-        kl = _linear(sim, nh, X, e, "attention")
-        k = _rms_norm(sim, kl, e, dev, "attention")
-        sim.free(kl)
-        v = _linear(sim, nh, X, e, "attention")
+        q, k, v, q_saved = _project_qkv_normed(sim, nh, X, e, dev)
         if f"blocks.{layer}.attn1.processor" in c.feature_layers:
             sim.hold(k)          # the recorded pre-RoPE keys (a view of k) live in the context
             sim.save(k)
@@ -738,15 +745,7 @@ def _wan_self_attention_ouroboros_ulysses(sim: Sim, a: WanArch, c: WanCall, dev:
     e = c.itemsize
     H, D = a.heads, a.head_dim
     X = B * S * H * D                                 # S: this rank's S/N tokens; every tensor here has X elements
-    m0 = sim.mark()
-    ql = _linear(sim, nh, X, e, "attention")
-    q = _rms_norm(sim, ql, e, dev, "attention")
-    sim.free(ql)
-    q_saved = sim.saved_since(m0)
-    kl = _linear(sim, nh, X, e, "attention")
-    k = _rms_norm(sim, kl, e, dev, "attention")
-    sim.free(kl)
-    v = _linear(sim, nh, X, e, "attention")
+    q, k, v, q_saved = _project_qkv_normed(sim, nh, X, e, dev)
     # sp.full_sequence: (B, S/N, H, D) -> (B, S, H/N, D), q, k, v in turn; the processor holds the
     # local tensors until all three return
     qa, ka, va = (_all_to_all(sim, t, e, "attention", B > 1) for t in (q, k, v))
